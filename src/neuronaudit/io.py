@@ -1,0 +1,139 @@
+"""Parquet schemas, provenance metadata and atomic writes.
+
+Every table this package writes has an explicit pyarrow schema and carries its provenance in the
+Parquet key-value metadata under ``neuronaudit.provenance`` (JSON): model id and weight hash,
+dtype, hook site, prompt-set name and content hash, positions, seed, package versions, git
+commit. Outputs are written to a temporary name beside the target and renamed when complete,
+so an interrupted or failed step never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROVENANCE_KEY = b"neuronaudit.provenance"
+
+NEURON_STATS_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+        pa.field("mean", pa.float64(), nullable=False),
+        pa.field("std", pa.float64(), nullable=False),
+        pa.field("mean_abs", pa.float64(), nullable=False),
+        pa.field("max_abs", pa.float64(), nullable=False),
+        pa.field("frac_positive", pa.float64(), nullable=False),
+    ]
+)
+
+
+def last_token_schema(n_neurons: int) -> pa.Schema:
+    """One row per (prompt, layer): the activation of every neuron at the last prompt token."""
+    return pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("layer", pa.int32(), nullable=False),
+            pa.field("activation", pa.list_(pa.float32(), n_neurons), nullable=False),
+        ]
+    )
+
+
+PROMPT_SET_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("extra", pa.string(), nullable=False),  # JSON of the source's other fields
+    ]
+)
+
+_PACKAGES = ("neuronaudit", "torch", "transformers", "datasets", "pyarrow", "pandas", "numpy", "snakemake")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def git_commit(start: Path | None = None) -> str:
+    """The commit of the checkout this package runs from (``unknown`` outside git)."""
+    start = start or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(start), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(start), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(**fields) -> dict:
+    """Provenance of a table: the given fields plus package versions and git commit."""
+    return {**fields, "package_versions": package_versions(), "git_commit": git_commit()}
+
+
+def with_provenance(schema: pa.Schema, prov: Mapping) -> pa.Schema:
+    meta = dict(schema.metadata or {})
+    meta[PROVENANCE_KEY] = json.dumps(prov, sort_keys=True, default=str).encode()
+    return schema.with_metadata(meta)
+
+
+def read_provenance(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
+
+
+def write_table(table: pa.Table, path: str | Path, prov: Mapping | None = None) -> Path:
+    """Write ``table`` to Parquet atomically, with provenance in the schema metadata."""
+    if prov is not None:
+        table = table.replace_schema_metadata(with_provenance(table.schema, prov).metadata)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_json(obj, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(path)
