@@ -42,15 +42,7 @@ def _load_records(source: str) -> pd.DataFrame:
             ) from None
         return ds.to_pandas()
     path = Path(source)
-    if not path.is_file():
-        raise NeuronAuditError(f"prompt file {source!r} not found")
-    fmt = LOCAL_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise NeuronAuditError(
-            f"prompt file {source!r} has an unknown format; use one of {sorted(LOCAL_FORMATS)}"
-        )
-    if path.stat().st_size == 0:
-        raise NeuronAuditError(f"prompt file {source!r} is empty")
+    fmt = LOCAL_FORMATS[path.suffix.lower()]
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as err:
@@ -58,6 +50,69 @@ def _load_records(source: str) -> pd.DataFrame:
         detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise NeuronAuditError(f"prompt file {source!r} is malformed: {detail[:200]}") from None
     return ds.to_pandas()
+
+
+def _read_fast(source: str) -> pd.DataFrame:
+    """Read a local prompt file without :mod:`datasets` (preflight); JSONL errors name the line."""
+    path = Path(source)
+    if not path.is_file():
+        raise NeuronAuditError(f"prompt file {source!r} not found")
+    if path.stat().st_size == 0:
+        raise NeuronAuditError(f"prompt file {source!r} is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise NeuronAuditError(f"prompt file {source!r} is malformed at line {n}: {err.msg}") from None
+                if not isinstance(record, dict):
+                    raise NeuronAuditError(f"prompt file {source!r} line {n} is not a JSON object")
+                records.append(record)
+        return pd.DataFrame.from_records(records)
+    if suffix == ".json":
+        try:
+            return pd.read_json(path)
+        except ValueError as err:
+            raise NeuronAuditError(f"prompt file {source!r} is malformed: {str(err)[:200]}") from None
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix == ".csv":
+        return pd.read_csv(path)
+    raise NeuronAuditError(f"prompt file {source!r} has an unknown format; use one of {sorted(LOCAL_FORMATS)}")
+
+
+def _validated(name: str, source: str, df: pd.DataFrame) -> tuple[pd.Series, pd.Series, str]:
+    """``(prompt_ids, texts, text_column)`` of a record table, or a one-line error."""
+    if len(df) == 0:
+        raise NeuronAuditError(f"prompt set {name!r} ({source}) has no records")
+    text_col = "text" if "text" in df.columns else "prompt" if "prompt" in df.columns else None
+    if text_col is None:
+        raise NeuronAuditError(
+            f"prompt set {name!r} ({source}) has no 'text' or 'prompt' field; fields: {list(df.columns)}"
+        )
+    texts = df[text_col]
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise NeuronAuditError(f"prompt set {name!r} ({source}) has empty or non-text prompts at rows {bad[:5]}")
+    if "prompt_id" in df.columns:
+        ids = df["prompt_id"].astype(str)
+    else:
+        ids = pd.Series([_stable_id(name, t) for t in texts], index=df.index)
+    dup = ids[ids.duplicated()].unique().tolist()
+    if dup:
+        raise NeuronAuditError(f"prompt set {name!r} ({source}) has duplicate prompt_id {dup[:5]}")
+    return ids, texts, text_col
+
+
+def check_prompt_file(name: str, source: str) -> None:
+    """Cheap validation of a local prompt file (hub sets are checked when loaded)."""
+    if not source.startswith("hf:"):
+        _validated(name, source, _read_fast(source))
 
 
 def _stable_id(name: str, text: str) -> str:
@@ -87,25 +142,9 @@ def load_prompt_set(
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise NeuronAuditError(f"heldout_fraction {heldout_fraction!r} must be in [0, 1)")
+    check_prompt_file(name, source)
     df = _load_records(source)
-    if len(df) == 0:
-        raise NeuronAuditError(f"prompt set {name!r} ({source}) has no records")
-    text_col = "text" if "text" in df.columns else "prompt" if "prompt" in df.columns else None
-    if text_col is None:
-        raise NeuronAuditError(
-            f"prompt set {name!r} ({source}) has no 'text' or 'prompt' field; fields: {list(df.columns)}"
-        )
-    texts = df[text_col]
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise NeuronAuditError(f"prompt set {name!r} ({source}) has empty or non-text prompts at rows {bad[:5]}")
-    if "prompt_id" in df.columns:
-        ids = df["prompt_id"].astype(str)
-    else:
-        ids = pd.Series([_stable_id(name, t) for t in texts], index=df.index)
-    dup = ids[ids.duplicated()].unique().tolist()
-    if dup:
-        raise NeuronAuditError(f"prompt set {name!r} ({source}) has duplicate prompt_id {dup[:5]}")
+    ids, texts, text_col = _validated(name, source, df)
     keys = df["pair_id"].astype(str) if "pair_id" in df.columns else ids
     split = ["heldout" if is_heldout(k, seed, heldout_fraction) else "discovery" for k in keys]
     others = [c for c in df.columns if c not in ("prompt_id", text_col)]

@@ -187,6 +187,7 @@ def prepare_model(spec: str, out_dir: str | Path, revision: str | None = None) -
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from None
     cfg = json.loads((path / "config.json").read_text())
+    shape = architecture_shape(path)
     manifest = {
         "source": spec,
         "kind": source.kind,
@@ -195,10 +196,34 @@ def prepare_model(spec: str, out_dir: str | Path, revision: str | None = None) -
         "path": str(path.resolve()),
         "model_type": cfg.get("model_type"),
         "architectures": cfg.get("architectures"),
+        **shape,
         "weight_sha256": weights_sha256(path),
     }
     write_json(manifest, out_dir / "manifest.json")
     return manifest
+
+
+def architecture_shape(path: str | Path) -> dict:
+    """Family and sizes of a model directory from its config alone (weights on the meta device).
+
+    Fails with the list of supported families when the architecture has no adapter.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from neuronaudit.models.adapters import adapter_for
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(model)
+    return {
+        "family": adapter.family,
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "n_neurons": adapter.n_neurons,
+        "hook_site": adapter.hook_site,
+    }
 
 
 def read_manifest(path: str | Path) -> dict:

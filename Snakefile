@@ -1,0 +1,30 @@
+"""neuronaudit: which MLP neurons of a causal LM control a behaviour, how far they steer before
+the model collapses, and what kind of success steering buys.
+
+    snakemake --cores 2                       # the default study (config/config.yaml)
+    snakemake --cores 2 --configfile config/quick.yaml
+    snakemake --cores 2 --config 'model={source: Qwen/Qwen2.5-0.5B-Instruct}'
+
+Stages, one file each under rules/: model (prepare a cached loadable copy) -> prompts (validate,
+hash, split) -> collect (per-neuron statistics and last-token activations) -> report.
+"""
+
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/model.smk"
+include: "rules/prompts.smk"
+include: "rules/collect.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        report_html(),

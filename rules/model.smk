@@ -1,0 +1,24 @@
+"""Prepare the model: a cached, loadable copy of model.source.
+
+Needs: model.source (embedded:<name>, .gguf file, model directory or hub id).
+Writes: results/models/<slug>/manifest.json (path, architecture, weight SHA-256) and, for GGUF
+sources, the dequantised safetensors copy beside it (done once; about 15 s for SmolLM2-135M).
+"""
+
+
+rule prepare_model:
+    output:
+        manifest=model_manifest(),
+    params:
+        cli=NEURONAUDIT,
+        source=model_source_arg(),
+        revision=config["model"]["revision"] or "main",
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        f"results/models/{MODEL.slug}/prepare_model.log",
+    benchmark:
+        f"results/models/{MODEL.slug}/prepare_model.benchmark.tsv"
+    shell:
+        "{params.cli} prepare-model --source {params.source:q} --revision {params.revision:q} "
+        "--out-dir $(dirname {output.manifest:q}) > {log:q} 2>&1"

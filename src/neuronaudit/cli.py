@@ -1,0 +1,192 @@
+"""Command-line interface: the subcommands the workflow rules call.
+
+Each subcommand is a thin shell over a library function. Bad input raises
+:class:`~neuronaudit.errors.NeuronAuditError`, printed as one line
+``neuronaudit: error: <message>`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from neuronaudit.errors import NeuronAuditError
+
+log = logging.getLogger("neuronaudit")
+
+
+def _layers(value: str | None):
+    if value in (None, "", "all"):
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise NeuronAuditError(f"layers {value!r} must be 'all' or comma-separated integers") from None
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def cmd_prepare_model(args) -> None:
+    from neuronaudit.models.loading import prepare_model
+
+    manifest = prepare_model(args.source, args.out_dir, revision=args.revision)
+    log.info("prepared %s -> %s (sha256 %s)", args.source, manifest["path"], manifest["weight_sha256"][:12])
+
+
+def cmd_prepare_prompts(args) -> None:
+    from neuronaudit.io import provenance, write_table
+    from neuronaudit.prompts import load_prompt_set, prompt_table
+
+    df = load_prompt_set(args.name, args.source, args.heldout_fraction, args.seed, args.limit)
+    prov = provenance(
+        prompt_set=args.name,
+        source=args.source,
+        prompt_set_hash=df.attrs["content_hash"],
+        split_seed=args.seed,
+        heldout_fraction=args.heldout_fraction,
+        limit=args.limit,
+        n_total=df.attrs["n_total"],
+    )
+    write_table(prompt_table(df), args.out, prov)
+    counts = df["split"].value_counts().to_dict()
+    log.info("prompt set %s: %s prompts %s, hash %s", args.name, len(df), counts, df.attrs["content_hash"][:12])
+
+
+def cmd_collect(args) -> None:
+    from neuronaudit.activations import collect_activations
+    from neuronaudit.models.loading import load_prepared
+    from neuronaudit.prompts import read_prompt_table, render_prompts, uses_template
+
+    _set_threads(args.threads)
+    prompts = read_prompt_table(args.prompts, split=args.split)
+    if len(prompts) == 0:
+        raise NeuronAuditError(f"prompt table {args.prompts!r} has no prompts in split {args.split!r}")
+    model, tokenizer, adapter, manifest = load_prepared(args.manifest, args.dtype, args.device)
+    layers = adapter.check_layers(_layers(args.layers) or range(adapter.n_layers))
+    texts = render_prompts(tokenizer, prompts["text"], args.chat_template, args.system_prompt)
+    prov = {
+        "model_id": manifest["source"],
+        "model_path": manifest["path"],
+        "model_type": manifest.get("model_type"),
+        "weight_sha256": manifest["weight_sha256"],
+        "dtype": args.dtype,
+        "device": str(next(model.parameters()).device),
+        "prompt_set": prompts.attrs.get("prompt_set"),
+        "prompt_set_hash": prompts.attrs.get("prompt_set_hash"),
+        "split": args.split,
+        "n_prompts": len(prompts),
+        "chat_template": args.chat_template,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "n_layers": adapter.n_layers,
+        "n_neurons": adapter.n_neurons,
+        "d_model": adapter.d_model,
+    }
+    collect_activations(
+        model, tokenizer, adapter, texts, list(prompts["prompt_id"]), args.out_stats, args.out_last_token,
+        layers=layers, positions=args.positions, batch_size=args.batch_size, max_length=args.max_length,
+        add_special_tokens=not uses_template(tokenizer, args.chat_template), provenance=prov,
+    )
+
+
+def cmd_report(args) -> None:
+    from neuronaudit.models.loading import read_manifest
+    from neuronaudit.report import build_report
+
+    stats = {}
+    for item in args.stats:
+        name, _, path = item.partition("=")
+        if not path:
+            raise NeuronAuditError(f"--stats {item!r} must be NAME=PATH")
+        stats[name] = Path(path)
+    config = json.loads(Path(args.config_json).read_text()) if args.config_json else {}
+    benchmarks = sorted(Path(args.benchmark_dir).rglob("*.tsv")) if args.benchmark_dir else []
+    build_report(args.study, stats, read_manifest(args.manifest), config, benchmarks, Path(args.out))
+
+
+def cmd_check_config(args) -> None:
+    from neuronaudit.config import load_config, preflight
+
+    config = load_config(args.configfile, overrides=args.config or [])
+    preflight(config, Path(args.root))
+    print(f"config {args.configfile} is valid (study {config['study']!r}, model {config['model']['source']!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuronaudit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="resolve a model source and write a cached loadable copy")
+    p.add_argument("--source", required=True, help="embedded:<name>, a .gguf file, a model directory or a hub id")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("prepare-prompts", help="load, validate, hash and split a prompt set")
+    p.add_argument("--name", required=True)
+    p.add_argument("--source", required=True)
+    p.add_argument("--heldout-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prepare_prompts)
+
+    p = sub.add_parser("collect", help="collect per-neuron statistics and last-token activations")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--split", default="all", choices=["all", "discovery", "heldout"])
+    p.add_argument("--layers", default="all")
+    p.add_argument("--positions", default="prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--chat-template", default="auto")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-stats", required=True)
+    p.add_argument("--out-last-token", required=True)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("report", help="build the self-contained HTML audit report from the tables")
+    p.add_argument("--study", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--stats", nargs="+", default=[], metavar="NAME=PATH")
+    p.add_argument("--config-json", default=None)
+    p.add_argument("--benchmark-dir", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check-config", help="validate a config file and check its inputs exist")
+    p.add_argument("configfile")
+    p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="overrides, as snakemake --config")
+    p.add_argument("--root", default=".", help="directory relative paths are resolved against")
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except NeuronAuditError as err:
+        print(f"neuronaudit: error: {err}", file=sys.stderr)
+        return 2
+    return 0

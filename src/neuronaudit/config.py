@@ -1,0 +1,148 @@
+"""Study configuration: JSON Schema validation with defaults, and preflight checks.
+
+The workflow validates ``config`` with Snakemake's ``validate`` against
+``workflow/schemas/config.schema.yaml``; :func:`load_config` applies the same schema for the
+CLI (``neuronaudit check-config``). :func:`preflight` then checks, before any job runs, what
+the schema cannot: the model source resolves, prompt files exist and parse, and requested layer
+indices fit the model. Every failure is one line naming the bad value.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from neuronaudit.errors import NeuronAuditError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    import jsonschema
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Validate (and fill defaults into) a config dict; one-line error naming the key."""
+    import jsonschema
+
+    schema = schema or load_schema()
+    config = copy.deepcopy(config)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise NeuronAuditError(f"config key {where}: {err.message}")
+    return config
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read a YAML config, apply ``KEY=VALUE`` overrides (YAML values, as ``snakemake --config``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NeuronAuditError(f"config file {str(path)!r} not found")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise NeuronAuditError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise NeuronAuditError(f"config override {item!r} must be KEY=VALUE")
+        deep_update(config, {key: yaml.safe_load(value)})
+    return validate_config(config)
+
+
+def study_name(config: dict) -> str:
+    """``study`` if set, else a name derived from ``model.source``."""
+    if config.get("study"):
+        return config["study"]
+    source = str(config["model"]["source"]).rstrip("/")
+    base = source.split(":", 1)[1] if source.startswith("embedded:") else Path(source).stem or source
+    if "/" in source and not Path(source).exists() and not source.startswith("embedded:"):
+        base = source.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base)
+
+
+def resolve_path(path: str, root: Path) -> str:
+    """Relative paths in the config are relative to the workflow root."""
+    if path.startswith("hf:"):
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (root / p))
+
+
+def collected_sets(config: dict) -> list[str]:
+    sets = config["prompts"]["sets"]
+    chosen = config["collect"]["sets"]
+    if chosen is None:
+        return list(sets)
+    unknown = [s for s in chosen if s not in sets]
+    if unknown:
+        raise NeuronAuditError(
+            f"config key collect.sets names unknown prompt set {unknown[0]!r}; defined sets: {sorted(sets)}"
+        )
+    return list(chosen)
+
+
+def preflight(config: dict, root: Path):
+    """Check inputs before any job runs: model source, prompt files, layer indices.
+
+    Returns the resolved :class:`~neuronaudit.models.loading.ModelSource`.
+    """
+    from neuronaudit.models.loading import read_model_config, resolve_source
+    from neuronaudit.models.adapters import declaration_for
+    from neuronaudit.prompts import check_prompt_file
+
+    source = config["model"]["source"]
+    if not source.startswith("embedded:") and not Path(source).is_absolute() and (root / source).exists():
+        source = str(root / source)
+    resolved = resolve_source(source)
+    collected_sets(config)
+    for name, path in config["prompts"]["sets"].items():
+        check_prompt_file(name, resolve_path(path, root))
+    arch = read_model_config(resolved)
+    if arch.get("model_type") and resolved.kind == "local":
+        declaration_for(arch["model_type"])
+    layers = config["collect"]["layers"]
+    n_layers = arch.get("n_layers")
+    if layers and n_layers:
+        for layer in layers:
+            if not -n_layers <= layer < n_layers:
+                raise NeuronAuditError(
+                    f"config key collect.layers: layer index {layer} is out of range for "
+                    f"{config['model']['source']!r} with {n_layers} layers (valid: 0..{n_layers - 1})"
+                )
+    return resolved
+
+
+def config_json(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)

@@ -1,0 +1,202 @@
+"""Figures and derived tables for the audit report (pure functions, no I/O).
+
+Every figure function takes pandas DataFrames and returns a :class:`matplotlib.figure.Figure`;
+turning it into an image is the report's job (:func:`neuronaudit.report.figure_to_data_uri`).
+Colours come from one place, :func:`color_for` / :data:`PALETTE`, so the same prompt set or
+rollout type has the same colour in every figure of every report.
+
+Input tables follow :data:`neuronaudit.io.NEURON_STATS_SCHEMA` (one row per ``(layer, neuron)``),
+concatenated over prompt sets with an extra ``prompt_set`` column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from neuronaudit.errors import NeuronAuditError  # noqa: E402
+
+__all__ = [
+    "PALETTE",
+    "color_for",
+    "palette_for",
+    "layer_profile_table",
+    "layer_activation_profile",
+    "neuron_outliers",
+]
+
+#: Fixed colours for names that recur across figures (prompt sets, rollout outcome types).
+#: Names not listed get a stable colour from :data:`_CYCLE` chosen by a hash of the name.
+PALETTE: dict[str, str] = {
+    # prompt sets
+    "harmful": "#d55e00",
+    "harmless": "#0173b2",
+    # rollout outcome types
+    "refusal": "#029e73",
+    "collapse": "#949494",
+    "coherent_bypass": "#de8f05",
+    "actionable": "#8c1c13",
+    # steering conditions
+    "baseline": "#333333",
+    "steered": "#cc78bc",
+}
+
+# Colours for names without a fixed colour; none of them is a PALETTE colour, so an unknown name
+# never borrows the colour of a known one.
+_CYCLE: tuple[str, ...] = (
+    "#56b4e9", "#ca9161", "#6a3d9a", "#e7298a", "#17becf", "#66a61e", "#7570b3", "#bcbd22",
+)
+
+_STATS_COLUMNS = ("layer", "neuron", "count", "mean_abs", "max_abs")
+
+
+def _hash_index(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % len(_CYCLE)
+
+
+def color_for(name: str) -> str:
+    """The colour of ``name``: its :data:`PALETTE` entry, else a colour chosen by a stable hash.
+
+    Figures use :func:`palette_for`, which gives the same colours except that an unlisted name
+    whose hashed colour is already taken in that figure moves to the next free one.
+    """
+    name = str(name)
+    return PALETTE.get(name) or _CYCLE[_hash_index(name)]
+
+
+def palette_for(names: Iterable[str]) -> dict[str, str]:
+    """Colours for the ``names`` drawn together in one figure.
+
+    Names in :data:`PALETTE` keep their fixed colour. Other names start from their hashed slot in
+    the colour cycle and, in sorted order, move to the next free slot if that colour is already
+    taken, so two names in one figure never share a colour while the result depends only on the
+    set of names (not their order).
+    """
+    names = sorted({str(n) for n in names})
+    out = {n: PALETTE[n] for n in names if n in PALETTE}
+    used = set(out.values())
+    for n in names:
+        if n in out:
+            continue
+        i = _hash_index(n)
+        for step in range(len(_CYCLE)):
+            c = _CYCLE[(i + step) % len(_CYCLE)]
+            if c not in used:
+                break
+        else:  # more names than colours: reuse the hashed colour
+            c = _CYCLE[i]
+        out[n] = c
+        used.add(c)
+    return out
+
+
+def _mpl_text(s: object) -> str:
+    """Text safe for matplotlib: ``$`` would otherwise switch to mathtext and may fail to parse."""
+    return str(s).replace("$", r"\$")
+
+
+def _check_stats(stats: pd.DataFrame, needed: Iterable[str] = _STATS_COLUMNS) -> pd.DataFrame:
+    missing = [c for c in needed if c not in stats.columns]
+    if missing:
+        raise NeuronAuditError(f"neuron stats table lacks column(s) {missing}")
+    if stats.empty:
+        raise NeuronAuditError("neuron stats table is empty")
+    if "prompt_set" not in stats.columns:
+        stats = stats.assign(prompt_set="all")
+    return stats
+
+
+def layer_profile_table(stats: pd.DataFrame) -> pd.DataFrame:
+    """Per ``(prompt_set, layer)``: mean, 10% and 90% quantile over neurons of ``mean_abs``, the
+    max over neurons of ``max_abs`` and the number of neurons. This is the data of
+    :func:`layer_activation_profile`."""
+    stats = _check_stats(stats)
+    g = stats.groupby(["prompt_set", "layer"], sort=True)
+    out = pd.DataFrame(
+        {
+            "mean_abs_mean": g["mean_abs"].mean(),
+            "mean_abs_q10": g["mean_abs"].quantile(0.10),
+            "mean_abs_q90": g["mean_abs"].quantile(0.90),
+            "max_abs_max": g["max_abs"].max(),
+            "n_neurons": g["neuron"].nunique(),
+        }
+    )
+    return out.reset_index()
+
+
+def layer_activation_profile(stats: pd.DataFrame) -> Figure:
+    """Two panels over layers, one line per prompt set.
+
+    Left: mean over neurons of each neuron's mean ``|a|``, with a band from the 10% to the 90%
+    quantile across neurons. Right: the largest ``max |a|`` of any neuron in the layer on a log
+    scale, where outlier (super-weight-like) neurons show up as spikes.
+    """
+    prof = layer_profile_table(stats)
+    colors = palette_for(prof["prompt_set"].unique())
+    with sns.axes_style("whitegrid"):
+        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True, layout="constrained")
+    for name, df in prof.groupby("prompt_set", sort=True):
+        c = colors[str(name)]
+        label = _mpl_text(name)
+        ax0.plot(df["layer"], df["mean_abs_mean"], marker="o", ms=3, color=c, label=label)
+        ax0.fill_between(df["layer"], df["mean_abs_q10"], df["mean_abs_q90"], color=c, alpha=0.18, lw=0)
+        ax1.plot(df["layer"], df["max_abs_max"], marker="o", ms=3, color=c, label=label)
+    ax0.set_xlabel("layer")
+    ax0.set_ylabel("mean |a| over neurons")
+    ax0.set_title("mean |a| per neuron (line: mean, band: 10–90% of neurons)", fontsize=9)
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel("max |a|")
+    ax1.set_title("largest |a| of any neuron in the layer", fontsize=9)
+    if (prof["max_abs_max"] > 0).any():
+        ax1.set_yscale("log")
+    for ax in (ax0, ax1):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax0.legend(title="prompt set", fontsize=8, title_fontsize=8, frameon=False)
+    return fig
+
+
+def neuron_outliers(stats: pd.DataFrame, top: int = 20) -> pd.DataFrame:
+    """The ``top`` neurons by ``max_abs`` (its maximum over prompt sets).
+
+    Columns: ``layer``, ``neuron``, ``max_abs`` (max over sets), ``mean_abs`` (count-weighted mean
+    over sets, i.e. the mean ``|a|`` over all positions collected), ``ratio_to_layer_median``
+    (``max_abs`` divided by the median over the layer's neurons of their ``max_abs``; missing when
+    that median is 0) and ``peak_prompt_set`` (the set in which ``max_abs`` was reached).
+    """
+    if top < 1:
+        raise NeuronAuditError(f"top must be at least 1, got {top}")
+    stats = _check_stats(stats)
+    s = stats[["prompt_set", "layer", "neuron", "count", "mean_abs", "max_abs"]].copy()
+    s["prompt_set"] = s["prompt_set"].astype(str)
+    s["_weighted"] = s["mean_abs"] * s["count"]
+    g = s.groupby(["layer", "neuron"], sort=True)
+    total = g["count"].sum()
+    per = pd.DataFrame(
+        {
+            "max_abs": g["max_abs"].max(),
+            "mean_abs": (g["_weighted"].sum() / total.where(total > 0)),
+        }
+    )
+    peak = s.sort_values(["max_abs", "prompt_set"], ascending=[False, True]).groupby(
+        ["layer", "neuron"], sort=True
+    ).head(1)
+    per["peak_prompt_set"] = peak.set_index(["layer", "neuron"])["prompt_set"]
+    per = per.reset_index()
+    median = per.groupby("layer")["max_abs"].transform("median")
+    per["ratio_to_layer_median"] = per["max_abs"] / median.where(median > 0)
+    per = per.sort_values(["max_abs", "layer", "neuron"], ascending=[False, True, True], kind="stable")
+    out = per.head(top)[
+        ["layer", "neuron", "max_abs", "mean_abs", "ratio_to_layer_median", "peak_prompt_set"]
+    ].reset_index(drop=True)
+    out["ratio_to_layer_median"] = out["ratio_to_layer_median"].astype(float)
+    return out

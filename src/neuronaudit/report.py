@@ -1,0 +1,660 @@
+"""The audit report: one self-contained HTML page.
+
+The page has a headline summary, one section per audit stage and a provenance section. It makes
+no external requests: CSS is inline, figures are PNG data URIs, there are no scripts, and a
+Content-Security-Policy meta tag (``default-src 'none'``) makes the browser refuse anything else.
+Every value that comes from data (prompt-set names, prompt and generated text, table cells,
+captions, provenance) goes through jinja2 autoescaping; nothing is marked safe.
+
+Building blocks, so later stages (screening, dose sweeps, refusal rollouts) only add sections:
+
+* :class:`Figure`, :class:`Table`, :class:`Excerpt` — items of a section; a figure is a PNG data
+  URI (:func:`figure_to_data_uri`), a one-sentence caption and links to the Parquet tables it
+  was drawn from, relative to the report;
+* :class:`Section` — id, title, intro and a list of items;
+* :func:`render_report` — summary + sections + provenance dict -> HTML text.
+
+:func:`build_report` assembles the activation-statistics report from the stats Parquet files
+(:data:`neuronaudit.io.NEURON_STATS_SCHEMA`), the model manifest, the config and Snakemake
+benchmark files, and writes it atomically. Captions are read from ``workflow/report/<name>.rst``
+(shared with Snakemake's ``report()``), with inline defaults when that folder is absent. Every
+number shown is read from the inputs; a value that is absent is shown as ``missing``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io as _bytesio
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+from urllib.parse import quote, urlparse
+
+import jinja2
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure as MplFigure
+
+from neuronaudit import __version__
+from neuronaudit import io as naio
+from neuronaudit import plots
+from neuronaudit.errors import NeuronAuditError
+
+__all__ = [
+    "MISSING",
+    "CAPTION_DIR",
+    "Figure",
+    "Table",
+    "Excerpt",
+    "Section",
+    "caption",
+    "figure_to_data_uri",
+    "render_report",
+    "read_stats",
+    "activation_section",
+    "rule_runtimes",
+    "build_report",
+]
+
+MISSING = "missing"
+
+#: Caption files shared with Snakemake's ``report()``: ``<repo>/workflow/report/<name>.rst``.
+CAPTION_DIR = Path(__file__).resolve().parents[2] / "workflow" / "report"
+
+_DEFAULT_CAPTIONS = {
+    "layer_activation_profile": (
+        "Per layer, the mean over neurons of each neuron's mean absolute activation (band: 10–90% "
+        "of neurons) and, on a log scale, the largest absolute activation of any neuron, one line "
+        "per prompt set."
+    ),
+    "neuron_outliers": (
+        "The neurons with the largest absolute activation across prompt sets, with their mean "
+        "absolute activation and how many times their layer's median peak they reach."
+    ),
+}
+
+_DATA_URI = re.compile(r"^data:image/(png|jpeg|svg\+xml);base64,[A-Za-z0-9+/]+=*$")
+_SECTION_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_RESERVED_IDS = {"summary", "provenance", "contents"}
+
+#: Columns of a neuron stats table (:data:`neuronaudit.io.NEURON_STATS_SCHEMA`).
+NEURON_STATS_COLUMNS: tuple[str, ...] = tuple(naio.NEURON_STATS_SCHEMA.names)
+
+
+# ---------------------------------------------------------------------------------------------
+# value formatting
+
+
+def _is_missing(v: Any) -> bool:
+    if v is None or v is pd.NA or v is pd.NaT:
+        return True
+    try:
+        return isinstance(v, (float, np.floating)) and math.isnan(v)
+    except TypeError:
+        return False
+
+
+def _fmt(v: Any, precise: bool = False) -> str:
+    """Display text of one value: ``missing`` for None/NaN; floats with 5 significant digits in
+    tables (``precise=False``) or exactly (``repr``) in provenance."""
+    if _is_missing(v):
+        return MISSING
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v) if precise else f"{v:.5g}"
+    if isinstance(v, Path):
+        return v.as_posix()
+    return str(v)
+
+
+def caption(name: str) -> str:
+    """The one-sentence caption ``name``: text of ``CAPTION_DIR/<name>.rst`` (whitespace
+    collapsed), else the inline default."""
+    path = CAPTION_DIR / f"{name}.rst"
+    try:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+    except OSError:
+        text = ""
+    if text:
+        return text
+    if name in _DEFAULT_CAPTIONS:
+        return _DEFAULT_CAPTIONS[name]
+    raise NeuronAuditError(f"no caption named {name!r} (looked for {path})")
+
+
+def _href(path: str | os.PathLike) -> str:
+    """A relative link (POSIX separators, percent-encoded); refuses URLs with a scheme or host."""
+    text = Path(path).as_posix() if isinstance(path, os.PathLike) else str(path).replace(os.sep, "/")
+    parsed = urlparse(text)
+    if parsed.scheme or parsed.netloc or text.startswith("/"):
+        raise ValueError(f"table link must be a relative path, got {text!r}")
+    return quote(text, safe="/._-~")
+
+
+# ---------------------------------------------------------------------------------------------
+# data model
+
+Links = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]], None]
+
+
+def _links(value: Links) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike)):
+        return (("table", _href(value)),)
+    return tuple((str(label), _href(p)) for label, p in value.items())
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure: ``image`` is a data URI (see :func:`figure_to_data_uri`), ``caption`` one
+    sentence, ``table_link`` the Parquet file(s) behind it relative to the report — a path, or a
+    mapping label -> path when several tables feed one figure."""
+
+    title: str
+    image: str
+    caption: str
+    table_link: Links = None
+    links: tuple[tuple[str, str], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image, str) or not _DATA_URI.match(self.image):
+            raise ValueError(f"figure {self.title!r}: image must be a base64 PNG/JPEG/SVG data URI")
+        object.__setattr__(self, "links", _links(self.table_link))
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """A table shown in the page (first ``max_rows`` rows), with optional links to its Parquet
+    source(s) relative to the report."""
+
+    title: str
+    data: pd.DataFrame
+    caption: str
+    table_link: Links = None
+    max_rows: int = 50
+    links: tuple[tuple[str, str], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, pd.DataFrame):
+            raise TypeError(f"table {self.title!r}: data must be a pandas DataFrame")
+        object.__setattr__(self, "links", _links(self.table_link))
+
+
+@dataclass(frozen=True)
+class Excerpt:
+    """Verbatim text (a prompt, a model generation), shown preformatted and escaped."""
+
+    title: str
+    text: str
+    caption: str = ""
+
+
+Item = Union[Figure, Table, Excerpt]
+
+
+@dataclass
+class Section:
+    """One report section; ``id`` is its HTML anchor (letters, digits, ``-``, ``_``)."""
+
+    id: str
+    title: str
+    intro: str = ""
+    items: list[Item] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not _SECTION_ID.match(self.id):
+            raise ValueError(f"section id must match {_SECTION_ID.pattern}, got {self.id!r}")
+        if self.id in _RESERVED_IDS:
+            raise ValueError(f"section id {self.id!r} is reserved")
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def figure_to_data_uri(fig: MplFigure, dpi: int = 110) -> str:
+    """Render ``fig`` as a base64 PNG data URI and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        buf = _bytesio.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _table_view(df: pd.DataFrame, max_rows: int | None = None, precise: bool = False) -> dict:
+    shown = df if max_rows is None else df.head(max_rows)
+    numeric = [pd.api.types.is_numeric_dtype(shown[c]) and not pd.api.types.is_bool_dtype(shown[c])
+               for c in shown.columns]
+    rows = [[_fmt(v, precise) for v in row] for row in shown.itertuples(index=False, name=None)]
+    return {
+        "kind": "table",
+        "columns": [str(c) for c in shown.columns],
+        "numeric": numeric,
+        "rows": rows,
+        "n_shown": len(shown),
+        "n_total": len(df),
+    }
+
+
+def _tree(value: Any) -> dict:
+    """Provenance value -> render tree: dict (definition list), table, list, or scalar text."""
+    if isinstance(value, pd.DataFrame):
+        return _table_view(value, precise=True)
+    if isinstance(value, Mapping):
+        if not value:
+            return {"kind": "scalar", "text": "(empty)"}
+        return {"kind": "dict", "entries": [(str(k), _tree(v)) for k, v in value.items()]}
+    if isinstance(value, (list, tuple, set, frozenset, np.ndarray)):
+        seq = list(value)
+        if not seq:
+            return {"kind": "scalar", "text": "(empty)"}
+        if all(not isinstance(v, (Mapping, list, tuple, set, pd.DataFrame, np.ndarray)) for v in seq):
+            return {"kind": "scalar", "text": ", ".join(_fmt(v, precise=True) for v in seq)}
+        return {"kind": "list", "entries": [_tree(v) for v in seq]}
+    return {"kind": "scalar", "text": _fmt(value, precise=True)}
+
+
+def _item_view(item: Item) -> dict:
+    if isinstance(item, Figure):
+        return {"kind": "figure", "title": item.title, "image": item.image,
+                "caption": item.caption, "links": item.links}
+    if isinstance(item, Table):
+        return {"kind": "table", "title": item.title, "caption": item.caption, "links": item.links,
+                "table": _table_view(item.data, item.max_rows)}
+    if isinstance(item, Excerpt):
+        return {"kind": "excerpt", "title": item.title, "caption": item.caption, "text": item.text}
+    raise TypeError(f"unsupported report item {type(item).__name__}")
+
+
+_CSS = """
+:root { --fg:#1d2329; --muted:#5b6670; --line:#d9dee3; --bg:#ffffff; --panel:#f5f7f9; --accent:#1f5f99; }
+* { box-sizing: border-box; }
+body { margin:0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       color:var(--fg); background:var(--bg); }
+main { max-width: 1100px; margin: 0 auto; padding: 1.5rem 1.25rem 3rem; }
+h1 { font-size:1.6rem; margin:0 0 .25rem; }
+h2 { font-size:1.25rem; margin:2.2rem 0 .6rem; padding-bottom:.25rem; border-bottom:1px solid var(--line); }
+h3 { font-size:1rem; margin:1.4rem 0 .4rem; }
+a { color:var(--accent); }
+nav ol { margin:.3rem 0 0; padding-left:1.3rem; color:var(--muted); }
+.meta, .caption, figcaption, .note { color:var(--muted); font-size:.9rem; }
+dl.summary { display:grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap:.6rem; margin:0; }
+dl.summary > div { background:var(--panel); border:1px solid var(--line); border-radius:6px; padding:.5rem .7rem; }
+dl.summary dt { font-size:.8rem; color:var(--muted); }
+dl.summary dd { margin:0; font-weight:600; overflow-wrap:anywhere; }
+figure { margin:1rem 0 1.6rem; }
+figure img { max-width:100%; height:auto; border:1px solid var(--line); border-radius:4px; }
+.links { white-space:nowrap; }
+.tablewrap { overflow-x:auto; }
+table { border-collapse:collapse; font-size:.85rem; margin:.3rem 0; }
+th, td { border-bottom:1px solid var(--line); padding:.25rem .6rem; text-align:left; vertical-align:top; }
+th { background:var(--panel); font-weight:600; }
+td.num { text-align:right; font-variant-numeric: tabular-nums; }
+pre { background:var(--panel); border:1px solid var(--line); padding:.6rem; white-space:pre-wrap;
+      overflow-wrap:anywhere; font-size:.85rem; }
+dl.prov { margin:.2rem 0; display:grid; grid-template-columns:max-content 1fr; column-gap:1rem; row-gap:.15rem; }
+dl.prov dt { font-weight:600; color:var(--muted); }
+dl.prov dd { margin:0; overflow-wrap:anywhere; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+             font-size:.85rem; }
+dl.prov dd dl.prov { border-left:2px solid var(--line); padding-left:.6rem; }
+footer { margin-top:3rem; color:var(--muted); font-size:.8rem; }
+@media print { figure, table { break-inside: avoid; } }
+"""
+
+_TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>{{ css }}</style>
+</head>
+<body>
+<main>
+{%- macro links(pairs) -%}
+{%- if pairs %} <span class="links">Data: {% for label, href in pairs %}<a href="{{ href }}">{{ label }}</a>{% if not loop.last %}, {% endif %}{% endfor %}.</span>{% endif -%}
+{%- endmacro -%}
+{%- macro table(t) -%}
+<div class="tablewrap"><table>
+<thead><tr>{% for c in t["columns"] %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{%- for row in t["rows"] %}
+<tr>{% for v in row %}<td{% if t["numeric"][loop.index0] %} class="num"{% endif %}>{{ v }}</td>{% endfor %}</tr>
+{%- endfor %}
+</tbody></table></div>
+{%- if t["n_shown"] < t["n_total"] %}<p class="note">First {{ t["n_shown"] }} of {{ t["n_total"] }} rows.</p>{% endif -%}
+{%- endmacro -%}
+{%- macro node(n) -%}
+{%- if n["kind"] == "scalar" -%}{{ n["text"] }}
+{%- elif n["kind"] == "table" -%}{{ table(n) }}
+{%- elif n["kind"] == "list" -%}<ol>{% for e in n["entries"] %}<li>{{ node(e) }}</li>{% endfor %}</ol>
+{%- else -%}<dl class="prov">{% for k, v in n["entries"] %}<dt>{{ k }}</dt><dd>{{ node(v) }}</dd>{% endfor %}</dl>
+{%- endif -%}
+{%- endmacro %}
+<header>
+<h1>{{ title }}</h1>
+<nav id="contents"><ol>
+<li><a href="#summary">Summary</a></li>
+{%- for s in sections %}
+<li><a href="#{{ s["id"] }}">{{ s["title"] }}</a></li>
+{%- endfor %}
+<li><a href="#provenance">Provenance</a></li>
+</ol></nav>
+</header>
+
+<section id="summary">
+<h2>Summary</h2>
+<dl class="summary">
+{%- for label, value in summary %}
+<div><dt>{{ label }}</dt><dd>{{ value }}</dd></div>
+{%- endfor %}
+</dl>
+</section>
+{% for s in sections %}
+<section id="{{ s["id"] }}">
+<h2>{{ s["title"] }}</h2>
+{%- if s["intro"] %}
+<p>{{ s["intro"] }}</p>
+{%- endif %}
+{%- for item in s["items"] %}
+{%- if item["kind"] == "figure" %}
+<figure>
+<h3>{{ item["title"] }}</h3>
+<img src="{{ item["image"] }}" alt="{{ item["title"] }}">
+<figcaption>{{ item["caption"] }}{{ links(item["links"]) }}</figcaption>
+</figure>
+{%- elif item["kind"] == "table" %}
+<div class="table">
+<h3>{{ item["title"] }}</h3>
+<p class="caption">{{ item["caption"] }}{{ links(item["links"]) }}</p>
+{{ table(item["table"]) }}
+</div>
+{%- else %}
+<div class="excerpt">
+<h3>{{ item["title"] }}</h3>
+{%- if item["caption"] %}<p class="caption">{{ item["caption"] }}</p>{% endif %}
+<pre>{{ item["text"] }}</pre>
+</div>
+{%- endif %}
+{%- endfor %}
+</section>
+{% endfor %}
+<section id="provenance">
+<h2>Provenance</h2>
+{{ node(provenance) }}
+</section>
+<footer>neuronaudit {{ version }}</footer>
+</main>
+</body>
+</html>
+"""
+
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def render_report(
+    title: str,
+    summary: Sequence[tuple[str, Any]],
+    sections: Sequence[Section],
+    provenance: Mapping[str, Any],
+) -> str:
+    """One self-contained HTML page: summary items (label, value), the sections, and the
+    provenance dict (nested mappings become nested definition lists, DataFrames tables, None
+    ``missing``). All text is escaped."""
+    ids = [s.id for s in sections]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"duplicate section ids {dup}")
+    view_sections = [
+        {"id": s.id, "title": s.title, "intro": s.intro, "items": [_item_view(i) for i in s.items]}
+        for s in sections
+    ]
+    return _ENV.from_string(_TEMPLATE).render(
+        title=title,
+        css=_CSS,
+        summary=[(str(label), _fmt(value)) for label, value in summary],
+        sections=view_sections,
+        provenance=_tree(dict(provenance)) if provenance else {"kind": "scalar", "text": MISSING},
+        version=__version__,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# activation statistics
+
+
+def read_stats(stats_paths: Mapping[str, str | os.PathLike]) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Concatenate the stats Parquet files (prompt-set name -> path) with a ``prompt_set``
+    column; also return each file's provenance."""
+    if not stats_paths:
+        raise NeuronAuditError("no neuron stats tables given")
+    frames, provs = [], {}
+    needed = NEURON_STATS_COLUMNS
+    for name, path in stats_paths.items():
+        path = Path(path)
+        if not path.is_file():
+            raise NeuronAuditError(f"neuron stats table not found: {path}")
+        df = pd.read_parquet(path)
+        lacking = [c for c in needed if c not in df.columns]
+        if lacking:
+            raise NeuronAuditError(f"neuron stats table {path} lacks column(s) {lacking}")
+        frames.append(df[list(needed)].assign(prompt_set=str(name)))
+        provs[str(name)] = naio.read_provenance(path)
+    return pd.concat(frames, ignore_index=True), provs
+
+
+def _relpaths(stats_paths: Mapping[str, str | os.PathLike], report_dir: Path) -> dict[str, str]:
+    return {str(name): os.path.relpath(Path(p).resolve(), Path(report_dir).resolve())
+            for name, p in stats_paths.items()}
+
+
+def _common(values: list[Any]) -> str:
+    """The shared value of ``values`` as text, or the distinct values joined, or ``missing``."""
+    texts = [json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else _fmt(v)
+             for v in values if not _is_missing(v)]
+    distinct = list(dict.fromkeys(texts))
+    return ", ".join(distinct) if distinct else MISSING
+
+
+def _activation_section(
+    stats: pd.DataFrame, provs: Mapping[str, dict], links: Mapping[str, str]
+) -> Section:
+    names = list(dict.fromkeys(stats["prompt_set"]))
+    hook = _common([p.get("hook_site") for p in provs.values()])
+    positions = _common([p.get("positions") for p in provs.values()])
+    fig = Figure(
+        title="Activation profile over layers",
+        image=figure_to_data_uri(plots.layer_activation_profile(stats)),
+        caption=caption("layer_activation_profile"),
+        table_link=links,
+    )
+    outliers = plots.neuron_outliers(stats, top=20)
+    table = Table(
+        title=f"Top {len(outliers)} neurons by max |a|",
+        data=outliers,
+        caption=caption("neuron_outliers"),
+        table_link=links,
+    )
+    intro = (
+        f"Streaming per-neuron activation statistics of {len(names)} prompt set(s) "
+        f"({', '.join(names)}) at hook site {hook}, positions: {positions}."
+    )
+    return Section(id="activations", title="Activation statistics", intro=intro, items=[fig, table])
+
+
+def activation_section(stats_paths: Mapping[str, str | os.PathLike], report_dir: Path) -> Section:
+    """The activation-statistics section: the layer profile figure and the outlier-neuron table
+    of the stats Parquet files (prompt-set name -> path); links are relative to ``report_dir``."""
+    stats, provs = read_stats(stats_paths)
+    return _activation_section(stats, provs, _relpaths(stats_paths, report_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# run times
+
+
+def rule_runtimes(benchmark_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Snakemake benchmark TSVs -> one row per file.
+
+    Columns: ``rule`` (the file stem, without a trailing ``.benchmark``), ``seconds`` (wall clock,
+    mean over repeats), ``max_rss_mb`` (max over repeats; missing when not measured) and
+    ``benchmark`` (the file's path relative to the folder shared by all files, without ``.tsv``,
+    e.g. ``collect/harmful`` when benchmarks are laid out as ``<stage>/<wildcard>.tsv``).
+    """
+    paths = [Path(p) for p in benchmark_paths]
+    common = os.path.commonpath([str(p.resolve().parent) for p in paths]) if paths else ""
+    rows = []
+    for p in paths:
+        try:
+            df = pd.read_csv(p, sep="\t", na_values=["-", "NA", "n/a", ""])
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise NeuronAuditError(f"cannot read benchmark file {p}: {e}") from e
+        if "s" not in df.columns or df.empty:
+            raise NeuronAuditError(f"benchmark file {p} has no 's' column or no rows")
+        seconds = pd.to_numeric(df["s"], errors="coerce")
+        rss = pd.to_numeric(df.get("max_rss", pd.Series([np.nan])), errors="coerce")
+        stem = p.stem[: -len(".benchmark")] if p.stem.endswith(".benchmark") else p.stem
+        rel = Path(os.path.relpath(p.resolve(), common))
+        rows.append({
+            "rule": stem,
+            "seconds": float(seconds.mean()),
+            "max_rss_mb": float(rss.max()) if rss.notna().any() else np.nan,
+            "benchmark": rel.with_suffix("").as_posix() if rel.suffix == ".tsv" else rel.as_posix(),
+        })
+    return pd.DataFrame(rows, columns=["rule", "seconds", "max_rss_mb", "benchmark"]).astype(
+        {"rule": object, "seconds": float, "max_rss_mb": float, "benchmark": object}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+# Provenance fields every stats table should carry; shown as ``missing`` when absent.
+_EXPECTED_PROV = ("model_id", "weight_sha256", "dtype", "hook_site", "prompt_set", "prompt_set_hash",
+                  "positions", "seed", "package_versions", "git_commit")
+
+
+def _split_provenance(provs: Mapping[str, dict], links: Mapping[str, str],
+                      rows: Mapping[str, int]) -> dict:
+    """Fields identical in all stats tables (``common``) and each table's own fields."""
+    keys = list(dict.fromkeys([k for p in provs.values() for k in p] + list(_EXPECTED_PROV)))
+    many = len(provs) > 1
+    common = {}
+    if many:
+        for k in keys:
+            vals = [p.get(k) for p in provs.values()]
+            if all(k in p for p in provs.values()) and all(v == vals[0] for v in vals):
+                common[k] = vals[0]
+    per_set = {}
+    for name, p in provs.items():
+        entry: dict[str, Any] = {"path": links[name], "rows": rows[name]}
+        entry.update({k: p.get(k) for k in keys if k not in common})
+        per_set[name] = entry
+    out: dict[str, Any] = {}
+    if common:
+        out["common to all tables"] = common
+    out["per prompt set"] = per_set
+    return out
+
+
+def _weight_check(manifest: Mapping, provs: Mapping[str, dict]) -> str:
+    want = manifest.get("weight_sha256")
+    got = {name: p.get("weight_sha256") for name, p in provs.items()}
+    if _is_missing(want) or any(_is_missing(v) for v in got.values()):
+        return MISSING
+    bad = [name for name, v in got.items() if v != want]
+    if bad:
+        return f"MISMATCH in {', '.join(bad)}"
+    return f"match ({len(got)} of {len(got)} tables)"
+
+
+def _summary(study: str, manifest: Mapping, stats: pd.DataFrame,
+             provs: Mapping[str, dict]) -> list[tuple[str, Any]]:
+    n_layers, n_neurons = manifest.get("n_layers"), manifest.get("n_neurons")
+    total = (int(n_layers) * int(n_neurons)
+             if not (_is_missing(n_layers) or _is_missing(n_neurons)) else None)
+    model_id = _common([p.get("model_id") for p in provs.values()])
+    if model_id == MISSING:
+        model_id = _fmt(manifest.get("model_id"))
+    pairs = stats[["layer", "neuron"]].drop_duplicates()
+    items: list[tuple[str, Any]] = [
+        ("study", study),
+        ("model", model_id),
+        ("model source", manifest.get("source")),
+        ("model type", manifest.get("model_type")),
+        ("layers × neurons", f"{_fmt(n_layers)} × {_fmt(n_neurons)}"),
+        ("total neurons", total),
+        ("d_model", manifest.get("d_model")),
+        ("neurons with statistics", f"{len(pairs)} in {pairs['layer'].nunique()} layers"),
+        ("hook site", _common([p.get("hook_site") for p in provs.values()])),
+        ("weights vs stats provenance", _weight_check(manifest, provs)),
+        ("prompt sets", f"{len(provs)}: {', '.join(provs)}"),
+    ]
+    for name, df in stats.groupby("prompt_set", sort=False):
+        counts = df["count"]
+        lo, hi = int(counts.min()), int(counts.max())
+        count_text = str(lo) if lo == hi else f"{lo}–{hi} (varies by neuron)"
+        p = provs.get(str(name), {})
+        items.append((
+            f"prompt set {name}",
+            f"prompts: {_fmt(p.get('n_prompts'))}; activations per neuron: {count_text}; "
+            f"positions: {_fmt(p.get('positions'))}",
+        ))
+    return items
+
+
+def build_report(
+    study: str,
+    stats_paths: Mapping[str, str | os.PathLike],
+    model_manifest: Mapping[str, Any],
+    config: Mapping[str, Any],
+    benchmark_paths: Sequence[str | os.PathLike],
+    out_html: str | os.PathLike,
+) -> Path:
+    """Write the audit report of ``study`` to ``out_html`` (atomically) and return its path.
+
+    ``stats_paths`` maps prompt-set name -> stats Parquet file; ``model_manifest`` describes the
+    model (source, path, model_type, n_layers, d_model, n_neurons, weight_sha256, ...);
+    ``config`` is the workflow config, shown verbatim in the provenance; ``benchmark_paths`` are
+    Snakemake benchmark TSVs (one per rule).
+    """
+    out_html = Path(out_html)
+    model_manifest = model_manifest or {}
+    stats, provs = read_stats(stats_paths)
+    links = _relpaths(stats_paths, out_html.parent)
+    rows = {str(k): int(v) for k, v in stats.groupby("prompt_set", sort=False).size().items()}
+    section = _activation_section(stats, provs, links)
+    runtimes = rule_runtimes(benchmark_paths) if benchmark_paths else None
+    provenance = {
+        "study": study,
+        "model": dict(model_manifest) if model_manifest else None,
+        "config": dict(config) if config else None,
+        "stats tables": _split_provenance(provs, links, rows),
+        "report build": {"package_versions": naio.package_versions(), "git_commit": naio.git_commit()},
+        "rule run times": runtimes,
+    }
+    html_text = render_report(
+        title=f"neuronaudit report: {study}",
+        summary=_summary(study, model_manifest, stats, provs),
+        sections=[section],
+        provenance=provenance,
+    )
+    with naio.atomic_path(out_html) as tmp:
+        tmp.write_text(html_text, encoding="utf-8")
+    return out_html

@@ -1,0 +1,85 @@
+"""Config: the schema agrees with config/config.yaml, bad keys are named, preflight catches inputs."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neuronaudit.config import load_config, load_schema, preflight, study_name, validate_config
+from neuronaudit.errors import NeuronAuditError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _keys(schema, prefix=""):
+    out = set()
+    for key, sub in schema.get("properties", {}).items():
+        out.add(prefix + key)
+        out |= _keys(sub, prefix + key + ".")
+    return out
+
+
+def _config_keys(cfg, prefix=""):
+    out = set()
+    for key, value in cfg.items():
+        out.add(prefix + key)
+        if isinstance(value, dict) and key != "sets":
+            out |= _config_keys(value, prefix + key + ".")
+    return out
+
+
+def test_default_config_sets_every_schema_key_and_nothing_else():
+    raw = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert _config_keys(raw) - {"prompts.sets"} == _keys(load_schema()) - {"prompts.sets"}
+
+
+def test_every_config_key_is_commented():
+    lines = (ROOT / "config" / "config.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        key = re.match(r"^\s*([A-Za-z_]+):", line)
+        if key and key.group(1) not in ("model", "prompts", "collect", "report", "sets"):
+            commented = "#" in line or lines[i - 1].strip().startswith("#")
+            assert commented, f"config key {key.group(1)!r} (line {i + 1}) has no comment"
+
+
+def test_defaults_fill_in_and_quick_config_merges(tmp_path):
+    cfg = load_config(ROOT / "config" / "config.yaml")
+    assert cfg["collect"]["positions"] == "prompt" and cfg["model"]["dtype"] == "float32"
+    minimal = validate_config({"prompts": {"sets": {"a": "a.jsonl"}}})
+    assert minimal["model"]["source"] == "embedded:SmolLM2-135M-Instruct"
+    assert study_name(minimal) == "SmolLM2-135M-Instruct"
+    assert study_name(validate_config({"prompts": {"sets": {"a": "x"}}, "model": {"source": "Qwen/Qwen2.5-0.5B"}})) == "Qwen--Qwen2.5-0.5B"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"colect": {}}, r"config key \(top level\): Additional properties are not allowed \('colect' was unexpected\)"),
+        ({"collect": {"batch_size": "8"}}, r"config key collect.batch_size: '8' is not of type 'integer'"),
+        ({"model": {"dtype": "float8"}}, r"config key model.dtype: 'float8' is not one of"),
+        ({"prompts": {"sets": {"a": "a.jsonl"}, "heldout_fraction": 1.5}}, r"config key prompts.heldout_fraction"),
+    ],
+)
+def test_bad_config_names_the_key(override, message):
+    cfg = {"prompts": {"sets": {"a": "a.jsonl"}}}
+    cfg.update(override)
+    with pytest.raises(NeuronAuditError, match=message):
+        validate_config(cfg)
+
+
+def test_preflight_catches_missing_inputs_and_bad_layers(tiny_model_dir, tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt_id": "a", "text": "hi"}\n')
+    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}}}
+    assert preflight(validate_config(base), ROOT).kind == "local"
+    with pytest.raises(NeuronAuditError, match="layer index 7 is out of range .* with 4 layers"):
+        preflight(validate_config({**base, "collect": {"layers": [7]}}), ROOT)
+    with pytest.raises(NeuronAuditError, match="missing.jsonl' not found"):
+        preflight(validate_config({**base, "prompts": {"sets": {"p": str(tmp_path / "missing.jsonl")}}}), ROOT)
+    with pytest.raises(NeuronAuditError, match="unknown prompt set 'q'"):
+        preflight(validate_config({**base, "collect": {"sets": ["q"]}}), ROOT)
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"NOPE" + b"\0" * 16)
+    with pytest.raises(NeuronAuditError, match="is not a GGUF file"):
+        preflight(validate_config({**base, "model": {"source": str(fake)}}), ROOT)

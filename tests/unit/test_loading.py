@@ -1,0 +1,66 @@
+"""Model sources: local directories, GGUF validation, manifests with sizes and weight hashes."""
+
+import json
+
+import pytest
+import torch
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.models.loading import load_model, prepare_model, resolve_source
+from neuronaudit.testing import save_tiny_model
+
+
+def test_prepare_local_directory_writes_manifest_with_shape_and_hash(tiny_model_dir, tmp_path):
+    manifest = prepare_model(str(tiny_model_dir), tmp_path / "prepared")
+    on_disk = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["kind"] == "local" and manifest["family"] == "llama"
+    assert (manifest["n_layers"], manifest["d_model"], manifest["n_neurons"]) == (4, 64, 128)
+    assert len(manifest["weight_sha256"]) == 64
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    assert prepare_model(str(other), tmp_path / "p2")["weight_sha256"] != manifest["weight_sha256"]
+
+
+def test_loaded_model_equals_the_saved_one(tiny_model_dir):
+    model, tokenizer, adapter = load_model(tiny_model_dir)
+    again, _, _ = load_model(tiny_model_dir)
+    ids = tokenizer("Hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert adapter.n_layers == 4 and tokenizer.pad_token is not None
+
+
+def test_unsupported_architecture_fails_at_prepare_time(tmp_path):
+    import transformers
+
+    cfg = transformers.MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=64)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "mamba")
+    with pytest.raises(NeuronAuditError, match=r"unsupported architecture model_type='mamba'"):
+        prepare_model(str(tmp_path / "mamba"), tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/definitely/not/here", "not found"),
+        ("/definitely/not/here.gguf", "GGUF file not found"),
+        ("embedded:NoSuchModel", "unknown embedded model 'NoSuchModel'"),
+    ],
+)
+def test_bad_sources_are_named(spec, message):
+    with pytest.raises(NeuronAuditError, match=message) as err:
+        resolve_source(spec)
+    assert spec.split(":")[-1] in str(err.value)
+
+
+def test_a_file_that_is_not_gguf_is_rejected(tmp_path):
+    fake = tmp_path / "weights.gguf"
+    fake.write_text("this is text, not GGUF")
+    with pytest.raises(NeuronAuditError, match="is not a GGUF file"):
+        resolve_source(str(fake))
+
+
+def test_bad_dtype_is_named(tiny_model_dir):
+    with pytest.raises(NeuronAuditError, match="model.dtype 'float8'"):
+        load_model(tiny_model_dir, dtype="float8")

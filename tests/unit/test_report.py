@@ -1,0 +1,326 @@
+"""The audit report: self-contained HTML, escaping, numbers taken from the inputs, run times."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from neuronaudit import io, plots, report
+from neuronaudit.errors import NeuronAuditError
+
+EVIL_SCRIPT = "<script>alert(1)</script>"
+EVIL_IMG = "<img src=x onerror=alert(1)>"
+N_LAYERS, N_NEURONS = 3, 16
+SPIKE = (1, 5, 1000.0)  # layer, neuron, max_abs planted in the EVIL_SCRIPT set
+COUNTS = {"harmless": 40, EVIL_SCRIPT: 25}
+MANIFEST = {
+    "source": "https://huggingface.co/example/tiny-model",
+    "path": "/models/tiny",
+    "model_type": "llama",
+    "n_layers": N_LAYERS,
+    "d_model": 24,
+    "n_neurons": N_NEURONS,
+    "weight_sha256": "ab" * 32,
+}
+CONFIG = {"study": "unit", "prompt_sets": {"harmless": {"n": 40}}, "note": EVIL_IMG}
+
+
+def stats_table(rng: np.random.Generator, count: int, spike: tuple[int, int, float] | None) -> pa.Table:
+    n = N_LAYERS * N_NEURONS
+    mean_abs = rng.uniform(0.1, 1.0, n)
+    max_abs = mean_abs * rng.uniform(2.0, 4.0, n)
+    if spike is not None:
+        max_abs[spike[0] * N_NEURONS + spike[1]] = spike[2]
+    cols = {
+        "layer": np.repeat(np.arange(N_LAYERS), N_NEURONS).astype("int32"),
+        "neuron": np.tile(np.arange(N_NEURONS), N_LAYERS).astype("int32"),
+        "count": np.full(n, count, dtype="int64"),
+        "mean": rng.normal(0.0, 0.5, n),
+        "std": rng.uniform(0.1, 1.0, n),
+        "mean_abs": mean_abs,
+        "max_abs": max_abs,
+        "frac_positive": rng.uniform(0.0, 1.0, n),
+    }
+    return pa.Table.from_pydict(cols, schema=io.NEURON_STATS_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for i, name in enumerate(COUNTS):
+        prov = io.provenance(
+            model_id="example/tiny-model",
+            weight_sha256=MANIFEST["weight_sha256"],
+            dtype=EVIL_IMG if i == 1 else "float32",
+            hook_site="mlp.down_proj",
+            prompt_set=name,
+            prompt_set_hash=f"hash-{i}",
+            positions="all",
+            seed=7,
+            **({"n_prompts": 12} if i == 0 else {}),
+        )
+        paths[name] = io.write_table(
+            stats_table(rng, COUNTS[name], SPIKE if name == EVIL_SCRIPT else None),
+            root / "results" / "stats" / f"set{i}.parquet",
+            prov,
+        )
+    bench = root / "benchmarks" / "collect_stats.tsv"
+    bench.parent.mkdir(parents=True)
+    bench.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                     "3.25\t0:00:03\t512.5\t900.1\t500.0\t505.0\t1.0\t2.0\t95.0\t3.1\n")
+    out = root / "results" / "report" / "report.html"
+    returned = report.build_report("unit-study", paths, MANIFEST, CONFIG, [bench], out)
+    return {"root": root, "paths": paths, "out": out, "returned": returned,
+            "html": out.read_text(encoding="utf-8")}
+
+
+def summary_items(page: str) -> dict[str, str]:
+    block = re.search(r'<section id="summary">(.*?)</section>', page, re.S).group(1)
+    pairs = re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", block, re.S)
+    return {html.unescape(k): html.unescape(v) for k, v in pairs}
+
+
+# ---------------------------------------------------------------------------------------------
+# build_report
+
+
+def test_writes_one_html_file_atomically(study):
+    out = study["out"]
+    assert study["returned"] == out
+    assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temporary left behind
+    page = study["html"]
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("<html") == 1
+
+
+def test_no_external_references(study):
+    page = study["html"]
+    external = r"""(src|href|srcset|action|data)\s*=\s*["']?\s*(https?:|//|javascript:)"""
+    assert not re.search(external, page, re.I)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    assert "@import" not in page and "url(" not in page
+    # the http URL in the manifest is shown as text, never as a link
+    assert html.escape(MANIFEST["source"]) in page
+    assert "default-src 'none'" in page
+
+
+def test_images_are_embedded_pngs(study):
+    imgs = re.findall(r"<img\b[^>]*>", study["html"])
+    assert imgs
+    for tag in imgs:
+        src = re.search(r'src="([^"]*)"', tag).group(1)
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_captions_appear(study):
+    text = html.unescape(study["html"])
+    for name in ("layer_activation_profile", "neuron_outliers"):
+        cap = report.caption(name)
+        assert cap and cap in text
+        file = report.CAPTION_DIR / f"{name}.rst"
+        if file.exists():
+            assert cap == " ".join(file.read_text(encoding="utf-8").split())
+
+
+def test_figure_links_point_to_the_parquet_tables(study):
+    page, out = study["html"], study["out"]
+    hrefs = [html.unescape(h) for h in re.findall(r'href="([^"#][^"]*)"', page)]
+    expected = {os.path.relpath(p, out.parent) for p in study["paths"].values()}
+    assert set(hrefs) == expected
+    for h in hrefs:
+        assert not os.path.isabs(h) and (out.parent / h).resolve().is_file()
+
+
+def test_summary_numbers_equal_inputs(study):
+    s = summary_items(study["html"])
+    assert s["study"] == "unit-study"
+    assert s["model"] == "example/tiny-model"
+    assert s["model type"] == MANIFEST["model_type"]
+    assert s["layers × neurons"] == f"{MANIFEST['n_layers']} × {MANIFEST['n_neurons']}"
+    assert s["total neurons"] == str(MANIFEST["n_layers"] * MANIFEST["n_neurons"])
+    assert s["d_model"] == str(MANIFEST["d_model"])
+    assert s["neurons with statistics"] == f"{N_LAYERS * N_NEURONS} in {N_LAYERS} layers"
+    assert s["weights vs stats provenance"] == "match (2 of 2 tables)"
+    assert s["prompt sets"] == f"2: harmless, {EVIL_SCRIPT}"
+    assert s["prompt set harmless"] == "prompts: 12; activations per neuron: 40; positions: all"
+    assert s[f"prompt set {EVIL_SCRIPT}"] == "prompts: missing; activations per neuron: 25; positions: all"
+
+
+def test_outlier_table_in_page_matches_data(study):
+    text = html.unescape(study["html"])
+    layer, neuron, value = SPIKE
+    first_row = re.search(r"<tbody>\s*<tr>(.*?)</tr>", text, re.S).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", first_row, re.S)
+    assert cells[:3] == [str(layer), str(neuron), f"{value:.5g}"]
+    assert cells[-1] == EVIL_SCRIPT
+
+
+def test_planted_markup_is_escaped(study):
+    page = study["html"]
+    for evil in (EVIL_SCRIPT, EVIL_IMG):
+        assert evil not in page
+        assert html.escape(evil) in page  # it was rendered, as text
+    assert "<script" not in page.lower()
+    assert "<img src=x" not in page.lower()
+    prov = page[page.index('<section id="provenance">'):]
+    assert html.escape(EVIL_IMG) in prov  # provenance value and config value
+    assert html.escape(EVIL_SCRIPT) in prov  # prompt-set name as a key
+
+
+def test_render_report_escapes_every_field():
+    df = pd.DataFrame({EVIL_IMG: [EVIL_SCRIPT, None], "x": [1.5, float("nan")]})
+    fig = report.Figure(EVIL_SCRIPT, "data:image/png;base64,iVBORw0KGgo=", EVIL_IMG,
+                        {EVIL_SCRIPT: "tables/a b.parquet"})
+    section = report.Section("s1", EVIL_SCRIPT, EVIL_IMG, [
+        fig,
+        report.Table(EVIL_IMG, df, EVIL_SCRIPT),
+        report.Excerpt("generation", f"Sure! {EVIL_SCRIPT}\n{EVIL_IMG}", EVIL_IMG),
+    ])
+    page = report.render_report(EVIL_SCRIPT, [(EVIL_IMG, EVIL_SCRIPT)], [section],
+                                {EVIL_SCRIPT: {"k": EVIL_IMG, "t": df}, "none": None})
+    for evil in (EVIL_SCRIPT, EVIL_IMG):
+        assert evil not in page
+        assert page.count(html.escape(evil)) >= 5
+    assert "<script" not in page.lower() and "<img src=x" not in page.lower()
+    assert 'href="tables/a%20b.parquet"' in page
+    assert page.count(f">{report.MISSING}<") >= 3  # None cell, NaN cell, None provenance value
+
+
+def test_external_or_script_links_and_images_are_refused():
+    with pytest.raises(ValueError):
+        report.Figure("t", "https://example.com/x.png", "c")
+    for bad in ("https://example.com/t.parquet", "//example.com/t.parquet", "javascript:alert(1)",
+                "/abs/t.parquet"):
+        with pytest.raises(ValueError):
+            report.Figure("t", "data:image/png;base64,iVBORw0KGgo=", "c", bad)
+    with pytest.raises(ValueError):
+        report.Section('x" onclick="alert(1)', "t")
+
+
+def test_missing_manifest_values_show_missing(study, tmp_path):
+    manifest = {k: v for k, v in MANIFEST.items() if k not in ("n_layers", "weight_sha256")}
+    out = report.build_report("partial", study["paths"], manifest, {}, [], tmp_path / "r.html")
+    s = summary_items(out.read_text(encoding="utf-8"))
+    assert s["layers × neurons"] == f"missing × {N_NEURONS}"
+    assert s["total neurons"] == "missing"
+    assert s["weights vs stats provenance"] == "missing"
+
+
+def test_weight_hash_mismatch_is_flagged(study, tmp_path):
+    manifest = dict(MANIFEST, weight_sha256="cd" * 32)
+    out = report.build_report("bad", study["paths"], manifest, {}, [], tmp_path / "r.html")
+    check = summary_items(out.read_text(encoding="utf-8"))["weights vs stats provenance"]
+    assert check.startswith("MISMATCH")
+
+
+def test_missing_stats_file_is_an_error(tmp_path):
+    with pytest.raises(NeuronAuditError):
+        report.build_report("x", {"a": tmp_path / "nope.parquet"}, MANIFEST, {}, [], tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_caption_falls_back_to_inline_default(monkeypatch, tmp_path):
+    monkeypatch.setattr(report, "CAPTION_DIR", tmp_path)
+    assert report.caption("neuron_outliers") == report._DEFAULT_CAPTIONS["neuron_outliers"]
+    with pytest.raises(NeuronAuditError):
+        report.caption("no_such_caption")
+
+
+# ---------------------------------------------------------------------------------------------
+# rule_runtimes
+
+
+def test_rule_runtimes(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    a = tmp_path / "collect" / "collect_stats.tsv"
+    a.parent.mkdir()
+    a.write_text(header + "10.0\t0:00:10\t100.5\t1\t1\t1\t0\t0\t50\t9\n"
+                          "20.0\t0:00:20\t300.25\t1\t1\t1\t0\t0\t50\t19\n")  # two repeats
+    b = tmp_path / "report.benchmark.tsv"
+    b.write_text(header + "1.5\t0:00:01\t-\t-\t-\t-\t-\t-\t-\t-\n")  # memory not measured
+    df = report.rule_runtimes([a, b])
+    assert list(df.columns) == ["rule", "seconds", "max_rss_mb", "benchmark"]
+    assert df["rule"].tolist() == ["collect_stats", "report"]
+    assert df["seconds"].tolist() == [15.0, 1.5]
+    assert df["max_rss_mb"].iloc[0] == 300.25
+    assert np.isnan(df["max_rss_mb"].iloc[1])
+    assert df["benchmark"].tolist() == ["collect/collect_stats", "report.benchmark"]
+    assert report.rule_runtimes([]).empty
+
+
+def test_rule_runtimes_rejects_a_file_without_seconds(tmp_path):
+    bad = tmp_path / "x.tsv"
+    bad.write_text("foo\tbar\n1\t2\n")
+    with pytest.raises(NeuronAuditError):
+        report.rule_runtimes([bad])
+
+
+def test_runtimes_in_provenance(study):
+    prov = html.unescape(study["html"][study["html"].index('<section id="provenance">'):])
+    row = re.search(r"<tr><td>collect_stats</td>(.*?)</tr>", prov).group(1)
+    assert re.findall(r">([^<]+)</td>", row) == ["3.25", "512.5", "collect_stats"]
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+@pytest.fixture(scope="module")
+def stats(study):
+    stats, _ = report.read_stats(study["paths"])
+    return stats
+
+
+def test_neuron_outliers(stats):
+    top = plots.neuron_outliers(stats, top=5)
+    assert len(top) == 5
+    assert list(top.columns) == ["layer", "neuron", "max_abs", "mean_abs", "ratio_to_layer_median",
+                                 "peak_prompt_set"]
+    assert top["max_abs"].is_monotonic_decreasing
+    layer, neuron, value = SPIKE
+    first = top.iloc[0]
+    assert (first["layer"], first["neuron"], first["max_abs"]) == (layer, neuron, value)
+    assert first["peak_prompt_set"] == EVIL_SCRIPT
+    per_neuron = stats.groupby(["layer", "neuron"])["max_abs"].max()
+    assert first["ratio_to_layer_median"] == pytest.approx(value / per_neuron.loc[layer].median())
+    rows = stats[(stats.layer == layer) & (stats.neuron == neuron)]
+    expected_mean = (rows["mean_abs"] * rows["count"]).sum() / rows["count"].sum()
+    assert first["mean_abs"] == pytest.approx(expected_mean)
+
+
+def test_layer_activation_profile(stats):
+    fig = plots.layer_activation_profile(stats)
+    ax0, ax1 = fig.axes[:2]
+    assert ax0.get_xlabel() == "layer" and ax0.get_ylabel() == "mean |a| over neurons"
+    assert ax1.get_ylabel() == "max |a|" and ax1.get_yscale() == "log"
+    colors = plots.palette_for(COUNTS)
+    for ax in (ax0, ax1):
+        assert len(ax.lines) == len(COUNTS)
+        assert {line.get_color() for line in ax.lines} == set(colors.values())
+    prof = plots.layer_profile_table(stats)
+    spike_row = prof[(prof.prompt_set == EVIL_SCRIPT) & (prof.layer == SPIKE[0])]
+    assert spike_row["max_abs_max"].item() == SPIKE[2]
+    assert (prof["mean_abs_q10"] <= prof["mean_abs_mean"]).all()
+    assert (prof["mean_abs_mean"] <= prof["mean_abs_q90"]).all()
+    uri = report.figure_to_data_uri(fig)
+    assert uri.startswith("data:image/png;base64,")
+
+
+def test_palette_is_fixed_and_distinct():
+    assert plots.color_for("refusal") == plots.PALETTE["refusal"]
+    names = ["refusal", "collapse", "coherent_bypass", "actionable", "set-a", "set-b", "set-c"]
+    a, b = plots.palette_for(names), plots.palette_for(reversed(names))
+    assert a == b
+    assert len(set(a.values())) == len(names)
+    assert all(a[n] == plots.PALETTE[n] for n in names if n in plots.PALETTE)
