@@ -1,0 +1,87 @@
+"""The whole Snakemake DAG on a tiny random model: runs, resumes, and refuses bad input early."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neuronaudit.io import read_provenance
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+
+
+def snakemake(workdir: Path, *args: str, overrides: Path | None = None):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    cmd += ["--configfile", str(ROOT / "config" / "config.yaml")] + ([str(overrides)] if overrides else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, tiny_model_dir):
+    work = tmp_path_factory.mktemp("study")
+    overrides = work / "tiny.yaml"
+    overrides.write_text(yaml.safe_dump({
+        "study": "tiny",
+        "model": {"source": str(tiny_model_dir)},
+        "prompts": {"limit": 3},
+        "collect": {"batch_size": 4, "max_length": 64},
+    }))
+    # an interrupted run: only one stage of one prompt set finished
+    first = snakemake(work, "results/tiny/collect/harmful.stats.parquet", overrides=overrides)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_mtime = (work / "results/tiny/collect/harmful.stats.parquet").stat().st_mtime_ns
+    full = snakemake(work, overrides=overrides)
+    assert full.returncode == 0, full.stderr[-3000:]
+    return work, overrides, first_mtime, full
+
+
+def test_whole_dag_writes_report_and_every_table(tiny_study):
+    work, _, _, _ = tiny_study
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    manifest = yaml.safe_load((work / "results/models/local-model/manifest.json").read_text())
+    for name in config["prompts"]["sets"]:
+        stats = work / f"results/tiny/collect/{name}.stats.parquet"
+        prov = read_provenance(stats)
+        assert prov["weight_sha256"] == manifest["weight_sha256"]
+        assert prov["prompt_set"] == name and prov["n_prompts"] == 6  # limit 3 per split
+        assert (work / f"results/tiny/collect/{name}.last_token.parquet").is_file()
+        assert (work / f"results/tiny/benchmarks/collect/{name}.tsv").is_file()
+    html = (work / "results/tiny/report/index.html").read_text()
+    assert "harmful" in html and manifest["weight_sha256"] in html
+    assert not list(work.rglob(".*.tmp-*"))  # no half-written files anywhere
+
+
+def test_resumed_run_did_not_redo_finished_steps(tiny_study):
+    work, overrides, first_mtime, full = tiny_study
+    assert (work / "results/tiny/collect/harmful.stats.parquet").stat().st_mtime_ns == first_mtime
+    again = snakemake(work, "-n", overrides=overrides)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_dry_run_shows_the_whole_dag_and_lint_is_clean(tmp_path):
+    dry = snakemake(tmp_path, "-n")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    for rule in ("prepare_model", "prepare_prompts", "collect_activations", "report"):
+        assert rule in dry.stdout
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert lint.returncode == 0 and "good condition" in lint.stdout + lint.stderr, lint.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("colect={batch_size: 2}", "neuronaudit: error: config key (top level): Additional properties are not allowed ('colect' was unexpected)"),
+        ("collect={batch_size: many}", "neuronaudit: error: config key collect.batch_size: 'many' is not of type 'integer'"),
+        ("model={source: /no/such/model}", "neuronaudit: error: model.source '/no/such/model' not found"),
+    ],
+)
+def test_bad_config_fails_before_any_job_with_one_line(tmp_path, config, message):
+    run = snakemake(tmp_path, "--config", config)
+    assert run.returncode != 0
+    lines = [l for l in (run.stdout + run.stderr).splitlines() if l.startswith("neuronaudit: error:")]
+    assert len(lines) == 1 and lines[0].startswith(message), run.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
