@@ -136,7 +136,7 @@ class ForwardContext:
     """Where the current forward chunk sits: shapes ``[batch, chunk]`` for the masks."""
 
     past_length: int
-    prompt_length: int
+    prompt_length: torch.Tensor  # [batch] prompt length P of each row (padding included)
     positions: torch.Tensor  # [chunk] absolute positions
     valid: torch.Tensor  # [batch, chunk] real (non-padding) tokens
     last_prompt: torch.Tensor  # [batch] absolute position of each row's last real prompt token
@@ -145,11 +145,11 @@ class ForwardContext:
         """``[batch, chunk]`` bool mask of the positions of one kind."""
         pos = self.positions[None, :]
         if kind == "prompt":
-            return self.valid & (pos < self.prompt_length)
+            return self.valid & (pos < self.prompt_length[:, None])
         if kind == "last_prompt":
             return pos == self.last_prompt[:, None]
         if kind == "generated":
-            return self.valid & (pos >= self.prompt_length)
+            return self.valid & (pos >= self.prompt_length[:, None])
         raise NeuronAuditError(f"unknown position kind {kind!r}; choose from {list(POSITION_KINDS)}")
 
     def masks(self) -> torch.Tensor:
@@ -266,8 +266,9 @@ class NeuronHooks:
     ``layers``         layers read by the callbacks (default: all)
     ``stop_after_layer`` raise :class:`StopForward` once this layer's activation was read, so a
                        collection never runs the layers above it nor the unembedding
-    ``prompt_length``  the prompt length ``P`` of an uncached forward over prompt + answer
-                       (scoring a rollout); by default the first uncached chunk is the prompt
+    ``prompt_length``  the prompt length ``P`` (an int, or one per row) of an uncached forward
+                       over prompt + answer (scoring a rollout); by default the first uncached
+                       chunk is the prompt
     """
 
     def __init__(
@@ -278,7 +279,7 @@ class NeuronHooks:
         on_resid: ActivationCallback | None = None,
         layers: Iterable[int] | None = None,
         stop_after_layer: int | None = None,
-        prompt_length: int | None = None,
+        prompt_length: int | Sequence[int] | torch.Tensor | None = None,
     ):
         self.adapter = adapter
         self.plan = plan
@@ -315,11 +316,14 @@ class NeuronHooks:
             valid = torch.ones(batch, chunk, dtype=torch.bool, device=device)
         positions = torch.arange(past_length, past_length + chunk, device=device)
         if past_length == 0:
-            prompt_length = self.fixed_prompt_length or chunk
+            fixed = self.fixed_prompt_length
+            if fixed is None:
+                fixed = chunk
+            prompt_length = torch.as_tensor(fixed, device=device).expand(batch).clone()
             self._prompt_length = prompt_length
-            prompt_valid = valid[:, :prompt_length]
-            any_valid = prompt_valid.any(dim=1)
-            last = prompt_length - 1 - prompt_valid.flip(1).int().argmax(dim=1)
+            in_prompt = valid & (positions[None, :] < prompt_length[:, None])
+            any_valid = in_prompt.any(dim=1)
+            last = chunk - 1 - in_prompt.flip(1).int().argmax(dim=1)
             self._last_prompt = torch.where(any_valid, last, torch.full_like(last, -1))
         elif self._prompt_length is None:
             raise NeuronAuditError(

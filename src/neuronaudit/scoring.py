@@ -1,0 +1,99 @@
+"""Scoring text under a model, optionally under an intervention: log-probs, perplexity, entropy.
+
+Shared by coherence metrics (perplexity of a rollout under the unsteered model), capability
+checks (perplexity on general text) and attribution metrics. Batched, right-padded, no KV cache;
+the head runs on every position, so memory is ``batch × length × vocab`` per batch: keep
+batches modest for large vocabularies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuronaudit.interventions import InterventionPlan, NeuronHooks
+
+
+@dataclass
+class TokenScores:
+    """Per-sequence arrays over the scored tokens."""
+
+    logprob: list[np.ndarray]  # log p(token | prefix) of each scored token
+    entropy: list[np.ndarray]  # entropy (nats) of the predictive distribution at that position
+
+    def mean_nll(self) -> np.ndarray:
+        return np.array([-lp.mean() if lp.size else math.nan for lp in self.logprob])
+
+    def perplexity(self) -> np.ndarray:
+        return np.exp(self.mean_nll())
+
+    def mean_entropy(self) -> np.ndarray:
+        return np.array([e.mean() if e.size else math.nan for e in self.entropy])
+
+
+def score_tokens(
+    model,
+    adapter,
+    sequences: Sequence[Sequence[int]],
+    scored_from: Sequence[int],
+    plan: InterventionPlan | None = None,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> TokenScores:
+    """Score ``sequences[k][scored_from[k]:]`` given their prefixes.
+
+    ``sequences`` are token id lists (prompt + continuation); ``scored_from[k]`` is the index of
+    the first scored token (``>= 1``). With a ``plan``, the hooks see row ``k``'s prompt as its
+    first ``scored_from[k]`` tokens, so ``generated`` edits apply to the continuation; per-row
+    plans must match the batch rows.
+    """
+    device = next(model.parameters()).device
+    logprobs: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    entropies: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    for start in range(0, len(sequences), batch_size):
+        idx = list(range(start, min(start + batch_size, len(sequences))))
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(sequences[i])] = torch.tensor(list(sequences[i]))
+            mask[r, : len(sequences[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hooks = (
+            NeuronHooks(adapter, plan, prompt_length=torch.tensor([scored_from[i] for i in idx]))
+            if plan is not None
+            else None
+        )
+        with torch.inference_mode():
+            if hooks is not None:
+                with hooks:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            target = ids[:, 1:]
+            token_lp = logp.gather(-1, target[..., None])[..., 0]
+            entropy = -(logp.exp() * logp).sum(-1)
+        for r, i in enumerate(idx):
+            lo, hi = max(1, int(scored_from[i])), len(sequences[i])
+            logprobs[i] = token_lp[r, lo - 1 : hi - 1].cpu().numpy()
+            entropies[i] = entropy[r, lo - 1 : hi - 1].cpu().numpy()
+    return TokenScores(logprobs, entropies)
+
+
+def text_perplexity(
+    model, tokenizer, adapter, texts: Sequence[str], plan: InterventionPlan | None = None,
+    batch_size: int = 8, max_length: int = 256,
+) -> np.ndarray:
+    """Perplexity of each text (all tokens after the first), optionally under ``plan``."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    scores = score_tokens(
+        model, adapter, enc, [1] * len(enc), plan=plan, batch_size=batch_size,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    return scores.perplexity()

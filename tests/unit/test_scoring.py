@@ -1,0 +1,47 @@
+"""Scoring: batched, padded log-probs equal one-sequence-at-a-time scoring."""
+
+import numpy as np
+import torch
+
+from neuronaudit.interventions import InterventionPlan, NeuronEdit
+from neuronaudit.scoring import score_tokens, text_perplexity
+
+
+def test_batched_scores_equal_single_sequence_scores(llama, tokenizer):
+    model, adapter = llama
+    seqs = [tokenizer(t)["input_ids"] for t in ["Hello there, friend.", "Paris is the capital of France.", "Hi"]]
+    starts = [2, 3, 1]
+    batched = score_tokens(model, adapter, seqs, starts, batch_size=3)
+    for k, (s, st) in enumerate(zip(seqs, starts)):
+        single = score_tokens(model, adapter, [s], [st], batch_size=1)
+        np.testing.assert_allclose(batched.logprob[k], single.logprob[0], atol=1e-5)
+        assert batched.logprob[k].shape == (len(s) - st,)
+        with torch.no_grad():
+            logits = model(torch.tensor([s])).logits[0]
+        manual = torch.log_softmax(logits[:-1], -1)[torch.arange(len(s) - 1), torch.tensor(s[1:])]
+        np.testing.assert_allclose(batched.logprob[k], manual[st - 1 :].numpy(), atol=1e-5)
+    assert np.all(batched.mean_entropy() > 0)
+
+
+def test_perplexity_changes_under_a_large_dose(llama, tokenizer):
+    model, adapter = llama
+    texts = ["The river flows through the old city.", "Cats are animals."]
+    plain = text_perplexity(model, tokenizer, adapter, texts)
+    dosed = text_perplexity(model, tokenizer, adapter, texts, plan=InterventionPlan.broadcast([NeuronEdit.dose(1, 3, 200.0)]))
+    assert plain.shape == (2,) and np.all(np.isfinite(plain))
+    assert not np.allclose(plain, dosed)
+
+
+def test_generated_edits_follow_each_rows_own_prompt_length(llama, tokenizer):
+    model, adapter = llama
+    seqs = [tokenizer(t)["input_ids"] for t in ["Hello there, friend. How are you", "Cats are animals and dogs too"]]
+    starts = [3, 5]
+    plan = InterventionPlan.broadcast([NeuronEdit.dose(2, 9, 50.0, ["generated"])])
+    batched = score_tokens(model, adapter, seqs, starts, plan=plan, batch_size=2)
+    plain = score_tokens(model, adapter, seqs, starts, batch_size=2)
+    for k in range(2):
+        single = score_tokens(model, adapter, [seqs[k]], [starts[k]], plan=plan, batch_size=1)
+        np.testing.assert_allclose(batched.logprob[k], single.logprob[0], atol=1e-5)
+        # the first scored token is predicted from the last prompt position: untouched
+        np.testing.assert_allclose(batched.logprob[k][0], plain.logprob[k][0], atol=1e-5)
+        assert not np.allclose(batched.logprob[k][1:], plain.logprob[k][1:])
