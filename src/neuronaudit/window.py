@@ -199,3 +199,55 @@ def classify_failure(
     if late and not np.isnan(trigger_final_alignment) and max_final_alignment < trigger_final_alignment:
         return "too_little_depth"
     return "collapse_before_trigger"
+
+
+def generic_geometry(model, tokenizer, adapter, texts: Sequence[str], batch_size: int = 8,
+                     max_length: int = 256, add_special_tokens: bool = True) -> pd.DataFrame:
+    """Budgets and unsteered alignments from one generic forward pass, no rollouts.
+
+    Returns one row per (layer, neuron): ``resid_norm`` (mean token norm of the residual after the
+    layer over every real token of ``texts``), ``write_norm`` ``||v||``, ``budget`` ``B =
+    resid_norm / write_norm`` and ``c0``, the mean over prompts of ``cos(r_l, v)`` at the last
+    prompt token.
+    """
+    import torch
+
+    from neuronaudit.interventions import NeuronHooks
+
+    n_layers = adapter.n_layers
+    norm_sum = np.zeros(n_layers)
+    token_count = np.zeros(n_layers)
+    last_resid: dict[int, list[np.ndarray]] = {l: [] for l in range(n_layers)}
+
+    def on_resid(layer, hidden, ctx):
+        h = hidden.detach().float()
+        mask = ctx.mask("prompt")
+        norm_sum[layer] += float(h.norm(dim=-1)[mask].sum())
+        token_count[layer] += float(mask.sum())
+        rows = torch.arange(h.shape[0], device=h.device)
+        last_resid[layer].append(h[rows, ctx.last_prompt].cpu().numpy())
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "right"
+    with torch.inference_mode(), NeuronHooks(adapter, on_resid=on_resid):
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length,
+                            add_special_tokens=add_special_tokens).to(device)
+            adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+    frames = []
+    for layer in range(n_layers):
+        w = adapter.write_matrix(layer).detach().float().cpu().numpy()  # [d_model, n_neurons]
+        write_norm = np.linalg.norm(w, axis=0)
+        r = np.concatenate(last_resid[layer])  # [prompts, d_model]
+        cos = (r @ w) / np.maximum(np.linalg.norm(r, axis=1, keepdims=True) * write_norm[None, :], 1e-30)
+        resid_norm = norm_sum[layer] / max(token_count[layer], 1)
+        frames.append(pd.DataFrame({
+            "layer": layer,
+            "neuron": np.arange(w.shape[1]),
+            "resid_norm": resid_norm,
+            "write_norm": write_norm,
+            "budget": resid_norm / np.maximum(write_norm, 1e-30),
+            "c0": cos.mean(axis=0),
+        }))
+    return pd.concat(frames, ignore_index=True)

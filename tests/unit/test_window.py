@@ -100,3 +100,29 @@ def test_failure_modes_follow_the_stated_rules():
     assert classify_failure("closed", 10, 30, 0.6, 0.5, 0.5) == "normalisation_cap"
     assert classify_failure("closed", 28, 30, 0.99, 0.2, 0.5) == "too_little_depth"
     assert classify_failure("closed", 10, 30, 0.99, 0.2, 0.5) == "collapse_before_trigger"
+
+
+def test_generic_geometry_budget_and_alignment(llama, tokenizer):
+    import torch
+
+    from neuronaudit.interventions import NeuronHooks
+    from neuronaudit.window import generic_geometry
+
+    model, adapter = llama
+    texts = ["The river flows through the old city.", "Cats are animals.", "Hello there!"]
+    geo = generic_geometry(model, tokenizer, adapter, texts, batch_size=2)
+    assert len(geo) == adapter.n_layers * adapter.n_neurons
+    row = geo[(geo.layer == 2) & (geo.neuron == 5)].iloc[0]
+    v = adapter.write_vector(2, 5).detach().numpy()
+    assert row.write_norm == pytest.approx(np.linalg.norm(v), rel=1e-5)
+    norms, cosines = [], []
+    for text in texts:
+        got = {}
+        enc = tokenizer(text, return_tensors="pt")
+        with torch.no_grad(), NeuronHooks(adapter, on_resid=lambda l, h, c: got.__setitem__(l, h[0].numpy().copy())):
+            model(**enc)
+        norms.extend(np.linalg.norm(got[2], axis=1))
+        cosines.append(alignment(got[2][-1], v))
+    assert row.resid_norm == pytest.approx(np.mean(norms), rel=1e-5)
+    assert row.budget == pytest.approx(np.mean(norms) / np.linalg.norm(v), rel=1e-5)
+    assert row.c0 == pytest.approx(np.mean(cosines), abs=1e-5)
