@@ -1,0 +1,127 @@
+"""Gradient versus forward attribution, neuron by neuron (SCIENCE.md section 2; seed 003).
+
+The behaviour metric ``m`` is the log-probability mass on behaviour-opening tokens minus that on
+default-opening tokens at the first answer position (the last prompt token):
+
+    m = logsumexp(log p[behaviour tokens]) − logsumexp(log p[default tokens]).
+
+Gradient scores are ``∂m/∂a_{l,i}`` at the last prompt token, averaged over prompts, and
+attribution patching (AtP, arXiv 2403.00745) ``(ā⁺ − ā⁻)·∂m/∂a`` evaluated on the negative
+(default-behaviour) prompts. Gradients are taken only at the MLP activation sites with
+``torch.autograd.grad`` (no parameter gradients), batch by batch, so memory stays bounded.
+
+The geometric explanation the law offers: a controller whose write ``v`` is nearly orthogonal to
+the readout direction ``u = g ⊙ (mean W_U[behaviour] − mean W_U[default])`` (``g`` the final
+norm's weight) has a near-zero first-order effect on ``m`` yet can steer it at rollout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions import NeuronHooks
+
+
+def opening_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """First token id of each opening word, as it would start an answer (no leading space) and
+    after a space; de-duplicated. One-line error if a word yields no token."""
+    ids: list[int] = []
+    for word in words:
+        for variant in (word, " " + word):
+            toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if not toks:
+                raise NeuronAuditError(f"opening word {word!r} has no tokens in this tokenizer")
+            if toks[0] not in ids:
+                ids.append(toks[0])
+    return ids
+
+
+def behaviour_metric(logits: torch.Tensor, behaviour_ids: Sequence[int], default_ids: Sequence[int]) -> torch.Tensor:
+    """``m`` for next-token ``logits [batch, vocab]`` -> ``[batch]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    beh = torch.logsumexp(logp[:, list(behaviour_ids)], dim=-1)
+    dflt = torch.logsumexp(logp[:, list(default_ids)], dim=-1)
+    return beh - dflt
+
+
+def gradient_scores(
+    model, tokenizer, adapter, texts: Sequence[str], behaviour_ids: Sequence[int],
+    default_ids: Sequence[int], batch_size: int = 8, max_length: int = 256,
+    add_special_tokens: bool = True,
+) -> dict[str, np.ndarray]:
+    """Mean over prompts of ``∂m/∂a`` and of ``a`` at the last prompt token, and mean ``m``.
+
+    Returns ``grad [n_layers, n_neurons]``, ``activation [n_layers, n_neurons]``, ``metric``
+    (per prompt).
+    """
+    device = next(model.parameters()).device
+    n_layers, n = adapter.n_layers, adapter.n_neurons
+    grad_sum = np.zeros((n_layers, n))
+    act_sum = np.zeros((n_layers, n))
+    metrics: list[float] = []
+    tokenizer.padding_side = "left"
+    embed = model.get_input_embeddings()
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length,
+                        add_special_tokens=add_special_tokens).to(device)
+        captured: dict[int, torch.Tensor] = {}
+        last: dict[str, torch.Tensor] = {}
+
+        def on_activation(layer, a, ctx):
+            captured[layer] = a
+            last["index"] = ctx.last_prompt
+
+        handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+        try:
+            with torch.enable_grad(), NeuronHooks(adapter, on_activation=on_activation):
+                logits = model(**enc, use_cache=False).logits
+                rows = torch.arange(logits.shape[0], device=device)
+                m = behaviour_metric(logits[rows, last["index"]], behaviour_ids, default_ids)
+                layers = sorted(captured)
+                grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers])
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            idx = last["index"]
+            for layer, g in zip(layers, grads):
+                grad_sum[layer] += g[rows, idx].double().sum(0).cpu().numpy()
+                act_sum[layer] += captured[layer][rows, idx].double().sum(0).cpu().numpy()
+        metrics.extend(m.detach().cpu().tolist())
+    count = max(len(metrics), 1)
+    return {"grad": grad_sum / count, "activation": act_sum / count, "metric": np.array(metrics)}
+
+
+def attribution_patching(grad_negative: np.ndarray, act_positive: np.ndarray, act_negative: np.ndarray) -> np.ndarray:
+    """AtP estimate of moving each neuron from its negative to its positive mean: ``(ā⁺ − ā⁻)·∂m/∂a``."""
+    return (act_positive - act_negative) * grad_negative
+
+
+def readout_direction(adapter, behaviour_ids: Sequence[int], default_ids: Sequence[int]) -> torch.Tensor:
+    """``u = g ⊙ (mean W_U[behaviour] − mean W_U[default])`` ``[d_model]``; ``g`` the final norm's
+    weight (1 where the norm has none)."""
+    W = adapter.unembed.detach().float()
+    u = W[list(behaviour_ids)].mean(0) - W[list(default_ids)].mean(0)
+    weight = getattr(adapter.final_norm, "weight", None)
+    if weight is not None:
+        w = weight.detach().float()
+        # Gemma-style norms scale by (1 + weight)
+        if adapter.family.startswith("gemma"):
+            w = 1.0 + w
+        u = u * w
+    return u
+
+
+def readout_alignment(adapter, behaviour_ids: Sequence[int], default_ids: Sequence[int]) -> np.ndarray:
+    """``cos(v_{l,i}, u_readout)`` for every neuron ``[n_layers, n_neurons]``."""
+    u = readout_direction(adapter, behaviour_ids, default_ids)
+    out = np.zeros((adapter.n_layers, adapter.n_neurons))
+    for layer in range(adapter.n_layers):
+        w = adapter.write_matrix(layer).detach().float()
+        cos = (u @ w) / (u.norm() * w.norm(dim=0)).clamp(min=1e-30)
+        out[layer] = cos.cpu().numpy()
+    return out
