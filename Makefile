@@ -34,6 +34,16 @@ quick: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+.PHONY: bench bench-peers
+# speed/memory ratios, printed (never asserted); BENCH_ARGS e.g. "--model tiny --quick"
+bench: $(STAMP)
+	$(BIN)/python -m neuronaudit.bench $(BENCH_ARGS)
+
+# the same, with nnsight and TransformerLens installed for the peer comparison (torch stays pinned)
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install --quiet nnsight transformer-lens $(TORCH)
+	$(BIN)/python -m neuronaudit.bench $(BENCH_ARGS)
+
 dag: $(STAMP)
 	$(BIN)/snakemake -n --quiet rules
 

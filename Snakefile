@@ -6,7 +6,9 @@ the model collapses, and what kind of success steering buys.
     snakemake --cores 2 --config 'model={source: Qwen/Qwen2.5-0.5B-Instruct}'
 
 Stages, one file each under rules/: model (prepare a cached loadable copy) -> prompts (validate,
-hash, split) -> collect (per-neuron statistics and last-token activations) -> report.
+hash, split) -> refusal (refusal-tuned reference model, refusal rates, typed rollouts) -> collect
+(per-neuron statistics and last-token activations) -> screen (contrastive screen per behaviour,
+CNA circuit scaling, keystone neurons) -> report.
 """
 
 from snakemake.utils import min_version
@@ -20,7 +22,9 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/prompts.smk"
+include: "rules/refusal.smk"
 include: "rules/collect.smk"
+include: "rules/screen.smk"
 include: "rules/report.smk"
 
 

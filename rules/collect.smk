@@ -1,6 +1,7 @@
 """Activation collection: per-neuron streaming statistics and last-token activations.
 
-Needs: the prepared model manifest and a prepared prompt table.
+Needs: the audited model's manifest (the refusal-tuned copy when refusal.tune) and a prepared
+prompt table.
 Writes: results/<study>/collect/<set>.stats.parquet (count, mean, std, mean |a|, max |a|,
 fraction positive per layer and neuron) and <set>.last_token.parquet (each prompt's activation
 vector at its last prompt token, per layer), both with provenance in the Parquet metadata.
@@ -9,7 +10,7 @@ vector at its last prompt token, per layer), both with provenance in the Parquet
 
 rule collect_activations:
     input:
-        manifest=model_manifest(),
+        manifest=audited_manifest(),
         prompts=prompt_table(),
     output:
         stats=stats_table(),

@@ -44,6 +44,7 @@ PROMPT_SETS = list(config["prompts"]["sets"])
 
 wildcard_constraints:
     prompt_set="|".join(PROMPT_SETS),
+    behaviour="|".join(config["behaviours"]) or "NONE",
 
 
 def model_manifest():
@@ -95,3 +96,62 @@ def model_args():
 def layers_arg():
     layers = config["collect"]["layers"]
     return "all" if layers is None else ",".join(str(l) for l in layers)
+
+
+def audited_manifest():
+    """The model the study audits: the refusal-tuned copy when refusal.tune, else the prepared model."""
+    return f"{RESULTS}/tune/manifest.json" if config["refusal"]["tune"] else model_manifest()
+
+
+def behaviour_sets(behaviour):
+    spec = config["behaviours"][behaviour]
+    return spec["positive"], spec["negative"]
+
+
+def screen_inputs(wildcards):
+    pos, neg = behaviour_sets(wildcards.behaviour)
+    return {
+        "pos_last_token": last_token_table(pos),
+        "neg_last_token": last_token_table(neg),
+        "pos_prompts": prompt_table(pos),
+        "neg_prompts": prompt_table(neg),
+        "diverse": [last_token_table(s) for s in config["screen"]["universal_sets"]],
+    }
+
+
+def screen_table(kind, behaviour="{behaviour}"):
+    return f"{RESULTS}/screen/{behaviour}.{kind}.parquet"
+
+
+def stage_file(stage, name):
+    return f"{RESULTS}/{stage}/{name}"
+
+
+def model_options(**extra):
+    """The model keys every model-running stage takes, plus ``extra``, as a JSON string."""
+    m = config["model"]
+    base = {"dtype": m["dtype"], "device": m["device"], "chat_template": m["chat_template"],
+            "system_prompt": m["system_prompt"]}
+    return json.dumps({**base, **extra})
+
+
+def judge_json():
+    return json.dumps(config["judge"])
+
+
+def named_paths(paths):
+    """``NAME=PATH`` arguments of a CLI flag."""
+    return " ".join(f"{name}={path}" for name, path in paths.items())
+
+
+def stage_outputs():
+    """Every stage's final tables (the report reads them)."""
+    out = [
+        stage_file("refusal", "evaluation.json"),
+        stage_file("refusal", "fractions.parquet"),
+        stage_file("keystone", "summary.json"),
+    ]
+    out += [screen_table("circuit", b) for b in config["behaviours"]]
+    if config["cna"]["behaviour"] in config["behaviours"]:
+        out.append(stage_file("cna", "summary.parquet"))
+    return out

@@ -8,6 +8,7 @@ Each subcommand is a thin shell over a library function. Bad input raises
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -110,7 +111,99 @@ def cmd_report(args) -> None:
         stats[name] = Path(path)
     config = json.loads(Path(args.config_json).read_text()) if args.config_json else {}
     benchmarks = sorted(Path(args.benchmark_dir).rglob("*.tsv")) if args.benchmark_dir else []
-    build_report(args.study, stats, read_manifest(args.manifest), config, benchmarks, Path(args.out))
+    sections, headlines = ([], [])
+    if args.study_dir:
+        from neuronaudit.sections import stage_sections
+
+        sections, headlines = stage_sections(Path(args.study_dir), Path(args.out).parent)
+    build_report(args.study, stats, read_manifest(args.manifest), config, benchmarks, Path(args.out),
+                 stage_sections=sections, headlines=headlines)
+
+
+def _options(text: str | None, func) -> dict:
+    """``--options`` JSON: keyword arguments of ``func``; unknown names are a one-line error."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise NeuronAuditError(f"--options is not valid JSON: {err.msg}") from None
+    known = inspect.signature(func).parameters
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise NeuronAuditError(f"unknown option {unknown[0]!r} for {func.__name__}; known: {sorted(known)}")
+    return options
+
+
+def _named(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise NeuronAuditError(f"{flag} {item!r} must be NAME=PATH")
+        out[name] = path
+    return out
+
+
+def cmd_tune_refusal(args) -> None:
+    from neuronaudit.tune import run_refusal_tuning
+
+    _set_threads(args.threads)
+    run_refusal_tuning(args.base_manifest, args.harmful, args.harmless, args.out_dir,
+                       threads=args.threads, **_options(args.options, run_refusal_tuning))
+
+
+def cmd_evaluate_refusal(args) -> None:
+    from neuronaudit.tune import evaluate_refusal
+
+    _set_threads(args.threads)
+    evaluate_refusal(args.manifest, args.base_manifest, args.harmful, args.harmless, args.generic,
+                     json.loads(args.judge) if args.judge else None, args.out_json,
+                     out_rollouts=args.out_rollouts, threads=args.threads,
+                     **_options(args.options, evaluate_refusal))
+
+
+def cmd_rollouts(args) -> None:
+    from neuronaudit.rollouts import run_rollouts
+
+    interventions = args.interventions
+    if interventions.lstrip().startswith("{"):
+        try:
+            interventions = json.loads(interventions)
+        except json.JSONDecodeError as err:
+            raise NeuronAuditError(f"--interventions is not valid JSON: {err.msg}") from None
+    run_rollouts(args.manifest, _named(args.prompts, "--prompts"), args.split, interventions,
+                 judge_config=json.loads(args.judge) if args.judge else None,
+                 out_rollouts=args.out_rollouts, out_fractions=args.out_fractions,
+                 out_first_horizon=args.out_first_horizon, threads=args.threads,
+                 **_options(args.options, run_rollouts))
+
+
+def cmd_screen(args) -> None:
+    from neuronaudit.screen import run_screen
+
+    run_screen(args.behaviour, args.pos_last_token, args.neg_last_token, args.pos_prompts,
+               args.neg_prompts, args.diverse, args.out_scores, args.out_circuit,
+               **_options(args.options, run_screen))
+
+
+def cmd_keystone(args) -> None:
+    from neuronaudit.keystone import run_keystone
+
+    _set_threads(args.threads)
+    run_keystone(_named(args.stats, "--stats"), _named(args.last_token, "--last-token"),
+                 _named(args.prompts, "--prompts"), args.manifest, args.out_scores, args.out_curve,
+                 args.out_summary, out_stability=args.out_stability,
+                 **_options(args.options, run_keystone))
+
+
+def cmd_cna(args) -> None:
+    from neuronaudit.cna import run_cna
+
+    run_cna(args.manifest, args.circuit, args.scores, args.harmful, args.generic,
+            _named(args.tasks, "--tasks"), args.out_rollouts, args.out_fractions, args.out_summary,
+            judge_config=json.loads(args.judge) if args.judge else None, threads=args.threads,
+            **_options(args.options, run_cna))
 
 
 def cmd_check_config(args) -> None:
@@ -165,8 +258,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", nargs="+", default=[], metavar="NAME=PATH")
     p.add_argument("--config-json", default=None)
     p.add_argument("--benchmark-dir", default=None)
+    p.add_argument("--study-dir", default=None, help="results/<study>: stage tables to report")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    opts = dict(default=None, help="JSON object of further keyword arguments of the stage function")
+
+    p = sub.add_parser("tune-refusal", help="fine-tune a refusal-tuned reference copy of a model")
+    p.add_argument("--base-manifest", required=True)
+    p.add_argument("--harmful", required=True, help="prepared harmful prompt table")
+    p.add_argument("--harmless", required=True, help="prepared style-matched harmless table")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_tune_refusal)
+
+    p = sub.add_parser("evaluate-refusal", help="refusal and over-refusal rates, perplexity vs base")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--base-manifest", required=True)
+    p.add_argument("--harmful", required=True)
+    p.add_argument("--harmless", required=True)
+    p.add_argument("--generic", required=True)
+    p.add_argument("--judge", default=None, help="judge config as JSON")
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-rollouts", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_evaluate_refusal)
+
+    p = sub.add_parser("rollouts", help="typed rollouts under named interventions")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--prompts", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--interventions", required=True, help="JSON file or JSON object: name -> edits")
+    p.add_argument("--judge", default=None, help="judge config as JSON")
+    p.add_argument("--out-rollouts", required=True)
+    p.add_argument("--out-fractions", required=True)
+    p.add_argument("--out-first-horizon", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_rollouts)
+
+    p = sub.add_parser("screen", help="contrastive neuron screen of one behaviour and its circuit")
+    p.add_argument("--behaviour", required=True)
+    p.add_argument("--pos-last-token", required=True)
+    p.add_argument("--neg-last-token", required=True)
+    p.add_argument("--pos-prompts", required=True)
+    p.add_argument("--neg-prompts", required=True)
+    p.add_argument("--diverse", nargs="*", default=[], help="last-token tables of diverse prompt sets")
+    p.add_argument("--out-scores", required=True)
+    p.add_argument("--out-circuit", required=True)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("keystone", help="cross-task keystone neurons, stability and ablation curve")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--stats", nargs="+", required=True, metavar="GROUP=PATH")
+    p.add_argument("--last-token", nargs="+", required=True, metavar="GROUP=PATH")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="SET=PATH")
+    p.add_argument("--out-scores", required=True)
+    p.add_argument("--out-curve", required=True)
+    p.add_argument("--out-summary", required=True)
+    p.add_argument("--out-stability", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_keystone)
+
+    p = sub.add_parser("cna", help="CNA circuit scaling vs random circuit and CAA baseline")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--circuit", required=True)
+    p.add_argument("--scores", required=True)
+    p.add_argument("--harmful", required=True)
+    p.add_argument("--generic", required=True)
+    p.add_argument("--tasks", nargs="+", required=True, metavar="GROUP=PATH")
+    p.add_argument("--judge", default=None, help="judge config as JSON")
+    p.add_argument("--out-rollouts", required=True)
+    p.add_argument("--out-fractions", required=True)
+    p.add_argument("--out-summary", required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_cna)
 
     p = sub.add_parser("check-config", help="validate a config file and check its inputs exist")
     p.add_argument("configfile")

@@ -113,6 +113,33 @@ def collected_sets(config: dict) -> list[str]:
     return list(chosen)
 
 
+def check_references(config: dict) -> None:
+    """Every prompt set and behaviour a stage names must be defined."""
+    sets = config["prompts"]["sets"]
+
+    def need_set(key: str, name: str) -> None:
+        if name not in sets:
+            raise NeuronAuditError(
+                f"config key {key} names unknown prompt set {name!r}; defined sets: {sorted(sets)}"
+            )
+
+    for behaviour, spec in config.get("behaviours", {}).items():
+        need_set(f"behaviours.{behaviour}.positive", spec["positive"])
+        need_set(f"behaviours.{behaviour}.negative", spec["negative"])
+    for name in config["screen"]["universal_sets"]:
+        need_set("screen.universal_sets", name)
+    for name in config["keystone"]["groups"]:
+        need_set("keystone.groups", name)
+    cna = config["cna"]["behaviour"]
+    if config.get("behaviours") and cna not in config["behaviours"]:
+        raise NeuronAuditError(
+            f"config key cna.behaviour names unknown behaviour {cna!r}; behaviours: {sorted(config['behaviours'])}"
+        )
+    if config["refusal"]["tune"]:
+        for name in ("harmful", "harmless", "generic"):
+            need_set("refusal.tune (needs harmful, harmless and generic)", name)
+
+
 def preflight(config: dict, root: Path):
     """Check inputs before any job runs: model source, prompt files, layer indices.
 
@@ -127,6 +154,10 @@ def preflight(config: dict, root: Path):
         source = str(root / source)
     resolved = resolve_source(source)
     collected_sets(config)
+    check_references(config)
+    from neuronaudit.judge import make_judge
+
+    make_judge(config["judge"])  # a bad judge configuration fails before any generation
     for name, path in config["prompts"]["sets"].items():
         check_prompt_file(name, resolve_path(path, root))
     arch = read_model_config(resolved)

@@ -200,3 +200,105 @@ def neuron_outliers(stats: pd.DataFrame, top: int = 20) -> pd.DataFrame:
     ].reset_index(drop=True)
     out["ratio_to_layer_median"] = out["ratio_to_layer_median"].astype(float)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# stage figures
+
+ROLLOUT_TYPES = ("refusal", "collapse", "coherent_bypass", "actionable")
+
+
+def rollout_type_bars(fractions: pd.DataFrame) -> Figure:
+    """Stacked bars of rollout-type fractions per horizon, one panel per (prompt set, intervention).
+
+    ``fractions`` follows the rollouts fraction table (prompt_set, intervention, sampling, horizon,
+    rollout_type, fraction, ci_low, ci_high); greedy rows are drawn when present.
+    """
+    df = fractions
+    if "sampling" in df and (df["sampling"] == "greedy").any():
+        df = df[df["sampling"] == "greedy"]
+    panels = list(df.groupby(["prompt_set", "intervention"], sort=False).groups)
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1.5, 3.4), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], panels):
+        g = df[(df["prompt_set"] == key[0]) & (df["intervention"] == key[1])]
+        wide = g.pivot_table(index="horizon", columns="rollout_type", values="fraction", aggfunc="mean")
+        wide = wide.reindex(columns=[t for t in ROLLOUT_TYPES if t in wide.columns]).fillna(0.0)
+        bottom = None
+        for t in wide.columns:
+            ax.bar(wide.index.astype(str), wide[t], bottom=bottom, color=color_for(t), label=t, width=0.7)
+            bottom = wide[t] if bottom is None else bottom + wide[t]
+        ax.set_title(_mpl_text(f"{key[0]} · {key[1]}"), fontsize=9)
+        ax.set_xlabel("horizon (new tokens)")
+    axes[0][0].set_ylabel("fraction of rollouts")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color_for(t)) for t in ROLLOUT_TYPES]
+    fig.legend(handles, ROLLOUT_TYPES, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    return fig
+
+
+def screen_overview(scores: pd.DataFrame, circuits: dict[str, pd.DataFrame]) -> Figure:
+    """Standardised δ of every screened neuron by layer, per behaviour, circuit neurons marked."""
+    names = list(circuits)
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        s = scores[(scores["behaviour"] == name) & scores["screened"].astype(bool)]
+        ax.scatter(s["layer"], s["std_delta"], s=2, color="#bbbbbb", rasterized=True, label="neurons")
+        c = circuits[name]
+        ax.scatter(c["layer"], c["std_delta"], s=14, color=color_for(name), label="circuit (top-k |δ|)")
+        u = s[s["universal"].astype(bool)]
+        if len(u):
+            ax.scatter(u["layer"], u["std_delta"], s=10, marker="x", color="#333333", label="universal")
+        ax.axhline(0, color="#666666", lw=0.6)
+        ax.set_title(_mpl_text(name), fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("standardised δ (pooled-std units)")
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def cna_dose_response(summary: pd.DataFrame) -> Figure:
+    """Refusal rate, quality and perplexity per intervention (circuit scalings, random, CAA)."""
+    df = summary.copy()
+    df["family"] = df["intervention"].str.extract(r"^(none|circuit_pos|circuit_neg|circuit|random|caa)")[0]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    order = list(df["intervention"])
+    colors = {"none": "#333333", "circuit": "#d55e00", "circuit_pos": "#e69f00", "circuit_neg": "#56b4e9",
+              "random": "#949494", "caa": "#cc78bc"}
+    palette = [colors.get(f, "#999999") for f in df["family"]]
+    for ax, col, label in zip(axes, ["refusal_rate", "quality", "perplexity_median"],
+                              ["refusal rate (held-out harmful)", "quality (1 − 4-gram repetition)",
+                               "median perplexity (general text)"]):
+        ax.barh(order, df[col], color=palette)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.tight_layout()
+    return fig
+
+
+def keystone_curve(curve: pd.DataFrame) -> Figure:
+    """Perplexity after ablating the top-k keystone neurons vs same-layer random controls."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ks = curve[curve["kind"] == "keystone"].sort_values("k")
+    rnd = curve[curve["kind"] == "random"]
+    ax.plot(ks["k"], ks["perplexity"], "o-", color="#d55e00", label="keystone top-k")
+    if len(rnd):
+        agg = rnd.groupby("k")["perplexity"].agg(["min", "median", "max"]).reset_index()
+        ax.plot(agg["k"], agg["median"], "s--", color="#555555", label="random same-layer (median)")
+        ax.fill_between(agg["k"], agg["min"], agg["max"], color="#999999", alpha=0.3, label="random min–max")
+    nk = curve[curve["kind"] == "keystone_no_outliers"].sort_values("k")
+    if len(nk):
+        ax.plot(nk["k"], nk["perplexity"], "^:", color="#0173b2", label="keystone without outliers")
+    base = curve[curve["kind"] == "baseline"]
+    if len(base):
+        ax.axhline(float(base["perplexity"].iloc[0]), color="#029e73", lw=1, label="no ablation")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("neurons ablated (k)")
+    ax.set_ylabel("median perplexity, general text")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

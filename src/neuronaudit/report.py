@@ -626,6 +626,8 @@ def build_report(
     config: Mapping[str, Any],
     benchmark_paths: Sequence[str | os.PathLike],
     out_html: str | os.PathLike,
+    stage_sections: Sequence[Section] = (),
+    headlines: Sequence[tuple[str, Any]] = (),
 ) -> Path:
     """Write the audit report of ``study`` to ``out_html`` (atomically) and return its path.
 
@@ -651,8 +653,9 @@ def build_report(
     }
     html_text = render_report(
         title=f"neuronaudit report: {study}",
-        summary=_summary(study, model_manifest, stats, provs),
-        sections=[section],
+        summary=_summary(study, model_manifest, stats, provs)[:1] + list(headlines)
+        + _summary(study, model_manifest, stats, provs)[1:],
+        sections=[*stage_sections, section],
         provenance=provenance,
     )
     with naio.atomic_path(out_html) as tmp:

@@ -12,11 +12,15 @@ from neuronaudit.errors import NeuronAuditError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+NAMED_MAPS = ("sets", "behaviours", "thresholds")  # keys are user-chosen names
+
+
 def _keys(schema, prefix=""):
     out = set()
     for key, sub in schema.get("properties", {}).items():
         out.add(prefix + key)
-        out |= _keys(sub, prefix + key + ".")
+        if key not in NAMED_MAPS:
+            out |= _keys(sub, prefix + key + ".")
     return out
 
 
@@ -24,23 +28,26 @@ def _config_keys(cfg, prefix=""):
     out = set()
     for key, value in cfg.items():
         out.add(prefix + key)
-        if isinstance(value, dict) and key != "sets":
+        if isinstance(value, dict) and key not in NAMED_MAPS:
             out |= _config_keys(value, prefix + key + ".")
     return out
 
 
 def test_default_config_sets_every_schema_key_and_nothing_else():
     raw = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    assert _config_keys(raw) - {"prompts.sets"} == _keys(load_schema()) - {"prompts.sets"}
+    assert _config_keys(raw) == _keys(load_schema())
 
 
 def test_every_config_key_is_commented():
+    """Top-level and section keys each carry a comment (inline or on the line above); entries
+    of named maps (prompt sets, behaviours) are documented by their map's comment."""
     lines = (ROOT / "config" / "config.yaml").read_text().splitlines()
+    sections = {k for k, v in yaml.safe_load("\n".join(lines)).items() if isinstance(v, dict)}
     for i, line in enumerate(lines):
-        key = re.match(r"^\s*([A-Za-z_]+):", line)
-        if key and key.group(1) not in ("model", "prompts", "collect", "report", "sets"):
+        key = re.match(r"^( {0,2})([A-Za-z_]+):", line)
+        if key and key.group(2) not in sections:
             commented = "#" in line or lines[i - 1].strip().startswith("#")
-            assert commented, f"config key {key.group(1)!r} (line {i + 1}) has no comment"
+            assert commented, f"config key {key.group(2)!r} (line {i + 1}) has no comment"
 
 
 def test_defaults_fill_in_and_quick_config_merges(tmp_path):
@@ -71,7 +78,8 @@ def test_bad_config_names_the_key(override, message):
 def test_preflight_catches_missing_inputs_and_bad_layers(tiny_model_dir, tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt_id": "a", "text": "hi"}\n')
-    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}}}
+    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}},
+            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]}, "keystone": {"groups": ["p", "p"]}}
     assert preflight(validate_config(base), ROOT).kind == "local"
     with pytest.raises(NeuronAuditError, match="layer index 7 is out of range .* with 4 layers"):
         preflight(validate_config({**base, "collect": {"layers": [7]}}), ROOT)
@@ -83,3 +91,16 @@ def test_preflight_catches_missing_inputs_and_bad_layers(tiny_model_dir, tmp_pat
     fake.write_bytes(b"NOPE" + b"\0" * 16)
     with pytest.raises(NeuronAuditError, match="is not a GGUF file"):
         preflight(validate_config({**base, "model": {"source": str(fake)}}), ROOT)
+
+
+def test_stage_references_and_judge_are_checked_before_work(tiny_model_dir, tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt_id": "a", "text": "hi"}\n')
+    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}},
+            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]}, "keystone": {"groups": ["p", "p"]}}
+    with pytest.raises(NeuronAuditError, match="behaviours.x.positive names unknown prompt set 'nope'"):
+        preflight(validate_config({**base, "behaviours": {"x": {"positive": "nope", "negative": "p", "oracle": "format"}}}), ROOT)
+    with pytest.raises(NeuronAuditError, match="judge threshold max_perplexity=-1"):
+        preflight(validate_config({**base, "judge": {"thresholds": {"max_perplexity": -1}}}), ROOT)
+    with pytest.raises(NeuronAuditError, match="refusal.tune"):
+        preflight(validate_config({**base, "refusal": {"tune": True}}), ROOT)

@@ -28,6 +28,11 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
         "model": {"source": str(tiny_model_dir)},
         "prompts": {"limit": 3},
         "collect": {"batch_size": 4, "max_length": 64},
+        "refusal": {"steps": 2, "batch_size": 2, "answer_max_new_tokens": 4, "eval_max_new_tokens": 4},
+        "rollouts": {"horizons": [2, 4], "prompts_per_set": 2, "batch_size": 8},
+        "screen": {"n_boot": 100, "k": 4, "universal_top_n": 4},
+        "cna": {"factors": [0.0], "caa_alphas": [-1.0], "max_new_tokens": 4, "prompts": 2},
+        "keystone": {"k_max": 2, "n_random": 1, "max_texts": 2, "max_task_prompts": 2},
     }))
     # an interrupted run: only one stage of one prompt set finished
     first = snakemake(work, "results/tiny/collect/harmful.stats.parquet", overrides=overrides)
@@ -41,7 +46,9 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
 def test_whole_dag_writes_report_and_every_table(tiny_study):
     work, _, _, _ = tiny_study
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    manifest = yaml.safe_load((work / "results/models/local-model/manifest.json").read_text())
+    base = yaml.safe_load((work / "results/models/local-model/manifest.json").read_text())
+    manifest = yaml.safe_load((work / "results/tiny/tune/manifest.json").read_text())
+    assert manifest["weight_sha256"] != base["weight_sha256"]  # the audited model is the tuned copy
     for name in config["prompts"]["sets"]:
         stats = work / f"results/tiny/collect/{name}.stats.parquet"
         prov = read_provenance(stats)
@@ -50,7 +57,12 @@ def test_whole_dag_writes_report_and_every_table(tiny_study):
         assert (work / f"results/tiny/collect/{name}.last_token.parquet").is_file()
         assert (work / f"results/tiny/benchmarks/collect/{name}.tsv").is_file()
     html = (work / "results/tiny/report/index.html").read_text()
-    assert "harmful" in html and manifest["weight_sha256"] in html
+    assert "harmful" in html and manifest["weight_sha256"] in html and "MISMATCH" not in html
+    for section in ("Refusal: reference model", "Contrastive screening", "CNA circuit ablation", "Keystone neurons"):
+        assert section in html
+    for table in ("refusal/evaluation.json", "refusal/fractions.parquet", "screen/refusal.circuit.parquet",
+                  "screen/operator.scores.parquet", "cna/summary.parquet", "keystone/curve.parquet"):
+        assert (work / "results/tiny" / table).is_file(), table
     assert not list(work.rglob(".*.tmp-*"))  # no half-written files anywhere
 
 

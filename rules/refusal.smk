@@ -1,0 +1,108 @@
+"""Refusal: a refusal-tuned reference model, its measured refusal rates, and typed rollouts.
+
+Needs: the prepared model, the harmful / harmless / generic prompt tables, refusal.*, judge.*,
+rollouts.*.
+Writes: results/<study>/tune/{manifest.json, recipe.json, weights/} (skipped when refusal.tune is
+false), results/<study>/refusal/evaluation.json (refusal and over-refusal rates on held-out
+prompts, perplexity on general text against the base model), and results/<study>/refusal/
+{rollouts, fractions, first_horizon}.parquet: typed rollouts of the unintervened audited model.
+"""
+
+
+rule tune_refusal:
+    input:
+        base=model_manifest(),
+        harmful=prompt_table("harmful"),
+        harmless=prompt_table("harmless"),
+    output:
+        manifest=f"{RESULTS}/tune/manifest.json",
+        recipe=f"{RESULTS}/tune/recipe.json",
+    params:
+        cli=NEURONAUDIT,
+        options=json.dumps({
+            "steps": config["refusal"]["steps"],
+            "lr": config["refusal"]["learning_rate"],
+            "batch_size": config["refusal"]["batch_size"],
+            "max_new_tokens": config["refusal"]["answer_max_new_tokens"],
+            "seed": config["seed"],
+            "chat_template": config["model"]["chat_template"],
+            "system_prompt": config["model"]["system_prompt"],
+            "device": config["model"]["device"],
+        }),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("refusal", "tune"),
+    benchmark:
+        benchmark_file("refusal", "tune")
+    shell:
+        "{params.cli} tune-refusal --base-manifest {input.base:q} --harmful {input.harmful:q} "
+        "--harmless {input.harmless:q} --out-dir $(dirname {output.manifest:q}) "
+        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+
+
+rule evaluate_refusal:
+    input:
+        manifest=audited_manifest(),
+        base=model_manifest(),
+        harmful=prompt_table("harmful"),
+        harmless=prompt_table("harmless"),
+        generic=prompt_table("generic"),
+    output:
+        summary=stage_file("refusal", "evaluation.json"),
+        rollouts=stage_file("refusal", "evaluation_rollouts.parquet"),
+    params:
+        cli=NEURONAUDIT,
+        judge=judge_json(),
+        options=model_options(max_new_tokens=config["refusal"]["eval_max_new_tokens"], seed=config["seed"]),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("refusal", "evaluate"),
+    benchmark:
+        benchmark_file("refusal", "evaluate")
+    shell:
+        "{params.cli} evaluate-refusal --manifest {input.manifest:q} --base-manifest {input.base:q} "
+        "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
+        "--judge {params.judge:q} --out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
+        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+
+
+rule refusal_rollouts:
+    input:
+        manifest=audited_manifest(),
+        harmful=prompt_table("harmful"),
+        harmless=prompt_table("harmless"),
+    output:
+        rollouts=stage_file("refusal", "rollouts.parquet"),
+        fractions=stage_file("refusal", "fractions.parquet"),
+        first_horizon=stage_file("refusal", "first_horizon.parquet"),
+    params:
+        cli=NEURONAUDIT,
+        judge=judge_json(),
+        interventions=json.dumps({"none": []}),
+        options=model_options(
+            horizons=config["rollouts"]["horizons"],
+            sampling=config["rollouts"]["sampling"],
+            temperature=config["rollouts"]["temperature"],
+            top_p=config["rollouts"]["top_p"],
+            limit=config["rollouts"]["prompts_per_set"],
+            batch_size=config["rollouts"]["batch_size"],
+            seed=config["seed"],
+        ),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("refusal", "rollouts"),
+    benchmark:
+        benchmark_file("refusal", "rollouts")
+    shell:
+        "{params.cli} rollouts --manifest {input.manifest:q} "
+        "--prompts harmful={input.harmful:q} harmless={input.harmless:q} --split heldout "
+        "--interventions {params.interventions:q} --judge {params.judge:q} "
+        "--out-rollouts {output.rollouts:q} --out-fractions {output.fractions:q} "
+        "--out-first-horizon {output.first_horizon:q} --threads {threads} "
+        "--options {params.options:q} > {log:q} 2>&1"

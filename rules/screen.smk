@@ -1,0 +1,121 @@
+"""Contrastive screening, CNA circuit scaling and keystone neurons.
+
+Needs: last-token activation tables and prompt tables of every behaviour's positive and negative
+sets and of the diverse / task-group sets; the audited model; screen.*, cna.*, keystone.*.
+Writes: results/<study>/screen/<behaviour>.{scores,circuit}.parquet (every neuron's δ,
+standardised δ, bootstrap CI, universal flag; the top-k circuit with signs),
+results/<study>/cna/{rollouts,fractions,summary}.parquet (circuit scaling vs random circuit vs
+CAA: refusal, quality, capability) and results/<study>/keystone/{scores,curve,stability}.parquet
+with summary.json.
+"""
+
+
+rule screen:
+    input:
+        unpack(screen_inputs),
+    output:
+        scores=screen_table("scores"),
+        circuit=screen_table("circuit"),
+    params:
+        cli=NEURONAUDIT,
+        options=json.dumps({
+            "k": config["screen"]["k"],
+            "skip_layers": config["screen"]["skip_layers"],
+            "n_boot": config["screen"]["n_boot"],
+            "top_n": config["screen"]["universal_top_n"],
+            "universal_fraction": config["screen"]["universal_fraction"],
+            "seed": config["seed"],
+        }),
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("screen", "{behaviour}"),
+    benchmark:
+        benchmark_file("screen", "{behaviour}")
+    shell:
+        "{params.cli} screen --behaviour {wildcards.behaviour} "
+        "--pos-last-token {input.pos_last_token:q} --neg-last-token {input.neg_last_token:q} "
+        "--pos-prompts {input.pos_prompts:q} --neg-prompts {input.neg_prompts:q} "
+        "--diverse {input.diverse:q} --out-scores {output.scores:q} "
+        "--out-circuit {output.circuit:q} --options {params.options:q} > {log:q} 2>&1"
+
+
+rule cna:
+    input:
+        manifest=audited_manifest(),
+        circuit=screen_table("circuit", config["cna"]["behaviour"]),
+        scores=screen_table("scores", config["cna"]["behaviour"]),
+        harmful=prompt_table(behaviour_sets(config["cna"]["behaviour"])[0]),
+        generic=prompt_table("generic"),
+        knowledge=prompt_table("task_knowledge"),
+        arithmetic=prompt_table("task_arithmetic"),
+    output:
+        rollouts=stage_file("cna", "rollouts.parquet"),
+        fractions=stage_file("cna", "fractions.parquet"),
+        summary=stage_file("cna", "summary.parquet"),
+    params:
+        cli=NEURONAUDIT,
+        judge=judge_json(),
+        options=model_options(
+            factors=config["cna"]["factors"],
+            caa_alphas=config["cna"]["caa_alphas"],
+            prompts=config["cna"]["prompts"],
+            max_new_tokens=config["cna"]["max_new_tokens"],
+            batch_size=config["rollouts"]["batch_size"],
+            max_texts=config["keystone"]["max_texts"],
+            max_task_prompts=config["keystone"]["max_task_prompts"],
+            seed=config["seed"],
+        ),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("cna", "cna"),
+    benchmark:
+        benchmark_file("cna", "cna")
+    shell:
+        "{params.cli} cna --manifest {input.manifest:q} --circuit {input.circuit:q} "
+        "--scores {input.scores:q} --harmful {input.harmful:q} --generic {input.generic:q} "
+        "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
+        "--judge {params.judge:q} --out-rollouts {output.rollouts:q} "
+        "--out-fractions {output.fractions:q} --out-summary {output.summary:q} "
+        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+
+
+rule keystone:
+    input:
+        manifest=audited_manifest(),
+        stats=expand(stats_table(), prompt_set=config["keystone"]["groups"]),
+        last_token=expand(last_token_table(), prompt_set=config["keystone"]["groups"]),
+        prompts=expand(prompt_table(), prompt_set=config["keystone"]["groups"]),
+    output:
+        scores=stage_file("keystone", "scores.parquet"),
+        curve=stage_file("keystone", "curve.parquet"),
+        stability=stage_file("keystone", "stability.parquet"),
+        summary=stage_file("keystone", "summary.json"),
+    params:
+        cli=NEURONAUDIT,
+        stats=named_paths({g: stats_table(g) for g in config["keystone"]["groups"]}),
+        last_token=named_paths({g: last_token_table(g) for g in config["keystone"]["groups"]}),
+        prompts=named_paths({g: prompt_table(g) for g in config["keystone"]["groups"]}),
+        options=model_options(
+            k_max=config["keystone"]["k_max"],
+            n_random=config["keystone"]["n_random"],
+            outlier_multiple=config["keystone"]["outlier_multiple"],
+            max_texts=config["keystone"]["max_texts"],
+            max_task_prompts=config["keystone"]["max_task_prompts"],
+            seed=config["seed"],
+        ),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("keystone", "keystone"),
+    benchmark:
+        benchmark_file("keystone", "keystone")
+    shell:
+        "{params.cli} keystone --manifest {input.manifest:q} --stats {params.stats} "
+        "--last-token {params.last_token} --prompts {params.prompts} "
+        "--out-scores {output.scores:q} --out-curve {output.curve:q} "
+        "--out-stability {output.stability:q} --out-summary {output.summary:q} "
+        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"

@@ -1,0 +1,658 @@
+"""Speed and memory ratios of neuronaudit's hot paths: ``python -m neuronaudit.bench``.
+
+Prints, from one run, the median of repeated timings with the min–max spread, as ratios against
+the plain baseline a user would otherwise run, beside each target, plus the machine it ran on.
+It never asserts and is never a timed test: CPU timings on a shared machine drift, ratios of
+interleaved repeats drift much less.
+
+    python -m neuronaudit.bench                      # embedded SmolLM2-135M-Instruct
+    python -m neuronaudit.bench --model tiny --quick # a tiny random model, seconds
+    python -m neuronaudit.bench --only sweeps,rollouts --repeats 3
+
+Sections (``--only``, comma-separated):
+
+``collect``   streaming statistics (NeuronHooks + StreamingNeuronStats, decoder stack only,
+              stopping after the last layer) and do-nothing capture hooks vs a plain forward
+``peers``     the same capture through nnsight and TransformerLens when importable (in a
+              subprocess: TransformerLens switches the model to eager attention)
+``memory``    peak RSS of a fresh subprocess per measurement as the prompt count grows
+``sweeps``    last-token, generated-token and every-prompt-token dose sweeps vs the naive loop
+``rollouts``  generation under a per-row dose vs plain ``model.generate`` of the same batch
+``rules``     wall time and peak memory per Snakemake rule from the workflow's benchmark files
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import reduce
+from pathlib import Path
+
+import torch
+
+EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
+SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "rules")
+
+
+# --------------------------------------------------------------------------------------------
+# setup
+# --------------------------------------------------------------------------------------------
+
+
+def repo_root() -> Path:
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "Snakefile").is_file() else Path.cwd()
+
+
+def resolve_model(spec: str) -> str:
+    """``embedded`` -> the prepared copy's weight directory (prepared once, then reused);
+    ``tiny`` stays ``tiny``; a path stays a path (a model directory or a manifest.json)."""
+    if spec == "embedded":
+        from neuronaudit.models.loading import prepare_model
+
+        manifest = prepare_model(EMBEDDED_SPEC, repo_root() / EMBEDDED_DIR)
+        return manifest["path"]
+    return spec
+
+
+def load(spec: str):
+    """``(model, tokenizer, adapter, label)`` for a resolved model spec."""
+    from neuronaudit.models.adapters import adapter_for
+
+    if spec == "tiny":
+        from neuronaudit.testing import tiny_model, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        model = tiny_model("llama", vocab_size=len(tokenizer))
+        model.requires_grad_(False)
+        for cfg in (model.config, model.generation_config):
+            cfg.pad_token_id = tokenizer.pad_token_id
+            cfg.eos_token_id = tokenizer.eos_token_id
+        return model, tokenizer, adapter_for(model), "tiny random llama"
+    from neuronaudit.models.loading import load_model, load_prepared
+
+    path = Path(spec)
+    if path.name == "manifest.json":
+        model, tokenizer, adapter, manifest = load_prepared(path)
+        return model, tokenizer, adapter, manifest.get("source", str(path))
+    model, tokenizer, adapter = load_model(path)
+    return model, tokenizer, adapter, str(path)
+
+
+def texts() -> list[str]:
+    path = repo_root() / "config" / "prompts" / "generic.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out = [r["text"] for r in rows if r.get("text")]
+        if out:
+            return out
+    from neuronaudit.testing import _CORPUS
+
+    return list(_CORPUS)
+
+
+def make_batch(tokenizer, n: int, length: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` prompts of exactly ``length`` tokens of generic text (no padding): ``[n, length]``."""
+    pool = texts()
+    rows = []
+    for i in range(n):
+        ids: list[int] = []
+        j = i + offset
+        while len(ids) < length:
+            ids += tokenizer(pool[j % len(pool)] + " ", add_special_tokens=False)["input_ids"]
+            j += 1
+        rows.append(ids[:length])
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def sweep_rows(adapter, n_rows: int, seed: int = 0) -> list[tuple[int, int, float]]:
+    """``n_rows`` rows: ``n_rows / 4`` neurons spread evenly over the layers, 4 doses each."""
+    g = torch.Generator().manual_seed(seed)
+    doses = (-8.0, -2.0, 2.0, 8.0)
+    k = max(1, (n_rows + len(doses) - 1) // len(doses))
+    layers = torch.linspace(0, adapter.n_layers - 1, k).round().long().tolist()
+    neurons = torch.randint(0, adapter.n_neurons, (k,), generator=g).tolist()
+    rows = [(l, i, d) for l, i in zip(layers, neurons) for d in doses]
+    return rows[:n_rows]
+
+
+# --------------------------------------------------------------------------------------------
+# timing and printing
+# --------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(fn: Callable, baseline: Callable, repeats: int, warmup: bool = True) -> dict:
+    """Interleaved repeats of ``fn`` and ``baseline``; ``ratios[k] = t_fn[k] / t_base[k]``."""
+    if warmup:
+        fn()
+        baseline()
+    t_fn, t_base = [], []
+    for k in range(repeats):
+        if k % 2 == 0:
+            t_base.append(_timed(baseline))
+            t_fn.append(_timed(fn))
+        else:
+            t_fn.append(_timed(fn))
+            t_base.append(_timed(baseline))
+    return {"fn": t_fn, "base": t_base, "ratios": [a / b for a, b in zip(t_fn, t_base)]}
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def verdict(value: float, op: str, target: float) -> str:
+    if op == "ref":
+        return "[reference]"
+    if op == "<=":
+        return "[met]" if value <= target else f"[missed by {value - target:.2f}×]"
+    return "[met]" if value >= target else f"[missed by {target - value:.2f}×]"
+
+
+def report_line(
+    name: str, ratios: list[float], op: str, target: float, target_text: str | None = None,
+    extra: str = "",
+) -> str:
+    med = statistics.median(ratios)
+    text = target_text or f"{'≤' if op == '<=' else '≥'} {target:g}×"
+    line = (
+        f"{name}: {med:.2f}× (median, {min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} "
+        f"repeats) target {text}  {verdict(med, op, target)}"
+    )
+    return line + (f"  — {extra}" if extra else "")
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def machine_line() -> str:
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    import transformers
+
+    load = ""
+    with contextlib.suppress(OSError, AttributeError):
+        load = " load avg %.2f/%.2f/%.2f;" % os.getloadavg()
+    return (
+        f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores "
+        f"({affinity} usable);{load} torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads; transformers {transformers.__version__}; python {platform.python_version()}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+
+
+def streaming_collect(model, adapter, input_ids, attention_mask):
+    """One batch of the collection: every layer's statistics and last-token rows, decoder stack
+    only, stopping after the last collected layer (as neuronaudit.activations does)."""
+    from neuronaudit.activations import StreamingNeuronStats
+    from neuronaudit.interventions import NeuronHooks, StopForward
+
+    layers = list(range(adapter.n_layers))
+    stats = StreamingNeuronStats(layers, adapter.n_neurons)
+    last_rows = {}
+
+    def on_activation(layer, a, ctx):
+        stats.update(layer, a, ctx.mask("prompt"))
+        rows = torch.arange(a.shape[0], device=a.device)
+        last_rows[layer] = a[rows, ctx.last_prompt].detach().float().cpu()
+
+    with torch.inference_mode(), NeuronHooks(
+        adapter, on_activation=on_activation, layers=layers, stop_after_layer=max(layers)
+    ):
+        try:
+            adapter.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    return stats, last_rows
+
+
+def plain_forward(model, input_ids, attention_mask):
+    with torch.inference_mode():
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def noop_capture(model, adapter, input_ids, attention_mask):
+    from neuronaudit.interventions import NeuronHooks
+
+    with torch.inference_mode(), NeuronHooks(adapter, on_activation=lambda layer, a, ctx: None):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def section_collect(model, adapter, ids, mask, repeats):
+    shape = f"{ids.shape[0]}×{ids.shape[1]} tokens"
+    res = compare(lambda: streaming_collect(model, adapter, ids, mask), lambda: plain_forward(model, ids, mask), repeats)
+    out(report_line(
+        f"collect/streaming stats vs plain forward ({shape})", res["ratios"], "<=", 0.85,
+        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}",
+    ))
+    res = compare(lambda: noop_capture(model, adapter, ids, mask), lambda: plain_forward(model, ids, mask), repeats)
+    out(report_line(
+        f"collect/do-nothing hooks on every {adapter.declaration.mlp_out} input vs plain forward",
+        res["ratios"], "<=", 1.02, target_text="≈1.00–1.02×",
+        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}",
+    ))
+
+
+def _child(args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "neuronaudit.bench", *args, "--threads", str(torch.get_num_threads())]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo_root())
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"child exited {proc.returncode}: {tail}"}
+
+
+def child_peers(model_spec: str, batch: int, length: int, repeats: int) -> dict:
+    """In a fresh process: nnsight and TransformerLens capture of every MLP output-projection
+    input vs the plain forward measured in the same process (before TransformerLens loads)."""
+    if model_spec == "tiny":  # TransformerBridge boots from a directory: save the tiny model
+        import tempfile
+
+        from neuronaudit.testing import save_tiny_model
+
+        model_spec = str(save_tiny_model(Path(tempfile.mkdtemp(prefix="neuronaudit-bench-")) / "tiny"))
+    model, tokenizer, adapter, _ = load(model_spec)
+    ids, mask = make_batch(tokenizer, batch, length)
+    result: dict = {}
+    try:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        from nnsight import LanguageModel
+    except Exception as err:  # noqa: BLE001 - any import failure is a reason to skip
+        result["nnsight"] = {"skip": f"not importable ({type(err).__name__}: {err})"}
+    else:
+        try:
+            lm = LanguageModel(model, tokenizer=tokenizer)
+            blocks = reduce(getattr, adapter.declaration.blocks.split("."), lm)
+            mlp_out = adapter.declaration.mlp_out.split(".")
+
+            def nnsight_capture():
+                saved = []
+                with torch.inference_mode():
+                    with lm.trace(ids, attention_mask=mask, use_cache=False):
+                        for layer in range(adapter.n_layers):
+                            saved.append(reduce(getattr, mlp_out, blocks[layer]).input.save())
+                if len(saved) != adapter.n_layers:
+                    raise RuntimeError(f"captured {len(saved)} of {adapter.n_layers} layers")
+                return saved
+
+            res = compare(nnsight_capture, lambda: plain_forward(model, ids, mask), repeats)
+            result["nnsight"] = res
+        except Exception as err:  # noqa: BLE001
+            result["nnsight"] = {"skip": f"failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"}
+    try:
+        from transformer_lens import TransformerBridge
+    except Exception as err:  # noqa: BLE001
+        result["transformer_lens"] = {"skip": f"not importable ({type(err).__name__}: {err})"}
+    else:
+        try:
+            plain_sdpa = [_timed(lambda: plain_forward(model, ids, mask)) for _ in range(repeats + 1)][1:]
+            bridge = TransformerBridge.boot_transformers(
+                str(Path(model_spec).parent if model_spec.endswith(".json") else model_spec),
+                hf_model=model, tokenizer=tokenizer, device="cpu",
+            )
+            names = [n for n in bridge.hook_dict if n.endswith("mlp.out.hook_in")]
+            if len(names) != adapter.n_layers:
+                raise RuntimeError(f"found {len(names)} mlp.out.hook_in hooks for {adapter.n_layers} layers")
+            wanted = set(names)
+
+            def tl_capture():
+                with torch.inference_mode():
+                    return bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in wanted)
+
+            res = compare(tl_capture, lambda: plain_forward(model, ids, mask), repeats)
+            res["plain_sdpa"] = plain_sdpa
+            res["attn"] = getattr(model.config, "_attn_implementation", "?")
+            result["transformer_lens"] = res
+        except Exception as err:  # noqa: BLE001
+            result["transformer_lens"] = {"skip": f"failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"}
+    return result
+
+
+def section_peers(model_spec, batch, length, repeats):
+    result = _child(["--_child", "peers", "--model", model_spec, "--batch", str(batch),
+                     "--tokens", str(length), "--repeats", str(repeats)])
+    if "error" in result:
+        out(f"peers: skipped ({result['error']})")
+        return
+    for name, label in (("nnsight", "nnsight .save() of every MLP output-projection input"),
+                        ("transformer_lens", "TransformerLens run_with_cache(mlp.out.hook_in)")):
+        res = result.get(name, {"skip": "no result"})
+        if "skip" in res:
+            out(f"peers/{label}: skipped — {res['skip']}")
+            continue
+        extra = f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}"
+        if name == "transformer_lens":
+            sdpa = statistics.median(res["plain_sdpa"])
+            extra += (f"; the bridge forces {res['attn']} attention: vs the sdpa plain forward "
+                      f"{statistics.median(res['fn']) / sdpa:.2f}×")
+        out(report_line(f"peers/{label} vs plain forward", res["ratios"], "ref", 1.02,
+                        target_text="none (compare collect/ above)", extra=extra))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) so the peak excludes loading."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_memory(model_spec: str, mode: str, n_prompts: int, batch: int, length: int) -> dict:
+    """In a fresh process: run ``n_prompts`` prompts in batches of ``batch`` through ``mode``
+    (``plain`` forward, ``stream`` statistics, ``full`` capture keeping every activation) and
+    report the peak RSS after loading."""
+    import neuronaudit.activations  # noqa: F401 - every mode pays the same imports before the mark
+    from neuronaudit.interventions import NeuronHooks
+
+    model, tokenizer, adapter, _ = load(model_spec)
+    ids, mask = make_batch(tokenizer, n_prompts, length)
+    kept: list[torch.Tensor] = []
+    base = _rss_mb()
+    reset = _reset_peak()
+    for start in range(0, n_prompts, batch):
+        b_ids, b_mask = ids[start : start + batch], mask[start : start + batch]
+        if mode == "plain":
+            plain_forward(model, b_ids, b_mask)
+        elif mode == "stream":
+            streaming_collect(model, adapter, b_ids, b_mask)
+        elif mode == "full":
+            with torch.inference_mode(), NeuronHooks(
+                adapter, on_activation=lambda layer, a, ctx: kept.append(a.detach())
+            ):
+                adapter.base(input_ids=b_ids, attention_mask=b_mask, use_cache=False)
+        else:
+            raise ValueError(mode)
+    return {"peak_mb": _peak_mb(), "base_mb": base, "peak_reset": reset,
+            "kept_mb": sum(t.numel() * t.element_size() for t in kept) / 2**20}
+
+
+def section_memory(model_spec, batch, length, counts):
+    out(f"memory: peak RSS of a fresh process per measurement (model loaded, then the peak mark "
+        f"reset), {length}-token prompts in batches of {batch}")
+    rows = []
+    for n in counts:
+        res = {m: _child(["--_child", "memory", "--model", model_spec, "--mode", m, "--prompts", str(n),
+                          "--batch", str(batch), "--tokens", str(length)]) for m in ("plain", "stream", "full")}
+        bad = [f"{m}: {r['error']}" for m, r in res.items() if "error" in r]
+        if bad:
+            out(f"memory/{n} prompts: skipped ({'; '.join(bad)})")
+            continue
+        p, s, f = (res[m]["peak_mb"] for m in ("plain", "stream", "full"))
+        base = res["plain"]["base_mb"]
+        if not res["plain"]["peak_reset"]:
+            out("  (could not reset the peak mark: peaks include model loading)")
+        ratio = s / p
+        rows.append(ratio)
+        out(f"memory/streaming vs plain forward, {n} prompts ({n // counts[0]}×): {ratio:.2f}× "
+            f"(1 run) target ≤ 1.10×  {verdict(ratio, '<=', 1.10)}  — peak {s:.0f} MB vs {p:.0f} MB "
+            f"(after load {base:.0f} MB); full capture {f:.0f} MB ({f / p:.2f}×, keeps "
+            f"{res['full']['kept_mb']:.0f} MB of activations)")
+    return rows
+
+
+def section_sweeps(model, adapter, tokenizer, n_rows, n_prompts, length, new_tokens, repeats):
+    from neuronaudit import sweeps
+
+    ids, mask = make_batch(tokenizer, n_prompts, length, offset=7)
+    rows = sweep_rows(adapter, n_rows)
+    shape = f"{len(rows)} rows × {n_prompts} prompt{'s' if n_prompts > 1 else ''} × {length} tokens"
+    holder: dict = {}
+    plain_forward(model, ids, mask)  # warm up; the naive loops are too slow to run twice more
+
+    def run(key, fn):
+        def go():
+            holder[key] = fn()
+        return go
+
+    # last prompt token
+    res = compare(
+        run("fast", lambda: sweeps.last_token_dose_sweep(model, adapter, ids, mask, rows)),
+        run("naive", lambda: sweeps.naive_dose_loop(model, adapter, ids, mask, rows, positions=("last_prompt",))),
+        repeats, warmup=False,
+    )
+    diff = (holder["fast"].logits - holder["naive"].logits).abs().max().item()
+    out(report_line(
+        f"sweeps/last-prompt-token doses vs naive loop ({shape})", [1 / r for r in res["ratios"]], ">=", 10,
+        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}; "
+              f"max |Δlogit| {diff:.1e}",
+    ))
+    # generated tokens (and the last prompt token)
+    res = compare(
+        run("fast", lambda: sweeps.generated_dose_sweep(model, adapter, ids, mask, rows, new_tokens)),
+        run("naive", lambda: sweeps.naive_dose_loop(
+            model, adapter, ids, mask, rows, positions=("last_prompt", "generated"),
+            max_new_tokens=new_tokens, return_logits=False)),
+        repeats, warmup=False,
+    )
+    fast, naive = holder["fast"], holder["naive"]
+    same = int((fast.tokens == naive.tokens).all(-1).sum())
+    dlp = (fast.token_logprob - naive.token_logprob).nan_to_num().abs().max().item()
+    out(report_line(
+        f"sweeps/generated-token doses, greedy {new_tokens} tokens, vs naive generate loop ({shape})",
+        [1 / r for r in res["ratios"]], ">=", 10,
+        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}; "
+              f"identical token ids {same}/{fast.tokens.shape[0] * fast.tokens.shape[1]}, "
+              f"max |Δ token log-prob| {dlp:.1e}",
+    ))
+    # every prompt token
+    res = compare(
+        run("fast", lambda: sweeps.prompt_dose_sweep(model, adapter, ids, mask, rows)),
+        run("naive", lambda: sweeps.naive_dose_loop(model, adapter, ids, mask, rows, positions=("prompt",))),
+        repeats, warmup=False,
+    )
+    diff = (holder["fast"].logits - holder["naive"].logits).abs().max().item()
+    out(report_line(
+        f"sweeps/every-prompt-token doses vs naive loop ({shape})", [1 / r for r in res["ratios"]], ">=", 2,
+        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}; "
+              f"max |Δlogit| {diff:.1e}",
+    ))
+
+
+def section_rollouts(model, adapter, tokenizer, batch, length, new_tokens, repeats):
+    from transformers import GenerationConfig
+
+    from neuronaudit import sweeps
+    from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
+
+    ids, mask = make_batch(tokenizer, batch, length)
+    rows = sweep_rows(adapter, batch, seed=1)
+    plan = InterventionPlan.per_row(
+        [[NeuronEdit.dose(l, i, d, ("prompt", "generated"))] for l, i, d in rows]
+    )
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else tokenizer.pad_token_id
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, pad_token_id=pad)
+
+    def plain():
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+    def dosed():
+        with torch.inference_mode(), NeuronHooks(adapter, plan):
+            return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+    res = compare(dosed, plain, repeats)
+    out(report_line(
+        f"rollouts/generate under a per-row dose vs plain generate ({batch} rows × {length} tokens, "
+        f"{new_tokens} new)", res["ratios"], "<=", 1.05,
+        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}",
+    ))
+    one, one_mask = ids[:1], mask[:1]
+    same_prompt = one.expand(batch, -1)
+
+    def plain_same():
+        with torch.inference_mode():
+            return model.generate(input_ids=same_prompt, attention_mask=torch.ones_like(same_prompt),
+                                  generation_config=config)
+
+    res = compare(
+        lambda: sweeps.generated_dose_sweep(model, adapter, one, one_mask, rows, new_tokens, eos_token_id=None),
+        plain_same, repeats,
+    )
+    out(report_line(
+        f"rollouts/generated_dose_sweep (shared prefix, per-row doses) vs plain generate of the same "
+        f"{batch} rows", res["ratios"], "<=", 1.05,
+        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}",
+    ))
+
+
+def section_rules(root: Path) -> None:
+    files = sorted(root.glob("results/*/benchmarks/**/*.tsv")) + sorted(root.glob("results/models/*/*.benchmark.tsv"))
+    if not files:
+        out("rules: no Snakemake benchmark files under results/ (skipped)")
+        return
+    out("rules: wall time and peak memory per Snakemake rule (benchmark files)")
+    out(f"  {'rule / wildcards':<58} {'wall s':>8} {'max RSS MB':>11} {'cpu s':>7}")
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+            head = lines[0].split("\t")
+            values = [dict(zip(head, line.split("\t"))) for line in lines[1:] if line.strip()]
+        except (OSError, IndexError):
+            continue
+        if not values:
+            continue
+        rel = path.relative_to(root / "results")
+        name = str(rel).replace("/benchmarks/", ": ").removesuffix(".tsv").removesuffix(".benchmark")
+        wall = statistics.median(float(v.get("s", "nan")) for v in values)
+        rss = max(float(v.get("max_rss", "nan") or "nan") for v in values)
+        cpu = statistics.median(float(v.get("cpu_time", "nan") or "nan") for v in values)
+        out(f"  {name:<58} {wall:>8.2f} {rss:>11.0f} {cpu:>7.2f}")
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m neuronaudit.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded", help="embedded | tiny | PATH (model directory or manifest.json)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5, quick 2)")
+    p.add_argument("--sweep-repeats", type=int, default=None, help="repeats of the sweep/naive pairs (default 3, quick 1)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}")
+    p.add_argument("--batch", type=int, default=None, help="prompts per batch (default 8)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per prompt (default 128)")
+    p.add_argument("--rows", type=int, default=None, help="sweep rows (default 64)")
+    p.add_argument("--sweep-prompts", type=int, default=1, help="prompts per sweep (default 1)")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per rollout (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompts", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    q = args.quick
+    args.repeats = args.repeats or (2 if q else 5)
+    args.sweep_repeats = args.sweep_repeats or (1 if q else 3)
+    args.batch = args.batch or (2 if q else 8)
+    args.tokens = args.tokens or (32 if q else 128)
+    args.rows = args.rows or (8 if q else 64)
+    args.new_tokens = args.new_tokens or (4 if q else 16)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown --only sections {bad}; choose from {list(SECTIONS)}")
+    args.only = only
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._child == "peers":
+        print(json.dumps(child_peers(args.model, args.batch, args.tokens, args.repeats)))
+        return 0
+    if args._child == "memory":
+        print(json.dumps(child_memory(args.model, args.mode, args.prompts, args.batch, args.tokens)))
+        return 0
+
+    out(machine_line())
+    out("note: ratios of interleaved repeats; other processes sharing the cores widen the spread")
+    with contextlib.suppress(OSError, AttributeError):
+        busy, usable = os.getloadavg()[0], len(os.sched_getaffinity(0))
+        if busy >= usable and torch.get_num_threads() > 1:
+            out(f"warning: the cores are busy (load {busy:.1f} on {usable}); with "
+                f"{torch.get_num_threads()} torch threads OpenMP waits at barriers for descheduled "
+                "threads and timings swing wildly; --threads 1 gives steadier ratios")
+    spec = resolve_model(args.model)
+    needs_model = any(s in args.only for s in ("collect", "sweeps", "rollouts"))
+    if needs_model:
+        model, tokenizer, adapter, label = load(spec)
+        out(f"model: {label} ({adapter.family}, {adapter.n_layers} layers, d_model {adapter.d_model}, "
+            f"{adapter.n_neurons} neurons/layer, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            f"params, {next(model.parameters()).dtype}, attention {getattr(model.config, '_attn_implementation', '?')})")
+        ids, mask = make_batch(tokenizer, args.batch, args.tokens)
+    else:
+        out(f"model: {spec}")
+    if "collect" in args.only:
+        section_collect(model, adapter, ids, mask, args.repeats)
+    if "peers" in args.only:
+        section_peers(spec, args.batch, args.tokens, args.repeats)
+    if "memory" in args.only:
+        counts = [args.batch, 4 * args.batch] if args.quick else [args.batch, 4 * args.batch, 16 * args.batch]
+        section_memory(spec, args.batch, args.tokens, counts)
+    if "sweeps" in args.only:
+        section_sweeps(model, adapter, tokenizer, args.rows, args.sweep_prompts, args.tokens,
+                       args.new_tokens, args.sweep_repeats)
+    if "rollouts" in args.only:
+        section_rollouts(model, adapter, tokenizer, args.batch, args.tokens, args.new_tokens, args.repeats)
+    if "rules" in args.only:
+        section_rules(repo_root())
+    out(machine_line().replace("machine:", "machine at end:"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Keystone neurons: cross-task scores, outlier flags, stability IoU, ablation curve vs controls."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.io import NEURON_STATS_SCHEMA, last_token_schema, read_provenance, with_provenance, write_table
+from neuronaudit.keystone import (
+    STABILITY_SCHEMA,
+    ablation_curve,
+    chance_iou,
+    curve_schema,
+    keystone_schema,
+    keystone_scores,
+    random_controls,
+    ranked_neurons,
+    run_keystone,
+    split_halves,
+    stability,
+    summarise_curve,
+)
+
+N_LAYERS, WIDTH = 3, 16
+
+
+def stats_frame(mean_abs, max_abs):
+    n = mean_abs.size
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(N_LAYERS), WIDTH).astype(np.int32),
+            "neuron": np.tile(np.arange(WIDTH), N_LAYERS).astype(np.int32),
+            "count": np.full(n, 100),
+            "mean": np.zeros(n),
+            "std": np.ones(n),
+            "mean_abs": mean_abs.ravel(),
+            "max_abs": max_abs.ravel(),
+            "frac_positive": np.full(n, 0.5),
+        }
+    )
+
+
+def test_scores_min_mean_rank_and_outliers(tmp_path):
+    rng = np.random.default_rng(0)
+    groups = ["task_knowledge", "task_code", "generic"]
+    means = {g: rng.uniform(0.1, 1.0, size=(N_LAYERS, WIDTH)) for g in groups}
+    maxes = {g: rng.uniform(1.0, 2.0, size=(N_LAYERS, WIDTH)) for g in groups}
+    for g in groups:
+        means[g][1, 4] = 5.0 + groups.index(g)  # strong everywhere: rank 1 by min
+    means["task_code"][2, 9] = 50.0  # strong in one group only: high mean, ordinary min
+    maxes["generic"][0, 3] = 500.0  # 500 / ~1.5 ≫ 50: a super-weight-like spike
+    maxes["task_code"][2, 2] = 40.0  # ≈ 27×: below the 50× bar
+    frames = {g: stats_frame(means[g], maxes[g]) for g in groups}
+    # one group read from a Parquet file, as the workflow does
+    path = tmp_path / "generic.stats.parquet"
+    pq.write_table(pa.Table.from_pandas(frames["generic"], schema=NEURON_STATS_SCHEMA, preserve_index=False), path)
+    scores = keystone_scores({"task_knowledge": frames["task_knowledge"], "task_code": frames["task_code"], "generic": path})
+    stacked = np.stack([means[g].ravel() for g in groups], axis=1)
+    np.testing.assert_allclose(scores["score_min"], stacked.min(1))
+    np.testing.assert_allclose(scores["score_mean"], stacked.mean(1))
+    np.testing.assert_allclose(scores["mean_abs__task_code"], means["task_code"].ravel())
+    top = scores.loc[scores["rank"] == 1].iloc[0]
+    assert (top.layer, top.neuron) == (1, 4) and top.score_min == 5.0
+    assert scores.loc[(scores.layer == 2) & (scores.neuron == 9), "rank"].iloc[0] > 1
+    assert sorted(scores["rank"]) == list(range(1, N_LAYERS * WIDTH + 1))
+    flagged = scores[scores["super_weight_outlier"]]
+    assert list(zip(flagged.layer, flagged.neuron)) == [(0, 3)]
+    ratio = scores.loc[(scores.layer == 2) & (scores.neuron == 2), "max_abs_ratio"].iloc[0]
+    assert 15 < ratio < 50
+    lower = keystone_scores({g: frames[g] for g in groups}, outlier_multiple=10)
+    assert lower.loc[(lower.layer == 2) & (lower.neuron == 2), "super_weight_outlier"].iloc[0]
+    assert scores.columns.tolist() == keystone_schema(groups).names
+    ranked = ranked_neurons(scores)
+    assert (ranked.layer[0], ranked.neuron[0]) == (1, 4) and ranked["score_min"].is_monotonic_decreasing
+    with pytest.raises(NeuronAuditError, match="different neurons"):
+        keystone_scores({"a": frames["generic"], "b": frames["generic"].iloc[:-1]})
+
+
+def write_last_token(path, ids, acts, sha="abc"):
+    schema = with_provenance(last_token_schema(acts.shape[2]), {"weight_sha256": sha})
+    rows = [(pid, layer, acts[p, layer]) for p, pid in enumerate(ids) for layer in range(acts.shape[1])]
+    pq.write_table(
+        pa.Table.from_pydict(
+            {
+                "prompt_id": [r[0] for r in rows],
+                "layer": np.array([r[1] for r in rows], dtype=np.int32),
+                "activation": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.stack([r[2] for r in rows]).astype(np.float32).ravel()), acts.shape[2]
+                ),
+            },
+            schema=schema,
+        ),
+        path,
+    )
+    return path
+
+
+def test_split_halves_are_disjoint_and_seeded():
+    ids = [f"p{i}" for i in range(11)]
+    a, b = split_halves(ids, 3)
+    assert len(a) == len(b) == 5 and not set(a) & set(b)
+    assert (a, b) == split_halves(list(reversed(ids)), 3)
+    assert (a, b) != split_halves(ids, 4)
+
+
+def test_iou_is_one_for_identical_halves_and_near_chance_for_noise(tmp_path):
+    rng = np.random.default_rng(1)
+    tables = {}
+    for g in ["task_knowledge", "generic"]:
+        vector = rng.normal(size=(N_LAYERS, WIDTH))
+        acts = np.repeat(vector[None], 10, axis=0)  # every prompt identical: both halves agree
+        tables[g] = write_last_token(tmp_path / f"{g}.parquet", [f"{g}-{i}" for i in range(10)], acts)
+    stab = stability(tables, k_values=(1, 4, 8), seed=0, n_splits=3)
+    assert len(stab) == 3 * 3 * 2 and set(stab["score"]) == {"min", "mean"}
+    assert (stab["iou"] == 1.0).all()
+    noise = {
+        g: write_last_token(tmp_path / f"n-{g}.parquet", [f"{g}-{i}" for i in range(40)], rng.normal(size=(40, N_LAYERS, WIDTH)))
+        for g in ["a", "b"]
+    }
+    noisy = stability(noise, k_values=(8,), seed=0, n_splits=5)
+    assert noisy["iou"].mean() < 0.6
+    assert noisy["iou_chance"].iloc[0] == pytest.approx(chance_iou(N_LAYERS * WIDTH, 8))
+
+
+def test_chance_iou_exact_small_case():
+    # two random 2-subsets of 4 items: overlap 2 (p=1/6) -> IoU 1, overlap 1 (p=4/6) -> 1/3, 0 (1/6) -> 0
+    assert chance_iou(4, 2) == pytest.approx(1 / 6 + 4 / 6 / 3)
+    assert chance_iou(10, 10) == pytest.approx(1.0)
+    sims = np.random.default_rng(0)
+    draws = [
+        len(set(sims.choice(30, 5, replace=False)) & set(sims.choice(30, 5, replace=False))) for _ in range(20000)
+    ]
+    mc = np.mean([j / (10 - j) for j in draws])
+    assert chance_iou(30, 5) == pytest.approx(mc, abs=0.01)
+
+
+def test_random_controls_match_layers_and_avoid_keystones():
+    keystone = [(2, 5), (2, 7), (0, 1)]
+    controls = random_controls(keystone, n_neurons=16, n_random=4, seed=0, exclude=[(2, 1), (0, 3)])
+    assert len(controls) == 4
+    for c in controls:
+        assert sorted(l for l, _ in c) == sorted(l for l, _ in keystone)
+        assert not set(c) & ({(2, 1), (0, 3)} | set(keystone))
+        assert len(set(c)) == len(c)
+    assert controls != random_controls(keystone, 16, 4, seed=1)
+    assert controls == random_controls(keystone, 16, 4, seed=0, exclude=[(2, 1), (0, 3)])
+
+
+def test_ablation_curve_on_a_tiny_model(llama, tokenizer):
+    model, adapter = llama
+    ranked = pd.DataFrame(
+        {
+            "layer": [1, 3, 1, 0, 2, 3],
+            "neuron": [10, 20, 30, 40, 50, 60],
+            "super_weight_outlier": [False, True, False, False, False, False],
+        }
+    )
+    tasks = {
+        "task_arithmetic": pd.DataFrame({"text": ["What is 7 + 5?", "What is 3 times 4?"], "answer": [12, 12]}),
+    }
+    curve = ablation_curve(
+        model, tokenizer, adapter, ranked, ["Cats are animals.", "The river flows."], tasks,
+        k_values=(1, 2, 4), n_random=2, seed=0, max_new_tokens=3,
+    )
+    assert curve.columns.tolist() == curve_schema(["task_arithmetic"]).names
+    assert set(curve["k"]) == {0, 1, 2, 4}
+    keystone = curve[curve.kind == "keystone"].set_index("k")
+    for k in (1, 2, 4):
+        top = [tuple(x) for x in json.loads(keystone.loc[k, "neurons"])]
+        assert top == list(zip(ranked.layer[:k], ranked.neuron[:k]))
+        randoms = curve[(curve.kind == "random") & (curve.k == k)]
+        assert sorted(randoms["replicate"]) == [0, 1]
+        for neurons in randoms["neurons"]:
+            got = [tuple(x) for x in json.loads(neurons)]
+            assert sorted(l for l, _ in got) == sorted(l for l, _ in top)  # same layers
+            assert not set(got) & set(zip(ranked.layer[:4], ranked.neuron[:4]))
+    assert keystone.loc[1, "n_outliers"] == 0 and keystone.loc[2, "n_outliers"] == 1
+    clean = curve[curve.kind == "keystone_no_outliers"].set_index("k")
+    assert [tuple(x) for x in json.loads(clean.loc[2, "neurons"])] == [(1, 10), (1, 30)]
+    assert curve.loc[curve.kind == "baseline", "neurons"].iloc[0] == "[]"
+    assert np.isfinite(curve["perplexity"]).all() and curve["accuracy__task_arithmetic"].between(0, 1).all()
+    assert keystone.loc[4, "perplexity"] != curve.loc[curve.kind == "baseline", "perplexity"].iloc[0]
+
+
+def _curve(rows):
+    df = pd.DataFrame(rows, columns=["k", "kind", "replicate", "perplexity", "accuracy__t"])
+    df["n_outliers"] = 0
+    return df
+
+
+def test_summary_only_claims_separation_that_is_there():
+    curve = _curve(
+        [
+            (0, "baseline", 0, 5.0, 0.9),
+            (1, "keystone", 0, 6.0, 0.8), (1, "random", 0, 5.5, 0.9), (1, "random", 1, 7.0, 0.7),
+            (2, "keystone", 0, 50.0, 0.1), (2, "random", 0, 5.5, 0.9), (2, "random", 1, 6.0, 0.8),
+        ]
+    )
+    s = summarise_curve(curve, ["t"], n_random=2)
+    assert s["perplexity_separates_at_k"] == [2] and s["perplexity_separates_at_k_max"]
+    assert s["accuracy_separates_at_k"] == {"t": [2]}
+    k1 = s["per_k"][0]["perplexity"]
+    assert not k1["separates"] and k1["random_min"] == 5.5 and k1["random_max"] == 7.0
+    assert k1["ratio_to_random_median"] == pytest.approx(6.0 / 6.25)
+    assert "k = [2] of [1, 2]" in s["statement"] and "1/3" in s["statement"]
+    none = summarise_curve(curve[curve.k != 2], ["t"], n_random=2)
+    assert none["perplexity_separates_at_k"] == [] and "k = none" in none["statement"]
+    assert not none["perplexity_separates_at_k_max"]
+
+
+def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
+    from neuronaudit.activations import collect_activations
+    from neuronaudit.models.loading import load_prepared, prepare_model
+    from neuronaudit.prompts import prompt_table
+
+    manifest = prepare_model(str(tiny_model_dir), tmp_path / "model")
+    man_path = tmp_path / "model" / "manifest.json"
+    model, tokenizer, adapter, _ = load_prepared(man_path)
+    sets = {
+        "task_knowledge": [("Capital of France?", {"answer": "paris", "aliases": []}),
+                           ("Colour of the sky?", {"answer": "blue", "aliases": []}),
+                           ("Capital of Italy?", {"answer": "rome", "aliases": []}),
+                           ("Colour of grass?", {"answer": "green", "aliases": []})],
+        "task_arithmetic": [("What is 7 + 5?", {"answer": 12}), ("What is 3 times 4?", {"answer": 12}),
+                            ("What is 9 - 2?", {"answer": 7}), ("What is 2 + 2?", {"answer": 4})],
+        "generic": [("The river flows through the old city.", {}), ("Cats are animals.", {}),
+                    ("Paris is the capital of France.", {}), ("Hello! How are you today?", {})],
+    }
+    stats, last, tables = {}, {}, {}
+    for name, rows in sets.items():
+        ids = [f"{name}-{i}" for i in range(len(rows))]
+        df = pd.DataFrame(
+            {"prompt_id": ids, "text": [t for t, _ in rows], "split": ["discovery", "heldout"] * 2,
+             "extra": [json.dumps(e) for _, e in rows]}
+        )
+        tables[name] = write_table(prompt_table(df), tmp_path / "prompts" / f"{name}.parquet",
+                                   {"prompt_set": name, "prompt_set_hash": f"h-{name}"})
+        stats[name], last[name] = tmp_path / f"{name}.stats.parquet", tmp_path / f"{name}.last_token.parquet"
+        collect_activations(model, tokenizer, adapter, list(df["text"]), ids, stats[name], last[name],
+                            provenance={"weight_sha256": manifest["weight_sha256"], "prompt_set": name},
+                            progress=False)
+    out = tmp_path / "keystone"
+    summary = run_keystone(
+        stats, last, tables, man_path, out / "scores.parquet", out / "curve.parquet", out / "summary.json",
+        k_max=4, n_random=2, iou_k=(2, 8), n_splits=2, max_new_tokens=3, out_stability=out / "stability.parquet",
+        loaded=(model, tokenizer, adapter),
+    )
+    scores = pq.read_table(out / "scores.parquet")
+    assert scores.num_rows == adapter.n_layers * adapter.n_neurons
+    assert scores.schema.remove_metadata() == keystone_schema(list(sets))
+    curve = pq.read_table(out / "curve.parquet").to_pandas()
+    assert sorted(curve.loc[curve.kind == "keystone", "k"]) == [1, 2, 4]
+    assert (curve.kind == "random").sum() == 3 * 2
+    assert pq.read_table(out / "stability.parquet").schema.remove_metadata() == STABILITY_SCHEMA
+    written = json.loads((out / "summary.json").read_text())
+    assert written["curve"]["perplexity_separates_at_k"] == summary["curve"]["perplexity_separates_at_k"]
+    assert {e["k"] for e in written["curve"]["per_k"]} == {1, 2, 4}
+    assert written["provenance"]["n_texts"] == 2 and written["provenance"]["eval_split"] == "heldout"
+    prov = read_provenance(out / "curve.parquet")
+    assert prov["weight_sha256"] == manifest["weight_sha256"] and prov["k_values"] == [1, 2, 4]
+    with pytest.raises(NeuronAuditError, match="needs prompt tables"):
+        run_keystone(stats, last, {"generic": tables["generic"]}, man_path, out / "a", out / "b", out / "c",
+                     k_max=2, loaded=(model, tokenizer, adapter))

@@ -1,0 +1,137 @@
+"""Behaviour oracles and answer checks on hand-written responses."""
+
+import pytest
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.oracles import (
+    ORACLES,
+    answer_number,
+    arithmetic_correct,
+    format_oracle,
+    get_oracle,
+    knowledge_correct,
+    normalise,
+    numbers_in,
+    operator_oracle,
+)
+
+
+@pytest.mark.parametrize(
+    "response, a, b, label",
+    [
+        ("3 + 9 = 12", 3, 9, "add"),
+        ("3 × 9 = 27", 3, 9, "mul"),
+        ("The answer is 27.", 3, 9, "mul"),
+        ("The answer is 12.", 3, 9, "add"),
+        ("12", 3, 9, "add"),
+        ("27", 3, 9, "mul"),
+        ("What is 3 plus 9? 3 plus 9 is 12.", 3, 9, "add"),
+        ("What is 3 times 9? The answer is 27", 3, 9, "mul"),
+        ("3 multiplied by 9 equals 27.", 3, 9, "mul"),
+        ("To add 4 and 8, count up: 12", 4, 8, "add"),
+        ("4 x 8 = 32", 4, 8, "mul"),
+        ("3 + 9 is 12, and 3 × 9 is 27", 3, 9, "add"),  # the first answer wins
+        ("The result is 3 + 9 = 12", 3, 9, "add"),
+        ("The answer is twelve.", 3, 9, "add"),  # number words only when there are no digits
+        ("The answer is twenty-seven.", 3, 9, "mul"),
+        ("3 + 9 = 13", 3, 9, "other"),
+        ("I don't know.", 3, 9, "other"),
+        ("3 and 9", 3, 9, "other"),  # only echoes
+        ("12.5", 3, 9, "other"),
+        ("10 + 11 = 21", 10, 11, "add"),
+        ("10 × 11 = 110", 10, 11, "mul"),
+        ("1,000", 10, 100, "mul"),
+    ],
+)
+def test_operator_oracle(response, a, b, label):
+    assert operator_oracle(response, a, b) == label
+
+
+@pytest.mark.parametrize(
+    "response, label",
+    [
+        ("- apples\n- pears", "list"),
+        ("1. First, rinse the dishes.\n2. Then soap them.", "list"),
+        ("1) eggs\n2) flour", "list"),
+        ("* eggs\n* flour", "list"),
+        ("• eggs\n• flour", "list"),
+        ("Sure! Here is a list:\n\n1. Eggs\n2. Flour", "list"),
+        ("Here you go.\nSome intro.\nMore intro.\n- too late", "prose"),  # not in the first 3 lines
+        ("**Packing list**\nBring warm clothes and a good book.", "prose"),
+        ("Drinking water keeps you healthy and alert.", "prose"),
+        ("1.5 million people live there.", "prose"),
+        ("-3 degrees is cold.", "prose"),
+        ("", "prose"),
+    ],
+)
+def test_format_oracle(response, label):
+    assert format_oracle(response) == label
+
+
+def test_answer_number_rules():
+    assert answer_number("What is 12 - 6? 12 - 6 = 6", operands=(12, 6)) == 6  # answer equals an operand
+    assert answer_number("16 - 16 = 0", operands=(16, 16)) == 0
+    assert answer_number("The temperature is -3 now.") == -3
+    assert answer_number("5 - 3 = 2") == 2
+    assert answer_number("nothing here") is None
+    assert numbers_in("one hundred and four") == [104]
+    assert numbers_in("1,000 and 12.5, then 7.") == [1000, 12.5, 7]
+
+
+@pytest.mark.parametrize(
+    "response, answer, ok",
+    [
+        ("Paris.", "paris", True),
+        ("The capital of France is Paris!", "paris", True),
+        ("PARIS", "paris", True),
+        ("Parisian cuisine", "paris", False),
+        ("Lyon", "paris", False),
+        ("It is Peking.", "beijing", True),
+        ("A cow.", "cow", True),
+        ("Eight", "8", True),
+        ("8 legs", "8", True),
+        ("18", "8", False),
+        ("São Paulo", "sao paulo", True),
+    ],
+)
+def test_knowledge_correct(response, answer, ok):
+    aliases = {"beijing": ["peking"], "8": ["eight"]}.get(answer, [])
+    assert knowledge_correct(response, answer, aliases) is ok
+
+
+@pytest.mark.parametrize(
+    "response, answer, operands, ok",
+    [
+        ("15", 15, (7, 8), True),
+        ("7 + 8 = 15", 15, (7, 8), True),
+        ("7 + 8 = 16", 15, (7, 8), False),
+        ("What is 15 - 6? The answer is 9.", 9, (15, 6), True),
+        ("12 - 6 = 6", 6, (12, 6), True),
+        ("Work out: 16 - 16 = 0", 0, (16, 16), True),
+        ("The answer is 15.0", 15, (), True),
+        ("7", 15, (7, 8), False),
+        ("", 15, (), False),
+    ],
+)
+def test_arithmetic_correct(response, answer, operands, ok):
+    assert arithmetic_correct(response, answer, operands) is ok
+
+
+def test_normalise():
+    assert normalise("  Héllo,   World! ") == "hello world"
+
+
+def test_registry():
+    op = get_oracle("operator")
+    assert op.fields == ("a", "b") and op.behaviour == "mul" and op.default == "add"
+    assert op.label("4 × 8 = 32", {"a": 4, "b": 8, "sum": 12}) == "mul"
+    assert op.labels_for(["12", "32"], [{"a": 4, "b": 8}] * 2) == ["add", "mul"]
+    assert op.behaviour_rate(["add", "mul", "mul", "other"]) == 0.5
+    fmt = ORACLES["format"]
+    assert fmt.behaviour == "list" and fmt.default == "prose" and fmt.fields == ()
+    assert fmt.label("- a\n- b", {}) == "list"
+    assert {o.behaviour_set for o in ORACLES.values()} == {"operator_mul", "format_list"}
+    with pytest.raises(NeuronAuditError, match="needs prompt fields"):
+        op.label("12", {"a": 4})
+    with pytest.raises(NeuronAuditError, match="no oracle"):
+        get_oracle("refusal-ish")

@@ -1,0 +1,262 @@
+"""Contrastive screening (CNA) on synthetic last-token tables, and CAA as neuron edits."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions import NeuronHooks
+from neuronaudit.io import last_token_schema, read_provenance, with_provenance
+from neuronaudit.prompts import prompt_table
+from neuronaudit.screen import (
+    SCREEN_SCHEMA,
+    bootstrap_indices,
+    caa_plan,
+    caa_vectors,
+    circuit_plan,
+    contrast,
+    read_circuit,
+    resolve_k,
+    run_screen,
+    screen,
+    select_circuit,
+    universal_neurons,
+)
+
+N_LAYERS, WIDTH = 4, 32
+
+
+def write_last_token(path, ids, acts, prov=None):
+    """``acts [n_prompts, n_layers, width]`` as a last-token table (rows shuffled by layer)."""
+    schema = with_provenance(last_token_schema(acts.shape[2]), prov or {"weight_sha256": "abc", "n_layers": acts.shape[1]})
+    rows = [(pid, layer, acts[p, layer]) for layer in range(acts.shape[1]) for p, pid in enumerate(ids)]
+    table = pa.Table.from_pydict(
+        {
+            "prompt_id": [r[0] for r in rows],
+            "layer": np.array([r[1] for r in rows], dtype=np.int32),
+            "activation": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.stack([r[2] for r in rows]).astype(np.float32).ravel()), acts.shape[2]
+            ),
+        },
+        schema=schema,
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def write_prompts(path, ids, heldout=()):
+    df = pd.DataFrame(
+        {
+            "prompt_id": ids,
+            "text": [f"text {i}" for i in ids],
+            "split": ["heldout" if i in heldout else "discovery" for i in ids],
+            "extra": ["{}"] * len(ids),
+        }
+    )
+    table = prompt_table(df)
+    table = table.replace_schema_metadata(
+        with_provenance(table.schema, {"prompt_set": path.stem, "prompt_set_hash": "h-" + path.stem}).metadata
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def planted(tmp_path, n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    pos_ids = [f"pos-{i:03d}" for i in range(n)]
+    neg_ids = [f"neg-{i:03d}" for i in range(n)]
+    pos = rng.normal(size=(n, N_LAYERS, WIDTH))
+    neg = rng.normal(size=(n, N_LAYERS, WIDTH))
+    pos[:, 2, 7] += 3.0  # the planted controller, positive sign
+    neg[:, 3, 4] += 2.0  # a negative-sign neuron
+    pos[:, 0, 5] += 10.0  # huge but in a skipped layer
+    return (
+        write_last_token(tmp_path / "pos.parquet", pos_ids, pos),
+        write_last_token(tmp_path / "neg.parquet", neg_ids, neg),
+        pos_ids, neg_ids, pos, neg,
+    )
+
+
+def test_screen_recovers_the_planted_neuron_with_its_sign(tmp_path):
+    pos_path, neg_path, *_ = planted(tmp_path)
+    scores = screen(pos_path, neg_path, n_boot=200)
+    assert len(scores) == N_LAYERS * WIDTH and list(scores.columns) == SCREEN_SCHEMA.names
+    first = scores[scores["rank"] == 1].iloc[0]
+    assert (first.layer, first.neuron) == (2, 7) and first.delta > 2 and first.ci_low > 0
+    second = scores[scores["rank"] == 2].iloc[0]
+    assert (second.layer, second.neuron) == (3, 4) and second.delta < 0 and second.ci_high < 0
+    skipped = scores[scores["layer"].isin([0, 1])]
+    assert not skipped["screened"].any() and skipped["rank"].isna().all()
+    assert scores.loc[(scores.layer == 0) & (scores.neuron == 5), "delta"].iloc[0] > 8  # still scored
+    circuit = select_circuit(scores, k=2)
+    assert list(zip(circuit.layer, circuit.neuron, circuit.sign)) == [(2, 7, "pos"), (3, 4, "neg")]
+    # without skipping, the huge layer-0 neuron wins
+    unskipped = screen(pos_path, neg_path, skip_layers=(), n_boot=10)
+    top = unskipped[unskipped["rank"] == 1].iloc[0]
+    assert (top.layer, top.neuron) == (0, 5)
+
+
+def test_std_delta_and_bootstrap_ci_match_a_direct_computation(tmp_path):
+    pos_path, neg_path, pos_ids, neg_ids, pos, neg = planted(tmp_path, n=12, seed=3)
+    n_boot, seed = 500, 11
+    scores = screen(pos_path, neg_path, n_boot=n_boot, seed=seed, skip_layers=())
+    idx_pos, idx_neg = bootstrap_indices(12, 12, n_boot, seed)
+    # the tables were written in id order, which is the order the screen sorts rows into
+    for layer, neuron in [(2, 7), (3, 4), (1, 0), (0, 31)]:
+        x = pos[:, layer, neuron].astype(np.float32).astype(np.float64)
+        y = neg[:, layer, neuron].astype(np.float32).astype(np.float64)
+        row = scores[(scores.layer == layer) & (scores.neuron == neuron)].iloc[0]
+        delta = x.mean() - y.mean()
+        pooled = np.sqrt((11 * x.var(ddof=1) + 11 * y.var(ddof=1)) / 22)
+        boot = np.array([x[idx_pos[b]].mean() - y[idx_neg[b]].mean() for b in range(n_boot)])
+        np.testing.assert_allclose(row.delta, delta, rtol=1e-10)
+        np.testing.assert_allclose(row.std_delta, delta / pooled, rtol=1e-10)
+        np.testing.assert_allclose([row.ci_low, row.ci_high], np.percentile(boot, [2.5, 97.5]), rtol=1e-9)
+        np.testing.assert_allclose([row.mean_pos, row.mean_neg], [x.mean(), y.mean()], rtol=1e-10)
+    # a different seed gives different CIs; the same seed the same ones
+    again = screen(pos_path, neg_path, n_boot=n_boot, seed=seed, skip_layers=())
+    other = screen(pos_path, neg_path, n_boot=n_boot, seed=seed + 1, skip_layers=())
+    assert np.array_equal(scores["ci_low"], again["ci_low"])
+    assert not np.array_equal(scores["ci_low"], other["ci_low"])
+
+
+def test_contrast_handles_constant_neurons():
+    pos = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]])
+    neg = np.array([[1.0, 0.0], [1.0, 0.0]])
+    out = contrast(pos, neg)
+    assert out["std_delta"][0] == 0 and np.isposinf(out["std_delta"][1])
+    with pytest.raises(NeuronAuditError, match="at least 2 prompts"):
+        contrast(pos[:1], neg)
+
+
+def test_universal_neurons_are_flagged_and_excluded(tmp_path):
+    pos_path, neg_path, pos_ids, neg_ids, pos, neg = planted(tmp_path)
+    rng = np.random.default_rng(5)
+    n = 40
+    diverse = rng.normal(size=(n, N_LAYERS, WIDTH))
+    diverse[: int(0.9 * n), 2, 7] = 50.0  # the planted controller fires on 90% of diverse prompts
+    diverse[: int(0.7 * n), 3, 4] = 50.0  # 70%: below the 80% bar
+    d_path = write_last_token(tmp_path / "diverse.parquet", [f"d{i:02d}" for i in range(n)], diverse)
+    uni = universal_neurons([d_path], top_n=3, fraction=0.8)
+    flagged = set(zip(uni.loc[uni.universal, "layer"], uni.loc[uni.universal, "neuron"]))
+    assert (2, 7) in flagged and (3, 4) not in flagged
+    assert uni.loc[(uni.layer == 2) & (uni.neuron == 7), "top_frac"].iloc[0] >= 0.9
+    scores = screen(pos_path, neg_path, diverse_last_tokens=[d_path], n_boot=50, top_n=3)
+    assert scores.loc[(scores.layer == 2) & (scores.neuron == 7), "universal"].iloc[0]
+    circuit = select_circuit(scores, k=1)
+    assert (circuit.layer[0], circuit.neuron[0]) == (3, 4) and circuit.attrs["n_universal_excluded"] == 1
+    kept = select_circuit(scores, k=1, exclude_universal=False)
+    assert (kept.layer[0], kept.neuron[0]) == (2, 7)
+
+
+def test_k_as_count_and_fraction(tmp_path):
+    pos_path, neg_path, *_ = planted(tmp_path)
+    scores = screen(pos_path, neg_path, n_boot=10)
+    assert resolve_k(3, 128) == 3 and resolve_k(0.05, 128) == 6 and resolve_k(0.001, 128) == 1
+    assert len(select_circuit(scores, k=5)) == 5
+    frac = select_circuit(scores, k=0.05)  # of all 128 neurons, not only the screened 64
+    assert len(frac) == 6 and frac.attrs["n_total"] == 128
+    assert len(select_circuit(scores, k=0.05, n_total=1000)) == 50
+    assert (frac["rank"] == np.arange(1, 7)).all()
+    assert frac["delta"].abs().is_monotonic_decreasing
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(NeuronAuditError):
+            resolve_k(bad, 128)
+    with pytest.raises(NeuronAuditError, match="exceeds"):
+        select_circuit(scores, k=65)
+    plan = circuit_plan(frac, 0.0)
+    assert len(plan.rows[0]) == 6 and all(e.op == "scale" and e.value == 0 for e in plan.rows[0])
+    assert len(circuit_plan(frac, 2.0, sign="neg").rows[0]) == int((frac.sign == "neg").sum())
+
+
+def test_run_screen_uses_only_the_discovery_split_and_writes_provenance(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 30
+    pos_ids = [f"pos-{i:03d}" for i in range(n)]
+    neg_ids = [f"neg-{i:03d}" for i in range(n)]
+    pos, neg = rng.normal(size=(n, N_LAYERS, WIDTH)), rng.normal(size=(n, N_LAYERS, WIDTH))
+    pos[:, 2, 7] += 3.0
+    held = set(pos_ids[:8])
+    pos[:8, 3, 9] += 40.0  # only on held-out prompts: must not be found
+    pos_path = write_last_token(tmp_path / "pos.parquet", pos_ids, pos)
+    neg_path = write_last_token(tmp_path / "neg.parquet", neg_ids, neg)
+    pos_tab = write_prompts(tmp_path / "harmful.parquet", pos_ids, heldout=held)
+    neg_tab = write_prompts(tmp_path / "harmless.parquet", neg_ids)
+    scores, circuit = run_screen(
+        "refusal", pos_path, neg_path, pos_tab, neg_tab, [pos_path, neg_path],
+        tmp_path / "out" / "refusal.scores.parquet", tmp_path / "out" / "refusal.circuit.json",
+        k=3, n_boot=100, seed=2,
+    )
+    assert (circuit.layer[0], circuit.neuron[0]) == (2, 7)
+    assert not ((circuit.layer == 3) & (circuit.neuron == 9)).any()
+    written = pq.read_table(tmp_path / "out" / "refusal.scores.parquet")
+    assert written.schema.remove_metadata() == SCREEN_SCHEMA and written.num_rows == N_LAYERS * WIDTH
+    prov = read_provenance(tmp_path / "out" / "refusal.scores.parquet")
+    assert prov["n_pos"] == n - len(held) and prov["n_neg"] == n and prov["split"] == "discovery"
+    assert prov["positive_set"] == "harmful" and prov["k"] == 3 and prov["seed"] == 2
+    assert prov["weight_sha256"] == "abc" and prov["n_total_neurons"] == N_LAYERS * WIDTH
+    doc = json.loads((tmp_path / "out" / "refusal.circuit.json").read_text())
+    assert len(doc["neurons"]) == 3 and doc["behaviour"] == "refusal"
+    back = read_circuit(tmp_path / "out" / "refusal.circuit.json")
+    pd.testing.assert_frame_equal(back.reset_index(drop=True), circuit.reset_index(drop=True), check_dtype=False)
+    run_screen(
+        "refusal", pos_path, neg_path, pos_tab, neg_tab, [], tmp_path / "s.parquet", tmp_path / "c.parquet",
+        k=3, n_boot=10,
+    )
+    assert pq.read_table(tmp_path / "c.parquet").num_rows == 3
+    other = write_last_token(tmp_path / "other.parquet", neg_ids, neg, prov={"weight_sha256": "zzz"})
+    with pytest.raises(NeuronAuditError, match="different models"):
+        run_screen("refusal", pos_path, other, pos_tab, neg_tab, [], tmp_path / "x.parquet", tmp_path / "y.json")
+
+
+def test_caa_vector_is_the_mean_difference_of_mlp_outputs(llama):
+    model, adapter = llama
+    rng = np.random.default_rng(0)
+    width = adapter.n_neurons
+    pos = rng.normal(size=(9, width)) + rng.normal(size=width)
+    neg = rng.normal(size=(7, width))
+    layer = 2
+    scores = pd.DataFrame({"layer": layer, "neuron": np.arange(width), "delta": contrast(pos, neg)["delta"]})
+    vec = caa_vectors(adapter, scores)
+    assert vec.shape == (adapter.n_layers, adapter.d_model)
+    assert torch.all(vec[[0, 1, 3]] == 0)
+    with torch.no_grad():
+        down = adapter.mlp_outs[layer]
+        out_pos = down(torch.tensor(pos, dtype=torch.float32)).double().mean(0)
+        out_neg = down(torch.tensor(neg, dtype=torch.float32)).double().mean(0)
+    torch.testing.assert_close(vec[layer], out_pos - out_neg, atol=1e-4, rtol=1e-4)
+
+
+def test_caa_as_neuron_edits_equals_adding_the_vector_to_the_mlp_output(llama, tokenizer):
+    model, adapter = llama
+    rng = np.random.default_rng(1)
+    scores = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(adapter.n_layers), adapter.n_neurons),
+            "neuron": np.tile(np.arange(adapter.n_neurons), adapter.n_layers),
+            "delta": rng.normal(size=adapter.n_layers * adapter.n_neurons) * 0.5,
+        }
+    )
+    alpha = 1.7
+    vectors = caa_vectors(adapter, scores).float() * alpha
+    ids = tokenizer(["How do I bake bread at home?"], return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**ids).logits
+        with NeuronHooks(adapter, caa_plan(scores, alpha, positions=("prompt",))):
+            edited = model(**ids).logits
+        handles = [
+            adapter.mlp_outs[l].register_forward_hook(lambda m, a, out, v=vectors[l]: out + v)
+            for l in range(adapter.n_layers)
+        ]
+        try:
+            direct = model(**ids).logits
+        finally:
+            for h in handles:
+                h.remove()
+    torch.testing.assert_close(edited, direct, atol=1e-4, rtol=1e-4)
+    assert (edited - plain).abs().max() > 1e-2  # the vector does change the output
