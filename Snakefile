@@ -25,6 +25,7 @@ include: "rules/prompts.smk"
 include: "rules/refusal.smk"
 include: "rules/collect.smk"
 include: "rules/screen.smk"
+include: "rules/window.smk"
 include: "rules/report.smk"
 
 

@@ -13,6 +13,7 @@ from snakemake.utils import validate
 
 from neuronaudit.config import collected_sets, config_json, preflight, resolve_path, study_name
 from neuronaudit.config import validate_config
+from neuronaudit.control_window import swept_set
 from neuronaudit.errors import NeuronAuditError
 
 ROOT = Path(workflow.basedir)
@@ -151,6 +152,8 @@ def stage_outputs():
         stage_file("refusal", "fractions.parquet"),
         stage_file("keystone", "summary.json"),
     ]
+    if config["behaviours"]:
+        out.append(stage_file("window", "summary.json"))
     out += [screen_table("circuit", b) for b in config["behaviours"]]
     if config["cna"]["behaviour"] in config["behaviours"]:
         out.append(stage_file("cna", "summary.parquet"))

@@ -206,6 +206,16 @@ def cmd_cna(args) -> None:
             **_options(args.options, run_cna))
 
 
+def cmd_window(args) -> None:
+    from neuronaudit.control_window import run_window
+
+    behaviours = json.loads(args.behaviours)
+    run_window(args.manifest, _named(args.screens, "--screens"), _named(args.prompts, "--prompts"),
+               args.generic, behaviours, args.out_sweeps, args.out_single_pass, args.out_window,
+               args.out_summary, judge_config=json.loads(args.judge) if args.judge else None,
+               threads=args.threads, **_options(args.options, run_window))
+
+
 def cmd_check_config(args) -> None:
     from neuronaudit.config import load_config, preflight
 
@@ -338,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--options", **opts)
     p.set_defaults(func=cmd_cna)
+
+    p = sub.add_parser("window", help="control-window dose sweeps, ceilings, triggers and verdicts")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--screens", nargs="+", required=True, metavar="BEHAVIOUR=SCORES")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="BEHAVIOUR=TABLE",
+                   help="the prompt table each behaviour is swept on")
+    p.add_argument("--generic", required=True)
+    p.add_argument("--behaviours", required=True, help="JSON: behaviour -> {positive, negative, oracle}")
+    p.add_argument("--judge", default=None)
+    p.add_argument("--out-sweeps", required=True)
+    p.add_argument("--out-single-pass", required=True)
+    p.add_argument("--out-window", required=True)
+    p.add_argument("--out-summary", required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_window)
 
     p = sub.add_parser("check-config", help="validate a config file and check its inputs exist")
     p.add_argument("configfile")

@@ -302,3 +302,70 @@ def keystone_curve(curve: pd.DataFrame) -> Figure:
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def saturation_plot(single: pd.DataFrame, geometry: pd.DataFrame) -> Figure:
+    """Measured alignment against the saturation curve: every (neuron, x) of the single-pass
+    sweep at the write layer and at the readout, with the curve for each neuron's ``c0``."""
+    import numpy as np
+
+    from neuronaudit.window import saturation_curve
+
+    df = single.merge(geometry[["layer", "neuron", "c0"]], on=["layer", "neuron"], how="left")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    xs = np.linspace(df["x"].min(), df["x"].max(), 400)
+    for ax, col, title in zip(axes, ["alignment_write", "alignment_readout"], ["write layer", "readout (final layer)"]):
+        for (layer, neuron), g in df.groupby(["layer", "neuron"]):
+            ax.plot(xs, saturation_curve(xs, g["c0"].iloc[0]), color="#cccccc", lw=0.6, zorder=1)
+        sc = ax.scatter(df["x"], df[col], c=df["layer"], cmap="viridis", s=12, zorder=2)
+        ax.set_xscale("symlog", linthresh=0.25)
+        ax.set_xlabel("normalised dose x = d / B (budget units)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("alignment cos(r', v)")
+    fig.colorbar(sc, ax=axes, label="layer")
+    return fig
+
+
+def ceiling_scatter(window: pd.DataFrame) -> Figure:
+    """Predicted against measured collapse ceilings (|x|) for training and held-out neurons."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    ok = window.dropna(subset=["ceiling_x"])
+    top = max(float(ok["ceiling_x"].max()) if len(ok) else 1.0, 1.0) * 1.2
+    for ax, col, title in zip(axes, ["predicted_ceiling_x_alignment", "predicted_ceiling_x_kl"],
+                              ["(a) critical alignment c*", "(b) single-pass KL threshold"]):
+        for split, marker in (("train", "o"), ("heldout", "s")):
+            g = ok[ok["split"] == split]
+            ax.scatter(g["ceiling_x"], g[col].clip(upper=top), marker=marker, s=28, alpha=0.8,
+                       label=f"{split} ({len(g)})")
+        ax.plot([0, top], [0, top], color="#666666", lw=0.8)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_xlabel("measured ceiling |x| (budget units)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, frameon=False)
+    axes[0].set_ylabel("predicted ceiling |x| (budget units)")
+    fig.tight_layout()
+    return fig
+
+
+def window_diagram(window: pd.DataFrame, horizon: int) -> Figure:
+    """Per neuron and dose sign: the trigger (dot) against the measured ceiling (bar end)."""
+    import numpy as np
+
+    df = window.copy()
+    df["label"] = [f"{b} L{l}/N{n} {'+' if s > 0 else '−'}" for b, l, n, s in
+                   zip(df["behaviour"], df["layer"], df["neuron"], df["sign"])]
+    df = df.sort_values(["behaviour", "layer", "neuron", "sign"])
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(df) + 1)))
+    y = np.arange(len(df))
+    grid_max = float(np.nanmax(df[["ceiling_x", f"trigger_x_{horizon}"]].to_numpy(float))) if len(df) else 1.0
+    grid_max = grid_max if np.isfinite(grid_max) else 1.0
+    ceiling = df["ceiling_x"].fillna(grid_max * 1.5)
+    ax.barh(y, ceiling, color=["#029e73" if v == "open" else "#bbbbbb" for v in df["verdict"]], height=0.6)
+    ax.scatter(df[f"trigger_x_{horizon}"], y, color="#d55e00", zorder=3, s=14, label=f"trigger at τ={horizon}")
+    ax.set_yticks(y, [_mpl_text(t) for t in df["label"]], fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("|x| (budget units): bar = coherent range up to the measured ceiling")
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -144,7 +144,72 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
     return Section("keystone", "Keystone neurons", intro, items), heads
 
 
-BUILDERS = (refusal_section, screen_section, cna_section, keystone_section)
+def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "window"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    window = pq.read_table(folder / "window.parquet").to_pandas()
+    single = pq.read_table(folder / "single_pass.parquet").to_pandas()
+    horizon = max(summary["grid"]["horizons"])
+    geometry = window[["layer", "neuron", "c0"]].drop_duplicates(["layer", "neuron"])
+    v, a, k = summary["verdicts"], summary["predictor_alignment"], summary["predictor_kl"]
+
+    def mae(entry: dict, unit: str) -> str:
+        value, ci = entry.get(f"mae_{unit}"), entry.get(f"mae_{unit}_ci95", [None, None])
+        if value is None:
+            return "missing (no held-out neuron with a measured ceiling)"
+        lo, hi = ci
+        ci_text = f"95% CI {lo:.3f}–{hi:.3f}" if lo is not None and lo == lo else "CI missing"
+        return f"{value:.3f} ({ci_text}; n = {entry['n_with_measured_ceiling']})"
+
+    verdict_text = (f"{v['correct']}/{v['n_heldout_neurons']} correct vs majority ({v['majority_class']}) "
+                    f"{v['majority_correct']}/{v['n_heldout_neurons']}, binomial p = {v['binomial_p_value_vs_majority']:.3g}")
+    rows = [
+        {"figure": "held-out neurons", "this study": v["n_heldout_neurons"], "published": 15},
+        {"figure": "ceiling MAE, alignment units, predictor (a)", "this study": mae(a, "alignment"), "published": "0.14 (≈0.07 bulk)"},
+        {"figure": "ceiling MAE, |x|, predictor (a)", "this study": mae(a, "x"), "published": "—"},
+        {"figure": "ceiling MAE, alignment units, predictor (b)", "this study": mae(k, "alignment"), "published": "—"},
+        {"figure": "verdicts", "this study": verdict_text, "published": "11/15 vs 10/15"},
+        {"figure": "fitted c*, KL threshold", "this study":
+            f"{summary['fitted_on_training_neurons']['c_star']}, {summary['fitted_on_training_neurons']['kl_threshold']}",
+         "published": "—"},
+    ]
+    items = [
+        Table("Held-out figures against the published ones", pd.DataFrame(rows), caption("window_heldout"),
+              table_link=_rel(folder / "summary.json", report_dir)),
+        Figure("Saturation curve", figure_to_data_uri(plots.saturation_plot(single, geometry)), caption("saturation_curve"),
+               table_link=_rel(folder / "single_pass.parquet", report_dir)),
+        Figure("Predicted against measured ceilings", figure_to_data_uri(plots.ceiling_scatter(window)),
+               caption("ceiling_scatter"), table_link=_rel(folder / "window.parquet", report_dir)),
+        Figure("Control windows", figure_to_data_uri(plots.window_diagram(window, horizon)), caption("window_diagram"),
+               table_link=_rel(folder / "window.parquet", report_dir)),
+        Table("Per-neuron windows", window[["behaviour", "layer", "neuron", "kind", "band", "sign", "split", "budget", "c0",
+                                            "ceiling_x", f"trigger_x_{horizon}", "predicted_ceiling_x_alignment",
+                                            "predicted_ceiling_x_kl", "verdict", "predicted_verdict", "failure_mode"]],
+              caption("window_table"), table_link=_rel(folder / "window.parquet", report_dir), max_rows=80),
+    ]
+    pivots = summary.get("refusal_pivots", [])
+    if pivots:
+        items.append(Table("Refusal pivots: what their control buys",
+                           pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in p.items()} for p in pivots]),
+                           caption("refusal_pivots"), table_link=_rel(folder / "sweeps.parquet", report_dir)))
+    intro = ("Failure-mode rules for closed neurons: normalisation cap if the write-layer alignment never exceeds "
+             "0.9 over the single-pass grid; too little depth if a late-layer (last 20%) neuron's readout "
+             "alignment never reaches the median readout alignment at which open training neurons triggered; "
+             "otherwise collapse before trigger. Predicted ceilings use only the weights and one generic "
+             "forward pass; nothing fitted sees a held-out neuron.")
+    heads = [
+        ("ceiling MAE on held-out neurons (alignment, predictor a)", f"{mae(a, 'alignment')}; published 0.14"),
+        ("open/closed verdicts on held-out neurons", f"{verdict_text}; published 11/15 vs 10/15"),
+    ]
+    if pivots:
+        reach = sum(p["reach"] == "actionable" for p in pivots)
+        heads.append(("refusal pivots with actionable reach", f"{reach} of {len(pivots)} (published: 3 of 6 Llama pivots)"))
+    return Section("window", "Control window", intro, items), heads
+
+
+BUILDERS = (refusal_section, screen_section, cna_section, keystone_section, window_section)
 
 
 def stage_sections(study_dir: str | Path, report_dir: str | Path) -> tuple[list[Section], list[Headline]]:

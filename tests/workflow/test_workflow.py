@@ -33,6 +33,8 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
         "screen": {"n_boot": 100, "k": 4, "universal_top_n": 4},
         "cna": {"factors": [0.0], "caa_alphas": [-1.0], "max_new_tokens": 4, "prompts": 2},
         "keystone": {"k_max": 2, "n_random": 1, "max_texts": 2, "max_task_prompts": 2},
+        "window": {"n_candidates": 1, "n_random": 1, "x_grid": [1.0, 4.0], "single_pass_grid": [1.0, 4.0],
+                   "horizons": [2, 4], "n_prompts": 2, "n_generic": 2, "n_heldout": 2, "row_batch_size": 8},
     }))
     # an interrupted run: only one stage of one prompt set finished
     first = snakemake(work, "results/tiny/collect/harmful.stats.parquet", overrides=overrides)
@@ -58,10 +60,12 @@ def test_whole_dag_writes_report_and_every_table(tiny_study):
         assert (work / f"results/tiny/benchmarks/collect/{name}.tsv").is_file()
     html = (work / "results/tiny/report/index.html").read_text()
     assert "harmful" in html and manifest["weight_sha256"] in html and "MISMATCH" not in html
-    for section in ("Refusal: reference model", "Contrastive screening", "CNA circuit ablation", "Keystone neurons"):
+    for section in ("Refusal: reference model", "Contrastive screening", "CNA circuit ablation", "Keystone neurons",
+                    "Control window"):
         assert section in html
     for table in ("refusal/evaluation.json", "refusal/fractions.parquet", "screen/refusal.circuit.parquet",
-                  "screen/operator.scores.parquet", "cna/summary.parquet", "keystone/curve.parquet"):
+                  "screen/operator.scores.parquet", "cna/summary.parquet", "keystone/curve.parquet",
+                  "window/window.parquet", "window/summary.json"):
         assert (work / "results/tiny" / table).is_file(), table
     assert not list(work.rglob(".*.tmp-*"))  # no half-written files anywhere
 

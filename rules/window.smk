@@ -1,0 +1,43 @@
+"""The control-window law: dose sweeps, measured and predicted collapse ceilings, triggers,
+verdicts on held-out neurons with bootstrap error bars.
+
+Needs: the audited model, every behaviour's screen table, the prompt table each behaviour is
+swept on (refusal: harmful prompts; mode switches: the prompts lacking the behaviour), generic
+prompts, window.*, judge.*.
+Writes: results/<study>/window/{sweeps, single_pass, window}.parquet and summary.json (held-out
+MAE with CIs, verdict accuracy vs the majority baseline, failure modes, refusal pivots).
+"""
+
+
+rule window:
+    input:
+        manifest=audited_manifest(),
+        screens=[screen_table("scores", b) for b in config["behaviours"]],
+        prompts=[prompt_table(swept_set(spec)) for spec in config["behaviours"].values()],
+        generic=prompt_table("generic"),
+    output:
+        sweeps=stage_file("window", "sweeps.parquet"),
+        single_pass=stage_file("window", "single_pass.parquet"),
+        window=stage_file("window", "window.parquet"),
+        summary=stage_file("window", "summary.json"),
+    params:
+        cli=NEURONAUDIT,
+        screens=named_paths({b: screen_table("scores", b) for b in config["behaviours"]}),
+        prompts=named_paths({b: prompt_table(swept_set(s)) for b, s in config["behaviours"].items()}),
+        behaviours=json.dumps(config["behaviours"]),
+        judge=judge_json(),
+        options=model_options(**config["window"], seed=config["seed"]),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("window", "window"),
+    benchmark:
+        benchmark_file("window", "window")
+    shell:
+        "{params.cli} window --manifest {input.manifest:q} --screens {params.screens} "
+        "--prompts {params.prompts} --generic {input.generic:q} --behaviours {params.behaviours:q} "
+        "--judge {params.judge:q} --out-sweeps {output.sweeps:q} "
+        "--out-single-pass {output.single_pass:q} --out-window {output.window:q} "
+        "--out-summary {output.summary:q} --threads {threads} --options {params.options:q} "
+        "> {log:q} 2>&1"
