@@ -154,6 +154,7 @@ def stage_outputs():
     ]
     if config["behaviours"]:
         out.append(stage_file("window", "summary.json"))
+        out.append(stage_file("attribution", "summary.json"))
     out += [screen_table("circuit", b) for b in config["behaviours"]]
     if config["cna"]["behaviour"] in config["behaviours"]:
         out.append(stage_file("cna", "summary.parquet"))

@@ -5,7 +5,9 @@ Needs: the audited model, every behaviour's screen table, the prompt table each 
 swept on (refusal: harmful prompts; mode switches: the prompts lacking the behaviour), generic
 prompts, window.*, judge.*.
 Writes: results/<study>/window/{sweeps, single_pass, window}.parquet and summary.json (held-out
-MAE with CIs, verdict accuracy vs the majority baseline, failure modes, refusal pivots).
+MAE with CIs, verdict accuracy vs the majority baseline, failure modes, refusal pivots), and
+results/<study>/attribution/{scores.parquet, summary.json}: gradient vs forward scores of the
+same neurons against their measured control.
 """
 
 
@@ -39,5 +41,37 @@ rule window:
         "--prompts {params.prompts} --generic {input.generic:q} --behaviours {params.behaviours:q} "
         "--judge {params.judge:q} --out-sweeps {output.sweeps:q} "
         "--out-single-pass {output.single_pass:q} --out-window {output.window:q} "
+        "--out-summary {output.summary:q} --threads {threads} --options {params.options:q} "
+        "> {log:q} 2>&1"
+
+
+rule attribution:
+    input:
+        manifest=audited_manifest(),
+        window=stage_file("window", "window.parquet"),
+        sweeps=stage_file("window", "sweeps.parquet"),
+        screens=[screen_table("scores", b) for b in config["behaviours"]],
+        prompts=[prompt_table(swept_set(spec)) for spec in config["behaviours"].values()],
+    output:
+        scores=stage_file("attribution", "scores.parquet"),
+        summary=stage_file("attribution", "summary.json"),
+    params:
+        cli=NEURONAUDIT,
+        screens=named_paths({b: screen_table("scores", b) for b in config["behaviours"]}),
+        prompts=named_paths({b: prompt_table(swept_set(s)) for b, s in config["behaviours"].items()}),
+        behaviours=json.dumps(config["behaviours"]),
+        options=model_options(n_prompts=config["window"]["n_prompts"], n_boot=config["window"]["n_boot"],
+                              seed=config["seed"]),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("attribution", "attribution"),
+    benchmark:
+        benchmark_file("attribution", "attribution")
+    shell:
+        "{params.cli} attribution --manifest {input.manifest:q} --window {input.window:q} "
+        "--sweeps {input.sweeps:q} --screens {params.screens} --prompts {params.prompts} "
+        "--behaviours {params.behaviours:q} --out-scores {output.scores:q} "
         "--out-summary {output.summary:q} --threads {threads} --options {params.options:q} "
         "> {log:q} 2>&1"

@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: one thread is fastest and never oversubscribes
 
 from neuronaudit.models.adapters import adapter_for  # noqa: E402
 from neuronaudit.testing import tiny_model, tiny_tokenizer  # noqa: E402

@@ -40,11 +40,23 @@ def opening_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     return ids
 
 
-def behaviour_metric(logits: torch.Tensor, behaviour_ids: Sequence[int], default_ids: Sequence[int]) -> torch.Tensor:
-    """``m`` for next-token ``logits [batch, vocab]`` -> ``[batch]``."""
+def _token_mask(ids, batch: int, vocab: int, device) -> torch.Tensor:
+    """``[batch, vocab]`` bool mask from one id list (shared) or one list per row."""
+    mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    per_row = len(ids) > 0 and isinstance(ids[0], (list, tuple))
+    for r in range(batch):
+        mask[r, list(ids[r] if per_row else ids)] = True
+    return mask
+
+
+def behaviour_metric(logits: torch.Tensor, behaviour_ids, default_ids) -> torch.Tensor:
+    """``m`` for next-token ``logits [batch, vocab]`` -> ``[batch]``; the id sets are shared
+    lists or one list per row (e.g. each prompt's product vs sum tokens)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    beh = torch.logsumexp(logp[:, list(behaviour_ids)], dim=-1)
-    dflt = torch.logsumexp(logp[:, list(default_ids)], dim=-1)
+    b, v = logp.shape
+    neg = torch.finfo(logp.dtype).min
+    beh = torch.logsumexp(logp.masked_fill(~_token_mask(behaviour_ids, b, v, logp.device), neg), dim=-1)
+    dflt = torch.logsumexp(logp.masked_fill(~_token_mask(default_ids, b, v, logp.device), neg), dim=-1)
     return beh - dflt
 
 
@@ -81,7 +93,8 @@ def gradient_scores(
             with torch.enable_grad(), NeuronHooks(adapter, on_activation=on_activation):
                 logits = model(**enc, use_cache=False).logits
                 rows = torch.arange(logits.shape[0], device=device)
-                m = behaviour_metric(logits[rows, last["index"]], behaviour_ids, default_ids)
+                m = behaviour_metric(logits[rows, last["index"]], _batch_ids(behaviour_ids, start, len(rows)),
+                                     _batch_ids(default_ids, start, len(rows)))
                 layers = sorted(captured)
                 grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers])
         finally:
@@ -96,6 +109,11 @@ def gradient_scores(
     return {"grad": grad_sum / count, "activation": act_sum / count, "metric": np.array(metrics)}
 
 
+def _batch_ids(ids, start: int, n: int):
+    per_row = len(ids) > 0 and isinstance(ids[0], (list, tuple))
+    return ids[start : start + n] if per_row else ids
+
+
 def attribution_patching(grad_negative: np.ndarray, act_positive: np.ndarray, act_negative: np.ndarray) -> np.ndarray:
     """AtP estimate of moving each neuron from its negative to its positive mean: ``(ā⁺ − ā⁻)·∂m/∂a``."""
     return (act_positive - act_negative) * grad_negative
@@ -105,7 +123,8 @@ def readout_direction(adapter, behaviour_ids: Sequence[int], default_ids: Sequen
     """``u = g ⊙ (mean W_U[behaviour] − mean W_U[default])`` ``[d_model]``; ``g`` the final norm's
     weight (1 where the norm has none)."""
     W = adapter.unembed.detach().float()
-    u = W[list(behaviour_ids)].mean(0) - W[list(default_ids)].mean(0)
+    flat = lambda ids: sorted({i for x in ids for i in (x if isinstance(x, (list, tuple)) else [x])})  # noqa: E731
+    u = W[flat(behaviour_ids)].mean(0) - W[flat(default_ids)].mean(0)
     weight = getattr(adapter.final_norm, "weight", None)
     if weight is not None:
         w = weight.detach().float()

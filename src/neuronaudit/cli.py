@@ -216,6 +216,14 @@ def cmd_window(args) -> None:
                threads=args.threads, **_options(args.options, run_window))
 
 
+def cmd_attribution(args) -> None:
+    from neuronaudit.attribution_stage import run_attribution
+
+    run_attribution(args.manifest, args.window, args.sweeps, _named(args.screens, "--screens"),
+                    _named(args.prompts, "--prompts"), json.loads(args.behaviours), args.out_scores,
+                    args.out_summary, threads=args.threads, **_options(args.options, run_attribution))
+
+
 def cmd_check_config(args) -> None:
     from neuronaudit.config import load_config, preflight
 
@@ -364,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--options", **opts)
     p.set_defaults(func=cmd_window)
+
+    p = sub.add_parser("attribution", help="gradient vs forward attribution against measured control")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--window", required=True, help="window.parquet of the window stage")
+    p.add_argument("--sweeps", required=True, help="sweeps.parquet of the window stage")
+    p.add_argument("--screens", nargs="+", required=True, metavar="BEHAVIOUR=SCORES")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="BEHAVIOUR=TABLE")
+    p.add_argument("--behaviours", required=True, help="JSON: behaviour -> spec")
+    p.add_argument("--out-scores", required=True)
+    p.add_argument("--out-summary", required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", **opts)
+    p.set_defaults(func=cmd_attribution)
 
     p = sub.add_parser("check-config", help="validate a config file and check its inputs exist")
     p.add_argument("configfile")

@@ -369,3 +369,18 @@ def window_diagram(window: pd.DataFrame, horizon: int) -> Figure:
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def attribution_panels(scores: pd.DataFrame) -> Figure:
+    """Measured control against |gradient|, |standardised δ| and |cos(v, u_readout)|."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, col, label in zip(axes, ["grad", "std_delta", "readout_cos"],
+                              ["|∂m/∂a| (gradient)", "|standardised δ| (forward screen)", "|cos(v, u_readout)|"]):
+        for behaviour, g in scores.groupby("behaviour"):
+            ax.scatter(g[col].abs(), g["control_strength"], s=22, color=color_for(str(behaviour)),
+                       label=_mpl_text(behaviour), edgecolor=["black" if c else "none" for c in g["controls"]])
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("measured control (max flip fraction below ceiling)")
+    axes[-1].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -209,7 +209,36 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     return Section("window", "Control window", intro, items), heads
 
 
-BUILDERS = (refusal_section, screen_section, cna_section, keystone_section, window_section)
+def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "attribution"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    scores = pq.read_table(folder / "scores.parquet").to_pandas()
+    rows = []
+    for group, entry in summary["comparison"].items():
+        for score in ("grad", "atp", "delta", "std_delta", "dose_response"):
+            e = entry[score]
+            rows.append({"behaviours": group, "score": score, "spearman ρ": e["spearman_rho"],
+                         "ρ 95% CI": f"{e['rho_ci95'][0]:.2f}–{e['rho_ci95'][1]:.2f}",
+                         "precision@k": e["precision_at_k"], "k (controllers)": e["k"]})
+    items = [
+        Figure("Measured control against attribution scores and readout geometry",
+               figure_to_data_uri(plots.attribution_panels(scores)), caption("attribution_panels"),
+               table_link=_rel(folder / "scores.parquet", report_dir)),
+        Table("Agreement of each score with measured control", pd.DataFrame(rows), caption("attribution_table"),
+              table_link=_rel(folder / "summary.json", report_dir)),
+    ]
+    if summary.get("missed_by_gradient"):
+        items.append(Table("Controllers the gradient ranks low but the forward screen finds",
+                           pd.DataFrame(summary["missed_by_gradient"]), caption("attribution_missed"),
+                           table_link=_rel(folder / "scores.parquet", report_dir)))
+    heads = [("gradient vs forward attribution", summary["statement"])]
+    return Section("attribution", "Gradient versus forward attribution", summary["statement"], items), heads
+
+
+BUILDERS = (refusal_section, screen_section, cna_section, keystone_section, window_section,
+            attribution_section)
 
 
 def stage_sections(study_dir: str | Path, report_dir: str | Path) -> tuple[list[Section], list[Headline]]:

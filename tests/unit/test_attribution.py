@@ -58,3 +58,10 @@ def test_a_write_orthogonal_to_the_readout_has_zero_alignment(llama, tokenizer):
         cos = readout_alignment(adapter, beh, dflt)
         w[:, :2] = original
     assert abs(cos[1, 0]) < 1e-5 and cos[1, 1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_per_row_token_sets_equal_shared_sets_row_by_row():
+    logits = torch.randn(3, 50)
+    per_row = behaviour_metric(logits, [[1], [2, 3], [4]], [[5], [6], [7, 8]])
+    for r, (b, d) in enumerate([([1], [5]), ([2, 3], [6]), ([4], [7, 8])]):
+        assert per_row[r] == pytest.approx(float(behaviour_metric(logits[r : r + 1], b, d)[0]), abs=1e-5)

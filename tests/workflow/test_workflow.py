@@ -25,6 +25,7 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
     overrides = work / "tiny.yaml"
     overrides.write_text(yaml.safe_dump({
         "study": "tiny",
+        "threads": 1,
         "model": {"source": str(tiny_model_dir)},
         "prompts": {"limit": 3},
         "collect": {"batch_size": 4, "max_length": 64},
@@ -61,11 +62,11 @@ def test_whole_dag_writes_report_and_every_table(tiny_study):
     html = (work / "results/tiny/report/index.html").read_text()
     assert "harmful" in html and manifest["weight_sha256"] in html and "MISMATCH" not in html
     for section in ("Refusal: reference model", "Contrastive screening", "CNA circuit ablation", "Keystone neurons",
-                    "Control window"):
+                    "Control window", "Gradient versus forward attribution"):
         assert section in html
     for table in ("refusal/evaluation.json", "refusal/fractions.parquet", "screen/refusal.circuit.parquet",
                   "screen/operator.scores.parquet", "cna/summary.parquet", "keystone/curve.parquet",
-                  "window/window.parquet", "window/summary.json"):
+                  "window/window.parquet", "window/summary.json", "attribution/summary.json"):
         assert (work / "results/tiny" / table).is_file(), table
     assert not list(work.rglob(".*.tmp-*"))  # no half-written files anywhere
 
