@@ -295,6 +295,48 @@ def _curve_row(k, kind, replicate, neurons, outliers, report, groups) -> dict:
     return row
 
 
+def _fingerprint(generic_texts, task_prompts, positions, capability_kwargs, model_name, n_params) -> str:
+    import hashlib
+
+    doc = {
+        "texts": list(map(str, generic_texts)),
+        "tasks": {g: df.astype(str).to_dict(orient="list") for g, df in task_prompts.items()},
+        "positions": list(positions),
+        "kwargs": {k: str(v) for k, v in sorted(capability_kwargs.items())},
+        "model": [str(model_name), int(n_params)],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _read_checkpoint(path, fingerprint: str) -> dict[str, dict]:
+    if path is None or not Path(path).is_file():
+        return {}
+    lines = Path(path).read_text().splitlines()
+    if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+        Path(path).unlink()  # another input or setting: start afresh
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the interruption
+            continue
+        done[entry["key"]] = entry["row"]
+    return done
+
+
+def _append_checkpoint(path, fingerprint: str, key: str, row: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a") as fh:
+        if new:
+            fh.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+        fh.write(json.dumps({"key": key, "row": row}, default=float) + "\n")
+
+
 def ablation_curve(
     model,
     tokenizer,
@@ -309,6 +351,7 @@ def ablation_curve(
     include_baseline: bool = True,
     without_outliers: bool | None = None,
     progress=None,
+    checkpoint: str | Path | None = None,
     **capability_kwargs,
 ) -> pd.DataFrame:
     """Capability after ablating the top-``k`` of ``ranked`` (strongest first; ``layer``,
@@ -317,6 +360,10 @@ def ablation_curve(
     Returns one row per (k, kind, replicate) with the columns of :func:`curve_schema`; ``kind``
     is ``baseline`` (k = 0, no edit), ``keystone``, ``keystone_no_outliers`` (top-k skipping
     flagged outliers; by default only when the top ``max(k)`` holds one) or ``random``.
+
+    ``checkpoint``: a JSON Lines file that receives each measured row as soon as it exists; a
+    rerun with the same inputs and settings (fingerprint in the first line) reuses those rows and
+    measures only the missing ones, so an interrupted curve resumes instead of restarting.
     """
     k_values = sorted({int(k) for k in k_values})
     if not k_values or k_values[0] < 1:
@@ -335,25 +382,36 @@ def ablation_curve(
     rows = []
     say = progress or (lambda msg: None)
 
-    def measure(neuron_set):
+    fingerprint = _fingerprint(
+        generic_texts, task_prompts, positions, capability_kwargs,
+        getattr(getattr(model, "config", None), "_name_or_path", None), sum(p.numel() for p in model.parameters()),
+    )
+    done = _read_checkpoint(checkpoint, fingerprint)
+
+    def measure(k, kind, replicate, neuron_set):
+        key = json.dumps([int(k), kind, int(replicate), [[int(l), int(i)] for l, i in neuron_set]])
+        if key in done:
+            say(f"k={k} {kind} {replicate} (from checkpoint)")
+            rows.append(done[key])
+            return
+        say(f"k={k} {kind} {replicate}")
         plan = ablation_plan(neuron_set, positions) if neuron_set else None
-        return capability_report(model, tokenizer, adapter, generic_texts, task_prompts, plan=plan, **capability_kwargs)
+        report = capability_report(model, tokenizer, adapter, generic_texts, task_prompts, plan=plan, **capability_kwargs)
+        row = _curve_row(k, kind, replicate, neuron_set, outliers, report, groups)
+        rows.append(row)
+        _append_checkpoint(checkpoint, fingerprint, key, row)
 
     if include_baseline:
-        say("baseline")
-        rows.append(_curve_row(0, "baseline", 0, [], outliers, measure([]), groups))
+        measure(0, "baseline", 0, [])
     for k in k_values:
         top = neurons[:k]
-        say(f"k={k} keystone")
-        rows.append(_curve_row(k, "keystone", 0, top, outliers, measure(top), groups))
+        measure(k, "keystone", 0, top)
         if without_outliers:
             if len(clean) < k:
                 raise NeuronAuditError(f"fewer than {k} ranked neurons are not outliers")
-            say(f"k={k} keystone_no_outliers")
-            rows.append(_curve_row(k, "keystone_no_outliers", 0, clean[:k], outliers, measure(clean[:k]), groups))
+            measure(k, "keystone_no_outliers", 0, clean[:k])
         for r, control in enumerate(random_controls(top, adapter.n_neurons, n_random, seed, exclude=candidates, k=k)):
-            say(f"k={k} random {r}")
-            rows.append(_curve_row(k, "random", r, control, outliers, measure(control), groups))
+            measure(k, "random", r, control)
     df = pd.DataFrame.from_records(rows)
     return df[list(curve_schema(groups).names)]
 
@@ -546,6 +604,7 @@ def run_keystone(
     curve = ablation_curve(
         model, tokenizer, adapter, ranked, list(generic["text"]), tasks, k_values=k_values,
         n_random=n_random, seed=seed, positions=positions, progress=progress,
+        checkpoint=Path(out_curve).with_name(Path(out_curve).name + ".partial.jsonl"),
         chat_template=chat_template, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
         batch_size=batch_size, max_length=max_length,
     )
@@ -578,6 +637,7 @@ def run_keystone(
     )
     write_table(pa.Table.from_pandas(scores, schema=keystone_schema(groups), preserve_index=False), out_scores, prov)
     write_table(pa.Table.from_pandas(curve, schema=curve_schema(list(accuracy_groups)), preserve_index=False), out_curve, prov)
+    Path(out_curve).with_name(Path(out_curve).name + ".partial.jsonl").unlink(missing_ok=True)
     if out_stability is not None:
         write_table(pa.Table.from_pandas(stab, schema=STABILITY_SCHEMA, preserve_index=False), out_stability, prov)
     top = ranked.head(max(k_values))

@@ -14,8 +14,11 @@ fine-tunes it into a reference refuser:
   positions carry label ``-100``); a response that ended with EOS keeps its EOS as a target.
 * **Optimiser**: AdamW (``lr`` 3e-5, no weight decay by default), batch 8, ``steps`` 100,
   gradient-norm clipping at 1.0, constant learning rate, fixed seed (data order, template
-  choice, torch). Full fine-tune in float32 on CPU (about 7 minutes on 2 cores for
-  SmolLM2-135M).
+  choice, torch). Full fine-tune in float32 on CPU. Measured for SmolLM2-135M-Instruct on 2
+  shared cores (threads=2, other jobs running): own answers 6.8 min, 100 steps 9.6 min
+  (~4.6 s/step unloaded), 19.5 min in all; training is deterministic (a rerun reproduced the
+  loss curve step for step). Result: 56/62 held-out harmful refused (base 1/62), but 12/62
+  held-out harmless over-refused (base 0/62), generic perplexity ×1.37.
 * **Outputs** (``out_dir``, written to a temporary directory and renamed at the end):
   ``weights/`` (``save_pretrained`` model + tokenizer), ``manifest.json`` in the format of
   :func:`neuronaudit.models.loading.prepare_model` plus ``tuned_from`` (the base model's source,

@@ -265,3 +265,25 @@ def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
     with pytest.raises(NeuronAuditError, match="needs prompt tables"):
         run_keystone(stats, last, {"generic": tables["generic"]}, man_path, out / "a", out / "b", out / "c",
                      k_max=2, loaded=(model, tokenizer, adapter))
+
+
+def test_ablation_curve_resumes_from_its_checkpoint(llama, tokenizer, tmp_path, monkeypatch):
+    from neuronaudit import keystone
+
+    model, adapter = llama
+    ranked = pd.DataFrame({"layer": [1, 3, 2], "neuron": [10, 20, 30]})
+    args = (model, tokenizer, adapter, ranked, ["Cats are animals."], {})
+    ckpt = tmp_path / "curve.partial.jsonl"
+    first = ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=ckpt)
+    lines = ckpt.read_text().splitlines()
+    assert len(lines) == 1 + len(first)
+    ckpt.write_text("\n".join(lines[:-2]) + "\n" + lines[-1][:10])  # interrupted mid-write
+    calls = []
+    real = keystone.capability_report
+    monkeypatch.setattr(keystone, "capability_report", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    resumed = ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=ckpt)
+    assert len(calls) == 2  # only the two rows missing from the checkpoint are measured again
+    pd.testing.assert_frame_equal(resumed, first)
+    calls.clear()
+    ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=ckpt, max_new_tokens=2)  # other settings
+    assert len(calls) == len(first)
