@@ -12,7 +12,7 @@ collapses the model. This module reproduces the audit:
 2. **Super-weight-like outliers** (Yu et al., "The Super Weight", arXiv 2411.07191): a neuron
    whose max ``|a|`` (over all groups' tokens) exceeds ``outlier_multiple`` (default 50) × the
    median max ``|a|`` of its layer is flagged ``super_weight_outlier``. Such spikes feed
-   ``down_proj`` huge values on a few tokens (often the first token / attention sink), so
+   ``down_proj`` huge values on a few tokens (typically the first token), so
    ablating them confounds a collapse measurement. They are labelled, counted in every curve
    row (``n_outliers``), and — when present in the top ``k_max`` — a second keystone curve
    skipping them (``kind = keystone_no_outliers``) is measured; they are never silently dropped.

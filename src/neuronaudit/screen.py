@@ -17,8 +17,7 @@ DISCOVERY split of each prompt set, per neuron ``(l, i)``:
                 are one matrix product ``C @ A / n``. Memory is ``n_boot × chunk`` per step, with
                 layers read one at a time and neurons processed in chunks.
 
-Layers 0 and 1 are not screened by default (``skip_layers``; the paper skips the first layers,
-whose neurons mostly track surface tokens); their rows stay in the table with ``screened=False``
+Layers 0 and 1 are not screened by default (``skip_layers``, as in SCIENCE.md §3); their rows stay in the table with ``screened=False``
 and no rank, so the table holds every neuron and the CAA baseline can use every layer.
 
 *Universal* neurons fire strongly on almost everything: a neuron is universal when it is among
