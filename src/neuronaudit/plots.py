@@ -2,8 +2,11 @@
 
 Every figure function takes pandas DataFrames and returns a :class:`matplotlib.figure.Figure`;
 turning it into an image is the report's job (:func:`neuronaudit.report.figure_to_data_uri`).
-Colours come from one place, :func:`color_for` / :data:`PALETTE`, so the same prompt set or
-rollout type has the same colour in every figure of every report.
+Colours come from one place, :func:`color_for` / :data:`PALETTE`, so the same prompt set,
+rollout type, behaviour or intervention family has the same colour in every figure of every
+report (and of every study set side by side by ``neuronaudit compare``). Doses are drawn in
+budget units (``x = d / B``), alignments as ``cosθ``, and a figure draws error bars wherever its
+table carries a confidence interval.
 
 Input tables follow :data:`neuronaudit.io.NEURON_STATS_SCHEMA` (one row per ``(layer, neuron)``),
 concatenated over prompt sets with an extra ``prompt_set`` column.
@@ -28,15 +31,26 @@ from neuronaudit.errors import NeuronAuditError  # noqa: E402
 
 __all__ = [
     "PALETTE",
+    "ROLLOUT_TYPES",
     "color_for",
     "palette_for",
     "layer_profile_table",
     "layer_activation_profile",
     "neuron_outliers",
+    "rollout_type_bars",
+    "screen_overview",
+    "cna_dose_response",
+    "keystone_curve",
+    "saturation_plot",
+    "ceiling_scatter",
+    "window_diagram",
+    "attribution_panels",
 ]
 
-#: Fixed colours for names that recur across figures (prompt sets, rollout outcome types).
-#: Names not listed get a stable colour from :data:`_CYCLE` chosen by a hash of the name.
+#: Fixed colours for names that recur across figures (prompt sets, rollout outcome types, the
+#: default behaviours, intervention families). The behaviour ``refusal`` shares the colour of the
+#: rollout type ``refusal`` on purpose. Names not listed get a stable colour from :data:`_CYCLE`
+#: chosen by a hash of the name.
 PALETTE: dict[str, str] = {
     # prompt sets
     "harmful": "#d55e00",
@@ -46,15 +60,25 @@ PALETTE: dict[str, str] = {
     "collapse": "#949494",
     "coherent_bypass": "#de8f05",
     "actionable": "#8c1c13",
-    # steering conditions
+    # behaviours of the default study (refusal as above)
+    "operator": "#6a3d9a",
+    "format": "#56b4e9",
+    # steering conditions and intervention families
     "baseline": "#333333",
     "steered": "#cc78bc",
+    "none": "#333333",
+    "circuit": "#d55e00",
+    "circuit_pos": "#e69f00",
+    "circuit_neg": "#0173b2",
+    "random": "#b6a27c",
+    "caa": "#cc78bc",
+    "keystone": "#d55e00",
 }
 
 # Colours for names without a fixed colour; none of them is a PALETTE colour, so an unknown name
 # never borrows the colour of a known one.
 _CYCLE: tuple[str, ...] = (
-    "#56b4e9", "#ca9161", "#6a3d9a", "#e7298a", "#17becf", "#66a61e", "#7570b3", "#bcbd22",
+    "#ca9161", "#e7298a", "#17becf", "#66a61e", "#7570b3", "#bcbd22", "#a6761d", "#1b9e77",
 )
 
 _STATS_COLUMNS = ("layer", "neuron", "count", "mean_abs", "max_abs")
@@ -207,98 +231,177 @@ def neuron_outliers(stats: pd.DataFrame, top: int = 20) -> pd.DataFrame:
 
 ROLLOUT_TYPES = ("refusal", "collapse", "coherent_bypass", "actionable")
 
+#: Axis labels shared by every figure that draws the quantity.
+DOSE_LABEL = "normalised dose x = d / B (budget units)"
+ABS_DOSE_LABEL = "|x| = |d| / B (budget units)"
+ALIGNMENT_LABEL = "alignment cosθ = cos(r′, v)"
+
+
+def _type_handles(types=ROLLOUT_TYPES):
+    return [plt.Rectangle((0, 0), 1, 1, color=color_for(t)) for t in types]
+
+
+def _yerr(values: pd.Series, low: pd.Series, high: pd.Series):
+    """Asymmetric error-bar lengths (2, n) from a CI, clipped at zero; None without a CI."""
+    import numpy as np
+
+    if low is None or high is None:
+        return None
+    lo = np.clip(values.to_numpy(float) - low.to_numpy(float), 0, None)
+    hi = np.clip(high.to_numpy(float) - values.to_numpy(float), 0, None)
+    return np.nan_to_num(np.vstack([lo, hi]))
+
 
 def rollout_type_bars(fractions: pd.DataFrame) -> Figure:
-    """Stacked bars of rollout-type fractions per horizon, one panel per (prompt set, intervention).
+    """Rollout-type fractions per horizon with their 95% CIs, one panel per (prompt set,
+    intervention): at each horizon one bar per rollout type, coloured by type.
 
     ``fractions`` follows the rollouts fraction table (prompt_set, intervention, sampling, horizon,
     rollout_type, fraction, ci_low, ci_high); greedy rows are drawn when present.
     """
+    import numpy as np
+
     df = fractions
     if "sampling" in df and (df["sampling"] == "greedy").any():
         df = df[df["sampling"] == "greedy"]
     panels = list(df.groupby(["prompt_set", "intervention"], sort=False).groups)
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1.5, 3.4), squeeze=False, sharey=True)
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.8, 3.4), squeeze=False, sharey=True)
+    width = 0.8 / len(ROLLOUT_TYPES)
     for ax, key in zip(axes[0], panels):
         g = df[(df["prompt_set"] == key[0]) & (df["intervention"] == key[1])]
-        wide = g.pivot_table(index="horizon", columns="rollout_type", values="fraction", aggfunc="mean")
-        wide = wide.reindex(columns=[t for t in ROLLOUT_TYPES if t in wide.columns]).fillna(0.0)
-        bottom = None
-        for t in wide.columns:
-            ax.bar(wide.index.astype(str), wide[t], bottom=bottom, color=color_for(t), label=t, width=0.7)
-            bottom = wide[t] if bottom is None else bottom + wide[t]
+        horizons = sorted(g["horizon"].unique())
+        pos = np.arange(len(horizons))
+        for j, t in enumerate(ROLLOUT_TYPES):
+            rows = g[g["rollout_type"] == t].groupby("horizon")[["fraction", "ci_low", "ci_high"]].mean()
+            rows = rows.reindex(horizons)
+            if rows["fraction"].isna().all():
+                continue
+            ax.bar(pos + (j - 1.5) * width, rows["fraction"].fillna(0.0), width=width, color=color_for(t),
+                   yerr=_yerr(rows["fraction"].fillna(0.0), rows["ci_low"], rows["ci_high"]),
+                   error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#222222"})
+        ax.set_xticks(pos, [str(h) for h in horizons])
+        ax.set_ylim(0, 1.02)
         ax.set_title(_mpl_text(f"{key[0]} · {key[1]}"), fontsize=9)
         ax.set_xlabel("horizon (new tokens)")
-    axes[0][0].set_ylabel("fraction of rollouts")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=color_for(t)) for t in ROLLOUT_TYPES]
-    fig.legend(handles, ROLLOUT_TYPES, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    axes[0][0].set_ylabel("fraction of rollouts (95% CI)")
+    fig.legend(_type_handles(), ROLLOUT_TYPES, loc="center right", fontsize=8, frameon=False, title="rollout type",
+               title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     return fig
 
 
 def screen_overview(scores: pd.DataFrame, circuits: dict[str, pd.DataFrame]) -> Figure:
-    """Standardised δ of every screened neuron by layer, per behaviour, circuit neurons marked."""
+    """Standardised δ of every screened neuron by layer, per behaviour; circuit neurons in the
+    behaviour's colour with the bootstrap 95% CI of δ (rescaled by the same pooled std)."""
+    import numpy as np
+
     names = list(circuits)
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.4), squeeze=False)
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         s = scores[(scores["behaviour"] == name) & scores["screened"].astype(bool)]
-        ax.scatter(s["layer"], s["std_delta"], s=2, color="#bbbbbb", rasterized=True, label="neurons")
+        ax.scatter(s["layer"], s["std_delta"], s=2, color="#bbbbbb", rasterized=True, label="screened neurons")
         c = circuits[name]
-        ax.scatter(c["layer"], c["std_delta"], s=14, color=color_for(name), label="circuit (top-k |δ|)")
+        if {"ci_low", "ci_high", "delta"} <= set(c.columns) and len(c):
+            scale = np.where(c["delta"].to_numpy(float) != 0, c["std_delta"] / c["delta"].replace(0, np.nan), 0.0)
+            scale = np.nan_to_num(scale)
+            lo, hi = c["ci_low"] * scale, c["ci_high"] * scale
+            ax.errorbar(c["layer"], c["std_delta"], yerr=_yerr(c["std_delta"], np.minimum(lo, hi), np.maximum(lo, hi)),
+                        fmt="o", ms=3.5, color=color_for(name), elinewidth=0.7, capsize=0,
+                        label="circuit (top-k |δ|, 95% CI)")
+        else:
+            ax.scatter(c["layer"], c["std_delta"], s=14, color=color_for(name), label="circuit (top-k |δ|)")
         u = s[s["universal"].astype(bool)]
         if len(u):
-            ax.scatter(u["layer"], u["std_delta"], s=10, marker="x", color="#333333", label="universal")
+            ax.scatter(u["layer"], u["std_delta"], s=10, marker="x", color="#333333", label="universal (excluded)")
         ax.axhline(0, color="#666666", lw=0.6)
-        ax.set_title(_mpl_text(name), fontsize=10)
+        ax.set_title(_mpl_text(name), fontsize=10, color=color_for(name))
         ax.set_xlabel("layer")
         ax.set_ylabel("standardised δ (pooled-std units)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 
 
-def cna_dose_response(summary: pd.DataFrame) -> Figure:
-    """Refusal rate, quality and perplexity per intervention (circuit scalings, random, CAA)."""
-    df = summary.copy()
-    df["family"] = df["intervention"].str.extract(r"^(none|circuit_pos|circuit_neg|circuit|random|caa)")[0]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+def _family(intervention: pd.Series) -> pd.Series:
+    return intervention.str.extract(r"^(none|circuit_pos|circuit_neg|circuit|random|caa)")[0].fillna("other")
+
+
+def cna_dose_response(summary: pd.DataFrame, fractions: pd.DataFrame | None = None) -> Figure:
+    """Per intervention (circuit scalings, random circuit, CAA): the rollout types of held-out
+    harmful prompts with the 95% CI of the refusal fraction (from ``fractions``, the CNA
+    rollout-type table; the summary's refusal rate without one), quality and perplexity, bars
+    coloured by intervention family."""
+    import numpy as np
+
+    df = summary.reset_index(drop=True).copy()
+    df["family"] = _family(df["intervention"])
     order = list(df["intervention"])
-    colors = {"none": "#333333", "circuit": "#d55e00", "circuit_pos": "#e69f00", "circuit_neg": "#56b4e9",
-              "random": "#949494", "caa": "#cc78bc"}
-    palette = [colors.get(f, "#999999") for f in df["family"]]
-    for ax, col, label in zip(axes, ["refusal_rate", "quality", "perplexity_median"],
-                              ["refusal rate (held-out harmful)", "quality (1 − 4-gram repetition)",
-                               "median perplexity (general text)"]):
-        ax.barh(order, df[col], color=palette)
+    y = np.arange(len(order))
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 0.28 * len(order) + 1.8), sharey=True)
+    ax = axes[0]
+    if fractions is not None and len(fractions):
+        f = fractions
+        if "sampling" in f and (f["sampling"] == "greedy").any():
+            f = f[f["sampling"] == "greedy"]
+        f = f[f["horizon"] == f["horizon"].max()]
+        wide = f.pivot_table(index="intervention", columns="rollout_type", values="fraction", aggfunc="mean")
+        wide = wide.reindex(index=order, columns=list(ROLLOUT_TYPES)).fillna(0.0)
+        left = np.zeros(len(order))
+        for t in ROLLOUT_TYPES:
+            ax.barh(y, wide[t], left=left, color=color_for(t), height=0.7)
+            left += wide[t].to_numpy()
+        ref = f[f["rollout_type"] == "refusal"].groupby("intervention")[["fraction", "ci_low", "ci_high"]].mean()
+        ref = ref.reindex(order)
+        ax.errorbar(ref["fraction"], y, xerr=_yerr(ref["fraction"], ref["ci_low"], ref["ci_high"]), fmt="none",
+                    ecolor="#111111", elinewidth=0.9, capsize=2)
+        ax.set_xlabel("fraction of held-out harmful rollouts\n(whisker: 95% CI of the refusal fraction)")
+        fig.legend(_type_handles(), ROLLOUT_TYPES, fontsize=8, frameon=False, loc="lower left", ncol=4,
+                   title="rollout type", title_fontsize=8, bbox_to_anchor=(0.01, 0.0))
+    else:
+        ax.barh(y, df["refusal_rate"], color=[color_for(f) for f in df["family"]], height=0.7)
+        ax.set_xlabel("refusal rate (held-out harmful)")
+    ax.set_xlim(0, 1)
+    for ax, col, label in zip(axes[1:], ["quality", "perplexity_median"],
+                              ["quality (1 − 4-gram repetition)", "median perplexity, general text"]):
+        ax.barh(y, df[col], color=[color_for(f) for f in df["family"]], height=0.7)
         ax.set_xlabel(label)
-        ax.invert_yaxis()
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
-    fig.tight_layout()
+    axes[0].set_yticks(y, [_mpl_text(o) for o in order])
+    axes[0].invert_yaxis()
+    families = list(dict.fromkeys(df["family"]))
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=color_for(f)) for f in families], families, fontsize=8,
+               frameon=False, loc="lower right", ncol=len(families), title="intervention family", title_fontsize=8,
+               bbox_to_anchor=(0.99, 0.0))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 
 def keystone_curve(curve: pd.DataFrame) -> Figure:
     """Perplexity after ablating the top-k keystone neurons vs same-layer random controls."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    with sns.axes_style("whitegrid"):
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
     ks = curve[curve["kind"] == "keystone"].sort_values("k")
     rnd = curve[curve["kind"] == "random"]
-    ax.plot(ks["k"], ks["perplexity"], "o-", color="#d55e00", label="keystone top-k")
+    ax.plot(ks["k"], ks["perplexity"], "o-", color=color_for("keystone"), label="keystone top-k")
     if len(rnd):
         agg = rnd.groupby("k")["perplexity"].agg(["min", "median", "max"]).reset_index()
         ax.plot(agg["k"], agg["median"], "s--", color="#555555", label="random same-layer (median)")
-        ax.fill_between(agg["k"], agg["min"], agg["max"], color="#999999", alpha=0.3, label="random min–max")
+        ax.fill_between(agg["k"], agg["min"], agg["max"], color=color_for("random"), alpha=0.35,
+                        label="random min–max over draws")
     nk = curve[curve["kind"] == "keystone_no_outliers"].sort_values("k")
     if len(nk):
         ax.plot(nk["k"], nk["perplexity"], "^:", color="#0173b2", label="keystone without outliers")
     base = curve[curve["kind"] == "baseline"]
     if len(base):
-        ax.axhline(float(base["perplexity"].iloc[0]), color="#029e73", lw=1, label="no ablation")
+        ax.axhline(float(base["perplexity"].iloc[0]), color=color_for("none"), lw=1, label="no ablation")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("neurons ablated (k)")
-    ax.set_ylabel("median perplexity, general text")
+    ax.set_xlabel("neurons ablated (k, log scale)")
+    ax.set_ylabel("median perplexity, general text (log scale)")
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
@@ -312,75 +415,131 @@ def saturation_plot(single: pd.DataFrame, geometry: pd.DataFrame) -> Figure:
     from neuronaudit.window import saturation_curve
 
     df = single.merge(geometry[["layer", "neuron", "c0"]], on=["layer", "neuron"], how="left")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), sharey=True)
     xs = np.linspace(df["x"].min(), df["x"].max(), 400)
+    sc = None
     for ax, col, title in zip(axes, ["alignment_write", "alignment_readout"], ["write layer", "readout (final layer)"]):
         for (layer, neuron), g in df.groupby(["layer", "neuron"]):
             ax.plot(xs, saturation_curve(xs, g["c0"].iloc[0]), color="#cccccc", lw=0.6, zorder=1)
         sc = ax.scatter(df["x"], df[col], c=df["layer"], cmap="viridis", s=12, zorder=2)
         ax.set_xscale("symlog", linthresh=0.25)
-        ax.set_xlabel("normalised dose x = d / B (budget units)")
+        ax.set_xlabel(DOSE_LABEL)
         ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("alignment cos(r', v)")
-    fig.colorbar(sc, ax=axes, label="layer")
+    axes[0].set_ylabel(ALIGNMENT_LABEL)
+    if sc is not None:
+        fig.colorbar(sc, ax=axes, label="layer of the neuron")
     return fig
 
 
+_SPLIT_MARKERS = {"train": "o", "heldout": "s"}
+
+
+def _log_dose_axis(ax, values: pd.Series) -> None:
+    """A log x axis of doses with plain-number ticks at the powers of two the data spans."""
+    import numpy as np
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    v = values.to_numpy(float)
+    v = v[np.isfinite(v) & (v > 0)]
+    ax.set_xscale("log")
+    if not len(v):
+        return
+    lo, hi = np.floor(np.log2(v.min())), np.ceil(np.log2(v.max()))
+    ticks = 2.0 ** np.arange(lo, hi + 1)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}"))
+
+
 def ceiling_scatter(window: pd.DataFrame) -> Figure:
-    """Predicted against measured collapse ceilings (|x|) for training and held-out neurons."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    """Predicted against measured collapse ceilings (|x|, budget units), coloured by behaviour;
+    training neurons filled, held-out neurons open."""
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), sharey=True)
     ok = window.dropna(subset=["ceiling_x"])
     top = max(float(ok["ceiling_x"].max()) if len(ok) else 1.0, 1.0) * 1.2
+    behaviours = list(dict.fromkeys(ok["behaviour"])) if "behaviour" in ok else []
+    colors = palette_for(behaviours)
     for ax, col, title in zip(axes, ["predicted_ceiling_x_alignment", "predicted_ceiling_x_kl"],
                               ["(a) critical alignment c*", "(b) single-pass KL threshold"]):
-        for split, marker in (("train", "o"), ("heldout", "s")):
-            g = ok[ok["split"] == split]
-            ax.scatter(g["ceiling_x"], g[col].clip(upper=top), marker=marker, s=28, alpha=0.8,
-                       label=f"{split} ({len(g)})")
+        for (behaviour, split), g in ok.groupby(["behaviour", "split"], sort=False):
+            c = colors[str(behaviour)]
+            filled = split != "heldout"
+            ax.scatter(g["ceiling_x"], g[col].clip(upper=top), marker=_SPLIT_MARKERS.get(split, "D"), s=30, alpha=0.75,
+                       facecolors=c if filled else "none", edgecolors=c, linewidths=1.2)
         ax.plot([0, top], [0, top], color="#666666", lw=0.8)
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
-        ax.set_xlabel("measured ceiling |x| (budget units)")
+        ax.set_xlabel("measured ceiling " + ABS_DOSE_LABEL)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, frameon=False)
-    axes[0].set_ylabel("predicted ceiling |x| (budget units)")
+    axes[0].set_ylabel("predicted ceiling " + ABS_DOSE_LABEL)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=colors[b]) for b in behaviours]
+    labels = [_mpl_text(b) for b in behaviours]
+    for split in ("train", "heldout"):
+        n = int((ok["split"] == split).sum()) if "split" in ok else 0
+        handles.append(plt.Line2D([], [], ls="", marker=_SPLIT_MARKERS[split], markerfacecolor="#555555" if split == "train" else "none",
+                                  markeredgecolor="#555555"))
+        labels.append(f"{split} ({n})")
+    axes[1].legend(handles, labels, fontsize=8, frameon=False, loc="upper left")
     fig.tight_layout()
     return fig
 
 
 def window_diagram(window: pd.DataFrame, horizon: int) -> Figure:
-    """Per neuron and dose sign: the trigger (dot) against the measured ceiling (bar end)."""
+    """Per neuron and dose sign: the coherent range up to the measured ceiling (bar, coloured by
+    behaviour, solid when open and pale when closed) and the trigger at ``horizon`` (dot)."""
     import numpy as np
 
     df = window.copy()
     df["label"] = [f"{b} L{l}/N{n} {'+' if s > 0 else '−'}" for b, l, n, s in
                    zip(df["behaviour"], df["layer"], df["neuron"], df["sign"])]
     df = df.sort_values(["behaviour", "layer", "neuron", "sign"])
-    fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(df) + 1)))
+    colors = palette_for(df["behaviour"].unique())
+    with sns.axes_style("whitegrid"):
+        fig, ax = plt.subplots(figsize=(7.5, max(3, 0.18 * len(df) + 1.2)))
     y = np.arange(len(df))
-    grid_max = float(np.nanmax(df[["ceiling_x", f"trigger_x_{horizon}"]].to_numpy(float))) if len(df) else 1.0
+    trig = f"trigger_x_{horizon}"
+    grid_max = float(np.nanmax(df[["ceiling_x", trig]].to_numpy(float))) if len(df) else 1.0
     grid_max = grid_max if np.isfinite(grid_max) else 1.0
     ceiling = df["ceiling_x"].fillna(grid_max * 1.5)
-    ax.barh(y, ceiling, color=["#029e73" if v == "open" else "#bbbbbb" for v in df["verdict"]], height=0.6)
-    ax.scatter(df[f"trigger_x_{horizon}"], y, color="#d55e00", zorder=3, s=14, label=f"trigger at τ={horizon}")
+    is_open = (df["verdict"] == "open").to_numpy()
+    bar_colors = [colors[str(b)] for b in df["behaviour"]]
+    ax.barh(y[is_open], ceiling[is_open], color=[c for c, o in zip(bar_colors, is_open) if o], height=0.6)
+    ax.barh(y[~is_open], ceiling[~is_open], color=[c for c, o in zip(bar_colors, is_open) if not o], alpha=0.3,
+            height=0.6, hatch="///", edgecolor="white", linewidth=0)
+    ax.scatter(df[trig], y, color="#111111", zorder=3, s=14)
     ax.set_yticks(y, [_mpl_text(t) for t in df["label"]], fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("|x| (budget units): bar = coherent range up to the measured ceiling")
-    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.invert_yaxis()
+    _log_dose_axis(ax, pd.concat([ceiling, df[trig]]))
+    ax.set_xlabel(ABS_DOSE_LABEL + "; bar: coherent range up to the measured ceiling")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[b]) for b in colors]
+    labels = [_mpl_text(b) for b in colors]
+    handles += [plt.Rectangle((0, 0), 1, 1, color="#777777"), plt.Rectangle((0, 0), 1, 1, color="#777777", alpha=0.3),
+                plt.Line2D([], [], ls="", marker="o", color="#111111")]
+    labels += ["open (trigger below ceiling)", "closed", f"trigger at τ = {horizon}"]
+    ax.legend(handles, labels, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
 
 def attribution_panels(scores: pd.DataFrame) -> Figure:
-    """Measured control against |gradient|, |standardised δ| and |cos(v, u_readout)|."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    """Measured control against |gradient|, |standardised δ| and |cos(v, u_readout)|, coloured
+    by behaviour; neurons with an open window outlined."""
+    colors = palette_for(scores["behaviour"].astype(str).unique())
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), sharey=True)
     for ax, col, label in zip(axes, ["grad", "std_delta", "readout_cos"],
-                              ["|∂m/∂a| (gradient)", "|standardised δ| (forward screen)", "|cos(v, u_readout)|"]):
+                              ["|∂m/∂a| (gradient of the behaviour metric)", "|standardised δ| (pooled-std units)",
+                               "|cos(v, u_readout)| (readout alignment)"]):
         for behaviour, g in scores.groupby("behaviour"):
-            ax.scatter(g[col].abs(), g["control_strength"], s=22, color=color_for(str(behaviour)),
+            ax.scatter(g[col].abs(), g["control_strength"], s=24, color=colors[str(behaviour)],
                        label=_mpl_text(behaviour), edgecolor=["black" if c else "none" for c in g["controls"]])
         ax.set_xlabel(label)
-    axes[0].set_ylabel("measured control (max flip fraction below ceiling)")
-    axes[-1].legend(fontsize=8, frameon=False)
+    axes[0].set_ylabel("measured control\n(max flip fraction below the ceiling)")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="black"))
+    labels.append("controller (open window)")
+    axes[-1].legend(handles, labels, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

@@ -11,8 +11,16 @@ Building blocks, so later stages (screening, dose sweeps, refusal rollouts) only
 * :class:`Figure`, :class:`Table`, :class:`Excerpt` — items of a section; a figure is a PNG data
   URI (:func:`figure_to_data_uri`), a one-sentence caption and links to the Parquet tables it
   was drawn from, relative to the report;
+* :class:`FigureGrid` — the same figure of several studies side by side (``neuronaudit compare``);
 * :class:`Section` — id, title, intro and a list of items;
-* :func:`render_report` — summary + sections + provenance dict -> HTML text.
+* :class:`Headline` — one headline figure of the summary: its value and 95% CI (also as
+  machine-readable ``data-value``/``data-ci-low``/``data-ci-high`` attributes of its cell), the
+  published number it reproduces and the table it is read from;
+* :func:`render_report` — summary + headlines + sections + provenance dict -> HTML text.
+
+:func:`write_figures` writes every figure of the sections as a PNG file (the very bytes embedded
+in the page) under ``<figures>/<section id>/<figure name>.png`` with a ``manifest.json``, which
+Snakemake's ``report()`` picks up so that ``snakemake --report`` shows the same figures.
 
 :func:`build_report` assembles the activation-statistics report from the stats Parquet files
 (:data:`neuronaudit.io.NEURON_STATS_SCHEMA`), the model manifest, the config and Snakemake
@@ -33,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import jinja2
 import numpy as np
@@ -49,12 +57,17 @@ __all__ = [
     "MISSING",
     "CAPTION_DIR",
     "Figure",
+    "FigureGrid",
+    "Headline",
     "Table",
     "Excerpt",
     "Section",
     "caption",
     "figure_to_data_uri",
     "render_report",
+    "write_figures",
+    "read_figure_manifest",
+    "rst_captions",
     "read_stats",
     "activation_section",
     "rule_runtimes",
@@ -80,7 +93,8 @@ _DEFAULT_CAPTIONS = {
 
 _DATA_URI = re.compile(r"^data:image/(png|jpeg|svg\+xml);base64,[A-Za-z0-9+/]+=*$")
 _SECTION_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_RESERVED_IDS = {"summary", "provenance", "contents"}
+_FIGURE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_RESERVED_IDS = {"summary", "headlines", "provenance", "contents"}
 
 #: Columns of a neuron stats table (:data:`neuronaudit.io.NEURON_STATS_SCHEMA`).
 NEURON_STATS_COLUMNS: tuple[str, ...] = tuple(naio.NEURON_STATS_SCHEMA.names)
@@ -133,6 +147,17 @@ def caption(name: str) -> str:
     raise NeuronAuditError(f"no caption named {name!r} (looked for {path})")
 
 
+_RST_SPECIAL = re.compile(r"([\\`*_|])")
+
+
+def rst_captions() -> dict[str, str]:
+    """Every caption of ``CAPTION_DIR`` (name -> text), escaped for reStructuredText, for the
+    Snakemake report's caption template ``figure.rst`` (which is itself not a caption)."""
+    names = {p.stem for p in CAPTION_DIR.glob("*.rst")} | set(_DEFAULT_CAPTIONS)
+    names -= {"figure", "workflow"}
+    return {name: _RST_SPECIAL.sub(r"\\\1", caption(name)) for name in sorted(names)}
+
+
 def _href(path: str | os.PathLike) -> str:
     """A relative link (POSIX separators, percent-encoded); refuses URLs with a scheme or host."""
     text = Path(path).as_posix() if isinstance(path, os.PathLike) else str(path).replace(os.sep, "/")
@@ -160,18 +185,67 @@ def _links(value: Links) -> tuple[tuple[str, str], ...]:
 class Figure:
     """A figure: ``image`` is a data URI (see :func:`figure_to_data_uri`), ``caption`` one
     sentence, ``table_link`` the Parquet file(s) behind it relative to the report — a path, or a
-    mapping label -> path when several tables feed one figure."""
+    mapping label -> path when several tables feed one figure. ``name`` (lower-case letters,
+    digits, ``_``; usually its caption's name) names the figure's PNG file and matches the same
+    figure across studies."""
 
     title: str
     image: str
     caption: str
     table_link: Links = None
+    name: str = ""
     links: tuple[tuple[str, str], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not _DATA_URI.match(self.image):
             raise ValueError(f"figure {self.title!r}: image must be a base64 PNG/JPEG/SVG data URI")
+        if self.name and not _FIGURE_NAME.match(self.name):
+            raise ValueError(f"figure name must match {_FIGURE_NAME.pattern}, got {self.name!r}")
         object.__setattr__(self, "links", _links(self.table_link))
+
+    def image_bytes(self) -> bytes:
+        """The decoded image (PNG bytes for :func:`figure_to_data_uri` figures)."""
+        return base64.b64decode(self.image.split(",", 1)[1])
+
+
+@dataclass(frozen=True)
+class FigureGrid:
+    """The same figure of several studies side by side: ``cells`` are (study label, figure or
+    None when that study lacks it)."""
+
+    title: str
+    caption: str
+    cells: tuple[tuple[str, Figure | None], ...]
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One headline figure of a study.
+
+    ``key`` is a stable id (``stage.what``) matching the same figure across studies; ``text`` is
+    what the page shows (the value with its 95% CI); ``value`` and ``ci`` are the same numbers,
+    unrounded, written as ``data-value``, ``data-ci-low`` and ``data-ci-high`` attributes of the
+    cell so that a reader (or a test) can check them against the JSON summaries; ``published``
+    is the published number this one reproduces (empty when there is none); ``table_link`` the
+    table(s) it is read from, relative to the report.
+    """
+
+    key: str
+    label: str
+    text: str
+    value: float | None = None
+    ci: tuple[float | None, float | None] | None = None
+    published: str = ""
+    table_link: Links = None
+    links: tuple[tuple[str, str], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[a-z][a-z0-9_.-]*$", self.key):
+            raise ValueError(f"headline key must be lower-case letters, digits, '.', '_' or '-', got {self.key!r}")
+        link = self.table_link
+        if isinstance(link, (str, os.PathLike)):  # one source: labelled by its file name
+            link = {Path(link).name: link}
+        object.__setattr__(self, "links", _links(link))
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,7 +275,7 @@ class Excerpt:
     caption: str = ""
 
 
-Item = Union[Figure, Table, Excerpt]
+Item = Union[Figure, FigureGrid, Table, Excerpt]
 
 
 @dataclass
@@ -269,10 +343,47 @@ def _tree(value: Any) -> dict:
     return {"kind": "scalar", "text": _fmt(value, precise=True)}
 
 
+def _number(v: Any) -> str | None:
+    """A ``data-*`` attribute value: the exact float, or None (attribute left out) when missing."""
+    if _is_missing(v):
+        return None
+    return repr(float(v))
+
+
+def _headline_rows(columns: Sequence[str], per_column: Sequence[Sequence[Headline]]) -> list[dict]:
+    """Rows of the headline table: one per key (in first-seen order), one cell per column."""
+    by_key: dict[str, dict[int, Headline]] = {}
+    for i, heads in enumerate(per_column):
+        for h in heads:
+            if i in by_key.setdefault(h.key, {}):
+                raise ValueError(f"duplicate headline key {h.key!r}")
+            by_key[h.key][i] = h
+    rows = []
+    for key, cells in by_key.items():
+        first = next(iter(cells.values()))
+        row_cells = []
+        for i, column in enumerate(columns):
+            h = cells.get(i)
+            if h is None:
+                row_cells.append({"column": column, "text": MISSING, "value": None, "ci_low": None,
+                                  "ci_high": None, "links": ()})
+                continue
+            lo, hi = h.ci if h.ci is not None else (None, None)
+            row_cells.append({"column": column, "text": h.text, "value": _number(h.value),
+                              "ci_low": _number(lo), "ci_high": _number(hi), "links": h.links})
+        published = next((h.published for h in cells.values() if h.published), "")
+        rows.append({"key": key, "label": first.label, "cells": row_cells, "published": published or "—"})
+    return rows
+
+
 def _item_view(item: Item) -> dict:
     if isinstance(item, Figure):
         return {"kind": "figure", "title": item.title, "image": item.image,
-                "caption": item.caption, "links": item.links}
+                "caption": item.caption, "links": item.links, "name": item.name}
+    if isinstance(item, FigureGrid):
+        return {"kind": "grid", "title": item.title, "caption": item.caption,
+                "cells": [{"label": label, "image": f.image if f else None, "links": f.links if f else ()}
+                          for label, f in item.cells]}
     if isinstance(item, Table):
         return {"kind": "table", "title": item.title, "caption": item.caption, "links": item.links,
                 "table": _table_view(item.data, item.max_rows)}
@@ -312,6 +423,13 @@ dl.prov dt { font-weight:600; color:var(--muted); }
 dl.prov dd { margin:0; overflow-wrap:anywhere; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
              font-size:.85rem; }
 dl.prov dd dl.prov { border-left:2px solid var(--line); padding-left:.6rem; }
+table.headlines { font-size:.9rem; width:100%; margin:.8rem 0 1rem; }
+table.headlines th[scope=row] { background:none; font-weight:600; }
+table.headlines td.headline { font-variant-numeric: tabular-nums; }
+table.headlines td.published { color:var(--muted); }
+.grid { display:grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap:.8rem; }
+.grid figure { margin:0; }
+.grid h4 { margin:.2rem 0; font-size:.9rem; }
 footer { margin-top:3rem; color:var(--muted); font-size:.8rem; }
 @media print { figure, table { break-inside: avoid; } }
 """
@@ -360,6 +478,23 @@ _TEMPLATE = r"""<!DOCTYPE html>
 
 <section id="summary">
 <h2>Summary</h2>
+{%- if headlines %}
+<div class="tablewrap"><table class="headlines" id="headlines">
+<caption class="caption">Headline figures with their 95% confidence intervals, next to the published numbers they reproduce; each links to the table it is read from.</caption>
+<thead><tr><th>headline figure</th>{% for c in headline_columns %}<th>{{ c }}</th>{% endfor %}<th>published</th></tr></thead>
+<tbody>
+{%- for r in headlines %}
+<tr data-key="{{ r["key"] }}"><th scope="row">{{ r["label"] }}</th>
+{%- for c in r["cells"] %}
+<td class="headline" data-key="{{ r["key"] }}" data-column="{{ c["column"] }}"
+{%- if c["value"] is not none %} data-value="{{ c["value"] }}"{% endif %}
+{%- if c["ci_low"] is not none %} data-ci-low="{{ c["ci_low"] }}"{% endif %}
+{%- if c["ci_high"] is not none %} data-ci-high="{{ c["ci_high"] }}"{% endif %}><span class="value">{{ c["text"] }}</span>{{ links(c["links"]) }}</td>
+{%- endfor %}
+<td class="published">{{ r["published"] }}</td></tr>
+{%- endfor %}
+</tbody></table></div>
+{%- endif %}
 <dl class="summary">
 {%- for label, value in summary %}
 <div><dt>{{ label }}</dt><dd>{{ value }}</dd></div>
@@ -374,11 +509,29 @@ _TEMPLATE = r"""<!DOCTYPE html>
 {%- endif %}
 {%- for item in s["items"] %}
 {%- if item["kind"] == "figure" %}
-<figure>
+<figure{% if item["name"] %} data-figure="{{ item["name"] }}"{% endif %}>
 <h3>{{ item["title"] }}</h3>
 <img src="{{ item["image"] }}" alt="{{ item["title"] }}">
 <figcaption>{{ item["caption"] }}{{ links(item["links"]) }}</figcaption>
 </figure>
+{%- elif item["kind"] == "grid" %}
+<div class="figuregrid">
+<h3>{{ item["title"] }}</h3>
+<p class="caption">{{ item["caption"] }}</p>
+<div class="grid">
+{%- for c in item["cells"] %}
+<figure data-column="{{ c["label"] }}">
+<h4>{{ c["label"] }}</h4>
+{%- if c["image"] %}
+<img src="{{ c["image"] }}" alt="{{ item["title"] }}: {{ c["label"] }}">
+<figcaption>{{ links(c["links"]) }}</figcaption>
+{%- else %}
+<p class="note">{{ missing }}</p>
+{%- endif %}
+</figure>
+{%- endfor %}
+</div>
+</div>
 {%- elif item["kind"] == "table" %}
 <div class="table">
 <h3>{{ item["title"] }}</h3>
@@ -413,10 +566,21 @@ def render_report(
     summary: Sequence[tuple[str, Any]],
     sections: Sequence[Section],
     provenance: Mapping[str, Any],
+    headlines: Sequence[Headline] | Mapping[str, Sequence[Headline]] = (),
 ) -> str:
-    """One self-contained HTML page: summary items (label, value), the sections, and the
-    provenance dict (nested mappings become nested definition lists, DataFrames tables, None
-    ``missing``). All text is escaped."""
+    """One self-contained HTML page: the headline table, summary items (label, value), the
+    sections, and the provenance dict (nested mappings become nested definition lists,
+    DataFrames tables, None ``missing``). All text is escaped.
+
+    ``headlines`` is one study's headline figures (one column, "this study"), or a mapping
+    column label -> headline figures to set several studies side by side; rows are matched by
+    :attr:`Headline.key`.
+    """
+    if isinstance(headlines, Mapping):
+        columns, per_column = [str(c) for c in headlines], [list(h) for h in headlines.values()]
+    else:
+        columns, per_column = ["this study"], [list(headlines)]
+    headline_rows = _headline_rows(columns, per_column) if any(per_column) else []
     ids = [s.id for s in sections]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -429,10 +593,58 @@ def render_report(
         title=title,
         css=_CSS,
         summary=[(str(label), _fmt(value)) for label, value in summary],
+        headlines=headline_rows,
+        headline_columns=columns,
+        missing=MISSING,
         sections=view_sections,
         provenance=_tree(dict(provenance)) if provenance else {"kind": "scalar", "text": MISSING},
         version=__version__,
     )
+
+
+def write_figures(
+    sections: Sequence[Section],
+    figures_dir: str | os.PathLike,
+    study_dir: str | os.PathLike,
+    report_dir: str | os.PathLike,
+) -> Path:
+    """Write every named figure of ``sections`` to ``<figures_dir>/<section id>/<name>.png`` and
+    a ``manifest.json`` (one entry per figure: stage, stage title, name, title, caption, file,
+    and the tables behind it relative to ``study_dir``); return the manifest's path.
+
+    The PNG bytes are those embedded in the page. Figure links are relative to ``report_dir``.
+    """
+    figures_dir, study_dir, report_dir = Path(figures_dir), Path(study_dir), Path(report_dir)
+    entries, seen = [], set()
+    for s in sections:
+        for item in s.items:
+            if not isinstance(item, Figure):
+                continue
+            if not item.name:
+                raise NeuronAuditError(f"figure {item.title!r} of section {s.id!r} has no name")
+            if (s.id, item.name) in seen:
+                raise NeuronAuditError(f"two figures named {item.name!r} in section {s.id!r}")
+            seen.add((s.id, item.name))
+            path = figures_dir / s.id / f"{item.name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with naio.atomic_path(path) as tmp:
+                tmp.write_bytes(item.image_bytes())
+            tables = {label: os.path.relpath((report_dir / unquote(href)).resolve(), study_dir.resolve())
+                      for label, href in item.links}
+            entries.append({"stage": s.id, "stage_title": s.title, "name": item.name, "title": item.title,
+                            "caption": item.caption, "file": f"{s.id}/{item.name}.png",
+                            "tables": {k: Path(v).as_posix() for k, v in tables.items()}})
+    return naio.write_json({"figures": entries}, figures_dir / "manifest.json")
+
+
+def read_figure_manifest(figures_dir: str | os.PathLike) -> dict[tuple[str, str], dict]:
+    """The entries of ``<figures_dir>/manifest.json`` keyed by (stage, figure name)."""
+    path = Path(figures_dir) / "manifest.json"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["figures"]
+    except (OSError, ValueError, KeyError) as e:
+        raise NeuronAuditError(f"cannot read figure manifest {path}: {e}") from e
+    return {(e["stage"], e["name"]): e for e in entries}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +695,7 @@ def _activation_section(
         image=figure_to_data_uri(plots.layer_activation_profile(stats)),
         caption=caption("layer_activation_profile"),
         table_link=links,
+        name="layer_activation_profile",
     )
     outliers = plots.neuron_outliers(stats, top=20)
     table = Table(
@@ -584,6 +797,28 @@ def _weight_check(manifest: Mapping, provs: Mapping[str, dict]) -> str:
     return f"match ({len(got)} of {len(got)} tables)"
 
 
+def _behaviours(config: Mapping) -> str:
+    """The behaviours audited, as "name (positive vs negative)", from the config."""
+    spec = (config or {}).get("behaviours") or {}
+    if not isinstance(spec, Mapping) or not spec:
+        return "none"
+    parts = []
+    for name, b in spec.items():
+        if isinstance(b, Mapping) and "positive" in b and "negative" in b:
+            parts.append(f"{name} ({b['positive']} vs {b['negative']})")
+        else:
+            parts.append(str(name))
+    return "; ".join(parts)
+
+
+def _as_headline(h: Headline | tuple[str, Any]) -> Headline:
+    if isinstance(h, Headline):
+        return h
+    label, text = h
+    key = re.sub(r"[^a-z0-9]+", "-", str(label).lower()).strip("-") or "headline"
+    return Headline(key=f"x.{key}", label=str(label), text=_fmt(text))
+
+
 def _summary(study: str, manifest: Mapping, stats: pd.DataFrame,
              provs: Mapping[str, dict]) -> list[tuple[str, Any]]:
     n_layers, n_neurons = manifest.get("n_layers"), manifest.get("n_neurons")
@@ -627,14 +862,19 @@ def build_report(
     benchmark_paths: Sequence[str | os.PathLike],
     out_html: str | os.PathLike,
     stage_sections: Sequence[Section] = (),
-    headlines: Sequence[tuple[str, Any]] = (),
+    headlines: Sequence[Headline | tuple[str, Any]] = (),
+    figures_dir: str | os.PathLike | None = None,
+    study_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write the audit report of ``study`` to ``out_html`` (atomically) and return its path.
 
     ``stats_paths`` maps prompt-set name -> stats Parquet file; ``model_manifest`` describes the
     model (source, path, model_type, n_layers, d_model, n_neurons, weight_sha256, ...);
     ``config`` is the workflow config, shown verbatim in the provenance; ``benchmark_paths`` are
-    Snakemake benchmark TSVs (one per rule).
+    Snakemake benchmark TSVs (one per rule); ``stage_sections`` and ``headlines`` come from
+    :func:`neuronaudit.sections.stage_sections`. With ``figures_dir``, every figure is also
+    written there as a PNG file (:func:`write_figures`; table paths relative to ``study_dir``,
+    by default the report folder's parent).
     """
     out_html = Path(out_html)
     model_manifest = model_manifest or {}
@@ -651,13 +891,19 @@ def build_report(
         "report build": {"package_versions": naio.package_versions(), "git_commit": naio.git_commit()},
         "rule run times": runtimes,
     }
+    summary = _summary(study, model_manifest, stats, provs)
+    summary.insert(2, ("behaviours audited", _behaviours(config)))
+    sections = [*stage_sections, section]
     html_text = render_report(
         title=f"neuronaudit report: {study}",
-        summary=_summary(study, model_manifest, stats, provs)[:1] + list(headlines)
-        + _summary(study, model_manifest, stats, provs)[1:],
-        sections=[*stage_sections, section],
+        summary=summary,
+        sections=sections,
         provenance=provenance,
+        headlines=[_as_headline(h) for h in headlines],
     )
+    if figures_dir is not None:
+        write_figures(sections, figures_dir, study_dir if study_dir is not None else out_html.parent.parent,
+                      out_html.parent)
     with naio.atomic_path(out_html) as tmp:
         tmp.write_text(html_text, encoding="utf-8")
     return out_html
