@@ -1,10 +1,18 @@
-"""The audit report: one self-contained HTML page per study.
+"""The audit report: one self-contained HTML page per study, and the figures as files.
 
 Needs: the model manifest, every collected statistics table, every stage's final tables, the
 resolved config.
 Writes: results/<study>/report/index.html (figures embedded; provenance and per-rule run times
-read from the benchmark files).
+read from the benchmark files) and results/<study>/report/figures/<stage>/<figure>.png with a
+manifest.json: the same figures, marked for `snakemake --report` with one category per stage,
+each figure's one-sentence caption (workflow/report/<figure>.rst, through figure.rst) and the
+tables behind it as labels.
 """
+
+from neuronaudit.report import rst_captions, snakemake_category, snakemake_labels
+
+
+report: "../workflow/report/workflow.rst"
 
 
 rule report:
@@ -13,7 +21,14 @@ rule report:
         stats=expand(stats_table(), prompt_set=COLLECT_SETS),
         stages=stage_outputs(),
     output:
-        html=report_html(),
+        html=report(report_html(), category="Audit page", caption="../workflow/report/page.rst"),
+        figures=report(
+            directory(f"{RESULTS}/report/figures"),
+            patterns=["{stage}/{figure}.png"],
+            category=snakemake_category,
+            labels=snakemake_labels,
+            caption="../workflow/report/figure.rst",
+        ),
         config=f"{RESULTS}/report/config.json",
     params:
         cli=NEURONAUDIT,
@@ -21,6 +36,7 @@ rule report:
         stats=" ".join(f"{s}={stats_table(s)}" for s in COLLECT_SETS),
         config=config_json(config),
         benchmarks=f"{RESULTS}/benchmarks",
+        captions=rst_captions(),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -31,4 +47,5 @@ rule report:
         "echo {params.config:q} > {output.config:q} && "
         "{params.cli} report --study {params.study} --manifest {input.manifest:q} "
         "--stats {params.stats} --config-json {output.config:q} "
-        "--benchmark-dir {params.benchmarks:q} --study-dir $(dirname $(dirname {output.html:q})) --out {output.html:q} > {log:q} 2>&1"
+        "--benchmark-dir {params.benchmarks:q} --study-dir $(dirname $(dirname {output.html:q})) "
+        "--figures-dir {output.figures:q} --out {output.html:q} > {log:q} 2>&1"

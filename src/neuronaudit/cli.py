@@ -117,7 +117,8 @@ def cmd_report(args) -> None:
 
         sections, headlines = stage_sections(Path(args.study_dir), Path(args.out).parent)
     build_report(args.study, stats, read_manifest(args.manifest), config, benchmarks, Path(args.out),
-                 stage_sections=sections, headlines=headlines)
+                 stage_sections=sections, headlines=headlines, figures_dir=args.figures_dir,
+                 study_dir=args.study_dir)
 
 
 def _options(text: str | None, func) -> dict:
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-json", default=None)
     p.add_argument("--benchmark-dir", default=None)
     p.add_argument("--study-dir", default=None, help="results/<study>: stage tables to report")
+    p.add_argument("--figures-dir", default=None,
+                   help="also write every figure as <dir>/<stage>/<figure>.png with a manifest.json")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
 

@@ -907,3 +907,28 @@ def build_report(
     with naio.atomic_path(out_html) as tmp:
         tmp.write_text(html_text, encoding="utf-8")
     return out_html
+
+
+# ---------------------------------------------------------------------------------------------
+# Snakemake's report()
+
+
+def _figure_entry(wildcards, output) -> dict:
+    entries = read_figure_manifest(output.figures)
+    key = (str(wildcards.stage), str(wildcards.figure))
+    if key not in entries:
+        raise NeuronAuditError(f"figure {key[0]}/{key[1]}.png is not in {output.figures}/manifest.json")
+    return entries[key]
+
+
+def snakemake_category(wildcards, output) -> str:
+    """Category of one figure file in ``snakemake --report``: its stage's section title (the
+    report rule's ``figures`` output is the folder :func:`write_figures` wrote)."""
+    return _figure_entry(wildcards, output)["stage_title"]
+
+
+def snakemake_labels(wildcards, output) -> dict[str, str]:
+    """Labels of one figure file in ``snakemake --report``: its title and the tables behind it,
+    relative to ``results/<study>/``."""
+    entry = _figure_entry(wildcards, output)
+    return {"figure": entry["title"], "data": ", ".join(entry["tables"].values()) or MISSING}

@@ -1,7 +1,10 @@
 """The whole Snakemake DAG on a tiny random model: runs, resumes, and refuses bad input early."""
 
+import json
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,40 @@ def test_resumed_run_did_not_redo_finished_steps(tiny_study):
     assert (work / "results/tiny/collect/harmful.stats.parquet").stat().st_mtime_ns == first_mtime
     again = snakemake(work, "-n", overrides=overrides)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_snakemake_report_shows_the_figures_under_one_category_per_stage(tiny_study, tmp_path):
+    work, overrides, _, _ = tiny_study
+    figures = work / "results/tiny/report/figures"
+    entries = json.loads((figures / "manifest.json").read_text())["figures"]
+    stages = {e["stage"] for e in entries}
+    assert {"refusal", "screen", "cna", "keystone", "window", "attribution", "activations"} <= stages
+    for e in entries:  # the figure files are the images embedded in the page
+        png = (figures / e["file"]).read_bytes()
+        assert png.startswith(b"\x89PNG")
+        assert e["caption"] and e["tables"]
+        for table in e["tables"].values():
+            assert (work / "results/tiny" / table).is_file(), table
+    archive = tmp_path / "report.zip"
+    run = snakemake(work, "--report", str(archive), overrides=overrides)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        text = "\n".join(z.read(n).decode("utf-8", "replace") for n in names if n.endswith((".js", ".html", ".json")))
+    for e in entries:
+        assert any(n.endswith(f"/{e['file']}") for n in names), e["file"]
+        assert f'"{e["stage_title"]}": {{' in text  # the figure's category: its stage
+        assert f"stage={e['stage']}, figure={e['name']}" in text
+        assert " ".join(e["caption"].split()[:3]) in text  # its own caption
+    assert any(n.endswith("/index.html") for n in names)  # the audit page, category "Audit page"
+    # the html report embeds the same figures
+    page = tmp_path / "report.html"
+    run = snakemake(work, "--report", str(page), overrides=overrides)
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = page.read_text()
+    for e in entries:
+        assert e["stage_title"] in html and Path(e["file"]).name in html
+    assert re.search(r"Audit page", html)
 
 
 def test_dry_run_shows_the_whole_dag_and_lint_is_clean(tmp_path):
