@@ -11,7 +11,7 @@ Both CNA (arXiv 2605.12290, "capability preserved") and the keystone-neuron abla
                 token of the text. Reported as median and mean over texts.
 ``accuracy``    on task prompts with a deterministic answer (``task_knowledge``: answer +
                 aliases; ``task_arithmetic``: integer answer), from greedy generation of at most
-                ``max_new_tokens`` (16) new tokens, batched with left padding, the chat template
+                ``max_new_tokens`` (32) new tokens, batched with left padding, the chat template
                 applied by :func:`neuronaudit.prompts.render_prompts`, and the plan active during
                 the whole generation (its edits say where: CNA and keystone ablations use
                 ``("prompt", "generated")``, every prompt token and every generated token).
@@ -96,8 +96,8 @@ def generate_responses(
     adapter,
     prompts: Sequence[str],
     plan: InterventionPlan | None = None,
-    max_new_tokens: int = 16,
-    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
     add_special_tokens: bool = True,
     max_length: int = 256,
 ) -> list[str]:
@@ -194,8 +194,8 @@ def capability_report(
     plan: InterventionPlan | None = None,
     chat_template: str = "auto",
     system_prompt: str | None = None,
-    max_new_tokens: int = 16,
-    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
     max_length: int = 256,
     answer_kinds: Mapping[str, str] | None = None,
     return_responses: bool = False,

@@ -114,6 +114,8 @@ def run_cna(
     system_prompt: str | None = None,
     max_texts: int = 24,
     max_task_prompts: int = 24,
+    capability_max_new_tokens: int = 32,
+    capability_batch_size: int = 32,
     threads: int | None = None,
 ) -> pd.DataFrame:
     """Circuit scaling, random-circuit and CAA interventions: typed rollouts on held-out harmful
@@ -148,7 +150,8 @@ def run_cna(
         plan = InterventionPlan.broadcast(edits) if edits else None
         capability[name] = capability_report(
             model, tokenizer, adapter, generic, tasks, plan=plan, chat_template=chat_template,
-            system_prompt=system_prompt, batch_size=batch_size,
+            system_prompt=system_prompt, batch_size=capability_batch_size,
+            max_new_tokens=capability_max_new_tokens,
         )
         log.info("capability under %s: %s", name, capability[name])
     summary = summarise(typed, capability, max_new_tokens)

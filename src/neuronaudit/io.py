@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -133,7 +134,22 @@ def write_table(table: pa.Table, path: str | Path, prov: Mapping | None = None) 
     return Path(path)
 
 
+def json_safe(obj):
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``: strict JSON, as
+    browsers and ``jq`` read it, where a value that could not be measured is ``null``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy scalars
+        return json_safe(obj.item())
+    return obj
+
+
 def write_json(obj, path: str | Path) -> Path:
+    """Strict JSON (non-finite numbers become ``null``), written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     return Path(path)
