@@ -22,7 +22,6 @@ Both CNA (arXiv 2605.12290, "capability preserved") and the keystone-neuron abla
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -36,6 +35,7 @@ from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.oracles import arithmetic_correct, knowledge_correct, numbers_in
 from neuronaudit.prompts import extras, render_prompts, uses_template
+from neuronaudit.rollouts import neutral_generation_defaults
 from neuronaudit.scoring import text_perplexity
 
 DEFAULT_POSITIONS: tuple[str, ...] = ("prompt", "generated")
@@ -80,16 +80,6 @@ def greedy_config(model, tokenizer, max_new_tokens: int, pad_token_id: int) -> G
     )
 
 
-@contextlib.contextmanager
-def _neutral_generation_defaults(model):
-    stored = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = stored
-
-
 def generate_responses(
     model,
     tokenizer,
@@ -122,7 +112,7 @@ def generate_responses(
             kwargs = dict(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=config,
             )
-            with torch.inference_mode(), _neutral_generation_defaults(model):
+            with torch.inference_mode(), neutral_generation_defaults(model):
                 if batch_plan is not None:
                     with NeuronHooks(adapter, batch_plan):
                         generated = model.generate(**kwargs)

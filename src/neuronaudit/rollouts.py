@@ -36,6 +36,7 @@ type appears. :func:`run_rollouts` is the workflow stage: paths in, Parquet tabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -287,6 +288,25 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1)[0])
 
 
+@contextlib.contextmanager
+def neutral_generation_defaults(model):
+    """Swap ``model.generation_config`` for a default one for the duration of a call.
+
+    Transformers fills every field a passed ``GenerationConfig`` leaves at its default from the
+    model's stored generation config (a ``repetition_penalty``, ``temperature`` or
+    ``no_repeat_ngram_size`` some checkpoints ship), so stored settings would silently change
+    what is measured. Inside this block only the settings passed explicitly apply.
+    """
+    from transformers import GenerationConfig
+
+    stored = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = stored
+
+
 def generate_tokens(
     model,
     prompt_ids: Sequence[Sequence[int]],
@@ -323,7 +343,7 @@ def generate_tokens(
     recorder = _entropy_recorder()
     hooks = NeuronHooks(adapter, plan) if plan is not None and any(plan.rows) else None
     devices = [device] if device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices), neutral_generation_defaults(model):
         if seed is not None:
             torch.manual_seed(int(seed))
         if hooks is not None:

@@ -229,3 +229,16 @@ def test_run_rollouts_rejects_a_bad_judge_before_loading_anything(tmp_path):
                      {}, judge_config={"kind": "gpt"}, out_rollouts=tmp_path / "r.parquet",
                      out_fractions=tmp_path / "f.parquet")
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_stored_generation_settings_of_the_checkpoint_do_not_change_rollouts(llama, tokenizer):
+    model, _ = llama
+    plain = _rollouts(llama, tokenizer, horizons=(8,))
+    stored = model.generation_config
+    model.generation_config = type(stored)(repetition_penalty=50.0, no_repeat_ngram_size=1, max_new_tokens=2)
+    try:
+        shipped = _rollouts(llama, tokenizer, horizons=(8,))
+    finally:
+        model.generation_config = stored
+    assert list(shipped["response"]) == list(plain["response"])
+    assert model.generation_config is stored
