@@ -38,9 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -213,14 +211,6 @@ def _table_info(df) -> dict:
     }
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move an existing ``target`` aside so the atomic rename of ``tmp`` onto it can succeed."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_refusal_tuning(
     base_manifest_path: str | Path,
     harmful_table: str | Path,
@@ -369,7 +359,6 @@ def run_refusal_tuning(
         recipe["seconds"]["total"] = time.perf_counter() - t0
         write_json(manifest, tmp / "manifest.json")
         write_json(recipe, tmp / "recipe.json")
-        _replace_dir(tmp, out_dir)
     log.info(
         "refusal tuning: %d examples, %d steps, loss %.3f -> %.3f in %.0f s -> %s",
         len(examples), steps, loss_before, loss_after, recipe["seconds"]["total"], out_dir,
