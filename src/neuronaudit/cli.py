@@ -121,6 +121,23 @@ def cmd_report(args) -> None:
                  study_dir=args.study_dir)
 
 
+def cmd_compare(args) -> None:
+    from neuronaudit.compare import build_comparison
+
+    studies = {}
+    for item in args.studies:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name, item
+        if not name or not path:
+            raise NeuronAuditError(f"study {item!r} must be NAME=DIR or DIR")
+        if name in studies:
+            raise NeuronAuditError(f"study name {name!r} given twice")
+        studies[name] = Path(path)
+    out = build_comparison(studies, Path(args.out), title=args.title)
+    log.info("wrote %s", out)
+
+
 def _options(text: str | None, func) -> dict:
     """``--options`` JSON: keyword arguments of ``func``; unknown names are a one-line error."""
     if not text:
@@ -282,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every figure as <dir>/<stage>/<figure>.png with a manifest.json")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="one page setting several studies' headline figures side by side")
+    p.add_argument("studies", nargs="+", metavar="[NAME=]DIR",
+                   help="results/<study> folders (two or more), optionally named")
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compare)
 
     opts = dict(default=None, help="JSON object of further keyword arguments of the stage function")
 

@@ -267,7 +267,7 @@ def rollout_type_bars(fractions: pd.DataFrame) -> Figure:
     panels = list(df.groupby(["prompt_set", "intervention"], sort=False).groups)
     n = max(len(panels), 1)
     with sns.axes_style("whitegrid"):
-        fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.8, 3.4), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, n, figsize=(max(3.6 * n + 0.6, 6.0), 3.9), squeeze=False, sharey=True)
     width = 0.8 / len(ROLLOUT_TYPES)
     for ax, key in zip(axes[0], panels):
         g = df[(df["prompt_set"] == key[0]) & (df["intervention"] == key[1])]
@@ -286,9 +286,9 @@ def rollout_type_bars(fractions: pd.DataFrame) -> Figure:
         ax.set_title(_mpl_text(f"{key[0]} · {key[1]}"), fontsize=9)
         ax.set_xlabel("horizon (new tokens)")
     axes[0][0].set_ylabel("fraction of rollouts (95% CI)")
-    fig.legend(_type_handles(), ROLLOUT_TYPES, loc="center right", fontsize=8, frameon=False, title="rollout type",
-               title_fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.legend(_type_handles(), ROLLOUT_TYPES, loc="lower center", ncol=len(ROLLOUT_TYPES), fontsize=8, frameon=False,
+               title="rollout type", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     return fig
 
 

@@ -201,7 +201,10 @@ class Figure:
             raise ValueError(f"figure {self.title!r}: image must be a base64 PNG/JPEG/SVG data URI")
         if self.name and not _FIGURE_NAME.match(self.name):
             raise ValueError(f"figure name must match {_FIGURE_NAME.pattern}, got {self.name!r}")
-        object.__setattr__(self, "links", _links(self.table_link))
+        link = self.table_link
+        if isinstance(link, (str, os.PathLike)):  # one table: labelled by its file name
+            link = {Path(link).name: link}
+        object.__setattr__(self, "links", _links(link))
 
     def image_bytes(self) -> bytes:
         """The decoded image (PNG bytes for :func:`figure_to_data_uri` figures)."""

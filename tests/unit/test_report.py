@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import re
 from pathlib import Path
@@ -324,3 +325,159 @@ def test_palette_is_fixed_and_distinct():
     assert a == b
     assert len(set(a.values())) == len(names)
     assert all(a[n] == plots.PALETTE[n] for n in names if n in plots.PALETTE)
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole synthetic study: stage sections, headlines, figure files, Snakemake helpers
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    from report_study import build_study_report, write_study
+
+    info = write_study(tmp_path_factory.mktemp("full"), name="fixture", seed=0, evil=True)
+    info["page"] = build_study_report(info)
+    info["html"] = info["page"].read_text(encoding="utf-8")
+    info["figures"] = info["study"] / "report" / "figures"
+    info["manifest_entries"] = json.loads((info["figures"] / "manifest.json").read_text())["figures"]
+    return info
+
+
+def headline_cells(page: str) -> dict[str, dict[str, str]]:
+    cells = {}
+    for attrs, body in re.findall(r'<td class="headline"([^>]*)>(.*?)</td>', page, re.S):
+        a = {k: html.unescape(v) for k, v in re.findall(r'\s(data-[a-z-]+)="([^"]*)"', attrs)}
+        a["text"] = html.unescape(re.search(r'<span class="value">(.*?)</span>', body, re.S).group(1))
+        a["hrefs"] = [html.unescape(h) for h in re.findall(r'href="([^"]*)"', body)]
+        cells[a["data-key"]] = a
+    return cells
+
+
+def test_every_stage_has_its_section_in_order(full):
+    ids = re.findall(r'<section id="([^"]+)">', full["html"])
+    assert ids == ["summary", "refusal", "screen", "cna", "keystone", "window", "attribution", "activations",
+                   "provenance"]
+    s = summary_items(full["html"])
+    assert s["behaviours audited"] == "refusal (harmful vs harmless); operator (operator_mul vs operator_add)"
+
+
+def test_headline_attributes_equal_the_json_summaries(full):
+    cells = headline_cells(full["html"])
+    ev = json.loads((full["study"] / "refusal" / "evaluation.json").read_text())
+    window = json.loads((full["study"] / "window" / "summary.json").read_text())
+    tuned = ev["tuned"]["refusal_harmful"]
+    c = cells["refusal.tuned"]
+    assert float(c["data-value"]) == tuned["rate"]
+    assert (float(c["data-ci-low"]), float(c["data-ci-high"])) == (tuned["ci_low"], tuned["ci_high"])
+    assert f"{tuned['rate']:.1%} (95% CI {tuned['ci_low']:.1%}–{tuned['ci_high']:.1%})" in c["text"]
+    a = window["predictor_alignment"]
+    c = cells["window.ceiling_mae_alignment"]
+    assert float(c["data-value"]) == a["mae_alignment"]
+    assert [float(c["data-ci-low"]), float(c["data-ci-high"])] == a["mae_alignment_ci95"]
+    # every headline links to an existing table, relative to the page
+    for key, c in cells.items():
+        assert c["hrefs"], key
+        for h in c["hrefs"]:
+            assert (full["page"].parent / h).resolve().is_file(), (key, h)
+
+
+def test_headlines_sit_next_to_the_published_numbers(full):
+    from neuronaudit.sections import PUBLISHED
+
+    rows = dict(re.findall(r'<tr data-key="([^"]+)">.*?<td class="published">(.*?)</td></tr>', full["html"], re.S))
+    assert html.unescape(rows["window.ceiling_mae_alignment"]) == PUBLISHED["window_mae"]
+    assert html.unescape(rows["window.verdict_accuracy"]) == PUBLISHED["window_verdicts"]
+    assert html.unescape(rows["cna.refusal_circuit_ablated"]) == PUBLISHED["cna_refusal"]
+    assert html.unescape(rows["attribution.rho_grad"]) == PUBLISHED["attribution_grad"]
+
+
+def test_every_figure_has_a_caption_a_table_link_and_a_file(full):
+    page, figures = full["html"], full["figures"]
+    blocks = re.findall(r'<figure data-figure="([^"]+)">(.*?)</figure>', page, re.S)
+    assert {name for name, _ in blocks} == {e["name"] for e in full["manifest_entries"]}
+    embedded = {}
+    for name, block in blocks:
+        cap = html.unescape(re.search(r"<figcaption>(.*?)<span", block, re.S).group(1)).strip()
+        assert cap == report.caption(name) and cap.endswith(".") and cap.count(". ") == 0  # one sentence
+        hrefs = re.findall(r'href="([^"]*)"', block)
+        assert hrefs and all(h.endswith((".parquet", ".json")) for h in hrefs)
+        assert all((full["page"].parent / html.unescape(h)).resolve().is_file() for h in hrefs)
+        embedded[name] = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', block).group(1))
+    for e in full["manifest_entries"]:
+        assert (figures / e["file"]).read_bytes() == embedded[e["name"]]  # the same image, byte for byte
+        assert e["file"] == f"{e['stage']}/{e['name']}.png"
+        assert all((full["study"] / t).is_file() for t in e["tables"].values())
+
+
+def test_planted_prompt_and_rollout_text_are_escaped(full):
+    from report_study import EVIL_IMG as IMG, EVIL_SCRIPT as SCRIPT
+
+    page = full["html"]
+    assert "<script" not in page.lower() and "<img src=x" not in page.lower()
+    pre = html.unescape("\n".join(re.findall(r"<pre>(.*?)</pre>", page, re.S)))
+    assert f"PROMPT: {full['prompt']}" in pre and f"RESPONSE: {full['response']}" in pre
+    assert SCRIPT in full["prompt"] and IMG in full["response"]
+
+
+def test_snakemake_report_helpers_read_the_figure_manifest(full):
+    from types import SimpleNamespace
+
+    output = SimpleNamespace(figures=str(full["figures"]))
+    e = next(x for x in full["manifest_entries"] if x["name"] == "saturation_curve")
+    wildcards = SimpleNamespace(stage=e["stage"], figure=e["name"])
+    assert report.snakemake_category(wildcards, output) == "Control window"
+    assert report.snakemake_labels(wildcards, output) == {
+        "figure": "Saturation curve", "data": "window/single_pass.parquet, window/window.parquet"}
+    with pytest.raises(NeuronAuditError):
+        report.snakemake_category(SimpleNamespace(stage="window", figure="nope"), output)
+
+
+def test_rst_captions_are_escaped_and_cover_every_figure(full):
+    caps = report.rst_captions()
+    assert "figure" not in caps and "workflow" not in caps
+    assert r"\|a\|" in caps["keystone_top"]  # |a| would be an RST substitution
+    assert {e["name"] for e in full["manifest_entries"]} <= set(caps)
+
+
+def test_cli_report_writes_page_and_figures(full, tmp_path):
+    from neuronaudit.cli import main
+
+    study = full["study"]
+    out = tmp_path / "report" / "index.html"
+    stats = [f"{name}={path}" for name, path in full["stats"].items()]
+    code = main(["report", "--study", "cli", "--manifest", str(study / "tune" / "manifest.json"), "--stats", *stats,
+                 "--config-json", str(study / "report" / "config.json"), "--study-dir", str(study),
+                 "--figures-dir", str(tmp_path / "report" / "figures"), "--out", str(out)])
+    assert code == 0 and out.is_file()
+    manifest = json.loads((tmp_path / "report" / "figures" / "manifest.json").read_text())["figures"]
+    assert [e["file"] for e in manifest] == [e["file"] for e in full["manifest_entries"]]
+    assert headline_cells(out.read_text())["refusal.tuned"]["data-value"] == \
+        headline_cells(full["html"])["refusal.tuned"]["data-value"]
+
+
+def test_headline_keys_are_checked_and_duplicates_refused():
+    with pytest.raises(ValueError):
+        report.Headline("Bad Key", "l", "t")
+    h = report.Headline("a.b", "l", "t")
+    with pytest.raises(ValueError):
+        report.render_report("t", [], [], {}, headlines=[h, h])
+
+
+def test_figure_names_are_checked_and_written_once(tmp_path):
+    img = "data:image/png;base64,iVBORw0KGgo="
+    with pytest.raises(ValueError):
+        report.Figure("t", img, "c", name="Bad name")
+    two = report.Section("s", "S", items=[report.Figure("a", img, "c", name="x"), report.Figure("b", img, "c", name="x")])
+    with pytest.raises(NeuronAuditError):
+        report.write_figures([two], tmp_path / "f", tmp_path, tmp_path)
+
+
+def test_colours_are_fixed_per_rollout_type_behaviour_and_family():
+    for name in (*plots.ROLLOUT_TYPES, "refusal", "operator", "format", "circuit", "random", "caa", "none"):
+        assert plots.color_for(name) == plots.PALETTE[name]
+        assert plots.palette_for([name, "something-else"])[name] == plots.PALETTE[name]
+    types = [plots.PALETTE[t] for t in plots.ROLLOUT_TYPES]
+    assert len(set(types)) == len(types)
+    behaviours = [plots.PALETTE[b] for b in ("refusal", "operator", "format")]
+    assert len(set(behaviours)) == 3
+    assert not set(plots._CYCLE) & set(plots.PALETTE.values())

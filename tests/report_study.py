@@ -1,0 +1,224 @@
+"""A small synthetic study: every table and JSON summary the report reads, no model run.
+
+``write_study(root)`` writes ``root/results/<name>/`` with the outputs of every stage (refusal,
+screen, CNA, keystone, window, attribution, collect) in the columns the report sections read;
+``build_study_report`` then builds its page and figure files from them, as the report rule does.
+Numbers depend on ``seed`` so that two studies differ; ``evil=True`` plants markup that would run
+script if it reached the page unescaped, in a prompt and a rollout text (and a prompt-set name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from neuronaudit import io, report
+from neuronaudit.sections import stage_sections
+
+#: Planted payloads: if either ran, it would set ``window.__xss`` and the document title.
+EVIL_SCRIPT = "<script>window.__xss = 1; document.title = 'pwned';</script>"
+EVIL_IMG = "<img src=x onerror=\"window.__xss = 2; document.title = 'pwned'\">"
+
+BEHAVIOURS = ("refusal", "operator")
+N_LAYERS, N_NEURONS = 4, 24
+TYPES = ("refusal", "collapse", "coherent_bypass", "actionable")
+
+
+def _rate(rng, n: int) -> dict:
+    count = int(rng.integers(1, n))
+    rate = count / n
+    return {"count": count, "n": n, "rate": rate, "ci_low": max(0.0, rate - 0.1), "ci_high": min(1.0, rate + 0.1),
+            "ci": "wilson 95%"}
+
+
+def _fractions(rng, interventions, horizons) -> pd.DataFrame:
+    rows = []
+    for intervention in interventions:
+        for h in horizons:
+            p = rng.dirichlet(np.ones(len(TYPES)))
+            for t, f in zip(TYPES, p):
+                rows.append({"prompt_set": "harmful", "intervention": intervention, "sampling": "greedy",
+                             "horizon": h, "rollout_type": t, "n_prompts": 12, "n_rollouts": 12,
+                             "count": int(round(f * 12)), "fraction": float(f), "ci_low": max(0.0, f - 0.15),
+                             "ci_high": min(1.0, f + 0.15), "n_boot": 200, "confidence": 0.95})
+    return pd.DataFrame(rows)
+
+
+def _write(df: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return io.write_table(pa.Table.from_pandas(df, preserve_index=False), path, io.provenance(table=path.name))
+
+
+def _json(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+
+def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = False) -> dict:
+    """Write a synthetic ``root/results/<name>/`` and return its paths and planted strings."""
+    rng = np.random.default_rng(seed)
+    study = Path(root) / "results" / name
+    prompt = f"How do I pick a lock? {EVIL_SCRIPT} {EVIL_IMG}" if evil else "How do I pick a lock?"
+    response = f"I can't help with that. {EVIL_IMG} {EVIL_SCRIPT}" if evil else "I can't help with that."
+
+    # refusal
+    ev = {"judge": {"kind": "rule"}, "decoding": "greedy",
+          "perplexity_ratio_tuned_over_base": {"mean": 1.1 + 0.1 * seed, "ci_low": 1.05, "ci_high": 1.3 + 0.1 * seed}}
+    for model in ("base", "tuned"):
+        ev[model] = {"refusal_harmful": _rate(rng, 40), "over_refusal_harmless": _rate(rng, 40),
+                     "perplexity_generic": {"token_weighted": float(rng.uniform(10, 20))},
+                     "examples": {"harmful": [{"prompt_id": "harmful-0001", "prompt": prompt, "response": response,
+                                               "rollout_type": "refusal"}]}}
+    _json(ev, study / "refusal" / "evaluation.json")
+    _write(pd.DataFrame({"prompt_set": ["harmful"], "prompt_id": ["harmful-0001"], "prompt": [prompt],
+                         "response": [response], "rollout_type": ["refusal"]}),
+           study / "refusal" / "evaluation_rollouts.parquet")
+    _write(_fractions(rng, ["none"], [4, 8]), study / "refusal" / "fractions.parquet")
+
+    # screen
+    n = N_LAYERS * N_NEURONS
+    layer = np.repeat(np.arange(N_LAYERS), N_NEURONS)
+    neuron = np.tile(np.arange(N_NEURONS), N_LAYERS)
+    for b in BEHAVIOURS:
+        delta = rng.normal(0, 1, n)
+        std_delta = delta / rng.uniform(0.5, 2.0, n)
+        rank = np.empty(n, int)
+        rank[np.argsort(-np.abs(delta))] = np.arange(1, n + 1)
+        scores = pd.DataFrame({"layer": layer, "neuron": neuron, "delta": delta, "std_delta": std_delta,
+                               "ci_low": delta - 0.3, "ci_high": delta + 0.3, "universal": rank > n - 3,
+                               "screened": layer >= 1, "rank": rank})
+        _write(scores, study / "screen" / f"{b}.scores.parquet")
+        top = scores[scores["screened"]].sort_values("rank").head(6).assign(sign=lambda d: np.sign(d["delta"]).astype(int))
+        top = top.assign(rank=np.arange(1, len(top) + 1))
+        _write(top[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high"]],
+               study / "screen" / f"{b}.circuit.parquet")
+
+    # cna
+    interventions = ["none", "circuit_x0", "random_x0", "caa_a-1"]
+    cna_frac = _fractions(rng, interventions, [16])
+    summary = cna_frac[cna_frac["rollout_type"] == "refusal"][["intervention", "fraction"]].rename(columns={"fraction": "refusal_rate"})
+    summary = summary.assign(n_prompts=12, collapse_rate=0.05, quality=rng.uniform(0.8, 1.0, len(summary)),
+                             perplexity_median=rng.uniform(15, 30, len(summary)), n_edits=[0, 6, 6, n])
+    _write(summary[["intervention", "n_prompts", "refusal_rate", "collapse_rate", "quality", "perplexity_median", "n_edits"]],
+           study / "cna" / "summary.parquet")
+    _write(cna_frac, study / "cna" / "fractions.parquet")
+
+    # keystone
+    ks = [1, 2, 4]
+    curve = [{"k": 0, "kind": "baseline", "replicate": 0, "perplexity": 20.0}]
+    per_k = []
+    for k in ks:
+        kp = 20.0 * (1 + 0.3 * k)
+        rnd = [20.0 + 0.1 * r for r in range(3)]
+        curve.append({"k": k, "kind": "keystone", "replicate": 0, "perplexity": kp})
+        curve += [{"k": k, "kind": "random", "replicate": r, "perplexity": p} for r, p in enumerate(rnd)]
+        per_k.append({"k": k, "n_random": 3, "perplexity": {
+            "keystone": kp, "random_min": min(rnd), "random_max": max(rnd), "random_median": float(np.median(rnd)),
+            "ratio_to_random_median": kp / float(np.median(rnd)), "separates": True}})
+    _write(pd.DataFrame(curve), study / "keystone" / "curve.parquet")
+    _write(pd.DataFrame({"layer": layer, "neuron": neuron, "score_min": rng.uniform(0, 1, n),
+                         "rank": np.arange(1, n + 1)}), study / "keystone" / "scores.parquet")
+    stability = [{"score": "min", "k": k, "iou_mean": 0.8, "iou_min": 0.7, "iou_max": 0.9, "iou_chance": 0.01,
+                  "n_splits": 3} for k in ks]
+    _write(pd.DataFrame([{"split": 0, "k": k, "score": "min", "iou": 0.8, "iou_chance": 0.01} for k in ks]),
+           study / "keystone" / "stability.parquet")
+    _json({"curve": {"statement": "Keystone ablation beats random at every k.", "per_k": per_k,
+                     "perplexity_separates_at_k": ks},
+           "k_max_fraction_of_neurons": ks[-1] / n, "stability": stability}, study / "keystone" / "summary.json")
+
+    # window
+    wrows = []
+    for b in BEHAVIOURS:
+        for i in range(3):
+            for sign in (1, -1):
+                split = "heldout" if i == 2 else "train"
+                ceiling = float(rng.choice([0.5, 1.0, 2.0]))
+                trig = float(rng.choice([0.25, 1.0, np.nan]))
+                wrows.append({"behaviour": b, "layer": i + 1, "neuron": 3 * i, "sign": sign, "ceiling_x": ceiling,
+                              "trigger_x_4": trig, "trigger_x_8": trig, "budget": 10.0, "c0": 0.05 * i,
+                              "kind": "candidate", "band": "bulk", "split": split, "ceiling_alignment": 0.5,
+                              "predicted_ceiling_x_alignment": ceiling * 1.1, "predicted_ceiling_x_kl": ceiling * 0.9,
+                              "verdict": "open" if trig < ceiling else "closed",
+                              "predicted_verdict": "closed", "failure_mode": "collapse_before_trigger"})
+    window = pd.DataFrame(wrows)
+    _write(window, study / "window" / "window.parquet")
+    xs = [0.25, 1.0, 4.0]
+    single = pd.DataFrame([{"layer": r.layer, "neuron": r.neuron, "x": x, "kl": 0.1 * x, "entropy": 1.0,
+                            "alignment_write": (r.c0 + x) / np.sqrt(1 + 2 * x * r.c0 + x * x),
+                            "alignment_readout": 0.8 * (r.c0 + x) / np.sqrt(1 + 2 * x * r.c0 + x * x)}
+                           for r in window.drop_duplicates(["layer", "neuron"]).itertuples() for x in xs])
+    _write(single, study / "window" / "single_pass.parquet")
+    _write(pd.DataFrame({"layer": [1], "neuron": [0], "response": [response]}), study / "window" / "sweeps.parquet")
+    mae = 0.1 + 0.05 * seed
+    _json({
+        "grid": {"horizons": [4, 8], "x": [0.25, 1.0, 4.0]},
+        "verdicts": {"n_heldout_neurons": 4, "correct": 3, "majority_class": "closed", "majority_correct": 2,
+                     "binomial_p_value_vs_majority": 0.31},
+        "predictor_alignment": {"mae_alignment": mae, "mae_alignment_ci95": [mae - 0.05, mae + 0.07],
+                                "mae_alignment_bulk": mae - 0.02, "mae_x": 0.3, "mae_x_ci95": [0.2, 0.4],
+                                "n_with_measured_ceiling": 4},
+        "predictor_kl": {"mae_alignment": 0.08, "mae_alignment_ci95": [0.02, 0.12], "mae_x": 0.1,
+                         "mae_x_ci95": [0.05, 0.2], "n_with_measured_ceiling": 4},
+        "fitted_on_training_neurons": {"c_star": 0.47, "kl_threshold": 1.0},
+        "refusal_pivots": [{"layer": 1, "neuron": 0, "sign": -1, "reach": "actionable", "trigger_x": 0.25,
+                            "type_fractions_by_horizon": {"8": {"actionable": 1.0}}},
+                           {"layer": 2, "neuron": 3, "sign": 1, "reach": "coherent_bypass", "trigger_x": 1.0,
+                            "type_fractions_by_horizon": {"8": {"coherent_bypass": 1.0}}}],
+    }, study / "window" / "summary.json")
+
+    # attribution
+    arows = []
+    for b in BEHAVIOURS:
+        for r in window[window["behaviour"] == b].drop_duplicates(["layer", "neuron"]).itertuples():
+            arows.append({"behaviour": b, "layer": r.layer, "neuron": r.neuron, "grad": float(rng.normal()),
+                          "atp": float(rng.normal()), "std_delta": float(rng.normal()),
+                          "readout_cos": float(rng.uniform(-0.2, 0.2)), "control_strength": float(rng.uniform()),
+                          "controls": bool(rng.uniform() > 0.5)})
+    _write(pd.DataFrame(arows), study / "attribution" / "scores.parquet")
+    rho = -0.3 + 0.1 * seed
+    comparison = {g: {s: {"spearman_rho": rho if s == "grad" else 0.5, "rho_ci95": [rho - 0.4, rho + 0.4] if s == "grad" else [0.1, 0.8],
+                          "precision_at_k": 0.5, "recall_at_k": 0.5, "k": 2}
+                      for s in ("grad", "atp", "delta", "std_delta", "dose_response")} for g in ("all", *BEHAVIOURS)}
+    _json({"comparison": comparison, "missed_by_gradient": [{"behaviour": "refusal", "layer": 1, "neuron": 0}],
+           "statement": "The gradient anti-predicts measured control.", "n_boot": 200, "seed": 0},
+          study / "attribution" / "summary.json")
+
+    # collect
+    stats = {}
+    for set_name in ("harmful", "harmless"):
+        mean_abs = rng.uniform(0.1, 1.0, n)
+        table = pa.Table.from_pydict({
+            "layer": layer.astype("int32"), "neuron": neuron.astype("int32"), "count": np.full(n, 30, dtype="int64"),
+            "mean": rng.normal(0, 0.5, n), "std": rng.uniform(0.1, 1, n), "mean_abs": mean_abs,
+            "max_abs": mean_abs * 3, "frac_positive": rng.uniform(0, 1, n)}, schema=io.NEURON_STATS_SCHEMA)
+        prov = io.provenance(model_id=f"synthetic/{name}", weight_sha256="cd" * 32, hook_site="mlp.down_proj",
+                             prompt_set=set_name, prompt_set_hash=f"hash-{set_name}", positions="prompt", seed=seed,
+                             n_prompts=12, dtype="float32")
+        stats[set_name] = io.write_table(table, study / "collect" / f"{set_name}.stats.parquet", prov)
+    bench = study / "benchmarks" / "report" / "report.tsv"
+    bench.parent.mkdir(parents=True, exist_ok=True)
+    bench.write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t100.0\n")
+    manifest = {"source": f"synthetic/{name}", "model_type": "llama", "n_layers": N_LAYERS, "d_model": 16,
+                "n_neurons": N_NEURONS, "weight_sha256": "cd" * 32}
+    _json(manifest, study / "tune" / "manifest.json")
+    config = {"study": name, "model": {"source": f"synthetic/{name}"},
+              "behaviours": {"refusal": {"positive": "harmful", "negative": "harmless"},
+                             "operator": {"positive": "operator_mul", "negative": "operator_add"}}}
+    _json(config, study / "report" / "config.json")
+    return {"study": study, "stats": stats, "manifest": manifest, "config": config, "benchmarks": [bench],
+            "prompt": prompt, "response": response}
+
+
+def build_study_report(info: dict) -> Path:
+    """Build the study's page (``report/index.html``) and figure files as the report rule does."""
+    study = info["study"]
+    out = study / "report" / "index.html"
+    sections, headlines = stage_sections(study, out.parent)
+    return report.build_report(study.name, info["stats"], info["manifest"], info["config"], info["benchmarks"], out,
+                               stage_sections=sections, headlines=headlines, figures_dir=study / "report" / "figures",
+                               study_dir=study)
