@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,6 @@ import torch
 from scipy import stats
 
 from neuronaudit import attribution as attr
-from neuronaudit.window import bootstrap_ci
 
 log = logging.getLogger(__name__)
 SCORES = ("grad", "atp", "delta", "std_delta", "dose_response")

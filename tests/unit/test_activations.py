@@ -1,7 +1,6 @@
 """Streaming collection: statistics equal a direct computation, padding never leaks."""
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch

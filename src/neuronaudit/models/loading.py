@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
