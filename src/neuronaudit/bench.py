@@ -545,12 +545,28 @@ def section_rollouts(model, adapter, tokenizer, batch, length, new_tokens, repea
     ))
 
 
+#: Wall-time targets of whole studies on the 2-core reference machine, seconds.
+STUDY_TARGETS_S = {"study": 30 * 60, "quick": 5 * 60}
+
+
+def _quick_study_name(root: Path) -> str:
+    """The study name config/quick.yaml sets (its results folder)."""
+    import yaml
+
+    try:
+        return str(yaml.safe_load((root / "config" / "quick.yaml").read_text()).get("study", "quick"))
+    except (OSError, AttributeError):
+        return "quick"
+
+
 def section_rules(root: Path) -> None:
     files = sorted(root.glob("results/*/benchmarks/**/*.tsv")) + sorted(root.glob("results/models/*/*.benchmark.tsv"))
     if not files:
         out("rules: no Snakemake benchmark files under results/ (skipped)")
         return
     out("rules: wall time and peak memory per Snakemake rule (benchmark files)")
+    totals: dict[str, float] = {}
+    peaks: dict[str, float] = {}
     out(f"  {'rule / wildcards':<58} {'wall s':>8} {'max RSS MB':>11} {'cpu s':>7}")
     for path in files:
         try:
@@ -567,6 +583,17 @@ def section_rules(root: Path) -> None:
         rss = max(float(v.get("max_rss", "nan") or "nan") for v in values)
         cpu = statistics.median(float(v.get("cpu_time", "nan") or "nan") for v in values)
         out(f"  {name:<58} {wall:>8.2f} {rss:>11.0f} {cpu:>7.2f}")
+        study = rel.parts[0]
+        totals[study] = totals.get(study, 0.0) + wall
+        peaks[study] = max(peaks.get(study, 0.0), rss)
+    quick = _quick_study_name(root)
+    for study, total in totals.items():
+        target = STUDY_TARGETS_S["quick"] if study == quick else STUDY_TARGETS_S["study"]
+        if study == "models":
+            continue
+        met = "[met]" if total <= target else f"[missed by {(total - target) / 60:.1f} min, {total / target:.2f}×]"
+        out(f"study {study!r}: {total / 60:.1f} min, the sum of its rules' wall times (one job at a time), "
+            f"peak RSS {peaks[study]:.0f} MB; target ≤ {target / 60:.0f} min  {met}")
 
 
 # --------------------------------------------------------------------------------------------
