@@ -66,8 +66,14 @@ def _ci(lo, hi) -> tuple[float | None, float | None] | None:
     return (lo if _finite(lo) else None, hi if _finite(hi) else None) if (lo is not None or hi is not None) else None
 
 
+def _f(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``missing`` for None/NaN (summaries write missing as null)."""
+    return format(value, spec) if _finite(value) else "missing"
+
+
 def _pct(rate: dict) -> str:
-    return f"{rate['count']}/{rate['n']} = {rate['rate']:.1%} (95% CI {rate['ci_low']:.1%}–{rate['ci_high']:.1%})"
+    return (f"{rate['count']}/{rate['n']} = {_f(rate['rate'], '.1%')} "
+            f"(95% CI {_f(rate['ci_low'], '.1%')}–{_f(rate['ci_high'], '.1%')})")
 
 
 def _num(value, lo=None, hi=None, digits: int = 3) -> str:
@@ -117,7 +123,7 @@ def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, 
     intro = (
         f"The study fine-tunes its own refusal reference model (recipe in tune/recipe.json) and types "
         f"every rollout with the {ev.get('judge', {}).get('kind', 'rule')} judge; perplexity ratio "
-        f"tuned/base {ratio['mean']:.3f} (95% CI {ratio['ci_low']:.3f}–{ratio['ci_high']:.3f})."
+        f"tuned/base {_num(ratio['mean'], ratio['ci_low'], ratio['ci_high'])}."
     )
     heads = [
         _rate_headline("refusal.tuned", "refusal of held-out harmful prompts, refusal-tuned model",
@@ -247,8 +253,9 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
             heads.append(Headline(
                 "keystone.perplexity_ratio_kmax",
                 f"keystone ablation of the top {last['k']} neurons: perplexity / random median",
-                f"{p['ratio_to_random_median']:.3g}× (keystone {p['keystone']:.4g} vs random "
-                f"{p['random_min']:.4g}–{p['random_max']:.4g} over {last.get('n_random', '?')} draws){frac_text}",
+                f"{_f(p['ratio_to_random_median'], '.3g')}× (keystone {_f(p.get('keystone'), '.4g')} vs random "
+                f"{_f(p.get('random_min'), '.4g')}–{_f(p.get('random_max'), '.4g')} over {last.get('n_random', '?')} "
+                f"draws){frac_text}",
                 p["ratio_to_random_median"], None, PUBLISHED["keystone_collapse"], link))
     if "perplexity_separates_at_k" in curve_summary:
         ks = curve_summary["perplexity_separates_at_k"] or []
@@ -260,9 +267,9 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
         top = max(stability, key=lambda e: (e.get("k", 0), e.get("score") == "min"))
         heads.append(Headline(
             "keystone.stability_iou", f"keystone top-{top['k']} set ({top.get('score')} score): IoU across disjoint halves",
-            f"{top['iou_mean']:.3f} (range {top['iou_min']:.3f}–{top['iou_max']:.3f} over {top.get('n_splits', '?')} "
-            f"splits; chance {top['iou_chance']:.2g})",
-            top["iou_mean"], _ci(top["iou_min"], top["iou_max"]), PUBLISHED["keystone_stability"], link))
+            f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
+            f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
+            top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link))
     return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
 
 
@@ -289,7 +296,7 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     n = v["n_heldout_neurons"]
     verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
     verdict_text = (f"{v['correct']}/{n} correct vs majority ({v['majority_class']}) "
-                    f"{v['majority_correct']}/{n}, binomial p = {v['binomial_p_value_vs_majority']:.3g}")
+                    f"{v['majority_correct']}/{n}, binomial p = {_f(v.get('binomial_p_value_vs_majority'), '.3g')}")
     rows = [
         {"figure": "held-out neurons", "this study": n, "published": 15},
         {"figure": "ceiling MAE, alignment units, predictor (a)", "this study": mae(a, "alignment"), "published": "0.14 (≈0.07 bulk)"},
@@ -362,7 +369,8 @@ def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | No
                 continue
             e = entry[score]
             rows.append({"behaviours": group, "score": score, "spearman ρ": e["spearman_rho"],
-                         "ρ 95% CI": f"{e['rho_ci95'][0]:.2f}–{e['rho_ci95'][1]:.2f}",
+                         "ρ 95% CI": f"{_f((e.get('rho_ci95') or [None, None])[0], '.2f')}–"
+                                     f"{_f((e.get('rho_ci95') or [None, None])[1], '.2f')}",
                          "precision@k": e["precision_at_k"], "k (controllers)": e["k"]})
     items = [
         _figure("attribution_panels", "Measured control against attribution scores and readout geometry",
@@ -384,7 +392,7 @@ def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | No
         if e:
             lo, hi = (e.get("rho_ci95") or [None, None])[:2]
             heads.append(Headline(f"attribution.rho_{score}", label,
-                                  _num(e["spearman_rho"], lo, hi, digits=2) + f"; precision@k {e['precision_at_k']:.2f} (k = {e['k']})",
+                                  _num(e["spearman_rho"], lo, hi, digits=2) + f"; precision@k {_f(e.get('precision_at_k'), '.2f')} (k = {e.get('k')})",
                                   e["spearman_rho"], _ci(lo, hi), published, link))
     return Section("attribution", STAGE_TITLES["attribution"], summary["statement"], items), heads
 

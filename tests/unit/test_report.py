@@ -481,3 +481,28 @@ def test_colours_are_fixed_per_rollout_type_behaviour_and_family():
     behaviours = [plots.PALETTE[b] for b in ("refusal", "operator", "format")]
     assert len(set(behaviours)) == 3
     assert not set(plots._CYCLE) & set(plots.PALETTE.values())
+
+
+def test_null_values_in_the_summaries_show_missing(full, tmp_path):
+    """Stage summaries write missing values as JSON null: the page says ``missing``, no data-value."""
+    import shutil
+
+    from neuronaudit.sections import stage_sections
+
+    study = tmp_path / "nulls"
+    shutil.copytree(full["study"], study)
+    path = study / "window" / "summary.json"
+    w = json.loads(path.read_text())
+    w["predictor_alignment"].update(mae_alignment=None, mae_alignment_ci95=[None, None], mae_alignment_bulk=None)
+    w["verdicts"]["binomial_p_value_vs_majority"] = None
+    path.write_text(json.dumps(w))
+    path = study / "attribution" / "summary.json"
+    a = json.loads(path.read_text())
+    a["comparison"]["all"]["grad"].update(spearman_rho=None, rho_ci95=[None, None], precision_at_k=None)
+    path.write_text(json.dumps(a))
+    sections, heads = stage_sections(study, study / "report")
+    page = report.render_report("nulls", [], sections, {}, headlines=heads)
+    c = headline_cells(page)
+    assert "data-value" not in c["window.ceiling_mae_alignment"] and "missing" in c["window.ceiling_mae_alignment"]["text"]
+    assert "data-value" not in c["attribution.rho_grad"] and c["attribution.rho_grad"]["text"].startswith("missing")
+    assert "binomial p = missing" in c["window.verdict_accuracy"]["text"]
