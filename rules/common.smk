@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from neuronaudit.config import collected_sets, config_json, preflight, resolve_path, study_name
-from neuronaudit.config import validate_config
+from neuronaudit.config import coerce_cli_strings, validate_config
 from neuronaudit.control_window import swept_set
 from neuronaudit.errors import NeuronAuditError
 
@@ -23,6 +23,7 @@ def _fail(err):
     sys.exit(f"neuronaudit: error: {err}")
 
 
+config.update(coerce_cli_strings(config))  # --config leaves nested numbers as strings
 try:
     validate(config, "../workflow/schemas/config.schema.yaml")
 except WorkflowError:

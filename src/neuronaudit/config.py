@@ -40,6 +40,44 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+def _types(schema: dict) -> set[str]:
+    t = schema.get("type", [])
+    return {t} if isinstance(t, str) else set(t)
+
+
+def coerce_cli_strings(value, schema: dict | None = None):
+    """Turn the strings Snakemake's ``--config`` leaves inside nested values back into the
+    numbers, booleans and nulls the schema asks for.
+
+    ``--config 'window={n_prompts: 4}'`` reaches the workflow as ``{'n_prompts': '4'}``
+    (Snakemake parses nested values with YAML's string-only loader). A string is re-read as
+    YAML only where the schema does not allow a string, and kept when that gives no better type,
+    so validation still names the value if it is wrong.
+    """
+    schema = load_schema() if schema is None else schema
+    types = _types(schema)
+    if isinstance(value, str) and types and "string" not in types:
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return value if isinstance(parsed, str) else coerce_cli_strings(parsed, schema)
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and "string" in types
+            and not types & {"number", "integer"}):
+        return str(value)  # a top-level --config study=123 arrives as a number
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {}
+        for k, v in value.items():
+            sub = props.get(k, extra if isinstance(extra, dict) else {})
+            out[k] = coerce_cli_strings(v, sub)
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [coerce_cli_strings(v, schema["items"]) for v in value]
+    return value
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate (and fill defaults into) a config dict; one-line error naming the key."""
     import jsonschema

@@ -104,3 +104,18 @@ def test_stage_references_and_judge_are_checked_before_work(tiny_model_dir, tmp_
         preflight(validate_config({**base, "judge": {"thresholds": {"max_perplexity": -1}}}), ROOT)
     with pytest.raises(NeuronAuditError, match="refusal.tune"):
         preflight(validate_config({**base, "refusal": {"tune": True}}), ROOT)
+
+
+def test_cli_strings_are_coerced_where_the_schema_wants_numbers():
+    from neuronaudit.config import coerce_cli_strings, validate_config
+
+    raw = {"study": 123, "window": {"x_grid": ["0.5", "2.0"], "n_prompts": "4"}, "refusal": {"tune": "false"},
+           "model": {"source": "embedded:SmolLM2-135M-Instruct"}, "keystone": {"k_max": "many"}}
+    out = coerce_cli_strings(raw)
+    assert out["study"] == "123"
+    assert out["window"] == {"x_grid": [0.5, 2.0], "n_prompts": 4}
+    assert out["refusal"]["tune"] is False
+    assert out["model"]["source"] == "embedded:SmolLM2-135M-Instruct"
+    assert out["keystone"]["k_max"] == "many"  # left for validation to name
+    with pytest.raises(NeuronAuditError, match="keystone.k_max"):
+        validate_config(out)
