@@ -38,6 +38,7 @@ import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.models.adapters import ArchitectureAdapter
+from neuronaudit.models.kv_cache import cache_from_arguments, cache_length
 
 POSITION_KINDS: tuple[str, ...] = ("prompt", "last_prompt", "generated")
 OPS: tuple[str, ...] = ("add", "scale", "clamp", "patch")
@@ -243,17 +244,6 @@ def apply_edits(activation: torch.Tensor, edits: _CompiledEdits, ctx: ForwardCon
     return out
 
 
-def _cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:  # legacy tuple cache: ((k, v), ...) with k [batch, heads, seq, dim]
-        return int(past[0][0].shape[-2])
-    except (TypeError, IndexError):
-        return 0
-
-
 ActivationCallback = Callable[[int, torch.Tensor, ForwardContext], None]
 
 
@@ -269,6 +259,9 @@ class NeuronHooks:
     ``prompt_length``  the prompt length ``P`` (an int, or one per row) of an uncached forward
                        over prompt + answer (scoring a rollout); by default the first uncached
                        chunk is the prompt
+    ``cached_prompt_length``  the prompt (of this length) already sits in the KV cache, computed
+                       outside the hooks (a clean prefix shared by many rows): the first hooked
+                       forward continues it rather than starting a prompt
     """
 
     def __init__(
@@ -280,6 +273,7 @@ class NeuronHooks:
         layers: Iterable[int] | None = None,
         stop_after_layer: int | None = None,
         prompt_length: int | Sequence[int] | torch.Tensor | None = None,
+        cached_prompt_length: int | None = None,
     ):
         self.adapter = adapter
         self.plan = plan
@@ -294,6 +288,7 @@ class NeuronHooks:
         self.compiled = _compile(plan, adapter) if plan is not None else {}
         self.ctx: ForwardContext | None = None
         self.fixed_prompt_length = prompt_length
+        self.cached_prompt_length = None if cached_prompt_length is None else int(cached_prompt_length)
         self._prompt_length: int | None = None
         self._last_prompt: torch.Tensor | None = None
         self._handles: list = []
@@ -307,7 +302,7 @@ class NeuronHooks:
         embeds = bound.get("inputs_embeds", extra.get("inputs_embeds"))
         ref = ids if ids is not None else embeds
         batch, chunk = int(ref.shape[0]), int(ref.shape[1])
-        past_length = _cache_length(bound.get("past_key_values", extra.get("past_key_values")))
+        past_length = cache_length(cache_from_arguments(bound))
         mask = bound.get("attention_mask", extra.get("attention_mask"))
         device = ref.device
         if mask is not None and mask.dim() == 2 and mask.shape[1] >= past_length + chunk:
@@ -325,6 +320,11 @@ class NeuronHooks:
             any_valid = in_prompt.any(dim=1)
             last = chunk - 1 - in_prompt.flip(1).int().argmax(dim=1)
             self._last_prompt = torch.where(any_valid, last, torch.full_like(last, -1))
+        elif self._prompt_length is None and self.cached_prompt_length is not None:
+            # the prompt ran before the hooks were entered and sits in the KV cache
+            length = self.cached_prompt_length
+            self._prompt_length = torch.full((batch,), length, dtype=torch.long, device=device)
+            self._last_prompt = torch.full((batch,), length - 1, dtype=torch.long, device=device)
         elif self._prompt_length is None:
             raise NeuronAuditError(
                 "a cached forward reached the hooks before its prompt did; enter the hooks "

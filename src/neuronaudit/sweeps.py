@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.models.adapters import ArchitectureAdapter
+from neuronaudit.models.kv_cache import cache_from_output, cache_kwarg
 
 Row = tuple[int, int, float]  # (layer, neuron, dose)
 
@@ -362,33 +363,6 @@ def _capture_final(adapter: ArchitectureAdapter, store: dict):
         handle.remove()
 
 
-class _CachedPromptHooks(NeuronHooks):
-    """:class:`NeuronHooks` whose first forward continues a clean prefix already in the KV cache.
-
-    The prefix ran outside the hooks (once, batch 1), so the hooks never saw the uncached prompt
-    chunk from which they normally learn the prompt length ``P`` and the last prompt position.
-    They are set here for ``batch`` rows: ``P = prompt_length``, last prompt token ``P - 1``.
-    (Relies on two private attributes of NeuronHooks; a public "cached prompt" argument there
-    would remove this subclass.)
-    """
-
-    def __init__(self, adapter, plan, prompt_length: int, batch: int, device, **kwargs):
-        super().__init__(adapter, plan, prompt_length=prompt_length, **kwargs)
-        if not (hasattr(self, "_prompt_length") and hasattr(self, "_last_prompt")):
-            raise NeuronAuditError(
-                "NeuronHooks no longer exposes its prompt-position state; update "
-                "neuronaudit.sweeps._CachedPromptHooks"
-            )
-        self._seed = (int(prompt_length), int(batch), device)
-
-    def __enter__(self):
-        super().__enter__()
-        length, batch, device = self._seed
-        self._prompt_length = torch.full((batch,), length, dtype=torch.long, device=device)
-        self._last_prompt = torch.full((batch,), length - 1, dtype=torch.long, device=device)
-        return self
-
-
 def _resid_reader(rows_chunk: Sequence[Row], read_layers: Sequence[int], store: dict):
     """``on_resid`` callback storing, at the last position, each row's dosed-layer residual and
     every read layer's residual."""
@@ -469,6 +443,7 @@ def _iter_last_token(
 ) -> Iterator[_Clean | _Chunk]:
     device = _device(model)
     head = _head_kwargs(model)
+    ck = cache_kwarg(model)
     chunks = _order_by_layer(rows, row_batch_size)
     L = adapter.n_layers
     for p, ids in enumerate(prompts):
@@ -479,13 +454,14 @@ def _iter_last_token(
             prefix = model(
                 input_ids=ids[None, :-1], attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
                 use_cache=True, **head,
-            ).past_key_values
+            )
+            prefix = cache_from_output(prefix)
         last = ids[None, -1:]
         record: list = [None] * (L + 1)
         with _record_blocks(adapter, record):
             clean = model(
                 input_ids=last, attention_mask=torch.ones(1, T, dtype=torch.long, device=device),
-                past_key_values=_broadcast_cache(prefix, 1), use_cache=True, **head,
+                use_cache=True, **{ck: _broadcast_cache(prefix, 1)}, **head,
             )
         yield _clean_from_record(p, record, clean.logits)
         for chunk in chunks:
@@ -498,11 +474,11 @@ def _iter_last_token(
                     return model(
                         input_ids=last.expand(n, 1),
                         attention_mask=torch.ones(n, T, dtype=torch.long, device=device),
-                        past_key_values=cache, use_cache=cache is not None, **head,
+                        use_cache=cache is not None, **{ck: cache}, **head,
                     )
 
             def hooks_factory(plan, n=n, **kw):
-                return _CachedPromptHooks(adapter, plan, prompt_length=T, batch=n, device=device, **kw)
+                return NeuronHooks(adapter, plan, cached_prompt_length=T, **kw)
 
             logits, write, final, read = _run_rows(
                 adapter, rows, chunk, ("last_prompt",), read_layers, forward, hooks_factory
@@ -695,6 +671,7 @@ def generated_dose_sweep(
     eos, pad = _generation_ids(model, eos_token_id, pad_token_id)
     device = _device(model)
     head = _head_kwargs(model)
+    ck = cache_kwarg(model)
     P, R, N = len(prompts), len(rows), max_new_tokens
     res = SweepResult(
         rows=list(rows), method="generated", positions=positions,
@@ -716,7 +693,8 @@ def generated_dose_sweep(
                     input_ids=ids[None, :-1],
                     attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
                     use_cache=True, **head,
-                ).past_key_values
+                )
+                prefix = cache_from_output(prefix)
             for chunk in chunks:
                 n = len(chunk)
                 idx = torch.tensor(chunk)
@@ -725,17 +703,17 @@ def generated_dose_sweep(
                 finished = torch.zeros(n, dtype=torch.bool, device=device)
                 length = torch.zeros(n, dtype=torch.long)
                 step_logits = []
-                hooks = _CachedPromptHooks(
-                    adapter, _plan([rows[r] for r in chunk], positions), prompt_length=T, batch=n, device=device
+                hooks = NeuronHooks(
+                    adapter, _plan([rows[r] for r in chunk], positions), cached_prompt_length=T
                 )
                 with hooks:
                     for step in range(N):
                         out = model(
                             input_ids=current,
                             attention_mask=torch.ones(n, T + step, dtype=torch.long, device=device),
-                            past_key_values=cache, use_cache=True, **head,
+                            use_cache=True, **{ck: cache}, **head,
                         )
-                        cache = out.past_key_values
+                        cache = cache_from_output(out)
                         logits = out.logits[:, -1].float()
                         chosen = logits.argmax(-1)
                         chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)

@@ -85,7 +85,10 @@ def test_generated_sweep_stops_rows_at_eos_like_generate(llama, enc, include_las
     model, adapter = llama
     ids, mask = enc["input_ids"], enc["attention_mask"]
     positions = ("last_prompt", "generated") if include_last_prompt else ("generated",)
-    probe = sweeps.generated_dose_sweep(model, adapter, ids, mask, ROWS, 6, eos_token_id=None, pad_token_id=0)
+    probe = sweeps.generated_dose_sweep(
+        model, adapter, ids, mask, ROWS, 6, include_last_prompt=include_last_prompt,
+        eos_token_id=None, pad_token_id=0,
+    )
     eos = int(probe.tokens[0, 0, 2])  # a token row 0 of prompt 0 emits by its third step
     stop = int((probe.tokens[0, 0] == eos).nonzero()[0]) + 1
     kw = dict(eos_token_id=eos, pad_token_id=0)
