@@ -23,6 +23,7 @@ rule tune_refusal:
             "steps": config["refusal"]["steps"],
             "lr": config["refusal"]["learning_rate"],
             "batch_size": config["refusal"]["batch_size"],
+            "harmless_fraction": config["refusal"]["harmless_fraction"],
             "max_new_tokens": config["refusal"]["answer_max_new_tokens"],
             "seed": config["seed"],
             "chat_template": config["model"]["chat_template"],

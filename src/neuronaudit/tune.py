@@ -164,11 +164,30 @@ def own_answer_examples(
     ]
 
 
+def batch_composition(batch_size: int, harmless_fraction: float) -> tuple[int, int]:
+    """(own answers, refusals) per batch for a ``harmless_fraction`` of ``batch_size``."""
+    if isinstance(harmless_fraction, bool) or not 0 < harmless_fraction < 1:
+        raise NeuronAuditError(f"refusal tuning harmless_fraction {harmless_fraction!r} must lie in (0, 1)")
+    n_harmless = round(batch_size * harmless_fraction)
+    if not 0 < n_harmless < batch_size:
+        raise NeuronAuditError(
+            f"refusal tuning harmless_fraction {harmless_fraction!r} leaves no room for one kind "
+            f"in a batch of {batch_size}"
+        )
+    return n_harmless, batch_size - n_harmless
+
+
 def train_response_loss(
     model, examples: Sequence[Example], pad_token_id: int, steps: int, lr: float, batch_size: int,
     seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0, progress: bool = False,
+    harmless_fraction: float | None = None,
 ) -> list[dict]:
     """AdamW on the response loss; batches drawn epoch by epoch from a seeded permutation.
+
+    ``harmless_fraction`` (``None``: examples drawn alike, whatever their kind) puts
+    ``round(batch_size · harmless_fraction)`` own-answer examples in every batch and refusals in
+    the rest, each kind drawn epoch by epoch from its own seeded permutation: a larger share of
+    harmless answers holds benign behaviour against over-refusal.
 
     Returns the per-step log (``step``, ``loss``, ``grad_norm``).
     """
@@ -178,19 +197,29 @@ def train_response_loss(
         raise NeuronAuditError(f"steps {steps!r}, batch_size {batch_size!r} and lr {lr!r} must be positive")
     if not examples:
         raise NeuronAuditError("no training examples for the refusal tuning")
+    pools = [list(range(len(examples)))]
+    per_batch = [batch_size]
+    if harmless_fraction is not None:
+        per_batch = list(batch_composition(batch_size, harmless_fraction))
+        pools = [[i for i, e in enumerate(examples) if e.kind == kind] for kind in ("own_answer", "refusal")]
+        if not all(pools):
+            raise NeuronAuditError("refusal tuning harmless_fraction needs both refusal and own-answer examples")
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     model.train()
     model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    queue: list[int] = []
+    queues: list[list[int]] = [[] for _ in pools]
     curve = []
     bar = tqdm(range(steps), desc="refusal tuning", unit="step", disable=not progress)
     for step in bar:
-        while len(queue) < batch_size:
-            queue += order_rng.permutation(len(examples)).tolist()
-        idx, queue = queue[:batch_size], queue[batch_size:]
+        idx = []
+        for j, (pool, n) in enumerate(zip(pools, per_batch)):
+            while len(queues[j]) < n:
+                queues[j] += [pool[i] for i in order_rng.permutation(len(pool))]
+            idx += queues[j][:n]
+            queues[j] = queues[j][n:]
         loss = response_loss(model, collate([examples[i] for i in idx], pad_token_id))
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
@@ -231,6 +260,7 @@ def run_refusal_tuning(
     gen_batch_size: int = 16,
     limit: int | None = None,
     device: str = "cpu",
+    harmless_fraction: float | None = None,
 ) -> dict:
     """Fine-tune the base model into a refuser; write ``out_dir/{weights,manifest.json,recipe.json}``.
 
@@ -250,6 +280,8 @@ def run_refusal_tuning(
         raise NeuronAuditError(f"refusal tuning lr {lr!r} must be a positive number")
     if not grad_clip > 0:
         raise NeuronAuditError(f"refusal tuning grad_clip {grad_clip!r} must be positive")
+    if harmless_fraction is not None:
+        batch_composition(batch_size, harmless_fraction)
     base = read_manifest(base_manifest_path)
     tables = {}
     for role, path in (("harmful", harmful_table), ("harmless", harmless_table)):
@@ -284,6 +316,7 @@ def run_refusal_tuning(
     t_train = time.perf_counter()
     curve = train_response_loss(
         model, examples, pad, steps, lr, batch_size, seed, grad_clip, weight_decay, progress,
+        harmless_fraction,
     )
     train_seconds = time.perf_counter() - t_train
     loss_after = dataset_loss(model, examples, pad)
@@ -304,6 +337,7 @@ def run_refusal_tuning(
         "eps": 1e-8,
         "weight_decay": weight_decay,
         "batch_size": batch_size,
+        "harmless_fraction": harmless_fraction,
         "grad_clip": grad_clip,
         "dtype": "float32",
         "device": str(next(model.parameters()).device),

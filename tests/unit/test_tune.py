@@ -80,6 +80,32 @@ def test_a_few_steps_lower_the_response_loss(tokenizer):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
+def test_harmless_fraction_fixes_the_mix_of_every_batch(tokenizer, monkeypatch):
+    import dataclasses
+
+    import neuronaudit.tune as tune
+
+    kinds = ["refusal", "own_answer", "own_answer", "refusal"]
+    examples = [dataclasses.replace(e, kind=k) for e, k in zip(_examples(tokenizer), kinds)]
+    examples += [dataclasses.replace(examples[0], template=1)] * 4  # refusals outnumber answers 3:1
+    seen = []
+    real_collate = tune.collate
+
+    def recording_collate(batch, pad):
+        seen.append(sorted(e.kind for e in batch))
+        return real_collate(batch, pad)
+
+    monkeypatch.setattr(tune, "collate", recording_collate)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    train_response_loss(model, examples, tokenizer.pad_token_id, steps=5, lr=1e-3, batch_size=4, seed=0,
+                        harmless_fraction=0.75)
+    assert seen == [["own_answer"] * 3 + ["refusal"]] * 5
+    with pytest.raises(NeuronAuditError, match="harmless_fraction 0.95"):
+        tune.batch_composition(4, 0.95)
+    with pytest.raises(NeuronAuditError, match="harmless_fraction 1.5"):
+        tune.batch_composition(8, 1.5)
+
+
 def test_refusal_templates_chosen_by_a_seeded_rng(tokenizer):
     assert len(set(REFUSAL_TEMPLATES)) >= 8
     prompts = [[1, 2, 3]] * 20
