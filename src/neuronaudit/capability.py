@@ -214,17 +214,26 @@ def capability_report(
     report["accuracy"] = {}
     responses_by_group = {}
     add_special = not uses_template(tokenizer, chat_template)
+    groups = []  # (group, table, kind, rendered prompts) of the non-empty groups
     for group, df in task_prompts.items():
         df = _with_answers(df.reset_index(drop=True))
         if len(df) == 0:
             report["accuracy"][group] = {"accuracy": math.nan, "n_correct": 0, "n": 0, "kind": None}
             continue
         kind = (answer_kinds or {}).get(group) or answer_kind(group, list(df["answer"]))
-        rendered = render_prompts(tokenizer, list(df["text"]), chat_template, system_prompt)
-        responses = generate(
-            model, tokenizer, adapter, rendered, plan=plan, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, add_special_tokens=add_special, max_length=max_length,
-        )
+        groups.append((group, df, kind, render_prompts(tokenizer, list(df["text"]), chat_template, system_prompt)))
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, add_special_tokens=add_special,
+                      max_length=max_length)
+    if plan is None or len(plan.rows) == 1:
+        # one generation over every group's prompts: fewer, fuller decoding batches
+        everything = [text for *_, rendered in groups for text in rendered]
+        responses_all = generate(model, tokenizer, adapter, everything, plan=plan, **gen_kwargs)
+        bounds = np.cumsum([0] + [len(rendered) for *_, rendered in groups])
+        per_group = [responses_all[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    else:  # one plan row per prompt of each group
+        per_group = [generate(model, tokenizer, adapter, rendered, plan=plan, **gen_kwargs)
+                     for *_, rendered in groups]
+    for (group, df, kind, _), responses in zip(groups, per_group):
         correct = check_answers(responses, df, kind)
         report["accuracy"][group] = {
             "accuracy": float(correct.mean()),

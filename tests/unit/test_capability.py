@@ -72,6 +72,7 @@ def test_accuracy_with_a_monkeypatched_generation(llama, tokenizer, monkeypatch)
     }
     assert rep["responses"]["task_knowledge"][0] == "The capital is Paris."
     assert all(p is plan for p in seen["plans"])  # the plan is active during generation
+    assert len(seen["plans"]) == 1 and len(seen["prompts"]) == 7  # every group in one generation
     assert all("<|im_start|>assistant" in p for p in seen["prompts"])  # chat template applied
     expected = text_perplexity(model, tokenizer, adapter, GENERIC, plan=plan)
     assert rep["perplexity"]["median"] == pytest.approx(float(np.median(expected)))
