@@ -8,6 +8,7 @@ batches modest for large vocabularies.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ def score_tokens(
     plans must match the batch rows.
     """
     device = next(model.parameters()).device
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     logprobs: list[np.ndarray] = [np.empty(0)] * len(sequences)
     entropies: list[np.ndarray] = [np.empty(0)] * len(sequences)
     for start in range(0, len(sequences), batch_size):
@@ -69,20 +71,24 @@ def score_tokens(
             if plan is not None
             else None
         )
+        # the LM head (and the softmax over the vocabulary) runs only from the first position
+        # whose next token is scored; the prefix before it needs hidden states, not logits
+        first = min(max(1, int(scored_from[i])) for i in idx) - 1 if keeps_logits else 0
+        head = {"logits_to_keep": width - first} if keeps_logits else {}
         with torch.inference_mode():
             if hooks is not None:
                 with hooks:
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **head).logits
             else:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            target = ids[:, 1:]
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **head).logits
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # positions first .. width - 2
+            target = ids[:, first + 1 :]
             token_lp = logp.gather(-1, target[..., None])[..., 0]
             entropy = -(logp.exp() * logp).sum(-1)
         for r, i in enumerate(idx):
             lo, hi = max(1, int(scored_from[i])), len(sequences[i])
-            logprobs[i] = token_lp[r, lo - 1 : hi - 1].cpu().numpy()
-            entropies[i] = entropy[r, lo - 1 : hi - 1].cpu().numpy()
+            logprobs[i] = token_lp[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
+            entropies[i] = entropy[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
     return TokenScores(logprobs, entropies)
 
 

@@ -1,16 +1,17 @@
 """Scoring: batched, padded log-probs equal one-sequence-at-a-time scoring."""
 
 import numpy as np
+import pytest
 import torch
 
 from neuronaudit.interventions import InterventionPlan, NeuronEdit
 from neuronaudit.scoring import score_tokens, text_perplexity
 
 
-def test_batched_scores_equal_single_sequence_scores(llama, tokenizer):
+@pytest.mark.parametrize("starts", [[2, 3, 1], [4, 3, 2]])  # the second: no logits before position 1
+def test_batched_scores_equal_single_sequence_scores(llama, tokenizer, starts):
     model, adapter = llama
-    seqs = [tokenizer(t)["input_ids"] for t in ["Hello there, friend.", "Paris is the capital of France.", "Hi"]]
-    starts = [2, 3, 1]
+    seqs = [tokenizer(t)["input_ids"] for t in ["Hello there, friend.", "Paris is the capital of France.", "Hi all"]]
     batched = score_tokens(model, adapter, seqs, starts, batch_size=3)
     for k, (s, st) in enumerate(zip(seqs, starts)):
         single = score_tokens(model, adapter, [s], [st], batch_size=1)
@@ -20,6 +21,9 @@ def test_batched_scores_equal_single_sequence_scores(llama, tokenizer):
             logits = model(torch.tensor([s])).logits[0]
         manual = torch.log_softmax(logits[:-1], -1)[torch.arange(len(s) - 1), torch.tensor(s[1:])]
         np.testing.assert_allclose(batched.logprob[k], manual[st - 1 :].numpy(), atol=1e-5)
+        logp = torch.log_softmax(logits[:-1], -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        np.testing.assert_allclose(batched.entropy[k], entropy[st - 1 :].numpy(), atol=1e-4)
     assert np.all(batched.mean_entropy() > 0)
 
 
