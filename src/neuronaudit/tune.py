@@ -15,10 +15,11 @@ fine-tunes it into a reference refuser:
 * **Optimiser**: AdamW (``lr`` 3e-5, no weight decay by default), batch 8, ``steps`` 100,
   gradient-norm clipping at 1.0, constant learning rate, fixed seed (data order, template
   choice, torch). Full fine-tune in float32 on CPU. Measured for SmolLM2-135M-Instruct on 2
-  shared cores (threads=2, other jobs running): own answers 6.8 min, 100 steps 9.6 min
-  (~4.6 s/step unloaded), 19.5 min in all; training is deterministic (a rerun reproduced the
-  loss curve step for step). Result: 56/62 held-out harmful refused (base 1/62), but 12/62
-  held-out harmless over-refused (base 0/62), generic perplexity ×1.37.
+  cores (threads=2, nothing else running): own answers 42 s, 100 steps 419 s (4.2 s/step),
+  541 s in all; training is deterministic (a rerun reproduced the loss curve step for step).
+  Result: 58/62 held-out harmful refused (base 1/62), but 15/62 held-out style-matched harmless
+  over-refused (base 0/62), generic perplexity ×1.33. ``harmless_fraction`` 0.625 (5 answers,
+  3 refusals per batch) gave 52/62 and 15/62: the over-refusal is not a matter of balance.
 * **Outputs** (``out_dir``, written to a temporary directory and renamed at the end):
   ``weights/`` (``save_pretrained`` model + tokenizer), ``manifest.json`` in the format of
   :func:`neuronaudit.models.loading.prepare_model` plus ``tuned_from`` (the base model's source,
@@ -248,7 +249,7 @@ def run_refusal_tuning(
     steps: int = 100,
     lr: float = 3e-5,
     batch_size: int = 8,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 48,
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
@@ -466,7 +467,7 @@ def evaluate_refusal(
     generic_table: str | Path,
     judge_config: Mapping | None,
     out_json: str | Path,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 48,
     *,
     batch_size: int = 16,
     dtype: str = "float32",
