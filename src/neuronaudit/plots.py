@@ -416,14 +416,19 @@ def saturation_plot(single: pd.DataFrame, geometry: pd.DataFrame) -> Figure:
 
     df = single.merge(geometry[["layer", "neuron", "c0"]], on=["layer", "neuron"], how="left")
     with sns.axes_style("whitegrid"):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), sharey=True, layout="constrained")
     xs = np.linspace(df["x"].min(), df["x"].max(), 400)
+    reach = float(np.nanmax(np.abs(df["x"]))) if len(df) else 1.0
+    magnitudes = [m for m in (0.25, 1.0, 4.0, 16.0, 64.0) if m <= reach * 1.01] or [reach]
+    ticks = [-m for m in reversed(magnitudes)] + magnitudes
     sc = None
     for ax, col, title in zip(axes, ["alignment_write", "alignment_readout"], ["write layer", "readout (final layer)"]):
         for (layer, neuron), g in df.groupby(["layer", "neuron"]):
             ax.plot(xs, saturation_curve(xs, g["c0"].iloc[0]), color="#cccccc", lw=0.6, zorder=1)
         sc = ax.scatter(df["x"], df[col], c=df["layer"], cmap="viridis", s=12, zorder=2)
         ax.set_xscale("symlog", linthresh=0.25)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set_xlabel(DOSE_LABEL)
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel(ALIGNMENT_LABEL)
