@@ -114,7 +114,8 @@ def _sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Map
                      prompts: pd.DataFrame, geometry: pd.DataFrame, x_grid: Sequence[float],
                      horizons: Sequence[int], chat_template: str, system_prompt: str | None,
                      row_batch_size: int) -> pd.DataFrame:
-    from neuronaudit.metrics import prefix_means, prefix_perplexity, repetition_ratio, rollout_scores
+    from neuronaudit.metrics import prefix_means, prefix_perplexity, repetition_ratio
+    from neuronaudit.scoring import shared_prompt_scores
     from neuronaudit.prompts import extras, render_prompts, uses_template
     from neuronaudit.sweeps import generated_dose_sweep
 
@@ -144,13 +145,16 @@ def _sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Map
     extra = extras(prompts).to_dict(orient="records")
     P, R = tokens.shape[:2]
     responses_ids = [tokens[p, r, : lengths[p, r]].tolist() for p in range(P) for r in range(R)]
-    scores = rollout_scores(model, adapter, [prompt_tokens[p] for p in range(P) for _ in range(R)],
-                            responses_ids, batch_size=32, pad_token_id=tokenizer.pad_token_id or 0)
+    # every row of a prompt continues the same prompt: its KV cache is computed once per prompt
+    logprob = []
+    for p in range(P):
+        logprob += shared_prompt_scores(model, prompt_tokens[p], responses_ids[p * R : (p + 1) * R],
+                                        batch_size=32, pad_token_id=tokenizer.pad_token_id or 0).logprob
     frames = []
     for h in horizons:
         lens = [min(len(r), h) for r in responses_ids]
         texts_h = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses_ids, lens)]
-        ppl = prefix_perplexity(scores.logprob, lens)
+        ppl = prefix_perplexity(logprob, lens)
         ent = prefix_means([entropy[p, r] for p in range(P) for r in range(R)], lens)
         rep = [repetition_ratio(r[:n]) for r, n in zip(responses_ids, lens)]
         metrics = pd.DataFrame({"repetition_ratio": rep, "perplexity": ppl, "entropy": ent})

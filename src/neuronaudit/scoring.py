@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions import InterventionPlan, NeuronHooks
 
 
@@ -89,6 +90,58 @@ def score_tokens(
             lo, hi = max(1, int(scored_from[i])), len(sequences[i])
             logprobs[i] = token_lp[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
             entropies[i] = entropy[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
+    return TokenScores(logprobs, entropies)
+
+
+def shared_prompt_scores(
+    model,
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[Sequence[int]],
+    batch_size: int = 32,
+    pad_token_id: int = 0,
+) -> TokenScores:
+    """Score many ``response_ids`` that continue one prompt, under the unintervened model.
+
+    Equals :func:`score_tokens` of ``prompt + response`` scored from ``len(prompt)`` for each
+    response, but the prompt runs once: its KV cache (all but the last prompt token) is shared by
+    every row, and each row runs only its last prompt token and its response.
+    """
+    from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
+
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise NeuronAuditError("a rollout to score has an empty prompt; it needs at least one token")
+    device = next(model.parameters()).device
+    name = cache_kwarg(model)
+    logprobs: list[np.ndarray] = [np.empty(0)] * len(response_ids)
+    entropies: list[np.ndarray] = [np.empty(0)] * len(response_ids)
+    order = [i for i in sorted(range(len(response_ids)), key=lambda i: -len(response_ids[i])) if len(response_ids[i])]
+    with torch.inference_mode():
+        prefix = None
+        if len(prompt) > 1:
+            prefix = cache_from_output(model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = len(response_ids[idx[0]])
+            ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), len(prompt) - 1 + width), dtype=torch.long)
+            mask[:, : len(prompt) - 1] = 1
+            targets = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+            for r, i in enumerate(idx):
+                response = list(response_ids[i])
+                ids[r, : len(response)] = torch.tensor([prompt[-1]] + response[:-1])
+                mask[r, len(prompt) - 1 : len(prompt) - 1 + len(response)] = 1
+                targets[r, : len(response)] = torch.tensor(response)
+            ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+            kwargs = {name: broadcast_cache(prefix, len(idx))} if prefix is not None else {}
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs).logits
+            logp = F.log_softmax(logits.float(), dim=-1)
+            token_lp = logp.gather(-1, targets[..., None])[..., 0]
+            entropy = -(logp.exp() * logp).sum(-1)
+            for r, i in enumerate(idx):
+                n = len(response_ids[i])
+                logprobs[i] = token_lp[r, :n].cpu().numpy()
+                entropies[i] = entropy[r, :n].cpu().numpy()
     return TokenScores(logprobs, entropies)
 
 

@@ -47,7 +47,6 @@ prompt are the batch. Memory is bounded by ``row_batch_size`` rows at a time.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Iterator, Sequence
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.models.adapters import ArchitectureAdapter
-from neuronaudit.models.kv_cache import cache_from_output, cache_kwarg
+from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
 
 Row = tuple[int, int, float]  # (layer, neuron, dose)
 
@@ -262,33 +261,6 @@ def _order_by_layer(rows: Sequence[Row], size: int, same_layer: bool = False) ->
     return chunks
 
 
-def _broadcast_cache(cache, batch: int, from_layer: int = 0):
-    """A copy of a batch-1 KV ``cache`` with layers ``>= from_layer`` repeated to ``batch`` rows.
-
-    Layers below ``from_layer`` stay batch-1 (they are only valid when those blocks are not run,
-    see :func:`_replay_blocks`). The original cache is never modified: dynamic cache layers
-    replace their tensors on update, so each layer is copied shallowly; other cache types are
-    deep-copied.
-    """
-    if cache is None:
-        return None
-    layers = getattr(cache, "layers", None)
-    dynamic = layers is not None and all(
-        type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers
-    )
-    if dynamic:
-        new = copy.copy(cache)
-        new.layers = [copy.copy(layer) for layer in layers]
-    else:
-        new = copy.deepcopy(cache)
-    if batch == 1:
-        return new
-    for j, layer in enumerate(new.layers):
-        if j >= from_layer:
-            layer.batch_repeat_interleave(batch)
-    return new
-
-
 def _expand_output(obj, batch: int, contiguous: bool):
     if isinstance(obj, torch.Tensor):
         if obj.dim() > 0 and obj.shape[0] == 1 and batch != 1:
@@ -461,13 +433,13 @@ def _iter_last_token(
         with _record_blocks(adapter, record):
             clean = model(
                 input_ids=last, attention_mask=torch.ones(1, T, dtype=torch.long, device=device),
-                use_cache=True, **{ck: _broadcast_cache(prefix, 1)}, **head,
+                use_cache=True, **{ck: broadcast_cache(prefix, 1)}, **head,
             )
         yield _clean_from_record(p, record, clean.logits)
         for chunk in chunks:
             n = len(chunk)
             start = min(rows[r][0] for r in chunk) if share_lower_layers else 0
-            cache = _broadcast_cache(prefix, n, from_layer=start)
+            cache = broadcast_cache(prefix, n, from_layer=start)
 
             def forward(n=n, cache=cache, start=start):
                 with _replay_blocks(adapter, record, start, n):
@@ -698,7 +670,7 @@ def generated_dose_sweep(
             for chunk in chunks:
                 n = len(chunk)
                 idx = torch.tensor(chunk)
-                cache = _broadcast_cache(prefix, n)
+                cache = broadcast_cache(prefix, n)
                 current = ids[None, -1:].expand(n, 1)
                 finished = torch.zeros(n, dtype=torch.bool, device=device)
                 length = torch.zeros(n, dtype=torch.long)

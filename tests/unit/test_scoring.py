@@ -49,3 +49,19 @@ def test_generated_edits_follow_each_rows_own_prompt_length(llama, tokenizer):
         # the first scored token is predicted from the last prompt position: untouched
         np.testing.assert_allclose(batched.logprob[k][0], plain.logprob[k][0], atol=1e-5)
         assert not np.allclose(batched.logprob[k][1:], plain.logprob[k][1:])
+
+
+@pytest.mark.parametrize("prompt_text", ["Hi", "Tell me about the old city by the river."])
+def test_shared_prompt_scores_equal_scoring_each_full_sequence(llama, tokenizer, prompt_text):
+    from neuronaudit.scoring import shared_prompt_scores
+
+    model, adapter = llama
+    prompt = tokenizer(prompt_text)["input_ids"][:1] if prompt_text == "Hi" else tokenizer(prompt_text)["input_ids"]
+    responses = [tokenizer(t, add_special_tokens=False)["input_ids"]
+                 for t in ["It is old.", "A river runs through it, slowly and wide.", "", "Yes"]]
+    shared = shared_prompt_scores(model, prompt, responses, batch_size=3)
+    full = score_tokens(model, adapter, [prompt + r for r in responses], [len(prompt)] * len(responses), batch_size=4)
+    for k, r in enumerate(responses):
+        assert shared.logprob[k].shape == (len(r),)
+        np.testing.assert_allclose(shared.logprob[k], full.logprob[k], atol=1e-4)
+        np.testing.assert_allclose(shared.entropy[k], full.entropy[k], atol=1e-4)

@@ -7,6 +7,7 @@ takes, so the cached paths (hooks under ``generate``, shared-prefix dose sweeps)
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 NAMES = ("cache", "past_key_values")
@@ -51,3 +52,30 @@ def cache_length(cache) -> int:
         return int(cache[0][0].shape[-2])
     except (TypeError, IndexError):
         return 0
+
+
+def broadcast_cache(cache, batch: int, from_layer: int = 0):
+    """A copy of a batch-1 KV ``cache`` with layers ``>= from_layer`` repeated to ``batch`` rows.
+
+    Layers below ``from_layer`` stay batch-1 (they are only valid when those blocks are not run,
+    see :func:`neuronaudit.sweeps._replay_blocks`). The original cache is never modified: dynamic cache layers
+    replace their tensors on update, so each layer is copied shallowly; other cache types are
+    deep-copied.
+    """
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    dynamic = layers is not None and all(
+        type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers
+    )
+    if dynamic:
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in layers]
+    else:
+        new = copy.deepcopy(cache)
+    if batch == 1:
+        return new
+    for j, layer in enumerate(new.layers):
+        if j >= from_layer:
+            layer.batch_repeat_interleave(batch)
+    return new
