@@ -115,8 +115,8 @@ def _sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Map
                      horizons: Sequence[int], chat_template: str, system_prompt: str | None,
                      row_batch_size: int) -> pd.DataFrame:
     from neuronaudit.metrics import prefix_means, prefix_perplexity, repetition_ratio
-    from neuronaudit.scoring import shared_prompt_scores
     from neuronaudit.prompts import extras, render_prompts, uses_template
+    from neuronaudit.scoring import shared_prompt_scores
     from neuronaudit.sweeps import generated_dose_sweep
 
     geo = geometry.set_index(["layer", "neuron"])
