@@ -113,13 +113,17 @@ def shared_prompt_scores(
         raise NeuronAuditError("a rollout to score has an empty prompt; it needs at least one token")
     device = next(model.parameters()).device
     name = cache_kwarg(model)
+    # the prefix is run for its KV cache only: one position of logits where the model allows it
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     logprobs: list[np.ndarray] = [np.empty(0)] * len(response_ids)
     entropies: list[np.ndarray] = [np.empty(0)] * len(response_ids)
     order = [i for i in sorted(range(len(response_ids)), key=lambda i: -len(response_ids[i])) if len(response_ids[i])]
     with torch.inference_mode():
         prefix = None
         if len(prompt) > 1:
-            prefix = cache_from_output(model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True))
+            prefix = cache_from_output(
+                model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, **head)
+            )
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = len(response_ids[idx[0]])

@@ -423,11 +423,10 @@ def _iter_last_token(
         T = int(ids.numel())
         prefix = None
         if T > 1:
-            prefix = model(
+            prefix = cache_from_output(model(
                 input_ids=ids[None, :-1], attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
                 use_cache=True, **head,
-            )
-            prefix = cache_from_output(prefix)
+            ))
         last = ids[None, -1:]
         record: list = [None] * (L + 1)
         with _record_blocks(adapter, record):
@@ -661,12 +660,11 @@ def generated_dose_sweep(
             T = int(ids.numel())
             prefix = None
             if T > 1:
-                prefix = model(
+                prefix = cache_from_output(model(
                     input_ids=ids[None, :-1],
                     attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
                     use_cache=True, **head,
-                )
-                prefix = cache_from_output(prefix)
+                ))
             for chunk in chunks:
                 n = len(chunk)
                 idx = torch.tensor(chunk)
