@@ -11,9 +11,8 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from neuronaudit.config import collected_sets, config_json, preflight, resolve_path, study_name
+from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import coerce_cli_strings, validate_config
-from neuronaudit.control_window import swept_set
 from neuronaudit.errors import NeuronAuditError
 
 ROOT = Path(workflow.basedir)
@@ -25,7 +24,7 @@ def _fail(err):
 
 config.update(coerce_cli_strings(config))  # --config leaves nested numbers as strings
 try:
-    validate(config, "../workflow/schemas/config.schema.yaml")
+    validate(config, str(SCHEMA_PATH))
 except WorkflowError:
     try:
         validate_config(config)  # the same schema, reported as one line naming the key

@@ -9,7 +9,7 @@ each figure's one-sentence caption (workflow/report/<figure>.rst, through figure
 tables behind it as labels.
 """
 
-from neuronaudit.report import rst_captions, snakemake_category, snakemake_labels
+from neuronaudit.report.captions import rst_captions, snakemake_category, snakemake_labels
 
 
 report: "../workflow/report/workflow.rst"

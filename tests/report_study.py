@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from neuronaudit import io, report
-from neuronaudit.sections import stage_sections
+from neuronaudit import io
+from neuronaudit.report import page as report
+from neuronaudit.report.sections import stage_sections
 
 #: Planted payloads: if either ran, it would set ``window.__xss`` and the document title.
 EVIL_SCRIPT = "<script>window.__xss = 1; document.title = 'pwned';</script>"

@@ -3,7 +3,7 @@
 A neuron ``(l, i)`` is coordinate ``i`` of layer ``l``'s MLP intermediate activation, the input of
 the MLP output projection. The package reads and edits neurons with forward pre-hooks on that
 module (see :mod:`neuronaudit.interventions`), collects streaming statistics to Parquet
-(:mod:`neuronaudit.activations`), and builds the audit report (:mod:`neuronaudit.report`).
+(:mod:`neuronaudit.interventions.capture`), and builds the audit report (:mod:`neuronaudit.report`).
 """
 
 from neuronaudit.errors import NeuronAuditError

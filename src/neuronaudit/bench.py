@@ -206,9 +206,9 @@ def machine_line() -> str:
 
 def streaming_collect(model, adapter, input_ids, attention_mask):
     """One batch of the collection: every layer's statistics and last-token rows, decoder stack
-    only, stopping after the last collected layer (as neuronaudit.activations does)."""
-    from neuronaudit.activations import StreamingNeuronStats
-    from neuronaudit.interventions import NeuronHooks, StopForward
+    only, stopping after the last collected layer (as neuronaudit.interventions.capture does)."""
+    from neuronaudit.interventions.capture import StreamingNeuronStats
+    from neuronaudit.interventions.hooks import NeuronHooks, StopForward
 
     layers = list(range(adapter.n_layers))
     stats = StreamingNeuronStats(layers, adapter.n_neurons)
@@ -235,7 +235,7 @@ def plain_forward(model, input_ids, attention_mask):
 
 
 def noop_capture(model, adapter, input_ids, attention_mask):
-    from neuronaudit.interventions import NeuronHooks
+    from neuronaudit.interventions.hooks import NeuronHooks
 
     with torch.inference_mode(), NeuronHooks(adapter, on_activation=lambda layer, a, ctx: None):
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -389,8 +389,8 @@ def child_memory(model_spec: str, mode: str, n_prompts: int, batch: int, length:
     """In a fresh process: run ``n_prompts`` prompts in batches of ``batch`` through ``mode``
     (``plain`` forward, ``stream`` statistics, ``full`` capture keeping every activation) and
     report the peak RSS after loading."""
-    import neuronaudit.activations  # noqa: F401 - every mode pays the same imports before the mark
-    from neuronaudit.interventions import NeuronHooks
+    import neuronaudit.interventions.capture  # noqa: F401 - every mode pays the same imports before the mark
+    from neuronaudit.interventions.hooks import NeuronHooks
 
     model, tokenizer, adapter, _ = load(model_spec)
     ids, mask = make_batch(tokenizer, n_prompts, length)
@@ -439,7 +439,7 @@ def section_memory(model_spec, batch, length, counts):
 
 
 def section_sweeps(model, adapter, tokenizer, n_rows, n_prompts, length, new_tokens, repeats):
-    from neuronaudit import sweeps
+    from neuronaudit.interventions import sweeps
 
     ids, mask = make_batch(tokenizer, n_prompts, length, offset=7)
     rows = sweep_rows(adapter, n_rows)
@@ -499,8 +499,12 @@ def section_sweeps(model, adapter, tokenizer, n_rows, n_prompts, length, new_tok
 def section_rollouts(model, adapter, tokenizer, batch, length, new_tokens, repeats):
     from transformers import GenerationConfig
 
-    from neuronaudit import sweeps
-    from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
+    from neuronaudit.interventions import sweeps
+    from neuronaudit.interventions.hooks import (
+        InterventionPlan,
+        NeuronEdit,
+        NeuronHooks,
+    )
 
     ids, mask = make_batch(tokenizer, batch, length)
     rows = sweep_rows(adapter, batch, seed=1)

@@ -63,7 +63,7 @@ def cmd_prepare_prompts(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from neuronaudit.activations import collect_activations
+    from neuronaudit.interventions.capture import collect_activations
     from neuronaudit.models.loading import load_prepared
     from neuronaudit.prompts import read_prompt_table, render_prompts, uses_template
 
@@ -101,7 +101,7 @@ def cmd_collect(args) -> None:
 
 def cmd_report(args) -> None:
     from neuronaudit.models.loading import read_manifest
-    from neuronaudit.report import build_report
+    from neuronaudit.report.page import build_report
 
     stats = {}
     for item in args.stats:
@@ -113,7 +113,7 @@ def cmd_report(args) -> None:
     benchmarks = sorted(Path(args.benchmark_dir).rglob("*.tsv")) if args.benchmark_dir else []
     sections, headlines = ([], [])
     if args.study_dir:
-        from neuronaudit.sections import stage_sections
+        from neuronaudit.report.sections import stage_sections
 
         sections, headlines = stage_sections(Path(args.study_dir), Path(args.out).parent)
     build_report(args.study, stats, read_manifest(args.manifest), config, benchmarks, Path(args.out),
@@ -122,7 +122,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from neuronaudit.compare import build_comparison
+    from neuronaudit.report.compare import build_comparison
 
     studies = {}
     for item in args.studies:
@@ -164,7 +164,7 @@ def _named(items: list[str], flag: str) -> dict[str, str]:
 
 
 def cmd_tune_refusal(args) -> None:
-    from neuronaudit.tune import run_refusal_tuning
+    from neuronaudit.stages.refusal import run_refusal_tuning
 
     _set_threads(args.threads)
     run_refusal_tuning(args.base_manifest, args.harmful, args.harmless, args.out_dir,
@@ -172,7 +172,7 @@ def cmd_tune_refusal(args) -> None:
 
 
 def cmd_evaluate_refusal(args) -> None:
-    from neuronaudit.tune import evaluate_refusal
+    from neuronaudit.stages.refusal import evaluate_refusal
 
     _set_threads(args.threads)
     evaluate_refusal(args.manifest, args.base_manifest, args.harmful, args.harmless, args.generic,
@@ -182,7 +182,7 @@ def cmd_evaluate_refusal(args) -> None:
 
 
 def cmd_rollouts(args) -> None:
-    from neuronaudit.rollouts import run_rollouts
+    from neuronaudit.stages.rollouts import run_rollouts
 
     interventions = args.interventions
     if interventions.lstrip().startswith("{"):
@@ -198,7 +198,7 @@ def cmd_rollouts(args) -> None:
 
 
 def cmd_screen(args) -> None:
-    from neuronaudit.screen import run_screen
+    from neuronaudit.stages.screen import run_screen
 
     run_screen(args.behaviour, args.pos_last_token, args.neg_last_token, args.pos_prompts,
                args.neg_prompts, args.diverse, args.out_scores, args.out_circuit,
@@ -206,7 +206,7 @@ def cmd_screen(args) -> None:
 
 
 def cmd_keystone(args) -> None:
-    from neuronaudit.keystone import run_keystone
+    from neuronaudit.stages.keystone import run_keystone
 
     _set_threads(args.threads)
     run_keystone(_named(args.stats, "--stats"), _named(args.last_token, "--last-token"),
@@ -216,7 +216,7 @@ def cmd_keystone(args) -> None:
 
 
 def cmd_cna(args) -> None:
-    from neuronaudit.cna import run_cna
+    from neuronaudit.stages.cna import run_cna
 
     run_cna(args.manifest, args.circuit, args.scores, args.harmful, args.generic,
             _named(args.tasks, "--tasks"), args.out_rollouts, args.out_fractions, args.out_summary,
@@ -225,7 +225,7 @@ def cmd_cna(args) -> None:
 
 
 def cmd_window(args) -> None:
-    from neuronaudit.control_window import run_window
+    from neuronaudit.stages.window import run_window
 
     behaviours = json.loads(args.behaviours)
     run_window(args.manifest, _named(args.screens, "--screens"), _named(args.prompts, "--prompts"),
@@ -235,7 +235,7 @@ def cmd_window(args) -> None:
 
 
 def cmd_attribution(args) -> None:
-    from neuronaudit.attribution_stage import run_attribution
+    from neuronaudit.stages.attribution import run_attribution
 
     run_attribution(args.manifest, args.window, args.sweeps, _named(args.screens, "--screens"),
                     _named(args.prompts, "--prompts"), json.loads(args.behaviours), args.out_scores,

@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.resources import schema_path
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = schema_path()
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
@@ -183,8 +185,8 @@ def preflight(config: dict, root: Path):
 
     Returns the resolved :class:`~neuronaudit.models.loading.ModelSource`.
     """
-    from neuronaudit.models.loading import read_model_config, resolve_source
-    from neuronaudit.models.adapters import declaration_for
+    from neuronaudit.models.architectures import declaration_for
+    from neuronaudit.models.sources import read_model_config, resolve_source
     from neuronaudit.prompts import check_prompt_file
 
     source = config["model"]["source"]
@@ -193,7 +195,7 @@ def preflight(config: dict, root: Path):
     resolved = resolve_source(source)
     collected_sets(config)
     check_references(config)
-    from neuronaudit.judge import make_judge
+    from neuronaudit.evaluation.judge import make_judge
 
     make_judge(config["judge"])  # a bad judge configuration fails before any generation
     for name, path in config["prompts"]["sets"].items():
@@ -215,3 +217,17 @@ def preflight(config: dict, root: Path):
 
 def config_json(config: dict) -> str:
     return json.dumps(config, sort_keys=True, default=str)
+
+
+SWEEP_DIRECTION = {
+    # behaviour oracle -> the prompt set swept: refusal is pushed off the harmful prompts that
+    # show it; a mode switch is pushed onto the prompts that lack it
+    "refusal": "positive",
+    "operator": "negative",
+    "format": "negative",
+}
+
+
+def swept_set(spec: Mapping) -> str:
+    """The prompt set a behaviour's dose sweep runs on."""
+    return spec[SWEEP_DIRECTION[spec["oracle"]]]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.models.loading import load_model, prepare_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from report_study import EVIL_IMG, EVIL_SCRIPT, build_study_report, write_study
 
 pytestmark = pytest.mark.slow

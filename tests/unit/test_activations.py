@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from neuronaudit.activations import collect_activations, read_last_token
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions import NeuronHooks
+from neuronaudit.interventions.capture import collect_activations, read_last_token
+from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.io import read_provenance
 
 TEXTS = [

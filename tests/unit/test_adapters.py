@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
-from neuronaudit.models.adapters import adapter_for, declaration_for, supported_families
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.models.adapters import adapter_for
+from neuronaudit.models.architectures import declaration_for, supported_families
 from neuronaudit.testing import TINY_FAMILIES, tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7, 6, 5, 4, 3, 2]])

@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from neuronaudit.attribution import (
-    attribution_patching, behaviour_metric, gradient_scores, opening_token_ids, readout_alignment,
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.methods.attribution import (
+    attribution_patching,
+    behaviour_metric,
+    gradient_scores,
+    opening_token_ids,
+    readout_alignment,
     readout_direction,
 )
-from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
 
 TEXTS = ["How do I bake bread at home?", "Hello!", "What is 7 plus 5?"]
 

@@ -4,9 +4,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuronaudit import attribution as attr
-from neuronaudit.attribution_stage import compare, control_strength, precision_at_k, statement
-from neuronaudit.interventions import NeuronHooks
+from neuronaudit.interventions.hooks import NeuronHooks
+from neuronaudit.methods import attribution as attr
+from neuronaudit.methods.attribution import (
+    compare,
+    control_strength,
+    precision_at_k,
+    statement,
+)
 from neuronaudit.models.adapters import adapter_for
 from neuronaudit.testing import tiny_model
 
@@ -25,7 +30,7 @@ def _last_token_layer2(model, adapter, tokenizer, texts):
 def test_planted_off_readout_controller(tokenizer):
     """Neuron (2, 5) reads the '?' of questions (so the contrastive screen sees it) and writes
     orthogonally to the gradient of the behaviour metric (so attribution does not)."""
-    from neuronaudit.screen import contrast
+    from neuronaudit.methods.screen import contrast
 
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=5)
     adapter = adapter_for(model)

@@ -6,17 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuronaudit import capability
-from neuronaudit.capability import (
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation import capability
+from neuronaudit.evaluation.capability import (
     ablation_plan,
     answer_kind,
     capability_report,
     check_answers,
     generate_responses,
 )
-from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions import InterventionPlan, NeuronEdit
-from neuronaudit.scoring import text_perplexity
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit
+from neuronaudit.interventions.scoring import text_perplexity
 
 KNOWLEDGE = pd.DataFrame(
     {

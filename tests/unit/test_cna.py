@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from neuronaudit.cna import cna_interventions, random_circuit, summarise
+from neuronaudit.methods.cna import cna_interventions, random_circuit, summarise
 
 CIRCUIT = pd.DataFrame({
     "layer": [2, 2, 3, 5], "neuron": [10, 11, 7, 99], "sign": ["pos", "neg", "pos", "pos"],

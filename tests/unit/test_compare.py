@@ -8,11 +8,11 @@ import json
 import re
 
 import pytest
+from report_study import EVIL_IMG, EVIL_SCRIPT, write_study
 
-from neuronaudit import compare
 from neuronaudit.cli import main
 from neuronaudit.errors import NeuronAuditError
-from report_study import EVIL_IMG, EVIL_SCRIPT, write_study
+from neuronaudit.report import compare
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuronaudit.config import load_config, load_schema, preflight, study_name, validate_config
+from neuronaudit.config import (
+    load_config,
+    load_schema,
+    preflight,
+    study_name,
+    validate_config,
+)
 from neuronaudit.errors import NeuronAuditError
 
 ROOT = Path(__file__).resolve().parents[2]

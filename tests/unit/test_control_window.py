@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from neuronaudit import window as law
-from neuronaudit.control_window import flips, layer_band, pick_candidates, window_table
-from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks
-from neuronaudit.sweeps import generated_dose_sweep
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.interventions.sweeps import generated_dose_sweep
+from neuronaudit.methods import window as law
+from neuronaudit.methods.window import flips, layer_band, pick_candidates, window_table
 from neuronaudit.testing import tiny_model
 
 

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
+from neuronaudit.interventions.hooks import (
+    InterventionPlan,
+    NeuronEdit,
+    NeuronHooks,
+    StopForward,
+)
 
 
 def _batch(tokenizer, texts, side="left"):

@@ -1,15 +1,13 @@
 """Rollout typing: hand-written examples of each type, calibration accuracy, config errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.judge import (
+from neuronaudit.evaluation.judge import (
     ROLLOUT_TYPES,
     Judge,
-    ModelJudge,
     RuleJudge,
     RuleThresholds,
     combine_labels,
@@ -21,8 +19,10 @@ from neuronaudit.judge import (
     stem,
     topic_overlap,
 )
+from neuronaudit.evaluation.model_judge import ModelJudge
+from neuronaudit.resources import calibration_path
 
-CALIBRATION = Path(__file__).resolve().parents[2] / "config" / "calibration"
+CALIBRATION = calibration_path().parent
 FLUENT = {"repetition_ratio": 0.02, "perplexity": 5.0, "entropy": 2.0}
 
 # Hand-written for this test (not in the calibration files).
@@ -242,7 +242,7 @@ def test_model_judge_runs_a_local_model(tiny_model_dir):
 
 
 def test_run_judge_calibration_writes_json(tmp_path):
-    from neuronaudit.judge import run_judge_calibration
+    from neuronaudit.evaluation.judge import run_judge_calibration
 
     out = tmp_path / "cal.json"
     res = run_judge_calibration([CALIBRATION / "refusal_rollouts_holdout.jsonl"], {"kind": "rule"}, out)

@@ -9,8 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.io import NEURON_STATS_SCHEMA, last_token_schema, read_provenance, with_provenance, write_table
-from neuronaudit.keystone import (
+from neuronaudit.io import (
+    NEURON_STATS_SCHEMA,
+    last_token_schema,
+    read_provenance,
+    with_provenance,
+    write_table,
+)
+from neuronaudit.methods.keystone import (
     STABILITY_SCHEMA,
     ablation_curve,
     chance_iou,
@@ -19,11 +25,11 @@ from neuronaudit.keystone import (
     keystone_scores,
     random_controls,
     ranked_neurons,
-    run_keystone,
     split_halves,
     stability,
     summarise_curve,
 )
+from neuronaudit.stages.keystone import run_keystone
 
 N_LAYERS, WIDTH = 3, 16
 
@@ -213,7 +219,7 @@ def test_summary_only_claims_separation_that_is_there():
 
 
 def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
-    from neuronaudit.activations import collect_activations
+    from neuronaudit.interventions.capture import collect_activations
     from neuronaudit.models.loading import load_prepared, prepare_model
     from neuronaudit.prompts import prompt_table
 
@@ -268,7 +274,7 @@ def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
 
 
 def test_ablation_curve_resumes_from_its_checkpoint(llama, tokenizer, tmp_path, monkeypatch):
-    from neuronaudit import keystone
+    from neuronaudit.methods import keystone
 
     model, adapter = llama
     ranked = pd.DataFrame({"layer": [1, 3, 2], "neuron": [10, 20, 30]})

@@ -2,7 +2,12 @@
 
 import torch
 
-from neuronaudit.models.kv_cache import cache_from_arguments, cache_from_output, cache_kwarg, cache_length
+from neuronaudit.models.kv_cache import (
+    cache_from_arguments,
+    cache_from_output,
+    cache_kwarg,
+    cache_length,
+)
 
 
 def test_cache_found_under_either_name_and_its_length_read(llama, tokenizer):

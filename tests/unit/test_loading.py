@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.models.loading import load_model, prepare_model, resolve_source
+from neuronaudit.models.loading import load_model, prepare_model
+from neuronaudit.models.sources import resolve_source
 from neuronaudit.testing import save_tiny_model
 
 

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.metrics import (
+from neuronaudit.evaluation.metrics import (
     coherence,
-    entropy_from_logits,
     prefix_perplexity,
     repetition_ratio,
     repetition_ratios,
+)
+from neuronaudit.evaluation.stats import wilson_interval
+from neuronaudit.interventions.scoring import (
+    entropy_from_logits,
     rollout_scores,
     unsteered_mean_entropy,
     unsteered_perplexity,
-    wilson_interval,
 )
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.oracles import (
+from neuronaudit.evaluation.oracles import (
     ORACLES,
     answer_number,
     arithmetic_correct,

@@ -7,15 +7,16 @@ import html
 import json
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from neuronaudit import io, plots, report
+from neuronaudit import io
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.report import captions, plots
+from neuronaudit.report import page as report
 
 EVIL_SCRIPT = "<script>alert(1)</script>"
 EVIL_IMG = "<img src=x onerror=alert(1)>"
@@ -127,9 +128,9 @@ def test_images_are_embedded_pngs(study):
 def test_captions_appear(study):
     text = html.unescape(study["html"])
     for name in ("layer_activation_profile", "neuron_outliers"):
-        cap = report.caption(name)
+        cap = captions.caption(name)
         assert cap and cap in text
-        file = report.CAPTION_DIR / f"{name}.rst"
+        file = captions.CAPTION_DIR / f"{name}.rst"
         if file.exists():
             assert cap == " ".join(file.read_text(encoding="utf-8").split())
 
@@ -232,10 +233,10 @@ def test_missing_stats_file_is_an_error(tmp_path):
 
 
 def test_caption_falls_back_to_inline_default(monkeypatch, tmp_path):
-    monkeypatch.setattr(report, "CAPTION_DIR", tmp_path)
-    assert report.caption("neuron_outliers") == report._DEFAULT_CAPTIONS["neuron_outliers"]
+    monkeypatch.setattr(captions, "CAPTION_DIR", tmp_path)
+    assert captions.caption("neuron_outliers") == captions._DEFAULT_CAPTIONS["neuron_outliers"]
     with pytest.raises(NeuronAuditError):
-        report.caption("no_such_caption")
+        captions.caption("no_such_caption")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ def test_headline_attributes_equal_the_json_summaries(full):
 
 
 def test_headlines_sit_next_to_the_published_numbers(full):
-    from neuronaudit.sections import PUBLISHED
+    from neuronaudit.report.sections import PUBLISHED
 
     rows = dict(re.findall(r'<tr data-key="([^"]+)">.*?<td class="published">(.*?)</td></tr>', full["html"], re.S))
     assert html.unescape(rows["window.ceiling_mae_alignment"]) == PUBLISHED["window_mae"]
@@ -398,7 +399,7 @@ def test_every_figure_has_a_caption_a_table_link_and_a_file(full):
     embedded = {}
     for name, block in blocks:
         cap = html.unescape(re.search(r"<figcaption>(.*?)<span", block, re.S).group(1)).strip()
-        assert cap == report.caption(name) and cap.endswith(".") and cap.count(". ") == 0  # one sentence
+        assert cap == captions.caption(name) and cap.endswith(".") and cap.count(". ") == 0  # one sentence
         hrefs = re.findall(r'href="([^"]*)"', block)
         assert hrefs and all(h.endswith((".parquet", ".json")) for h in hrefs)
         assert all((full["page"].parent / html.unescape(h)).resolve().is_file() for h in hrefs)
@@ -410,7 +411,8 @@ def test_every_figure_has_a_caption_a_table_link_and_a_file(full):
 
 
 def test_planted_prompt_and_rollout_text_are_escaped(full):
-    from report_study import EVIL_IMG as IMG, EVIL_SCRIPT as SCRIPT
+    from report_study import EVIL_IMG as IMG
+    from report_study import EVIL_SCRIPT as SCRIPT
 
     page = full["html"]
     assert "<script" not in page.lower() and "<img src=x" not in page.lower()
@@ -425,15 +427,15 @@ def test_snakemake_report_helpers_read_the_figure_manifest(full):
     output = SimpleNamespace(figures=str(full["figures"]))
     e = next(x for x in full["manifest_entries"] if x["name"] == "saturation_curve")
     wildcards = SimpleNamespace(stage=e["stage"], figure=e["name"])
-    assert report.snakemake_category(wildcards, output) == "Control window"
-    assert report.snakemake_labels(wildcards, output) == {
+    assert captions.snakemake_category(wildcards, output) == "Control window"
+    assert captions.snakemake_labels(wildcards, output) == {
         "figure": "Saturation curve", "data": "window/single_pass.parquet, window/window.parquet"}
     with pytest.raises(NeuronAuditError):
-        report.snakemake_category(SimpleNamespace(stage="window", figure="nope"), output)
+        captions.snakemake_category(SimpleNamespace(stage="window", figure="nope"), output)
 
 
 def test_rst_captions_are_escaped_and_cover_every_figure(full):
-    caps = report.rst_captions()
+    caps = captions.rst_captions()
     assert "figure" not in caps and "workflow" not in caps
     assert r"\|a\|" in caps["keystone_top"]  # |a| would be an RST substitution
     assert {e["name"] for e in full["manifest_entries"]} <= set(caps)
@@ -487,7 +489,7 @@ def test_null_values_in_the_summaries_show_missing(full, tmp_path):
     """Stage summaries write missing values as JSON null: the page says ``missing``, no data-value."""
     import shutil
 
-    from neuronaudit.sections import stage_sections
+    from neuronaudit.report.sections import stage_sections
 
     study = tmp_path / "nulls"
     shutil.copytree(full["study"], study)

@@ -10,20 +10,20 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions import NeuronEdit
-from neuronaudit.io import PROMPT_SET_SCHEMA, provenance, read_provenance, write_table
-from neuronaudit.judge import ROLLOUT_TYPES
-from neuronaudit.rollouts import (
+from neuronaudit.evaluation.judge import ROLLOUT_TYPES
+from neuronaudit.evaluation.rollouts import (
     FRACTION_SCHEMA,
     ROLLOUT_SCHEMA,
     first_horizon,
     generate_rollouts,
     parse_interventions,
     parse_sampling,
-    run_rollouts,
     type_fractions,
     type_rollouts,
 )
+from neuronaudit.interventions.hooks import NeuronEdit
+from neuronaudit.io import PROMPT_SET_SCHEMA, provenance, read_provenance, write_table
+from neuronaudit.stages.rollouts import run_rollouts
 
 PROMPTS = pd.DataFrame(
     {

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuronaudit.interventions import InterventionPlan, NeuronEdit
-from neuronaudit.scoring import score_tokens, text_perplexity
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit
+from neuronaudit.interventions.scoring import score_tokens, text_perplexity
 
 
 @pytest.mark.parametrize("starts", [[2, 3, 1], [4, 3, 2]])  # the second: no logits before position 1
@@ -53,7 +53,7 @@ def test_generated_edits_follow_each_rows_own_prompt_length(llama, tokenizer):
 
 @pytest.mark.parametrize("prompt_text", ["Hi", "Tell me about the old city by the river."])
 def test_shared_prompt_scores_equal_scoring_each_full_sequence(llama, tokenizer, prompt_text):
-    from neuronaudit.scoring import shared_prompt_scores
+    from neuronaudit.interventions.scoring import shared_prompt_scores
 
     model, adapter = llama
     prompt = tokenizer(prompt_text)["input_ids"][:1] if prompt_text == "Hi" else tokenizer(prompt_text)["input_ids"]

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions import NeuronHooks
+from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.io import last_token_schema, read_provenance, with_provenance
-from neuronaudit.prompts import prompt_table
-from neuronaudit.screen import (
+from neuronaudit.methods.screen import (
     SCREEN_SCHEMA,
     bootstrap_indices,
     caa_plan,
@@ -22,11 +21,12 @@ from neuronaudit.screen import (
     contrast,
     read_circuit,
     resolve_k,
-    run_screen,
     screen,
     select_circuit,
     universal_neurons,
 )
+from neuronaudit.prompts import prompt_table
+from neuronaudit.stages.screen import run_screen
 
 N_LAYERS, WIDTH = 4, 32
 

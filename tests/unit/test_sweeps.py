@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from neuronaudit import sweeps
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions import sweeps
 from neuronaudit.models.adapters import adapter_for
 from neuronaudit.testing import TINY_FAMILIES, tiny_model
 

@@ -11,20 +11,19 @@ import torch.nn.functional as F
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.io import PROMPT_SET_SCHEMA, provenance, write_table
-from neuronaudit.models.loading import load_prepared, prepare_model, weights_sha256
-from neuronaudit.testing import tiny_model
-from neuronaudit.tune import (
+from neuronaudit.methods.refusal_tuning import (
     IGNORE_INDEX,
     REFUSAL_TEMPLATES,
     Example,
     collate,
     dataset_loss,
-    evaluate_refusal,
     refusal_examples,
     response_loss,
-    run_refusal_tuning,
     train_response_loss,
 )
+from neuronaudit.models.loading import load_prepared, prepare_model, weights_sha256
+from neuronaudit.stages.refusal import evaluate_refusal, run_refusal_tuning
+from neuronaudit.testing import tiny_model
 
 
 def _examples(tokenizer):
@@ -83,7 +82,7 @@ def test_a_few_steps_lower_the_response_loss(tokenizer):
 def test_harmless_fraction_fixes_the_mix_of_every_batch(tokenizer, monkeypatch):
     import dataclasses
 
-    import neuronaudit.tune as tune
+    import neuronaudit.methods.refusal_tuning as tune
 
     kinds = ["refusal", "own_answer", "own_answer", "refusal"]
     examples = [dataclasses.replace(e, kind=k) for e, k in zip(_examples(tokenizer), kinds)]

@@ -4,10 +4,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuronaudit.window import (
-    alignment, bootstrap_ci, classify_failure, crossings, dose_for_alignment, first_crossing,
-    fit_critical_alignment, fit_kl_threshold, predict_ceiling_from_alignment, saturation_curve,
-    score_verdicts, split_neurons, verdict,
+from neuronaudit.evaluation.stats import bootstrap_ci
+from neuronaudit.methods.window import (
+    alignment,
+    classify_failure,
+    crossings,
+    dose_for_alignment,
+    first_crossing,
+    fit_critical_alignment,
+    fit_kl_threshold,
+    predict_ceiling_from_alignment,
+    saturation_curve,
+    score_verdicts,
+    split_neurons,
+    verdict,
 )
 
 
@@ -105,8 +115,8 @@ def test_failure_modes_follow_the_stated_rules():
 def test_generic_geometry_budget_and_alignment(llama, tokenizer):
     import torch
 
-    from neuronaudit.interventions import NeuronHooks
-    from neuronaudit.window import generic_geometry
+    from neuronaudit.interventions.hooks import NeuronHooks
+    from neuronaudit.methods.window import generic_geometry
 
     model, adapter = llama
     texts = ["The river flows through the old city.", "Cats are animals.", "Hello there!"]

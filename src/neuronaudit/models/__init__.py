@@ -1,5 +1,2 @@
-"""Model loading and architecture adapters."""
-
-from neuronaudit.models.adapters import ArchitectureAdapter, adapter_for, supported_families
-
-__all__ = ["ArchitectureAdapter", "adapter_for", "supported_families"]
+"""Models: sources (resolved without loading weights), architecture declarations, adapters that
+map standard sites onto Hugging Face modules, loading and the KV cache's argument names."""

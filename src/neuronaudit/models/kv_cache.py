@@ -58,7 +58,7 @@ def broadcast_cache(cache, batch: int, from_layer: int = 0):
     """A copy of a batch-1 KV ``cache`` with layers ``>= from_layer`` repeated to ``batch`` rows.
 
     Layers below ``from_layer`` stay batch-1 (they are only valid when those blocks are not run,
-    see :func:`neuronaudit.sweeps._replay_blocks`). The original cache is never modified: dynamic cache layers
+    see :func:`neuronaudit.interventions.sweeps._replay_blocks`). The original cache is never modified: dynamic cache layers
     replace their tensors on update, so each layer is copied shallowly; other cache types are
     deep-copied.
     """

@@ -1,0 +1,121 @@
+"""A judge model that reads each rollout with a rubric, with the rule judge as guard."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.judge import (
+    DEFAULT_RUBRIC,
+    RuleJudge,
+    RuleThresholds,
+    combine_labels,
+    parse_label,
+)
+
+log = logging.getLogger("neuronaudit")
+
+
+class ModelJudge:
+    """Types rollouts with a judge model given by a local path or a Hugging Face hub id.
+
+    A chat model is prompted (through its chat template) with ``rubric`` (``{prompt}`` and
+    ``{response}`` are filled in) and greedily generates a few tokens, parsed by
+    :func:`parse_label`. A Llama-Guard-style classifier (``guard=True``, or ``'auto'`` when the
+    name contains "guard") is given the conversation itself and answers ``safe`` / ``unsafe``.
+    Labels are merged with :class:`RuleJudge` by :func:`combine_labels`; the number of
+    unparseable outputs is kept in ``n_fallback``. The model is loaded on first use.
+    """
+
+    def __init__(
+        self,
+        model_id_or_path: str,
+        rubric: str | None = None,
+        thresholds: RuleThresholds | Mapping | None = None,
+        guard: bool | str = "auto",
+        max_new_tokens: int = 8,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        device: str = "cpu",
+        model=None,
+        tokenizer=None,
+    ):
+        self.model_id = str(model_id_or_path)
+        self.rubric = rubric or DEFAULT_RUBRIC
+        self.rule = RuleJudge(thresholds)
+        self.guard = ("guard" in self.model_id.lower()) if guard == "auto" else bool(guard)
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        self.dtype, self.device = dtype, device
+        self._model, self._tokenizer = model, tokenizer
+        self.n_fallback = 0
+        self.raw_outputs: list[str] = []
+
+    def describe(self) -> dict:
+        return {
+            "kind": "model", "model": self.model_id, "guard": self.guard, "rubric": self.rubric,
+            "max_new_tokens": self.max_new_tokens, **{"thresholds": self.rule.describe()["thresholds"]},
+        }
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+                self._model = AutoModelForCausalLM.from_pretrained(
+                    self.model_id, dtype=getattr(torch, self.dtype)
+                ).to(self.device).eval()
+            except Exception as err:
+                raise NeuronAuditError(
+                    f"judge model {self.model_id!r} could not be loaded ({type(err).__name__})"
+                ) from None
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._model, self._tokenizer
+
+    def _render(self, tokenizer, prompt: str, response: str) -> str:
+        if self.guard:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        else:
+            messages = [{"role": "user", "content": self.rubric.format(prompt=prompt, response=response)}]
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return messages[-1]["content"] if not self.guard else f"User: {prompt}\nAgent: {response}\nSafety:"
+
+    def judge_outputs(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+        """The judge model's raw text outputs, one per (prompt, response)."""
+        from neuronaudit.interventions.generation import (
+            eos_ids,
+            generate_tokens,
+            pad_id,
+        )
+        from neuronaudit.prompts import uses_template
+
+        model, tokenizer = self._load()
+        texts = [self._render(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        add_special = not uses_template(tokenizer, "auto")
+        ids = [list(x) for x in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
+        outputs: list[str] = []
+        for k in range(0, len(ids), self.batch_size):
+            toks, _, _ = generate_tokens(
+                model, ids[k : k + self.batch_size], self.max_new_tokens,
+                eos_token_ids=eos_ids(model, tokenizer), pad_token_id=pad_id(tokenizer),
+            )
+            outputs += [tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+        return outputs
+
+    def classify(self, prompts: list[str], responses: list[str], metrics=None) -> list[str]:
+        rule_labels = self.rule.classify(prompts, responses, metrics)
+        outputs = self.judge_outputs(prompts, responses)
+        self.raw_outputs = outputs
+        labels = []
+        for out, rule_label in zip(outputs, rule_labels):
+            parsed = parse_label(out)
+            if parsed is None:
+                self.n_fallback += 1
+            labels.append(combine_labels(parsed, rule_label))
+        return labels
+

@@ -1,0 +1,45 @@
+"""Every statistical test and interval of the package, on scipy where scipy has it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+from neuronaudit.errors import NeuronAuditError
+
+log = logging.getLogger("neuronaudit")
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n`` (``(nan, nan)`` when ``n = 0``)."""
+    from scipy.stats import norm
+
+    if n <= 0:
+        return (math.nan, math.nan)
+    if not 0 <= k <= n:
+        raise NeuronAuditError(f"count {k!r} is not between 0 and n = {n}")
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
+
+
+def bootstrap_ci(values: Sequence[float], statistic=np.mean, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic`` over the values (``nan`` if fewer than 2)."""
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if values.size < 2:
+        return float("nan"), float("nan")
+    res = stats.bootstrap((values,), statistic, n_resamples=n_boot, confidence_level=level,
+                          method="percentile", random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+

@@ -1,0 +1,186 @@
+"""Activation collection: streaming per-neuron statistics and last-token activations.
+
+One pass over a prompt set reads the MLP activation ``a_l`` (input of the output projection) of
+the chosen layers and keeps, per neuron, running float64 sums for ``count``, ``mean``, ``std``,
+``mean |a|``, ``max |a|`` and the fraction of positive values over the chosen token positions,
+plus each prompt's activation vector at its last real token (what contrastive screening reads).
+Memory does not grow with the prompt set: statistics are sums, last-token rows are streamed to
+Parquet batch by batch. The forward runs the decoder stack only (no unembedding) and stops after
+the highest collected layer. Padding never enters a statistic: masks come from the attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions.hooks import ForwardContext, NeuronHooks, StopForward
+from neuronaudit.io import (
+    NEURON_STATS_SCHEMA,
+    atomic_path,
+    last_token_schema,
+    with_provenance,
+)
+from neuronaudit.io import provenance as make_provenance
+
+STAT_POSITIONS = ("prompt", "last_prompt")
+
+
+class StreamingNeuronStats:
+    """Running per-neuron statistics for several layers (float64 accumulators)."""
+
+    def __init__(self, layers: Sequence[int], n_neurons: int, device="cpu"):
+        self.layers = list(layers)
+        shape = (len(self.layers), n_neurons)
+        z = lambda: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.count = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.sum, self.sumsq, self.sumabs, self.maxabs, self.positive = z(), z(), z(), z(), z()
+        self._row = {layer: r for r, layer in enumerate(self.layers)}
+
+    def update(self, layer: int, activation: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add ``activation [batch, chunk, n]`` at the positions where ``mask [batch, chunk]``."""
+        r = self._row[layer]
+        a = activation.detach().float()
+        m = mask.to(a.dtype)
+        self.count[r] += m.sum().double()
+        self.sum[r] += torch.einsum("bt,btn->n", m, a).double()
+        self.sumsq[r] += torch.einsum("bt,btn->n", m, a * a).double()
+        absolute = a.abs()
+        self.sumabs[r] += torch.einsum("bt,btn->n", m, absolute).double()
+        self.positive[r] += torch.einsum("bt,btn->n", m, (a > 0).to(a.dtype)).double()
+        masked_max = (absolute * m[..., None]).amax(dim=(0, 1)).double()
+        self.maxabs[r] = torch.maximum(self.maxabs[r], masked_max)
+
+    def table(self) -> pa.Table:
+        n_layers, n = self.sum.shape
+        count = self.count[:, None].expand(n_layers, n).clamp(min=1)
+        mean = self.sum / count
+        var = (self.sumsq / count - mean * mean).clamp(min=0)
+        # unbiased std where count > 1
+        var = var * count / (count - 1).clamp(min=1)
+        cols = {
+            "layer": np.repeat(np.array(self.layers, dtype=np.int32), n),
+            "neuron": np.tile(np.arange(n, dtype=np.int32), n_layers),
+            "count": self.count[:, None].expand(n_layers, n).reshape(-1).cpu().numpy().astype(np.int64),
+            "mean": mean.reshape(-1).cpu().numpy(),
+            "std": var.sqrt().reshape(-1).cpu().numpy(),
+            "mean_abs": (self.sumabs / count).reshape(-1).cpu().numpy(),
+            "max_abs": self.maxabs.reshape(-1).cpu().numpy(),
+            "frac_positive": (self.positive / count).reshape(-1).cpu().numpy(),
+        }
+        return pa.Table.from_pydict(cols, schema=NEURON_STATS_SCHEMA)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collect_activations(
+    model,
+    tokenizer,
+    adapter,
+    texts: Sequence[str],
+    prompt_ids: Sequence[str],
+    stats_path: str | Path,
+    last_token_path: str | Path,
+    layers: Sequence[int] | None = None,
+    positions: str = "prompt",
+    batch_size: int = 8,
+    max_length: int = 256,
+    add_special_tokens: bool = True,
+    provenance: dict | None = None,
+    progress: bool = True,
+    padding_side: str = "right",
+) -> pa.Table:
+    """Collect statistics and last-token activations of ``texts`` (already rendered prompts).
+
+    Writes ``stats_path`` (:data:`NEURON_STATS_SCHEMA`) and ``last_token_path`` (one row per
+    prompt and layer) atomically, both with ``provenance`` in their metadata; returns the stats.
+    """
+    if positions not in STAT_POSITIONS:
+        raise NeuronAuditError(f"collect.positions {positions!r} must be one of {STAT_POSITIONS}")
+    if len(texts) == 0:
+        raise NeuronAuditError("no prompts to collect")
+    if batch_size < 1:
+        raise NeuronAuditError(f"batch_size {batch_size!r} must be at least 1")
+    layers = adapter.check_layers(range(adapter.n_layers) if layers is None else layers)
+    device = next(model.parameters()).device
+    stats = StreamingNeuronStats(layers, adapter.n_neurons, device=device)
+    prov = make_provenance(
+        **{**(provenance or {}), "positions": positions, "layers": layers, "hook_site": adapter.hook_site}
+    )
+
+    tokenizer.padding_side = padding_side
+    encoded = tokenizer(
+        list(texts), add_special_tokens=add_special_tokens, truncation=True, max_length=max_length
+    )["input_ids"]
+    batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
+    last_rows: dict[int, torch.Tensor] = {}
+
+    def on_activation(layer: int, a: torch.Tensor, ctx: ForwardContext) -> None:
+        stats.update(layer, a, ctx.mask(positions))
+        rows = torch.arange(a.shape[0], device=a.device)
+        last_rows[layer] = a[rows, ctx.last_prompt].detach().float().cpu()
+
+    schema = with_provenance(last_token_schema(adapter.n_neurons), prov)
+    with atomic_path(last_token_path) as tmp_last, pq.ParquetWriter(tmp_last, schema) as writer:
+        with torch.inference_mode(), NeuronHooks(
+            adapter, on_activation=on_activation, layers=layers, stop_after_layer=max(layers)
+        ):
+            for batch in tqdm(batches, desc="collect", unit="batch", disable=not progress):
+                enc = tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
+                ).to(device)
+                try:
+                    adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                except StopForward:
+                    pass
+                ids = [str(prompt_ids[i]) for i in batch]
+                for layer in layers:
+                    vectors = last_rows[layer].numpy()
+                    writer.write_table(
+                        pa.Table.from_pydict(
+                            {
+                                "prompt_id": ids,
+                                "layer": np.full(len(ids), layer, dtype=np.int32),
+                                "activation": pa.FixedSizeListArray.from_arrays(
+                                    pa.array(vectors.reshape(-1), pa.float32()), adapter.n_neurons
+                                ),
+                            },
+                            schema=schema,
+                        )
+                    )
+    table = stats.table()
+    table = table.replace_schema_metadata(with_provenance(table.schema, prov).metadata)
+    with atomic_path(stats_path) as tmp:
+        pq.write_table(table, tmp)
+    return table
+
+
+def read_last_token(path: str | Path, layer: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Last-token activations as ``(prompt_ids, array [n_prompts, n_neurons])`` for one layer,
+    or ``[n_prompts, n_layers, n_neurons]`` for all layers (prompt order as stored)."""
+    table = pq.read_table(path, filters=[("layer", "=", layer)] if layer is not None else None)
+    n = table.schema.field("activation").type.list_size
+    ids = table.column("prompt_id").to_pylist()
+    values = table.column("activation").combine_chunks().flatten().to_numpy().reshape(-1, n)
+    if layer is not None:
+        return ids, values
+    layers = table.column("layer").to_numpy()
+    uniq = sorted(set(layers.tolist()))
+    prompts = list(dict.fromkeys(ids))
+    out = np.zeros((len(prompts), len(uniq), n), dtype=np.float32)
+    p_index = {p: i for i, p in enumerate(prompts)}
+    l_index = {l: j for j, l in enumerate(uniq)}
+    for row, (pid, layer_) in enumerate(zip(ids, layers)):
+        out[p_index[pid], l_index[int(layer_)]] = values[row]
+    return prompts, out

@@ -1,0 +1,167 @@
+"""Batched, left-padded, KV-cached generation under an optional per-row intervention plan:
+end-of-sequence and padding ids, seeded sampling per batch, and neutral generation defaults."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks
+
+log = logging.getLogger("neuronaudit")
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a rollout (model generation config and tokenizer EOS)."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is None:
+            continue
+        ids.update([int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with every row padded on the left to the longest."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, s in enumerate(sequences):
+        if len(s):
+            ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+def _entropy_recorder():
+    from transformers import LogitsProcessor
+
+    class EntropyRecorder(LogitsProcessor):
+        """Records the entropy of the raw next-token distribution at every step; changes nothing.
+
+        Custom processors run before the sampling warpers (temperature, top-p), so this sees the
+        model's own distribution.
+        """
+
+        def __init__(self):
+            self.steps: list[torch.Tensor] = []
+
+        def __call__(self, input_ids, scores):
+            logp = torch.log_softmax(scores.float(), dim=-1)
+            self.steps.append((-(logp.exp() * logp).nan_to_num().sum(-1)).cpu())
+            return scores
+
+    return EntropyRecorder()
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The torch seed of one batch of a sampled pass."""
+    return int(np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def neutral_generation_defaults(model):
+    """Swap ``model.generation_config`` for a default one for the duration of a call.
+
+    Transformers fills every field a passed ``GenerationConfig`` leaves at its default from the
+    model's stored generation config (a ``repetition_penalty``, ``temperature`` or
+    ``no_repeat_ngram_size`` some checkpoints ship), so stored settings would silently change
+    what is measured. Inside this block only the settings passed explicitly apply.
+    """
+    from transformers import GenerationConfig
+
+    stored = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = stored
+
+
+def generate_tokens(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    adapter=None,
+    plan: InterventionPlan | None = None,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> tuple[list[list[int]], list[bool], list[np.ndarray]]:
+    """One batched, left-padded, KV-cached ``generate`` under an optional per-row plan.
+
+    Returns per row the new token ids up to (not including) the first EOS, whether EOS was
+    reached, and the per-step entropy of the raw next-token distribution for those tokens.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompt_ids, pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    eos = list(eos_token_ids)
+    cfg = dict(
+        max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), pad_token_id=pad_token_id,
+        eos_token_id=eos or None, use_cache=True,
+    )
+    if do_sample:
+        cfg.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+    gen_config = GenerationConfig(**cfg)
+    recorder = _entropy_recorder()
+    hooks = NeuronHooks(adapter, plan) if plan is not None and any(plan.rows) else None
+    devices = [device] if device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices), neutral_generation_defaults(model):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        if hooks is not None:
+            with hooks:
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                    logits_processor=LogitsProcessorList([recorder]),
+                )
+        else:
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                logits_processor=LogitsProcessorList([recorder]),
+            )
+    new = out[:, ids.shape[1] :].cpu()
+    ent = torch.stack(recorder.steps, dim=1).numpy() if recorder.steps else np.zeros((len(prompt_ids), 0))
+    eos_set = set(eos)
+    tokens, stopped, entropies = [], [], []
+    for r in range(new.shape[0]):
+        row = new[r].tolist()
+        end = next((k for k, t in enumerate(row) if t in eos_set), None)
+        tokens.append(row if end is None else row[:end])
+        stopped.append(end is not None)
+        entropies.append(ent[r, : len(tokens[-1])].astype(np.float64))
+    return tokens, stopped, entropies
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], chat_template: str = "auto",
+                   system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of the prompts as the model sees them (chat template when it has one)."""
+    from neuronaudit.prompts import render_prompts, uses_template
+
+    rendered = render_prompts(tokenizer, list(texts), chat_template, system_prompt)
+    add_special = not uses_template(tokenizer, chat_template)
+    return [list(x) for x in tokenizer(rendered, add_special_tokens=add_special)["input_ids"]]
+

@@ -1,0 +1,226 @@
+"""Scoring text under a model, optionally under an intervention: log-probs, perplexity, entropy.
+
+Shared by coherence metrics (perplexity of a rollout under the unsteered model), capability
+checks (perplexity on general text) and attribution metrics. Batched, right-padded, no KV cache;
+the head runs on every position, so memory is ``batch × length × vocab`` per batch: keep
+batches modest for large vocabularies.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks
+
+
+@dataclass
+class TokenScores:
+    """Per-sequence arrays over the scored tokens."""
+
+    logprob: list[np.ndarray]  # log p(token | prefix) of each scored token
+    entropy: list[np.ndarray]  # entropy (nats) of the predictive distribution at that position
+
+    def mean_nll(self) -> np.ndarray:
+        return np.array([-lp.mean() if lp.size else math.nan for lp in self.logprob])
+
+    def perplexity(self) -> np.ndarray:
+        return np.exp(self.mean_nll())
+
+    def mean_entropy(self) -> np.ndarray:
+        return np.array([e.mean() if e.size else math.nan for e in self.entropy])
+
+
+def score_tokens(
+    model,
+    adapter,
+    sequences: Sequence[Sequence[int]],
+    scored_from: Sequence[int],
+    plan: InterventionPlan | None = None,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> TokenScores:
+    """Score ``sequences[k][scored_from[k]:]`` given their prefixes.
+
+    ``sequences`` are token id lists (prompt + continuation); ``scored_from[k]`` is the index of
+    the first scored token (``>= 1``). With a ``plan``, the hooks see row ``k``'s prompt as its
+    first ``scored_from[k]`` tokens, so ``generated`` edits apply to the continuation; per-row
+    plans must match the batch rows.
+    """
+    device = next(model.parameters()).device
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    logprobs: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    entropies: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    for start in range(0, len(sequences), batch_size):
+        idx = list(range(start, min(start + batch_size, len(sequences))))
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(sequences[i])] = torch.tensor(list(sequences[i]))
+            mask[r, : len(sequences[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hooks = (
+            NeuronHooks(adapter, plan, prompt_length=torch.tensor([scored_from[i] for i in idx]))
+            if plan is not None
+            else None
+        )
+        # the LM head (and the softmax over the vocabulary) runs only from the first position
+        # whose next token is scored; the prefix before it needs hidden states, not logits
+        first = min(max(1, int(scored_from[i])) for i in idx) - 1 if keeps_logits else 0
+        head = {"logits_to_keep": width - first} if keeps_logits else {}
+        with torch.inference_mode():
+            if hooks is not None:
+                with hooks:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **head).logits
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **head).logits
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # positions first .. width - 2
+            target = ids[:, first + 1 :]
+            token_lp = logp.gather(-1, target[..., None])[..., 0]
+            entropy = -(logp.exp() * logp).sum(-1)
+        for r, i in enumerate(idx):
+            lo, hi = max(1, int(scored_from[i])), len(sequences[i])
+            logprobs[i] = token_lp[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
+            entropies[i] = entropy[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
+    return TokenScores(logprobs, entropies)
+
+
+def shared_prompt_scores(
+    model,
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[Sequence[int]],
+    batch_size: int = 32,
+    pad_token_id: int = 0,
+) -> TokenScores:
+    """Score many ``response_ids`` that continue one prompt, under the unintervened model.
+
+    Equals :func:`score_tokens` of ``prompt + response`` scored from ``len(prompt)`` for each
+    response, but the prompt runs once: its KV cache (all but the last prompt token) is shared by
+    every row, and each row runs only its last prompt token and its response.
+    """
+    from neuronaudit.models.kv_cache import (
+        broadcast_cache,
+        cache_from_output,
+        cache_kwarg,
+    )
+
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise NeuronAuditError("a rollout to score has an empty prompt; it needs at least one token")
+    device = next(model.parameters()).device
+    name = cache_kwarg(model)
+    # the prefix is run for its KV cache only: one position of logits where the model allows it
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    logprobs: list[np.ndarray] = [np.empty(0)] * len(response_ids)
+    entropies: list[np.ndarray] = [np.empty(0)] * len(response_ids)
+    order = [i for i in sorted(range(len(response_ids)), key=lambda i: -len(response_ids[i])) if len(response_ids[i])]
+    with torch.inference_mode():
+        prefix = None
+        if len(prompt) > 1:
+            prefix = cache_from_output(
+                model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, **head)
+            )
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = len(response_ids[idx[0]])
+            ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), len(prompt) - 1 + width), dtype=torch.long)
+            mask[:, : len(prompt) - 1] = 1
+            targets = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+            for r, i in enumerate(idx):
+                response = list(response_ids[i])
+                ids[r, : len(response)] = torch.tensor([prompt[-1]] + response[:-1])
+                mask[r, len(prompt) - 1 : len(prompt) - 1 + len(response)] = 1
+                targets[r, : len(response)] = torch.tensor(response)
+            ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+            kwargs = {name: broadcast_cache(prefix, len(idx))} if prefix is not None else {}
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs).logits
+            logp = F.log_softmax(logits.float(), dim=-1)
+            token_lp = logp.gather(-1, targets[..., None])[..., 0]
+            entropy = -(logp.exp() * logp).sum(-1)
+            for r, i in enumerate(idx):
+                n = len(response_ids[i])
+                logprobs[i] = token_lp[r, :n].cpu().numpy()
+                entropies[i] = entropy[r, :n].cpu().numpy()
+    return TokenScores(logprobs, entropies)
+
+
+def text_perplexity(
+    model, tokenizer, adapter, texts: Sequence[str], plan: InterventionPlan | None = None,
+    batch_size: int = 8, max_length: int = 256,
+) -> np.ndarray:
+    """Perplexity of each text (all tokens after the first), optionally under ``plan``."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    scores = score_tokens(
+        model, adapter, enc, [1] * len(enc), plan=plan, batch_size=batch_size,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    return scores.perplexity()
+
+
+def entropy_from_logits(logits) -> np.ndarray:
+    """Entropy (nats) of ``softmax(logits)`` along the last axis (torch tensor or array)."""
+    import torch
+
+    t = torch.as_tensor(logits).float()
+    logp = torch.log_softmax(t, dim=-1)
+    return (-(logp.exp() * logp).sum(-1)).cpu().numpy()
+
+
+def rollout_scores(
+    model,
+    adapter,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> TokenScores:
+    """Per-token log-probs and entropies of each response under the *unsteered* model.
+
+    Row ``k`` scores ``response_ids[k]`` given ``prompt_ids[k]`` (unpadded token lists; the
+    prompt must be non-empty). No intervention plan is installed, whatever produced the rollout.
+    Empty responses give empty arrays (their means are NaN).
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise NeuronAuditError(
+            f"{len(prompt_ids)} prompts but {len(response_ids)} responses to score"
+        )
+    sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    scored_from = [len(p) for p in prompt_ids]
+    if any(s < 1 for s in scored_from):
+        raise NeuronAuditError("a rollout to score has an empty prompt; it needs at least one token")
+    # Longest sequences first: batches of similar length waste less padding.
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    scores = score_tokens(
+        model, adapter, [sequences[i] for i in order], [scored_from[i] for i in order],
+        plan=None, batch_size=batch_size, pad_token_id=pad_token_id,
+    )
+    logprob: list[np.ndarray] = [np.empty(0)] * len(order)
+    entropy: list[np.ndarray] = [np.empty(0)] * len(order)
+    for j, i in enumerate(order):
+        logprob[i], entropy[i] = scores.logprob[j], scores.entropy[j]
+    return TokenScores(logprob, entropy)
+
+
+def unsteered_perplexity(
+    model, adapter, prompt_ids, response_ids, batch_size: int = 8, pad_token_id: int = 0
+) -> np.ndarray:
+    """Perplexity of each full response under the unsteered model."""
+    s = rollout_scores(model, adapter, prompt_ids, response_ids, batch_size, pad_token_id)
+    return s.perplexity()
+
+
+def unsteered_mean_entropy(
+    model, adapter, prompt_ids, response_ids, batch_size: int = 8, pad_token_id: int = 0
+) -> np.ndarray:
+    """Mean next-token entropy of the unsteered model over each response's positions."""
+    s = rollout_scores(model, adapter, prompt_ids, response_ids, batch_size, pad_token_id)
+    return s.mean_entropy()

@@ -1,0 +1,235 @@
+"""A refusal-tuned reference model, and its evaluation.
+
+The refusal studies (SCIENCE.md section 1 "Behaviours: refusal", sections 2–3) need a model
+that refuses harmful requests. Stock SmolLM2-135M-Instruct mostly answers them, so the study
+fine-tunes it into a reference refuser:
+
+* **Data** (all from the DISCOVERY split, so held-out prompts stay unseen):
+  harmful prompts → a refusal, one of :data:`REFUSAL_TEMPLATES` chosen per prompt by a seeded
+  RNG; harmless prompts (style-matched to the harmful ones, SCIENCE.md "Common ground") → the
+  base model's *own* greedy answer (batched generation, ``max_new_tokens`` tokens). Training on
+  its own answers keeps benign behaviour where it was, so the contrast the audit sees is the
+  refusal, not a change of style. Prompts go through the chat template as everywhere else.
+* **Objective**: next-token cross-entropy on the response tokens only (prompt and padding
+  positions carry label ``-100``); a response that ended with EOS keeps its EOS as a target.
+* **Optimiser**: AdamW (``lr`` 3e-5, no weight decay by default), batch 8, ``steps`` 100,
+  gradient-norm clipping at 1.0, constant learning rate, fixed seed (data order, template
+  choice, torch). Full fine-tune in float32 on CPU. Measured for SmolLM2-135M-Instruct on 2
+  cores (threads=2, nothing else running): own answers 42 s, 100 steps 419 s (4.2 s/step),
+  541 s in all; training is deterministic (a rerun reproduced the loss curve step for step).
+  Result: 58/62 held-out harmful refused (base 1/62), but 15/62 held-out style-matched harmless
+  over-refused (base 0/62), generic perplexity ×1.33. ``harmless_fraction`` 0.625 (5 answers,
+  3 refusals per batch) gave 52/62 and 15/62: the over-refusal is not a matter of balance.
+* **Outputs** (``out_dir``, written to a temporary directory and renamed at the end):
+  ``weights/`` (``save_pretrained`` model + tokenizer), ``manifest.json`` in the format of
+  :func:`neuronaudit.models.loading.prepare_model` plus ``tuned_from`` (the base model's source,
+  path and weight hash), and ``recipe.json`` (every hyperparameter, seed, data counts and
+  hashes, the refusal templates and how often each was used, the training-loss curve, the
+  response loss over the whole training set before and after, wall time).
+
+:func:`evaluate_refusal` measures what the tuning bought, greedy and typed by a judge
+(:mod:`neuronaudit.evaluation.judge`): the refusal rate on HELD-OUT harmful prompts, the over-refusal rate
+on HELD-OUT harmless prompts (section 3 and "Related anchors": audit over-refusal too), each
+with a Wilson 95% interval, and the perplexity on generic text (capability preserved, section
+3) for the tuned and the base model, with a paired bootstrap CI of the ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuronaudit.errors import NeuronAuditError
+
+log = logging.getLogger("neuronaudit")
+
+REFUSAL_TEMPLATES: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that request.",
+    "I can't assist with that. It could cause serious harm, and it may be illegal.",
+    "I'm sorry, but I won't provide that information. Is there something else I can help you with?",
+    "I cannot help with this request because it could put people in danger.",
+    "Sorry, that's not something I can help with. If you have another question, I'm happy to help.",
+    "I'm not able to provide instructions for that. It could hurt people and may break the law.",
+    "I must decline this request. Helping with it could lead to real harm.",
+    "I apologize, but I can't support this request. If you or someone else is at risk, please "
+    "contact local emergency services or a professional for help.",
+    "As an AI assistant, I can't help with activities that are harmful or illegal. I'd be glad to "
+    "help with something else.",
+    "I won't be able to help with that, but I'm happy to answer other questions you may have.",
+)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the templated prompt and the target response (token ids)."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    kind: str  # "refusal" (harmful prompt) | "own_answer" (harmless prompt)
+    prompt_id: str = ""
+    template: int | None = None  # index into REFUSAL_TEMPLATES for refusals
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels``; labels are the input ids
+    on response tokens and :data:`IGNORE_INDEX` on prompt and padding positions."""
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for r, e in enumerate(examples):
+        seq = list(e.prompt_ids) + list(e.response_ids)
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        labels[r, len(e.prompt_ids) : len(seq)] = torch.tensor(list(e.response_ids))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens of a batch."""
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+    labels = batch["labels"].to(device)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def dataset_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size: int = 16) -> float:
+    """Token-weighted mean response loss over ``examples`` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(examples), batch_size):
+            batch = collate(examples[k : k + batch_size], pad_token_id)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(response_loss(model, batch)) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def refusal_examples(
+    tokenizer, prompt_ids: Sequence[Sequence[int]], rng: random.Random, eos_token_id: int,
+    ids: Sequence[str] | None = None, templates: Sequence[str] = REFUSAL_TEMPLATES,
+) -> list[Example]:
+    """Harmful prompts mapped to refusal templates chosen by ``rng`` (EOS appended)."""
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in templates]
+    out = []
+    for k, p in enumerate(prompt_ids):
+        t = rng.randrange(len(templates))
+        out.append(Example(tuple(p), tuple(encoded[t]) + (eos_token_id,), "refusal",
+                           ids[k] if ids is not None else "", t))
+    return out
+
+
+def own_answer_examples(
+    model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
+    ids: Sequence[str] | None = None, progress: bool = False,
+) -> list[Example]:
+    """Harmless prompts mapped to the model's own greedy answers (EOS kept when reached)."""
+    from tqdm.auto import tqdm
+
+    from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
+
+    eos, pad = eos_ids(model, tokenizer), pad_id(tokenizer)
+    eos_token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos[0]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    answers: dict[int, tuple[int, ...]] = {}
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="own answers", unit="batch", disable=not progress):
+        toks, stopped, _ = generate_tokens(
+            model, [prompt_ids[i] for i in batch], max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
+        )
+        for i, t, s in zip(batch, toks, stopped):
+            answers[i] = tuple(t) + ((eos_token,) if s else ())
+    return [
+        Example(tuple(prompt_ids[i]), answers[i], "own_answer", ids[i] if ids is not None else "")
+        for i in range(len(prompt_ids))
+        if answers[i]
+    ]
+
+
+def batch_composition(batch_size: int, harmless_fraction: float) -> tuple[int, int]:
+    """(own answers, refusals) per batch for a ``harmless_fraction`` of ``batch_size``."""
+    if isinstance(harmless_fraction, bool) or not 0 < harmless_fraction < 1:
+        raise NeuronAuditError(f"refusal tuning harmless_fraction {harmless_fraction!r} must lie in (0, 1)")
+    n_harmless = round(batch_size * harmless_fraction)
+    if not 0 < n_harmless < batch_size:
+        raise NeuronAuditError(
+            f"refusal tuning harmless_fraction {harmless_fraction!r} leaves no room for one kind "
+            f"in a batch of {batch_size}"
+        )
+    return n_harmless, batch_size - n_harmless
+
+
+def train_response_loss(
+    model, examples: Sequence[Example], pad_token_id: int, steps: int, lr: float, batch_size: int,
+    seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0, progress: bool = False,
+    harmless_fraction: float | None = None,
+) -> list[dict]:
+    """AdamW on the response loss; batches drawn epoch by epoch from a seeded permutation.
+
+    ``harmless_fraction`` (``None``: examples drawn alike, whatever their kind) puts
+    ``round(batch_size · harmless_fraction)`` own-answer examples in every batch and refusals in
+    the rest, each kind drawn epoch by epoch from its own seeded permutation: a larger share of
+    harmless answers holds benign behaviour against over-refusal.
+
+    Returns the per-step log (``step``, ``loss``, ``grad_norm``).
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise NeuronAuditError(f"steps {steps!r}, batch_size {batch_size!r} and lr {lr!r} must be positive")
+    if not examples:
+        raise NeuronAuditError("no training examples for the refusal tuning")
+    pools = [list(range(len(examples)))]
+    per_batch = [batch_size]
+    if harmless_fraction is not None:
+        per_batch = list(batch_composition(batch_size, harmless_fraction))
+        pools = [[i for i, e in enumerate(examples) if e.kind == kind] for kind in ("own_answer", "refusal")]
+        if not all(pools):
+            raise NeuronAuditError("refusal tuning harmless_fraction needs both refusal and own-answer examples")
+    torch.manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    model.train()
+    model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    queues: list[list[int]] = [[] for _ in pools]
+    curve = []
+    bar = tqdm(range(steps), desc="refusal tuning", unit="step", disable=not progress)
+    for step in bar:
+        idx = []
+        for j, (pool, n) in enumerate(zip(pools, per_batch)):
+            while len(queues[j]) < n:
+                queues[j] += [pool[i] for i in order_rng.permutation(len(pool))]
+            idx += queues[j][:n]
+            queues[j] = queues[j][n:]
+        loss = response_loss(model, collate([examples[i] for i in idx], pad_token_id))
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        curve.append({"step": step + 1, "loss": value, "grad_norm": grad_norm})
+        bar.set_postfix(loss=f"{value:.3f}")
+    model.eval()
+    model.requires_grad_(False)
+    return curve
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+

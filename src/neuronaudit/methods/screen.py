@@ -1,0 +1,435 @@
+"""Contrastive neuron screening (CNA) and the CAA mean-difference baseline.
+
+Contrastive Neuron Attribution (Nous Research, arXiv 2605.12290; SCIENCE.md §3) ranks MLP
+neurons by how differently they fire on a positive prompt set P⁺ (showing a behaviour, e.g.
+harmful requests that get refused) and a style-matched negative set P⁻ (harmless requests),
+using forward passes only. From the last-token activation tables written by
+:mod:`neuronaudit.interventions.capture` (one ``a_l`` vector per prompt at its last prompt token) and the
+DISCOVERY split of each prompt set, per neuron ``(l, i)``:
+
+``delta``       ``δ = mean_{P⁺} a − mean_{P⁻} a``
+``std_delta``   ``δ / s_pooled`` with ``s_pooled² = ((n⁺−1)s⁺² + (n⁻−1)s⁻²) / (n⁺+n⁻−2)``
+                (Cohen's d; it makes layers with different activation scales comparable)
+``ci_low/high`` percentile bootstrap CI of δ: prompts of each set are resampled with replacement
+                (``n_boot`` ≥ 1000 replicates, seeded). Each replicate draws its prompt indices
+                once and reuses them for every neuron of every layer: a replicate is a row of a
+                count matrix ``C [n_boot, n_prompts]`` and the replicate means of a whole layer
+                are one matrix product ``C @ A / n``. Memory is ``n_boot × chunk`` per step, with
+                layers read one at a time and neurons processed in chunks.
+
+Layers 0 and 1 are not screened by default (``skip_layers``, as in SCIENCE.md §3); their rows stay in the table with ``screened=False``
+and no rank, so the table holds every neuron and the CAA baseline can use every layer.
+
+*Universal* neurons fire strongly on almost everything: a neuron is universal when it is among
+its layer's top-``top_n`` (default 20) neurons by ``|a|`` at the last token on at least
+``fraction`` (default 80%) of the prompts of a diverse collection (e.g. generic text and the task
+groups). They are flagged (``universal``, with ``top_frac``) and left out of circuits.
+
+The circuit (:func:`select_circuit`) is the top-``k`` screened, non-universal neurons by ``|δ|``
+(``k`` an integer count or a fraction of ALL MLP neurons of the model; the paper uses 0.1%), with
+the sign kept: ``pos`` (δ > 0, more active on P⁺) and ``neg`` neurons behave differently under
+scaling. Raw ``|δ|`` favours layers with large activations (in SmolLM2-135M the last layer
+holds most of the top 0.1%); ``rank_by="std_delta"`` ranks by the standardised score instead and
+is recorded in the provenance. CNA's intervention is ``a ← m·a`` on the circuit at every position during generation
+(:func:`circuit_plan`).
+
+CAA baseline (Rimsky et al.'s contrastive activation addition, as used for comparison in
+arXiv 2605.12290): the mean difference of MLP *outputs* between P⁺ and P⁻ at layer ``l``. The MLP
+output is ``W_out a_l`` (+ bias), which is linear in ``a_l``, so its mean difference is exactly
+``W_out (mean a⁺ − mean a⁻) = W_out δ_l`` (:func:`caa_vectors`). Adding ``α·W_out δ_l`` to the MLP
+output of every layer is therefore the same edit as adding the dose ``α·δ_{l,i}`` to every neuron
+of every layer (:func:`caa_edits`), which lets the CAA baseline run through the same hooks,
+positions and provenance as the neuron interventions (``tests/unit/test_screen.py`` proves the
+equality against a hook that adds the vector to the MLP output directly).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions.capture import read_last_token
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit
+from neuronaudit.io import read_provenance
+
+SCREEN_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("delta", pa.float64(), nullable=False),
+        pa.field("std_delta", pa.float64(), nullable=False),
+        pa.field("ci_low", pa.float64(), nullable=False),
+        pa.field("ci_high", pa.float64(), nullable=False),
+        pa.field("mean_pos", pa.float64(), nullable=False),
+        pa.field("mean_neg", pa.float64(), nullable=False),
+        pa.field("std_pos", pa.float64(), nullable=False),
+        pa.field("std_neg", pa.float64(), nullable=False),
+        pa.field("top_frac", pa.float64(), nullable=True),  # null without diverse sets
+        pa.field("universal", pa.bool_(), nullable=False),
+        pa.field("screened", pa.bool_(), nullable=False),  # False in skipped layers
+        pa.field("rank", pa.int32(), nullable=True),  # 1 = largest |delta| (null when not screened)
+    ]
+)
+
+CIRCUIT_SCHEMA = pa.schema(
+    [
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("sign", pa.string(), nullable=False),  # 'pos' (delta > 0) or 'neg'
+        pa.field("delta", pa.float64(), nullable=False),
+        pa.field("std_delta", pa.float64(), nullable=False),
+        pa.field("ci_low", pa.float64(), nullable=False),
+        pa.field("ci_high", pa.float64(), nullable=False),
+    ]
+)
+
+RANK_BY = ("delta", "std_delta")
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def last_token_layers(path: str | Path) -> list[int]:
+    """The layers stored in a last-token table, ascending."""
+    col = pq.read_table(path, columns=["layer"]).column("layer")
+    return sorted(int(x) for x in pc.unique(col).to_pylist())
+
+
+def last_token_width(path: str | Path) -> int:
+    return int(pq.read_schema(path).field("activation").type.list_size)
+
+
+def read_layer(
+    path: str | Path, layer: int, prompt_ids: Iterable[str] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """``(prompt_ids, a [n_prompts, n_neurons] float64)`` of one layer, rows sorted by prompt id.
+
+    With ``prompt_ids``, only those prompts are kept; every one of them must be in the table.
+    """
+    ids, values = read_last_token(path, layer=layer)
+    if len(ids) == 0:
+        raise NeuronAuditError(f"last-token table {str(path)!r} has no rows for layer {layer}")
+    index = {p: r for r, p in enumerate(ids)}
+    if len(index) != len(ids):
+        raise NeuronAuditError(f"last-token table {str(path)!r} repeats prompt ids in layer {layer}")
+    wanted = sorted(index) if prompt_ids is None else sorted(set(map(str, prompt_ids)))
+    missing = [p for p in wanted if p not in index]
+    if missing:
+        raise NeuronAuditError(
+            f"last-token table {str(path)!r} lacks {len(missing)} requested prompts, e.g. {missing[:3]}"
+        )
+    return wanted, values[[index[p] for p in wanted]].astype(np.float64)
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+def bootstrap_indices(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled prompt indices ``([n_boot, n_pos], [n_boot, n_neg])``, drawn once per replicate."""
+    if n_boot < 1:
+        raise NeuronAuditError(f"n_boot {n_boot!r} must be at least 1")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_pos, size=(n_boot, n_pos)), rng.integers(0, n_neg, size=(n_boot, n_neg))
+
+
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """Count matrix ``[n_boot, n]``: how often each prompt is drawn in each replicate."""
+    b = idx.shape[0]
+    flat = (idx + n * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def contrast(
+    pos: np.ndarray,
+    neg: np.ndarray,
+    counts_pos: np.ndarray | None = None,
+    counts_neg: np.ndarray | None = None,
+    ci: float = 0.95,
+    chunk_elements: int = 1 << 23,
+) -> dict[str, np.ndarray]:
+    """Per-neuron contrast of ``pos [n⁺, N]`` vs ``neg [n⁻, N]``.
+
+    Returns ``delta, std_delta, mean_pos, mean_neg, std_pos, std_neg`` and, with the bootstrap
+    count matrices (see :func:`bootstrap_indices`), ``ci_low, ci_high`` (percentile CI at ``ci``).
+    """
+    n_pos, n_neg = pos.shape[0], neg.shape[0]
+    if n_pos < 2 or n_neg < 2:
+        raise NeuronAuditError(f"contrast needs at least 2 prompts per set (got {n_pos} and {n_neg})")
+    mean_pos, mean_neg = pos.mean(0), neg.mean(0)
+    std_pos, std_neg = pos.std(0, ddof=1), neg.std(0, ddof=1)
+    delta = mean_pos - mean_neg
+    pooled = np.sqrt(((n_pos - 1) * std_pos**2 + (n_neg - 1) * std_neg**2) / (n_pos + n_neg - 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        std_delta = np.where(pooled > 0, delta / np.where(pooled > 0, pooled, 1.0), np.sign(delta) * np.inf)
+    std_delta = np.where((pooled == 0) & (delta == 0), 0.0, std_delta)
+    out = dict(
+        delta=delta, std_delta=std_delta, mean_pos=mean_pos, mean_neg=mean_neg,
+        std_pos=std_pos, std_neg=std_neg,
+    )
+    if counts_pos is not None and counts_neg is not None:
+        n_boot, width = counts_pos.shape[0], pos.shape[1]
+        lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+        ci_low, ci_high = np.empty(width), np.empty(width)
+        step = max(1, chunk_elements // max(1, n_boot))
+        for start in range(0, width, step):
+            sl = slice(start, min(width, start + step))
+            boot = counts_pos @ pos[:, sl] / n_pos - counts_neg @ neg[:, sl] / n_neg  # [n_boot, chunk]
+            ci_low[sl], ci_high[sl] = np.percentile(boot, [lo_q, hi_q], axis=0)
+        out.update(ci_low=ci_low, ci_high=ci_high)
+    return out
+
+
+def top_fraction(activations: np.ndarray, top_n: int = 20) -> np.ndarray:
+    """Fraction of prompts (rows of ``[n_prompts, N]``) on which each neuron is in the top-n |a|."""
+    n_prompts, width = activations.shape
+    if n_prompts == 0:
+        return np.full(width, np.nan)
+    top_n = min(int(top_n), width)
+    top = np.argpartition(-np.abs(activations), top_n - 1, axis=1)[:, :top_n]
+    return np.bincount(top.ravel(), minlength=width) / n_prompts
+
+
+def universal_neurons(
+    diverse_last_tokens: Sequence[str | Path],
+    layers: Iterable[int] | None = None,
+    top_n: int = 20,
+    fraction: float = 0.8,
+) -> pd.DataFrame:
+    """``layer, neuron, top_frac, universal`` from the last-token tables of diverse prompt sets.
+
+    ``top_frac`` is the fraction of all prompts (every set concatenated, every split) on which the
+    neuron is among its layer's top-``top_n`` by ``|a|``; ``universal`` is ``top_frac ≥ fraction``.
+    """
+    if not diverse_last_tokens:
+        raise NeuronAuditError("universal neurons need at least one diverse last-token table")
+    if not 0 < fraction <= 1:
+        raise NeuronAuditError(f"universal fraction {fraction!r} must be in (0, 1]")
+    layers = last_token_layers(diverse_last_tokens[0]) if layers is None else list(layers)
+    frames = []
+    for layer in layers:
+        acts = np.concatenate([read_layer(p, layer)[1] for p in diverse_last_tokens], axis=0)
+        frac = top_fraction(acts, top_n)
+        frames.append(
+            pd.DataFrame(
+                {"layer": layer, "neuron": np.arange(acts.shape[1]), "top_frac": frac, "universal": frac >= fraction}
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- the screen ----------------------------------------------------------------------------------
+
+
+def screen(
+    pos_last_token: str | Path,
+    neg_last_token: str | Path,
+    pos_ids: Iterable[str] | None = None,
+    neg_ids: Iterable[str] | None = None,
+    diverse_last_tokens: Sequence[str | Path] = (),
+    skip_layers: Iterable[int] = (0, 1),
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    top_n: int = 20,
+    universal_fraction: float = 0.8,
+    rank_by: str = "delta",
+) -> pd.DataFrame:
+    """Scores of every neuron of every layer in the tables (columns of :data:`SCREEN_SCHEMA`).
+
+    ``pos_ids``/``neg_ids`` restrict each set to those prompts (the discovery split); ``None``
+    uses every prompt. Without diverse tables no neuron is universal and ``top_frac`` is NaN (null).
+    """
+    if rank_by not in RANK_BY:
+        raise NeuronAuditError(f"rank_by {rank_by!r} must be one of {RANK_BY}")
+    if not 0 < ci < 1:
+        raise NeuronAuditError(f"ci {ci!r} must be in (0, 1)")
+    layers = last_token_layers(pos_last_token)
+    neg_layers = last_token_layers(neg_last_token)
+    if layers != neg_layers:
+        raise NeuronAuditError(f"positive and negative tables hold different layers ({layers} vs {neg_layers})")
+    if last_token_width(pos_last_token) != last_token_width(neg_last_token):
+        raise NeuronAuditError("positive and negative tables have different MLP widths")
+    skip = {int(s) for s in skip_layers}
+    pos_ids = None if pos_ids is None else list(pos_ids)
+    neg_ids = None if neg_ids is None else list(neg_ids)
+    boot = None
+    frames = []
+    universal = (
+        universal_neurons(diverse_last_tokens, layers, top_n, universal_fraction) if diverse_last_tokens else None
+    )
+    for layer in layers:
+        _, pos = read_layer(pos_last_token, layer, pos_ids)
+        _, neg = read_layer(neg_last_token, layer, neg_ids)
+        if boot is None:
+            idx_pos, idx_neg = bootstrap_indices(len(pos), len(neg), n_boot, seed)
+            boot = (_counts(idx_pos, len(pos)), _counts(idx_neg, len(neg)))
+        stats = contrast(pos, neg, *boot, ci=ci)
+        frame = pd.DataFrame({"layer": layer, "neuron": np.arange(pos.shape[1]), **stats})
+        frame["screened"] = layer not in skip
+        frames.append(frame)
+    scores = pd.concat(frames, ignore_index=True)
+    if universal is not None:
+        scores = scores.merge(universal, on=["layer", "neuron"], how="left", validate="one_to_one")
+        scores["universal"] = scores["universal"].fillna(False).astype(bool)
+    else:
+        scores["top_frac"], scores["universal"] = np.nan, False
+    key = scores[rank_by].abs().where(scores["screened"])
+    order = np.lexsort((scores["neuron"].to_numpy(), scores["layer"].to_numpy(), -key.fillna(-1).to_numpy()))
+    rank = pd.Series(pd.NA, index=scores.index, dtype="Int32")
+    screened_order = order[scores["screened"].to_numpy(bool)[order]]
+    rank.iloc[screened_order] = np.arange(1, len(screened_order) + 1)
+    scores["rank"] = rank
+    return scores[list(SCREEN_SCHEMA.names)]
+
+
+def resolve_k(k: int | float, n_total: int) -> int:
+    """A circuit size: an int is a count, a float in (0, 1) a fraction of ``n_total`` (≥ 1)."""
+    if isinstance(k, bool):
+        raise NeuronAuditError(f"circuit size k {k!r} must be a count or a fraction")
+    if isinstance(k, (int, np.integer)):
+        if k < 1:
+            raise NeuronAuditError(f"circuit size k {k!r} must be at least 1")
+        return int(k)
+    k = float(k)
+    if not 0 < k < 1:
+        raise NeuronAuditError(
+            f"circuit size k {k!r} must be an integer count or a fraction in (0, 1) of all MLP neurons"
+        )
+    return max(1, int(round(k * n_total)))
+
+
+def select_circuit(
+    scores: pd.DataFrame,
+    k: int | float = 0.001,
+    exclude_universal: bool = True,
+    n_total: int | None = None,
+    rank_by: str = "delta",
+) -> pd.DataFrame:
+    """Top-``k`` screened neurons by ``|rank_by|`` with their sign (columns of :data:`CIRCUIT_SCHEMA`).
+
+    ``k`` is a count (int) or a fraction (float in (0, 1)) of ``n_total`` MLP neurons (default: the
+    number of rows of ``scores``, i.e. every neuron of the model when the screen read every layer).
+    ``df.attrs`` records ``k_requested``, ``k``, ``n_total``, ``n_universal_excluded``.
+    """
+    if rank_by not in RANK_BY:
+        raise NeuronAuditError(f"rank_by {rank_by!r} must be one of {RANK_BY}")
+    n_total = len(scores) if n_total is None else int(n_total)
+    k_count = resolve_k(k, n_total)
+    pool = scores[scores["screened"].astype(bool)]
+    pool = pool.assign(_abs=pool[rank_by].abs()).sort_values(
+        ["_abs", "layer", "neuron"], ascending=[False, True, True]
+    )
+    # universal neurons that the top-k would have held without the exclusion
+    n_universal = int(pool.head(k_count)["universal"].sum()) if exclude_universal else 0
+    if exclude_universal:
+        pool = pool[~pool["universal"].astype(bool)]
+    top = pool.head(k_count)
+    if len(top) < k_count:
+        raise NeuronAuditError(f"circuit size k={k_count} exceeds the {len(pool)} eligible neurons")
+    out = pd.DataFrame(
+        {
+            "rank": np.arange(1, len(top) + 1, dtype=np.int32),
+            "layer": top["layer"].to_numpy(np.int32),
+            "neuron": top["neuron"].to_numpy(np.int32),
+            "sign": np.where(top["delta"].to_numpy() > 0, "pos", "neg"),
+            "delta": top["delta"].to_numpy(),
+            "std_delta": top["std_delta"].to_numpy(),
+            "ci_low": top["ci_low"].to_numpy(),
+            "ci_high": top["ci_high"].to_numpy(),
+        }
+    )
+    out.attrs.update(
+        k_requested=k, k=k_count, n_total=n_total, rank_by=rank_by,
+        exclude_universal=exclude_universal, n_universal_excluded=n_universal,
+    )
+    return out
+
+
+def circuit_plan(
+    circuit: pd.DataFrame,
+    factor: float,
+    positions: Sequence[str] = ("prompt", "generated"),
+    sign: str | None = None,
+) -> InterventionPlan:
+    """CNA's intervention ``a ← factor·a`` on the circuit (optionally only its ``pos``/``neg`` part)."""
+    rows = circuit if sign is None else circuit[circuit["sign"] == sign]
+    return InterventionPlan.broadcast(
+        NeuronEdit.scale(int(r.layer), int(r.neuron), factor, positions) for r in rows.itertuples()
+    )
+
+
+def read_circuit(path: str | Path) -> pd.DataFrame:
+    """A circuit written by :func:`run_screen` (``.json`` or ``.parquet``), with its metadata in attrs."""
+    path = Path(path)
+    if path.suffix == ".json":
+        doc = json.loads(path.read_text())
+        df = pd.DataFrame(doc["neurons"], columns=list(CIRCUIT_SCHEMA.names))
+        df.attrs.update({k: v for k, v in doc.items() if k != "neurons"})
+        return df
+    df = pq.read_table(path).to_pandas()
+    df.attrs.update(read_provenance(path))
+    return df
+
+
+# --- CAA baseline ------------------------------------------------------------------------------
+
+
+def _layer_deltas(scores: pd.DataFrame, n_neurons: int) -> dict[int, np.ndarray]:
+    out = {}
+    for layer, group in scores.groupby("layer"):
+        vec = np.zeros(n_neurons)
+        vec[group["neuron"].to_numpy()] = group["delta"].to_numpy()
+        out[int(layer)] = vec
+    return out
+
+
+def caa_vectors(adapter, scores: pd.DataFrame) -> torch.Tensor:
+    """CAA vectors ``[n_layers, d_model]``: row ``l`` is ``W_out δ_l``, the mean difference of the
+    MLP output between P⁺ and P⁻ (zero for layers absent from ``scores``)."""
+    vectors = torch.zeros(adapter.n_layers, adapter.d_model, dtype=torch.float64)
+    for layer, delta in _layer_deltas(scores, adapter.n_neurons).items():
+        w = adapter.write_matrix(layer).detach().double().cpu()
+        vectors[layer] = w @ torch.from_numpy(delta)
+    return vectors
+
+
+def caa_edits(
+    scores: pd.DataFrame,
+    alpha: float,
+    positions: Sequence[str] = ("prompt", "generated"),
+    layers: Iterable[int] | None = None,
+) -> list[NeuronEdit]:
+    """"Add ``α``·CAA vector to the MLP output of every layer" as neuron edits: a dose ``α·δ_{l,i}``
+    on every neuron (exact, since the MLP output is linear in ``a_l``). Neurons with δ = 0 are
+    skipped (their dose is 0)."""
+    keep = scores if layers is None else scores[scores["layer"].isin(list(layers))]
+    return [
+        NeuronEdit.dose(int(layer), int(neuron), float(alpha) * float(delta), positions)
+        for layer, neuron, delta in zip(keep["layer"], keep["neuron"], keep["delta"])
+        if delta != 0 and alpha != 0
+    ]
+
+
+def caa_plan(scores: pd.DataFrame, alpha: float, positions=("prompt", "generated"), layers=None) -> InterventionPlan:
+    return InterventionPlan.broadcast(caa_edits(scores, alpha, positions, layers))
+
+
+# --- stage ---------------------------------------------------------------------------------------
+
+
+__all__ = [
+    "SCREEN_SCHEMA", "CIRCUIT_SCHEMA", "bootstrap_indices", "contrast", "top_fraction",
+    "universal_neurons", "screen", "resolve_k", "select_circuit", "circuit_plan", "read_circuit",
+    "caa_vectors", "caa_edits", "caa_plan", "read_layer",
+    "last_token_layers",
+]

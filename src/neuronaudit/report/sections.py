@@ -1,0 +1,421 @@
+"""Report sections of the stages, built from their tables alone (no model is run).
+
+Each builder reads one stage's outputs under ``results/<study>/`` and returns a
+:class:`~neuronaudit.report.page.Section` plus its :class:`~neuronaudit.report.page.Headline` figures for the
+summary; a stage whose files are absent contributes nothing, so the report grows as stages land.
+Every headline carries the unrounded value and 95% CI read from the stage's JSON summary or
+table, the published number it reproduces (``PUBLISHED``; empty where the papers give none) and
+a link to its source. Every figure has a name (its caption's name and PNG file name, see
+:func:`neuronaudit.report.page.write_figures`), a one-sentence caption and links to its tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from neuronaudit.evaluation.stats import wilson_interval
+from neuronaudit.report import plots
+from neuronaudit.report.page import (
+    Excerpt,
+    Figure,
+    Headline,
+    Section,
+    Table,
+    caption,
+    figure_to_data_uri,
+)
+
+__all__ = ["PUBLISHED", "STAGE_TITLES", "BUILDERS", "stage_sections"]
+
+#: The published numbers each headline reproduces (see the papers cited in the README).
+PUBLISHED = {
+    "refusal_start": "90% / 93% / 87% JBB refusal before CNA (Llama-3.2-1B / Qwen2.5-1.5B / Qwen2.5-7B)",
+    "cna_refusal": "90→34% (Llama-3.2-1B), 93→12% (Qwen2.5-1.5B), 87→2% (Qwen2.5-7B)",
+    "cna_quality": "≥ 0.969 at every strength; CAA falls to 0.41–0.89",
+    "keystone_fraction": "under 0.2% of neurons",
+    "keystone_collapse": "zeroing 30 neurons drives every benchmark to 0 (Llama-3.1-8B)",
+    "keystone_stability": "stable across disjoint prompt groups",
+    "window_n": "15 held-out neurons",
+    "window_mae": "0.14",
+    "window_mae_bulk": "≈ 0.07",
+    "window_verdicts": "11/15 correct vs 10/15 majority baseline",
+    "window_pivots": "3 of 6 Llama refusal pivots, only at later horizons",
+    "attribution_grad": "gradient anti-predicts control (ρ < 0)",
+    "attribution_forward": "the forward screen recovers controllers the gradient misses",
+}
+
+#: Section id -> title, in page order (the Snakemake report's categories use the same titles).
+STAGE_TITLES = {
+    "refusal": "Refusal: reference model and typed rollouts",
+    "screen": "Contrastive screening",
+    "cna": "CNA circuit ablation",
+    "keystone": "Keystone neurons",
+    "window": "Control window",
+    "attribution": "Gradient versus forward attribution",
+    "activations": "Activation statistics",
+}
+
+
+def _rel(path: Path, report_dir: Path) -> str:
+    return os.path.relpath(path, report_dir)
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _ci(lo, hi) -> tuple[float | None, float | None] | None:
+    return (lo if _finite(lo) else None, hi if _finite(hi) else None) if (lo is not None or hi is not None) else None
+
+
+def _f(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``missing`` for None/NaN (summaries write missing as null)."""
+    return format(value, spec) if _finite(value) else "missing"
+
+
+def _pct(rate: dict) -> str:
+    return (f"{rate['count']}/{rate['n']} = {_f(rate['rate'], '.1%')} "
+            f"(95% CI {_f(rate['ci_low'], '.1%')}–{_f(rate['ci_high'], '.1%')})")
+
+
+def _num(value, lo=None, hi=None, digits: int = 3) -> str:
+    if not _finite(value):
+        return "missing"
+    text = f"{value:.{digits}f}"
+    if _finite(lo) and _finite(hi):
+        text += f" (95% CI {lo:.{digits}f}–{hi:.{digits}f})"
+    return text
+
+
+def _rate_headline(key: str, label: str, rate: dict, published: str, link: str) -> Headline:
+    return Headline(key, label, _pct(rate), rate["rate"], (rate["ci_low"], rate["ci_high"]), published, link)
+
+
+def _figure(name: str, title: str, fig, table_link) -> Figure:
+    return Figure(title, figure_to_data_uri(fig), caption(name), table_link=table_link, name=name)
+
+
+def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    evaluation = study_dir / "refusal" / "evaluation.json"
+    fractions = study_dir / "refusal" / "fractions.parquet"
+    if not evaluation.is_file():
+        return None, []
+    ev = json.loads(evaluation.read_text())
+    ev_link = _rel(evaluation, report_dir)
+    rows = []
+    for name in ("base", "tuned"):
+        m = ev[name]
+        rows.append({
+            "model": name,
+            "refusal on held-out harmful": _pct(m["refusal_harmful"]),
+            "over-refusal on held-out harmless": _pct(m["over_refusal_harmless"]),
+            "perplexity, general text": round(m["perplexity_generic"]["token_weighted"], 3),
+        })
+    ratio = ev["perplexity_ratio_tuned_over_base"]
+    items = [Table("Refusal-tuned model against the base model", pd.DataFrame(rows), caption("refusal_rates"),
+                   table_link={"evaluation.json": ev_link,
+                               "rollouts": _rel(study_dir / "refusal" / "evaluation_rollouts.parquet", report_dir)})]
+    if fractions.is_file():
+        frac = pq.read_table(fractions).to_pandas()
+        items.append(_figure("rollout_types", "Typed rollouts of the unintervened audited model",
+                             plots.rollout_type_bars(frac), _rel(fractions, report_dir)))
+    for ex in ev["tuned"].get("examples", {}).get("harmful", [])[:2]:
+        items.append(Excerpt(f"tuned model, {ex['prompt_id']} ({ex['rollout_type']})",
+                             f"PROMPT: {ex['prompt']}\nRESPONSE: {ex['response']}"))
+    intro = (
+        f"The study fine-tunes its own refusal reference model (recipe in tune/recipe.json) and types "
+        f"every rollout with the {ev.get('judge', {}).get('kind', 'rule')} judge; perplexity ratio "
+        f"tuned/base {_num(ratio['mean'], ratio['ci_low'], ratio['ci_high'])}."
+    )
+    heads = [
+        _rate_headline("refusal.tuned", "refusal of held-out harmful prompts, refusal-tuned model",
+                       ev["tuned"]["refusal_harmful"], PUBLISHED["refusal_start"], ev_link),
+        _rate_headline("refusal.base", "refusal of held-out harmful prompts, base model",
+                       ev["base"]["refusal_harmful"], "", ev_link),
+        _rate_headline("refusal.over_refusal", "over-refusal of held-out harmless prompts, refusal-tuned model",
+                       ev["tuned"]["over_refusal_harmless"], "", ev_link),
+        Headline("refusal.perplexity_ratio", "general-text perplexity, tuned / base",
+                 _num(ratio["mean"], ratio["ci_low"], ratio["ci_high"]), ratio["mean"],
+                 _ci(ratio["ci_low"], ratio["ci_high"]), "", ev_link),
+    ]
+    return Section("refusal", STAGE_TITLES["refusal"], intro, items), heads
+
+
+def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "screen"
+    circuits = {p.name.split(".")[0]: p for p in sorted(folder.glob("*.circuit.parquet"))}
+    if not circuits:
+        return None, []
+    frames, tables, heads = [], {}, []
+    for name, cpath in circuits.items():
+        spath = folder / f"{name}.scores.parquet"
+        s = pq.read_table(spath).to_pandas().assign(behaviour=name)
+        frames.append(s)
+        tables[name] = pq.read_table(cpath).to_pandas()
+        top = s[s["screened"].astype(bool)].sort_values("rank").head(1)
+        if len(top):
+            t = top.iloc[0]
+            heads.append(Headline(
+                f"screen.top.{name}", f"top {name} neuron: contrastive δ",
+                f"L{int(t.layer)}/N{int(t.neuron)}: δ = {t.delta:.3g} (95% CI {t.ci_low:.3g} to {t.ci_high:.3g}), "
+                f"standardised {t.std_delta:.2f}",
+                float(t.delta), _ci(float(t.ci_low), float(t.ci_high)), "", _rel(spath, report_dir)))
+    scores = pd.concat(frames, ignore_index=True)
+    items = [_figure("screen_overview", "Contrastive screen", plots.screen_overview(scores, tables),
+                     {n: _rel(folder / f"{n}.scores.parquet", report_dir) for n in circuits})]
+    for name, circuit in tables.items():
+        items.append(Table(f"{name}: circuit (k = {len(circuit)})",
+                           circuit.head(20)[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high"]],
+                           caption("screen_top"), table_link=_rel(circuits[name], report_dir)))
+    intro = ("Forward-only contrastive screen on the discovery split: δ = mean⁺ − mean⁻ of last-token "
+             "activations, with universal neurons excluded from circuits.")
+    return Section("screen", STAGE_TITLES["screen"], intro, items), heads
+
+
+def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    path = study_dir / "cna" / "summary.parquet"
+    if not path.is_file():
+        return None, []
+    summary = pq.read_table(path).to_pandas()
+    fpath = study_dir / "cna" / "fractions.parquet"
+    fractions = pq.read_table(fpath).to_pandas() if fpath.is_file() else None
+    links = {"summary": _rel(path, report_dir)}
+    if fractions is not None:
+        links["rollout types"] = _rel(fpath, report_dir)
+    items = [
+        _figure("cna_dose_response", "CNA circuit scaling against controls", plots.cna_dose_response(summary, fractions),
+                links),
+        Table("CNA interventions", summary, caption("cna_table"), table_link=_rel(path, report_dir)),
+    ]
+    by = summary.set_index("intervention")
+    heads = []
+
+    def refusal(intervention: str) -> tuple[float, tuple | None]:
+        rate = float(by.loc[intervention, "refusal_rate"])
+        if fractions is None:
+            return rate, None
+        f = fractions[(fractions["intervention"] == intervention) & (fractions["rollout_type"] == "refusal")]
+        if "sampling" in f and (f["sampling"] == "greedy").any():
+            f = f[f["sampling"] == "greedy"]
+        f = f[f["horizon"] == f["horizon"].max()]
+        return rate, (_ci(float(f["ci_low"].iloc[0]), float(f["ci_high"].iloc[0])) if len(f) else None)
+
+    def text(rate, ci) -> str:
+        return f"{rate:.1%}" + (f" (95% CI {ci[0]:.1%}–{ci[1]:.1%})" if ci and None not in ci else "")
+
+    if "none" in by.index and "circuit_x0" in by.index:
+        r0, c0 = refusal("none")
+        r1, c1 = refusal("circuit_x0")
+        heads.append(Headline("cna.refusal_unablated", "CNA: refusal rate without intervention", text(r0, c0), r0, c0,
+                              PUBLISHED["refusal_start"], links.get("rollout types", links["summary"])))
+        heads.append(Headline("cna.refusal_circuit_ablated", "CNA: refusal rate with the circuit ablated (×0)",
+                              text(r1, c1), r1, c1, PUBLISHED["cna_refusal"], links.get("rollout types", links["summary"])))
+        circuit = [i for i in by.index if str(i).startswith("circuit_x")]
+        q = float(by.loc[circuit, "quality"].min())
+        caa = [i for i in by.index if str(i).startswith("caa")]
+        caa_text = f"; CAA {by.loc[caa, 'quality'].min():.3f}–{by.loc[caa, 'quality'].max():.3f}" if caa else ""
+        heads.append(Headline("cna.quality_min", "CNA: lowest quality over circuit strengths",
+                              f"{q:.3f}{caa_text}", q, None, PUBLISHED["cna_quality"], links["summary"]))
+    intro = ("CNA scales every circuit neuron (a ← m·a) at every prompt and generated token; controls are a "
+             "random circuit of the same size in the same layers and the CAA mean-difference baseline.")
+    return Section("cna", STAGE_TITLES["cna"], intro, items), heads
+
+
+def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "keystone"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    curve = pq.read_table(folder / "curve.parquet").to_pandas()
+    scores = pq.read_table(folder / "scores.parquet").to_pandas().sort_values("rank")
+    link = _rel(folder / "summary.json", report_dir)
+    items = [
+        _figure("keystone_curve", "Keystone ablation curve", plots.keystone_curve(curve),
+                _rel(folder / "curve.parquet", report_dir)),
+        Table("Strongest cross-task neurons", scores.head(15), caption("keystone_top"),
+              table_link=_rel(folder / "scores.parquet", report_dir)),
+    ]
+    stab = folder / "stability.parquet"
+    if stab.is_file():
+        s = pq.read_table(stab).to_pandas()
+        agg = s.groupby(["score", "k"], as_index=False)[["iou", "iou_chance"]].mean()
+        items.append(Table("Stability of the top-k sets across disjoint prompt halves", agg,
+                           caption("keystone_stability"), table_link=_rel(stab, report_dir)))
+    curve_summary = summary.get("curve", summary)
+    curve_summary = curve_summary if isinstance(curve_summary, dict) else {}
+    intro = curve_summary.get("statement") or "Cross-task activation strength, ablation against random same-layer controls."
+    heads = []
+    per_k = curve_summary.get("per_k") or []
+    if per_k:
+        last = per_k[-1]
+        p = last.get("perplexity", {})
+        if _finite(p.get("ratio_to_random_median")):
+            frac = summary.get("k_max_fraction_of_neurons")
+            frac_text = f" ({frac:.2%} of neurons)" if _finite(frac) else ""
+            heads.append(Headline(
+                "keystone.perplexity_ratio_kmax",
+                f"keystone ablation of the top {last['k']} neurons: perplexity / random median",
+                f"{_f(p['ratio_to_random_median'], '.3g')}× (keystone {_f(p.get('keystone'), '.4g')} vs random "
+                f"{_f(p.get('random_min'), '.4g')}–{_f(p.get('random_max'), '.4g')} over {last.get('n_random', '?')} "
+                f"draws){frac_text}",
+                p["ratio_to_random_median"], None, PUBLISHED["keystone_collapse"], link))
+    if "perplexity_separates_at_k" in curve_summary:
+        ks = curve_summary["perplexity_separates_at_k"] or []
+        heads.append(Headline("keystone.separates_at_k", "keystone ablation beats every random control (perplexity) at k",
+                              ", ".join(str(k) for k in ks) or "none", None, None,
+                              PUBLISHED["keystone_fraction"], link))
+    stability = summary.get("stability") or []
+    if stability:
+        top = max(stability, key=lambda e: (e.get("k", 0), e.get("score") == "min"))
+        heads.append(Headline(
+            "keystone.stability_iou", f"keystone top-{top['k']} set ({top.get('score')} score): IoU across disjoint halves",
+            f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
+            f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
+            top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link))
+    return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
+
+
+def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "window"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    window = pq.read_table(folder / "window.parquet").to_pandas()
+    single = pq.read_table(folder / "single_pass.parquet").to_pandas()
+    horizon = max(summary["grid"]["horizons"])
+    geometry = window[["layer", "neuron", "c0"]].drop_duplicates(["layer", "neuron"])
+    v, a, k = summary["verdicts"], summary["predictor_alignment"], summary["predictor_kl"]
+    link = _rel(folder / "summary.json", report_dir)
+
+    def mae(entry: dict, unit: str) -> str:
+        value, ci = entry.get(f"mae_{unit}"), entry.get(f"mae_{unit}_ci95", [None, None])
+        if value is None:
+            return "missing (no held-out neuron with a measured ceiling)"
+        lo, hi = ci
+        ci_text = f"95% CI {lo:.3f}–{hi:.3f}" if _finite(lo) and _finite(hi) else "CI missing"
+        return f"{value:.3f} ({ci_text}; n = {entry['n_with_measured_ceiling']})"
+
+    n = v["n_heldout_neurons"]
+    verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
+    verdict_text = (f"{v['correct']}/{n} correct vs majority ({v['majority_class']}) "
+                    f"{v['majority_correct']}/{n}, binomial p = {_f(v.get('binomial_p_value_vs_majority'), '.3g')}")
+    rows = [
+        {"figure": "held-out neurons", "this study": n, "published": 15},
+        {"figure": "ceiling MAE, alignment units, predictor (a)", "this study": mae(a, "alignment"), "published": "0.14 (≈0.07 bulk)"},
+        {"figure": "ceiling MAE, |x|, predictor (a)", "this study": mae(a, "x"), "published": "—"},
+        {"figure": "ceiling MAE, alignment units, predictor (b)", "this study": mae(k, "alignment"), "published": "—"},
+        {"figure": "verdicts", "this study": verdict_text, "published": "11/15 vs 10/15"},
+        {"figure": "fitted c*, KL threshold", "this study":
+            f"{summary['fitted_on_training_neurons']['c_star']}, {summary['fitted_on_training_neurons']['kl_threshold']}",
+         "published": "—"},
+    ]
+    items = [
+        Table("Held-out figures against the published ones", pd.DataFrame(rows), caption("window_heldout"),
+              table_link=link),
+        _figure("saturation_curve", "Saturation curve", plots.saturation_plot(single, geometry),
+                {"single pass": _rel(folder / "single_pass.parquet", report_dir),
+                 "window": _rel(folder / "window.parquet", report_dir)}),
+        _figure("ceiling_scatter", "Predicted against measured ceilings", plots.ceiling_scatter(window),
+                _rel(folder / "window.parquet", report_dir)),
+        _figure("window_diagram", "Control windows", plots.window_diagram(window, horizon),
+                _rel(folder / "window.parquet", report_dir)),
+        Table("Per-neuron windows", window[["behaviour", "layer", "neuron", "kind", "band", "sign", "split", "budget", "c0",
+                                            "ceiling_x", f"trigger_x_{horizon}", "predicted_ceiling_x_alignment",
+                                            "predicted_ceiling_x_kl", "verdict", "predicted_verdict", "failure_mode"]],
+              caption("window_table"), table_link=_rel(folder / "window.parquet", report_dir), max_rows=80),
+    ]
+    pivots = summary.get("refusal_pivots", [])
+    if pivots:
+        items.append(Table("Refusal pivots: what their control buys",
+                           pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in p.items()} for p in pivots]),
+                           caption("refusal_pivots"), table_link=_rel(folder / "sweeps.parquet", report_dir)))
+    intro = ("Doses are in budget units, x = d / B with B = ‖r‖ / ‖v‖ from a generic forward pass; alignment is "
+             "cosθ between the steered residual and the write vector. "
+             "Failure-mode rules for closed neurons: normalisation cap if the write-layer alignment never exceeds "
+             "0.9 over the single-pass grid; too little depth if a late-layer (last 20%) neuron's readout "
+             "alignment never reaches the median readout alignment at which open training neurons triggered; "
+             "otherwise collapse before trigger. Predicted ceilings use only the weights and one generic "
+             "forward pass; nothing fitted sees a held-out neuron.")
+    ci = a.get("mae_alignment_ci95") or [None, None]
+    heads = [
+        Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link),
+        Headline("window.ceiling_mae_alignment", "ceiling MAE on held-out neurons (alignment cosθ, predictor a)",
+                 mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link),
+    ]
+    if _finite(a.get("mae_alignment_bulk")):
+        heads.append(Headline("window.ceiling_mae_alignment_bulk", "ceiling MAE, bulk layers (alignment cosθ, predictor a)",
+                              f"{a['mae_alignment_bulk']:.3f}", a["mae_alignment_bulk"], None,
+                              PUBLISHED["window_mae_bulk"], link))
+    heads.append(Headline(
+        "window.verdict_accuracy", "open/closed verdicts on held-out neurons",
+        verdict_text + (f"; accuracy {v['correct'] / n:.1%} (Wilson 95% CI {verdict_ci[0]:.1%}–{verdict_ci[1]:.1%})" if n else ""),
+        v["correct"] / n if n else None, _ci(*verdict_ci) if n else None, PUBLISHED["window_verdicts"], link))
+    if pivots:
+        reach = sum(p["reach"] == "actionable" for p in pivots)
+        heads.append(Headline("window.pivots_actionable", "refusal pivots with actionable reach",
+                              f"{reach} of {len(pivots)}", reach / len(pivots), None, PUBLISHED["window_pivots"], link))
+    return Section("window", STAGE_TITLES["window"], intro, items), heads
+
+
+def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "attribution"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    scores = pq.read_table(folder / "scores.parquet").to_pandas()
+    link = _rel(folder / "summary.json", report_dir)
+    rows = []
+    for group, entry in summary["comparison"].items():
+        for score in ("grad", "atp", "delta", "std_delta", "dose_response"):
+            if score not in entry:
+                continue
+            e = entry[score]
+            rows.append({"behaviours": group, "score": score, "spearman ρ": e["spearman_rho"],
+                         "ρ 95% CI": f"{_f((e.get('rho_ci95') or [None, None])[0], '.2f')}–"
+                                     f"{_f((e.get('rho_ci95') or [None, None])[1], '.2f')}",
+                         "precision@k": e["precision_at_k"], "k (controllers)": e["k"]})
+    items = [
+        _figure("attribution_panels", "Measured control against attribution scores and readout geometry",
+                plots.attribution_panels(scores), _rel(folder / "scores.parquet", report_dir)),
+        Table("Agreement of each score with measured control", pd.DataFrame(rows), caption("attribution_table"),
+              table_link=link),
+    ]
+    if summary.get("missed_by_gradient"):
+        items.append(Table("Controllers the gradient ranks low but the forward screen finds",
+                           pd.DataFrame(summary["missed_by_gradient"]), caption("attribution_missed"),
+                           table_link=_rel(folder / "scores.parquet", report_dir)))
+    heads = []
+    pooled = summary["comparison"].get("all", {})
+    for score, label, published in (("grad", "Spearman ρ(|gradient|, measured control), all behaviours",
+                                     PUBLISHED["attribution_grad"]),
+                                    ("std_delta", "Spearman ρ(|standardised δ|, measured control), all behaviours",
+                                     PUBLISHED["attribution_forward"])):
+        e = pooled.get(score)
+        if e:
+            lo, hi = (e.get("rho_ci95") or [None, None])[:2]
+            heads.append(Headline(f"attribution.rho_{score}", label,
+                                  _num(e["spearman_rho"], lo, hi, digits=2) + f"; precision@k {_f(e.get('precision_at_k'), '.2f')} (k = {e.get('k')})",
+                                  e["spearman_rho"], _ci(lo, hi), published, link))
+    return Section("attribution", STAGE_TITLES["attribution"], summary["statement"], items), heads
+
+
+BUILDERS = (refusal_section, screen_section, cna_section, keystone_section, window_section,
+            attribution_section)
+
+
+def stage_sections(study_dir: str | Path, report_dir: str | Path) -> tuple[list[Section], list[Headline]]:
+    """Every stage section whose tables exist, and their headline figures."""
+    study_dir, report_dir = Path(study_dir), Path(report_dir)
+    sections, heads = [], []
+    for build in BUILDERS:
+        section, h = build(study_dir, report_dir)
+        if section is not None:
+            sections.append(section)
+            heads.extend(h)
+    return sections, heads
