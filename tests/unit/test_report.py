@@ -469,7 +469,8 @@ def test_figure_names_are_checked_and_written_once(tmp_path):
     img = "data:image/png;base64,iVBORw0KGgo="
     with pytest.raises(ValueError):
         report.Figure("t", img, "c", name="Bad name")
-    two = report.Section("s", "S", items=[report.Figure("a", img, "c", name="x"), report.Figure("b", img, "c", name="x")])
+    two = report.Section("s", "S", items=[report.Figure("a", img, "c", name="x"),
+                                          report.Figure("b", img, "c", name="x")])
     with pytest.raises(NeuronAuditError):
         report.write_figures([two], tmp_path / "f", tmp_path, tmp_path)
 
@@ -505,6 +506,7 @@ def test_null_values_in_the_summaries_show_missing(full, tmp_path):
     sections, heads = stage_sections(study, study / "report")
     page = report.render_report("nulls", [], sections, {}, headlines=heads)
     c = headline_cells(page)
-    assert "data-value" not in c["window.ceiling_mae_alignment"] and "missing" in c["window.ceiling_mae_alignment"]["text"]
+    mae = c["window.ceiling_mae_alignment"]
+    assert "data-value" not in mae and "missing" in mae["text"]
     assert "data-value" not in c["attribution.rho_grad"] and c["attribution.rho_grad"]["text"].startswith("missing")
     assert "binomial p = missing" in c["window.verdict_accuracy"]["text"]

@@ -166,15 +166,18 @@ def layer_activation_profile(stats: pd.DataFrame) -> Figure:
     scale, where outlier (super-weight-like) neurons show up as spikes.
     """
     prof = layer_profile_table(stats)
+    prof["label"] = prof["prompt_set"].map(_mpl_text)
     colors = palette_for(prof["prompt_set"].unique())
+    palette = {_mpl_text(name): colors[name] for name in sorted(colors)}
+    line = {"hue": "label", "hue_order": list(palette), "palette": palette, "marker": "o", "ms": 4,
+            "errorbar": None, "legend": False}
     with sns.axes_style("whitegrid"):
         fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True, layout="constrained")
+    sns.lineplot(data=prof, x="layer", y="mean_abs_mean", ax=ax0, **line)
     for name, df in prof.groupby("prompt_set", sort=True):
-        c = colors[str(name)]
-        label = _mpl_text(name)
-        ax0.plot(df["layer"], df["mean_abs_mean"], marker="o", ms=3, color=c, label=label)
-        ax0.fill_between(df["layer"], df["mean_abs_q10"], df["mean_abs_q90"], color=c, alpha=0.18, lw=0)
-        ax1.plot(df["layer"], df["max_abs_max"], marker="o", ms=3, color=c, label=label)
+        ax0.fill_between(df["layer"], df["mean_abs_q10"], df["mean_abs_q90"], color=colors[str(name)], alpha=0.18,
+                         lw=0)
+    sns.lineplot(data=prof, x="layer", y="max_abs_max", ax=ax1, **line)
     ax0.set_xlabel("layer")
     ax0.set_ylabel("mean |a| over neurons")
     ax0.set_title("mean |a| per neuron (line: mean, band: 10–90% of neurons)", fontsize=9)
@@ -185,7 +188,8 @@ def layer_activation_profile(stats: pd.DataFrame) -> Figure:
         ax1.set_yscale("log")
     for ax in (ax0, ax1):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax0.legend(title="prompt set", fontsize=8, title_fontsize=8, frameon=False)
+    handles = [plt.Line2D([], [], color=c, marker="o", ms=4, markeredgecolor="w") for c in palette.values()]
+    ax0.legend(handles, list(palette), title="prompt set", fontsize=8, title_fontsize=8, frameon=False)
     return fig
 
 
@@ -259,8 +263,6 @@ def rollout_type_bars(fractions: pd.DataFrame) -> Figure:
     ``fractions`` follows the rollouts fraction table (prompt_set, intervention, sampling, horizon,
     rollout_type, fraction, ci_low, ci_high); greedy rows are drawn when present.
     """
-    import numpy as np
-
     df = fractions
     if "sampling" in df and (df["sampling"] == "greedy").any():
         df = df[df["sampling"] == "greedy"]
@@ -268,20 +270,28 @@ def rollout_type_bars(fractions: pd.DataFrame) -> Figure:
     n = max(len(panels), 1)
     with sns.axes_style("whitegrid"):
         fig, axes = plt.subplots(1, n, figsize=(max(3.6 * n + 0.6, 6.0), 3.9), squeeze=False, sharey=True)
-    width = 0.8 / len(ROLLOUT_TYPES)
+    palette = {t: color_for(t) for t in ROLLOUT_TYPES}
     for ax, key in zip(axes[0], panels):
-        g = df[(df["prompt_set"] == key[0]) & (df["intervention"] == key[1])]
+        g = df[(df["prompt_set"] == key[0]) & (df["intervention"] == key[1]) & df["rollout_type"].isin(ROLLOUT_TYPES)]
         horizons = sorted(g["horizon"].unique())
-        pos = np.arange(len(horizons))
-        for j, t in enumerate(ROLLOUT_TYPES):
-            rows = g[g["rollout_type"] == t].groupby("horizon")[["fraction", "ci_low", "ci_high"]].mean()
-            rows = rows.reindex(horizons)
-            if rows["fraction"].isna().all():
+        means = g.groupby(["horizon", "rollout_type"])[["fraction", "ci_low", "ci_high"]].mean()
+        with_rows = set(means.index.get_level_values("rollout_type")[means["fraction"].notna().to_numpy()])
+        drawn = [t for t in ROLLOUT_TYPES if t in with_rows]
+        # every drawn type gets a bar at every horizon (height 0 where the table has no row)
+        grid = means.reindex(pd.MultiIndex.from_product([horizons, drawn], names=means.index.names)).reset_index()
+        grid["fraction"] = grid["fraction"].fillna(0.0)
+        sns.barplot(data=grid, x="horizon", y="fraction", hue="rollout_type", order=horizons,
+                    hue_order=list(ROLLOUT_TYPES), palette=palette, saturation=1, errorbar=None, legend=False, ax=ax)
+        # the 95% CIs of the table at the bar centres: seaborn draws one container per hue level in
+        # hue_order (empty for a type without rows), its bars in horizon order
+        for t, bars in zip(ROLLOUT_TYPES, ax.containers):
+            if not len(bars):
                 continue
-            ax.bar(pos + (j - 1.5) * width, rows["fraction"].fillna(0.0), width=width, color=color_for(t),
-                   yerr=_yerr(rows["fraction"].fillna(0.0), rows["ci_low"], rows["ci_high"]),
-                   error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#222222"})
-        ax.set_xticks(pos, [str(h) for h in horizons])
+            rows = grid[grid["rollout_type"] == t].set_index("horizon").reindex(horizons)
+            ax.errorbar([b.get_x() + b.get_width() / 2 for b in bars], rows["fraction"],
+                        yerr=_yerr(rows["fraction"], rows["ci_low"], rows["ci_high"]), fmt="none",
+                        elinewidth=0.8, capsize=1.5, ecolor="#222222")
+        ax.set_ylabel("")
         ax.set_ylim(0, 1.02)
         ax.set_title(_mpl_text(f"{key[0]} · {key[1]}"), fontsize=9)
         ax.set_xlabel("horizon (new tokens)")
@@ -423,7 +433,7 @@ def saturation_plot(single: pd.DataFrame, geometry: pd.DataFrame) -> Figure:
     ticks = [-m for m in reversed(magnitudes)] + magnitudes
     sc = None
     for ax, col, title in zip(axes, ["alignment_write", "alignment_readout"], ["write layer", "readout (final layer)"]):
-        for (layer, neuron), g in df.groupby(["layer", "neuron"]):
+        for _, g in df.groupby(["layer", "neuron"]):
             ax.plot(xs, saturation_curve(xs, g["c0"].iloc[0]), color="#cccccc", lw=0.6, zorder=1)
         sc = ax.scatter(df["x"], df[col], c=df["layer"], cmap="viridis", s=12, zorder=2)
         ax.set_xscale("symlog", linthresh=0.25)
@@ -483,7 +493,8 @@ def ceiling_scatter(window: pd.DataFrame) -> Figure:
     labels = [_mpl_text(b) for b in behaviours]
     for split in ("train", "heldout"):
         n = int((ok["split"] == split).sum()) if "split" in ok else 0
-        handles.append(plt.Line2D([], [], ls="", marker=_SPLIT_MARKERS[split], markerfacecolor="#555555" if split == "train" else "none",
+        face = "#555555" if split == "train" else "none"
+        handles.append(plt.Line2D([], [], ls="", marker=_SPLIT_MARKERS[split], markerfacecolor=face,
                                   markeredgecolor="#555555"))
         labels.append(f"{split} ({n})")
     axes[1].legend(handles, labels, fontsize=8, frameon=False, loc="upper left")
@@ -532,17 +543,24 @@ def attribution_panels(scores: pd.DataFrame) -> Figure:
     """Measured control against |gradient|, |standardised δ| and |cos(v, u_readout)|, coloured
     by behaviour; neurons with an open window outlined."""
     colors = palette_for(scores["behaviour"].astype(str).unique())
+    palette = {_mpl_text(b): colors[b] for b in sorted(colors)}
+    data = scores.assign(label=scores["behaviour"].astype(str).map(_mpl_text))
     with sns.axes_style("whitegrid"):
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), sharey=True)
     for ax, col, label in zip(axes, ["grad", "std_delta", "readout_cos"],
                               ["|∂m/∂a| (gradient of the behaviour metric)", "|standardised δ| (pooled-std units)",
                                "|cos(v, u_readout)| (readout alignment)"]):
-        for behaviour, g in scores.groupby("behaviour"):
-            ax.scatter(g[col].abs(), g["control_strength"], s=24, color=colors[str(behaviour)],
-                       label=_mpl_text(behaviour), edgecolor=["black" if c else "none" for c in g["controls"]])
+        d = data.assign(size=data[col].abs())
+        # controllers outlined in black, the others without an outline
+        for controls, g in d.groupby(d["controls"].astype(bool)):
+            sns.scatterplot(data=g, x="size", y="control_strength", hue="label", hue_order=list(palette),
+                            palette=palette, s=24, edgecolor="black" if controls else "none",
+                            linewidth=1.0 if controls else 0, legend=False, ax=ax)
         ax.set_xlabel(label)
+        ax.set_ylabel("")
     axes[0].set_ylabel("measured control\n(max flip fraction below the ceiling)")
-    handles, labels = axes[-1].get_legend_handles_labels()
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c) for c in palette.values()]
+    labels = list(palette)
     handles.append(plt.Line2D([], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="black"))
     labels.append("controller (open window)")
     axes[-1].legend(handles, labels, fontsize=8, frameon=False)
