@@ -6,7 +6,14 @@ module (see :mod:`neuronaudit.interventions`), collects streaming statistics to 
 (:mod:`neuronaudit.interventions.capture`), and builds the audit report (:mod:`neuronaudit.report`).
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from neuronaudit.errors import NeuronAuditError
 
-__version__ = "0.1.0"
+# The version lives in pyproject.toml only; this reads the installed distribution's metadata, the
+# same value neuronaudit.io records in table provenance.
+try:
+    __version__ = version("neuronaudit")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 __all__ = ["NeuronAuditError", "__version__"]
