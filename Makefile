@@ -1,7 +1,8 @@
 # neuronaudit: every target installs what it needs into .venv first.
 #   make study   the default study (config/config.yaml) -> results/<study>/report/index.html
 #   make quick   the same study, small (config/quick.yaml)
-#   make test    the test suite
+#   make test    the lint, then the test suite
+#   make lint    ruff over src/ and tests/, and snakemake --lint over the workflow
 #   make bench   speed and memory ratios (prints; no timed tests)
 
 PYTHON ?= python3
@@ -35,7 +36,8 @@ quick: $(STAMP)
 # never fails the target, and the test skips with its reason when chromium still cannot run
 CHROMIUM ?= /usr/bin/chromium
 
-test: $(STAMP)
+# lint is a prerequisite: the suite runs only when the lint passes (CI runs `make test`)
+test: $(STAMP) lint
 	-@test -x $(CHROMIUM) || { command -v apt-get >/dev/null 2>&1 && \
 	  (timeout 900 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium) \
 	  >/dev/null 2>&1; } || echo "chromium could not be installed: the report rendering test will skip"
@@ -54,7 +56,10 @@ bench-peers: $(STAMP)
 dag: $(STAMP)
 	$(BIN)/snakemake -n --quiet rules
 
+# both from the repository root (make's working directory): ruff reads [tool.ruff] in pyproject.toml,
+# snakemake --lint finds ./Snakefile; either exits non-zero on a finding
 lint: $(STAMP)
+	$(BIN)/ruff check src tests
 	$(BIN)/snakemake --lint
 
 clean-venv:
