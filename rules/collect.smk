@@ -17,13 +17,7 @@ rule collect_activations:
         last_token=last_token_table(),
     params:
         cli=NEURONAUDIT,
-        model=model_args(),
-        layers=layers_arg(),
-        split=config["collect"]["split"],
-        positions=config["collect"]["positions"],
-        batch_size=config["collect"]["batch_size"],
-        max_length=config["collect"]["max_length"],
-        seed=config["seed"],
+        options=stage_options("collect_activations"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -33,7 +27,5 @@ rule collect_activations:
         benchmark_file("collect")
     shell:
         "{params.cli} collect --manifest {input.manifest:q} --prompts {input.prompts:q} "
-        "{params.model} --split {params.split} --layers {params.layers} "
-        "--positions {params.positions} --batch-size {params.batch_size} "
-        "--max-length {params.max_length} --seed {params.seed} --threads {threads} "
-        "--out-stats {output.stats:q} --out-last-token {output.last_token:q} > {log:q} 2>&1"
+        "--out-stats {output.stats:q} --out-last-token {output.last_token:q} --threads {threads} "
+        "--options {params.options:q} > {log:q} 2>&1"

@@ -14,6 +14,7 @@ from snakemake.utils import validate
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import coerce_cli_strings, validate_config
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.options import STAGE_OPTIONS
 
 ROOT = Path(workflow.basedir)
 
@@ -86,17 +87,6 @@ def benchmark_file(stage, name="{prompt_set}"):
     return f"{RESULTS}/benchmarks/{stage}/{name}.tsv"
 
 
-def model_args():
-    m = config["model"]
-    args = f"--dtype {m['dtype']} --device {m['device']} --chat-template {m['chat_template']}"
-    if m["system_prompt"]:
-        args += f" --system-prompt {json.dumps(m['system_prompt'])}"
-    return args
-
-
-def layers_arg():
-    layers = config["collect"]["layers"]
-    return "all" if layers is None else ",".join(str(l) for l in layers)
 
 
 def audited_manifest():
@@ -128,16 +118,6 @@ def stage_file(stage, name):
     return f"{RESULTS}/{stage}/{name}"
 
 
-def model_options(**extra):
-    """The model keys every model-running stage takes, plus ``extra``, as a JSON string."""
-    m = config["model"]
-    base = {"dtype": m["dtype"], "device": m["device"], "chat_template": m["chat_template"],
-            "system_prompt": m["system_prompt"]}
-    return json.dumps({**base, **extra})
-
-
-def judge_json():
-    return json.dumps(config["judge"])
 
 
 def named_paths(paths):
@@ -159,3 +139,8 @@ def stage_outputs():
     if config["cna"]["behaviour"] in config["behaviours"]:
         out.append(stage_file("cna", "summary.parquet"))
     return out
+
+
+def stage_options(rule_name):
+    """The JSON of a stage's options (neuronaudit.options), built from the validated config."""
+    return STAGE_OPTIONS[rule_name].from_config(config).to_json()

@@ -13,9 +13,7 @@ rule prepare_prompts:
         table=prompt_table(),
     params:
         cli=NEURONAUDIT,
-        heldout=config["prompts"]["heldout_fraction"],
-        seed=config["prompts"]["split_seed"],
-        limit=f"--limit {config['prompts']['limit']}" if config["prompts"]["limit"] else "",
+        options=stage_options("prepare_prompts"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -24,5 +22,4 @@ rule prepare_prompts:
         benchmark_file("prompts")
     shell:
         "{params.cli} prepare-prompts --name {wildcards.prompt_set} --source {input.source:q} "
-        "--heldout-fraction {params.heldout} --seed {params.seed} {params.limit} "
-        "--out {output.table:q} > {log:q} 2>&1"
+        "--out {output.table:q} --options {params.options:q} > {log:q} 2>&1"

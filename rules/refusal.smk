@@ -19,17 +19,7 @@ rule tune_refusal:
         recipe=f"{RESULTS}/tune/recipe.json",
     params:
         cli=NEURONAUDIT,
-        options=json.dumps({
-            "steps": config["refusal"]["steps"],
-            "lr": config["refusal"]["learning_rate"],
-            "batch_size": config["refusal"]["batch_size"],
-            "harmless_fraction": config["refusal"]["harmless_fraction"],
-            "max_new_tokens": config["refusal"]["answer_max_new_tokens"],
-            "seed": config["seed"],
-            "chat_template": config["model"]["chat_template"],
-            "system_prompt": config["model"]["system_prompt"],
-            "device": config["model"]["device"],
-        }),
+        options=stage_options("tune_refusal"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -55,8 +45,7 @@ rule evaluate_refusal:
         rollouts=stage_file("refusal", "evaluation_rollouts.parquet"),
     params:
         cli=NEURONAUDIT,
-        judge=judge_json(),
-        options=model_options(max_new_tokens=config["refusal"]["eval_max_new_tokens"], seed=config["seed"]),
+        options=stage_options("evaluate_refusal"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -67,7 +56,7 @@ rule evaluate_refusal:
     shell:
         "{params.cli} evaluate-refusal --manifest {input.manifest:q} --base-manifest {input.base:q} "
         "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
-        "--judge {params.judge:q} --out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
+        "--out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
         "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
 
 
@@ -82,17 +71,8 @@ rule refusal_rollouts:
         first_horizon=stage_file("refusal", "first_horizon.parquet"),
     params:
         cli=NEURONAUDIT,
-        judge=judge_json(),
         interventions=json.dumps({"none": []}),
-        options=model_options(
-            horizons=config["rollouts"]["horizons"],
-            sampling=config["rollouts"]["sampling"],
-            temperature=config["rollouts"]["temperature"],
-            top_p=config["rollouts"]["top_p"],
-            limit=config["rollouts"]["prompts_per_set"],
-            batch_size=config["rollouts"]["batch_size"],
-            seed=config["seed"],
-        ),
+        options=stage_options("refusal_rollouts"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -103,7 +83,7 @@ rule refusal_rollouts:
     shell:
         "{params.cli} rollouts --manifest {input.manifest:q} "
         "--prompts harmful={input.harmful:q} harmless={input.harmless:q} --split heldout "
-        "--interventions {params.interventions:q} --judge {params.judge:q} "
+        "--interventions {params.interventions:q} "
         "--out-rollouts {output.rollouts:q} --out-fractions {output.fractions:q} "
         "--out-first-horizon {output.first_horizon:q} --threads {threads} "
         "--options {params.options:q} > {log:q} 2>&1"

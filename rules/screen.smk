@@ -18,14 +18,7 @@ rule screen:
         circuit=screen_table("circuit"),
     params:
         cli=NEURONAUDIT,
-        options=json.dumps({
-            "k": config["screen"]["k"],
-            "skip_layers": config["screen"]["skip_layers"],
-            "n_boot": config["screen"]["n_boot"],
-            "top_n": config["screen"]["universal_top_n"],
-            "universal_fraction": config["screen"]["universal_fraction"],
-            "seed": config["seed"],
-        }),
+        options=stage_options("screen"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -55,19 +48,7 @@ rule cna:
         summary=stage_file("cna", "summary.parquet"),
     params:
         cli=NEURONAUDIT,
-        judge=judge_json(),
-        options=model_options(
-            factors=config["cna"]["factors"],
-            caa_alphas=config["cna"]["caa_alphas"],
-            prompts=config["cna"]["prompts"],
-            max_new_tokens=config["cna"]["max_new_tokens"],
-            batch_size=config["rollouts"]["batch_size"],
-            max_texts=config["capability"]["max_texts"],
-            max_task_prompts=config["capability"]["max_task_prompts"],
-            capability_max_new_tokens=config["capability"]["max_new_tokens"],
-            capability_batch_size=config["capability"]["batch_size"],
-            seed=config["seed"],
-        ),
+        options=stage_options("cna"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -79,7 +60,7 @@ rule cna:
         "{params.cli} cna --manifest {input.manifest:q} --circuit {input.circuit:q} "
         "--scores {input.scores:q} --harmful {input.harmful:q} --generic {input.generic:q} "
         "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
-        "--judge {params.judge:q} --out-rollouts {output.rollouts:q} "
+        "--out-rollouts {output.rollouts:q} "
         "--out-fractions {output.fractions:q} --out-summary {output.summary:q} "
         "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
 
@@ -97,19 +78,10 @@ rule keystone:
         summary=stage_file("keystone", "summary.json"),
     params:
         cli=NEURONAUDIT,
+        options=stage_options("keystone"),
         stats=named_paths({g: stats_table(g) for g in config["keystone"]["groups"]}),
         last_token=named_paths({g: last_token_table(g) for g in config["keystone"]["groups"]}),
         prompts=named_paths({g: prompt_table(g) for g in config["keystone"]["groups"]}),
-        options=model_options(
-            k_max=config["keystone"]["k_max"],
-            n_random=config["keystone"]["n_random"],
-            outlier_multiple=config["keystone"]["outlier_multiple"],
-            max_texts=config["capability"]["max_texts"],
-            max_task_prompts=config["capability"]["max_task_prompts"],
-            max_new_tokens=config["capability"]["max_new_tokens"],
-            batch_size=config["capability"]["batch_size"],
-            seed=config["seed"],
-        ),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"

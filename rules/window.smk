@@ -27,8 +27,7 @@ rule window:
         screens=named_paths({b: screen_table("scores", b) for b in config["behaviours"]}),
         prompts=named_paths({b: prompt_table(swept_set(s)) for b, s in config["behaviours"].items()}),
         behaviours=json.dumps(config["behaviours"]),
-        judge=judge_json(),
-        options=model_options(**config["window"], seed=config["seed"]),
+        options=stage_options("window"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -39,7 +38,7 @@ rule window:
     shell:
         "{params.cli} window --manifest {input.manifest:q} --screens {params.screens} "
         "--prompts {params.prompts} --generic {input.generic:q} --behaviours {params.behaviours:q} "
-        "--judge {params.judge:q} --out-sweeps {output.sweeps:q} "
+        "--out-sweeps {output.sweeps:q} "
         "--out-single-pass {output.single_pass:q} --out-window {output.window:q} "
         "--out-summary {output.summary:q} --threads {threads} --options {params.options:q} "
         "> {log:q} 2>&1"
@@ -60,8 +59,7 @@ rule attribution:
         screens=named_paths({b: screen_table("scores", b) for b in config["behaviours"]}),
         prompts=named_paths({b: prompt_table(swept_set(s)) for b, s in config["behaviours"].items()}),
         behaviours=json.dumps(config["behaviours"]),
-        options=model_options(n_prompts=config["window"]["n_prompts"], n_boot=config["window"]["n_boot"],
-                              seed=config["seed"]),
+        options=stage_options("attribution"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"

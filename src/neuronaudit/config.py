@@ -15,9 +15,14 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.judge import make_judge
+from neuronaudit.models.architectures import declaration_for
+from neuronaudit.models.sources import read_model_config, resolve_source
+from neuronaudit.prompts import check_prompt_file
 from neuronaudit.resources import schema_path
 
 SCHEMA_PATH = schema_path()
@@ -36,8 +41,6 @@ def _with_defaults(validator_class):
                 if "default" in sub and prop not in instance:
                     instance[prop] = copy.deepcopy(sub["default"])
         yield from validate_properties(validator, properties, instance, schema)
-
-    import jsonschema
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
@@ -82,8 +85,6 @@ def coerce_cli_strings(value, schema: dict | None = None):
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate (and fill defaults into) a config dict; one-line error naming the key."""
-    import jsonschema
-
     schema = schema or load_schema()
     config = copy.deepcopy(config)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
@@ -183,20 +184,14 @@ def check_references(config: dict) -> None:
 def preflight(config: dict, root: Path):
     """Check inputs before any job runs: model source, prompt files, layer indices.
 
-    Returns the resolved :class:`~neuronaudit.models.loading.ModelSource`.
+    Returns the resolved :class:`~neuronaudit.models.sources.ModelSource`.
     """
-    from neuronaudit.models.architectures import declaration_for
-    from neuronaudit.models.sources import read_model_config, resolve_source
-    from neuronaudit.prompts import check_prompt_file
-
     source = config["model"]["source"]
     if not source.startswith("embedded:") and not Path(source).is_absolute() and (root / source).exists():
         source = str(root / source)
     resolved = resolve_source(source)
     collected_sets(config)
     check_references(config)
-    from neuronaudit.evaluation.judge import make_judge
-
     make_judge(config["judge"])  # a bad judge configuration fails before any generation
     for name, path in config["prompts"]["sets"].items():
         check_prompt_file(name, resolve_path(path, root))

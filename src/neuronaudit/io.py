@@ -21,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neuronaudit.errors import NeuronAuditError
+
 PROVENANCE_KEY = b"neuronaudit.provenance"
 
 NEURON_STATS_SCHEMA = pa.schema(
@@ -163,3 +165,47 @@ def write_json(obj, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     return Path(path)
+
+
+class RowCheckpoint:
+    """Rows of a long measurement kept in a JSON Lines file as soon as each exists, so an
+    interrupted run resumes instead of restarting.
+
+    The first line holds a fingerprint of the inputs and settings; :meth:`load` with another
+    fingerprint discards the file. A line cut by an interruption is skipped.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fingerprint: str | None = None
+
+    def load(self, fingerprint: str) -> dict[str, dict]:
+        """The rows already measured under ``fingerprint``, by key."""
+        self.fingerprint = fingerprint
+        if not self.path.is_file():
+            return {}
+        lines = self.path.read_text().splitlines()
+        if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+            self.path.unlink()  # another input or setting: start afresh
+            return {}
+        done = {}
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption
+                continue
+            done[entry["key"]] = entry["row"]
+        return done
+
+    def append(self, key: str, row: dict) -> None:
+        if self.fingerprint is None:
+            raise NeuronAuditError("RowCheckpoint.append before load")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file()
+        with open(self.path, "a") as fh:
+            if new:
+                fh.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            fh.write(json.dumps({"key": key, "row": row}, default=float) + "\n")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

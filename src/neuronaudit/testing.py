@@ -8,6 +8,7 @@ directory that the workflow accepts as ``model.source``.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -131,3 +132,27 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, n_la
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def default_config(**sections) -> dict:
+    """The study config with every schema default, with ``sections`` merged over it
+    (``default_config(screen={"k": 5})``)."""
+    from neuronaudit.config import deep_update, validate_config
+
+    base = {"prompts": {"sets": {"generic": "config/prompts/generic.jsonl"}}}
+    return validate_config(deep_update(base, copy.deepcopy(sections)))
+
+
+def stage_options(cls, **changes):
+    """A stage's options at the schema defaults, with ``changes`` to its own fields; a nested
+    options field (``model``, ``judge``, ``capability``) takes a dict of its changes."""
+    import dataclasses
+
+    base = cls.from_config(default_config())
+    nested = cls._nested()
+    values = {}
+    for name, value in changes.items():
+        if name in nested and isinstance(value, dict):
+            value = dataclasses.replace(getattr(base, name), **value)
+        values[name] = value
+    return dataclasses.replace(base, **values)

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions.capture import LastTokenTable as T
 from neuronaudit.io import (
-    NEURON_STATS_SCHEMA,
+    RowCheckpoint,
     last_token_schema,
     read_provenance,
     with_provenance,
@@ -29,7 +30,9 @@ from neuronaudit.methods.keystone import (
     stability,
     summarise_curve,
 )
+from neuronaudit.options import KeystoneOptions
 from neuronaudit.stages.keystone import run_keystone
+from neuronaudit.testing import stage_options
 
 N_LAYERS, WIDTH = 3, 16
 
@@ -61,10 +64,10 @@ def test_scores_min_mean_rank_and_outliers(tmp_path):
     maxes["generic"][0, 3] = 500.0  # 500 / ~1.5 ≫ 50: a super-weight-like spike
     maxes["task_code"][2, 2] = 40.0  # ≈ 27×: below the 50× bar
     frames = {g: stats_frame(means[g], maxes[g]) for g in groups}
-    # one group read from a Parquet file, as the workflow does
-    path = tmp_path / "generic.stats.parquet"
-    pq.write_table(pa.Table.from_pandas(frames["generic"], schema=NEURON_STATS_SCHEMA, preserve_index=False), path)
-    scores = keystone_scores({"task_knowledge": frames["task_knowledge"], "task_code": frames["task_code"], "generic": path})
+    # rows in any order: the scores sort by (layer, neuron)
+    shuffled = frames["generic"].sample(frac=1.0, random_state=0)
+    scores = keystone_scores({"task_knowledge": frames["task_knowledge"], "task_code": frames["task_code"],
+                              "generic": shuffled})
     stacked = np.stack([means[g].ravel() for g in groups], axis=1)
     np.testing.assert_allclose(scores["score_min"], stacked.min(1))
     np.testing.assert_allclose(scores["score_mean"], stacked.mean(1))
@@ -119,12 +122,13 @@ def test_iou_is_one_for_identical_halves_and_near_chance_for_noise(tmp_path):
     for g in ["task_knowledge", "generic"]:
         vector = rng.normal(size=(N_LAYERS, WIDTH))
         acts = np.repeat(vector[None], 10, axis=0)  # every prompt identical: both halves agree
-        tables[g] = write_last_token(tmp_path / f"{g}.parquet", [f"{g}-{i}" for i in range(10)], acts)
+        tables[g] = T(write_last_token(tmp_path / f"{g}.parquet", [f"{g}-{i}" for i in range(10)], acts))
     stab = stability(tables, k_values=(1, 4, 8), seed=0, n_splits=3)
     assert len(stab) == 3 * 3 * 2 and set(stab["score"]) == {"min", "mean"}
     assert (stab["iou"] == 1.0).all()
     noise = {
-        g: write_last_token(tmp_path / f"n-{g}.parquet", [f"{g}-{i}" for i in range(40)], rng.normal(size=(40, N_LAYERS, WIDTH)))
+        g: T(write_last_token(tmp_path / f"n-{g}.parquet", [f"{g}-{i}" for i in range(40)],
+                              rng.normal(size=(40, N_LAYERS, WIDTH))))
         for g in ["a", "b"]
     }
     noisy = stability(noise, k_values=(8,), seed=0, n_splits=5)
@@ -252,7 +256,9 @@ def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
     out = tmp_path / "keystone"
     summary = run_keystone(
         stats, last, tables, man_path, out / "scores.parquet", out / "curve.parquet", out / "summary.json",
-        k_max=4, n_random=2, iou_k=(2, 8), n_splits=2, max_new_tokens=3, out_stability=out / "stability.parquet",
+        out / "stability.parquet",
+        stage_options(KeystoneOptions, k_max=4, n_random=2, iou_k=[2, 8], n_splits=2,
+                      capability={"max_new_tokens": 3}),
         loaded=(model, tokenizer, adapter),
     )
     scores = pq.read_table(out / "scores.parquet")
@@ -270,7 +276,7 @@ def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
     assert prov["weight_sha256"] == manifest["weight_sha256"] and prov["k_values"] == [1, 2, 4]
     with pytest.raises(NeuronAuditError, match="needs prompt tables"):
         run_keystone(stats, last, {"generic": tables["generic"]}, man_path, out / "a", out / "b", out / "c",
-                     k_max=2, loaded=(model, tokenizer, adapter))
+                     out / "d", stage_options(KeystoneOptions, k_max=2), loaded=(model, tokenizer, adapter))
 
 
 def test_ablation_curve_resumes_from_its_checkpoint(llama, tokenizer, tmp_path, monkeypatch):
@@ -280,16 +286,16 @@ def test_ablation_curve_resumes_from_its_checkpoint(llama, tokenizer, tmp_path, 
     ranked = pd.DataFrame({"layer": [1, 3, 2], "neuron": [10, 20, 30]})
     args = (model, tokenizer, adapter, ranked, ["Cats are animals."], {})
     ckpt = tmp_path / "curve.partial.jsonl"
-    first = ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=ckpt)
+    first = ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=RowCheckpoint(ckpt))
     lines = ckpt.read_text().splitlines()
     assert len(lines) == 1 + len(first)
     ckpt.write_text("\n".join(lines[:-2]) + "\n" + lines[-1][:10])  # interrupted mid-write
     calls = []
     real = keystone.capability_report
     monkeypatch.setattr(keystone, "capability_report", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    resumed = ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=ckpt)
+    resumed = ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=RowCheckpoint(ckpt))
     assert len(calls) == 2  # only the two rows missing from the checkpoint are measured again
     pd.testing.assert_frame_equal(resumed, first)
     calls.clear()
-    ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=ckpt, max_new_tokens=2)  # other settings
+    ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=RowCheckpoint(ckpt), max_new_tokens=2)  # other settings
     assert len(calls) == len(first)

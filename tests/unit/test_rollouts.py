@@ -23,7 +23,9 @@ from neuronaudit.evaluation.rollouts import (
 )
 from neuronaudit.interventions.hooks import NeuronEdit
 from neuronaudit.io import PROMPT_SET_SCHEMA, provenance, read_provenance, write_table
+from neuronaudit.options import RolloutOptions
 from neuronaudit.stages.rollouts import run_rollouts
+from neuronaudit.testing import stage_options
 
 PROMPTS = pd.DataFrame(
     {
@@ -204,9 +206,8 @@ def test_run_rollouts_writes_typed_tables_with_provenance(tiny_model_dir, tmp_pa
     out_r, out_f, out_h = tmp_path / "r.parquet", tmp_path / "f.parquet", tmp_path / "h.parquet"
     summary = run_rollouts(
         tmp_path / "model" / "manifest.json", tables, "heldout",
-        {"dose": [{"layer": 1, "neuron": 3, "op": "add", "value": 50.0}]}, horizons=(4, 8),
-        sampling=["greedy"], judge_config={"kind": "rule"}, out_rollouts=out_r, out_fractions=out_f,
-        out_first_horizon=out_h, batch_size=4, progress=False,
+        {"dose": [{"layer": 1, "neuron": 3, "op": "add", "value": 50.0}]}, out_r, out_f, out_h,
+        stage_options(RolloutOptions, horizons=[4, 8], sampling=["greedy"], batch_size=4), progress=False,
     )
     r = pq.read_table(out_r)
     assert r.schema.remove_metadata() == ROLLOUT_SCHEMA
@@ -226,8 +227,8 @@ def test_run_rollouts_writes_typed_tables_with_provenance(tiny_model_dir, tmp_pa
 def test_run_rollouts_rejects_a_bad_judge_before_loading_anything(tmp_path):
     with pytest.raises(NeuronAuditError, match="unknown judge kind 'gpt'"):
         run_rollouts(tmp_path / "missing-manifest.json", {"harmful": tmp_path / "missing.parquet"}, "heldout",
-                     {}, judge_config={"kind": "gpt"}, out_rollouts=tmp_path / "r.parquet",
-                     out_fractions=tmp_path / "f.parquet")
+                     {}, tmp_path / "r.parquet", tmp_path / "f.parquet", None,
+                     stage_options(RolloutOptions, judge={"kind": "gpt"}))
     assert not (tmp_path / "r.parquet").exists()
 
 

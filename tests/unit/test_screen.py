@@ -19,14 +19,17 @@ from neuronaudit.methods.screen import (
     caa_vectors,
     circuit_plan,
     contrast,
-    read_circuit,
     resolve_k,
     screen,
     select_circuit,
     universal_neurons,
 )
 from neuronaudit.prompts import prompt_table
+from neuronaudit.interventions.capture import LastTokenTable as T
+from neuronaudit.options import ScreenOptions
+from neuronaudit.stages.common import read_circuit
 from neuronaudit.stages.screen import run_screen
+from neuronaudit.testing import stage_options
 
 N_LAYERS, WIDTH = 4, 32
 
@@ -84,7 +87,7 @@ def planted(tmp_path, n=30, seed=0):
 
 def test_screen_recovers_the_planted_neuron_with_its_sign(tmp_path):
     pos_path, neg_path, *_ = planted(tmp_path)
-    scores = screen(pos_path, neg_path, n_boot=200)
+    scores = screen(T(pos_path), T(neg_path), n_boot=200)
     assert len(scores) == N_LAYERS * WIDTH and list(scores.columns) == SCREEN_SCHEMA.names
     first = scores[scores["rank"] == 1].iloc[0]
     assert (first.layer, first.neuron) == (2, 7) and first.delta > 2 and first.ci_low > 0
@@ -96,7 +99,7 @@ def test_screen_recovers_the_planted_neuron_with_its_sign(tmp_path):
     circuit = select_circuit(scores, k=2)
     assert list(zip(circuit.layer, circuit.neuron, circuit.sign)) == [(2, 7, "pos"), (3, 4, "neg")]
     # without skipping, the huge layer-0 neuron wins
-    unskipped = screen(pos_path, neg_path, skip_layers=(), n_boot=10)
+    unskipped = screen(T(pos_path), T(neg_path), skip_layers=(), n_boot=10)
     top = unskipped[unskipped["rank"] == 1].iloc[0]
     assert (top.layer, top.neuron) == (0, 5)
 
@@ -104,7 +107,7 @@ def test_screen_recovers_the_planted_neuron_with_its_sign(tmp_path):
 def test_std_delta_and_bootstrap_ci_match_a_direct_computation(tmp_path):
     pos_path, neg_path, pos_ids, neg_ids, pos, neg = planted(tmp_path, n=12, seed=3)
     n_boot, seed = 500, 11
-    scores = screen(pos_path, neg_path, n_boot=n_boot, seed=seed, skip_layers=())
+    scores = screen(T(pos_path), T(neg_path), n_boot=n_boot, seed=seed, skip_layers=())
     idx_pos, idx_neg = bootstrap_indices(12, 12, n_boot, seed)
     # the tables were written in id order, which is the order the screen sorts rows into
     for layer, neuron in [(2, 7), (3, 4), (1, 0), (0, 31)]:
@@ -119,8 +122,8 @@ def test_std_delta_and_bootstrap_ci_match_a_direct_computation(tmp_path):
         np.testing.assert_allclose([row.ci_low, row.ci_high], np.percentile(boot, [2.5, 97.5]), rtol=1e-9)
         np.testing.assert_allclose([row.mean_pos, row.mean_neg], [x.mean(), y.mean()], rtol=1e-10)
     # a different seed gives different CIs; the same seed the same ones
-    again = screen(pos_path, neg_path, n_boot=n_boot, seed=seed, skip_layers=())
-    other = screen(pos_path, neg_path, n_boot=n_boot, seed=seed + 1, skip_layers=())
+    again = screen(T(pos_path), T(neg_path), n_boot=n_boot, seed=seed, skip_layers=())
+    other = screen(T(pos_path), T(neg_path), n_boot=n_boot, seed=seed + 1, skip_layers=())
     assert np.array_equal(scores["ci_low"], again["ci_low"])
     assert not np.array_equal(scores["ci_low"], other["ci_low"])
 
@@ -142,11 +145,11 @@ def test_universal_neurons_are_flagged_and_excluded(tmp_path):
     diverse[: int(0.9 * n), 2, 7] = 50.0  # the planted controller fires on 90% of diverse prompts
     diverse[: int(0.7 * n), 3, 4] = 50.0  # 70%: below the 80% bar
     d_path = write_last_token(tmp_path / "diverse.parquet", [f"d{i:02d}" for i in range(n)], diverse)
-    uni = universal_neurons([d_path], top_n=3, fraction=0.8)
+    uni = universal_neurons([T(d_path)], top_n=3, fraction=0.8)
     flagged = set(zip(uni.loc[uni.universal, "layer"], uni.loc[uni.universal, "neuron"]))
     assert (2, 7) in flagged and (3, 4) not in flagged
     assert uni.loc[(uni.layer == 2) & (uni.neuron == 7), "top_frac"].iloc[0] >= 0.9
-    scores = screen(pos_path, neg_path, diverse_last_tokens=[d_path], n_boot=50, top_n=3)
+    scores = screen(T(pos_path), T(neg_path), diverse_last_tokens=[T(d_path)], n_boot=50, universal_top_n=3)
     assert scores.loc[(scores.layer == 2) & (scores.neuron == 7), "universal"].iloc[0]
     circuit = select_circuit(scores, k=1)
     assert (circuit.layer[0], circuit.neuron[0]) == (3, 4) and circuit.attrs["n_universal_excluded"] == 1
@@ -156,7 +159,7 @@ def test_universal_neurons_are_flagged_and_excluded(tmp_path):
 
 def test_k_as_count_and_fraction(tmp_path):
     pos_path, neg_path, *_ = planted(tmp_path)
-    scores = screen(pos_path, neg_path, n_boot=10)
+    scores = screen(T(pos_path), T(neg_path), n_boot=10)
     assert resolve_k(3, 128) == 3 and resolve_k(0.05, 128) == 6 and resolve_k(0.001, 128) == 1
     assert len(select_circuit(scores, k=5)) == 5
     frac = select_circuit(scores, k=0.05)  # of all 128 neurons, not only the screened 64
@@ -190,7 +193,7 @@ def test_run_screen_uses_only_the_discovery_split_and_writes_provenance(tmp_path
     scores, circuit = run_screen(
         "refusal", pos_path, neg_path, pos_tab, neg_tab, [pos_path, neg_path],
         tmp_path / "out" / "refusal.scores.parquet", tmp_path / "out" / "refusal.circuit.json",
-        k=3, n_boot=100, seed=2,
+        stage_options(ScreenOptions, k=3, n_boot=100, seed=2),
     )
     assert (circuit.layer[0], circuit.neuron[0]) == (2, 7)
     assert not ((circuit.layer == 3) & (circuit.neuron == 9)).any()
@@ -206,12 +209,13 @@ def test_run_screen_uses_only_the_discovery_split_and_writes_provenance(tmp_path
     pd.testing.assert_frame_equal(back.reset_index(drop=True), circuit.reset_index(drop=True), check_dtype=False)
     run_screen(
         "refusal", pos_path, neg_path, pos_tab, neg_tab, [], tmp_path / "s.parquet", tmp_path / "c.parquet",
-        k=3, n_boot=10,
+        stage_options(ScreenOptions, k=3, n_boot=10),
     )
     assert pq.read_table(tmp_path / "c.parquet").num_rows == 3
     other = write_last_token(tmp_path / "other.parquet", neg_ids, neg, prov={"weight_sha256": "zzz"})
     with pytest.raises(NeuronAuditError, match="different models"):
-        run_screen("refusal", pos_path, other, pos_tab, neg_tab, [], tmp_path / "x.parquet", tmp_path / "y.json")
+        run_screen("refusal", pos_path, other, pos_tab, neg_tab, [], tmp_path / "x.parquet", tmp_path / "y.json",
+                   stage_options(ScreenOptions))
 
 
 def test_caa_vector_is_the_mean_difference_of_mlp_outputs(llama):

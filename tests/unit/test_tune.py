@@ -5,6 +5,7 @@ import random
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,13 @@ from neuronaudit.methods.refusal_tuning import (
     train_response_loss,
 )
 from neuronaudit.models.loading import load_prepared, prepare_model, weights_sha256
+from neuronaudit.options import RefusalEvalOptions, TuneOptions
 from neuronaudit.stages.refusal import evaluate_refusal, run_refusal_tuning
-from neuronaudit.testing import tiny_model
+from neuronaudit.testing import stage_options, tiny_model
 
+
+def tune(**changes):
+    return stage_options(TuneOptions, **changes)
 
 def _examples(tokenizer):
     pairs = [
@@ -72,7 +77,7 @@ def test_a_few_steps_lower_the_response_loss(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     examples = _examples(tokenizer)
     before = dataset_loss(model, examples, tokenizer.pad_token_id)
-    curve = train_response_loss(model, examples, tokenizer.pad_token_id, steps=12, lr=3e-3, batch_size=4, seed=0)
+    curve = train_response_loss(model, examples, tokenizer.pad_token_id, steps=12, learning_rate=3e-3, batch_size=4, seed=0)
     after = dataset_loss(model, examples, tokenizer.pad_token_id)
     assert len(curve) == 12 and all(c["grad_norm"] >= 0 for c in curve)
     assert after < before - 0.5
@@ -82,27 +87,27 @@ def test_a_few_steps_lower_the_response_loss(tokenizer):
 def test_harmless_fraction_fixes_the_mix_of_every_batch(tokenizer, monkeypatch):
     import dataclasses
 
-    import neuronaudit.methods.refusal_tuning as tune
+    import neuronaudit.methods.refusal_tuning as tuning
 
     kinds = ["refusal", "own_answer", "own_answer", "refusal"]
     examples = [dataclasses.replace(e, kind=k) for e, k in zip(_examples(tokenizer), kinds)]
     examples += [dataclasses.replace(examples[0], template=1)] * 4  # refusals outnumber answers 3:1
     seen = []
-    real_collate = tune.collate
+    real_collate = tuning.collate
 
     def recording_collate(batch, pad):
         seen.append(sorted(e.kind for e in batch))
         return real_collate(batch, pad)
 
-    monkeypatch.setattr(tune, "collate", recording_collate)
+    monkeypatch.setattr(tuning, "collate", recording_collate)
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    train_response_loss(model, examples, tokenizer.pad_token_id, steps=5, lr=1e-3, batch_size=4, seed=0,
+    train_response_loss(model, examples, tokenizer.pad_token_id, steps=5, learning_rate=1e-3, batch_size=4, seed=0,
                         harmless_fraction=0.75)
     assert seen == [["own_answer"] * 3 + ["refusal"]] * 5
     with pytest.raises(NeuronAuditError, match="harmless_fraction 0.95"):
-        tune.batch_composition(4, 0.95)
+        tuning.batch_composition(4, 0.95)
     with pytest.raises(NeuronAuditError, match="harmless_fraction 1.5"):
-        tune.batch_composition(8, 1.5)
+        tuning.batch_composition(8, 1.5)
 
 
 def test_refusal_templates_chosen_by_a_seeded_rng(tokenizer):
@@ -141,8 +146,9 @@ def tuning_inputs(tiny_model_dir, tmp_path_factory):
 def test_run_refusal_tuning_writes_a_loadable_model_manifest_and_recipe(tuning_inputs):
     d, harmful, harmless, _ = tuning_inputs
     out = d / "tuned"
-    recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, out, steps=4, lr=1e-3,
-                                batch_size=2, max_new_tokens=6, seed=3, progress=False)
+    recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, out,
+                                tune(steps=4, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=6, seed=3),
+                                progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     base = json.loads((d / "base" / "manifest.json").read_text())
     model, tokenizer, adapter, loaded = load_prepared(out / "manifest.json")
@@ -151,38 +157,40 @@ def test_run_refusal_tuning_writes_a_loadable_model_manifest_and_recipe(tuning_i
     assert manifest["tuned_from"]["source"] == base["source"]
     assert manifest["tuned_from"]["weight_sha256"] == base["weight_sha256"]
     on_disk = json.loads((out / "recipe.json").read_text())
-    assert on_disk["seed"] == 3 and on_disk["steps"] == 4 and on_disk["lr"] == 1e-3 and on_disk["batch_size"] == 2
+    assert on_disk["seed"] == 3 and on_disk["steps"] == 4 and on_disk["learning_rate"] == 1e-3 and on_disk["batch_size"] == 2
     assert on_disk["n_harmful"] == 3 and on_disk["n_harmless"] <= 3  # discovery split only
     assert len(on_disk["train_loss"]) == 4 and sum(on_disk["refusal_template_counts"]) == 3
     assert on_disk["refusal_templates"] == list(REFUSAL_TEMPLATES) and on_disk["grad_clip"] == 1.0
     assert on_disk["harmful_table"]["prompt_set_hash"] == "hash-harmful"
     assert recipe["loss_after"] < recipe["loss_before"]
     # rerun into the existing directory: replaced atomically, no temporary left behind
-    run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, out, steps=1, lr=1e-3, batch_size=2,
-                       max_new_tokens=4, seed=3, progress=False)
+    run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, out,
+                       tune(steps=1, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=4, seed=3), progress=False)
     assert json.loads((out / "recipe.json").read_text())["steps"] == 1
     assert not [p for p in d.iterdir() if p.name.startswith(".tuned")]
 
 
 def test_run_refusal_tuning_rejects_bad_parameters_before_loading(tuning_inputs):
     d, harmful, harmless, _ = tuning_inputs
-    with pytest.raises(NeuronAuditError, match="steps 0"):
-        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, d / "x", steps=0)
-    with pytest.raises(NeuronAuditError, match="lr -1"):
-        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, d / "x", lr=-1.0)
+    with pytest.raises(NeuronAuditError, match="refusal.steps 0"):
+        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, d / "x", tune(steps=0))
+    with pytest.raises(NeuronAuditError, match="refusal.learning_rate -1"):
+        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, d / "x", tune(learning_rate=-1.0))
     with pytest.raises(NeuronAuditError, match="not found"):
-        run_refusal_tuning(d / "base" / "manifest.json", d / "missing.parquet", harmless, d / "x")
+        run_refusal_tuning(d / "base" / "manifest.json", d / "missing.parquet", harmless, d / "x", tune())
     assert not (d / "x").exists()
 
 
 def test_evaluate_refusal_reports_rates_with_cis_and_perplexities(tuning_inputs):
     d, harmful, harmless, generic = tuning_inputs
     if not (d / "tuned" / "manifest.json").exists():
-        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, d / "tuned", steps=2, lr=1e-3,
-                           batch_size=2, max_new_tokens=4, progress=False)
+        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, d / "tuned",
+                           tune(steps=2, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=4), progress=False)
     out = d / "eval.json"
     res = evaluate_refusal(d / "tuned" / "manifest.json", d / "base" / "manifest.json", harmful, harmless, generic,
-                           {"kind": "rule"}, out, max_new_tokens=6, progress=False)
+                           out, d / "eval_rollouts.parquet",
+                           stage_options(RefusalEvalOptions, eval_max_new_tokens=6), progress=False)
+    assert pq.read_table(d / "eval_rollouts.parquet").num_rows == 2 * 2 * 2  # both models, both sets
     assert json.loads(out.read_text())["tuned"]["refusal_harmful"]["n"] == 2  # held-out split only
     for model in ("tuned", "base"):
         for key in ("refusal_harmful", "over_refusal_harmless"):

@@ -43,3 +43,18 @@ def bootstrap_ci(values: Sequence[float], statistic=np.mean, n_boot: int = 1000,
                           method="percentile", random_state=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
+
+
+def paired_ratio_ci(numerator: Sequence[float], denominator: Sequence[float], n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """Mean of the per-item ratios ``numerator / denominator`` with a paired percentile bootstrap
+    CI: items (the pairs) are resampled, never the two sides separately."""
+    if n_boot < 1000:
+        raise NeuronAuditError(f"n_boot {n_boot!r} is below the 1000 resamples the study requires")
+    ratio = np.asarray(numerator, float) / np.asarray(denominator, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ratio), size=(n_boot, len(ratio)))
+    boot = ratio[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    return {"mean": float(ratio.mean()), "ci_low": float(np.quantile(boot, alpha)),
+            "ci_high": float(np.quantile(boot, 1 - alpha)), "n_boot": n_boot, "seed": seed}

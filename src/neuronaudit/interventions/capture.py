@@ -11,11 +11,12 @@ the highest collected layer. Padding never enters a statistic: masks come from t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
@@ -184,3 +185,82 @@ def read_last_token(path: str | Path, layer: int | None = None) -> tuple[list[st
     for row, (pid, layer_) in enumerate(zip(ids, layers)):
         out[p_index[pid], l_index[int(layer_)]] = values[row]
     return prompts, out
+
+
+def last_token_layers(path: str | Path) -> list[int]:
+    """The layers stored in a last-token table, ascending."""
+    col = pq.read_table(path, columns=["layer"]).column("layer")
+    return sorted(int(x) for x in pc.unique(col).to_pylist())
+
+
+def last_token_width(path: str | Path) -> int:
+    return int(pq.read_schema(path).field("activation").type.list_size)
+
+
+def read_layer(
+    path: str | Path, layer: int, prompt_ids: Iterable[str] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """``(prompt_ids, a [n_prompts, n_neurons] float64)`` of one layer, rows sorted by prompt id.
+
+    With ``prompt_ids``, only those prompts are kept; every one of them must be in the table.
+    """
+    ids, values = read_last_token(path, layer=layer)
+    if len(ids) == 0:
+        raise NeuronAuditError(f"last-token table {str(path)!r} has no rows for layer {layer}")
+    index = {p: r for r, p in enumerate(ids)}
+    if len(index) != len(ids):
+        raise NeuronAuditError(f"last-token table {str(path)!r} repeats prompt ids in layer {layer}")
+    wanted = sorted(index) if prompt_ids is None else sorted(set(map(str, prompt_ids)))
+    missing = [p for p in wanted if p not in index]
+    if missing:
+        raise NeuronAuditError(
+            f"last-token table {str(path)!r} lacks {len(missing)} requested prompts, e.g. {missing[:3]}"
+        )
+    return wanted, values[[index[p] for p in wanted]].astype(np.float64)
+
+
+def last_token_abs(path: str | Path, prompt_ids: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """``(prompt_ids, |a| [n_prompts, n_layers * n_neurons])`` rows sorted by prompt id."""
+    ids, values = read_last_token(path)  # [n_prompts, n_layers, n_neurons]
+    index = {p: r for r, p in enumerate(ids)}
+    wanted = sorted(index) if prompt_ids is None else sorted(set(map(str, prompt_ids)))
+    missing = [p for p in wanted if p not in index]
+    if missing:
+        raise NeuronAuditError(f"last-token table {str(path)!r} lacks prompts {missing[:3]}")
+    rows = np.abs(values[[index[p] for p in wanted]].astype(np.float64))
+    return wanted, rows.reshape(len(wanted), -1)
+
+
+class LastTokenTable:
+    """A collected last-token table, read one layer at a time so memory stays one layer wide.
+
+    The methods take this reader (anything with ``path``, ``layers``, ``width`` and ``layer()``)
+    rather than a path, so they never open files themselves.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NeuronAuditError(f"last-token table {str(self.path)!r} not found")
+        self._layers: list[int] | None = None
+
+    def __repr__(self) -> str:
+        return f"LastTokenTable({str(self.path)!r})"
+
+    @property
+    def layers(self) -> list[int]:
+        if self._layers is None:
+            self._layers = last_token_layers(self.path)
+        return self._layers
+
+    @property
+    def width(self) -> int:
+        return last_token_width(self.path)
+
+    def layer(self, layer: int, prompt_ids: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """See :func:`read_layer`."""
+        return read_layer(self.path, layer, prompt_ids)
+
+    def abs_rows(self, prompt_ids: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """See :func:`last_token_abs`."""
+        return last_token_abs(self.path, prompt_ids)

@@ -46,12 +46,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.capability import (
@@ -59,7 +57,8 @@ from neuronaudit.evaluation.capability import (
     ablation_plan,
     capability_report,
 )
-from neuronaudit.interventions.capture import read_last_token
+from neuronaudit.interventions.capture import LastTokenTable
+from neuronaudit.io import RowCheckpoint
 
 DEFAULT_GROUPS = ("task_knowledge", "task_arithmetic", "task_code", "task_chat", "generic")
 DEFAULT_K_VALUES = (1, 2, 4, 8, 16, 32)
@@ -115,17 +114,14 @@ STABILITY_SCHEMA = pa.schema(
 # --- scores -------------------------------------------------------------------------------------
 
 
-def _stats_frame(stats: str | Path | pd.DataFrame) -> pd.DataFrame:
-    df = stats if isinstance(stats, pd.DataFrame) else pq.read_table(stats).to_pandas()
+def _stats_frame(df: pd.DataFrame) -> pd.DataFrame:
     missing = {"layer", "neuron", "mean_abs", "max_abs"} - set(df.columns)
     if missing:
         raise NeuronAuditError(f"statistics table lacks columns {sorted(missing)}")
     return df.sort_values(["layer", "neuron"]).reset_index(drop=True)
 
 
-def keystone_scores(
-    stats_by_group: Mapping[str, str | Path | pd.DataFrame], outlier_multiple: float = 50.0
-) -> pd.DataFrame:
+def keystone_scores(stats_by_group: Mapping[str, pd.DataFrame], outlier_multiple: float = 50.0) -> pd.DataFrame:
     """Cross-task activation strength per neuron (columns of :func:`keystone_schema`)."""
     if len(stats_by_group) < 1:
         raise NeuronAuditError("keystone scores need at least one task group")
@@ -176,18 +172,6 @@ def split_halves(prompt_ids: Sequence[str], seed: int) -> tuple[list[str], list[
     return [ids[i] for i in perm[:half]], [ids[i] for i in perm[half : 2 * half]]
 
 
-def _last_token_abs(path: str | Path, prompt_ids: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """``(prompt_ids, |a| [n_prompts, n_layers * n_neurons])`` rows sorted by prompt id."""
-    ids, values = read_last_token(path)  # [n_prompts, n_layers, n_neurons]
-    index = {p: r for r, p in enumerate(ids)}
-    wanted = sorted(index) if prompt_ids is None else sorted(set(map(str, prompt_ids)))
-    missing = [p for p in wanted if p not in index]
-    if missing:
-        raise NeuronAuditError(f"last-token table {str(path)!r} lacks prompts {missing[:3]}")
-    rows = np.abs(values[[index[p] for p in wanted]].astype(np.float64))
-    return wanted, rows.reshape(len(wanted), -1)
-
-
 def chance_iou(n: int, k: int) -> float:
     """Expected IoU of two independent uniformly random ``k``-subsets of ``n`` items."""
     from scipy.stats import hypergeom
@@ -206,7 +190,7 @@ def _top_k(score: np.ndarray, k: int) -> set[int]:
 
 
 def stability(
-    last_token_by_group: Mapping[str, str | Path],
+    last_token_by_group: Mapping[str, LastTokenTable],
     k_values: Sequence[int] = (8, 16, 32, 64, 128),
     seed: int = 0,
     n_splits: int = 5,
@@ -221,9 +205,9 @@ def stability(
         raise NeuronAuditError(f"n_splits {n_splits!r} must be at least 1")
     data = {}
     width = None
-    for g, path in last_token_by_group.items():
+    for g, table in last_token_by_group.items():
         wanted = None if prompt_ids_by_group is None else prompt_ids_by_group.get(g)
-        ids, rows = _last_token_abs(path, wanted)
+        ids, rows = table.abs_rows(wanted)
         if width is not None and rows.shape[1] != width:
             raise NeuronAuditError(f"last-token table of group {g!r} has a different number of neurons")
         width = rows.shape[1]
@@ -311,35 +295,6 @@ def _fingerprint(generic_texts, task_prompts, positions, capability_kwargs, mode
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _read_checkpoint(path, fingerprint: str) -> dict[str, dict]:
-    if path is None or not Path(path).is_file():
-        return {}
-    lines = Path(path).read_text().splitlines()
-    if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
-        Path(path).unlink()  # another input or setting: start afresh
-        return {}
-    done = {}
-    for line in lines[1:]:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the interruption
-            continue
-        done[entry["key"]] = entry["row"]
-    return done
-
-
-def _append_checkpoint(path, fingerprint: str, key: str, row: dict) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with open(path, "a") as fh:
-        if new:
-            fh.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-        fh.write(json.dumps({"key": key, "row": row}, default=float) + "\n")
-
-
 def ablation_curve(
     model,
     tokenizer,
@@ -354,7 +309,7 @@ def ablation_curve(
     include_baseline: bool = True,
     without_outliers: bool | None = None,
     progress=None,
-    checkpoint: str | Path | None = None,
+    checkpoint: RowCheckpoint | None = None,
     **capability_kwargs,
 ) -> pd.DataFrame:
     """Capability after ablating the top-``k`` of ``ranked`` (strongest first; ``layer``,
@@ -364,8 +319,8 @@ def ablation_curve(
     is ``baseline`` (k = 0, no edit), ``keystone``, ``keystone_no_outliers`` (top-k skipping
     flagged outliers; by default only when the top ``max(k)`` holds one) or ``random``.
 
-    ``checkpoint``: a JSON Lines file that receives each measured row as soon as it exists; a
-    rerun with the same inputs and settings (fingerprint in the first line) reuses those rows and
+    ``checkpoint`` (:class:`neuronaudit.io.RowCheckpoint`) receives each measured row as soon as it
+    exists; a rerun with the same inputs and settings (the same fingerprint) reuses those rows and
     measures only the missing ones, so an interrupted curve resumes instead of restarting.
     """
     k_values = sorted({int(k) for k in k_values})
@@ -389,7 +344,7 @@ def ablation_curve(
         generic_texts, task_prompts, positions, capability_kwargs,
         getattr(getattr(model, "config", None), "_name_or_path", None), sum(p.numel() for p in model.parameters()),
     )
-    done = _read_checkpoint(checkpoint, fingerprint)
+    done = checkpoint.load(fingerprint) if checkpoint is not None else {}
 
     def measure(k, kind, replicate, neuron_set):
         key = json.dumps([int(k), kind, int(replicate), [[int(l), int(i)] for l, i in neuron_set]])
@@ -402,7 +357,8 @@ def ablation_curve(
         report = capability_report(model, tokenizer, adapter, generic_texts, task_prompts, plan=plan, **capability_kwargs)
         row = _curve_row(k, kind, replicate, neuron_set, outliers, report, groups)
         rows.append(row)
-        _append_checkpoint(checkpoint, fingerprint, key, row)
+        if checkpoint is not None:
+            checkpoint.append(key, row)
 
     if include_baseline:
         measure(0, "baseline", 0, [])

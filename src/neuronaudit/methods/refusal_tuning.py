@@ -12,7 +12,7 @@ fine-tunes it into a reference refuser:
   refusal, not a change of style. Prompts go through the chat template as everywhere else.
 * **Objective**: next-token cross-entropy on the response tokens only (prompt and padding
   positions carry label ``-100``); a response that ended with EOS keeps its EOS as a target.
-* **Optimiser**: AdamW (``lr`` 3e-5, no weight decay by default), batch 8, ``steps`` 100,
+* **Optimiser**: AdamW (``learning_rate`` 3e-5, no weight decay by default), batch 8, ``steps`` 100,
   gradient-norm clipping at 1.0, constant learning rate, fixed seed (data order, template
   choice, torch). Full fine-tune in float32 on CPU. Measured for SmolLM2-135M-Instruct on 2
   cores (threads=2, nothing else running): own answers 42 s, 100 steps 419 s (4.2 s/step),
@@ -65,6 +65,10 @@ REFUSAL_TEMPLATES: tuple[str, ...] = (
 )
 
 IGNORE_INDEX = -100
+#: Gradient-norm clipping, weight decay and own-answer generation batch of the recipe.
+GRAD_CLIP = 1.0
+WEIGHT_DECAY = 0.0
+GEN_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ def batch_composition(batch_size: int, harmless_fraction: float) -> tuple[int, i
 
 
 def train_response_loss(
-    model, examples: Sequence[Example], pad_token_id: int, steps: int, lr: float, batch_size: int,
+    model, examples: Sequence[Example], pad_token_id: int, steps: int, learning_rate: float, batch_size: int,
     seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0, progress: bool = False,
     harmless_fraction: float | None = None,
 ) -> list[dict]:
@@ -190,8 +194,10 @@ def train_response_loss(
     """
     from tqdm.auto import tqdm
 
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise NeuronAuditError(f"steps {steps!r}, batch_size {batch_size!r} and lr {lr!r} must be positive")
+    if steps < 1 or batch_size < 1 or not learning_rate > 0:
+        raise NeuronAuditError(
+            f"steps {steps!r}, batch_size {batch_size!r} and learning_rate {learning_rate!r} must be positive"
+        )
     if not examples:
         raise NeuronAuditError("no training examples for the refusal tuning")
     pools = [list(range(len(examples)))]
@@ -206,7 +212,7 @@ def train_response_loss(
     model.train()
     model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     queues: list[list[int]] = [[] for _ in pools]
     curve = []
     bar = tqdm(range(steps), desc="refusal tuning", unit="step", disable=not progress)

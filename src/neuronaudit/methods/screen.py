@@ -45,21 +45,16 @@ equality against a hook that adds the vector to the MLP output directly).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions.capture import read_last_token
+from neuronaudit.interventions.capture import LastTokenTable
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit
-from neuronaudit.io import read_provenance
 
 SCREEN_SCHEMA = pa.schema(
     [
@@ -97,38 +92,6 @@ RANK_BY = ("delta", "std_delta")
 
 
 # --- reading ----------------------------------------------------------------------------------
-
-
-def last_token_layers(path: str | Path) -> list[int]:
-    """The layers stored in a last-token table, ascending."""
-    col = pq.read_table(path, columns=["layer"]).column("layer")
-    return sorted(int(x) for x in pc.unique(col).to_pylist())
-
-
-def last_token_width(path: str | Path) -> int:
-    return int(pq.read_schema(path).field("activation").type.list_size)
-
-
-def read_layer(
-    path: str | Path, layer: int, prompt_ids: Iterable[str] | None = None
-) -> tuple[list[str], np.ndarray]:
-    """``(prompt_ids, a [n_prompts, n_neurons] float64)`` of one layer, rows sorted by prompt id.
-
-    With ``prompt_ids``, only those prompts are kept; every one of them must be in the table.
-    """
-    ids, values = read_last_token(path, layer=layer)
-    if len(ids) == 0:
-        raise NeuronAuditError(f"last-token table {str(path)!r} has no rows for layer {layer}")
-    index = {p: r for r, p in enumerate(ids)}
-    if len(index) != len(ids):
-        raise NeuronAuditError(f"last-token table {str(path)!r} repeats prompt ids in layer {layer}")
-    wanted = sorted(index) if prompt_ids is None else sorted(set(map(str, prompt_ids)))
-    missing = [p for p in wanted if p not in index]
-    if missing:
-        raise NeuronAuditError(
-            f"last-token table {str(path)!r} lacks {len(missing)} requested prompts, e.g. {missing[:3]}"
-        )
-    return wanted, values[[index[p] for p in wanted]].astype(np.float64)
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -200,7 +163,7 @@ def top_fraction(activations: np.ndarray, top_n: int = 20) -> np.ndarray:
 
 
 def universal_neurons(
-    diverse_last_tokens: Sequence[str | Path],
+    diverse_last_tokens: Sequence[LastTokenTable],
     layers: Iterable[int] | None = None,
     top_n: int = 20,
     fraction: float = 0.8,
@@ -214,10 +177,10 @@ def universal_neurons(
         raise NeuronAuditError("universal neurons need at least one diverse last-token table")
     if not 0 < fraction <= 1:
         raise NeuronAuditError(f"universal fraction {fraction!r} must be in (0, 1]")
-    layers = last_token_layers(diverse_last_tokens[0]) if layers is None else list(layers)
+    layers = diverse_last_tokens[0].layers if layers is None else list(layers)
     frames = []
     for layer in layers:
-        acts = np.concatenate([read_layer(p, layer)[1] for p in diverse_last_tokens], axis=0)
+        acts = np.concatenate([t.layer(layer)[1] for t in diverse_last_tokens], axis=0)
         frac = top_fraction(acts, top_n)
         frames.append(
             pd.DataFrame(
@@ -231,16 +194,16 @@ def universal_neurons(
 
 
 def screen(
-    pos_last_token: str | Path,
-    neg_last_token: str | Path,
+    pos_last_token: LastTokenTable,
+    neg_last_token: LastTokenTable,
     pos_ids: Iterable[str] | None = None,
     neg_ids: Iterable[str] | None = None,
-    diverse_last_tokens: Sequence[str | Path] = (),
+    diverse_last_tokens: Sequence[LastTokenTable] = (),
     skip_layers: Iterable[int] = (0, 1),
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
-    top_n: int = 20,
+    universal_top_n: int = 20,
     universal_fraction: float = 0.8,
     rank_by: str = "delta",
 ) -> pd.DataFrame:
@@ -253,11 +216,11 @@ def screen(
         raise NeuronAuditError(f"rank_by {rank_by!r} must be one of {RANK_BY}")
     if not 0 < ci < 1:
         raise NeuronAuditError(f"ci {ci!r} must be in (0, 1)")
-    layers = last_token_layers(pos_last_token)
-    neg_layers = last_token_layers(neg_last_token)
+    layers = pos_last_token.layers
+    neg_layers = neg_last_token.layers
     if layers != neg_layers:
         raise NeuronAuditError(f"positive and negative tables hold different layers ({layers} vs {neg_layers})")
-    if last_token_width(pos_last_token) != last_token_width(neg_last_token):
+    if pos_last_token.width != neg_last_token.width:
         raise NeuronAuditError("positive and negative tables have different MLP widths")
     skip = {int(s) for s in skip_layers}
     pos_ids = None if pos_ids is None else list(pos_ids)
@@ -265,11 +228,11 @@ def screen(
     boot = None
     frames = []
     universal = (
-        universal_neurons(diverse_last_tokens, layers, top_n, universal_fraction) if diverse_last_tokens else None
+        universal_neurons(diverse_last_tokens, layers, universal_top_n, universal_fraction) if diverse_last_tokens else None
     )
     for layer in layers:
-        _, pos = read_layer(pos_last_token, layer, pos_ids)
-        _, neg = read_layer(neg_last_token, layer, neg_ids)
+        _, pos = pos_last_token.layer(layer, pos_ids)
+        _, neg = neg_last_token.layer(layer, neg_ids)
         if boot is None:
             idx_pos, idx_neg = bootstrap_indices(len(pos), len(neg), n_boot, seed)
             boot = (_counts(idx_pos, len(pos)), _counts(idx_neg, len(neg)))
@@ -368,19 +331,6 @@ def circuit_plan(
     )
 
 
-def read_circuit(path: str | Path) -> pd.DataFrame:
-    """A circuit written by :func:`run_screen` (``.json`` or ``.parquet``), with its metadata in attrs."""
-    path = Path(path)
-    if path.suffix == ".json":
-        doc = json.loads(path.read_text())
-        df = pd.DataFrame(doc["neurons"], columns=list(CIRCUIT_SCHEMA.names))
-        df.attrs.update({k: v for k, v in doc.items() if k != "neurons"})
-        return df
-    df = pq.read_table(path).to_pandas()
-    df.attrs.update(read_provenance(path))
-    return df
-
-
 # --- CAA baseline ------------------------------------------------------------------------------
 
 
@@ -429,7 +379,6 @@ def caa_plan(scores: pd.DataFrame, alpha: float, positions=("prompt", "generated
 
 __all__ = [
     "SCREEN_SCHEMA", "CIRCUIT_SCHEMA", "bootstrap_indices", "contrast", "top_fraction",
-    "universal_neurons", "screen", "resolve_k", "select_circuit", "circuit_plan", "read_circuit",
-    "caa_vectors", "caa_edits", "caa_plan", "read_layer",
-    "last_token_layers",
+    "universal_neurons", "screen", "resolve_k", "select_circuit", "circuit_plan",
+    "caa_vectors", "caa_edits", "caa_plan",
 ]

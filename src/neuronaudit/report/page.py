@@ -653,6 +653,7 @@ def build_report(
     headlines: Sequence[Headline | tuple[str, Any]] = (),
     figures_dir: str | os.PathLike | None = None,
     study_dir: str | os.PathLike | None = None,
+    title: str | None = None,
 ) -> Path:
     """Write the audit report of ``study`` to ``out_html`` (atomically) and return its path.
 
@@ -662,7 +663,7 @@ def build_report(
     Snakemake benchmark TSVs (one per rule); ``stage_sections`` and ``headlines`` come from
     :func:`neuronaudit.report.sections.stage_sections`. With ``figures_dir``, every figure is also
     written there as a PNG file (:func:`write_figures`; table paths relative to ``study_dir``,
-    by default the report folder's parent).
+    by default the report folder's parent). ``title`` defaults to ``neuronaudit report: <study>``.
     """
     out_html = Path(out_html)
     model_manifest = model_manifest or {}
@@ -683,7 +684,7 @@ def build_report(
     summary.insert(2, ("behaviours audited", _behaviours(config)))
     sections = [*stage_sections, section]
     html_text = render_report(
-        title=f"neuronaudit report: {study}",
+        title=title or f"neuronaudit report: {study}",
         summary=summary,
         sections=sections,
         provenance=provenance,

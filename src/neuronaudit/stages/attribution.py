@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import torch
 
+from neuronaudit.interventions.sweeps import last_token_dose_sweep
+from neuronaudit.io import provenance, write_json, write_table
 from neuronaudit.methods import attribution as attr
 from neuronaudit.methods.attribution import (
     compare,
@@ -35,6 +36,9 @@ from neuronaudit.methods.attribution import (
     missed_by_gradient,
     statement,
 )
+from neuronaudit.options import AttributionOptions
+from neuronaudit.prompts import extras, render_prompts, uses_template
+from neuronaudit.stages.common import OpenedModel, open_model, read_prompts, read_table
 
 log = logging.getLogger(__name__)
 
@@ -48,78 +52,74 @@ def run_attribution(
     behaviours: Mapping[str, Mapping],
     out_scores: str | Path,
     out_summary: str | Path,
-    n_prompts: int = 6,
-    n_boot: int = 1000,
-    seed: int = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
-    chat_template: str = "auto",
-    system_prompt: str | None = None,
-    batch_size: int = 8,
+    options: AttributionOptions,
     threads: int | None = None,
 ) -> dict:
-    import pyarrow.parquet as pq
-
-    from neuronaudit.interventions.sweeps import last_token_dose_sweep
-    from neuronaudit.io import provenance, write_json, write_table
-    from neuronaudit.models.loading import load_prepared
-    from neuronaudit.prompts import (
-        extras,
-        read_prompt_table,
-        render_prompts,
-        uses_template,
-    )
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    window = pq.read_table(window_table).to_pandas()
-    sweeps = pq.read_table(sweeps_table).to_pandas()
+    """Gradient and forward scores of every window candidate against its measured control."""
+    o = options
+    window = read_table(window_table, "window table")
+    sweeps = read_table(sweeps_table, "sweeps table")
     truth = control_strength(sweeps, window)
-    model, tokenizer, adapter, manifest = load_prepared(manifest_path, dtype, device)
-    frames = []
+    opened = open_model(manifest_path, o.model, threads)
+    rows = []
     for behaviour, spec in behaviours.items():
         neurons = window[window["behaviour"] == behaviour].drop_duplicates(["layer", "neuron"])
         if neurons.empty:
             continue
-        prompts = read_prompt_table(behaviour_prompts[behaviour], split="heldout").head(n_prompts)
-        beh_ids, def_ids = metric_token_ids(tokenizer, spec, extras(prompts))
-        if not beh_ids or not def_ids:
-            log.info("behaviour %s has no metric tokens: gradient scores skipped", behaviour)
-            continue
-        texts = render_prompts(tokenizer, prompts["text"], chat_template, system_prompt)
-        add_special = not uses_template(tokenizer, chat_template)
-        grads = attr.gradient_scores(model, tokenizer, adapter, texts, beh_ids, def_ids,
-                                     batch_size=batch_size, add_special_tokens=add_special)
-        screen = pq.read_table(screen_scores[behaviour]).to_pandas().set_index(["layer", "neuron"])
-        cos = attr.readout_alignment(adapter, beh_ids, def_ids)
-        rows = [(int(n.layer), int(n.neuron), float(sign * n.budget)) for n in neurons.itertuples() for sign in (1, -1)]
-        tokenizer.padding_side = "left"
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-        dev = next(model.parameters()).device
-        sweep = last_token_dose_sweep(model, adapter, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), rows)
-        P, R = sweep.logits.shape[:2]
-        expand = lambda ids: [ids[p] for p in range(P) for _ in range(R)] if ids and isinstance(ids[0], list) else ids  # noqa: E731
-        dosed = attr.behaviour_metric(sweep.logits.reshape(P * R, -1), expand(beh_ids), expand(def_ids)).reshape(P, R)
-        clean = attr.behaviour_metric(sweep.clean_logits, beh_ids, def_ids)
-        delta_m = (dosed - clean[:, None]).mean(0).numpy()
-        for j, n in enumerate(neurons.itertuples()):
-            l, i = int(n.layer), int(n.neuron)
-            s = screen.loc[(l, i)]
-            frames.append({
-                "behaviour": behaviour, "layer": l, "neuron": i, "kind": n.kind,
-                "grad": float(grads["grad"][l, i]),
-                "atp": float(attr.attribution_patching(grads["grad"][l, i], s["mean_pos"], s["mean_neg"])),
-                "delta": float(s["delta"]), "std_delta": float(s["std_delta"]),
-                "dose_response": float((delta_m[2 * j] - delta_m[2 * j + 1]) / 2),
-                "readout_cos": float(cos[l, i]),
-                "write_norm": float(adapter.write_norms(l)[i]),
-            })
-    table = pd.DataFrame(frames).merge(truth, on=["behaviour", "layer", "neuron"], how="left")
-    comparison = compare(table, n_boot, seed)
+        prompts = read_prompts(behaviour_prompts[behaviour], "heldout", o.n_prompts)
+        screen = read_table(screen_scores[behaviour], "screen table").set_index(["layer", "neuron"])
+        rows += behaviour_scores(opened, behaviour, spec, neurons, prompts, screen, o)
+    table = pd.DataFrame(rows).merge(truth, on=["behaviour", "layer", "neuron"], how="left")
+    comparison = compare(table, o.n_boot, o.seed)
     summary = {"comparison": comparison, "missed_by_gradient": missed_by_gradient(table),
-               "statement": statement(comparison), "n_boot": n_boot, "seed": seed}
-    prov = provenance(model_id=manifest.get("source"), weight_sha256=manifest.get("weight_sha256"), seed=seed,
+               "statement": statement(comparison), "n_boot": o.n_boot, "seed": o.seed}
+    prov = provenance(model_id=opened.manifest.get("source"), weight_sha256=opened.manifest.get("weight_sha256"),
+                      seed=o.seed,
                       metric="logsumexp log p(behaviour openers) - logsumexp log p(default openers), last prompt token")
     write_table(pa.Table.from_pandas(table, preserve_index=False), out_scores, prov)
     write_json(json.loads(json.dumps(summary, default=float)), out_summary)
     return summary
+
+
+def behaviour_scores(opened: OpenedModel, behaviour: str, spec: Mapping, neurons: pd.DataFrame,
+                     prompts: pd.DataFrame, screen: pd.DataFrame, o: AttributionOptions) -> list[dict]:
+    """One row per candidate neuron of ``behaviour``: gradient, AtP, screen scores, single-pass dose
+    response and readout geometry (none when the behaviour has no metric tokens)."""
+    model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
+    chat_template, system_prompt = o.model.chat_template, o.model.system_prompt
+    beh_ids, def_ids = metric_token_ids(tokenizer, spec, extras(prompts))
+    if not beh_ids or not def_ids:
+        log.info("behaviour %s has no metric tokens: gradient scores skipped", behaviour)
+        return []
+    texts = render_prompts(tokenizer, prompts["text"], chat_template, system_prompt)
+    add_special = not uses_template(tokenizer, chat_template)
+    grads = attr.gradient_scores(model, tokenizer, adapter, texts, beh_ids, def_ids,
+                                 batch_size=o.batch_size, add_special_tokens=add_special)
+    cos = attr.readout_alignment(adapter, beh_ids, def_ids)
+    rows = [(int(n.layer), int(n.neuron), float(sign * n.budget)) for n in neurons.itertuples() for sign in (1, -1)]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    dev = next(model.parameters()).device
+    sweep = last_token_dose_sweep(model, adapter, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), rows)
+    P, R = sweep.logits.shape[:2]
+
+    def expand(ids):
+        return [ids[p] for p in range(P) for _ in range(R)] if ids and isinstance(ids[0], list) else ids
+
+    dosed = attr.behaviour_metric(sweep.logits.reshape(P * R, -1), expand(beh_ids), expand(def_ids)).reshape(P, R)
+    clean = attr.behaviour_metric(sweep.clean_logits, beh_ids, def_ids)
+    delta_m = (dosed - clean[:, None]).mean(0).numpy()
+    out = []
+    for j, n in enumerate(neurons.itertuples()):
+        l, i = int(n.layer), int(n.neuron)
+        s = screen.loc[(l, i)]
+        out.append({
+            "behaviour": behaviour, "layer": l, "neuron": i, "kind": n.kind,
+            "grad": float(grads["grad"][l, i]),
+            "atp": float(attr.attribution_patching(grads["grad"][l, i], s["mean_pos"], s["mean_neg"])),
+            "delta": float(s["delta"]), "std_delta": float(s["std_delta"]),
+            "dose_response": float((delta_m[2 * j] - delta_m[2 * j + 1]) / 2),
+            "readout_cos": float(cos[l, i]),
+            "write_norm": float(adapter.write_norms(l)[i]),
+        })
+    return out

@@ -4,18 +4,34 @@ capability under each (the algorithm is :mod:`neuronaudit.methods.cna`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.capability import capability_report
 from neuronaudit.interventions.hooks import InterventionPlan
+from neuronaudit.io import provenance, write_table
 from neuronaudit.methods.cna import cna_interventions, summarise
+from neuronaudit.models.loading import read_manifest
+from neuronaudit.options import CnaOptions, RolloutOptions
+from neuronaudit.stages.common import open_model, read_circuit, read_prompts, read_table
+from neuronaudit.stages.rollouts import run_rollouts
 
 log = logging.getLogger("neuronaudit")
+
+
+#: CNA rollouts are greedy, read at one horizon (``cna.max_new_tokens``), on held-out prompts.
+SPLIT = "heldout"
+
+
+def cna_rollout_options(o: CnaOptions) -> RolloutOptions:
+    """The rollout settings of the CNA interventions: greedy, one horizon, ``cna.prompts`` prompts."""
+    return RolloutOptions(model=o.model, judge=o.judge, horizons=[o.max_new_tokens], sampling=["greedy"],
+                          temperature=1.0, top_p=1.0, prompts_per_set=o.prompts, batch_size=o.batch_size,
+                          seed=o.seed)
 
 
 def run_cna(
@@ -28,66 +44,40 @@ def run_cna(
     out_rollouts: str | Path,
     out_fractions: str | Path,
     out_summary: str | Path,
-    factors: Sequence[float] = (0.0, 0.5, 2.0),
-    caa_alphas: Sequence[float] = (-1.0, -2.0),
-    prompts: int = 24,
-    max_new_tokens: int = 64,
-    judge_config: Mapping | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    dtype: str = "float32",
-    device: str = "cpu",
-    chat_template: str = "auto",
-    system_prompt: str | None = None,
-    max_texts: int = 24,
-    max_task_prompts: int = 24,
-    capability_max_new_tokens: int = 32,
-    capability_batch_size: int = 32,
+    options: CnaOptions,
     threads: int | None = None,
 ) -> pd.DataFrame:
     """Circuit scaling, random-circuit and CAA interventions: typed rollouts on held-out harmful
     prompts and capability under each; writes rollouts, type fractions and a summary table."""
-
-    from neuronaudit.evaluation.capability import capability_report
-    from neuronaudit.io import provenance, write_table
-    from neuronaudit.methods.screen import read_circuit
-    from neuronaudit.models.loading import load_prepared, read_manifest
-    from neuronaudit.prompts import read_prompt_table
-    from neuronaudit.stages.rollouts import run_rollouts
-
+    o, cap = options, options.capability
     manifest = read_manifest(manifest_path)
     circuit = read_circuit(circuit_path)
     if len(circuit) == 0:
         raise NeuronAuditError(f"circuit {str(circuit_path)!r} is empty")
-    scores = pq.read_table(scores_path).to_pandas()
-    interventions = cna_interventions(circuit, scores, factors, caa_alphas, manifest["n_neurons"], seed)
-    run_rollouts(
-        manifest_path, {"harmful": harmful_table}, "heldout", interventions, horizons=[max_new_tokens],
-        judge_config=judge_config, out_rollouts=out_rollouts, out_fractions=out_fractions,
-        dtype=dtype, device=device, batch_size=batch_size, chat_template=chat_template,
-        system_prompt=system_prompt, limit=prompts, seed=seed, threads=threads,
-    )
-    typed = pq.read_table(out_rollouts).to_pandas()
-    model, tokenizer, adapter, _ = load_prepared(manifest_path, dtype, device)
-    generic = read_prompt_table(generic_table, split="heldout")["text"].head(max_texts).tolist()
-    tasks = {g: read_prompt_table(p, split="heldout").head(max_task_prompts) for g, p in task_tables.items()}
+    scores = read_table(scores_path, "screen table")
+    interventions = cna_interventions(circuit, scores, o.factors, o.caa_alphas, manifest["n_neurons"], o.seed)
+    generic = read_prompts(generic_table, SPLIT, cap.max_texts, role="generic prompt table")["text"].tolist()
+    tasks = {g: read_prompts(p, SPLIT, cap.max_task_prompts) for g, p in task_tables.items()}
+    opened = open_model(manifest_path, o.model, threads)
+    run_rollouts(manifest_path, {"harmful": harmful_table}, SPLIT, interventions, out_rollouts, out_fractions, None,
+                 cna_rollout_options(o), opened=opened)
+    typed = read_table(out_rollouts, "rollouts table")
     capability = {}
     for name, edits in interventions.items():
         plan = InterventionPlan.broadcast(edits) if edits else None
         capability[name] = capability_report(
-            model, tokenizer, adapter, generic, tasks, plan=plan, chat_template=chat_template,
-            system_prompt=system_prompt, batch_size=capability_batch_size,
-            max_new_tokens=capability_max_new_tokens,
+            opened.model, opened.tokenizer, opened.adapter, generic, tasks, plan=plan,
+            chat_template=o.model.chat_template, system_prompt=o.model.system_prompt, batch_size=cap.batch_size,
+            max_new_tokens=cap.max_new_tokens,
         )
         log.info("capability under %s: %s", name, capability[name])
-    summary = summarise(typed, capability, max_new_tokens)
+    summary = summarise(typed, capability, o.max_new_tokens)
     summary["n_edits"] = [len(interventions[n]) for n in summary["intervention"]]
     prov = provenance(
         model_id=manifest.get("source"), weight_sha256=manifest.get("weight_sha256"),
-        circuit=str(circuit_path), circuit_size=len(circuit), factors=list(factors),
-        caa_alphas=list(caa_alphas), prompts=prompts, max_new_tokens=max_new_tokens, seed=seed,
-        random_circuit_seed=seed, capability=capability,
+        circuit=str(circuit_path), circuit_size=len(circuit), factors=list(o.factors),
+        caa_alphas=list(o.caa_alphas), prompts=o.prompts, max_new_tokens=o.max_new_tokens, seed=o.seed,
+        random_circuit_seed=o.seed, capability=capability,
     )
     write_table(pa.Table.from_pandas(summary, preserve_index=False), out_summary, prov)
     return summary
-

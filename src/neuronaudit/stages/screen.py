@@ -4,37 +4,30 @@ and the circuit out (the algorithm is :mod:`neuronaudit.methods.screen`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions.capture import LastTokenTable
 from neuronaudit.io import provenance, read_provenance, write_json, write_table
 from neuronaudit.methods.screen import (
     CIRCUIT_SCHEMA,
     SCREEN_SCHEMA,
-    last_token_width,
     screen,
     select_circuit,
 )
+from neuronaudit.options import ScreenOptions
+from neuronaudit.stages.common import read_prompts, same_model
 
 log = logging.getLogger("neuronaudit")
 
 
-def split_prompt_ids(prompts_table: str | Path, split: str = "discovery") -> list[str]:
-    """Prompt ids of one split of a prepared prompt table (``all`` for every prompt)."""
-    from neuronaudit.prompts import read_prompt_table
-
-    df = read_prompt_table(prompts_table, split=split)
-    if len(df) == 0:
-        raise NeuronAuditError(f"prompt table {str(prompts_table)!r} has no prompts in split {split!r}")
-    return [str(p) for p in df["prompt_id"]]
-
-
-def _model_hash(prov: dict) -> str | None:
-    return prov.get("weight_sha256")
+#: Discovery prompts only: the held-out split stays unseen by the screen.
+SPLIT = "discovery"
+#: Confidence of the bootstrap interval of every neuron's δ.
+CONFIDENCE = 0.95
 
 
 def run_screen(
@@ -46,74 +39,72 @@ def run_screen(
     diverse_last_tokens: Sequence[str | Path],
     out_scores: str | Path,
     out_circuit: str | Path,
-    k: int | float = 0.001,
-    skip_layers: Iterable[int] = (0, 1),
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-    top_n: int = 20,
-    universal_fraction: float = 0.8,
-    rank_by: str = "delta",
-    split: str = "discovery",
+    options: ScreenOptions,
     n_total: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Screen ``behaviour`` (P⁺ vs P⁻ on the ``split`` prompts) and write both outputs atomically.
+    """Screen ``behaviour`` (P⁺ vs P⁻ on the discovery prompts) and write both outputs atomically.
 
     ``out_scores``: Parquet, every neuron (:data:`SCREEN_SCHEMA`). ``out_circuit``: the ranked
     circuit as ``.json`` (neurons plus metadata) or ``.parquet`` (:data:`CIRCUIT_SCHEMA`). Both
     carry provenance (inputs' model hash and prompt-set hashes, split, k, seed, n_boot, ...).
     ``n_total`` (MLP neurons of the model) defaults to the collected ``n_layers × n_neurons``.
     """
-    skip_layers = sorted({int(s) for s in skip_layers})
-    pos_prov, neg_prov = read_provenance(pos_last_token), read_provenance(neg_last_token)
-    hashes = {_model_hash(read_provenance(p)) for p in [pos_last_token, neg_last_token, *diverse_last_tokens]}
-    hashes.discard(None)
-    if len(hashes) > 1:
-        raise NeuronAuditError(f"screen inputs come from different models (weight hashes {sorted(hashes)})")
-    pos_ids = split_prompt_ids(pos_prompts_table, split)
-    neg_ids = split_prompt_ids(neg_prompts_table, split)
+    o = options
+    skip_layers = sorted({int(s) for s in o.skip_layers})
+    pos, neg = LastTokenTable(pos_last_token), LastTokenTable(neg_last_token)
+    diverse = [LastTokenTable(p) for p in diverse_last_tokens]
+    weight_hash = same_model([pos.path, neg.path, *(d.path for d in diverse)], None, "screen")
+    pos_prov, neg_prov = read_provenance(pos.path), read_provenance(neg.path)
+    pos_ids = [str(p) for p in read_prompts(pos_prompts_table, SPLIT)["prompt_id"]]
+    neg_ids = [str(p) for p in read_prompts(neg_prompts_table, SPLIT)["prompt_id"]]
     scores = screen(
-        pos_last_token, neg_last_token, pos_ids, neg_ids, diverse_last_tokens,
-        skip_layers=skip_layers, n_boot=n_boot, seed=seed, ci=ci, top_n=top_n,
-        universal_fraction=universal_fraction, rank_by=rank_by,
+        pos, neg, pos_ids, neg_ids, diverse, skip_layers=skip_layers, n_boot=o.n_boot, seed=o.seed,
+        ci=CONFIDENCE, universal_top_n=o.universal_top_n, universal_fraction=o.universal_fraction,
+        rank_by=o.rank_by,
     )
     if n_total is None:
         n_layers = pos_prov.get("n_layers") or scores["layer"].nunique()
-        n_total = int(n_layers) * last_token_width(pos_last_token)
-    circuit = select_circuit(scores, k, exclude_universal=True, n_total=n_total, rank_by=rank_by)
+        n_total = int(n_layers) * pos.width
+    circuit = select_circuit(scores, o.k, exclude_universal=True, n_total=n_total, rank_by=o.rank_by)
     pos_prompts, neg_prompts = read_provenance(pos_prompts_table), read_provenance(neg_prompts_table)
     prov = provenance(
         stage="screen",
         method="CNA (arXiv 2605.12290)",
         behaviour=behaviour,
         model_id=pos_prov.get("model_id"),
-        weight_sha256=_model_hash(pos_prov),
+        weight_sha256=weight_hash,
         hook_site=pos_prov.get("hook_site"),
         dtype=pos_prov.get("dtype"),
         positive_set=pos_prompts.get("prompt_set") or pos_prov.get("prompt_set"),
         negative_set=neg_prompts.get("prompt_set") or neg_prov.get("prompt_set"),
         positive_set_hash=pos_prompts.get("prompt_set_hash"),
         negative_set_hash=neg_prompts.get("prompt_set_hash"),
-        diverse_sets=[read_provenance(p).get("prompt_set", str(p)) for p in diverse_last_tokens],
-        split=split,
+        diverse_sets=[read_provenance(d.path).get("prompt_set", str(d.path)) for d in diverse],
+        split=SPLIT,
         n_pos=len(pos_ids),
         n_neg=len(neg_ids),
         position="last_prompt",
         skip_layers=skip_layers,
-        n_boot=n_boot,
-        ci=ci,
-        seed=seed,
-        universal_top_n=top_n,
-        universal_fraction=universal_fraction,
+        n_boot=o.n_boot,
+        ci=CONFIDENCE,
+        seed=o.seed,
+        universal_top_n=o.universal_top_n,
+        universal_fraction=o.universal_fraction,
         n_universal=int(scores["universal"].sum()),
-        rank_by=rank_by,
-        k_requested=k,
+        rank_by=o.rank_by,
+        k_requested=o.k,
         k=circuit.attrs["k"],
         n_total_neurons=n_total,
         n_universal_excluded=circuit.attrs["n_universal_excluded"],
     )
-    table = pa.Table.from_pandas(scores, schema=SCREEN_SCHEMA, preserve_index=False)
-    write_table(table, out_scores, prov)
+    _write(scores, circuit, prov, out_scores, out_circuit)
+    circuit.attrs.update(prov)
+    scores.attrs.update(prov)
+    return scores, circuit
+
+
+def _write(scores: pd.DataFrame, circuit: pd.DataFrame, prov: dict, out_scores, out_circuit) -> None:
+    write_table(pa.Table.from_pandas(scores, schema=SCREEN_SCHEMA, preserve_index=False), out_scores, prov)
     out_circuit = Path(out_circuit)
     if out_circuit.suffix == ".json":
         write_json(
@@ -124,7 +115,3 @@ def run_screen(
         )
     else:
         write_table(pa.Table.from_pandas(circuit, schema=CIRCUIT_SCHEMA, preserve_index=False), out_circuit, prov)
-    circuit.attrs.update(prov)
-    scores.attrs.update(prov)
-    return scores, circuit
-

@@ -1,0 +1,111 @@
+"""The opening every stage shares, written once: torch threads, the prepared model, provenance of
+the audited model, and checked reads of the tables a stage takes in."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.io import read_provenance
+from neuronaudit.methods.screen import CIRCUIT_SCHEMA
+from neuronaudit.models.loading import load_prepared
+from neuronaudit.options import ModelOptions
+from neuronaudit.prompts import read_prompt_table
+
+log = logging.getLogger("neuronaudit")
+
+
+def set_threads(threads: int | None) -> None:
+    """Torch threads of this job (Snakemake's ``threads``); ``None`` leaves torch's default."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+@dataclass
+class OpenedModel:
+    """A prepared model loaded for a stage, with its manifest."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: object
+    manifest: dict
+    options: ModelOptions
+
+    @property
+    def device(self) -> str:
+        return str(next(self.model.parameters()).device)
+
+    def provenance(self) -> dict:
+        """The fields every model-running stage records about the audited model."""
+        m = self.manifest
+        return {
+            "model_id": m.get("source"),
+            "weight_sha256": m.get("weight_sha256"),
+            "tuned_from": m.get("tuned_from"),
+            "hook_site": m.get("hook_site"),
+            "dtype": self.options.dtype,
+            "device": self.device,
+            "chat_template": self.options.chat_template,
+            "system_prompt": self.options.system_prompt,
+        }
+
+
+def open_model(manifest_path: str | Path, options: ModelOptions, threads: int | None = None) -> OpenedModel:
+    """Set the job's threads and load the prepared model of ``manifest_path``."""
+    set_threads(threads)
+    model, tokenizer, adapter, manifest = load_prepared(manifest_path, options.dtype, options.device)
+    return OpenedModel(model, tokenizer, adapter, manifest, options)
+
+
+def read_prompts(path: str | Path, split: str, limit: int | None = None, role: str = "prompt table") -> pd.DataFrame:
+    """The ``split`` prompts of a prepared prompt table, the first ``limit`` of them; a missing
+    table or an empty selection is a one-line error naming the table."""
+    if not Path(path).is_file():
+        raise NeuronAuditError(f"{role} {str(path)!r} not found")
+    df = read_prompt_table(path, split=split)
+    if limit is not None:
+        df = df.head(int(limit)).reset_index(drop=True)
+    if len(df) == 0:
+        raise NeuronAuditError(f"{role} {str(path)!r} has no prompts in split {split!r}")
+    return df
+
+
+def read_table(path: str | Path, role: str = "table") -> pd.DataFrame:
+    """A Parquet table as a DataFrame (its provenance stays in the file: :func:`read_provenance`)."""
+    if not Path(path).is_file():
+        raise NeuronAuditError(f"{role} {str(path)!r} not found")
+    return pq.read_table(path).to_pandas()
+
+
+def read_circuit(path: str | Path) -> pd.DataFrame:
+    """A circuit written by the screen stage (``.json`` or ``.parquet``), its metadata in attrs."""
+    path = Path(path)
+    if path.suffix == ".json":
+        doc = json.loads(path.read_text())
+        df = pd.DataFrame(doc["neurons"], columns=list(CIRCUIT_SCHEMA.names))
+        df.attrs.update({k: v for k, v in doc.items() if k != "neurons"})
+        return df
+    df = read_table(path, "circuit")
+    df.attrs.update(read_provenance(path))
+    return df
+
+
+def same_model(paths: Mapping[str, str | Path] | list, manifest: dict | None, stage: str) -> str | None:
+    """The one weight hash every input was computed from (and the manifest's); a mix of models
+    is a one-line error."""
+    items = paths.values() if isinstance(paths, Mapping) else paths
+    hashes = {read_provenance(p).get("weight_sha256") for p in items}
+    hashes.discard(None)
+    if manifest is not None and manifest.get("weight_sha256"):
+        hashes.add(manifest["weight_sha256"])
+    if len(hashes) > 1:
+        raise NeuronAuditError(f"{stage} inputs come from different models (weight hashes {sorted(hashes)})")
+    return next(iter(hashes), None)

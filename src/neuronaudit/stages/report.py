@@ -1,0 +1,43 @@
+"""The report stage: the self-contained audit page and its figures, rebuilt from the tables alone
+(the page is :mod:`neuronaudit.report.page`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.models.loading import read_manifest
+from neuronaudit.options import ReportOptions
+from neuronaudit.report.page import build_report
+from neuronaudit.report.sections import stage_sections
+
+
+def run_report(
+    study: str,
+    manifest_path: str | Path,
+    stats: Mapping[str, str | Path],
+    out_html: str | Path,
+    config_json: str | Path | None = None,
+    benchmark_dir: str | Path | None = None,
+    study_dir: str | Path | None = None,
+    figures_dir: str | Path | None = None,
+) -> Path:
+    """Build the audit page of ``study``; the config (``config_json``, the study's resolved config)
+    gives the report options and is shown in the provenance."""
+    config = {}
+    if config_json:
+        try:
+            config = json.loads(Path(config_json).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise NeuronAuditError(f"config JSON {str(config_json)!r} cannot be read: {err}") from None
+    options = ReportOptions.from_config(config) if "report" in config else None
+    benchmarks = sorted(Path(benchmark_dir).rglob("*.tsv")) if benchmark_dir else []
+    sections, headlines = ([], [])
+    if study_dir:
+        sections, headlines = stage_sections(Path(study_dir), Path(out_html).parent)
+    return build_report(study, {k: Path(v) for k, v in stats.items()}, read_manifest(manifest_path), config,
+                        benchmarks, Path(out_html), stage_sections=sections, headlines=headlines,
+                        figures_dir=figures_dir, study_dir=study_dir,
+                        title=options.title if options else None)
