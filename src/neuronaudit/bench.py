@@ -37,6 +37,14 @@ from functools import reduce
 from pathlib import Path
 
 import torch
+import transformers
+import yaml
+from transformers import GenerationConfig
+
+from neuronaudit.interventions import sweeps
+from neuronaudit.models.adapters import adapter_for
+from neuronaudit.models.loading import load_model, load_prepared, prepare_model
+from neuronaudit.testing import _CORPUS, save_tiny_model, tiny_model, tiny_tokenizer
 
 EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
@@ -57,7 +65,6 @@ def resolve_model(spec: str) -> str:
     """``embedded`` -> the prepared copy's weight directory (prepared once, then reused);
     ``tiny`` stays ``tiny``; a path stays a path (a model directory or a manifest.json)."""
     if spec == "embedded":
-        from neuronaudit.models.loading import prepare_model
 
         manifest = prepare_model(EMBEDDED_SPEC, repo_root() / EMBEDDED_DIR)
         return manifest["path"]
@@ -66,10 +73,8 @@ def resolve_model(spec: str) -> str:
 
 def load(spec: str):
     """``(model, tokenizer, adapter, label)`` for a resolved model spec."""
-    from neuronaudit.models.adapters import adapter_for
 
     if spec == "tiny":
-        from neuronaudit.testing import tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         model = tiny_model("llama", vocab_size=len(tokenizer))
@@ -78,7 +83,6 @@ def load(spec: str):
             cfg.pad_token_id = tokenizer.pad_token_id
             cfg.eos_token_id = tokenizer.eos_token_id
         return model, tokenizer, adapter_for(model), "tiny random llama"
-    from neuronaudit.models.loading import load_model, load_prepared
 
     path = Path(spec)
     if path.name == "manifest.json":
@@ -95,7 +99,6 @@ def texts() -> list[str]:
         out = [r["text"] for r in rows if r.get("text")]
         if out:
             return out
-    from neuronaudit.testing import _CORPUS
 
     return list(_CORPUS)
 
@@ -187,7 +190,6 @@ def machine_line() -> str:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    import transformers
 
     load = ""
     with contextlib.suppress(OSError, AttributeError):
@@ -273,7 +275,6 @@ def child_peers(model_spec: str, batch: int, length: int, repeats: int) -> dict:
     if model_spec == "tiny":  # TransformerBridge boots from a directory: save the tiny model
         import tempfile
 
-        from neuronaudit.testing import save_tiny_model
 
         model_spec = str(save_tiny_model(Path(tempfile.mkdtemp(prefix="neuronaudit-bench-")) / "tiny"))
     model, tokenizer, adapter, _ = load(model_spec)
@@ -439,7 +440,6 @@ def section_memory(model_spec, batch, length, counts):
 
 
 def section_sweeps(model, adapter, tokenizer, n_rows, n_prompts, length, new_tokens, repeats):
-    from neuronaudit.interventions import sweeps
 
     ids, mask = make_batch(tokenizer, n_prompts, length, offset=7)
     rows = sweep_rows(adapter, n_rows)
@@ -497,9 +497,7 @@ def section_sweeps(model, adapter, tokenizer, n_rows, n_prompts, length, new_tok
 
 
 def section_rollouts(model, adapter, tokenizer, batch, length, new_tokens, repeats):
-    from transformers import GenerationConfig
 
-    from neuronaudit.interventions import sweeps
     from neuronaudit.interventions.hooks import (
         InterventionPlan,
         NeuronEdit,
@@ -555,7 +553,6 @@ STUDY_TARGETS_S = {"study": 30 * 60, "quick": 5 * 60}
 
 def _quick_study_name(root: Path) -> str:
     """The study name config/quick.yaml sets (its results folder)."""
-    import yaml
 
     try:
         return str(yaml.safe_load((root / "config" / "quick.yaml").read_text()).get("study", "quick"))

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from importlib import metadata
@@ -115,7 +116,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     The temporary path may be filled as a file or as a directory; an existing directory at
     ``path`` is moved aside and removed only once the new one is in place.
     """
-    import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.io import PROMPT_SET_SCHEMA, read_provenance
@@ -181,7 +182,6 @@ def prompt_table(df: pd.DataFrame) -> pa.Table:
 
 def read_prompt_table(path: str | Path, split: str | None = None) -> pd.DataFrame:
     """Read a prepared prompt set (with its provenance in ``df.attrs``), optionally one split."""
-    import pyarrow.parquet as pq
 
     df = pq.read_table(path).to_pandas()
     df.attrs.update(read_provenance(path))

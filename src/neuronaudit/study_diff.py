@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from neuronaudit.errors import NeuronAuditError
 
@@ -123,8 +126,6 @@ def _diff(dir_a, dir_b, rtol, atol, skip_dirs) -> tuple[list[Difference], int]:
 
 def diff_parquet(path_a, path_b, rtol: float = 1e-6, atol: float = 1e-9, name: str | None = None) -> list[Difference]:
     """Differences between two Parquet tables; the schema metadata is ignored."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     name = name or Path(path_a).name
     tables = []
@@ -166,7 +167,6 @@ def diff_parquet(path_a, path_b, rtol: float = 1e-6, atol: float = 1e-9, name: s
 
 def _plain(col):
     """One contiguous array, dictionary-encoded values decoded."""
-    import pyarrow as pa
 
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if pa.types.is_dictionary(arr.type):
@@ -175,19 +175,16 @@ def _plain(col):
 
 
 def _is_list(t) -> bool:
-    import pyarrow as pa
 
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
 def _is_float(t) -> bool:
-    import pyarrow as pa
 
     return pa.types.is_floating(t) or pa.types.is_decimal(t)
 
 
 def _is_exact_number(t) -> bool:
-    import pyarrow as pa
 
     return pa.types.is_integer(t) or pa.types.is_boolean(t)
 
@@ -219,8 +216,6 @@ def _column_diff(col_a, col_b, rtol, atol) -> tuple[int, float | None, int]:
 
 def _floats(arr) -> np.ndarray:
     """float64 values, nulls as NaN."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     return np.asarray(pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
 
@@ -236,8 +231,6 @@ def _float_diff(a: np.ndarray, b: np.ndarray, rtol, atol) -> tuple[np.ndarray, f
 
 def _exact_diff(a, b, rtol, atol) -> np.ndarray:
     """Per row: does the cell differ? Exact comparison (null equals null)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     both_null = np.asarray(pc.and_(a.is_null(), b.is_null()).to_numpy(zero_copy_only=False), dtype=bool)
     try:
@@ -251,8 +244,6 @@ def _exact_diff(a, b, rtol, atol) -> np.ndarray:
 def _list_diff(a, b, rtol, atol) -> tuple[np.ndarray, float | None, int]:
     """Per row: does the list differ (null-ness, length, or any element)? Elements are compared
     vectorised over the rows whose lengths agree."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     len_a = np.asarray(pc.list_value_length(a).fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
     len_b = np.asarray(pc.list_value_length(b).fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)

@@ -9,10 +9,13 @@ directory that the workflow accepts as ``model.source``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 import transformers
+
+from neuronaudit.config import deep_update, validate_config
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -137,7 +140,6 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, n_la
 def default_config(**sections) -> dict:
     """The study config with every schema default, with ``sections`` merged over it
     (``default_config(screen={"k": 5})``)."""
-    from neuronaudit.config import deep_update, validate_config
 
     base = {"prompts": {"sets": {"generic": "config/prompts/generic.jsonl"}}}
     return validate_config(deep_update(base, copy.deepcopy(sections)))
@@ -146,7 +148,6 @@ def default_config(**sections) -> dict:
 def stage_options(cls, **changes):
     """A stage's options at the schema defaults, with ``changes`` to its own fields; a nested
     options field (``model``, ``judge``, ``capability``) takes a dict of its changes."""
-    import dataclasses
 
     base = cls.from_config(default_config())
     nested = cls._nested()

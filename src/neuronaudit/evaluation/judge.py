@@ -82,6 +82,8 @@ import pandas as pd
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.metrics import repetition_ratio
+from neuronaudit.io import provenance, write_json
+from neuronaudit.models.sources import _HUB_ID
 from neuronaudit.resources import calibration_path
 
 ROLLOUT_TYPES: tuple[str, ...] = ("refusal", "collapse", "coherent_bypass", "actionable")
@@ -601,7 +603,6 @@ _CONFIG_KEYS = {"kind", "model", "thresholds", "rubric", "guard", "max_new_token
 
 
 def _check_model_ref(model: str) -> None:
-    from neuronaudit.models.sources import _HUB_ID
 
     path = Path(model).expanduser()
     if path.exists():
@@ -739,7 +740,6 @@ def run_judge_calibration(
 ) -> dict:
     """Evaluate the configured judge on calibration set(s); write accuracy, per-type recall and
     the confusion matrix (true label → predicted label → count) of each set to ``out_json``."""
-    from neuronaudit.io import provenance, write_json
 
     judge = make_judge(judge_config)
     paths = [calibration_paths] if isinstance(calibration_paths, (str, Path)) else list(calibration_paths)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import (
     DEFAULT_RUBRIC,
@@ -13,6 +16,8 @@ from neuronaudit.evaluation.judge import (
     combine_labels,
     parse_label,
 )
+from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
+from neuronaudit.prompts import uses_template
 
 log = logging.getLogger("neuronaudit")
 
@@ -60,8 +65,6 @@ class ModelJudge:
 
     def _load(self):
         if self._model is None:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
 
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.model_id)
@@ -87,12 +90,6 @@ class ModelJudge:
 
     def judge_outputs(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         """The judge model's raw text outputs, one per (prompt, response)."""
-        from neuronaudit.interventions.generation import (
-            eos_ids,
-            generate_tokens,
-            pad_id,
-        )
-        from neuronaudit.prompts import uses_template
 
         model, tokenizer = self._load()
         texts = [self._render(tokenizer, p, r) for p, r in zip(prompts, responses)]

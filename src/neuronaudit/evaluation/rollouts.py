@@ -45,8 +45,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.judge import ROLLOUT_TYPES
 from neuronaudit.evaluation.metrics import (
     prefix_means,
     prefix_perplexity,
@@ -263,7 +265,6 @@ def generate_rollouts(
     per (prompt_id, intervention, sample, horizon) with the columns of :data:`ROLLOUT_SCHEMA`
     except the judge's ``rollout_type`` / ``over_refusal``.
     """
-    from tqdm.auto import tqdm
 
     hs = parse_horizons(horizons)
     samples = parse_sampling(sampling)
@@ -351,7 +352,6 @@ def type_rollouts(df: pd.DataFrame, judge, harmless_sets: Iterable[str] = HARMLE
     ``prompt_set`` in ``harmless_sets``) is typed ``refusal``, False for other rollouts of those
     prompts, and null (``pd.NA``) for prompts of any other set, where it means nothing.
     """
-    from neuronaudit.evaluation.judge import ROLLOUT_TYPES
 
     out = df.copy()
     if len(out) == 0:
@@ -402,7 +402,6 @@ def type_fractions(
     prompts (``n_boot`` resamples, ``numpy.random.default_rng(seed)``). Every type gets a row,
     zero counts included, so fractions of a group sum to 1.
     """
-    from neuronaudit.evaluation.judge import ROLLOUT_TYPES
 
     if n_boot < 1000:
         raise NeuronAuditError(f"n_boot {n_boot!r} is below the 1000 resamples the study requires")
@@ -443,7 +442,6 @@ def first_horizon(df: pd.DataFrame) -> pd.DataFrame:
     Takes typed rollouts (a ``rollout_type`` column) or :func:`type_fractions` output (a
     ``count`` column). ``first_horizon`` is null when the type never appears at any horizon.
     """
-    from neuronaudit.evaluation.judge import ROLLOUT_TYPES
 
     df = _with_defaults(df)
     keys = ["prompt_set", "intervention", "sampling"]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
+from scipy.stats import norm
 
 from neuronaudit.errors import NeuronAuditError
 
@@ -16,7 +17,6 @@ log = logging.getLogger("neuronaudit")
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion ``k / n`` (``(nan, nan)`` when ``n = 0``)."""
-    from scipy.stats import norm
 
     if n <= 0:
         return (math.nan, math.nan)

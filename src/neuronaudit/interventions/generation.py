@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks
+from neuronaudit.prompts import render_prompts, uses_template
 
 log = logging.getLogger("neuronaudit")
 
@@ -49,7 +51,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
 
 
 def _entropy_recorder():
-    from transformers import LogitsProcessor
 
     class EntropyRecorder(LogitsProcessor):
         """Records the entropy of the raw next-token distribution at every step; changes nothing.
@@ -83,7 +84,6 @@ def neutral_generation_defaults(model):
     ``no_repeat_ngram_size`` some checkpoints ship), so stored settings would silently change
     what is measured. Inside this block only the settings passed explicitly apply.
     """
-    from transformers import GenerationConfig
 
     stored = getattr(model, "generation_config", None)
     model.generation_config = GenerationConfig()
@@ -113,7 +113,6 @@ def generate_tokens(
     Returns per row the new token ids up to (not including) the first EOS, whether EOS was
     reached, and the per-step entropy of the raw next-token distribution for those tokens.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_token_id)
@@ -159,7 +158,6 @@ def generate_tokens(
 def encode_prompts(tokenizer, texts: Sequence[str], chat_template: str = "auto",
                    system_prompt: str | None = None) -> list[list[int]]:
     """Token ids of the prompts as the model sees them (chat template when it has one)."""
-    from neuronaudit.prompts import render_prompts, uses_template
 
     rendered = render_prompts(tokenizer, list(texts), chat_template, system_prompt)
     add_special = not uses_template(tokenizer, chat_template)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks
+from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
 
 
 @dataclass
@@ -106,11 +107,6 @@ def shared_prompt_scores(
     response, but the prompt runs once: its KV cache (all but the last prompt token) is shared by
     every row, and each row runs only its last prompt token and its response.
     """
-    from neuronaudit.models.kv_cache import (
-        broadcast_cache,
-        cache_from_output,
-        cache_kwarg,
-    )
 
     prompt = list(prompt_ids)
     if not prompt:
@@ -168,7 +164,6 @@ def text_perplexity(
 
 def entropy_from_logits(logits) -> np.ndarray:
     """Entropy (nats) of ``softmax(logits)`` along the last axis (torch tensor or array)."""
-    import torch
 
     t = torch.as_tensor(logits).float()
     logp = torch.log_softmax(t, dim=-1)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
@@ -728,7 +729,6 @@ def naive_dose_loop(
     ``resid_read``; generate mode fills ``tokens``, ``lengths``, ``token_logprob``, ``entropy``
     and (``return_logits``) ``logits [P, R, N, V]``, as the matching shortcut does.
     """
-    from transformers import GenerationConfig
 
     rows = _check_rows(adapter, rows)
     read_layers = adapter.check_layers(read_layers or [])

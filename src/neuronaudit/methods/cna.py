@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from neuronaudit.interventions.hooks import NeuronEdit
+from neuronaudit.methods.screen import caa_edits
 
 log = logging.getLogger(__name__)
 POSITIONS = ("prompt", "generated")
@@ -49,7 +50,6 @@ def cna_interventions(
 ) -> dict[str, list[NeuronEdit]]:
     """Named interventions: none, the circuit and each sign half at every factor, a random
     same-layer circuit at every factor, and CAA at every strength."""
-    from neuronaudit.methods.screen import caa_edits
 
     def scale(rows: pd.DataFrame, m: float) -> list[NeuronEdit]:
         return [NeuronEdit.scale(int(r.layer), int(r.neuron), float(m), POSITIONS) for r in rows.itertuples()]

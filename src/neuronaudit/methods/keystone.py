@@ -43,6 +43,7 @@ sees answers), so this is not answer leakage, but the generic texts' tokens did 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from scipy.stats import hypergeom
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.capability import (
@@ -174,7 +176,6 @@ def split_halves(prompt_ids: Sequence[str], seed: int) -> tuple[list[str], list[
 
 def chance_iou(n: int, k: int) -> float:
     """Expected IoU of two independent uniformly random ``k``-subsets of ``n`` items."""
-    from scipy.stats import hypergeom
 
     if k <= 0 or n <= 0:
         return math.nan
@@ -283,7 +284,6 @@ def _curve_row(k, kind, replicate, neurons, outliers, report, groups) -> dict:
 
 
 def _fingerprint(generic_texts, task_prompts, positions, capability_kwargs, model_name, n_params) -> str:
-    import hashlib
 
     doc = {
         "texts": list(map(str, generic_texts)),

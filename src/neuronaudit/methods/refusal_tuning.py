@@ -44,8 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
 
 log = logging.getLogger("neuronaudit")
 
@@ -143,9 +145,7 @@ def own_answer_examples(
     ids: Sequence[str] | None = None, progress: bool = False,
 ) -> list[Example]:
     """Harmless prompts mapped to the model's own greedy answers (EOS kept when reached)."""
-    from tqdm.auto import tqdm
 
-    from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
 
     eos, pad = eos_ids(model, tokenizer), pad_id(tokenizer)
     eos_token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos[0]
@@ -192,7 +192,6 @@ def train_response_loss(
 
     Returns the per-step log (``step``, ``loss``, ``grad_norm``).
     """
-    from tqdm.auto import tqdm
 
     if steps < 1 or batch_size < 1 or not learning_rate > 0:
         raise NeuronAuditError(

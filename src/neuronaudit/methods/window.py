@@ -26,9 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
+from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repetition_ratio
+from neuronaudit.evaluation.oracles import get_oracle
 from neuronaudit.evaluation.stats import bootstrap_ci
+from neuronaudit.interventions.hooks import NeuronHooks
+from neuronaudit.interventions.scoring import shared_prompt_scores
+from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
+from neuronaudit.prompts import extras, render_prompts, uses_template
 
 log = logging.getLogger("neuronaudit")
 
@@ -205,9 +212,7 @@ def generic_geometry(model, tokenizer, adapter, texts: Sequence[str], batch_size
     resid_norm / write_norm`` and ``c0``, the mean over prompts of ``cos(r_l, v)`` at the last
     prompt token.
     """
-    import torch
 
-    from neuronaudit.interventions.hooks import NeuronHooks
 
     n_layers = adapter.n_layers
     norm_sum = np.zeros(n_layers)
@@ -298,7 +303,6 @@ def flips(oracle: str, responses: Sequence[str], rollout_types: Sequence[str], e
     actionable); ``operator``/``format``: the oracle reads the behaviour label."""
     if oracle == "refusal":
         return np.array([t in ("coherent_bypass", "actionable") for t in rollout_types])
-    from neuronaudit.evaluation.oracles import get_oracle
 
     o = get_oracle(oracle)
     return np.array([o.label(r, e) == o.behaviour for r, e in zip(responses, extras)])
@@ -308,14 +312,6 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
                      prompts: pd.DataFrame, geometry: pd.DataFrame, x_grid: Sequence[float],
                      horizons: Sequence[int], chat_template: str, system_prompt: str | None,
                      row_batch_size: int) -> pd.DataFrame:
-    from neuronaudit.evaluation.metrics import (
-        prefix_means,
-        prefix_perplexity,
-        repetition_ratio,
-    )
-    from neuronaudit.interventions.scoring import shared_prompt_scores
-    from neuronaudit.interventions.sweeps import generated_dose_sweep
-    from neuronaudit.prompts import extras, render_prompts, uses_template
 
     geo = geometry.set_index(["layer", "neuron"])
     rows, meta = [], []
@@ -369,7 +365,6 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
 
 def single_pass_sweep(model, adapter, enc, neurons: pd.DataFrame, geometry: pd.DataFrame,
                  x_grid: Sequence[float]) -> pd.DataFrame:
-    from neuronaudit.interventions.sweeps import single_pass_dose_response
 
     geo = geometry.set_index(["layer", "neuron"])
     rows, meta = [], []

@@ -19,7 +19,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.io import atomic_path, write_json
+from neuronaudit.models.adapters import adapter_for
 from neuronaudit.models.sources import DTYPES, resolve_source
 
 
@@ -41,8 +46,6 @@ def weights_sha256(directory: str | Path) -> str:
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -61,7 +64,6 @@ def prepare_model(spec: str, out_dir: str | Path, revision: str | None = None) -
     GGUF sources are converted into ``out_dir``; local directories are used in place; hub ids
     are downloaded into the Hugging Face cache (needs network).
     """
-    from neuronaudit.io import atomic_path, write_json
 
     source = resolve_source(spec)
     out_dir = Path(out_dir)
@@ -108,10 +110,7 @@ def architecture_shape(path: str | Path) -> dict:
 
     Fails with the list of supported families when the architecture has no adapter.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from neuronaudit.models.adapters import adapter_for
 
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
@@ -134,7 +133,6 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def resolve_device(device: str) -> str:
-    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,10 +143,7 @@ def resolve_device(device: str) -> str:
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     """Load a prepared model directory: returns ``(model, tokenizer, adapter)`` in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from neuronaudit.models.adapters import adapter_for
 
     if dtype not in DTYPES:
         raise NeuronAuditError(f"model.dtype {dtype!r} is not one of {DTYPES}")

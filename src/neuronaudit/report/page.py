@@ -44,6 +44,7 @@ from typing import Any, Union
 from urllib.parse import quote, unquote, urlparse
 
 import jinja2
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
@@ -260,7 +261,6 @@ class Section:
 
 def figure_to_data_uri(fig: MplFigure, dpi: int = 110) -> str:
     """Render ``fig`` as a base64 PNG data URI and close it."""
-    import matplotlib.pyplot as plt
 
     try:
         buf = _bytesio.BytesIO()

@@ -22,12 +22,19 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    MaxNLocator,  # noqa: E402
+    NullLocator,
+)
 
 from neuronaudit.errors import NeuronAuditError  # noqa: E402
+from neuronaudit.methods.window import saturation_curve
 
 __all__ = [
     "PALETTE",
@@ -247,7 +254,6 @@ def _type_handles(types=ROLLOUT_TYPES):
 
 def _yerr(values: pd.Series, low: pd.Series, high: pd.Series):
     """Asymmetric error-bar lengths (2, n) from a CI, clipped at zero; None without a CI."""
-    import numpy as np
 
     if low is None or high is None:
         return None
@@ -305,7 +311,6 @@ def rollout_type_bars(fractions: pd.DataFrame) -> Figure:
 def screen_overview(scores: pd.DataFrame, circuits: dict[str, pd.DataFrame]) -> Figure:
     """Standardised δ of every screened neuron by layer, per behaviour; circuit neurons in the
     behaviour's colour with the bootstrap 95% CI of δ (rescaled by the same pooled std)."""
-    import numpy as np
 
     names = list(circuits)
     with sns.axes_style("whitegrid"):
@@ -345,7 +350,6 @@ def cna_dose_response(summary: pd.DataFrame, fractions: pd.DataFrame | None = No
     harmful prompts with the 95% CI of the refusal fraction (from ``fractions``, the CNA
     rollout-type table; the summary's refusal rate without one), quality and perplexity, bars
     coloured by intervention family."""
-    import numpy as np
 
     df = summary.reset_index(drop=True).copy()
     df["family"] = _family(df["intervention"])
@@ -420,9 +424,7 @@ def keystone_curve(curve: pd.DataFrame) -> Figure:
 def saturation_plot(single: pd.DataFrame, geometry: pd.DataFrame) -> Figure:
     """Measured alignment against the saturation curve: every (neuron, x) of the single-pass
     sweep at the write layer and at the readout, with the curve for each neuron's ``c0``."""
-    import numpy as np
 
-    from neuronaudit.methods.window import saturation_curve
 
     df = single.merge(geometry[["layer", "neuron", "c0"]], on=["layer", "neuron"], how="left")
     with sns.axes_style("whitegrid"):
@@ -452,8 +454,6 @@ _SPLIT_MARKERS = {"train": "o", "heldout": "s"}
 
 def _log_dose_axis(ax, values: pd.Series) -> None:
     """A log x axis of doses with plain-number ticks at the powers of two the data spans."""
-    import numpy as np
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     v = values.to_numpy(float)
     v = v[np.isfinite(v) & (v > 0)]
@@ -505,7 +505,6 @@ def ceiling_scatter(window: pd.DataFrame) -> Figure:
 def window_diagram(window: pd.DataFrame, horizon: int) -> Figure:
     """Per neuron and dose sign: the coherent range up to the measured ceiling (bar, coloured by
     behaviour, solid when open and pale when closed) and the trigger at ``horizon`` (dot)."""
-    import numpy as np
 
     df = window.copy()
     df["label"] = [f"{b} L{l}/N{n} {'+' if s > 0 else '−'}" for b, l, n, s in
