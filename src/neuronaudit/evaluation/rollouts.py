@@ -240,6 +240,19 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
 # --- generation ------------------------------------------------------------------------------
 
 
+def _checked_interventions(adapter, interventions: Mapping[str, Sequence[NeuronEdit]]):
+    """Names, edit lists and JSON specs; a bad layer or neuron fails here, before any generation."""
+    if not interventions:
+        raise NeuronAuditError("no interventions given; include 'none': [] for the unsteered rollouts")
+    names = list(interventions)
+    plans = {n: list(interventions[n]) for n in names}
+    specs = {n: edit_spec(plans[n]) for n in names}
+    for n in names:
+        if plans[n]:
+            NeuronHooks(adapter, InterventionPlan.broadcast(plans[n]))
+    return names, plans, specs
+
+
 def generate_rollouts(
     model,
     tokenizer,
@@ -270,14 +283,7 @@ def generate_rollouts(
     samples = parse_sampling(sampling)
     if batch_size < 1:
         raise NeuronAuditError(f"batch_size {batch_size!r} must be a positive integer")
-    if not interventions:
-        raise NeuronAuditError("no interventions given; include 'none': [] for the unsteered rollouts")
-    names = list(interventions)
-    plans = {n: list(interventions[n]) for n in names}
-    specs = {n: edit_spec(plans[n]) for n in names}
-    for n in names:  # fail on a bad layer/neuron before any generation
-        if plans[n]:
-            NeuronHooks(adapter, InterventionPlan.broadcast(plans[n]))
+    names, plans, specs = _checked_interventions(adapter, interventions)
     if len(prompts) == 0:
         raise NeuronAuditError("no prompts to roll out")
     texts = list(prompts["text"])
@@ -313,25 +319,9 @@ def generate_rollouts(
             model, adapter, [prompt_ids[i] for i, _ in combos], gen_tokens,
             batch_size=score_batch_size or batch_size, pad_token_id=pad,
         )
-        sample_name = "greedy" if kind == "greedy" else f"sample-{seed}"
-        for h in hs:
-            lengths = [min(h, len(t)) for t in gen_tokens]
-            ppl = prefix_perplexity(scores.logprob, lengths)
-            unsteered_ent = prefix_means(scores.entropy, lengths)
-            steered_ent = prefix_means(gen_ent, lengths)
-            for k, (i, n) in enumerate(combos):
-                toks = gen_tokens[k][: lengths[k]]
-                rep = repetition_ratio(toks, 4)
-                records.append(
-                    dict(
-                        prompt_set=str(sets[i]), prompt_id=pids[i], prompt=texts[i], intervention=n,
-                        intervention_spec=specs[n], sampling=kind, sample_seed=seed, sample=sample_name,
-                        horizon=h, response=tokenizer.decode(toks, skip_special_tokens=True),
-                        n_tokens=len(toks), stopped=bool(gen_stop[k] and len(gen_tokens[k]) < h),
-                        repetition_ratio=rep, coherence=1.0 - rep, perplexity=float(ppl[k]),
-                        entropy=float(steered_ent[k]), unsteered_entropy=float(unsteered_ent[k]),
-                    )
-                )
+        sample = {"sampling": kind, "sample_seed": seed, "sample": "greedy" if kind == "greedy" else f"sample-{seed}"}
+        records += _horizon_records(tokenizer, hs, combos, gen_tokens, gen_stop, gen_ent, scores, sample,
+                                    dict(sets=sets, pids=pids, texts=texts, specs=specs))
     bar.close()
     df = pd.DataFrame.from_records(records)
     df["sample_seed"] = df["sample_seed"].astype("Int64")
@@ -343,6 +333,31 @@ def generate_rollouts(
 
 
 # --- typing and summaries --------------------------------------------------------------------
+
+
+def _horizon_records(tokenizer, hs, combos, gen_tokens, gen_stop, gen_ent, scores, sample: dict,
+                     prompts: dict) -> list[dict]:
+    """One record per (rollout, horizon): the response cut at the horizon and its metrics."""
+    records = []
+    for h in hs:
+        lengths = [min(h, len(t)) for t in gen_tokens]
+        ppl = prefix_perplexity(scores.logprob, lengths)
+        unsteered_ent = prefix_means(scores.entropy, lengths)
+        steered_ent = prefix_means(gen_ent, lengths)
+        for k, (i, n) in enumerate(combos):
+            toks = gen_tokens[k][: lengths[k]]
+            rep = repetition_ratio(toks, 4)
+            records.append(
+                dict(
+                    prompt_set=str(prompts["sets"][i]), prompt_id=prompts["pids"][i], prompt=prompts["texts"][i],
+                    intervention=n, intervention_spec=prompts["specs"][n], **sample, horizon=h,
+                    response=tokenizer.decode(toks, skip_special_tokens=True), n_tokens=len(toks),
+                    stopped=bool(gen_stop[k] and len(gen_tokens[k]) < h), repetition_ratio=rep,
+                    coherence=1.0 - rep, perplexity=float(ppl[k]), entropy=float(steered_ent[k]),
+                    unsteered_entropy=float(unsteered_ent[k]),
+                )
+            )
+    return records
 
 
 def type_rollouts(df: pd.DataFrame, judge, harmless_sets: Iterable[str] = HARMLESS_SETS) -> pd.DataFrame:

@@ -613,6 +613,52 @@ def _step_stats(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tenso
     return logp.gather(-1, chosen[:, None])[:, 0], entropy
 
 
+class _DecodeStep:
+    """Greedy decoding of ``n`` rows that share one prompt's cached prefix (the hooks in force
+    dose each row); the per-step loop of :func:`generated_dose_sweep`."""
+
+    def __init__(self, model, head: dict, cache_name: str, device, eos: list[int], pad: int, keep_logits: bool):
+        self.model, self.head, self.cache_name, self.device = model, head, cache_name, device
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.pad, self.keep_logits = pad, keep_logits
+
+    def decode(self, ids: torch.Tensor, prefix, n: int, max_new_tokens: int):
+        """``(tokens, token_logprob, entropy [n, N], lengths [n], logits per step)`` on the CPU."""
+        T = int(ids.numel())
+        tokens = torch.full((n, max_new_tokens), self.pad, dtype=torch.long)
+        logprob = torch.full((n, max_new_tokens), math.nan)
+        entropy = torch.full((n, max_new_tokens), math.nan)
+        cache = broadcast_cache(prefix, n)
+        current = ids[None, -1:].expand(n, 1)
+        finished = torch.zeros(n, dtype=torch.bool, device=self.device)
+        length = torch.zeros(n, dtype=torch.long)
+        step_logits = []
+        for step in range(max_new_tokens):
+            out = self.model(
+                input_ids=current,
+                attention_mask=torch.ones(n, T + step, dtype=torch.long, device=self.device),
+                use_cache=True, **{self.cache_name: cache}, **self.head,
+            )
+            cache = cache_from_output(out)
+            logits = out.logits[:, -1].float()
+            chosen = logits.argmax(-1)
+            chosen = torch.where(finished, torch.full_like(chosen, self.pad), chosen)
+            lp, ent = _step_stats(logits, chosen)
+            live = ~finished
+            tokens[:, step] = chosen.cpu()
+            logprob[:, step] = torch.where(live, lp, torch.nan).cpu()
+            entropy[:, step] = torch.where(live, ent, torch.nan).cpu()
+            length += live.cpu().long()
+            if self.keep_logits:
+                step_logits.append(logits.cpu())
+            if self.eos is not None:
+                finished = finished | torch.isin(chosen, self.eos)
+                if bool(finished.all()):
+                    break
+            current = chosen[:, None]
+        return tokens, logprob, entropy, length, step_logits
+
+
 def generated_dose_sweep(
     model,
     adapter: ArchitectureAdapter,
@@ -653,8 +699,8 @@ def generated_dose_sweep(
         token_logprob=torch.full((P, R, N), math.nan),
         entropy=torch.full((P, R, N), math.nan),
     )
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     chunks = _order_by_layer(rows, row_batch_size)
+    step = _DecodeStep(model, head, ck, device, eos, pad, return_logits)
     with torch.inference_mode():
         for p, ids in enumerate(prompts):
             ids = ids.to(device)
@@ -667,45 +713,16 @@ def generated_dose_sweep(
                     use_cache=True, **head,
                 ))
             for chunk in chunks:
-                n = len(chunk)
                 idx = torch.tensor(chunk)
-                cache = broadcast_cache(prefix, n)
-                current = ids[None, -1:].expand(n, 1)
-                finished = torch.zeros(n, dtype=torch.bool, device=device)
-                length = torch.zeros(n, dtype=torch.long)
-                step_logits = []
-                hooks = NeuronHooks(
-                    adapter, _plan([rows[r] for r in chunk], positions), cached_prompt_length=T
-                )
+                hooks = NeuronHooks(adapter, _plan([rows[r] for r in chunk], positions), cached_prompt_length=T)
                 with hooks:
-                    for step in range(N):
-                        out = model(
-                            input_ids=current,
-                            attention_mask=torch.ones(n, T + step, dtype=torch.long, device=device),
-                            use_cache=True, **{ck: cache}, **head,
-                        )
-                        cache = cache_from_output(out)
-                        logits = out.logits[:, -1].float()
-                        chosen = logits.argmax(-1)
-                        chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
-                        lp, ent = _step_stats(logits, chosen)
-                        live = ~finished
-                        res.tokens[p, idx, step] = chosen.cpu()
-                        res.token_logprob[p, idx, step] = torch.where(live, lp, torch.nan).cpu()
-                        res.entropy[p, idx, step] = torch.where(live, ent, torch.nan).cpu()
-                        length += live.cpu().long()
-                        if return_logits:
-                            step_logits.append(logits.cpu())
-                        if eos:
-                            finished = finished | torch.isin(chosen, eos_t)
-                            if bool(finished.all()):
-                                break
-                        current = chosen[:, None]
+                    tokens, logprob, entropy, length, logits = step.decode(ids, prefix, len(chunk), N)
+                res.tokens[p, idx], res.token_logprob[p, idx], res.entropy[p, idx] = tokens, logprob, entropy
                 res.lengths[p, idx] = length
                 if return_logits:
                     if res.logits is None:
-                        res.logits = torch.full((P, R, N, step_logits[0].shape[-1]), math.nan)
-                    res.logits[p, idx, : len(step_logits)] = torch.stack(step_logits, dim=1)
+                        res.logits = torch.full((P, R, N, logits[0].shape[-1]), math.nan)
+                    res.logits[p, idx, : len(logits)] = torch.stack(logits, dim=1)
     return res
 
 
@@ -760,44 +777,57 @@ def naive_dose_loop(
     with torch.inference_mode():
         for p, ids in enumerate(prompts):
             ids = ids.to(device)[None]
-            T = ids.shape[1]
-            mask = torch.ones_like(ids)
             for r, row in enumerate(rows):
                 plan = _plan([row], positions)
                 if generate:
-                    saved = model.generation_config
-                    model.generation_config = GenerationConfig()
-                    try:
-                        with NeuronHooks(adapter, plan):
-                            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                    finally:
-                        model.generation_config = saved
-                    new = out.sequences[0, T:].cpu()
-                    steps = torch.stack([s[0].float().cpu() for s in out.logits])  # [n, V]
-                    n = new.numel()
-                    res.tokens[p, r, :n] = new
-                    res.lengths[p, r] = n
-                    lp, ent = _step_stats(steps, new)
-                    res.token_logprob[p, r, :n] = lp
-                    res.entropy[p, r, :n] = ent
-                    if return_logits:
-                        if res.logits is None:
-                            res.logits = torch.full((P, R, N, steps.shape[-1]), math.nan)
-                        res.logits[p, r, :n] = steps
-                    continue
-                store = {"write": torch.zeros(1, D), "read": {}, "final": None}
-                on_resid, layers = _resid_reader([row], read_layers, store)
-                with NeuronHooks(adapter, plan, on_resid=on_resid, layers=layers), _capture_final(adapter, store):
-                    out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-                if return_logits:
-                    if res.logits is None:
-                        res.logits = torch.zeros(P, R, out.logits.shape[-1])
-                    res.logits[p, r] = out.logits[0, -1].float().cpu()
-                res.resid_write[p, r] = store["write"][0]
-                res.resid_final[p, r] = store["final"][0, -1].float().cpu()
-                if read_layers:
-                    res.resid_read[p, r] = torch.stack([store["read"][l][0] for l in read_layers])
+                    _naive_generate(model, adapter, plan, ids, config, res, p, r, return_logits)
+                else:
+                    _naive_forward(model, adapter, plan, ids, row, read_layers, res, p, r, return_logits)
     return res
+
+
+def _naive_generate(model, adapter, plan, ids, config, res: SweepResult, p: int, r: int, return_logits: bool):
+    """One ``model.generate`` of prompt ``p`` under row ``r``'s plan, stored into ``res``."""
+    T = ids.shape[1]
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        with NeuronHooks(adapter, plan):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    finally:
+        model.generation_config = saved
+    new = out.sequences[0, T:].cpu()
+    steps = torch.stack([s[0].float().cpu() for s in out.logits])  # [n, V]
+    n = new.numel()
+    res.tokens[p, r, :n] = new
+    res.lengths[p, r] = n
+    lp, ent = _step_stats(steps, new)
+    res.token_logprob[p, r, :n] = lp
+    res.entropy[p, r, :n] = ent
+    if return_logits:
+        if res.logits is None:
+            P, R, N = res.tokens.shape
+            res.logits = torch.full((P, R, N, steps.shape[-1]), math.nan)
+        res.logits[p, r, :n] = steps
+
+
+def _naive_forward(model, adapter, plan, ids, row, read_layers, res: SweepResult, p: int, r: int,
+                   return_logits: bool):
+    """One full forward of prompt ``p`` under row ``r``'s plan, logits and residuals into ``res``."""
+    D = adapter.d_model
+    store = {"write": torch.zeros(1, D), "read": {}, "final": None}
+    on_resid, layers = _resid_reader([row], read_layers, store)
+    with NeuronHooks(adapter, plan, on_resid=on_resid, layers=layers), _capture_final(adapter, store):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    if return_logits:
+        if res.logits is None:
+            P, R = res.resid_write.shape[:2]
+            res.logits = torch.zeros(P, R, out.logits.shape[-1])
+        res.logits[p, r] = out.logits[0, -1].float().cpu()
+    res.resid_write[p, r] = store["write"][0]
+    res.resid_final[p, r] = store["final"][0, -1].float().cpu()
+    if read_layers:
+        res.resid_read[p, r] = torch.stack([store["read"][l][0] for l in read_layers])
 
 
 def single_pass_dose_response(
