@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.stats import bootstrap_indices
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.io import last_token_schema, read_provenance, with_provenance
 from neuronaudit.methods.screen import (
     SCREEN_SCHEMA,
-    bootstrap_indices,
     caa_plan,
     caa_vectors,
     circuit_plan,

@@ -54,6 +54,7 @@ from neuronaudit.evaluation.metrics import (
     prefix_perplexity,
     repetition_ratio,
 )
+from neuronaudit.evaluation.stats import unit_bootstrap_means
 from neuronaudit.interventions.generation import (
     batch_seed,
     encode_prompts,
@@ -414,37 +415,28 @@ def type_fractions(
 
     A prompt with several sampled rollouts contributes the fraction of its rollouts of each
     type, so the unit of resampling is the prompt: the CI is a percentile bootstrap over
-    prompts (``n_boot`` resamples, ``numpy.random.default_rng(seed)``). Every type gets a row,
+    prompts (``n_boot`` ≥ 1000 resamples, seeded; :func:`neuronaudit.evaluation.stats.unit_bootstrap_means`). Every type gets a row,
     zero counts included, so fractions of a group sum to 1.
     """
 
-    if n_boot < 1000:
-        raise NeuronAuditError(f"n_boot {n_boot!r} is below the 1000 resamples the study requires")
     if not 0 < confidence < 1:
         raise NeuronAuditError(f"confidence {confidence!r} must be in (0, 1)")
     df = _with_defaults(df)
     keys = _group_keys(df)
-    rng = np.random.default_rng(seed)
-    alpha = (1 - confidence) / 2
     rows = []
     for group, g in df.groupby(keys, sort=True):
         onehot = pd.get_dummies(g["rollout_type"]).reindex(columns=list(ROLLOUT_TYPES), fill_value=False)
         onehot = onehot.astype(float)
         onehot["prompt_id"] = g["prompt_id"].to_numpy()
         per_prompt = onehot.groupby("prompt_id", sort=True).mean().to_numpy()  # [prompts, types]
-        n = per_prompt.shape[0]
-        point = per_prompt.mean(axis=0)
-        idx = rng.integers(0, n, size=(n_boot, n))
-        boot = per_prompt[idx].mean(axis=1)  # [n_boot, types]
-        lo = np.quantile(boot, alpha, axis=0)
-        hi = np.quantile(boot, 1 - alpha, axis=0)
+        point, lo, hi = unit_bootstrap_means(per_prompt, n_boot=n_boot, seed=seed, level=confidence)
         counts = g["rollout_type"].value_counts()
         for t, name in enumerate(ROLLOUT_TYPES):
             rows.append(
                 dict(zip(keys, group)) | dict(
-                    rollout_type=name, n_prompts=n, n_rollouts=len(g), count=int(counts.get(name, 0)),
-                    fraction=float(point[t]), ci_low=float(min(lo[t], point[t])),
-                    ci_high=float(max(hi[t], point[t])), n_boot=int(n_boot), confidence=float(confidence),
+                    rollout_type=name, n_prompts=per_prompt.shape[0], n_rollouts=len(g),
+                    count=int(counts.get(name, 0)), fraction=float(point[t]), ci_low=float(lo[t]),
+                    ci_high=float(hi[t]), n_boot=int(n_boot), confidence=float(confidence),
                 )
             )
     out = pd.DataFrame.from_records(rows, columns=FRACTION_SCHEMA.names)

@@ -1,60 +1,231 @@
-"""Every statistical test and interval of the package, on scipy where scipy has it."""
+"""Every statistical test and interval of the package, on scipy.
+
+* intervals of a proportion: Wilson (:func:`wilson_interval`, ``binomtest(...).proportion_ci``);
+* bootstrap CIs (``scipy.stats.bootstrap``, percentile method, seeded): of a statistic of one
+  sample (:func:`bootstrap_ci`), of a statistic of paired samples resampled together
+  (:func:`paired_bootstrap_ci`, e.g. Spearman ρ over neurons, a per-text ratio), and of the mean of
+  per-unit vectors resampled by unit (:func:`unit_bootstrap_means`, e.g. rollout-type fractions
+  with the prompt as the unit);
+* exact McNemar test of two classifiers judged on the same items (:func:`mcnemar_exact`),
+  one-sided exact binomial test against a known rate (:func:`binomial_greater`), and a
+  permutation test of a difference in means (:func:`permutation_mean_difference`);
+* the screen's bootstrap of δ for every neuron at once (:func:`bootstrap_count_matrices`,
+  :func:`mean_difference_ci`): one set of resampled prompt indices is shared by every neuron, so
+  a replicate's means of a whole layer are one matrix product (hand-vectorised: scipy's bootstrap
+  would draw each neuron's resamples separately and cost ``n_neurons`` times more).
+
+Every resampling function takes ``n_boot`` and ``seed`` and refuses fewer than
+:data:`MIN_RESAMPLES` resamples where a figure is reported.
+"""
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from scipy.stats import norm
 
 from neuronaudit.errors import NeuronAuditError
 
-log = logging.getLogger("neuronaudit")
+#: The fewest bootstrap resamples behind a reported interval.
+MIN_RESAMPLES = 1000
+
+
+def _check_resamples(n_boot: int) -> None:
+    if n_boot < MIN_RESAMPLES:
+        raise NeuronAuditError(f"n_boot {n_boot!r} is below the {MIN_RESAMPLES} resamples the study requires")
+
+
+def _percentile(data: tuple, statistic: Callable, n_boot: int, seed: int, level: float, paired: bool = False,
+                vectorized: bool | None = None):
+    return stats.bootstrap(
+        data, statistic, n_resamples=n_boot, confidence_level=level, method="percentile", paired=paired,
+        vectorized=vectorized, random_state=np.random.default_rng(seed),
+    ).confidence_interval
+
+
+# --- proportions -----------------------------------------------------------------------------
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion ``k / n`` (``(nan, nan)`` when ``n = 0``)."""
-
     if n <= 0:
         return (math.nan, math.nan)
     if not 0 <= k <= n:
         raise NeuronAuditError(f"count {k!r} is not between 0 and n = {n}")
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (lo, hi)
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
-def bootstrap_ci(values: Sequence[float], statistic=np.mean, n_boot: int = 1000, seed: int = 0,
+def binomial_greater(k: int, n: int, rate: float) -> float:
+    """One-sided exact binomial p-value of ``k`` successes in ``n`` against a known ``rate``."""
+    if n <= 0:
+        return math.nan
+    return float(stats.binomtest(int(k), int(n), p=min(max(rate, 0.0), 1 - 1e-12), alternative="greater").pvalue)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar test of classifiers A and B judged on the same items."""
+
+    only_a_right: int  # discordant items A gets right and B wrong
+    only_b_right: int
+    p_value: float  # two-sided exact binomial test of the discordant split against 1/2
+
+    @property
+    def n_discordant(self) -> int:
+        return self.only_a_right + self.only_b_right
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> McNemar:
+    """Exact McNemar test: only the discordant items count; with none, the p-value is 1."""
+    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
+    if a.shape != b.shape:
+        raise NeuronAuditError(f"McNemar needs paired outcomes, got {a.shape} and {b.shape}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(stats.binomtest(only_a, n, 0.5, alternative="two-sided").pvalue)
+    return McNemar(only_a, only_b, p)
+
+
+def permutation_mean_difference(x: Sequence[float], y: Sequence[float], n_resamples: int = 9999, seed: int = 0,
+                                alternative: str = "two-sided") -> tuple[float, float]:
+    """``(mean(x) − mean(y), p-value)`` of a permutation test of independent samples."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 1 or len(y) < 1:
+        return (math.nan, math.nan)
+    res = stats.permutation_test(
+        (x, y), lambda a, b, axis: np.mean(a, axis=axis) - np.mean(b, axis=axis), vectorized=True,
+        n_resamples=n_resamples, alternative=alternative, random_state=np.random.default_rng(seed),
+    )
+    return float(res.statistic), float(res.pvalue)
+
+
+# --- bootstrap -------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: Sequence[float], statistic=np.mean, n_boot: int = MIN_RESAMPLES, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``statistic`` over the values (``nan`` if fewer than 2)."""
+    """Percentile bootstrap CI of ``statistic`` over the values (NaNs dropped; ``nan`` if fewer
+    than 2 remain)."""
     values = np.asarray(values, float)
     values = values[~np.isnan(values)]
     if values.size < 2:
-        return float("nan"), float("nan")
-    res = stats.bootstrap((values,), statistic, n_resamples=n_boot, confidence_level=level,
-                          method="percentile", random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+        return math.nan, math.nan
+    ci = _percentile((values,), statistic, n_boot, seed, level)
+    return float(ci.low), float(ci.high)
 
 
+def paired_bootstrap_ci(x: Sequence[float], y: Sequence[float], statistic: Callable, n_boot: int = MIN_RESAMPLES,
+                        seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(x, y)`` with the pairs resampled together.
 
-def paired_ratio_ci(numerator: Sequence[float], denominator: Sequence[float], n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> dict:
-    """Mean of the per-item ratios ``numerator / denominator`` with a paired percentile bootstrap
-    CI: items (the pairs) are resampled, never the two sides separately."""
-    if n_boot < 1000:
-        raise NeuronAuditError(f"n_boot {n_boot!r} is below the 1000 resamples the study requires")
-    ratio = np.asarray(numerator, float) / np.asarray(denominator, float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ratio), size=(n_boot, len(ratio)))
-    boot = ratio[idx].mean(axis=1)
+    Resamples on which the statistic is undefined (NaN, e.g. Spearman ρ of a resample whose values
+    are all equal) are dropped from the percentiles; the interval is NaN only when every resample
+    is undefined. (scipy's own bounds would be NaN as soon as one resample is.)
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) != len(y):
+        raise NeuronAuditError(f"paired samples have different lengths ({len(x)} and {len(y)})")
+    if len(x) < 3:
+        return math.nan, math.nan
+    with warnings.catch_warnings():  # undefined resamples are dropped below, not reported as NaN bounds
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((x, y), statistic, n_resamples=n_boot, method="percentile", paired=True,
+                              vectorized=False, random_state=np.random.default_rng(seed))
+    dist = res.bootstrap_distribution
+    dist = dist[np.isfinite(dist)]
+    if dist.size == 0:
+        return math.nan, math.nan
     alpha = (1 - level) / 2
-    return {"mean": float(ratio.mean()), "ci_low": float(np.quantile(boot, alpha)),
-            "ci_high": float(np.quantile(boot, 1 - alpha)), "n_boot": n_boot, "seed": seed}
+    return float(np.quantile(dist, alpha)), float(np.quantile(dist, 1 - alpha))
+
+
+def spearman_ci(x: Sequence[float], y: Sequence[float], n_boot: int = MIN_RESAMPLES, seed: int = 0,
+                level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """Spearman ρ of paired values and its paired percentile bootstrap CI (NaN when a side is
+    constant or fewer than 3 pairs)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, (math.nan, math.nan)
+
+    def rho(a, b):
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            return math.nan
+        return stats.spearmanr(a, b).statistic
+
+    return float(rho(x, y)), paired_bootstrap_ci(x, y, rho, n_boot, seed, level)
+
+
+def paired_ratio_ci(numerator: Sequence[float], denominator: Sequence[float], n_boot: int = MIN_RESAMPLES,
+                    seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of the per-item ratios ``numerator / denominator`` with a percentile bootstrap CI over
+    items: each resample takes whole pairs, never the two sides separately."""
+    _check_resamples(n_boot)
+    ratio = np.asarray(numerator, float) / np.asarray(denominator, float)
+    lo, hi = bootstrap_ci(ratio, np.mean, n_boot, seed, level)
+    return {"mean": float(ratio.mean()), "ci_low": lo, "ci_high": hi, "n_boot": n_boot, "seed": seed}
+
+
+def unit_bootstrap_means(per_unit: np.ndarray, n_boot: int = MIN_RESAMPLES, seed: int = 0,
+                         level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, ci_low, ci_high)`` per column of ``per_unit [n_units, k]``, resampling units (rows).
+
+    With a single unit the interval is the point itself. The bounds never exclude the point
+    (a percentile interval can, when the resampling distribution is skewed at a boundary).
+    """
+    _check_resamples(n_boot)
+    per_unit = np.asarray(per_unit, float)
+    point = per_unit.mean(axis=0)
+    if per_unit.shape[0] < 2:
+        return point, point.copy(), point.copy()
+    ci = _percentile((per_unit,), lambda d, axis: np.mean(d, axis=axis), n_boot, seed, level, vectorized=True)
+    lo = np.where(np.isnan(ci.low), point, ci.low)
+    hi = np.where(np.isnan(ci.high), point, ci.high)
+    return point, np.minimum(lo, point), np.maximum(hi, point)
+
+
+# --- the screen's bootstrap over every neuron ------------------------------------------------
+
+
+def bootstrap_indices(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled prompt indices ``([n_boot, n_pos], [n_boot, n_neg])``, drawn once per replicate."""
+    if n_boot < 1:
+        raise NeuronAuditError(f"n_boot {n_boot!r} must be at least 1")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_pos, size=(n_boot, n_pos)), rng.integers(0, n_neg, size=(n_boot, n_neg))
+
+
+def count_matrix(idx: np.ndarray, n: int) -> np.ndarray:
+    """Count matrix ``[n_boot, n]``: how often each prompt is drawn in each replicate."""
+    b = idx.shape[0]
+    flat = (idx + n * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def bootstrap_count_matrices(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The count matrices of :func:`bootstrap_indices` for the two prompt sets."""
+    idx_pos, idx_neg = bootstrap_indices(n_pos, n_neg, n_boot, seed)
+    return count_matrix(idx_pos, n_pos), count_matrix(idx_neg, n_neg)
+
+
+def mean_difference_ci(pos: np.ndarray, neg: np.ndarray, counts_pos: np.ndarray, counts_neg: np.ndarray,
+                       level: float = 0.95, chunk_elements: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile CI of ``mean(pos) − mean(neg)`` for every column of ``pos [n⁺, N]`` and
+    ``neg [n⁻, N]``, the prompts of each set resampled by the shared count matrices. Memory is
+    ``n_boot × chunk`` per step."""
+    n_pos, n_neg = pos.shape[0], neg.shape[0]
+    n_boot, width = counts_pos.shape[0], pos.shape[1]
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    ci_low, ci_high = np.empty(width), np.empty(width)
+    step = max(1, chunk_elements // max(1, n_boot))
+    for start in range(0, width, step):
+        sl = slice(start, min(width, start + step))
+        boot = counts_pos @ pos[:, sl] / n_pos - counts_neg @ neg[:, sl] / n_neg  # [n_boot, chunk]
+        ci_low[sl], ci_high[sl] = np.percentile(boot, [lo_q, hi_q], axis=0)
+    return ci_low, ci_high

@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.stats import spearman_ci
 from neuronaudit.interventions.hooks import NeuronHooks
 
 
@@ -200,21 +200,10 @@ def compare(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
         entry = {"n_neurons": int(len(g)), "n_controllers": int(g["controls"].sum())}
         for score in SCORES:
             x, y = np.abs(g[score].to_numpy(float)), g["control_strength"].to_numpy(float)
-            ok = np.isfinite(x) & np.isfinite(y)
-            if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0:
-                rho = float(stats.spearmanr(x[ok], y[ok]).statistic)
-                pairs = np.stack([x[ok], y[ok]], axis=1)
-                rng = np.random.default_rng(seed)
-                boots = []
-                for _ in range(n_boot):
-                    s = pairs[rng.integers(0, len(pairs), len(pairs))]
-                    if np.ptp(s[:, 0]) > 0 and np.ptp(s[:, 1]) > 0:
-                        boots.append(stats.spearmanr(s[:, 0], s[:, 1]).statistic)
-                lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if boots else (math.nan, math.nan)
-            else:
-                rho, lo, hi = math.nan, math.nan, math.nan
+            rho, (lo, hi) = spearman_ci(x, y, n_boot=n_boot, seed=seed)
             prec, rec, k = precision_at_k(g[score].to_numpy(float), g["controls"].to_numpy(bool))
-            entry[score] = {"spearman_rho": rho, "rho_ci95": [lo, hi], "precision_at_k": prec, "recall_at_k": rec, "k": k}
+            entry[score] = {"spearman_rho": rho, "rho_ci95": [lo, hi], "precision_at_k": prec, "recall_at_k": rec,
+                            "k": k}
         cos = np.abs(g["readout_cos"].to_numpy(float))
         ctrl = g["controls"].to_numpy(bool)
         entry["abs_readout_cos"] = {

@@ -53,6 +53,7 @@ import pyarrow as pa
 import torch
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.stats import bootstrap_count_matrices, mean_difference_ci
 from neuronaudit.interventions.capture import LastTokenTable
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit
 
@@ -97,21 +98,6 @@ RANK_BY = ("delta", "std_delta")
 # --- statistics --------------------------------------------------------------------------------
 
 
-def bootstrap_indices(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resampled prompt indices ``([n_boot, n_pos], [n_boot, n_neg])``, drawn once per replicate."""
-    if n_boot < 1:
-        raise NeuronAuditError(f"n_boot {n_boot!r} must be at least 1")
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, n_pos, size=(n_boot, n_pos)), rng.integers(0, n_neg, size=(n_boot, n_neg))
-
-
-def _counts(idx: np.ndarray, n: int) -> np.ndarray:
-    """Count matrix ``[n_boot, n]``: how often each prompt is drawn in each replicate."""
-    b = idx.shape[0]
-    flat = (idx + n * np.arange(b)[:, None]).ravel()
-    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
-
-
 def contrast(
     pos: np.ndarray,
     neg: np.ndarray,
@@ -123,7 +109,7 @@ def contrast(
     """Per-neuron contrast of ``pos [n⁺, N]`` vs ``neg [n⁻, N]``.
 
     Returns ``delta, std_delta, mean_pos, mean_neg, std_pos, std_neg`` and, with the bootstrap
-    count matrices (see :func:`bootstrap_indices`), ``ci_low, ci_high`` (percentile CI at ``ci``).
+    count matrices (:func:`neuronaudit.evaluation.stats.bootstrap_count_matrices`), ``ci_low, ci_high`` (percentile CI at ``ci``).
     """
     n_pos, n_neg = pos.shape[0], neg.shape[0]
     if n_pos < 2 or n_neg < 2:
@@ -140,14 +126,7 @@ def contrast(
         std_pos=std_pos, std_neg=std_neg,
     )
     if counts_pos is not None and counts_neg is not None:
-        n_boot, width = counts_pos.shape[0], pos.shape[1]
-        lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
-        ci_low, ci_high = np.empty(width), np.empty(width)
-        step = max(1, chunk_elements // max(1, n_boot))
-        for start in range(0, width, step):
-            sl = slice(start, min(width, start + step))
-            boot = counts_pos @ pos[:, sl] / n_pos - counts_neg @ neg[:, sl] / n_neg  # [n_boot, chunk]
-            ci_low[sl], ci_high[sl] = np.percentile(boot, [lo_q, hi_q], axis=0)
+        ci_low, ci_high = mean_difference_ci(pos, neg, counts_pos, counts_neg, ci, chunk_elements)
         out.update(ci_low=ci_low, ci_high=ci_high)
     return out
 
@@ -234,8 +213,7 @@ def screen(
         _, pos = pos_last_token.layer(layer, pos_ids)
         _, neg = neg_last_token.layer(layer, neg_ids)
         if boot is None:
-            idx_pos, idx_neg = bootstrap_indices(len(pos), len(neg), n_boot, seed)
-            boot = (_counts(idx_pos, len(pos)), _counts(idx_neg, len(neg)))
+            boot = bootstrap_count_matrices(len(pos), len(neg), n_boot, seed)
         stats = contrast(pos, neg, *boot, ci=ci)
         frame = pd.DataFrame({"layer": layer, "neuron": np.arange(pos.shape[1]), **stats})
         frame["screened"] = layer not in skip
@@ -378,7 +356,7 @@ def caa_plan(scores: pd.DataFrame, alpha: float, positions=("prompt", "generated
 
 
 __all__ = [
-    "SCREEN_SCHEMA", "CIRCUIT_SCHEMA", "bootstrap_indices", "contrast", "top_fraction",
+    "SCREEN_SCHEMA", "CIRCUIT_SCHEMA", "contrast", "top_fraction",
     "universal_neurons", "screen", "resolve_k", "select_circuit", "circuit_plan",
     "caa_vectors", "caa_edits", "caa_plan",
 ]

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repetition_ratio
 from neuronaudit.evaluation.oracles import get_oracle
-from neuronaudit.evaluation.stats import bootstrap_ci
+from neuronaudit.evaluation.stats import binomial_greater, bootstrap_ci
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.interventions.scoring import shared_prompt_scores
 from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
@@ -169,8 +168,7 @@ def score_verdicts(predicted: Sequence[str], measured: Sequence[str]) -> Verdict
     counts = pd.Series(measured).value_counts()
     majority_class, majority_correct = str(counts.index[0]), int(counts.iloc[0])
     rate = majority_correct / n
-    p = stats.binomtest(correct, n, p=min(rate, 1 - 1e-12), alternative="greater").pvalue
-    return VerdictScore(correct, n, majority_correct, majority_class, float(p))
+    return VerdictScore(correct, n, majority_correct, majority_class, binomial_greater(correct, n, rate))
 
 
 def classify_failure(
