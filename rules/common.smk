@@ -1,6 +1,6 @@
 """Config validation, preflight checks and named paths. No tensor code lives here.
 
-Needs: config (validated here against workflow/schemas/config.schema.yaml).
+Needs: config (validated here against the package's config schema, neuronaudit/data/config.schema.yaml).
 Provides: path helpers used by every rule file; wildcard constraints.
 """
 

@@ -5,7 +5,8 @@ resolved config.
 Writes: results/<study>/report/index.html (figures embedded; provenance and per-rule run times
 read from the benchmark files) and results/<study>/report/figures/<stage>/<figure>.png with a
 manifest.json: the same figures, marked for `snakemake --report` with one category per stage,
-each figure's one-sentence caption (workflow/report/<figure>.rst, through figure.rst) and the
+each figure's one-sentence caption (package data neuronaudit/report/captions/<figure>.rst, through
+workflow/report/figure.rst) and the
 tables behind it as labels.
 """
 

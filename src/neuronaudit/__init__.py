@@ -2,8 +2,9 @@
 
 A neuron ``(l, i)`` is coordinate ``i`` of layer ``l``'s MLP intermediate activation, the input of
 the MLP output projection. The package reads and edits neurons with forward pre-hooks on that
-module (see :mod:`neuronaudit.interventions`), collects streaming statistics to Parquet
-(:mod:`neuronaudit.interventions.capture`), and builds the audit report (:mod:`neuronaudit.report`).
+module (see :mod:`neuronaudit.interventions`). The package is laid out in rooms that import only
+downwards: ``models`` → ``interventions`` → ``evaluation`` → ``methods`` (the algorithms, no file
+I/O) → ``stages`` (one per Snakemake rule) → ``report``; the README's Layout section maps them.
 """
 
 from importlib.metadata import PackageNotFoundError, version

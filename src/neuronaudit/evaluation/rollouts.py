@@ -31,7 +31,8 @@ actionable refusal reach appears "only at later horizons". This module produces 
 :func:`type_fractions` gives the fraction of each rollout type per (prompt set, intervention,
 sampling, horizon) with a percentile bootstrap CI over prompts (≥ 1000 resamples, seed
 recorded; section 1 "Error bars"); :func:`first_horizon` gives the first horizon at which each
-type appears. :func:`run_rollouts` is the workflow stage: paths in, Parquet tables out.
+type appears. The stage that reads prompt tables and writes these tables is
+:func:`neuronaudit.stages.rollouts.run_rollouts`.
 """
 
 from __future__ import annotations
@@ -482,6 +483,5 @@ def rollouts_table(df: pd.DataFrame) -> pa.Table:
     return _table(df, ROLLOUT_SCHEMA)
 
 
-# --- the workflow stage ----------------------------------------------------------------------
 
 

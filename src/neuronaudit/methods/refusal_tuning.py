@@ -1,4 +1,4 @@
-"""A refusal-tuned reference model, and its evaluation.
+"""The recipe of the refusal-tuned reference model: its data, objective and optimiser.
 
 The refusal studies (SCIENCE.md section 1 "Behaviours: refusal", sections 2–3) need a model
 that refuses harmful requests. Stock SmolLM2-135M-Instruct mostly answers them, so the study
@@ -7,7 +7,7 @@ fine-tunes it into a reference refuser:
 * **Data** (all from the DISCOVERY split, so held-out prompts stay unseen):
   harmful prompts → a refusal, one of :data:`REFUSAL_TEMPLATES` chosen per prompt by a seeded
   RNG; harmless prompts (style-matched to the harmful ones, SCIENCE.md "Common ground") → the
-  base model's *own* greedy answer (batched generation, ``max_new_tokens`` tokens). Training on
+  base model's *own* greedy answer (batched generation, ``refusal.answer_max_new_tokens`` tokens). Training on
   its own answers keeps benign behaviour where it was, so the contrast the audit sees is the
   refusal, not a change of style. Prompts go through the chat template as everywhere else.
 * **Objective**: next-token cross-entropy on the response tokens only (prompt and padding
@@ -27,11 +27,8 @@ fine-tunes it into a reference refuser:
   hashes, the refusal templates and how often each was used, the training-loss curve, the
   response loss over the whole training set before and after, wall time).
 
-:func:`evaluate_refusal` measures what the tuning bought, greedy and typed by a judge
-(:mod:`neuronaudit.evaluation.judge`): the refusal rate on HELD-OUT harmful prompts, the over-refusal rate
-on HELD-OUT harmless prompts (section 3 and "Related anchors": audit over-refusal too), each
-with a Wilson 95% interval, and the perplexity on generic text (capability preserved, section
-3) for the tuned and the base model, with a paired bootstrap CI of the ratio.
+The stages that run the recipe and measure what it bought (refusal and over-refusal on held-out
+prompts, perplexity against the base model) are :mod:`neuronaudit.stages.refusal`.
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ readout, where depth and normalisation intervene. Coherent control exists iff th
 trigger (smallest ``|x|`` flipping an oracle on ≥50% of prompts at horizon τ) lies below the
 collapse ceiling (smallest ``|x|`` at which rollouts stop being coherent on ≥50% of prompts).
 
-This module holds the pure parts: the curve and its inverse, ceilings and triggers from sweep
-tables, the two ceiling predictors fitted on training neurons only, verdicts with a binomial
-test against the majority class, bootstrap intervals over neurons, and the failure-mode rules.
+This module holds the law and its measurement, with no file I/O: the curve and its inverse,
+ceilings and triggers from sweep tables, the two ceiling predictors fitted on training neurons
+only, verdicts against the majority class, intervals over neurons, the failure-mode rules, the
+candidate picking, and the model-running parts (budgets and unsteered alignments from one generic
+forward pass, a behaviour's batched dose sweep with typed rollouts, the single-pass sweep). The
+stage that reads and writes the tables is :mod:`neuronaudit.stages.window`.
 """
 
 from __future__ import annotations

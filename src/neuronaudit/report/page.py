@@ -24,7 +24,7 @@ Snakemake's ``report()`` picks up so that ``snakemake --report`` shows the same 
 
 :func:`build_report` assembles the activation-statistics report from the stats Parquet files
 (:data:`neuronaudit.io.NEURON_STATS_SCHEMA`), the model manifest, the config and Snakemake
-benchmark files, and writes it atomically. Captions are read from ``workflow/report/<name>.rst``
+benchmark files, and writes it atomically. Captions are package data, ``neuronaudit/report/captions/<name>.rst``
 (shared with Snakemake's ``report()``), with inline defaults when that folder is absent. Every
 number shown is read from the inputs; a value that is absent is shown as ``missing``.
 """
@@ -40,7 +40,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 import jinja2
@@ -128,7 +128,7 @@ def _href(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------
 # data model
 
-Links = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]], None]
+Links = str | os.PathLike | Mapping[str, str | os.PathLike] | None
 
 
 def _links(value: Links) -> tuple[tuple[str, str], ...]:
@@ -236,7 +236,7 @@ class Excerpt:
     caption: str = ""
 
 
-Item = Union[Figure, FigureGrid, Table, Excerpt]
+Item = Figure | FigureGrid | Table | Excerpt
 
 
 @dataclass
