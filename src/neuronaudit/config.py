@@ -91,7 +91,13 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
-        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        path = [str(p) for p in err.absolute_path]
+        if err.validator == "required":
+            missing = [k for k in err.validator_value if isinstance(err.instance, dict) and k not in err.instance]
+            where = ".".join([*path, missing[0]]) if missing else ".".join(path) or "(top level)"
+            raise NeuronAuditError(f"config key {where} is missing (a partial config such as config/quick.yaml "
+                                   "goes after a full one: --configfile config/config.yaml config/quick.yaml)")
+        where = ".".join(path) or "(top level)"
         raise NeuronAuditError(f"config key {where}: {err.message}")
     return config
 
@@ -105,15 +111,23 @@ def deep_update(base: dict, override: dict) -> dict:
     return base
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """Read a YAML config, apply ``KEY=VALUE`` overrides (YAML values, as ``snakemake --config``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NeuronAuditError(f"config file {str(path)!r} not found")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise NeuronAuditError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+def load_config(paths: str | Path | list, overrides: list[str] | None = None) -> dict:
+    """Read one or more YAML configs, each merged over the last (as ``snakemake --configfile A B``),
+    then apply ``KEY=VALUE`` overrides (YAML values, as ``snakemake --config``)."""
+    config: dict = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        if not path.is_file():
+            raise NeuronAuditError(f"config file {str(path)!r} not found")
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise NeuronAuditError(
+                f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}"
+            ) from None
+        if not isinstance(doc, dict):
+            raise NeuronAuditError(f"config file {str(path)!r} must hold a mapping of keys, not {type(doc).__name__}")
+        deep_update(config, doc)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:

