@@ -152,11 +152,11 @@ def cmd_diff_study(args) -> None:
 
 
 def cmd_check_config(args) -> None:
-    from neuronaudit.config import load_config, preflight
+    from neuronaudit.config import load_config, preflight, study_name
 
     config = load_config(args.configfile, overrides=args.config or [])
     preflight(config, Path(args.root))
-    print(f"config {args.configfile} is valid (study {config['study']!r}, model {config['model']['source']!r})")
+    print(f"config {' '.join(map(str, args.configfile))} is valid (study {study_name(config)!r}, model {config['model']['source']!r})")
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -244,7 +244,8 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--options", required=True, help="JSON of the stage's options (built from the config)")
     p.set_defaults(func=cmd_prepare_prompts)
 
-    p = sub.add_parser("rollouts", help="typed rollouts under named interventions", parents=[par["manifest"], par["job"]])
+    p = sub.add_parser("rollouts", help="typed rollouts under named interventions",
+                       parents=[par["manifest"], par["job"]])
     p.add_argument("--prompts", nargs="+", required=True, metavar="NAME=PATH")
     p.add_argument("--split", default="heldout", choices=["all", "discovery", "heldout"])
     p.add_argument("--interventions", required=True, help="JSON file or JSON object: name -> edits")
@@ -273,7 +274,8 @@ def _other_subcommands(sub, par) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="one page setting several studies' headline figures side by side")
-    p.add_argument("studies", nargs="+", metavar="[NAME=]DIR", help="results/<study> folders (two or more), optionally named")
+    p.add_argument("studies", nargs="+", metavar="[NAME=]DIR",
+                   help="results/<study> folders (two or more), optionally named")
     p.add_argument("--title", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
@@ -288,7 +290,7 @@ def _other_subcommands(sub, par) -> None:
     p.set_defaults(func=cmd_diff_study)
 
     p = sub.add_parser("check-config", help="validate a config file and check its inputs exist")
-    p.add_argument("configfile")
+    p.add_argument("configfile", nargs="+", help="config files, each merged over the last (as --configfile)")
     p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="overrides, as snakemake --config")
     p.add_argument("--root", default=".", help="directory relative paths are resolved against")
     p.set_defaults(func=cmd_check_config)
