@@ -94,7 +94,8 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
                                "ci_low": delta - 0.3, "ci_high": delta + 0.3, "universal": rank > n - 3,
                                "screened": layer >= 1, "rank": rank})
         _write(scores, study / "screen" / f"{b}.scores.parquet")
-        top = scores[scores["screened"]].sort_values("rank").head(6).assign(sign=lambda d: np.sign(d["delta"]).astype(int))
+        top = (scores[scores["screened"]].sort_values("rank").head(6)
+               .assign(sign=lambda d: np.sign(d["delta"]).astype(int)))
         top = top.assign(rank=np.arange(1, len(top) + 1))
         _write(top[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high"]],
                study / "screen" / f"{b}.circuit.parquet")
@@ -102,10 +103,12 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     # cna
     interventions = ["none", "circuit_x0", "random_x0", "caa_a-1"]
     cna_frac = _fractions(rng, interventions, [16])
-    summary = cna_frac[cna_frac["rollout_type"] == "refusal"][["intervention", "fraction"]].rename(columns={"fraction": "refusal_rate"})
+    summary = (cna_frac[cna_frac["rollout_type"] == "refusal"][["intervention", "fraction"]]
+               .rename(columns={"fraction": "refusal_rate"}))
     summary = summary.assign(n_prompts=12, collapse_rate=0.05, quality=rng.uniform(0.8, 1.0, len(summary)),
                              perplexity_median=rng.uniform(15, 30, len(summary)), n_edits=[0, 6, 6, n])
-    _write(summary[["intervention", "n_prompts", "refusal_rate", "collapse_rate", "quality", "perplexity_median", "n_edits"]],
+    _write(summary[["intervention", "n_prompts", "refusal_rate", "collapse_rate", "quality", "perplexity_median",
+                    "n_edits"]],
            study / "cna" / "summary.parquet")
     _write(cna_frac, study / "cna" / "fractions.parquet")
 
@@ -182,7 +185,8 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
                           "controls": bool(rng.uniform() > 0.5)})
     _write(pd.DataFrame(arows), study / "attribution" / "scores.parquet")
     rho = -0.3 + 0.1 * seed
-    comparison = {g: {s: {"spearman_rho": rho if s == "grad" else 0.5, "rho_ci95": [rho - 0.4, rho + 0.4] if s == "grad" else [0.1, 0.8],
+    comparison = {g: {s: {"spearman_rho": rho if s == "grad" else 0.5,
+                          "rho_ci95": [rho - 0.4, rho + 0.4] if s == "grad" else [0.1, 0.8],
                           "precision_at_k": 0.5, "recall_at_k": 0.5, "k": 2}
                       for s in ("grad", "atp", "delta", "std_delta", "dose_response")} for g in ("all", *BEHAVIOURS)}
     _json({"comparison": comparison, "missed_by_gradient": [{"behaviour": "refusal", "layer": 1, "neuron": 0}],

@@ -193,7 +193,7 @@ def machine_line() -> str:
 
     load = ""
     with contextlib.suppress(OSError, AttributeError):
-        load = " load avg %.2f/%.2f/%.2f;" % os.getloadavg()
+        load = " load avg {:.2f}/{:.2f}/{:.2f};".format(*os.getloadavg())
     return (
         f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores "
         f"({affinity} usable);{load} torch {torch.__version__} with {torch.get_num_threads()} "
@@ -245,7 +245,8 @@ def noop_capture(model, adapter, input_ids, attention_mask):
 
 def section_collect(model, adapter, ids, mask, repeats):
     shape = f"{ids.shape[0]}×{ids.shape[1]} tokens"
-    res = compare(lambda: streaming_collect(model, adapter, ids, mask), lambda: plain_forward(model, ids, mask), repeats)
+    res = compare(lambda: streaming_collect(model, adapter, ids, mask), lambda: plain_forward(model, ids, mask),
+                  repeats)
     out(report_line(
         f"collect/streaming stats vs plain forward ({shape})", res["ratios"], "<=", 0.85,
         extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}",
@@ -606,7 +607,8 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="python -m neuronaudit.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded", help="embedded | tiny | PATH (model directory or manifest.json)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5, quick 2)")
-    p.add_argument("--sweep-repeats", type=int, default=None, help="repeats of the sweep/naive pairs (default 3, quick 1)")
+    p.add_argument("--sweep-repeats", type=int, default=None,
+                   help="repeats of the sweep/naive pairs (default 3, quick 1)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--batch", type=int, default=None, help="prompts per batch (default 8)")
@@ -660,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, adapter, label = load(spec)
         out(f"model: {label} ({adapter.family}, {adapter.n_layers} layers, d_model {adapter.d_model}, "
             f"{adapter.n_neurons} neurons/layer, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-            f"params, {next(model.parameters()).dtype}, attention {getattr(model.config, '_attn_implementation', '?')})")
+            f"params, {next(model.parameters()).dtype}, "
+            f"attention {getattr(model.config, '_attn_implementation', '?')})")
         ids, mask = make_batch(tokenizer, args.batch, args.tokens)
     else:
         out(f"model: {spec}")

@@ -156,7 +156,8 @@ def cmd_check_config(args) -> None:
 
     config = load_config(args.configfile, overrides=args.config or [])
     preflight(config, Path(args.root))
-    print(f"config {' '.join(map(str, args.configfile))} is valid (study {study_name(config)!r}, model {config['model']['source']!r})")
+    print(f"config {' '.join(map(str, args.configfile))} is valid (study {study_name(config)!r}, "
+          f"model {config['model']['source']!r})")
 
 
 # --- parser ----------------------------------------------------------------------------------

@@ -99,11 +99,14 @@ def rendered(playwright, study, tmp_path_factory):
     page = browser.open(study["page"])
     state = {
         "images": page.evaluate("Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete, "
-                                "width: i.naturalWidth, height: i.naturalHeight, data: i.src.startsWith('data:image/png')}))"),
-        "headlines": page.evaluate("Array.from(document.querySelectorAll('td.headline')).map(td => ({key: td.dataset.key, "
+                                "width: i.naturalWidth, height: i.naturalHeight, "
+                                "data: i.src.startsWith('data:image/png')}))"),
+        "headlines": page.evaluate("Array.from(document.querySelectorAll('td.headline'))"
+                                   ".map(td => ({key: td.dataset.key, "
                                    "value: td.dataset.value, lo: td.dataset.ciLow, hi: td.dataset.ciHigh, "
                                    "text: td.querySelector('.value').innerText, visible: td.offsetParent !== null}))"),
-        "figures": page.evaluate("Array.from(document.querySelectorAll('figure[data-figure]')).map(f => f.dataset.figure)"),
+        "figures": page.evaluate("Array.from(document.querySelectorAll('figure[data-figure]'))"
+                                 ".map(f => f.dataset.figure)"),
         "title": page.title(),
     }
     page.close()
@@ -147,11 +150,13 @@ def test_headline_numbers_shown_equal_the_json_summaries(rendered, study):
         h = shown[key]
         assert float(h["value"]) == pytest.approx(value, abs=0, rel=1e-12), key
         if lo is not None:
-            assert float(h["lo"]) == pytest.approx(lo, rel=1e-12) and float(h["hi"]) == pytest.approx(hi, rel=1e-12), key
+            assert (float(h["lo"]) == pytest.approx(lo, rel=1e-12)
+                    and float(h["hi"]) == pytest.approx(hi, rel=1e-12)), key
         if text is not None:
             assert text in h["text"], (key, text, h["text"])
 
-    for key, rate in (("refusal.tuned", ev["tuned"]["refusal_harmful"]), ("refusal.base", ev["base"]["refusal_harmful"]),
+    for key, rate in (("refusal.tuned", ev["tuned"]["refusal_harmful"]),
+                      ("refusal.base", ev["base"]["refusal_harmful"]),
                       ("refusal.over_refusal", ev["tuned"]["over_refusal_harmless"])):
         check(key, rate["rate"], rate["ci_low"], rate["ci_high"],
               f"{rate['count']}/{rate['n']} = {rate['rate']:.1%} (95% CI {rate['ci_low']:.1%}–{rate['ci_high']:.1%})")

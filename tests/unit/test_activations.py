@@ -27,7 +27,9 @@ def _direct(model, adapter, tokenizer, layers):
     for text in TEXTS:
         enc = tokenizer(text, return_tensors="pt")
         got = {}
-        with torch.no_grad(), NeuronHooks(adapter, on_activation=lambda l, a, c: got.__setitem__(l, a[0].clone()), layers=layers):
+        with torch.no_grad(), NeuronHooks(
+            adapter, on_activation=lambda l, a, c, got=got: got.__setitem__(l, a[0].clone()), layers=layers
+        ):
             model(**enc)
         for l in layers:
             acts[l].append(got[l])

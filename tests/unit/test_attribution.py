@@ -37,8 +37,10 @@ def test_gradient_matches_finite_difference_at_the_last_token(llama, tokenizer):
     assert scores["grad"].shape == (adapter.n_layers, adapter.n_neurons)
     eps = 1e-2
     for layer, neuron in [(0, 3), (2, 40), (3, 100)]:
-        up = _metric(model, tokenizer, beh, dflt, InterventionPlan.broadcast([NeuronEdit.dose(layer, neuron, eps, ["last_prompt"])]))
-        down = _metric(model, tokenizer, beh, dflt, InterventionPlan.broadcast([NeuronEdit.dose(layer, neuron, -eps, ["last_prompt"])]))
+        up = _metric(model, tokenizer, beh, dflt,
+                     InterventionPlan.broadcast([NeuronEdit.dose(layer, neuron, eps, ["last_prompt"])]))
+        down = _metric(model, tokenizer, beh, dflt,
+                       InterventionPlan.broadcast([NeuronEdit.dose(layer, neuron, -eps, ["last_prompt"])]))
         fd = ((up - down) / (2 * eps)).mean()
         assert scores["grad"][layer, neuron] == pytest.approx(fd, rel=2e-2, abs=1e-5)
     np.testing.assert_allclose(scores["metric"], _metric(model, tokenizer, beh, dflt), atol=1e-5)

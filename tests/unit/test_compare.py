@@ -105,7 +105,8 @@ def test_a_study_lacking_a_stage_shows_missing(tmp_path, studies):
     page = out.read_text()
     assert ">missing<" in page
     c = cells(page)
-    assert "data-value" in c[("attribution.rho_grad", "full")] and "data-value" not in c[("attribution.rho_grad", "partial")]
+    assert "data-value" in c[("attribution.rho_grad", "full")]
+    assert "data-value" not in c[("attribution.rho_grad", "partial")]
 
 
 def test_needs_two_studies_with_tables(tmp_path, studies):

@@ -62,13 +62,15 @@ def test_defaults_fill_in_and_quick_config_merges(tmp_path):
     minimal = validate_config({"prompts": {"sets": {"a": "a.jsonl"}}})
     assert minimal["model"]["source"] == "embedded:SmolLM2-135M-Instruct"
     assert study_name(minimal) == "SmolLM2-135M-Instruct"
-    assert study_name(validate_config({"prompts": {"sets": {"a": "x"}}, "model": {"source": "Qwen/Qwen2.5-0.5B"}})) == "Qwen--Qwen2.5-0.5B"
+    qwen = validate_config({"prompts": {"sets": {"a": "x"}}, "model": {"source": "Qwen/Qwen2.5-0.5B"}})
+    assert study_name(qwen) == "Qwen--Qwen2.5-0.5B"
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"colect": {}}, r"config key \(top level\): Additional properties are not allowed \('colect' was unexpected\)"),
+        ({"colect": {}},
+         r"config key \(top level\): Additional properties are not allowed \('colect' was unexpected\)"),
         ({"collect": {"batch_size": "8"}}, r"config key collect.batch_size: '8' is not of type 'integer'"),
         ({"model": {"dtype": "float8"}}, r"config key model.dtype: 'float8' is not one of"),
         ({"prompts": {"sets": {"a": "a.jsonl"}, "heldout_fraction": 1.5}}, r"config key prompts.heldout_fraction"),
@@ -105,7 +107,8 @@ def test_stage_references_and_judge_are_checked_before_work(tiny_model_dir, tmp_
     base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}},
             "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]}, "keystone": {"groups": ["p", "p"]}}
     with pytest.raises(NeuronAuditError, match="behaviours.x.positive names unknown prompt set 'nope'"):
-        preflight(validate_config({**base, "behaviours": {"x": {"positive": "nope", "negative": "p", "oracle": "format"}}}), ROOT)
+        preflight(validate_config(
+            {**base, "behaviours": {"x": {"positive": "nope", "negative": "p", "oracle": "format"}}}), ROOT)
     with pytest.raises(NeuronAuditError, match="judge threshold max_perplexity=-1"):
         preflight(validate_config({**base, "judge": {"thresholds": {"max_perplexity": -1}}}), ROOT)
     with pytest.raises(NeuronAuditError, match="refusal.tune"):

@@ -297,5 +297,6 @@ def test_ablation_curve_resumes_from_its_checkpoint(llama, tokenizer, tmp_path, 
     assert len(calls) == 2  # only the two rows missing from the checkpoint are measured again
     pd.testing.assert_frame_equal(resumed, first)
     calls.clear()
-    ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=RowCheckpoint(ckpt), max_new_tokens=2)  # other settings
+    # other settings
+    ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=RowCheckpoint(ckpt), max_new_tokens=2)
     assert len(calls) == len(first)

@@ -31,7 +31,8 @@ def test_perplexity_changes_under_a_large_dose(llama, tokenizer):
     model, adapter = llama
     texts = ["The river flows through the old city.", "Cats are animals."]
     plain = text_perplexity(model, tokenizer, adapter, texts)
-    dosed = text_perplexity(model, tokenizer, adapter, texts, plan=InterventionPlan.broadcast([NeuronEdit.dose(1, 3, 200.0)]))
+    dosed = text_perplexity(model, tokenizer, adapter, texts,
+                            plan=InterventionPlan.broadcast([NeuronEdit.dose(1, 3, 200.0)]))
     assert plain.shape == (2,) and np.all(np.isfinite(plain))
     assert not np.allclose(plain, dosed)
 

@@ -11,6 +11,7 @@ import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import bootstrap_indices
+from neuronaudit.interventions.capture import LastTokenTable as T
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.io import last_token_schema, read_provenance, with_provenance
 from neuronaudit.methods.screen import (
@@ -24,9 +25,8 @@ from neuronaudit.methods.screen import (
     select_circuit,
     universal_neurons,
 )
-from neuronaudit.prompts import prompt_table
-from neuronaudit.interventions.capture import LastTokenTable as T
 from neuronaudit.options import ScreenOptions
+from neuronaudit.prompts import prompt_table
 from neuronaudit.stages.common import read_circuit
 from neuronaudit.stages.screen import run_screen
 from neuronaudit.testing import stage_options
@@ -36,7 +36,8 @@ N_LAYERS, WIDTH = 4, 32
 
 def write_last_token(path, ids, acts, prov=None):
     """``acts [n_prompts, n_layers, width]`` as a last-token table (rows shuffled by layer)."""
-    schema = with_provenance(last_token_schema(acts.shape[2]), prov or {"weight_sha256": "abc", "n_layers": acts.shape[1]})
+    schema = with_provenance(last_token_schema(acts.shape[2]),
+                             prov or {"weight_sha256": "abc", "n_layers": acts.shape[1]})
     rows = [(pid, layer, acts[p, layer]) for layer in range(acts.shape[1]) for p, pid in enumerate(ids)]
     table = pa.Table.from_pydict(
         {

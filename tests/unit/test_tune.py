@@ -77,7 +77,8 @@ def test_a_few_steps_lower_the_response_loss(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     examples = _examples(tokenizer)
     before = dataset_loss(model, examples, tokenizer.pad_token_id)
-    curve = train_response_loss(model, examples, tokenizer.pad_token_id, steps=12, learning_rate=3e-3, batch_size=4, seed=0)
+    curve = train_response_loss(model, examples, tokenizer.pad_token_id, steps=12, learning_rate=3e-3, batch_size=4,
+                                seed=0)
     after = dataset_loss(model, examples, tokenizer.pad_token_id)
     assert len(curve) == 12 and all(c["grad_norm"] >= 0 for c in curve)
     assert after < before - 0.5
@@ -157,7 +158,8 @@ def test_run_refusal_tuning_writes_a_loadable_model_manifest_and_recipe(tuning_i
     assert manifest["tuned_from"]["source"] == base["source"]
     assert manifest["tuned_from"]["weight_sha256"] == base["weight_sha256"]
     on_disk = json.loads((out / "recipe.json").read_text())
-    assert on_disk["seed"] == 3 and on_disk["steps"] == 4 and on_disk["learning_rate"] == 1e-3 and on_disk["batch_size"] == 2
+    assert on_disk["seed"] == 3 and on_disk["steps"] == 4
+    assert on_disk["learning_rate"] == 1e-3 and on_disk["batch_size"] == 2
     assert on_disk["n_harmful"] == 3 and on_disk["n_harmless"] <= 3  # discovery split only
     assert len(on_disk["train_loss"]) == 4 and sum(on_disk["refusal_template_counts"]) == 3
     assert on_disk["refusal_templates"] == list(REFUSAL_TEMPLATES) and on_disk["grad_clip"] == 1.0

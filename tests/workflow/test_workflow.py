@@ -130,8 +130,10 @@ def test_dry_run_shows_the_whole_dag_and_lint_is_clean(tmp_path):
 @pytest.mark.parametrize(
     "config, message",
     [
-        ("colect={batch_size: 2}", "neuronaudit: error: config key (top level): Additional properties are not allowed ('colect' was unexpected)"),
-        ("collect={batch_size: many}", "neuronaudit: error: config key collect.batch_size: 'many' is not of type 'integer'"),
+        ("colect={batch_size: 2}",
+         "neuronaudit: error: config key (top level): Additional properties are not allowed ('colect' was unexpected)"),
+        ("collect={batch_size: many}",
+         "neuronaudit: error: config key collect.batch_size: 'many' is not of type 'integer'"),
         ("model={source: /no/such/model}", "neuronaudit: error: model.source '/no/such/model' not found"),
     ],
 )

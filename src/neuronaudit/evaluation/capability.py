@@ -165,7 +165,8 @@ def check_answers(responses: Sequence[str], df: pd.DataFrame, kind: str) -> np.n
         if kind == "arithmetic":
             out[r] = arithmetic_correct(response, float(row["answer"]), operands=numbers_in(str(row["text"])))
         else:
-            aliases = row["aliases"] if "aliases" in row and isinstance(row["aliases"], (list, tuple, np.ndarray)) else []
+            aliases = (row["aliases"] if "aliases" in row and isinstance(row["aliases"], (list, tuple, np.ndarray))
+                       else [])
             out[r] = knowledge_correct(response, str(row["answer"]), list(aliases))
     return out
 

@@ -155,7 +155,8 @@ def _word_numbers(toks: list[_Tok]) -> list[_Tok]:
                 seen, last = True, j
                 j += 1
             value = current
-            out.append(_Tok("num", " ".join(t.text for t in toks[i : last + 1]), tok.start, toks[last].end, float(value)))
+            out.append(_Tok("num", " ".join(t.text for t in toks[i : last + 1]), tok.start, toks[last].end,
+                            float(value)))
             i = last + 1
             continue
         out.append(tok)

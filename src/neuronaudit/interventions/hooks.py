@@ -120,11 +120,11 @@ class InterventionPlan:
                 seen.add(key)
 
     @classmethod
-    def broadcast(cls, edits: Iterable[NeuronEdit]) -> "InterventionPlan":
+    def broadcast(cls, edits: Iterable[NeuronEdit]) -> InterventionPlan:
         return cls((tuple(edits),))
 
     @classmethod
-    def per_row(cls, rows: Iterable[Iterable[NeuronEdit]]) -> "InterventionPlan":
+    def per_row(cls, rows: Iterable[Iterable[NeuronEdit]]) -> InterventionPlan:
         return cls(tuple(tuple(r) for r in rows))
 
     @property
@@ -172,7 +172,7 @@ class _CompiledEdits:
     source: torch.Tensor  # [E, S] (nan where absent)
     cache: dict = field(default_factory=dict)
 
-    def for_batch(self, batch: int, n_plan_rows: int, device, dtype) -> "_CompiledEdits":
+    def for_batch(self, batch: int, n_plan_rows: int, device, dtype) -> _CompiledEdits:
         key = (batch, str(device), dtype)
         if key not in self.cache:
             if n_plan_rows == 1 and batch > 1:
@@ -369,7 +369,7 @@ class NeuronHooks:
 
         return hook
 
-    def __enter__(self) -> "NeuronHooks":
+    def __enter__(self) -> NeuronHooks:
         a = self.adapter
         self._handles.append(
             a.base.register_forward_pre_hook(self._on_base_forward, with_kwargs=True)

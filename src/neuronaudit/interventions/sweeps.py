@@ -441,7 +441,7 @@ def _iter_last_token(
             start = min(rows[r][0] for r in chunk) if share_lower_layers else 0
             cache = broadcast_cache(prefix, n, from_layer=start)
 
-            def forward(n=n, cache=cache, start=start):
+            def forward(n=n, cache=cache, start=start, record=record, last=last, T=T):
                 with _replay_blocks(adapter, record, start, n):
                     return model(
                         input_ids=last.expand(n, 1),
@@ -449,7 +449,7 @@ def _iter_last_token(
                         use_cache=cache is not None, **{ck: cache}, **head,
                     )
 
-            def hooks_factory(plan, n=n, **kw):
+            def hooks_factory(plan, n=n, T=T, **kw):
                 return NeuronHooks(adapter, plan, cached_prompt_length=T, **kw)
 
             logits, write, final, read = _run_rows(
@@ -479,7 +479,7 @@ def _iter_prompt(
             n = len(chunk)
             start = min(rows[r][0] for r in chunk) if share_lower_layers else 0
 
-            def forward(n=n, start=start):
+            def forward(n=n, start=start, record=record, ids=ids, T=T):
                 with _replay_blocks(adapter, record, start, n):
                     return model(
                         input_ids=ids[None].expand(n, T),

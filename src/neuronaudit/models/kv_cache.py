@@ -58,9 +58,9 @@ def broadcast_cache(cache, batch: int, from_layer: int = 0):
     """A copy of a batch-1 KV ``cache`` with layers ``>= from_layer`` repeated to ``batch`` rows.
 
     Layers below ``from_layer`` stay batch-1 (they are only valid when those blocks are not run,
-    see :func:`neuronaudit.interventions.sweeps._replay_blocks`). The original cache is never modified: dynamic cache layers
-    replace their tensors on update, so each layer is copied shallowly; other cache types are
-    deep-copied.
+    see :func:`neuronaudit.interventions.sweeps._replay_blocks`). The original cache is never
+    modified: dynamic cache layers replace their tensors on update, so each layer is copied
+    shallowly; other cache types are deep-copied.
     """
     if cache is None:
         return None

@@ -171,7 +171,8 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                      {n: _rel(folder / f"{n}.scores.parquet", report_dir) for n in circuits})]
     for name, circuit in tables.items():
         items.append(Table(f"{name}: circuit (k = {len(circuit)})",
-                           circuit.head(20)[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high"]],
+                           circuit.head(20)[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low",
+                                             "ci_high"]],
                            caption("screen_top"), table_link=_rel(circuits[name], report_dir)))
     intro = ("Forward-only contrastive screen on the discovery split: δ = mean⁺ − mean⁻ of last-token "
              "activations, with universal neurons excluded from circuits.")
@@ -189,8 +190,8 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
     if fractions is not None:
         links["rollout types"] = _rel(fpath, report_dir)
     items = [
-        _figure("cna_dose_response", "CNA circuit scaling against controls", plots.cna_dose_response(summary, fractions),
-                links),
+        _figure("cna_dose_response", "CNA circuit scaling against controls",
+                plots.cna_dose_response(summary, fractions), links),
         Table("CNA interventions", summary, caption("cna_table"), table_link=_rel(path, report_dir)),
     ]
     by = summary.set_index("intervention")
@@ -215,7 +216,8 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
         heads.append(Headline("cna.refusal_unablated", "CNA: refusal rate without intervention", text(r0, c0), r0, c0,
                               PUBLISHED["refusal_start"], links.get("rollout types", links["summary"])))
         heads.append(Headline("cna.refusal_circuit_ablated", "CNA: refusal rate with the circuit ablated (×0)",
-                              text(r1, c1), r1, c1, PUBLISHED["cna_refusal"], links.get("rollout types", links["summary"])))
+                              text(r1, c1), r1, c1, PUBLISHED["cna_refusal"],
+                              links.get("rollout types", links["summary"])))
         circuit = [i for i in by.index if str(i).startswith("circuit_x")]
         q = float(by.loc[circuit, "quality"].min())
         caa = [i for i in by.index if str(i).startswith("caa")]
@@ -249,7 +251,8 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
                            caption("keystone_stability"), table_link=_rel(stab, report_dir)))
     curve_summary = summary.get("curve", summary)
     curve_summary = curve_summary if isinstance(curve_summary, dict) else {}
-    intro = curve_summary.get("statement") or "Cross-task activation strength, ablation against random same-layer controls."
+    intro = (curve_summary.get("statement")
+             or "Cross-task activation strength, ablation against random same-layer controls.")
     heads = []
     per_k = curve_summary.get("per_k") or []
     if per_k:
@@ -267,14 +270,16 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
                 p["ratio_to_random_median"], None, PUBLISHED["keystone_collapse"], link))
     if "perplexity_separates_at_k" in curve_summary:
         ks = curve_summary["perplexity_separates_at_k"] or []
-        heads.append(Headline("keystone.separates_at_k", "keystone ablation beats every random control (perplexity) at k",
+        heads.append(Headline("keystone.separates_at_k",
+                              "keystone ablation beats every random control (perplexity) at k",
                               ", ".join(str(k) for k in ks) or "none", None, None,
                               PUBLISHED["keystone_fraction"], link))
     stability = summary.get("stability") or []
     if stability:
         top = max(stability, key=lambda e: (e.get("k", 0), e.get("score") == "min"))
         heads.append(Headline(
-            "keystone.stability_iou", f"keystone top-{top['k']} set ({top.get('score')} score): IoU across disjoint halves",
+            "keystone.stability_iou",
+            f"keystone top-{top['k']} set ({top.get('score')} score): IoU across disjoint halves",
             f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
             f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
             top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link))
@@ -307,12 +312,14 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                     f"{v['majority_correct']}/{n}, binomial p = {_f(v.get('binomial_p_value_vs_majority'), '.3g')}")
     rows = [
         {"figure": "held-out neurons", "this study": n, "published": 15},
-        {"figure": "ceiling MAE, alignment units, predictor (a)", "this study": mae(a, "alignment"), "published": "0.14 (≈0.07 bulk)"},
+        {"figure": "ceiling MAE, alignment units, predictor (a)", "this study": mae(a, "alignment"),
+         "published": "0.14 (≈0.07 bulk)"},
         {"figure": "ceiling MAE, |x|, predictor (a)", "this study": mae(a, "x"), "published": "—"},
         {"figure": "ceiling MAE, alignment units, predictor (b)", "this study": mae(k, "alignment"), "published": "—"},
         {"figure": "verdicts", "this study": verdict_text, "published": "11/15 vs 10/15"},
         {"figure": "fitted c*, KL threshold", "this study":
-            f"{summary['fitted_on_training_neurons']['c_star']}, {summary['fitted_on_training_neurons']['kl_threshold']}",
+            f"{summary['fitted_on_training_neurons']['c_star']}, "
+            f"{summary['fitted_on_training_neurons']['kl_threshold']}",
          "published": "—"},
     ]
     items = [
@@ -325,15 +332,16 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                 _rel(folder / "window.parquet", report_dir)),
         _figure("window_diagram", "Control windows", plots.window_diagram(window, horizon),
                 _rel(folder / "window.parquet", report_dir)),
-        Table("Per-neuron windows", window[["behaviour", "layer", "neuron", "kind", "band", "sign", "split", "budget", "c0",
-                                            "ceiling_x", f"trigger_x_{horizon}", "predicted_ceiling_x_alignment",
+        Table("Per-neuron windows", window[["behaviour", "layer", "neuron", "kind", "band", "sign", "split", "budget",
+                                            "c0", "ceiling_x", f"trigger_x_{horizon}", "predicted_ceiling_x_alignment",
                                             "predicted_ceiling_x_kl", "verdict", "predicted_verdict", "failure_mode"]],
               caption("window_table"), table_link=_rel(folder / "window.parquet", report_dir), max_rows=80),
     ]
     pivots = summary.get("refusal_pivots", [])
     if pivots:
         items.append(Table("Refusal pivots: what their control buys",
-                           pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in p.items()} for p in pivots]),
+                           pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in p.items()}
+                                         for p in pivots]),
                            caption("refusal_pivots"), table_link=_rel(folder / "sweeps.parquet", report_dir)))
     intro = ("Doses are in budget units, x = d / B with B = ‖r‖ / ‖v‖ from a generic forward pass; alignment is "
              "cosθ between the steered residual and the write vector. "
@@ -349,12 +357,14 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                  mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link),
     ]
     if _finite(a.get("mae_alignment_bulk")):
-        heads.append(Headline("window.ceiling_mae_alignment_bulk", "ceiling MAE, bulk layers (alignment cosθ, predictor a)",
+        heads.append(Headline("window.ceiling_mae_alignment_bulk",
+                              "ceiling MAE, bulk layers (alignment cosθ, predictor a)",
                               f"{a['mae_alignment_bulk']:.3f}", a["mae_alignment_bulk"], None,
                               PUBLISHED["window_mae_bulk"], link))
     heads.append(Headline(
         "window.verdict_accuracy", "open/closed verdicts on held-out neurons",
-        verdict_text + (f"; accuracy {v['correct'] / n:.1%} (Wilson 95% CI {verdict_ci[0]:.1%}–{verdict_ci[1]:.1%})" if n else ""),
+        verdict_text + (f"; accuracy {v['correct'] / n:.1%} "
+                        f"(Wilson 95% CI {verdict_ci[0]:.1%}–{verdict_ci[1]:.1%})" if n else ""),
         v["correct"] / n if n else None, _ci(*verdict_ci) if n else None, PUBLISHED["window_verdicts"], link))
     if pivots:
         reach = sum(p["reach"] == "actionable" for p in pivots)
@@ -400,7 +410,8 @@ def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | No
         if e:
             lo, hi = (e.get("rho_ci95") or [None, None])[:2]
             heads.append(Headline(f"attribution.rho_{score}", label,
-                                  _num(e["spearman_rho"], lo, hi, digits=2) + f"; precision@k {_f(e.get('precision_at_k'), '.2f')} (k = {e.get('k')})",
+                                  _num(e["spearman_rho"], lo, hi, digits=2)
+                                  + f"; precision@k {_f(e.get('precision_at_k'), '.2f')} (k = {e.get('k')})",
                                   e["spearman_rho"], _ci(lo, hi), published, link))
     return Section("attribution", STAGE_TITLES["attribution"], summary["statement"], items), heads
 
