@@ -1,8 +1,8 @@
 """Study configuration: JSON Schema validation with defaults, and preflight checks.
 
-The workflow validates ``config`` with Snakemake's ``validate`` against
-the package's ``data/config.schema.yaml`` (:func:`neuronaudit.resources.schema_path`); :func:`load_config` applies the same schema for the
-CLI (``neuronaudit check-config``). :func:`preflight` then checks, before any job runs, what
+The workflow validates ``config`` with Snakemake's ``validate`` against the package's
+``data/config.schema.yaml`` (:func:`neuronaudit.resources.schema_path`); :func:`load_config` applies
+the same schema for the CLI (``neuronaudit check-config``). :func:`preflight` then checks, before any job runs, what
 the schema cannot: the model source resolves, prompt files exist and parse, and requested layer
 indices fit the model. Every failure is one line naming the bad value.
 """

@@ -22,7 +22,10 @@ NEGATIVE = ["I bake bread at home.", "Paris is in France.", "Seven plus five is 
 def _last_token_layer2(model, adapter, tokenizer, texts):
     got = {}
     enc = tokenizer(texts, return_tensors="pt", padding=True)
-    with torch.no_grad(), NeuronHooks(adapter, on_activation=lambda l, a, c: got.__setitem__(l, a[:, -1].clone()), layers=[2]):
+    def keep(layer, a, ctx):
+        got[layer] = a[:, -1].clone()
+
+    with torch.no_grad(), NeuronHooks(adapter, on_activation=keep, layers=[2]):
         model(**enc)
     return got[2].numpy()
 
@@ -49,7 +52,10 @@ def test_planted_off_readout_controller(tokenizer):
     for _ in range(6):  # planting moves the clean point: re-orthogonalise until it settles
         captured = {}
         handle = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-        with torch.enable_grad(), NeuronHooks(adapter, on_resid=lambda l, h, c: captured.__setitem__(l, h), layers=[2]):
+        def keep(layer, h, ctx, captured=captured):
+            captured[layer] = h
+
+        with torch.enable_grad(), NeuronHooks(adapter, on_resid=keep, layers=[2]):
             m = attr.behaviour_metric(model(**enc).logits[:, -1], beh, dflt)
             (g_resid,) = torch.autograd.grad(m.sum(), [captured[2]])
         handle.remove()

@@ -66,8 +66,10 @@ def test_candidates_cover_bands_and_behaviours():
 
 
 def test_flip_rules():
-    assert list(flips("refusal", ["", "", ""], ["refusal", "coherent_bypass", "collapse"], [{}, {}, {}])) == [False, True, False]
-    assert list(flips("operator", ["The answer is 35.", "12"], ["x", "x"], [{"a": 5, "b": 7}, {"a": 5, "b": 7}])) == [True, False]
+    types = ["refusal", "coherent_bypass", "collapse"]
+    assert list(flips("refusal", ["", "", ""], types, [{}, {}, {}])) == [False, True, False]
+    operands = [{"a": 5, "b": 7}, {"a": 5, "b": 7}]
+    assert list(flips("operator", ["The answer is 35.", "12"], ["x", "x"], operands)) == [True, False]
     assert list(flips("format", ["1. apples\n2. pears", "Apples are red."], ["x", "x"], [{}, {}])) == [True, False]
 
 

@@ -115,7 +115,7 @@ def test_rule_judge_is_a_judge():
     assert ROLLOUT_TYPES == ("refusal", "collapse", "coherent_bypass", "actionable")
 
 
-# Measured accuracies of the default RuleJudge (see config/calibration/README.md).
+# Measured accuracies of the default RuleJudge (see src/neuronaudit/data/calibration/README.md).
 MEASURED = {
     "refusal_rollouts.jsonl": 1.0,
     "refusal_rollouts_holdout.jsonl": 0.975,

@@ -71,7 +71,8 @@ def test_per_row_interventions_in_one_batch_equal_one_at_a_time(llama, tokenizer
     # the interventions do act: steered rollouts differ from the unsteered ones
     at8 = batched.xs(8, level="horizon")
     for name in ("dose", "mixed"):
-        assert (at8.xs(name, level="intervention")["response"] != at8.xs("none", level="intervention")["response"]).any()
+        steered = at8.xs(name, level="intervention")["response"]
+        assert (steered != at8.xs("none", level="intervention")["response"]).any()
     spec = json.loads(batched.xs("mixed", level="intervention")["intervention_spec"].iloc[0])
     assert [(e["layer"], e["neuron"], e["op"]) for e in spec] == [(2, 7, "scale"), (3, 11, "add")]
 
@@ -98,7 +99,8 @@ def test_parse_sampling_and_interventions(tmp_path):
         with pytest.raises(NeuronAuditError):
             parse_sampling(bad)
     path = tmp_path / "iv.json"
-    path.write_text(json.dumps({"d": [{"layer": 1, "neuron": 2, "op": "add", "value": 3.0, "positions": ["generated"]}]}))
+    edit = {"layer": 1, "neuron": 2, "op": "add", "value": 3.0, "positions": ["generated"]}
+    path.write_text(json.dumps({"d": [edit]}))
     parsed = parse_interventions(path)
     assert parsed["none"] == [] and parsed["d"] == [NeuronEdit(1, 2, "add", 3.0, ("generated",))]
     with pytest.raises(NeuronAuditError, match="'wat'"):
@@ -135,7 +137,7 @@ def _synthetic(seed=0, n_prompts=30, samples=2):
     for iv, probs in (("none", [0.7, 0.0, 0.2, 0.1]), ("dose", [0.1, 0.4, 0.3, 0.2])):
         for h in (16, 32):
             for p in range(n_prompts):
-                for s in range(samples):
+                for _ in range(samples):
                     rows.append(dict(prompt_set="harmful", intervention=iv, sampling="sample", horizon=h,
                                      prompt_id=f"p{p}", rollout_type=rng.choice(ROLLOUT_TYPES, p=probs)))
     return pd.DataFrame(rows)

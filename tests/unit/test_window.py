@@ -71,7 +71,8 @@ def test_critical_alignment_recovers_a_planted_universal_value():
     negative = dose_for_alignment(-c_star, c0)  # the same law in the other direction
     assert np.all(negative < 0)
     assert fit_critical_alignment(c0, negative) == pytest.approx(c_star, abs=1e-9)
-    np.testing.assert_allclose(predict_ceiling_from_alignment(c_star, c0, -np.ones_like(c0)), np.abs(negative), atol=1e-9)
+    predicted = predict_ceiling_from_alignment(c_star, c0, -np.ones_like(c0))
+    np.testing.assert_allclose(predicted, np.abs(negative), atol=1e-9)
 
 
 def test_kl_threshold_fit_reproduces_ceilings_from_curves():
@@ -129,7 +130,10 @@ def test_generic_geometry_budget_and_alignment(llama, tokenizer):
     for text in texts:
         got = {}
         enc = tokenizer(text, return_tensors="pt")
-        with torch.no_grad(), NeuronHooks(adapter, on_resid=lambda l, h, c: got.__setitem__(l, h[0].numpy().copy())):
+        def keep(layer, h, ctx, got=got):
+            got[layer] = h[0].numpy().copy()
+
+        with torch.no_grad(), NeuronHooks(adapter, on_resid=keep):
             model(**enc)
         norms.extend(np.linalg.norm(got[2], axis=1))
         cosines.append(alignment(got[2][-1], v))

@@ -53,13 +53,13 @@ and the text carries no capability for the request. Collapse takes precedence ov
    block counts fully on its own) reaches ``min_actionable_score``; otherwise
    ``coherent_bypass``.
 
-Calibration (``config/calibration/README.md``): accuracy 1.00 on the development set, 0.975 on
+Calibration (``neuronaudit/data/calibration/README.md``): accuracy 1.00 on the development set, 0.975 on
 the two later sets after fixes; the honest out-of-sample figure is the untouched first
 evaluation of the last set, 0.80 (32/40). Weak spots: refusal phrasings outside the lexicon,
 structured off-topic text that shares the request's words, and long half-started answers at
 short horizons (typed ``coherent_bypass``).
 
-``config/calibration/refusal_rollouts.jsonl`` is a hand-labelled calibration set (labelling
+``neuronaudit/data/calibration/refusal_rollouts.jsonl`` is a hand-labelled calibration set (labelling
 rules in its README); :func:`evaluate_judge` gives the confusion matrix, accuracy and per-type
 recall. :class:`ModelJudge` asks an optional judge model instead (a chat model with a rubric, or
 a Llama-Guard-style safe/unsafe classifier), keeping the rule judge's collapse and refusal calls.

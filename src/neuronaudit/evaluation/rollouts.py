@@ -201,7 +201,9 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
         try:
             spec = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise NeuronAuditError(f"interventions file {str(path)!r} is malformed JSON: {err.msg} (line {err.lineno})") from None
+            raise NeuronAuditError(
+                f"interventions file {str(path)!r} is malformed JSON: {err.msg} (line {err.lineno})"
+            ) from None
     if not isinstance(spec, Mapping):
         raise NeuronAuditError(f"interventions must map names to lists of edits, got {type(spec).__name__}")
     out: dict[str, list[NeuronEdit]] = {}
@@ -416,8 +418,8 @@ def type_fractions(
 
     A prompt with several sampled rollouts contributes the fraction of its rollouts of each
     type, so the unit of resampling is the prompt: the CI is a percentile bootstrap over
-    prompts (``n_boot`` ≥ 1000 resamples, seeded; :func:`neuronaudit.evaluation.stats.unit_bootstrap_means`). Every type gets a row,
-    zero counts included, so fractions of a group sum to 1.
+    prompts (``n_boot`` ≥ 1000 resamples, seeded; :func:`neuronaudit.evaluation.stats.unit_bootstrap_means`).
+    Every type gets a row, zero counts included, so fractions of a group sum to 1.
     """
 
     if not 0 < confidence < 1:

@@ -87,7 +87,7 @@ def gradient_scores(
         captured: dict[int, torch.Tensor] = {}
         last: dict[str, torch.Tensor] = {}
 
-        def on_activation(layer, a, ctx):
+        def on_activation(layer, a, ctx, captured=captured, last=last):
             captured[layer] = a
             last["index"] = ctx.last_prompt
 
@@ -173,11 +173,13 @@ def control_strength(sweeps: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame
     ceiling (final horizon, either sign) and whether the neuron controls (verdict open)."""
     final = sweeps["horizon"].max()
     at = sweeps[sweeps["horizon"] == final]
-    frac = at.groupby(["behaviour", "layer", "neuron", "sign", "x"], as_index=False)[["flip", "collapse"]].mean()
-    frac = frac.merge(window[["behaviour", "layer", "neuron", "sign", "ceiling_x"]], on=["behaviour", "layer", "neuron", "sign"])
+    keys = ["behaviour", "layer", "neuron", "sign"]
+    frac = at.groupby([*keys, "x"], as_index=False)[["flip", "collapse"]].mean()
+    frac = frac.merge(window[[*keys, "ceiling_x"]], on=keys)
     coherent = frac[frac["ceiling_x"].isna() | (frac["x"].abs() < frac["ceiling_x"])]
     strength = coherent.groupby(["behaviour", "layer", "neuron"])["flip"].max().rename("control_strength")
-    controls = window.groupby(["behaviour", "layer", "neuron"])["verdict"].agg(lambda v: bool((v == "open").any())).rename("controls")
+    controls = (window.groupby(["behaviour", "layer", "neuron"])["verdict"]
+                .agg(lambda v: bool((v == "open").any())).rename("controls"))
     out = pd.concat([strength, controls], axis=1).reset_index()
     out["control_strength"] = out["control_strength"].fillna(0.0)
     return out

@@ -216,7 +216,7 @@ def stability(
     records = []
     for s in range(n_splits):
         halves = [[], []]
-        for g, (ids, rows) in data.items():
+        for ids, rows in data.values():
             a, b = split_halves(ids, seed + s)
             pos = {p: r for r, p in enumerate(ids)}
             halves[0].append(rows[[pos[p] for p in a]].mean(0))
@@ -329,7 +329,8 @@ def ablation_curve(
     if k_values[-1] > len(ranked):
         raise NeuronAuditError(f"k={k_values[-1]} exceeds the {len(ranked)} ranked neurons")
     neurons = list(zip(ranked["layer"].astype(int), ranked["neuron"].astype(int)))
-    flags = ranked["super_weight_outlier"].to_numpy(bool) if "super_weight_outlier" in ranked else np.zeros(len(ranked), bool)
+    flags = (ranked["super_weight_outlier"].to_numpy(bool) if "super_weight_outlier" in ranked
+             else np.zeros(len(ranked), bool))
     outliers = {n for n, f in zip(neurons, flags) if f}
     k_max = k_values[-1]
     candidates = neurons[:k_max]
@@ -354,7 +355,8 @@ def ablation_curve(
             return
         say(f"k={k} {kind} {replicate}")
         plan = ablation_plan(neuron_set, positions) if neuron_set else None
-        report = capability_report(model, tokenizer, adapter, generic_texts, task_prompts, plan=plan, **capability_kwargs)
+        report = capability_report(model, tokenizer, adapter, generic_texts, task_prompts, plan=plan,
+                                   **capability_kwargs)
         row = _curve_row(k, kind, replicate, neuron_set, outliers, report, groups)
         rows.append(row)
         if checkpoint is not None:
@@ -392,7 +394,8 @@ def summarise_curve(curve: pd.DataFrame, groups: Sequence[str], n_random: int) -
     baseline = None
     if len(base):
         b = base.iloc[0]
-        baseline = {"perplexity": float(b["perplexity"]), **{f"accuracy__{g}": float(b[f"accuracy__{g}"]) for g in groups}}
+        baseline = {"perplexity": float(b["perplexity"]),
+                    **{f"accuracy__{g}": float(b[f"accuracy__{g}"]) for g in groups}}
     per_k = []
     for k in sorted(curve.loc[curve["kind"] == "keystone", "k"].unique()):
         ks = curve[(curve["k"] == k) & (curve["kind"] == "keystone")].iloc[0]

@@ -17,8 +17,8 @@ DISCOVERY split of each prompt set, per neuron ``(l, i)``:
                 are one matrix product ``C @ A / n``. Memory is ``n_boot × chunk`` per step, with
                 layers read one at a time and neurons processed in chunks.
 
-Layers 0 and 1 are not screened by default (``skip_layers``, as in SCIENCE.md §3); their rows stay in the table with ``screened=False``
-and no rank, so the table holds every neuron and the CAA baseline can use every layer.
+Layers 0 and 1 are not screened by default (``skip_layers``, as in SCIENCE.md §3); their rows stay in
+the table with ``screened=False`` and no rank, so the table holds every neuron and the CAA baseline can use every layer.
 
 *Universal* neurons fire strongly on almost everything: a neuron is universal when it is among
 its layer's top-``top_n`` (default 20) neurons by ``|a|`` at the last token on at least
@@ -109,7 +109,8 @@ def contrast(
     """Per-neuron contrast of ``pos [n⁺, N]`` vs ``neg [n⁻, N]``.
 
     Returns ``delta, std_delta, mean_pos, mean_neg, std_pos, std_neg`` and, with the bootstrap
-    count matrices (:func:`neuronaudit.evaluation.stats.bootstrap_count_matrices`), ``ci_low, ci_high`` (percentile CI at ``ci``).
+    count matrices (:func:`neuronaudit.evaluation.stats.bootstrap_count_matrices`), ``ci_low, ci_high``
+    (percentile CI at ``ci``).
     """
     n_pos, n_neg = pos.shape[0], neg.shape[0]
     if n_pos < 2 or n_neg < 2:
@@ -206,9 +207,9 @@ def screen(
     neg_ids = None if neg_ids is None else list(neg_ids)
     boot = None
     frames = []
-    universal = (
-        universal_neurons(diverse_last_tokens, layers, universal_top_n, universal_fraction) if diverse_last_tokens else None
-    )
+    universal = None
+    if diverse_last_tokens:
+        universal = universal_neurons(diverse_last_tokens, layers, universal_top_n, universal_fraction)
     for layer in layers:
         _, pos = pos_last_token.layer(layer, pos_ids)
         _, neg = neg_last_token.layer(layer, neg_ids)

@@ -356,7 +356,8 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
         prompt_texts = [prompts["text"].iloc[p] for p in range(P) for _ in range(R)]
         types = judge.classify(prompt_texts, texts_h, metrics)
         flip = flips(spec["oracle"], texts_h, types, [extra[p] for p in range(P) for _ in range(R)])
-        frame = pd.DataFrame([{**meta[r], "prompt_id": prompts["prompt_id"].iloc[p]} for p in range(P) for r in range(R)])
+        frame = pd.DataFrame([{**meta[r], "prompt_id": prompts["prompt_id"].iloc[p]}
+                              for p in range(P) for r in range(R)])
         frame = frame.assign(behaviour=behaviour, horizon=h, response=texts_h, n_tokens=lens,
                              repetition_ratio=rep, perplexity=ppl, entropy=ent, rollout_type=types,
                              collapse=[t == "collapse" for t in types], flip=flip)
@@ -402,13 +403,14 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
     table["budget"] = [geo.loc[(l, n), "budget"] for l, n in zip(table["layer"], table["neuron"])]
     table["c0"] = [geo.loc[(l, n), "c0"] for l, n in zip(table["layer"], table["neuron"])]
     info = neurons.set_index(["behaviour", "layer", "neuron"])
-    table["kind"] = [info.loc[(b, l, n), "kind"] for b, l, n in zip(table["behaviour"], table["layer"], table["neuron"])]
+    keys = list(zip(table["behaviour"], table["layer"], table["neuron"]))
+    table["kind"] = [info.loc[k, "kind"] for k in keys]
     table["band"] = [layer_band(int(l), n_layers) for l in table["layer"]]
-    split = split_neurons(sorted({(b, l, n) for b, l, n in zip(table.behaviour, table.layer, table.neuron)}), n_heldout, seed)
-    table["split"] = [split[(b, l, n)] for b, l, n in zip(table.behaviour, table.layer, table.neuron)]
+    split = split_neurons(sorted(set(keys)), n_heldout, seed)
+    table["split"] = [split[k] for k in keys]
     # single-pass curves on generic prompts, per (neuron, sign)
     sp = single.assign(sign=np.sign(single["x"]).astype(int), x_abs=single["x"].abs())
-    curves = {(l, n, s): (g["x_abs"].to_numpy(), g["kl"].to_numpy()) for (l, n, s), g in sp.groupby(["layer", "neuron", "sign"])}
+    curves = {key: (g["x_abs"].to_numpy(), g["kl"].to_numpy()) for key, g in sp.groupby(["layer", "neuron", "sign"])}
     max_align = sp.groupby(["layer", "neuron", "sign"]).agg(
         max_write=("alignment_write", lambda a: float(np.nanmax(np.abs(a)))),
         max_readout=("alignment_readout", lambda a: float(np.nanmax(np.abs(a)))),
@@ -439,7 +441,8 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
     trigger_alignment = float(np.median(trig_align)) if trig_align else float("nan")
     table["failure_mode"] = [
         classify_failure(v, int(l), n_layers, mw, mr, trigger_alignment)
-        for v, l, mw, mr in zip(table["verdict"], table["layer"], table["max_alignment_write"], table["max_alignment_readout"])
+        for v, l, mw, mr in zip(table["verdict"], table["layer"], table["max_alignment_write"],
+                                table["max_alignment_readout"])
     ]
     fitted = {"c_star": c_star, "kl_threshold": tau, "trigger_readout_alignment": trigger_alignment}
     return table, fitted
