@@ -1,4 +1,5 @@
-"""Gradient attribution: autograd at the MLP sites equals finite differences; readout geometry."""
+"""Gradient attribution: autograd at the MLP sites equals finite differences, per-prompt signs do
+not cancel in the absolute score, AtP from the two aggregates; readout geometry."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.methods.attribution import (
     attribution_patching,
+    attribution_patching_scores,
     behaviour_metric,
     gradient_scores,
     opening_token_ids,
@@ -34,21 +36,58 @@ def test_gradient_matches_finite_difference_at_the_last_token(llama, tokenizer):
     model._adapter = adapter
     beh, dflt = opening_token_ids(tokenizer, ["I", "Sorry"]), opening_token_ids(tokenizer, ["Here", "Sure"])
     scores = gradient_scores(model, tokenizer, adapter, TEXTS, beh, dflt, batch_size=2)
-    assert scores["grad"].shape == (adapter.n_layers, adapter.n_neurons)
+    assert scores["grad"].shape == scores["grad_signed"].shape == (adapter.n_layers, adapter.n_neurons)
     eps = 1e-2
     for layer, neuron in [(0, 3), (2, 40), (3, 100)]:
         up = _metric(model, tokenizer, beh, dflt,
                      InterventionPlan.broadcast([NeuronEdit.dose(layer, neuron, eps, ["last_prompt"])]))
         down = _metric(model, tokenizer, beh, dflt,
                        InterventionPlan.broadcast([NeuronEdit.dose(layer, neuron, -eps, ["last_prompt"])]))
-        fd = ((up - down) / (2 * eps)).mean()
-        assert scores["grad"][layer, neuron] == pytest.approx(fd, rel=2e-2, abs=1e-5)
+        fd = (up - down) / (2 * eps)  # per prompt
+        assert scores["grad_signed"][layer, neuron] == pytest.approx(fd.mean(), rel=2e-2, abs=1e-5)
+        assert scores["grad"][layer, neuron] == pytest.approx(np.abs(fd).mean(), rel=2e-2, abs=1e-5)
     np.testing.assert_allclose(scores["metric"], _metric(model, tokenizer, beh, dflt), atol=1e-5)
+
+
+def test_opposite_gradients_cancel_in_the_signed_mean_only(llama, tokenizer):
+    """The same prompt twice, the behaviour and default tokens swapped on the second: m₂ = −m₁, so
+    every neuron's two per-prompt gradients are opposite. The signed mean is 0, the absolute mean
+    is the size of one prompt's gradient."""
+    model, adapter = llama
+    a, b = opening_token_ids(tokenizer, ["I"]), opening_token_ids(tokenizer, ["Here"])
+    text = TEXTS[0]
+    one = gradient_scores(model, tokenizer, adapter, [text], a, b)
+    both = gradient_scores(model, tokenizer, adapter, [text, text], [a, b], [b, a], batch_size=2)
+    np.testing.assert_allclose(both["metric"], [one["metric"][0], -one["metric"][0]], rtol=1e-5, atol=1e-6)
+    assert np.abs(one["grad_signed"]).max() > 0
+    scale = np.abs(one["grad_signed"]).max()
+    assert np.abs(both["grad_signed"]).max() < 1e-4 * scale  # signs cancel
+    np.testing.assert_allclose(both["grad"], np.abs(one["grad_signed"]), rtol=1e-4, atol=1e-6 * scale)
+    layer, neuron = np.unravel_index(np.argmax(np.abs(one["grad_signed"])), one["grad"].shape)
+    assert both["grad"][layer, neuron] > 0.5 * scale and abs(both["grad_signed"][layer, neuron]) < 1e-4 * scale
+    atp, atp_signed = attribution_patching_scores(both["grad"], both["grad_signed"], 2.0, 0.5)
+    assert atp[layer, neuron] == pytest.approx(1.5 * both["grad"][layer, neuron])
+    assert abs(atp_signed[layer, neuron]) < 1e-4 * scale
 
 
 def test_attribution_patching_is_delta_times_gradient():
     g = np.array([[1.0, -2.0]])
     assert np.allclose(attribution_patching(g, np.array([[3.0, 1.0]]), np.array([[1.0, 1.0]])), [[2.0, 0.0]])
+
+
+def test_atp_is_the_mean_of_per_prompt_absolute_attributions(llama, tokenizer):
+    model, adapter = llama
+    beh, dflt = opening_token_ids(tokenizer, ["I", "Sorry"]), opening_token_ids(tokenizer, ["Here", "Sure"])
+    per_prompt = [gradient_scores(model, tokenizer, adapter, [t], beh, dflt)["grad_signed"] for t in TEXTS]
+    scores = gradient_scores(model, tokenizer, adapter, TEXTS, beh, dflt, batch_size=2)
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(size=scores["grad"].shape), rng.normal(size=scores["grad"].shape)
+    atp, atp_signed = attribution_patching_scores(scores["grad"], scores["grad_signed"], pos, neg)
+    expected = np.mean([np.abs(attribution_patching(g, pos, neg)) for g in per_prompt], axis=0)
+    tol = 1e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(atp, expected, rtol=1e-3, atol=tol)
+    np.testing.assert_allclose(atp_signed, np.mean([attribution_patching(g, pos, neg) for g in per_prompt], axis=0),
+                               rtol=1e-3, atol=tol)
 
 
 def test_a_write_orthogonal_to_the_readout_has_zero_alignment(llama, tokenizer):

@@ -229,3 +229,116 @@ def mean_difference_ci(pos: np.ndarray, neg: np.ndarray, counts_pos: np.ndarray,
         boot = counts_pos @ pos[:, sl] / n_pos - counts_neg @ neg[:, sl] / n_neg  # [n_boot, chunk]
         ci_low[sl], ci_high[sl] = np.percentile(boot, [lo_q, hi_q], axis=0)
     return ci_low, ci_high
+
+
+# --- Spearman ρ with a permutation p-value and a paired BCa interval ------------------------
+
+
+@dataclass(frozen=True)
+class SpearmanTest:
+    """Spearman ρ of ``n`` pairs, its two-sided permutation p-value and a paired bootstrap CI.
+
+    ``n_degenerate_resamples`` counts the bootstrap resamples on which ρ is undefined (a side
+    constant); they are left out of a percentile interval, never out of this count. ``ci_method``
+    is ``'BCa'``, ``'percentile'`` (BCa could not be computed: ``ci_fallback_reason`` says why)
+    or ``'none'`` (no interval: ``ci_fallback_reason`` says why).
+    """
+
+    rho: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    n_degenerate_resamples: int
+    ci_method: str
+    ci_fallback_reason: str | None
+    n_boot: int
+    n_permutations: int
+    level: float
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def _rank_pearson(ra: np.ndarray, rb: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson correlation of rank arrays along ``axis`` (NaN where a side is constant)."""
+    ra = np.moveaxis(np.asarray(ra, float), axis, -1)
+    rb = np.moveaxis(np.asarray(rb, float), axis, -1)
+    ca = ra - ra.mean(axis=-1, keepdims=True)
+    cb = rb - rb.mean(axis=-1, keepdims=True)
+    den = np.sqrt((ca * ca).sum(-1) * (cb * cb).sum(-1))
+    constant = (np.ptp(ra, axis=-1) == 0) | (np.ptp(rb, axis=-1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (ca * cb).sum(-1) / den
+    return np.where(constant, np.nan, np.clip(r, -1.0, 1.0))
+
+
+def _spearman_along(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman ρ along ``axis`` of (batches of) paired samples; NaN where a side is constant."""
+    return _rank_pearson(stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis), axis=axis)
+
+
+def spearman_permutation_bca(x: Sequence[float], y: Sequence[float], n_permutations: int = 9999,
+                             n_boot: int = MIN_RESAMPLES, seed: int = 0, level: float = 0.95) -> SpearmanTest:
+    """Spearman ρ of paired values with a permutation p-value and a paired BCa bootstrap CI.
+
+    Non-finite pairs are dropped first (``n`` counts the rest). The p-value is two-sided, from
+    ``scipy.stats.permutation_test`` permuting one side against the other (exact when ``n!`` is
+    at most ``n_permutations``). The interval is ``scipy.stats.bootstrap(..., paired=True,
+    method='BCa')`` over pairs; when BCa cannot be computed (a resample or a leave-one-out sample
+    with a constant side, or every resample equal), the percentile interval of the resamples on
+    which ρ is defined is reported instead, with the reason in ``ci_fallback_reason``. Undefined
+    resamples are counted in ``n_degenerate_resamples``. With fewer than 3 pairs or a constant
+    side, ρ, p and the interval are NaN and ``ci_method`` is ``'none'``.
+    """
+    _check_resamples(n_boot)
+    if n_permutations < 1:
+        raise NeuronAuditError(f"n_permutations {n_permutations!r} must be at least 1")
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise NeuronAuditError(f"Spearman ρ needs two paired 1-d samples, got shapes {x.shape} and {y.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = int(len(x))
+
+    def empty(reason: str) -> SpearmanTest:
+        return SpearmanTest(math.nan, math.nan, math.nan, math.nan, n, 0, "none", reason, n_boot, n_permutations,
+                            level)
+
+    if n < 3:
+        return empty(f"fewer than 3 pairs (n = {n})")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return empty("a side is constant: ρ is undefined")
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    rho = float(_rank_pearson(rx, ry))
+    perm = stats.permutation_test(
+        (rx,), lambda a, axis=-1: _rank_pearson(a, ry, axis=axis), permutation_type="pairings", vectorized=True,
+        n_resamples=n_permutations, alternative="two-sided", random_state=np.random.default_rng(seed),
+    )
+    p_value = float(min(1.0, perm.pvalue))
+    with warnings.catch_warnings(record=True) as caught, np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("always", stats.DegenerateDataWarning)
+        res = stats.bootstrap((x, y), _spearman_along, n_resamples=n_boot, confidence_level=level, method="BCa",
+                              paired=True, vectorized=True, batch=min(n_boot, 1000),
+                              random_state=np.random.default_rng(seed))
+    dist = np.asarray(res.bootstrap_distribution, float)
+    defined = dist[np.isfinite(dist)]
+    n_degenerate = int(dist.size - defined.size)
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if math.isfinite(lo) and math.isfinite(hi):
+        return SpearmanTest(rho, p_value, lo, hi, n, n_degenerate, "BCa", None, n_boot, n_permutations, level)
+    if n_degenerate:
+        reason = (f"BCa undefined: {n_degenerate} of {dist.size} resamples have a constant side (ρ undefined); "
+                  f"percentile interval of the {defined.size} defined resamples")
+    elif np.ptp(defined) == 0:
+        reason = "BCa undefined: every resample gives the same ρ (degenerate bootstrap distribution)"
+    else:
+        detail = next((str(w.message) for w in caught if issubclass(w.category, stats.DegenerateDataWarning)), "")
+        reason = ("BCa undefined: the jackknife acceleration is not finite (a leave-one-out sample has a constant "
+                  "side)" + (f"; scipy: {detail}" if detail else ""))
+    if defined.size == 0:
+        return SpearmanTest(rho, p_value, math.nan, math.nan, n, n_degenerate, "none",
+                            reason + "; no resample defines ρ", n_boot, n_permutations, level)
+    alpha = (1 - level) / 2
+    return SpearmanTest(rho, p_value, float(np.quantile(defined, alpha)), float(np.quantile(defined, 1 - alpha)),
+                        n, n_degenerate, "percentile", reason, n_boot, n_permutations, level)

@@ -5,10 +5,27 @@ default-opening tokens at the first answer position (the last prompt token):
 
     m = logsumexp(log p[behaviour tokens]) − logsumexp(log p[default tokens]).
 
-Gradient scores are ``∂m/∂a_{l,i}`` at the last prompt token, averaged over prompts, and
-attribution patching (AtP, arXiv 2403.00745) ``(ā⁺ − ā⁻)·∂m/∂a`` evaluated on the negative
-(default-behaviour) prompts. Gradients are taken only at the MLP activation sites with
-``torch.autograd.grad`` (no parameter gradients), batch by batch, so memory stays bounded.
+Gradient scores are ``∂m/∂a_{l,i}`` at the last prompt token of each prompt ``p`` the caller
+passes (the attribution stage passes the prompts the window stage sweeps), aggregated two ways:
+
+* ``grad`` = mean over prompts of ``|∂m/∂a_p|`` (a neuron pushed up on some prompts and down on
+  others scores by the size of its effects, which do not cancel);
+* ``grad_signed`` = mean over prompts of the signed ``∂m/∂a_p`` (signs can cancel).
+
+Attribution patching (AtP, arXiv 2403.00745) multiplies each prompt's gradient by a fixed
+activation difference ``ā⁺ − ā⁻`` per neuron: ``atp`` = mean over prompts of
+``|(ā⁺ − ā⁻)·∂m/∂a_p|`` and ``atp_signed`` = ``(ā⁺ − ā⁻)·mean ∂m/∂a_p``. The means ``ā⁺`` and
+``ā⁻`` are whatever the caller passes; the attribution stage passes the screen's last-token means
+over the discovery split of the behaviour's positive and negative prompt sets, while the
+gradient is taken on the held-out swept prompts (the positive set for refusal, the negative set
+for the mode switches): ``ā⁺ − ā⁻`` and ``∂m/∂a_p`` rest on different prompts. Gradients are taken only at the
+MLP activation sites with ``torch.autograd.grad`` (no parameter gradients), batch by batch, and
+only the per-neuron sums of ``∂m/∂a_p`` and ``|∂m/∂a_p|`` are kept, so memory stays bounded.
+
+The comparison with measured control (:func:`compare`) reports, for every score, Spearman ρ of
+``|score|`` with control strength, with ``n``, a permutation p-value and a paired BCa bootstrap CI
+(:func:`neuronaudit.evaluation.stats.spearman_permutation_bca`); behaviours are pooled only after
+ranking within each one.
 
 The geometric explanation the law offers: a controller whose write ``v`` is nearly orthogonal to
 the readout direction ``u = g ⊙ (mean W_U[behaviour] − mean W_U[default])`` (``g`` the final
@@ -25,7 +42,7 @@ import pandas as pd
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.evaluation.stats import spearman_ci
+from neuronaudit.evaluation.stats import spearman_permutation_bca
 from neuronaudit.interventions.hooks import NeuronHooks
 
 
@@ -68,14 +85,16 @@ def gradient_scores(
     default_ids: Sequence[int], batch_size: int = 8, max_length: int = 256,
     add_special_tokens: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Mean over prompts of ``∂m/∂a`` and of ``a`` at the last prompt token, and mean ``m``.
+    """Gradient of ``m`` at the last prompt token of each of ``texts``, aggregated over prompts.
 
-    Returns ``grad [n_layers, n_neurons]``, ``activation [n_layers, n_neurons]``, ``metric``
-    (per prompt).
+    Returns ``grad [n_layers, n_neurons]`` (mean over prompts of ``|∂m/∂a_p|``), ``grad_signed``
+    (mean over prompts of ``∂m/∂a_p``), ``activation`` (mean ``a`` at the last prompt token) and
+    ``metric`` (``m`` per prompt). Per-prompt gradients are reduced batch by batch.
     """
     device = next(model.parameters()).device
     n_layers, n = adapter.n_layers, adapter.n_neurons
     grad_sum = np.zeros((n_layers, n))
+    abs_sum = np.zeros((n_layers, n))
     act_sum = np.zeros((n_layers, n))
     metrics: list[float] = []
     tokenizer.padding_side = "left"
@@ -105,11 +124,14 @@ def gradient_scores(
         with torch.no_grad():
             idx = last["index"]
             for layer, g in zip(layers, grads):
-                grad_sum[layer] += g[rows, idx].double().sum(0).cpu().numpy()
+                per_prompt = g[rows, idx].double()
+                grad_sum[layer] += per_prompt.sum(0).cpu().numpy()
+                abs_sum[layer] += per_prompt.abs().sum(0).cpu().numpy()
                 act_sum[layer] += captured[layer][rows, idx].double().sum(0).cpu().numpy()
         metrics.extend(m.detach().cpu().tolist())
     count = max(len(metrics), 1)
-    return {"grad": grad_sum / count, "activation": act_sum / count, "metric": np.array(metrics)}
+    return {"grad": abs_sum / count, "grad_signed": grad_sum / count, "activation": act_sum / count,
+            "metric": np.array(metrics)}
 
 
 def _batch_ids(ids, start: int, n: int):
@@ -117,9 +139,20 @@ def _batch_ids(ids, start: int, n: int):
     return ids[start : start + n] if per_row else ids
 
 
-def attribution_patching(grad_negative: np.ndarray, act_positive: np.ndarray, act_negative: np.ndarray) -> np.ndarray:
-    """AtP estimate of moving each neuron from its negative to its positive mean: ``(ā⁺ − ā⁻)·∂m/∂a``."""
-    return (act_positive - act_negative) * grad_negative
+def attribution_patching(grad: np.ndarray, act_positive: np.ndarray, act_negative: np.ndarray) -> np.ndarray:
+    """AtP estimate of moving each neuron from its negative to its positive mean: ``(ā⁺ − ā⁻)·∂m/∂a``,
+    for whatever gradient ``grad`` is passed (one prompt's, or a mean over prompts)."""
+    return (act_positive - act_negative) * grad
+
+
+def attribution_patching_scores(grad_abs, grad_signed, act_positive, act_negative) -> tuple:
+    """``(atp, atp_signed)`` from the two gradient aggregates of :func:`gradient_scores`.
+
+    ``ā⁺ − ā⁻`` is one number per neuron, so the mean over prompts of ``|(ā⁺ − ā⁻)·∂m/∂a_p|`` is
+    ``|ā⁺ − ā⁻| · mean |∂m/∂a_p|`` exactly, and the signed mean is ``(ā⁺ − ā⁻) · mean ∂m/∂a_p``.
+    """
+    diff = np.asarray(act_positive, float) - np.asarray(act_negative, float)
+    return np.abs(diff) * np.asarray(grad_abs, float), diff * np.asarray(grad_signed, float)
 
 
 def readout_direction(adapter, behaviour_ids: Sequence[int], default_ids: Sequence[int]) -> torch.Tensor:
@@ -149,13 +182,15 @@ def readout_alignment(adapter, behaviour_ids: Sequence[int], default_ids: Sequen
     return out
 
 
-SCORES = ("grad", "atp", "delta", "std_delta", "dose_response")
-
-
-GRADIENT_SCORES = ("grad", "atp")
+#: Gradient scores: mean over prompts of |per-prompt attribution| and the signed mean of each.
+GRADIENT_SCORES = ("grad", "grad_signed", "atp", "atp_signed")
 
 
 FORWARD_SCORES = ("delta", "std_delta", "dose_response")
+
+
+#: Every score compared with measured control (each as |score|).
+SCORES = (*GRADIENT_SCORES, *FORWARD_SCORES)
 
 
 def metric_token_ids(tokenizer, spec: Mapping, extras: pd.DataFrame) -> tuple[list, list]:
@@ -195,17 +230,81 @@ def precision_at_k(score: np.ndarray, truth: np.ndarray) -> tuple[float, float, 
     return hits / k, hits / k, k
 
 
-def compare(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Spearman ρ with CIs and precision@k of each score, per behaviour and pooled."""
+#: What each compared score is (the comparison ranks every score by its absolute value).
+SCORE_DESCRIPTIONS = {
+    "grad": "mean over prompts of |dm/da| at the last prompt token",
+    "grad_signed": "mean over prompts of the signed dm/da (signs can cancel); compared as |mean|",
+    "atp": "mean over prompts of |(mean_pos - mean_neg) * dm/da|",
+    "atp_signed": "(mean_pos - mean_neg) * mean over prompts of dm/da (signs can cancel); compared as |.|",
+    "delta": "screen delta = mean_pos - mean_neg; compared as |delta|",
+    "std_delta": "screen delta / pooled std; compared as |std_delta|",
+    "dose_response": ("single-pass change of m under +-1 budget unit (half the difference of the signs); "
+                      "compared as |.|"),
+}
+
+
+def within_behaviour_ranks(table: pd.DataFrame, column: str, absolute: bool = True) -> pd.Series:
+    """Percentile rank (average ties, in (0, 1]) of ``column`` (its absolute value by default)
+    within each behaviour; NaN stays NaN."""
+    values = table[column].astype(float)
+    if absolute:
+        values = values.abs()
+    return values.groupby(table["behaviour"]).rank(pct=True, method="average")
+
+
+def _spearman_entry(x, y, n_permutations: int, n_boot: int, seed: int) -> dict:
+    r = spearman_permutation_bca(x, y, n_permutations=n_permutations, n_boot=n_boot, seed=seed)
+    return {"n": r.n, "spearman_rho": r.rho, "p_value": r.p_value, "rho_ci95": [r.ci_low, r.ci_high],
+            "ci_method": r.ci_method, "ci_fallback_reason": r.ci_fallback_reason,
+            "n_degenerate_resamples": r.n_degenerate_resamples, "n_boot": r.n_boot,
+            "n_permutations": r.n_permutations}
+
+
+def _varies(values: pd.Series) -> bool:
+    finite = values[np.isfinite(values.to_numpy(float))]
+    return finite.nunique() > 1
+
+
+def compare(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_permutations: int = 9999) -> dict:
+    """Agreement of each score with measured control, per behaviour and pooled (``'all'``).
+
+    Per behaviour, for every score in :data:`SCORES`: Spearman ρ of ``|score|`` with control
+    strength over the neurons with both values finite (``n``), its two-sided permutation p-value
+    (``n_permutations`` permutations of one side, seeded), its paired BCa bootstrap 95% CI over
+    neurons (``n_boot`` resamples, seeded; ``ci_method`` says when BCa was not computable and the
+    percentile interval is given instead, ``ci_fallback_reason`` why, ``n_degenerate_resamples``
+    how many resamples had a constant side), and precision@k / recall@k of the top-k by |score|
+    at recovering the controllers (k = their number).
+
+    Pooled: each score's |value| and the control strength are first turned into percentile ranks
+    within their behaviour, so a behaviour whose scores and controls are both larger on the whole
+    cannot create a correlation by itself; the pooled ranks are then correlated as above, over the
+    behaviours where both sides vary (``behaviours_pooled``). Precision@k pooled ranks neurons by
+    their within-behaviour rank of |score|.
+    """
     out = {}
     for name, g in [("all", table), *table.groupby("behaviour")]:
+        pooled = name == "all"
         entry = {"n_neurons": int(len(g)), "n_controllers": int(g["controls"].sum())}
+        if pooled:
+            entry["pooling"] = "within-behaviour percentile ranks of |score| and of control strength"
         for score in SCORES:
-            x, y = np.abs(g[score].to_numpy(float)), g["control_strength"].to_numpy(float)
-            rho, (lo, hi) = spearman_ci(x, y, n_boot=n_boot, seed=seed)
-            prec, rec, k = precision_at_k(g[score].to_numpy(float), g["controls"].to_numpy(bool))
-            entry[score] = {"spearman_rho": rho, "rho_ci95": [lo, hi], "precision_at_k": prec, "recall_at_k": rec,
-                            "k": k}
+            if pooled:
+                x = within_behaviour_ranks(g, score)
+                y = within_behaviour_ranks(g, "control_strength", absolute=False)
+                keep = [b for b, gb in g.groupby("behaviour")
+                        if _varies(gb[score].abs()) and _varies(gb["control_strength"])]
+                mask = g["behaviour"].isin(keep).to_numpy()
+                stat = _spearman_entry(x.to_numpy(float)[mask], y.to_numpy(float)[mask], n_permutations, n_boot,
+                                       seed)
+                stat["behaviours_pooled"] = sorted(str(b) for b in keep)
+                ranking = x.to_numpy(float)
+            else:
+                ranking = g[score].to_numpy(float)
+                stat = _spearman_entry(np.abs(ranking), g["control_strength"].to_numpy(float), n_permutations,
+                                       n_boot, seed)
+            prec, rec, k = precision_at_k(ranking, g["controls"].to_numpy(bool))
+            entry[score] = {**stat, "precision_at_k": prec, "recall_at_k": rec, "k": k}
         cos = np.abs(g["readout_cos"].to_numpy(float))
         ctrl = g["controls"].to_numpy(bool)
         entry["abs_readout_cos"] = {
@@ -217,7 +316,8 @@ def compare(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
 
 
 def missed_by_gradient(table: pd.DataFrame) -> list[dict]:
-    """Controllers in the bottom half of |grad| that are in the top half of |std_delta|."""
+    """Controllers in the bottom half of ``grad`` (mean over prompts of |∂m/∂a|) that are in the
+    top half of |std_delta|, per behaviour."""
     out = []
     for b, g in table.groupby("behaviour"):
         grad_rank = g["grad"].abs().rank(ascending=False)
@@ -225,24 +325,47 @@ def missed_by_gradient(table: pd.DataFrame) -> list[dict]:
         half = len(g) / 2
         for i in g.index[g["controls"] & (grad_rank > half) & (fwd_rank <= half)]:
             r = g.loc[i]
-            out.append({"behaviour": b, "layer": int(r.layer), "neuron": int(r.neuron), "grad": float(r.grad),
-                        "std_delta": float(r.std_delta), "readout_cos": float(r.readout_cos)})
+            row = {"behaviour": b, "layer": int(r.layer), "neuron": int(r.neuron), "grad": float(r.grad)}
+            if "grad_signed" in g:
+                row["grad_signed"] = float(r.grad_signed)
+            row.update({"std_delta": float(r.std_delta), "readout_cos": float(r.readout_cos)})
+            out.append(row)
     return out
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _rho_text(e: Mapping) -> str:
+    """``ρ = …, 95% CI …–… (BCa), p = …, n = …`` for one comparison entry."""
+    lo, hi = (e.get("rho_ci95") or [math.nan, math.nan])[:2]
+    ci = (f"95% CI {lo:.2f}–{hi:.2f} ({e.get('ci_method')})" if _finite(lo) and _finite(hi)
+          else "no CI")
+    p = e.get("p_value", math.nan)
+    return f"{e['spearman_rho']:.2f} ({ci}, permutation p = {p:.2g}, n = {e.get('n')})"
+
+
 def statement(comparison: dict) -> str:
+    """One sentence on the anti-prediction, from the pooled ``grad`` (mean |∂m/∂a| over prompts)."""
     e = comparison.get("all", {})
-    g, f = e.get("grad", {}), e.get("std_delta", {})
-    rg, rf = g.get("spearman_rho", math.nan), f.get("spearman_rho", math.nan)
-    if not (isinstance(rg, float) and math.isfinite(rg)):
+    g, f, s = e.get("grad", {}), e.get("std_delta", {}), e.get("grad_signed", {})
+    rg = g.get("spearman_rho", math.nan)
+    if not _finite(rg):
         return "Not measurable here: too few neurons with variation in measured control."
-    lo, hi = g["rho_ci95"]
-    if hi < 0:
+    lo, hi = (g.get("rho_ci95") or [math.nan, math.nan])[:2]
+    if not (_finite(lo) and _finite(hi)):
+        verdict = "neither reproduces nor refutes it: the CI of ρ for |gradient| cannot be computed"
+    elif hi < 0:
         verdict = "reproduces the anti-prediction (ρ of |gradient| with control is negative, CI below 0)"
     elif lo > 0:
         verdict = "does not reproduce it: |gradient| predicts control positively (CI above 0)"
     else:
         verdict = "neither reproduces nor refutes it: the CI of ρ for |gradient| includes 0"
-    return (f"This model {verdict}; ρ(|∂m/∂a|, control) = {rg:.2f} (95% CI {lo:.2f}–{hi:.2f}), "
-            f"ρ(|standardised δ|, control) = {rf:.2f} (95% CI {f['rho_ci95'][0]:.2f}–{f['rho_ci95'][1]:.2f}), "
-            f"over {e['n_neurons']} neurons of which {e['n_controllers']} control.")
+    parts = [f"This model {verdict}; ρ(|∂m/∂a|, control) = {_rho_text(g)}, with |∂m/∂a| averaged over prompts"]
+    if _finite(s.get("spearman_rho", math.nan)):
+        parts.append(f"ρ(|mean signed ∂m/∂a|, control) = {_rho_text(s)}")
+    if _finite(f.get("spearman_rho", math.nan)):
+        parts.append(f"ρ(|standardised δ|, control) = {_rho_text(f)}")
+    return ("; ".join(parts) + f"; pooled over behaviours after ranking within each, over {e['n_neurons']} "
+            f"neurons of which {e['n_controllers']} control.")

@@ -2,8 +2,15 @@
 
 For every behaviour, every candidate neuron of the window stage gets
 
-* gradient scores: ``∂m/∂a`` and attribution patching ``(ā⁺ − ā⁻)·∂m/∂a`` at the last prompt
-  token of the swept prompts (:mod:`neuronaudit.methods.attribution`);
+* gradient scores (:mod:`neuronaudit.methods.attribution`), from ``∂m/∂a_p`` at the last prompt
+  token of each swept prompt ``p`` (the held-out split of the set the window stage sweeps — the
+  positive set for refusal, the negative set for the mode switches — first ``window.n_prompts``):
+  ``grad`` = mean over prompts of ``|∂m/∂a_p|`` and ``grad_signed`` = mean of the signed
+  ``∂m/∂a_p``; attribution patching ``atp`` = mean over prompts of ``|(ā⁺ − ā⁻)·∂m/∂a_p|`` and
+  ``atp_signed`` = ``(ā⁺ − ā⁻)·mean ∂m/∂a_p``, where ``ā⁺`` and ``ā⁻`` are the screen table's
+  last-token means (``mean_pos``, ``mean_neg``) over the discovery split of the behaviour's
+  positive and negative sets. So the activation difference comes from the screen's prompts and
+  the gradient from the swept prompts;
 * forward scores: the screen's ``δ`` and standardised ``δ``, and the single-pass dose response
   ``Δm`` — the change of the behaviour metric under a dose of ±1 budget unit at the last prompt
   token (half the difference of the two signs), from one batched last-token sweep;
@@ -11,9 +18,13 @@ For every behaviour, every candidate neuron of the window stage gets
 * ground truth from the window: ``controls`` (a trigger below the ceiling in either sign) and
   ``control_strength`` (the largest flip fraction at any coherent dose, final horizon).
 
-The comparison reports Spearman ρ of each |score| with control strength (bootstrap CIs over
-neurons), precision@k / recall@k at recovering the controllers (k = their number), and the
-controllers that the gradient ranks low while the forward screen ranks them high.
+The comparison (:func:`neuronaudit.methods.attribution.compare`) reports, for each |score|
+(absolute and signed gradient variants alike), Spearman ρ with control strength beside its ``n``,
+a two-sided permutation p-value, a paired BCa bootstrap 95% CI over neurons (``ci_method`` names
+a percentile fallback and ``ci_fallback_reason`` why; ``n_degenerate_resamples`` counts the
+resamples with a constant side), precision@k / recall@k at recovering the controllers (k = their
+number); behaviours are pooled only after ranking within each. It also lists the controllers that
+the gradient ranks low while the forward screen ranks them high.
 """
 
 from __future__ import annotations
@@ -27,9 +38,10 @@ import pandas as pd
 import pyarrow as pa
 
 from neuronaudit.interventions.sweeps import last_token_dose_sweep
-from neuronaudit.io import provenance, write_json, write_table
+from neuronaudit.io import provenance, read_provenance, write_json, write_table
 from neuronaudit.methods import attribution as attr
 from neuronaudit.methods.attribution import (
+    SCORE_DESCRIPTIONS,
     compare,
     control_strength,
     metric_token_ids,
@@ -41,6 +53,11 @@ from neuronaudit.prompts import extras, render_prompts, uses_template
 from neuronaudit.stages.common import OpenedModel, open_model, read_prompts, read_table
 
 log = logging.getLogger(__name__)
+
+#: Permutations behind each Spearman ρ's p-value.
+N_PERMUTATIONS = 9999
+#: The split of the swept prompt table the gradient is taken on (the window stage sweeps it too).
+GRADIENT_SPLIT = "heldout"
 
 
 def run_attribution(
@@ -54,6 +71,7 @@ def run_attribution(
     out_summary: str | Path,
     options: AttributionOptions,
     threads: int | None = None,
+    n_permutations: int = N_PERMUTATIONS,
 ) -> dict:
     """Gradient and forward scores of every window candidate against its measured control."""
     o = options
@@ -61,18 +79,20 @@ def run_attribution(
     sweeps = read_table(sweeps_table, "sweeps table")
     truth = control_strength(sweeps, window)
     opened = open_model(manifest_path, o.model, threads)
-    rows = []
+    rows, prompt_sets = [], {}
     for behaviour, spec in behaviours.items():
         neurons = window[window["behaviour"] == behaviour].drop_duplicates(["layer", "neuron"])
         if neurons.empty:
             continue
-        prompts = read_prompts(behaviour_prompts[behaviour], "heldout", o.n_prompts)
+        prompts = read_prompts(behaviour_prompts[behaviour], GRADIENT_SPLIT, o.n_prompts)
         screen = read_table(screen_scores[behaviour], "screen table").set_index(["layer", "neuron"])
         rows += behaviour_scores(opened, behaviour, spec, neurons, prompts, screen, o)
+        prompt_sets[behaviour] = prompt_sources(behaviour_prompts[behaviour], len(prompts), screen_scores[behaviour])
     table = pd.DataFrame(rows).merge(truth, on=["behaviour", "layer", "neuron"], how="left")
-    comparison = compare(table, o.n_boot, o.seed)
+    comparison = compare(table, o.n_boot, o.seed, n_permutations)
     summary = {"comparison": comparison, "missed_by_gradient": missed_by_gradient(table),
-               "statement": statement(comparison), "n_boot": o.n_boot, "seed": o.seed}
+               "statement": statement(comparison), "scores": dict(SCORE_DESCRIPTIONS), "prompts": prompt_sets,
+               "n_prompts": o.n_prompts, "n_boot": o.n_boot, "n_permutations": n_permutations, "seed": o.seed}
     prov = provenance(model_id=opened.manifest.get("source"), weight_sha256=opened.manifest.get("weight_sha256"),
                       seed=o.seed,
                       metric="logsumexp log p(behaviour openers) - logsumexp log p(default openers), last prompt token")
@@ -81,10 +101,24 @@ def run_attribution(
     return summary
 
 
+def prompt_sources(prompt_table: str | Path, n_gradient: int, screen_table: str | Path) -> dict:
+    """Which prompts each gradient score rests on: the swept prompts for ``∂m/∂a`` and the
+    screen's positive and negative prompts for AtP's ``ā⁺ − ā⁻`` (from the tables' provenance)."""
+    swept, screen = read_provenance(prompt_table), read_provenance(screen_table)
+    return {
+        "gradient": {"prompt_set": swept.get("prompt_set"), "split": GRADIENT_SPLIT, "n": n_gradient},
+        "atp_means": {"positive_set": screen.get("positive_set"), "negative_set": screen.get("negative_set"),
+                      "split": screen.get("split"), "n_pos": screen.get("n_pos"), "n_neg": screen.get("n_neg")},
+    }
+
+
 def behaviour_scores(opened: OpenedModel, behaviour: str, spec: Mapping, neurons: pd.DataFrame,
                      prompts: pd.DataFrame, screen: pd.DataFrame, o: AttributionOptions) -> list[dict]:
     """One row per candidate neuron of ``behaviour``: gradient, AtP, screen scores, single-pass dose
-    response and readout geometry (none when the behaviour has no metric tokens)."""
+    response and readout geometry (none when the behaviour has no metric tokens).
+
+    The gradient is taken on ``prompts`` (the swept prompts); AtP's ``ā⁺ − ā⁻`` is ``screen``'s
+    ``mean_pos − mean_neg`` (the screen's positive and negative discovery prompts)."""
     model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
     chat_template, system_prompt = o.model.chat_template, o.model.system_prompt
     beh_ids, def_ids = metric_token_ids(tokenizer, spec, extras(prompts))
@@ -113,10 +147,12 @@ def behaviour_scores(opened: OpenedModel, behaviour: str, spec: Mapping, neurons
     for j, n in enumerate(neurons.itertuples()):
         l, i = int(n.layer), int(n.neuron)
         s = screen.loc[(l, i)]
+        atp, atp_signed = attr.attribution_patching_scores(grads["grad"][l, i], grads["grad_signed"][l, i],
+                                                           s["mean_pos"], s["mean_neg"])
         out.append({
             "behaviour": behaviour, "layer": l, "neuron": i, "kind": n.kind,
-            "grad": float(grads["grad"][l, i]),
-            "atp": float(attr.attribution_patching(grads["grad"][l, i], s["mean_pos"], s["mean_neg"])),
+            "grad": float(grads["grad"][l, i]), "grad_signed": float(grads["grad_signed"][l, i]),
+            "atp": float(atp), "atp_signed": float(atp_signed),
             "delta": float(s["delta"]), "std_delta": float(s["std_delta"]),
             "dose_response": float((delta_m[2 * j] - delta_m[2 * j + 1]) / 2),
             "readout_cos": float(cos[l, i]),
