@@ -29,6 +29,15 @@ N_LAYERS, N_NEURONS = 4, 24
 TYPES = ("refusal", "collapse", "coherent_bypass", "actionable")
 
 
+def _predictor(mae: float, bulk: float) -> dict:
+    """A held-out predictor entry of window/summary.json."""
+    return {"mae_alignment": mae, "mae_alignment_ci95": [mae - 0.05, mae + 0.07], "mae_alignment_bulk": bulk,
+            "n_pairs_bulk": 8, "mae_x": 0.3, "mae_x_ci95": [0.2, 0.4], "n_pairs": 8, "n_neurons": 4,
+            "n_measured_ceiling_censored_at_grid_edge": 1, "n_prediction_missing_counted_as_grid_span": 0,
+            "spearman_rho_predicted_vs_measured": 0.4, "spearman_rho_ci95": [-0.2, 0.8],
+            "skill_vs_constant_alignment": 1 - mae / 0.2}
+
+
 def _rate(rng, n: int) -> dict:
     count = int(rng.integers(1, n))
     rate = count / n
@@ -161,13 +170,14 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     mae = 0.1 + 0.05 * seed
     _json({
         "grid": {"horizons": [4, 8], "x": [0.25, 1.0, 4.0]},
-        "verdicts": {"n_heldout_neurons": 4, "correct": 3, "majority_class": "closed", "majority_correct": 2,
-                     "binomial_p_value_vs_majority": 0.31},
-        "predictor_alignment": {"mae_alignment": mae, "mae_alignment_ci95": [mae - 0.05, mae + 0.07],
-                                "mae_alignment_bulk": mae - 0.02, "mae_x": 0.3, "mae_x_ci95": [0.2, 0.4],
-                                "n_with_measured_ceiling": 4},
-        "predictor_kl": {"mae_alignment": 0.08, "mae_alignment_ci95": [0.02, 0.12], "mae_x": 0.1,
-                         "mae_x_ci95": [0.05, 0.2], "n_with_measured_ceiling": 4},
+        "verdicts": {"n_heldout_neurons": 4, "correct": 3, "majority_class_from_training": "closed",
+                     "majority_correct": 2, "only_predictor_right": 2, "only_majority_right": 1,
+                     "mcnemar_exact_p_value": 1.0, "n_with_trigger": 2, "correct_with_trigger": 2,
+                     "majority_correct_with_trigger": 1, "mcnemar_exact_p_value_with_trigger": 1.0},
+        "predictor_alignment": _predictor(mae, mae - 0.02),
+        "predictor_kl": _predictor(0.08, 0.07),
+        "predictor_constant": _predictor(0.2, 0.2),
+        "predictor_raw_dose": _predictor(0.25, 0.22),
         "fitted_on_training_neurons": {"c_star": 0.47, "kl_threshold": 1.0},
         "refusal_pivots": [{"layer": 1, "neuron": 0, "sign": -1, "reach": "actionable", "trigger_x": 0.25,
                             "type_fractions_by_horizon": {"8": {"actionable": 1.0}}},

@@ -8,7 +8,14 @@ import torch
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.interventions.sweeps import generated_dose_sweep
 from neuronaudit.methods import window as law
-from neuronaudit.methods.window import flips, layer_band, pick_candidates, window_table
+from neuronaudit.methods.window import (
+    flips,
+    heldout_summary,
+    layer_band,
+    pick_candidates,
+    trigger_crossing,
+    window_table,
+)
 from neuronaudit.testing import tiny_model
 
 
@@ -73,26 +80,90 @@ def test_flip_rules():
     assert list(flips("format", ["1. apples\n2. pears", "Apples are red."], ["x", "x"], [{}, {}])) == [True, False]
 
 
-def test_window_table_measures_ceilings_triggers_and_verdicts():
-    rows = []
-    for neuron, (trig, ceil) in enumerate([(1.0, 4.0), (4.0, 2.0), (2.0, 8.0), (8.0, 1.0)]):
+def synthetic_sweeps(windows, n_prompts=4, baseline_flip=0, readout=0.95):
+    """Sweeps, single pass, geometry and candidates of neurons with given (trigger, ceiling) in |x|
+    (the positive sign flips, both signs collapse), ``baseline_flip`` prompts flipped at x = 0."""
+    rows = [{"behaviour": "b", "layer": 5, "neuron": 0, "kind": "baseline", "sign": 0, "x": 0.0,
+             "prompt_id": f"p{p}", "horizon": 8, "flip": p < baseline_flip, "collapse": False}
+            for p in range(n_prompts)]
+    for neuron, (trig, ceil) in enumerate(windows):
         for x in (0.5, 1.0, 2.0, 4.0, 8.0):
             for sign in (1, -1):
-                for p in range(4):
-                    rows.append({"behaviour": "b", "layer": 5, "neuron": neuron, "sign": sign, "x": sign * x,
-                                 "prompt_id": f"p{p}", "horizon": 8,
-                                 "flip": sign == 1 and x >= trig, "collapse": x >= ceil})
+                for p in range(n_prompts):
+                    rows.append({"behaviour": "b", "layer": 5 + neuron % 3, "neuron": neuron, "kind": "screened",
+                                 "sign": sign, "x": sign * x, "prompt_id": f"p{p}", "horizon": 8,
+                                 "flip": sign == 1 and trig <= x < ceil, "collapse": x >= ceil})
     sweeps = pd.DataFrame(rows)
-    single = pd.DataFrame([{"layer": 5, "neuron": n, "x": s * x, "kl": x * (n + 1), "entropy": 1.0,
-                            "alignment_write": 0.99, "alignment_readout": 0.5}
-                           for n in range(4) for x in (0.5, 1, 2, 4, 8) for s in (1, -1)])
-    geometry = pd.DataFrame({"layer": 5, "neuron": range(4), "budget": 10.0, "c0": 0.0})
-    neurons = pd.DataFrame({"behaviour": "b", "layer": 5, "neuron": range(4), "kind": "screened"})
+    n = len(windows)
+    layers = [5 + k % 3 for k in range(n)]
+    single = pd.DataFrame([{"layer": layers[k], "neuron": k, "x": s * x, "kl": x * (k + 1), "entropy": 1.0,
+                            "alignment_write": 0.99, "alignment_readout": readout}
+                           for k in range(n) for x in (0.5, 1, 2, 4, 8) for s in (1, -1)])
+    geometry = pd.DataFrame({"layer": layers, "neuron": range(n), "budget": 10.0, "c0": 0.0})
+    neurons = pd.DataFrame({"behaviour": "b", "layer": layers, "neuron": range(n), "kind": "screened"})
+    return sweeps, single, neurons, geometry
+
+
+def test_window_table_measures_ceilings_triggers_and_verdicts():
+    windows = [(1.0, 4.0), (4.0, 2.0), (2.0, 8.0), (8.0, 1.0)]
+    sweeps, single, neurons, geometry = synthetic_sweeps(windows)
     table, fitted = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=2, seed=0)
-    pos = table[table.sign == 1].set_index("neuron")
+    pos = table[table.sign == 1].set_index("neuron").sort_index()
     assert list(pos["ceiling_x"]) == [4.0, 2.0, 8.0, 1.0]
-    assert list(pos["trigger_x_8"]) == [1.0, 4.0, 2.0, 8.0]
+    # a collapsed rollout never counts as a flip: neurons 1 and 3 collapse before they could flip
+    trig = pos["trigger_x_8"].tolist()
+    assert trig[0] == 1.0 and trig[2] == 2.0 and np.isnan(trig[1]) and np.isnan(trig[3])
     assert list(pos["verdict"]) == ["open", "closed", "open", "closed"]
     assert set(table["split"]) == {"train", "heldout"} and (table.groupby("neuron")["split"].nunique() == 1).all()
     assert 0 < fitted["c_star"] < 1
     assert table.loc[table.verdict == "closed", "failure_mode"].eq("collapse_before_trigger").all()
+    assert (table["collapse_x_ci_low"] <= table["ceiling_x"]).all()  # the prompt bootstrap brackets it
+    assert fitted["majority_verdict"] in ("open", "closed")
+
+
+def test_a_trigger_must_beat_the_unintervened_rate():
+    # 3 of 4 prompts flip without any dose: 4/4 at a dose is no trigger (Wilson lower bound 0.51 < 0.75)
+    sweeps, single, neurons, geometry = synthetic_sweeps([(1.0, 8.0)], baseline_flip=3)
+    table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)
+    assert table["trigger_x_8"].isna().all() and (table["baseline_flip"] == 0.75).all()
+    assert trigger_crossing([1.0, 2.0], [12, 12], [12, 12], 0.0) == 1.0
+    assert np.isnan(trigger_crossing([1.0], [5], [12], 0.0))  # below half the prompts
+    assert trigger_crossing([1.0], [9], [12], 0.2) == 1.0 and np.isnan(trigger_crossing([1.0], [9], [12], 0.5))
+
+
+def test_neither_trigger_nor_collapse_and_the_readout_cap_are_their_own_failure_modes():
+    sweeps, single, neurons, geometry = synthetic_sweeps([(99.0, 99.0), (99.0, 2.0)])
+    table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)
+    modes = table.set_index(["neuron", "sign"])["failure_mode"]
+    assert modes[(0, 1)] == "neither_within_grid" and modes[(1, 1)] == "collapse_before_trigger"
+    capped = window_table(*synthetic_sweeps([(99.0, 2.0)], readout=0.5), [8], n_layers=30, n_heldout=0, seed=0)[0]
+    assert capped["failure_mode"].eq("normalisation_cap").all()
+
+
+def test_held_out_ceilings_do_not_leak_into_the_fit():
+    windows = [(1.0, 4.0), (4.0, 2.0), (2.0, 8.0), (8.0, 1.0), (1.0, 2.0), (2.0, 4.0)]
+    sweeps, single, neurons, geometry = synthetic_sweeps(windows)
+    table, fitted = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=3, seed=0)
+    held = set(table.loc[table.split == "heldout", "neuron"])
+    moved = sweeps.copy()
+    mask = moved["neuron"].isin(held) & (moved["kind"] != "baseline")
+    moved.loc[mask, "collapse"] = moved.loc[mask, "x"].abs() >= 0.5  # every held-out ceiling moves to 0.5
+    table2, fitted2 = window_table(moved, single, neurons, geometry, [8], n_layers=30, n_heldout=3, seed=0)
+    assert (table2.loc[table2.split == "heldout", "ceiling_x"] == 0.5).all()
+    for key in ("c_star", "kl_threshold", "train_mean_ceiling_x", "train_median_ceiling_dose", "majority_verdict"):
+        assert fitted2[key] == fitted[key], key
+
+
+def test_heldout_summary_counts_every_case_against_baselines():
+    windows = [(1.0, 4.0), (4.0, 2.0), (2.0, 99.0), (8.0, 1.0), (1.0, 2.0), (2.0, 4.0)]
+    sweeps, single, neurons, geometry = synthetic_sweeps(windows)
+    table, fitted = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=3, seed=0)
+    summary = heldout_summary(table, fitted, n_boot=1000, seed=0)
+    for name in ("alignment", "kl", "constant", "raw_dose"):
+        entry = summary[f"predictor_{name}"]
+        assert entry["n_pairs"] == 6 and entry["n_neurons"] == 3  # both signs of 3 held-out neurons, none dropped
+        assert entry["mae_x_ci95"][0] <= entry["mae_x"] <= entry["mae_x_ci95"][1]
+    assert "skill_vs_constant_alignment" in summary["predictor_alignment"]
+    v = summary["verdicts"]
+    assert v["n_heldout_neurons"] == 3 and 0 <= v["mcnemar_exact_p_value"] <= 1
+    assert v["majority_class_from_training"] == fitted["majority_verdict"]

@@ -497,7 +497,7 @@ def test_null_values_in_the_summaries_show_missing(full, tmp_path):
     path = study / "window" / "summary.json"
     w = json.loads(path.read_text())
     w["predictor_alignment"].update(mae_alignment=None, mae_alignment_ci95=[None, None], mae_alignment_bulk=None)
-    w["verdicts"]["binomial_p_value_vs_majority"] = None
+    w["verdicts"]["mcnemar_exact_p_value"] = None
     path.write_text(json.dumps(w))
     path = study / "attribution" / "summary.json"
     a = json.loads(path.read_text())
@@ -509,4 +509,4 @@ def test_null_values_in_the_summaries_show_missing(full, tmp_path):
     mae = c["window.ceiling_mae_alignment"]
     assert "data-value" not in mae and "missing" in mae["text"]
     assert "data-value" not in c["attribution.rho_grad"] and c["attribution.rho_grad"]["text"].startswith("missing")
-    assert "binomial p = missing" in c["window.verdict_accuracy"]["text"]
+    assert "McNemar p = missing" in c["window.verdict_accuracy"]["text"]

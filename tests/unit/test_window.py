@@ -91,12 +91,13 @@ def test_split_is_seeded_and_sized():
     assert a == b and a != c and sum(v == "heldout" for v in a.values()) == 15
 
 
-def test_verdict_score_matches_published_shape():
+def test_verdict_score_uses_mcnemar_on_the_discordant_neurons():
     measured = ["closed"] * 10 + ["open"] * 5
     predicted = ["closed"] * 9 + ["open"] + ["open"] * 2 + ["closed"] * 3
-    score = score_verdicts(predicted, measured)
+    score = score_verdicts(predicted, measured, majority_class="closed")
     assert (score.correct, score.n, score.majority_correct, score.majority_class) == (11, 15, 10, "closed")
-    assert 0.2 < score.p_value < 0.5  # 11/15 against a 10/15 baseline is not significant
+    # predictor right where the majority is wrong on 2 neurons, the reverse on 1: no evidence either way
+    assert (score.only_predictor_right, score.only_majority_right) == (2, 1) and score.p_value == 1.0
 
 
 def test_bootstrap_ci_brackets_the_mean():
@@ -107,10 +108,13 @@ def test_bootstrap_ci_brackets_the_mean():
 
 
 def test_failure_modes_follow_the_stated_rules():
-    assert classify_failure("open", 10, 30, 0.99, 0.9, 0.5) is None
-    assert classify_failure("closed", 10, 30, 0.6, 0.5, 0.5) == "normalisation_cap"
-    assert classify_failure("closed", 28, 30, 0.99, 0.2, 0.5) == "too_little_depth"
-    assert classify_failure("closed", 10, 30, 0.99, 0.2, 0.5) == "collapse_before_trigger"
+    # (verdict, layer, n_layers, max readout alignment, trigger readout alignment, trigger x, ceiling x)
+    assert classify_failure("open", 10, 30, 0.99, 0.9, 1.0, 2.0) is None
+    assert classify_failure("closed", 10, 30, 0.99, 0.5, float("nan"), float("nan")) == "neither_within_grid"
+    assert classify_failure("closed", 10, 30, 0.6, 0.5, 4.0, 2.0) == "normalisation_cap"
+    assert classify_failure("closed", 28, 30, 0.92, 0.95, 4.0, 2.0) == "too_little_depth"
+    assert classify_failure("closed", 10, 30, 0.99, 0.5, 4.0, 2.0) == "collapse_before_trigger"
+
 
 
 def test_generic_geometry_budget_and_alignment(llama, tokenizer):

@@ -172,6 +172,58 @@ def paired_ratio_ci(numerator: Sequence[float], denominator: Sequence[float], n_
     return {"mean": float(ratio.mean()), "ci_low": lo, "ci_high": hi, "n_boot": n_boot, "seed": seed}
 
 
+def cluster_bootstrap_mean(values: Sequence[float], clusters: Sequence, n_boot: int = MIN_RESAMPLES,
+                           seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, ci_low, ci_high)`` of ``values`` with a percentile bootstrap that resamples whole
+    clusters (e.g. both dose signs of a neuron together): each resample draws clusters with
+    replacement and takes every value of each drawn cluster. NaN values are an error: a caller
+    decides how a missing case counts before it reaches a mean."""
+    values = np.asarray(values, float)
+    if np.isnan(values).any():
+        raise NeuronAuditError("cluster bootstrap got NaN values; decide how missing cases count first")
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    labels, inverse = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    sums = np.bincount(inverse, weights=values, minlength=len(labels))
+    sizes = np.bincount(inverse, minlength=len(labels)).astype(float)
+    point = float(values.mean())
+    if len(labels) < 2:
+        return point, point, point
+
+    def mean_of_clusters(idx, axis=-1):
+        idx = np.asarray(idx, int)
+        return sums[idx].sum(axis=axis) / sizes[idx].sum(axis=axis)
+
+    ci = _percentile((np.arange(len(labels)),), mean_of_clusters, n_boot, seed, level, vectorized=True)
+    return point, float(ci.low), float(ci.high)
+
+
+def crossing_bootstrap(hits: np.ndarray, x: Sequence[float], level: float = 0.5, n_boot: int = MIN_RESAMPLES,
+                       seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Percentile CI of a first crossing over prompts.
+
+    ``hits [n_prompts, n_x]`` holds 0/1 outcomes of every prompt at every grid point ``x``
+    (ascending |x|). The crossing is the smallest ``x`` whose fraction of prompts reaches
+    ``level``. Prompts are resampled with replacement; a resample without a crossing counts as
+    beyond the grid (``inf``), so the upper bound is ``inf`` when more than ``(1 − confidence)/2``
+    of the resamples never cross. Returns ``(share of resamples that cross, ci_low, ci_high)``.
+    """
+    hits = np.asarray(hits, float)
+    x = np.asarray(x, float)
+    n = hits.shape[0]
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    _check_resamples(n_boot)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    frac = hits[idx].mean(axis=1)  # [n_boot, n_x]
+    reached = frac >= level
+    first = np.where(reached.any(axis=1), x[np.argmax(reached, axis=1)], np.inf)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(first, [alpha, 1 - alpha], method="inverted_cdf")
+    return float(np.isfinite(first).mean()), float(lo), float(hi)
+
+
 def unit_bootstrap_means(per_unit: np.ndarray, n_boot: int = MIN_RESAMPLES, seed: int = 0,
                          level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean, ci_low, ci_high)`` per column of ``per_unit [n_units, k]``, resampling units (rows).

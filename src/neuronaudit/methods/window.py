@@ -31,9 +31,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repetition_ratio
 from neuronaudit.evaluation.oracles import get_oracle
-from neuronaudit.evaluation.stats import binomial_greater, bootstrap_ci
+from neuronaudit.evaluation.stats import (
+    cluster_bootstrap_mean,
+    crossing_bootstrap,
+    mcnemar_exact,
+    spearman_ci,
+    wilson_interval,
+)
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.interventions.scoring import shared_prompt_scores
 from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
@@ -41,7 +48,11 @@ from neuronaudit.prompts import extras, render_prompts, uses_template
 
 log = logging.getLogger("neuronaudit")
 
-FAILURE_MODES = ("collapse_before_trigger", "too_little_depth", "normalisation_cap")
+FAILURE_MODES = ("collapse_before_trigger", "too_little_depth", "normalisation_cap", "neither_within_grid")
+#: A trigger needs at least this share of prompts flipped ...
+TRIGGER_LEVEL = 0.5
+#: ... and the lower bound of its Wilson interval over prompts above the unintervened rate.
+TRIGGER_CONFIDENCE = 0.95
 
 
 def saturation_curve(x, c0):
@@ -150,56 +161,68 @@ def split_neurons(keys: Sequence, n_heldout: int, seed: int) -> dict:
 
 @dataclass
 class VerdictScore:
+    """Predicted verdicts against the measured ones, next to the majority-class baseline; the
+    majority class is taken from the TRAINING neurons, and the two are compared on the same
+    held-out neurons by an exact McNemar test on the discordant ones."""
+
     correct: int
     n: int
     majority_correct: int
     majority_class: str
-    p_value: float  # exact one-sided binomial test of correct/n against the majority rate
+    only_predictor_right: int
+    only_majority_right: int
+    p_value: float  # exact McNemar, two-sided
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else float("nan")
 
 
-def score_verdicts(predicted: Sequence[str], measured: Sequence[str]) -> VerdictScore:
-    """Verdict accuracy next to the majority-class baseline, with an exact binomial p-value."""
+def score_verdicts(predicted: Sequence[str], measured: Sequence[str], majority_class: str) -> VerdictScore:
+    """Verdict accuracy of the predictor and of always saying ``majority_class`` (the training
+    neurons' majority), with an exact McNemar test of the difference."""
     predicted, measured = list(predicted), list(measured)
     n = len(measured)
-    correct = sum(p == m for p, m in zip(predicted, measured))
     if n == 0:
-        return VerdictScore(0, 0, 0, "none", float("nan"))
-    counts = pd.Series(measured).value_counts()
-    majority_class, majority_correct = str(counts.index[0]), int(counts.iloc[0])
-    rate = majority_correct / n
-    return VerdictScore(correct, n, majority_correct, majority_class, binomial_greater(correct, n, rate))
+        return VerdictScore(0, 0, 0, majority_class, 0, 0, float("nan"))
+    pred_right = [p == m for p, m in zip(predicted, measured)]
+    base_right = [m == majority_class for m in measured]
+    test = mcnemar_exact(pred_right, base_right)
+    return VerdictScore(sum(pred_right), n, sum(base_right), majority_class, test.only_a_right,
+                        test.only_b_right, test.p_value)
 
 
 def classify_failure(
     verdict_: str,
     layer: int,
     n_layers: int,
-    max_write_alignment: float,
-    max_final_alignment: float,
-    trigger_final_alignment: float,
+    max_readout_alignment: float,
+    trigger_readout_alignment: float,
+    trigger_x: float,
+    ceiling_x: float,
     late_fraction: float = 0.2,
     cap_level: float = 0.9,
 ) -> str | None:
-    """Failure mode of a closed neuron, by the rules stated in the report:
+    """Failure mode of a closed (neuron, sign), by the rules stated in the report:
 
-    * ``normalisation_cap`` — the write-layer alignment never exceeds ``cap_level`` over the dose
-      grid, although the saturation curve goes to 1: a norm rescales the write;
-    * ``too_little_depth`` — a late layer (last ``late_fraction`` of the stack) whose final-layer
-      alignment never reaches ``trigger_final_alignment``, the readout alignment at which open
+    * ``neither_within_grid`` — no trigger and no collapse anywhere on the dose grid;
+    * ``normalisation_cap`` — the alignment with the write at the readout (after the final norm)
+      never exceeds ``cap_level`` over the dose grid, although the write-layer alignment follows
+      the saturation curve to 1: a norm rescales the write before it is read;
+    * ``too_little_depth`` — a late layer (last ``late_fraction`` of the stack) whose readout
+      alignment never reaches ``trigger_readout_alignment``, the readout alignment at which open
       training neurons triggered;
     * ``collapse_before_trigger`` — otherwise: the model collapses before the behaviour flips.
     Open neurons have no failure mode (``None``).
     """
     if verdict_ == "open":
         return None
-    if not np.isnan(max_write_alignment) and max_write_alignment < cap_level:
+    if np.isnan(trigger_x) and np.isnan(ceiling_x):
+        return "neither_within_grid"
+    if not np.isnan(max_readout_alignment) and max_readout_alignment < cap_level:
         return "normalisation_cap"
     late = layer >= n_layers * (1.0 - late_fraction)
-    if late and not np.isnan(trigger_final_alignment) and max_final_alignment < trigger_final_alignment:
+    if late and not np.isnan(trigger_readout_alignment) and max_readout_alignment < trigger_readout_alignment:
         return "too_little_depth"
     return "collapse_before_trigger"
 
@@ -315,7 +338,14 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
                      row_batch_size: int) -> pd.DataFrame:
 
     geo = geometry.set_index(["layer", "neuron"])
-    rows, meta = [], []
+    if neurons.empty:
+        raise NeuronAuditError(f"behaviour {behaviour!r} has no candidate neurons to sweep")
+    first = neurons.iloc[0]
+    # x = 0: the unintervened rollouts of every prompt (a zero dose edits nothing), the baseline
+    # every trigger must beat
+    rows = [(int(first.layer), int(first.neuron), 0.0)]
+    meta = [{"layer": int(first.layer), "neuron": int(first.neuron), "kind": "baseline", "sign": 0, "x": 0.0,
+             "dose": 0.0}]
     for n in neurons.itertuples():
         budget = float(geo.loc[(n.layer, n.neuron), "budget"])
         for x in x_grid:
@@ -355,12 +385,14 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
         metrics = pd.DataFrame({"repetition_ratio": rep, "perplexity": ppl, "entropy": ent})
         prompt_texts = [prompts["text"].iloc[p] for p in range(P) for _ in range(R)]
         types = judge.classify(prompt_texts, texts_h, metrics)
-        flip = flips(spec["oracle"], texts_h, types, [extra[p] for p in range(P) for _ in range(R)])
+        collapsed = np.array([ty == "collapse" for ty in types])
+        # a collapsed rollout never counts as the behaviour flipping ("1. 1. 1." is no list)
+        flip = flips(spec["oracle"], texts_h, types, [extra[p] for p in range(P) for _ in range(R)]) & ~collapsed
         frame = pd.DataFrame([{**meta[r], "prompt_id": prompts["prompt_id"].iloc[p]}
                               for p in range(P) for r in range(R)])
         frame = frame.assign(behaviour=behaviour, horizon=h, response=texts_h, n_tokens=lens,
                              repetition_ratio=rep, perplexity=ppl, entropy=ent, rollout_type=types,
-                             collapse=[t == "collapse" for t in types], flip=flip)
+                             collapse=collapsed, flip=flip)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -386,29 +418,90 @@ def single_pass_sweep(model, adapter, enc, neurons: pd.DataFrame, geometry: pd.D
     )
 
 
+def baseline_rates(sweeps: pd.DataFrame) -> pd.DataFrame:
+    """Unintervened (x = 0) flip and collapse rates per (behaviour, horizon), with n prompts."""
+    base = sweeps[sweeps["kind"] == "baseline"]
+    return base.groupby(["behaviour", "horizon"], as_index=False).agg(
+        baseline_flip=("flip", "mean"), baseline_collapse=("collapse", "mean"), n_prompts=("flip", "size"))
+
+
+def trigger_crossing(x: Sequence[float], flipped: Sequence[int], n: Sequence[int], baseline: float) -> float:
+    """Smallest ``|x|`` at which at least :data:`TRIGGER_LEVEL` of the prompts flip AND the lower
+    bound of the Wilson interval of that share exceeds the unintervened share ``baseline``."""
+    x = np.abs(np.asarray(x, float))
+    flipped, n = np.asarray(flipped, int), np.asarray(n, int)
+    for i in np.argsort(x):
+        k, m = int(flipped[i]), int(n[i])
+        if m and k / m >= TRIGGER_LEVEL and wilson_interval(k, m, TRIGGER_CONFIDENCE)[0] > baseline:
+            return float(x[i])
+    return float("nan")
+
+
+def triggers(dosed: pd.DataFrame, baseline: pd.DataFrame, horizon: int, keys: Sequence[str]) -> pd.DataFrame:
+    """``trigger_x_<horizon>`` per (behaviour, neuron, sign) at one horizon (:func:`trigger_crossing`)."""
+    at = dosed[dosed["horizon"] == horizon].assign(x=lambda d: d["x"].abs())
+    per_x = at.groupby([*keys, "x"], as_index=False).agg(flipped=("flip", "sum"), n=("flip", "size"))
+    base = baseline[baseline["horizon"] == horizon].set_index("behaviour")["baseline_flip"]
+    rows = []
+    for key, g in per_x.groupby(list(keys)):
+        rows.append({**dict(zip(keys, key)), f"trigger_x_{horizon}": trigger_crossing(
+            g["x"], g["flipped"], g["n"], float(base.get(key[0], 0.0)))})
+    return pd.DataFrame(rows, columns=[*keys, f"trigger_x_{horizon}"])
+
+
+def prompt_bootstrap(dosed: pd.DataFrame, value: str, keys: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+    """Per (behaviour, neuron, sign): a bootstrap over prompts of the 50% crossing of ``value``
+    (``collapse`` or ``flip``): the share of resamples that cross inside the grid and the 95% CI
+    (``inf`` above: beyond the grid)."""
+    rows = []
+    for key, g in dosed.assign(x=dosed["x"].abs()).groupby(list(keys)):
+        hits = g.pivot_table(index="prompt_id", columns="x", values=value, aggfunc="mean").sort_index(axis=1)
+        share, lo, hi = crossing_bootstrap(hits.to_numpy(float), hits.columns.to_numpy(float), n_boot=n_boot,
+                                           seed=seed)
+        rows.append({**dict(zip(keys, key)), f"{value}_x_ci_low": lo, f"{value}_x_ci_high": hi,
+                     f"{value}_x_share_crossing": share})
+    return pd.DataFrame(rows)
+
+
 def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFrame, geometry: pd.DataFrame,
-                 horizons: Sequence[int], n_layers: int, n_heldout: int, seed: int) -> tuple[pd.DataFrame, dict]:
-    """Per (behaviour, neuron, sign): budget, c0, measured ceiling and triggers, predictions,
-    verdicts, failure mode, split; and the fitted predictor parameters."""
+                 horizons: Sequence[int], n_layers: int, n_heldout: int, seed: int,
+                 n_boot: int = 1000) -> tuple[pd.DataFrame, dict]:
+    """Per (behaviour, neuron, sign): budget, c0, measured ceiling and triggers with prompt-bootstrap
+    CIs, predictions, verdicts, failure mode, split; and the fitted predictor parameters."""
     final = max(horizons)
     keys = ["behaviour", "layer", "neuron", "sign"]
-    at_final = sweeps[sweeps["horizon"] == final].assign(x_abs=lambda d: d["x"].abs())
-    ceil = crossings(at_final.assign(x=at_final["x_abs"]), "collapse", keys).rename(columns={"collapse_x": "ceiling_x"})
-    table = ceil
+    baseline = baseline_rates(sweeps)
+    dosed = sweeps[sweeps["kind"] != "baseline"]
+    at_final = dosed[dosed["horizon"] == final]
+    table = crossings(at_final.assign(x=at_final["x"].abs()), "collapse", keys).rename(
+        columns={"collapse_x": "ceiling_x"})
+    table["ceiling_censored"] = table["ceiling_x"].isna()
     for h in horizons:
-        at = sweeps[sweeps["horizon"] == h]
-        trig = crossings(at.assign(x=at["x"].abs()), "flip", keys).rename(columns={"flip_x": f"trigger_x_{h}"})
-        table = table.merge(trig, on=keys, how="outer")
+        table = table.merge(triggers(dosed, baseline, h, keys), on=keys, how="outer")
+    table = table.merge(prompt_bootstrap(at_final, "collapse", keys, n_boot, seed), on=keys, how="left")
+    table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed), on=keys, how="left")
+    table = table.merge(baseline[baseline["horizon"] == final][["behaviour", "baseline_flip", "baseline_collapse"]],
+                        on="behaviour", how="left")
+    grid = np.sort(dosed["x"].abs().unique())
+    table["grid_min_x"], table["grid_max_x"] = float(grid[0]), float(grid[-1])
+    # a ceiling beyond the grid is censored at its edge, never dropped
+    table["ceiling_x_or_edge"] = table["ceiling_x"].fillna(table["grid_max_x"])
     geo = geometry.set_index(["layer", "neuron"])
     table["budget"] = [geo.loc[(l, n), "budget"] for l, n in zip(table["layer"], table["neuron"])]
     table["c0"] = [geo.loc[(l, n), "c0"] for l, n in zip(table["layer"], table["neuron"])]
     info = neurons.set_index(["behaviour", "layer", "neuron"])
-    keys = list(zip(table["behaviour"], table["layer"], table["neuron"]))
-    table["kind"] = [info.loc[k, "kind"] for k in keys]
+    neuron_keys = list(zip(table["behaviour"], table["layer"], table["neuron"]))
+    table["kind"] = [info.loc[k, "kind"] for k in neuron_keys]
     table["band"] = [layer_band(int(l), n_layers) for l in table["layer"]]
-    split = split_neurons(sorted(set(keys)), n_heldout, seed)
-    table["split"] = [split[k] for k in keys]
-    # single-pass curves on generic prompts, per (neuron, sign)
+    split = split_neurons(sorted(set(neuron_keys)), n_heldout, seed)
+    table["split"] = [split[k] for k in neuron_keys]
+    fitted = _predict(table, single, final, n_layers)
+    return table, fitted
+
+
+def _predict(table: pd.DataFrame, single: pd.DataFrame, final: int, n_layers: int) -> dict:
+    """Fit both ceiling predictors on the training rows, predict every row, add verdicts and
+    failure modes (in place); returns the fitted parameters."""
     sp = single.assign(sign=np.sign(single["x"]).astype(int), x_abs=single["x"].abs())
     curves = {key: (g["x_abs"].to_numpy(), g["kl"].to_numpy()) for key, g in sp.groupby(["layer", "neuron", "sign"])}
     max_align = sp.groupby(["layer", "neuron", "sign"]).agg(
@@ -422,7 +515,7 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
     table["predicted_ceiling_x_alignment"] = predict_ceiling_from_alignment(c_star, table["c0"], table["sign"])
     ckey = lambda r: (int(r.layer), int(r.neuron), int(r.sign))  # noqa: E731
     tau = fit_kl_threshold({ckey(r): curves[ckey(r)] for r in table[train].itertuples()},
-                               {ckey(r): r.ceiling_x for r in table[train].itertuples()})
+                           {ckey(r): r.ceiling_x for r in table[train].itertuples()})
     table["predicted_ceiling_x_kl"] = [kl_crossing(*curves[ckey(r)], tau) if not math.isnan(tau) else np.nan
                                        for r in table.itertuples()]
     trig = table[f"trigger_x_{final}"]
@@ -440,12 +533,15 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
             trig_align.append(abs(sp_idx.loc[(r.layer, r.neuron, r.sign, nearest)]))
     trigger_alignment = float(np.median(trig_align)) if trig_align else float("nan")
     table["failure_mode"] = [
-        classify_failure(v, int(l), n_layers, mw, mr, trigger_alignment)
-        for v, l, mw, mr in zip(table["verdict"], table["layer"], table["max_alignment_write"],
-                                table["max_alignment_readout"])
+        classify_failure(v, int(l), n_layers, mr, trigger_alignment, t, c)
+        for v, l, mr, t, c in zip(table["verdict"], table["layer"], table["max_alignment_readout"], trig,
+                                  table["ceiling_x"])
     ]
-    fitted = {"c_star": c_star, "kl_threshold": tau, "trigger_readout_alignment": trigger_alignment}
-    return table, fitted
+    majority = table.loc[train].pipe(neuron_verdicts)["verdict"].value_counts()
+    return {"c_star": c_star, "kl_threshold": tau, "trigger_readout_alignment": trigger_alignment,
+            "majority_verdict": str(majority.index[0]) if len(majority) else "closed",
+            "train_mean_ceiling_x": _train_mean_ceiling(table),
+            "train_median_ceiling_dose": _train_median_dose(table)}
 
 
 def neuron_verdicts(table: pd.DataFrame) -> pd.DataFrame:
@@ -455,54 +551,144 @@ def neuron_verdicts(table: pd.DataFrame) -> pd.DataFrame:
                  predicted_verdict=("predicted_verdict", lambda v: "open" if (v == "open").any() else "closed"))
 
 
+def _train_mean_ceiling(table: pd.DataFrame) -> float:
+    train = table[table["split"] == "train"]
+    return float(train["ceiling_x_or_edge"].mean()) if len(train) else float("nan")
+
+
+def _train_median_dose(table: pd.DataFrame) -> float:
+    train = table[table["split"] == "train"]
+    return float((train["ceiling_x_or_edge"] * train["budget"]).median()) if len(train) else float("nan")
+
+
+#: The ceiling predictors scored on held-out neurons: the two of SCIENCE.md §1 and two baselines,
+#: a constant (the training neurons' mean ceiling) and a raw dose (the training median ceiling in
+#: raw dose units, divided by each neuron's budget).
+PREDICTORS = ("alignment", "kl", "constant", "raw_dose")
+
+
+def ceiling_errors(rows: pd.DataFrame, predicted: pd.Series) -> tuple[np.ndarray, np.ndarray, int]:
+    """Absolute errors of predicted against measured ceilings in budget units |x| and in alignment
+    units |cosθ|, for every row: a measured ceiling beyond the grid counts at the grid edge, a
+    prediction beyond the grid is cut at the edge, and a missing prediction counts as an error of
+    the grid span. Returns ``(errors_x, errors_alignment, n_missing_predictions)``."""
+    edge, low = rows["grid_max_x"].to_numpy(float), rows["grid_min_x"].to_numpy(float)
+    sign, c0 = rows["sign"].to_numpy(float), rows["c0"].to_numpy(float)
+    measured = rows["ceiling_x_or_edge"].to_numpy(float)
+    pred = np.asarray(predicted, float)
+    missing = np.isnan(pred)
+    pred_cut = np.minimum(np.where(missing, edge, pred), edge)
+    err_x = np.where(missing, edge - low, np.abs(pred_cut - measured))
+    align = lambda x: np.abs(saturation_curve(sign * x, c0))  # noqa: E731
+    err_a = np.where(missing, np.abs(align(edge) - align(low)), np.abs(align(pred_cut) - align(measured)))
+    return err_x, err_a, int(missing.sum())
+
+
+def predictor_columns(table: pd.DataFrame, fitted: dict) -> dict[str, pd.Series]:
+    return {
+        "alignment": table["predicted_ceiling_x_alignment"],
+        "kl": table["predicted_ceiling_x_kl"],
+        "constant": pd.Series(fitted["train_mean_ceiling_x"], index=table.index),
+        "raw_dose": fitted["train_median_ceiling_dose"] / table["budget"],
+    }
+
+
+def predictor_summary(held: pd.DataFrame, predicted: pd.Series, n_boot: int, seed: int) -> dict:
+    """Held-out ceiling error of one predictor, every (neuron, sign) counted: MAE in both units with a
+    cluster bootstrap over neurons (both signs of a neuron resampled together), per layer band, and
+    Spearman ρ between predicted and measured ceilings."""
+    err_x, err_a, n_missing = ceiling_errors(held, predicted)
+    clusters = [f"{b}/{l}/{n}" for b, l, n in zip(held["behaviour"], held["layer"], held["neuron"])]
+    entry = {"n_pairs": int(len(held)), "n_neurons": int(len(set(clusters))),
+             "n_measured_ceiling_censored_at_grid_edge": int(held["ceiling_censored"].sum()),
+             "n_prediction_missing_counted_as_grid_span": n_missing,
+             "resampling_unit": "neuron (both dose signs together)", "n_boot": n_boot}
+    for unit, err in (("x", err_x), ("alignment", err_a)):
+        mean, lo, hi = cluster_bootstrap_mean(err, clusters, n_boot=n_boot, seed=seed)
+        entry[f"mae_{unit}"] = mean
+        entry[f"mae_{unit}_ci95"] = [lo, hi]
+        for band in ("bulk", "early", "late"):
+            mask = (held["band"] == band).to_numpy()
+            entry[f"mae_{unit}_{band}"] = float(err[mask].mean()) if mask.any() else None
+            entry[f"n_pairs_{band}"] = int(mask.sum())
+    pred = np.minimum(np.asarray(predicted, float), held["grid_max_x"].to_numpy(float))
+    rho, (rlo, rhi) = spearman_ci(pred, held["ceiling_x_or_edge"].to_numpy(float), n_boot=n_boot, seed=seed)
+    entry["spearman_rho_predicted_vs_measured"] = rho
+    entry["spearman_rho_ci95"] = [rlo, rhi]
+    return entry
+
+
 def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int) -> dict:
+    """Every held-out figure of the window: ceiling errors of each predictor against the baselines,
+    verdicts against the training majority (exact McNemar), failure modes."""
     held = table[table["split"] == "heldout"]
     out: dict = {"fitted_on_training_neurons": fitted}
-    for name, col in (("alignment", "predicted_ceiling_x_alignment"), ("kl", "predicted_ceiling_x_kl")):
-        ok = held.dropna(subset=["ceiling_x"])
-        err_x = (ok[col] - ok["ceiling_x"]).abs()
-        meas_a = np.abs(saturation_curve(ok["sign"] * ok["ceiling_x"], ok["c0"]))
-        pred_a = np.abs(saturation_curve(ok["sign"] * ok[col], ok["c0"]))
-        err_a = np.abs(pred_a - meas_a)
-        entry = {"n_with_measured_ceiling": int(len(ok)),
-                 "n_prediction_missing": int(ok[col].isna().sum()),
-                 "n_heldout_pairs": int(len(held))}
-        for unit, err in (("x", err_x), ("alignment", err_a)):
-            e = np.asarray(err, float)
-            lo, hi = bootstrap_ci(e, n_boot=n_boot, seed=seed)
-            entry[f"mae_{unit}"] = float(np.nanmean(e)) if np.isfinite(e).any() else None
-            entry[f"mae_{unit}_ci95"] = [lo, hi]
-            for band in ("bulk", "early", "late"):
-                eb = e[(ok["band"] == band).to_numpy()]
-                entry[f"mae_{unit}_{band}"] = float(np.nanmean(eb)) if np.isfinite(eb).any() else None
-        out[f"predictor_{name}"] = entry
-    verdicts = neuron_verdicts(table)
-    hv = verdicts[verdicts["split"] == "heldout"]
-    score = score_verdicts(hv["predicted_verdict"], hv["verdict"])
-    out["verdicts"] = {
-        "n_heldout_neurons": score.n, "correct": score.correct, "accuracy": score.accuracy,
-        "majority_class": score.majority_class, "majority_correct": score.majority_correct,
-        "binomial_p_value_vs_majority": score.p_value,
-        "measured_open": int((hv["verdict"] == "open").sum()),
-    }
-    closed = table[(table["split"] == "heldout") & (table["verdict"] == "closed")]
+    columns = predictor_columns(table, fitted)
+    for name in PREDICTORS:
+        out[f"predictor_{name}"] = predictor_summary(held, columns[name][held.index], n_boot, seed)
+    const = out["predictor_constant"]
+    for name in ("alignment", "kl", "raw_dose"):
+        entry = out[f"predictor_{name}"]
+        for unit in ("x", "alignment"):
+            base = const[f"mae_{unit}"]
+            entry[f"skill_vs_constant_{unit}"] = (1.0 - entry[f"mae_{unit}"] / base) if base else None
+    out["verdicts"] = verdict_summary(table, fitted["majority_verdict"])
+    closed = held[held["verdict"] == "closed"]
     out["failure_modes_heldout"] = {m: int((closed["failure_mode"] == m).sum()) for m in FAILURE_MODES}
-    out["published"] = {"heldout_neurons": 15, "mae": 0.14, "mae_bulk": 0.07, "verdicts_correct": 11,
-                        "majority_baseline": 10}
+    out["baseline_unintervened"] = (table.drop_duplicates("behaviour").set_index("behaviour")
+                                    [["baseline_flip", "baseline_collapse"]].to_dict(orient="index"))
+    out["published"] = {"heldout_neurons": 15, "mae_alignment": 0.14, "mae_alignment_bulk": 0.07,
+                        "units": "alignment cosθ at the ceiling, held-out neurons, Llama-3.1-8B",
+                        "verdicts_correct": 11, "majority_baseline": 10}
     return out
 
 
+def verdict_summary(table: pd.DataFrame, majority: str) -> dict:
+    """Held-out neuron verdicts (open iff open in either sign) against always saying the training
+    majority, with an exact McNemar test; and the accuracy on neurons that have a trigger at all."""
+    final = max(int(c.rsplit("_", 1)[1]) for c in table.columns if c.startswith("trigger_x_"))
+    verdicts = neuron_verdicts(table)
+    triggered = (table.assign(t=table[f"trigger_x_{final}"].notna())
+                 .groupby(["behaviour", "layer", "neuron"])["t"].any().rename("has_trigger").reset_index())
+    hv = verdicts[verdicts["split"] == "heldout"].merge(triggered, on=["behaviour", "layer", "neuron"], how="left")
+    score = score_verdicts(hv["predicted_verdict"], hv["verdict"], majority)
+    with_trigger = hv[hv["has_trigger"].fillna(False).astype(bool)]
+    t_score = score_verdicts(with_trigger["predicted_verdict"], with_trigger["verdict"], majority)
+    return {
+        "n_heldout_neurons": score.n, "correct": score.correct, "accuracy": score.accuracy,
+        "majority_class_from_training": majority, "majority_correct": score.majority_correct,
+        "only_predictor_right": score.only_predictor_right, "only_majority_right": score.only_majority_right,
+        "mcnemar_exact_p_value": score.p_value,
+        "measured_open": int((hv["verdict"] == "open").sum()),
+        "n_with_trigger": t_score.n, "correct_with_trigger": t_score.correct,
+        "majority_correct_with_trigger": t_score.majority_correct,
+        "mcnemar_exact_p_value_with_trigger": t_score.p_value,
+    }
+
+
 def refusal_pivots(sweeps: pd.DataFrame, table: pd.DataFrame) -> list[dict]:
-    """For each open refusal neuron: rollout-type fractions per horizon at its trigger dose."""
+    """One entry per refusal neuron that opens in either sign: the rollout-type fractions per
+    horizon at its trigger dose, and its reach: ``actionable`` iff at least :data:`TRIGGER_LEVEL`
+    of the prompts' rollouts are actionable at some horizon (the rule every other figure uses),
+    else ``coherent_bypass``. When both signs open, the sign with the larger actionable share is
+    reported."""
     out = []
     final = sweeps["horizon"].max()
-    for r in table[(table["behaviour"] == "refusal") & (table["verdict"] == "open")].itertuples():
-        x = getattr(r, f"trigger_x_{final}")
-        at = sweeps[(sweeps.behaviour == "refusal") & (sweeps.layer == r.layer) & (sweeps.neuron == r.neuron)
-                    & (sweeps.sign == r.sign) & np.isclose(sweeps.x.abs(), x)]
-        by_h = {int(h): g["rollout_type"].value_counts(normalize=True).to_dict() for h, g in at.groupby("horizon")}
-        actionable_from = next((h for h in sorted(by_h) if by_h[h].get("actionable", 0) > 0), None)
-        out.append({"layer": int(r.layer), "neuron": int(r.neuron), "sign": int(r.sign), "trigger_x": float(x),
-                    "type_fractions_by_horizon": by_h, "actionable_from_horizon": actionable_from,
-                    "reach": "actionable" if actionable_from is not None else "coherent_bypass"})
+    open_rows = table[(table["behaviour"] == "refusal") & (table["verdict"] == "open")]
+    for (layer, neuron), rows in open_rows.groupby(["layer", "neuron"]):
+        best = None
+        for r in rows.itertuples():
+            x = getattr(r, f"trigger_x_{final}")
+            at = sweeps[(sweeps.behaviour == "refusal") & (sweeps.layer == layer) & (sweeps.neuron == neuron)
+                        & (sweeps.sign == r.sign) & np.isclose(sweeps.x.abs(), x)]
+            by_h = {int(h): g["rollout_type"].value_counts(normalize=True).to_dict() for h, g in at.groupby("horizon")}
+            actionable_from = next((h for h in sorted(by_h) if by_h[h].get("actionable", 0) >= TRIGGER_LEVEL), None)
+            share = max((f.get("actionable", 0.0) for f in by_h.values()), default=0.0)
+            entry = {"layer": int(layer), "neuron": int(neuron), "sign": int(r.sign), "trigger_x": float(x),
+                     "type_fractions_by_horizon": by_h, "max_actionable_share": share,
+                     "actionable_from_horizon": actionable_from,
+                     "reach": "actionable" if actionable_from is not None else "coherent_bypass"}
+            if best is None or share > best["max_actionable_share"]:
+                best = entry
+        out.append(best)
     return out

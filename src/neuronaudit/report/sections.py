@@ -296,30 +296,59 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     horizon = max(summary["grid"]["horizons"])
     geometry = window[["layer", "neuron", "c0"]].drop_duplicates(["layer", "neuron"])
     v, a, k = summary["verdicts"], summary["predictor_alignment"], summary["predictor_kl"]
+    const, raw = summary.get("predictor_constant", {}), summary.get("predictor_raw_dose", {})
     link = _rel(folder / "summary.json", report_dir)
 
-    def mae(entry: dict, unit: str) -> str:
+    def mae(entry: dict, unit: str, band: str | None = None) -> str:
+        if band is not None:
+            value = entry.get(f"mae_{unit}_{band}")
+            return "missing" if value is None else f"{value:.3f} (n = {entry.get(f'n_pairs_{band}')} pairs)"
         value, ci = entry.get(f"mae_{unit}"), entry.get(f"mae_{unit}_ci95", [None, None])
         if value is None:
-            return "missing (no held-out neuron with a measured ceiling)"
+            return "missing (no held-out neuron)"
         lo, hi = ci
         ci_text = f"95% CI {lo:.3f}–{hi:.3f}" if _finite(lo) and _finite(hi) else "CI missing"
-        return f"{value:.3f} ({ci_text}; n = {entry['n_with_measured_ceiling']})"
+        return (f"{value:.3f} ({ci_text}, cluster bootstrap over neurons; n = {entry['n_pairs']} neuron × sign "
+                f"pairs of {entry['n_neurons']} neurons, {entry['n_measured_ceiling_censored_at_grid_edge']} "
+                f"ceilings censored at the grid edge, {entry['n_prediction_missing_counted_as_grid_span']} "
+                "missing predictions counted as the grid span)")
+
+    def rho(entry: dict) -> str:
+        r, ci = entry.get("spearman_rho_predicted_vs_measured"), entry.get("spearman_rho_ci95", [None, None])
+        return "missing" if not _finite(r) else f"{r:.2f} (95% CI {_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})"
 
     n = v["n_heldout_neurons"]
     verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
-    verdict_text = (f"{v['correct']}/{n} correct vs majority ({v['majority_class']}) "
-                    f"{v['majority_correct']}/{n}, binomial p = {_f(v.get('binomial_p_value_vs_majority'), '.3g')}")
+    majority = v.get("majority_class_from_training", v.get("majority_class"))
+    verdict_text = (f"{v['correct']}/{n} correct vs always '{majority}' (training majority) "
+                    f"{v['majority_correct']}/{n}; discordant {v.get('only_predictor_right')} vs "
+                    f"{v.get('only_majority_right')}, exact McNemar p = {_f(v.get('mcnemar_exact_p_value'), '.3g')}")
     rows = [
         {"figure": "held-out neurons", "this study": n, "published": 15},
-        {"figure": "ceiling MAE, alignment units, predictor (a)", "this study": mae(a, "alignment"),
-         "published": "0.14 (≈0.07 bulk)"},
-        {"figure": "ceiling MAE, |x|, predictor (a)", "this study": mae(a, "x"), "published": "—"},
-        {"figure": "ceiling MAE, alignment units, predictor (b)", "this study": mae(k, "alignment"), "published": "—"},
+        {"figure": "ceiling MAE, alignment units, predictor (a) c*", "this study": mae(a, "alignment"),
+         "published": "0.14 (alignment units, all layers)"},
+        {"figure": "ceiling MAE, alignment units, predictor (a), bulk layers", "this study":
+            mae(a, "alignment", "bulk"), "published": "≈0.07 (bulk layers)"},
+        {"figure": "ceiling MAE, alignment units, constant baseline (training mean ceiling)",
+         "this study": mae(const, "alignment") if const else "missing", "published": "—"},
+        {"figure": "ceiling MAE, alignment units, raw-dose baseline", "this study":
+            mae(raw, "alignment") if raw else "missing", "published": "—"},
+        {"figure": "ceiling MAE, alignment units, predictor (b) single-pass KL", "this study": mae(k, "alignment"),
+         "published": "—"},
+        {"figure": "ceiling MAE, budget units |x|, predictor (a) / constant", "this study":
+            f"{mae(a, 'x')} / {_f(const.get('mae_x'), '.3f')}", "published": "—"},
+        {"figure": "skill of (a) over the constant baseline, alignment units", "this study":
+            _f(a.get("skill_vs_constant_alignment"), ".2f"), "published": "—"},
+        {"figure": "Spearman ρ, predicted vs measured ceiling: (a) / (b)", "this study": f"{rho(a)} / {rho(k)}",
+         "published": "—"},
         {"figure": "verdicts", "this study": verdict_text, "published": "11/15 vs 10/15"},
-        {"figure": "fitted c*, KL threshold", "this study":
-            f"{summary['fitted_on_training_neurons']['c_star']}, "
-            f"{summary['fitted_on_training_neurons']['kl_threshold']}",
+        {"figure": "verdicts on neurons with a trigger", "this study":
+            f"{v.get('correct_with_trigger')}/{v.get('n_with_trigger')} vs majority "
+            f"{v.get('majority_correct_with_trigger')}/{v.get('n_with_trigger')}, McNemar p = "
+            f"{_f(v.get('mcnemar_exact_p_value_with_trigger'), '.3g')}", "published": "—"},
+        {"figure": "fitted on training neurons: c*, KL threshold", "this study":
+            f"{_f(summary['fitted_on_training_neurons']['c_star'], '.3f')}, "
+            f"{_f(summary['fitted_on_training_neurons']['kl_threshold'], '.3g')}",
          "published": "—"},
     ]
     items = [
@@ -344,17 +373,24 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                                          for p in pivots]),
                            caption("refusal_pivots"), table_link=_rel(folder / "sweeps.parquet", report_dir)))
     intro = ("Doses are in budget units, x = d / B with B = ‖r‖ / ‖v‖ from a generic forward pass; alignment is "
-             "cosθ between the steered residual and the write vector. "
-             "Failure-mode rules for closed neurons: normalisation cap if the write-layer alignment never exceeds "
-             "0.9 over the single-pass grid; too little depth if a late-layer (last 20%) neuron's readout "
-             "alignment never reaches the median readout alignment at which open training neurons triggered; "
-             "otherwise collapse before trigger. Predicted ceilings use only the weights and one generic "
-             "forward pass; nothing fitted sees a held-out neuron.")
+             "cosθ between the steered residual and the write vector. Every sweep includes x = 0; a trigger is "
+             "the smallest |x| at which at least half the prompts flip and the Wilson lower bound of that share "
+             "exceeds the unintervened share; a collapsed rollout never counts as a flip. "
+             "Failure-mode rules for closed neurons: neither trigger nor collapse within the grid; normalisation "
+             "cap if the readout alignment (after the final norm) never exceeds 0.9 over the single-pass grid; "
+             "too little depth if a late-layer (last 20%) neuron's readout alignment never reaches the median "
+             "readout alignment at which open training neurons triggered; otherwise collapse before trigger. "
+             "Predicted ceilings use only the weights and one generic forward pass; nothing fitted sees a "
+             "held-out neuron, and the majority verdict is taken from the training neurons.")
     ci = a.get("mae_alignment_ci95") or [None, None]
     heads = [
         Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link),
         Headline("window.ceiling_mae_alignment", "ceiling MAE on held-out neurons (alignment cosθ, predictor a)",
                  mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link),
+        Headline("window.ceiling_mae_alignment_constant",
+                 "ceiling MAE of the constant baseline (training mean ceiling), alignment cosθ",
+                 mae(const, "alignment") if const else "missing", const.get("mae_alignment"),
+                 _ci(*(const.get("mae_alignment_ci95") or [None, None])), None, link),
     ]
     if _finite(a.get("mae_alignment_bulk")):
         heads.append(Headline("window.ceiling_mae_alignment_bulk",
@@ -368,8 +404,10 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
         v["correct"] / n if n else None, _ci(*verdict_ci) if n else None, PUBLISHED["window_verdicts"], link))
     if pivots:
         reach = sum(p["reach"] == "actionable" for p in pivots)
-        heads.append(Headline("window.pivots_actionable", "refusal pivots with actionable reach",
-                              f"{reach} of {len(pivots)}", reach / len(pivots), None, PUBLISHED["window_pivots"], link))
+        heads.append(Headline("window.pivots_actionable",
+                              "refusal pivot neurons with actionable reach (≥ 50% of rollouts actionable)",
+                              f"{reach} of {len(pivots)} neurons", reach / len(pivots), None,
+                              PUBLISHED["window_pivots"], link))
     return Section("window", STAGE_TITLES["window"], intro, items), heads
 
 

@@ -100,7 +100,7 @@ def run_window(
     enc = tokenizer(generic, return_tensors="pt", padding=True, truncation=True, max_length=o.max_length)
     single = single_pass_sweep(model, adapter, enc, neurons, geometry, o.single_pass_grid)
     table, fitted = window_table(sweeps, single, neurons, geometry, o.horizons, adapter.n_layers, o.n_heldout,
-                                 o.seed)
+                                 o.seed, n_boot=o.n_boot)
     summary = heldout_summary(table, fitted, o.n_boot, o.seed)
     summary["refusal_pivots"] = refusal_pivots(sweeps, table)
     summary["n_neurons"] = int(len(neurons))
