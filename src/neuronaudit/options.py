@@ -290,6 +290,7 @@ class AttributionOptions(StageOptions):
     n_prompts: int = key("window.n_prompts")
     n_boot: int = key("window.n_boot")
     batch_size: int
+    n_permutations: int
     seed: int = key("seed")
 
 

@@ -184,7 +184,7 @@ def test_stage_summary_holds_every_figure(tmp_path, monkeypatch, llama, tokenize
     from neuronaudit.stages.common import OpenedModel
 
     model, adapter = llama
-    o = stage_options(AttributionOptions, n_prompts=3, n_boot=1000, batch_size=2,
+    o = stage_options(AttributionOptions, n_prompts=3, n_boot=1000, batch_size=2, n_permutations=999,
                       model={"chat_template": "none"})
     monkeypatch.setattr(stage, "open_model", lambda *a, **k: OpenedModel(model, tokenizer, adapter, {}, o.model))
     neurons = [(1, 3), (2, 7), (2, 40), (3, 11), (3, 100)]
@@ -208,7 +208,7 @@ def test_stage_summary_holds_every_figure(tmp_path, monkeypatch, llama, tokenize
         "unused", _write_parquet(window, tmp_path / "window.parquet"),
         _write_parquet(sweeps, tmp_path / "sweeps.parquet"), {"refusal": tmp_path / "screen.parquet"},
         {"refusal": tmp_path / "prompts.parquet"}, {"refusal": spec}, tmp_path / "scores.parquet",
-        tmp_path / "summary.json", o, n_permutations=199,
+        tmp_path / "summary.json", o,
     )
     scores = pq.read_table(tmp_path / "scores.parquet").to_pandas()
     assert {"grad", "grad_signed", "atp", "atp_signed"} <= set(scores.columns)
@@ -222,8 +222,8 @@ def test_stage_summary_holds_every_figure(tmp_path, monkeypatch, llama, tokenize
             assert {"n", "spearman_rho", "p_value", "rho_ci95", "ci_method", "ci_fallback_reason",
                     "n_degenerate_resamples", "n_boot", "n_permutations", "precision_at_k", "recall_at_k",
                     "k"} <= set(entry)
-            assert entry["n"] == len(neurons) and entry["n_permutations"] == 199
-    assert doc["n_permutations"] == 199 and doc["n_boot"] == 1000 and set(doc["scores"]) == set(SCORES)
+            assert entry["n"] == len(neurons) and entry["n_permutations"] == 999
+    assert doc["n_permutations"] == 999 and doc["n_boot"] == 1000 and set(doc["scores"]) == set(SCORES)
     assert doc["prompts"]["refusal"]["gradient"] == {"prompt_set": "harmful", "split": "heldout", "n": 3}
     assert doc["prompts"]["refusal"]["atp_means"]["split"] == "discovery"
     assert doc["statement"] == summary["statement"] and "permutation p" in doc["statement"]

@@ -54,8 +54,6 @@ from neuronaudit.stages.common import OpenedModel, open_model, read_prompts, rea
 
 log = logging.getLogger(__name__)
 
-#: Permutations behind each Spearman ρ's p-value.
-N_PERMUTATIONS = 9999
 #: The split of the swept prompt table the gradient is taken on (the window stage sweeps it too).
 GRADIENT_SPLIT = "heldout"
 
@@ -71,7 +69,6 @@ def run_attribution(
     out_summary: str | Path,
     options: AttributionOptions,
     threads: int | None = None,
-    n_permutations: int = N_PERMUTATIONS,
 ) -> dict:
     """Gradient and forward scores of every window candidate against its measured control."""
     o = options
@@ -89,10 +86,10 @@ def run_attribution(
         rows += behaviour_scores(opened, behaviour, spec, neurons, prompts, screen, o)
         prompt_sets[behaviour] = prompt_sources(behaviour_prompts[behaviour], len(prompts), screen_scores[behaviour])
     table = pd.DataFrame(rows).merge(truth, on=["behaviour", "layer", "neuron"], how="left")
-    comparison = compare(table, o.n_boot, o.seed, n_permutations)
+    comparison = compare(table, o.n_boot, o.seed, o.n_permutations)
     summary = {"comparison": comparison, "missed_by_gradient": missed_by_gradient(table),
                "statement": statement(comparison), "scores": dict(SCORE_DESCRIPTIONS), "prompts": prompt_sets,
-               "n_prompts": o.n_prompts, "n_boot": o.n_boot, "n_permutations": n_permutations, "seed": o.seed}
+               "n_prompts": o.n_prompts, "n_boot": o.n_boot, "n_permutations": o.n_permutations, "seed": o.seed}
     prov = provenance(model_id=opened.manifest.get("source"), weight_sha256=opened.manifest.get("weight_sha256"),
                       seed=o.seed,
                       metric="logsumexp log p(behaviour openers) - logsumexp log p(default openers), last prompt token")
