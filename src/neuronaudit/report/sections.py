@@ -420,13 +420,16 @@ def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | No
     link = _rel(folder / "summary.json", report_dir)
     rows = []
     for group, entry in summary["comparison"].items():
-        for score in ("grad", "atp", "delta", "std_delta", "dose_response"):
+        for score in ("grad", "grad_signed", "atp", "atp_signed", "delta", "std_delta", "dose_response"):
             if score not in entry:
                 continue
             e = entry[score]
-            rows.append({"behaviours": group, "score": score, "spearman ρ": e["spearman_rho"],
-                         "ρ 95% CI": f"{_f((e.get('rho_ci95') or [None, None])[0], '.2f')}–"
-                                     f"{_f((e.get('rho_ci95') or [None, None])[1], '.2f')}",
+            ci = e.get("rho_ci95") or [None, None]
+            rows.append({"behaviours": group, "score": score, "n neurons": e.get("n"),
+                         "spearman ρ": e["spearman_rho"], "permutation p": e.get("p_value"),
+                         "ρ 95% CI": f"{_f(ci[0], '.2f')}–{_f(ci[1], '.2f')}",
+                         "CI method": e.get("ci_method", "percentile"),
+                         "degenerate resamples": e.get("n_degenerate_resamples"),
                          "precision@k": e["precision_at_k"], "k (controllers)": e["k"]})
     items = [
         _figure("attribution_panels", "Measured control against attribution scores and readout geometry",
@@ -440,15 +443,19 @@ def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | No
                            table_link=_rel(folder / "scores.parquet", report_dir)))
     heads = []
     pooled = summary["comparison"].get("all", {})
-    for score, label, published in (("grad", "Spearman ρ(|gradient|, measured control), all behaviours",
+    for score, label, published in (("grad", "Spearman ρ(mean |gradient| over prompts, measured control), "
+                                              "behaviours pooled after ranking within each",
                                      PUBLISHED["attribution_grad"]),
-                                    ("std_delta", "Spearman ρ(|standardised δ|, measured control), all behaviours",
+                                    ("std_delta", "Spearman ρ(|standardised δ|, measured control), behaviours "
+                                                  "pooled after ranking within each",
                                      PUBLISHED["attribution_forward"])):
         e = pooled.get(score)
         if e:
             lo, hi = (e.get("rho_ci95") or [None, None])[:2]
             heads.append(Headline(f"attribution.rho_{score}", label,
                                   _num(e["spearman_rho"], lo, hi, digits=2)
+                                  + f"; permutation p {_f(e.get('p_value'), '.3g')}, n = {e.get('n')} neurons, "
+                                  f"{e.get('ci_method', 'percentile')} CI"
                                   + f"; precision@k {_f(e.get('precision_at_k'), '.2f')} (k = {e.get('k')})",
                                   e["spearman_rho"], _ci(lo, hi), published, link))
     return Section("attribution", STAGE_TITLES["attribution"], summary["statement"], items), heads
