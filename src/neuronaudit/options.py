@@ -221,7 +221,8 @@ class ScreenOptions(StageOptions):
 
     section: ClassVar[str] = "screen"
     k: float
-    skip_layers: list
+    skip_layers: list | None
+    skip_first_fraction: float
     n_boot: int
     universal_top_n: int
     universal_fraction: float

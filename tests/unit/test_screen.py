@@ -117,9 +117,12 @@ def test_std_delta_and_bootstrap_ci_match_a_direct_computation(tmp_path):
         row = scores[(scores.layer == layer) & (scores.neuron == neuron)].iloc[0]
         delta = x.mean() - y.mean()
         pooled = np.sqrt((11 * x.var(ddof=1) + 11 * y.var(ddof=1)) / 22)
+        xs = pos[:, layer, :].astype(np.float32).astype(np.float64)
+        ys = neg[:, layer, :].astype(np.float32).astype(np.float64)
+        s0 = np.median(np.sqrt((11 * xs.var(0, ddof=1) + 11 * ys.var(0, ddof=1)) / 22))  # the layer's floor
         boot = np.array([x[idx_pos[b]].mean() - y[idx_neg[b]].mean() for b in range(n_boot)])
         np.testing.assert_allclose(row.delta, delta, rtol=1e-10)
-        np.testing.assert_allclose(row.std_delta, delta / pooled, rtol=1e-10)
+        np.testing.assert_allclose(row.std_delta, delta / np.sqrt(pooled**2 + s0**2), rtol=1e-10)
         np.testing.assert_allclose([row.ci_low, row.ci_high], np.percentile(boot, [2.5, 97.5]), rtol=1e-9)
         np.testing.assert_allclose([row.mean_pos, row.mean_neg], [x.mean(), y.mean()], rtol=1e-10)
     # a different seed gives different CIs; the same seed the same ones
@@ -265,3 +268,15 @@ def test_caa_as_neuron_edits_equals_adding_the_vector_to_the_mlp_output(llama, t
                 h.remove()
     torch.testing.assert_close(edited, direct, atol=1e-4, rtol=1e-4)
     assert (edited - plain).abs().max() > 1e-2  # the vector does change the output
+
+
+def test_a_near_constant_neuron_cannot_outrank_a_planted_controller_by_std_delta():
+    rng = np.random.default_rng(7)
+    n, width = 20, 32
+    pos, neg = rng.normal(size=(n, width)), rng.normal(size=(n, width))
+    pos[:, 3] += 2.0  # the planted controller: a large shift at ordinary variance
+    pos[:, 9], neg[:, 9] = 0.02 + 1e-4 * rng.normal(size=n), 1e-4 * rng.normal(size=n)  # tiny δ, no variance
+    out = contrast(pos, neg)
+    plain_d = out["delta"] / np.sqrt((pos.var(0, ddof=1) + neg.var(0, ddof=1)) / 2)
+    assert np.argmax(np.abs(plain_d)) == 9  # Cohen's d alone puts the constant neuron on top (|d| ~ 200)
+    assert np.argmax(np.abs(out["std_delta"])) == 3  # the variance floor ranks the controller first

@@ -8,8 +8,10 @@ using forward passes only. From the last-token activation tables written by
 DISCOVERY split of each prompt set, per neuron ``(l, i)``:
 
 ``delta``       ``δ = mean_{P⁺} a − mean_{P⁻} a``
-``std_delta``   ``δ / s_pooled`` with ``s_pooled² = ((n⁺−1)s⁺² + (n⁻−1)s⁻²) / (n⁺+n⁻−2)``
-                (Cohen's d; it makes layers with different activation scales comparable)
+``std_delta``   ``δ / sqrt(s_pooled² + s0²)`` with ``s_pooled² = ((n⁺−1)s⁺² + (n⁻−1)s⁻²) /
+                (n⁺+n⁻−2)`` and ``s0`` the layer's median ``s_pooled`` (Cohen's d moderated by
+                SAM's variance floor: it makes layers with different activation scales comparable,
+                and a neuron with near-zero variance cannot reach the top on a tiny δ)
 ``ci_low/high`` percentile bootstrap CI of δ: prompts of each set are resampled with replacement
                 (``n_boot`` ≥ 1000 replicates, seeded). Each replicate draws its prompt indices
                 once and reuses them for every neuron of every layer: a replicate is a row of a
@@ -119,9 +121,13 @@ def contrast(
     std_pos, std_neg = pos.std(0, ddof=1), neg.std(0, ddof=1)
     delta = mean_pos - mean_neg
     pooled = np.sqrt(((n_pos - 1) * std_pos**2 + (n_neg - 1) * std_neg**2) / (n_pos + n_neg - 2))
+    # a variance floor (SAM's fudge factor s0, Tusher et al. 2001): the layer's median pooled std,
+    # so a neuron that barely varies cannot top the ranking with a tiny δ
+    s0 = float(np.median(pooled)) if pooled.size else 0.0
+    scale = np.sqrt(pooled**2 + s0**2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        std_delta = np.where(pooled > 0, delta / np.where(pooled > 0, pooled, 1.0), np.sign(delta) * np.inf)
-    std_delta = np.where((pooled == 0) & (delta == 0), 0.0, std_delta)
+        std_delta = np.where(scale > 0, delta / np.where(scale > 0, scale, 1.0), np.sign(delta) * np.inf)
+    std_delta = np.where((scale == 0) & (delta == 0), 0.0, std_delta)
     out = dict(
         delta=delta, std_delta=std_delta, mean_pos=mean_pos, mean_neg=mean_neg,
         std_pos=std_pos, std_neg=std_neg,

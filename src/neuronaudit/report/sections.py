@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from neuronaudit import io as naio
 from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.report import plots
 from neuronaudit.report.page import (
@@ -174,8 +175,17 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                            circuit.head(20)[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low",
                                              "ci_high"]],
                            caption("screen_top"), table_link=_rel(circuits[name], report_dir)))
+    excluded = []
+    for name, cpath in circuits.items():
+        prov = naio.read_provenance(cpath)
+        excluded.append(f"{name}: layers not screened {prov.get('skip_layers', 'missing')}, "
+                        f"{prov.get('n_universal', 'missing')} neurons flagged universal (in the top "
+                        f"{prov.get('universal_top_n', '?')} by |a| of their layer on at least "
+                        f"{_f(prov.get('universal_fraction'), '.0%')} of the diverse prompts), "
+                        f"{prov.get('n_universal_excluded', 'missing')} of them would have entered the circuit")
     intro = ("Forward-only contrastive screen on the discovery split: δ = mean⁺ − mean⁻ of last-token "
-             "activations, with universal neurons excluded from circuits.")
+             "activations; standardised δ divides by the pooled standard deviation with the layer's median as a "
+             "variance floor. Universal neurons are excluded from circuits. " + "; ".join(excluded) + ".")
     return Section("screen", STAGE_TITLES["screen"], intro, items), heads
 
 

@@ -4,6 +4,7 @@ and the circuit out (the algorithm is :mod:`neuronaudit.methods.screen`)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,15 @@ SPLIT = "discovery"
 CONFIDENCE = 0.95
 
 
+def skipped_layers(o: ScreenOptions, n_layers: int) -> list[int]:
+    """The layers the screen leaves out: ``screen.skip_layers`` when given, else the first
+    ``floor(skip_first_fraction × n_layers)`` layers (layers 0–1 of a 30-layer model, none of a
+    4-layer one)."""
+    if o.skip_layers is not None:
+        return sorted({int(s) % n_layers for s in o.skip_layers})
+    return list(range(int(math.floor(o.skip_first_fraction * n_layers + 1e-9))))
+
+
 def run_screen(
     behaviour: str,
     pos_last_token: str | Path,
@@ -50,7 +60,8 @@ def run_screen(
     ``n_total`` (MLP neurons of the model) defaults to the collected ``n_layers × n_neurons``.
     """
     o = options
-    skip_layers = sorted({int(s) for s in o.skip_layers})
+    n_layers = int(read_provenance(pos_last_token).get("n_layers") or len(LastTokenTable(pos_last_token).layers))
+    skip_layers = skipped_layers(o, n_layers)
     pos, neg = LastTokenTable(pos_last_token), LastTokenTable(neg_last_token)
     diverse = [LastTokenTable(p) for p in diverse_last_tokens]
     weight_hash = same_model([pos.path, neg.path, *(d.path for d in diverse)], None, "screen")
