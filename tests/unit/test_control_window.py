@@ -69,6 +69,19 @@ def test_candidates_cover_bands_and_behaviours():
     screened = c[c.kind == "screened"]
     assert len(screened) == 6 and not ((screened.layer == 0) & (screened.neuron == 0)).any()
     assert set(c[c.kind == "random"]["band"]) == {"early", "bulk", "late"}
+    # stratified across the ranking: the top neuron, then one from each further third of the ranking
+    ranks = sorted(screened[screened.behaviour == "a"]["screen_rank"])
+    assert ranks[0] == 1 and 66 <= ranks[1] <= 132 and 133 <= ranks[2] <= 199
+
+
+def test_every_screened_neuron_can_become_a_candidate():
+    scores = pd.DataFrame({"layer": 1, "neuron": np.arange(50), "delta": 0.0,
+                           "std_delta": np.linspace(5, 0.1, 50), "screened": True, "universal": False})
+    seen = set()
+    for seed in range(40):
+        c = pick_candidates({"a": scores}, n_candidates=5, n_random=0, n_layers=4, n_neurons=50, seed=seed)
+        seen |= set(c["neuron"])
+    assert len(seen) > 40  # not only the top five
     assert [layer_band(l, 30) for l in (0, 5, 6, 23, 24, 29)] == ["early"] * 2 + ["bulk"] * 2 + ["late"] * 2
 
 

@@ -290,15 +290,24 @@ def pick_candidates(
     screens: Mapping[str, pd.DataFrame], n_candidates: int, n_random: int, n_layers: int,
     n_neurons: int, seed: int,
 ) -> pd.DataFrame:
-    """Top screened neurons per behaviour (by |standardised δ|, universal excluded) plus random
-    controls spread over early, bulk and late layers, assigned to behaviours in turn."""
+    """Screened neurons per behaviour drawn stratified across the |standardised δ| ranking
+    (universal excluded), plus random controls spread over early, bulk and late layers.
+
+    The ranking is cut into ``n_candidates`` strata of equal size; the first stratum gives its
+    top neuron (the strongest screened neuron is always swept) and every other stratum one neuron
+    drawn at random (seeded), so every screened neuron can reach the list and the candidates span
+    the ranking instead of its top alone (an extreme-groups design inflates any correlation with
+    δ). The rank of each candidate is recorded (``screen_rank``)."""
     rows = []
+    rng = np.random.default_rng(seed)
     for behaviour, scores in screens.items():
         pool = scores[scores["screened"].astype(bool) & ~scores["universal"].astype(bool)]
-        top = pool.reindex(pool["std_delta"].abs().sort_values(ascending=False).index).head(n_candidates)
+        ranked = pool.reindex(pool["std_delta"].abs().sort_values(ascending=False, kind="stable").index)
+        strata = np.array_split(np.arange(len(ranked)), min(n_candidates, len(ranked)))
+        picks = [int(s[0]) if j == 0 else int(rng.choice(s)) for j, s in enumerate(strata) if len(s)]
         rows += [{"behaviour": behaviour, "layer": int(r.layer), "neuron": int(r.neuron), "kind": "screened",
-                  "delta": float(r.delta), "std_delta": float(r.std_delta)} for r in top.itertuples()]
-    rng = np.random.default_rng(seed)
+                  "delta": float(r.delta), "std_delta": float(r.std_delta), "screen_rank": int(i) + 1}
+                 for i, r in zip(picks, ranked.iloc[picks].itertuples())]
     bands = {"early": [l for l in range(n_layers) if layer_band(l, n_layers) == "early"],
              "bulk": [l for l in range(n_layers) if layer_band(l, n_layers) == "bulk"],
              "late": [l for l in range(n_layers) if layer_band(l, n_layers) == "late"]}
@@ -316,7 +325,7 @@ def pick_candidates(
         delta = float(match["delta"].iloc[0]) if len(match) else float("nan")
         std = float(match["std_delta"].iloc[0]) if len(match) else float("nan")
         rows.append({"behaviour": behaviour, "layer": layer, "neuron": neuron, "kind": "random",
-                     "delta": delta, "std_delta": std})
+                     "delta": delta, "std_delta": std, "screen_rank": None})
     out = pd.DataFrame(rows)
     out["band"] = [layer_band(l, n_layers) for l in out["layer"]]
     return out
