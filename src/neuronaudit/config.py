@@ -20,6 +20,7 @@ import yaml
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import make_judge
+from neuronaudit.evaluation.oracles import USER_ORACLES, oracle_for
 from neuronaudit.models.architectures import declaration_for
 from neuronaudit.models.sources import read_model_config, resolve_source
 from neuronaudit.prompts import check_prompt_file
@@ -181,6 +182,11 @@ def check_references(config: dict) -> None:
     for behaviour, spec in config.get("behaviours", {}).items():
         need_set(f"behaviours.{behaviour}.positive", spec["positive"])
         need_set(f"behaviours.{behaviour}.negative", spec["negative"])
+        if spec["oracle"] in USER_ORACLES:
+            try:
+                oracle_for(spec)
+            except NeuronAuditError as err:
+                raise NeuronAuditError(f"config key behaviours.{behaviour}: {err}") from None
     for name in config["screen"]["universal_sets"]:
         need_set("screen.universal_sets", name)
     for name in config["keystone"]["groups"]:
@@ -234,6 +240,8 @@ SWEEP_DIRECTION = {
     "refusal": "positive",
     "operator": "negative",
     "format": "negative",
+    "regex": "negative",
+    "exact": "negative",
 }
 
 

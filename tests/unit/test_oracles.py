@@ -135,3 +135,35 @@ def test_registry():
         op.label("12", {"a": 4})
     with pytest.raises(NeuronAuditError, match="no oracle"):
         get_oracle("refusal-ish")
+
+
+def test_user_declared_regex_and_exact_oracles():
+    from neuronaudit.evaluation.oracles import oracle_for
+    from neuronaudit.methods.window import flips
+
+    regex = {"oracle": "regex", "pattern": r"\bParis\b", "positive": "a", "negative": "b"}
+    assert oracle_for(regex).label("The capital is Paris.", {}) == "behaviour"
+    assert oracle_for(regex).label("It is Rome.", {}) == "default"
+    exact = {"oracle": "exact", "answer": "Yes", "positive": "a", "negative": "b"}
+    assert [oracle_for(exact).label(r, {}) for r in ("yes, of course", " YES.", "No")] == [
+        "behaviour", "behaviour", "default"]
+    got = flips(regex, ["Paris!", "Rome", "Paris"], ["coherent_bypass", "coherent_bypass", "collapse"], [{}] * 3)
+    assert list(got) == [True, False, True]  # the stage masks collapsed rollouts separately
+    with pytest.raises(NeuronAuditError, match="not a valid regular expression"):
+        oracle_for({**regex, "pattern": "(unclosed"})
+    with pytest.raises(NeuronAuditError, match="needs behaviours.<name>.answer"):
+        oracle_for({"oracle": "exact", "positive": "a", "negative": "b"})
+
+
+def test_a_bad_user_pattern_stops_the_config_check():
+    from neuronaudit.config import check_references
+    from neuronaudit.testing import default_config
+
+    config = default_config(prompts={"sets": {"a": "x.jsonl", "b": "y.jsonl", "harmful": "h", "harmless": "h2",
+                                              "generic": "g", "task_knowledge": "k", "task_arithmetic": "t",
+                                              "task_code": "c", "task_chat": "ch"}},
+                            behaviours={"capital": {"positive": "a", "negative": "b", "oracle": "regex",
+                                                    "pattern": "(unclosed"}},
+                            cna={"behaviour": "capital"})
+    with pytest.raises(NeuronAuditError, match=r"config key behaviours\.capital: behaviour pattern"):
+        check_references(config)

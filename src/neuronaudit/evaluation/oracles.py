@@ -355,3 +355,38 @@ def get_oracle(name: str) -> BehaviourOracle:
         return ORACLES[name]
     except KeyError:
         raise NeuronAuditError(f"no oracle for behaviour {name!r}; known: {sorted(ORACLES)}") from None
+
+
+#: Oracles a user declares in the config with their own prompt sets: the behaviour shows when the
+#: response matches ``pattern`` (a regular expression, searched) or begins with ``answer``
+#: (case, spacing and punctuation ignored).
+USER_ORACLES = ("regex", "exact")
+
+
+def oracle_for(spec: Mapping) -> BehaviourOracle:
+    """The oracle of a configured behaviour: a built-in one by name, or a user's regex / exact
+    answer check (``behaviours.<name>.pattern`` / ``.answer``)."""
+    kind = spec["oracle"]
+    if kind not in USER_ORACLES:
+        return get_oracle(kind)
+    if kind == "regex":
+        pattern = spec.get("pattern")
+        if not pattern:
+            raise NeuronAuditError("a regex oracle needs behaviours.<name>.pattern")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise NeuronAuditError(f"behaviour pattern {pattern!r} is not a valid regular expression: {err}") from None
+
+        def fn(response: str) -> str:
+            return "behaviour" if compiled.search(response) else "default"
+    else:
+        answer = normalise(str(spec.get("answer") or ""))
+        if not answer:
+            raise NeuronAuditError("an exact oracle needs behaviours.<name>.answer")
+
+        def fn(response: str) -> str:
+            return "behaviour" if normalise(response).startswith(answer) else "default"
+    return BehaviourOracle(name=kind, fn=fn, fields=(), behaviour="behaviour", default="default",
+                           labels=("behaviour", "default"), behaviour_set=spec["positive"],
+                           default_set=spec["negative"])
