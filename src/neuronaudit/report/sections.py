@@ -296,44 +296,31 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
     return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
 
 
-def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
-    folder = study_dir / "window"
-    if not (folder / "summary.json").is_file():
-        return None, []
-    summary = json.loads((folder / "summary.json").read_text())
-    window = pq.read_table(folder / "window.parquet").to_pandas()
-    single = pq.read_table(folder / "single_pass.parquet").to_pandas()
-    horizon = max(summary["grid"]["horizons"])
-    geometry = window[["layer", "neuron", "c0"]].drop_duplicates(["layer", "neuron"])
+def _window_mae(entry: dict, unit: str, band: str | None = None) -> str:
+    if band is not None:
+        value = entry.get(f"mae_{unit}_{band}")
+        return "missing" if value is None else f"{value:.3f} (n = {entry.get(f'n_pairs_{band}')} pairs)"
+    value, ci = entry.get(f"mae_{unit}"), entry.get(f"mae_{unit}_ci95", [None, None])
+    if value is None:
+        return "missing (no held-out neuron)"
+    lo, hi = ci
+    ci_text = f"95% CI {lo:.3f}–{hi:.3f}" if _finite(lo) and _finite(hi) else "CI missing"
+    return (f"{value:.3f} ({ci_text}, cluster bootstrap over neurons; n = {entry['n_pairs']} neuron × sign "
+            f"pairs of {entry['n_neurons']} neurons, {entry['n_measured_ceiling_censored_at_grid_edge']} "
+            f"ceilings censored at the grid edge, {entry['n_prediction_missing_counted_as_grid_span']} "
+            "missing predictions counted as the grid span)")
+
+def _window_rho(entry: dict) -> str:
+    r, ci = entry.get("spearman_rho_predicted_vs_measured"), entry.get("spearman_rho_ci95", [None, None])
+    return "missing" if not _finite(r) else f"{r:.2f} (95% CI {_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})"
+
+
+def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
+    """The held-out figures of the window beside the published ones, units and n stated."""
     v, a, k = summary["verdicts"], summary["predictor_alignment"], summary["predictor_kl"]
     const, raw = summary.get("predictor_constant", {}), summary.get("predictor_raw_dose", {})
-    link = _rel(folder / "summary.json", report_dir)
-
-    def mae(entry: dict, unit: str, band: str | None = None) -> str:
-        if band is not None:
-            value = entry.get(f"mae_{unit}_{band}")
-            return "missing" if value is None else f"{value:.3f} (n = {entry.get(f'n_pairs_{band}')} pairs)"
-        value, ci = entry.get(f"mae_{unit}"), entry.get(f"mae_{unit}_ci95", [None, None])
-        if value is None:
-            return "missing (no held-out neuron)"
-        lo, hi = ci
-        ci_text = f"95% CI {lo:.3f}–{hi:.3f}" if _finite(lo) and _finite(hi) else "CI missing"
-        return (f"{value:.3f} ({ci_text}, cluster bootstrap over neurons; n = {entry['n_pairs']} neuron × sign "
-                f"pairs of {entry['n_neurons']} neurons, {entry['n_measured_ceiling_censored_at_grid_edge']} "
-                f"ceilings censored at the grid edge, {entry['n_prediction_missing_counted_as_grid_span']} "
-                "missing predictions counted as the grid span)")
-
-    def rho(entry: dict) -> str:
-        r, ci = entry.get("spearman_rho_predicted_vs_measured"), entry.get("spearman_rho_ci95", [None, None])
-        return "missing" if not _finite(r) else f"{r:.2f} (95% CI {_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})"
-
-    n = v["n_heldout_neurons"]
-    verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
-    majority = v.get("majority_class_from_training", v.get("majority_class"))
-    verdict_text = (f"{v['correct']}/{n} correct vs always '{majority}' (training majority) "
-                    f"{v['majority_correct']}/{n}; discordant {v.get('only_predictor_right')} vs "
-                    f"{v.get('only_majority_right')}, exact McNemar p = {_f(v.get('mcnemar_exact_p_value'), '.3g')}")
-    rows = [
+    mae, rho = _window_mae, _window_rho
+    return [
         {"figure": "held-out neurons", "this study": n, "published": 15},
         {"figure": "ceiling MAE, alignment units, predictor (a) c*", "this study": mae(a, "alignment"),
          "published": "0.14 (alignment units, all layers)"},
@@ -361,6 +348,27 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
             f"{_f(summary['fitted_on_training_neurons']['kl_threshold'], '.3g')}",
          "published": "—"},
     ]
+
+
+def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "window"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    window = pq.read_table(folder / "window.parquet").to_pandas()
+    single = pq.read_table(folder / "single_pass.parquet").to_pandas()
+    horizon = max(summary["grid"]["horizons"])
+    geometry = window[["layer", "neuron", "c0"]].drop_duplicates(["layer", "neuron"])
+    v, a = summary["verdicts"], summary["predictor_alignment"]
+    const = summary.get("predictor_constant", {})
+    link = _rel(folder / "summary.json", report_dir)
+    n = v["n_heldout_neurons"]
+    verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
+    majority = v.get("majority_class_from_training", v.get("majority_class"))
+    verdict_text = (f"{v['correct']}/{n} correct vs always '{majority}' (training majority) "
+                    f"{v['majority_correct']}/{n}; discordant {v.get('only_predictor_right')} vs "
+                    f"{v.get('only_majority_right')}, exact McNemar p = {_f(v.get('mcnemar_exact_p_value'), '.3g')}")
+    rows = _window_rows(summary, n, verdict_text)
     items = [
         Table("Held-out figures against the published ones", pd.DataFrame(rows), caption("window_heldout"),
               table_link=link),
@@ -396,10 +404,10 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     heads = [
         Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link),
         Headline("window.ceiling_mae_alignment", "ceiling MAE on held-out neurons (alignment cosθ, predictor a)",
-                 mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link),
+                 _window_mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link),
         Headline("window.ceiling_mae_alignment_constant",
                  "ceiling MAE of the constant baseline (training mean ceiling), alignment cosθ",
-                 mae(const, "alignment") if const else "missing", const.get("mae_alignment"),
+                 _window_mae(const, "alignment") if const else "missing", const.get("mae_alignment"),
                  _ci(*(const.get("mae_alignment_ci95") or [None, None])), None, link),
     ]
     if _finite(a.get("mae_alignment_bulk")):
