@@ -180,3 +180,15 @@ def test_heldout_summary_counts_every_case_against_baselines():
     v = summary["verdicts"]
     assert v["n_heldout_neurons"] == 3 and 0 <= v["mcnemar_exact_p_value"] <= 1
     assert v["majority_class_from_training"] == fitted["majority_verdict"]
+
+
+def test_each_behaviour_is_read_at_its_own_horizons():
+    sweeps, single, neurons, geometry = synthetic_sweeps([(1.0, 8.0)])
+    one_token = sweeps.assign(behaviour="short", horizon=1)  # a behaviour answered in one token
+    both = pd.concat([sweeps, one_token], ignore_index=True)
+    cands = pd.concat([neurons, neurons.assign(behaviour="short")], ignore_index=True)
+    table, _ = window_table(both, single, cands, geometry, [8], n_layers=30, n_heldout=0, seed=0)
+    by = table[table.sign == 1].set_index("behaviour")
+    assert by.loc["short", "final_horizon"] == 1 and by.loc["b", "final_horizon"] == 8
+    assert by.loc["short", "trigger_x"] == 1.0 and by.loc["b", "trigger_x"] == 1.0
+    assert (table["verdict"] == "open").sum() == 2

@@ -206,7 +206,7 @@ def metric_token_ids(tokenizer, spec: Mapping, extras: pd.DataFrame) -> tuple[li
 def control_strength(sweeps: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame:
     """Per (behaviour, layer, neuron): the largest flip fraction over doses below the measured
     ceiling (final horizon, either sign) and whether the neuron controls (verdict open)."""
-    final = sweeps["horizon"].max()
+    final = sweeps.groupby("behaviour")["horizon"].transform("max")  # each behaviour at its own horizon
     at = sweeps[sweeps["horizon"] == final]
     keys = ["behaviour", "layer", "neuron", "sign"]
     frac = at.groupby([*keys, "x"], as_index=False)[["flip", "collapse"]].mean()

@@ -480,20 +480,23 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
                  n_boot: int = 1000) -> tuple[pd.DataFrame, dict]:
     """Per (behaviour, neuron, sign): budget, c0, measured ceiling and triggers with prompt-bootstrap
     CIs, predictions, verdicts, failure mode, split; and the fitted predictor parameters."""
-    final = max(horizons)
     keys = ["behaviour", "layer", "neuron", "sign"]
+    # each behaviour is read at its own horizons; its verdict at the longest of them
+    finals = sweeps.groupby("behaviour")["horizon"].max()
     baseline = baseline_rates(sweeps)
     dosed = sweeps[sweeps["kind"] != "baseline"]
-    at_final = dosed[dosed["horizon"] == final]
+    at_final = dosed[dosed["horizon"] == dosed["behaviour"].map(finals)]
     table = crossings(at_final.assign(x=at_final["x"].abs()), "collapse", keys).rename(
         columns={"collapse_x": "ceiling_x"})
     table["ceiling_censored"] = table["ceiling_x"].isna()
-    for h in horizons:
+    for h in sorted(set(sweeps["horizon"]) | set(horizons)):
         table = table.merge(triggers(dosed, baseline, h, keys), on=keys, how="outer")
+    table["final_horizon"] = table["behaviour"].map(finals).astype(int)
+    table["trigger_x"] = [getattr(r, f"trigger_x_{r.final_horizon}") for r in table.itertuples()]
     table = table.merge(prompt_bootstrap(at_final, "collapse", keys, n_boot, seed), on=keys, how="left")
     table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed), on=keys, how="left")
-    table = table.merge(baseline[baseline["horizon"] == final][["behaviour", "baseline_flip", "baseline_collapse"]],
-                        on="behaviour", how="left")
+    at_own_final = baseline[baseline["horizon"] == baseline["behaviour"].map(finals)]
+    table = table.merge(at_own_final[["behaviour", "baseline_flip", "baseline_collapse"]], on="behaviour", how="left")
     grid = np.sort(dosed["x"].abs().unique())
     table["grid_min_x"], table["grid_max_x"] = float(grid[0]), float(grid[-1])
     # a ceiling beyond the grid is censored at its edge, never dropped
@@ -507,11 +510,11 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
     table["band"] = [layer_band(int(l), n_layers) for l in table["layer"]]
     split = split_neurons(sorted(set(neuron_keys)), n_heldout, seed)
     table["split"] = [split[k] for k in neuron_keys]
-    fitted = _predict(table, single, final, n_layers)
+    fitted = _predict(table, single, n_layers)
     return table, fitted
 
 
-def _predict(table: pd.DataFrame, single: pd.DataFrame, final: int, n_layers: int) -> dict:
+def _predict(table: pd.DataFrame, single: pd.DataFrame, n_layers: int) -> dict:
     """Fit both ceiling predictors on the training rows, predict every row, add verdicts and
     failure modes (in place); returns the fitted parameters."""
     sp = single.assign(sign=np.sign(single["x"]).astype(int), x_abs=single["x"].abs())
@@ -530,7 +533,7 @@ def _predict(table: pd.DataFrame, single: pd.DataFrame, final: int, n_layers: in
                            {ckey(r): r.ceiling_x for r in table[train].itertuples()})
     table["predicted_ceiling_x_kl"] = [kl_crossing(*curves[ckey(r)], tau) if not math.isnan(tau) else np.nan
                                        for r in table.itertuples()]
-    trig = table[f"trigger_x_{final}"]
+    trig = table["trigger_x"]
     table["verdict"] = [verdict(t, c) for t, c in zip(trig, table["ceiling_x"])]
     table["predicted_verdict"] = [verdict(t, c) for t, c in zip(trig, table["predicted_ceiling_x_alignment"])]
     table["max_alignment_write"] = [max_align.loc[ckey(r), "max_write"] for r in table.itertuples()]
@@ -658,9 +661,8 @@ def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int) -
 def verdict_summary(table: pd.DataFrame, majority: str) -> dict:
     """Held-out neuron verdicts (open iff open in either sign) against always saying the training
     majority, with an exact McNemar test; and the accuracy on neurons that have a trigger at all."""
-    final = max(int(c.rsplit("_", 1)[1]) for c in table.columns if c.startswith("trigger_x_"))
     verdicts = neuron_verdicts(table)
-    triggered = (table.assign(t=table[f"trigger_x_{final}"].notna())
+    triggered = (table.assign(t=table["trigger_x"].notna())
                  .groupby(["behaviour", "layer", "neuron"])["t"].any().rename("has_trigger").reset_index())
     hv = verdicts[verdicts["split"] == "heldout"].merge(triggered, on=["behaviour", "layer", "neuron"], how="left")
     score = score_verdicts(hv["predicted_verdict"], hv["verdict"], majority)
@@ -685,12 +687,11 @@ def refusal_pivots(sweeps: pd.DataFrame, table: pd.DataFrame) -> list[dict]:
     else ``coherent_bypass``. When both signs open, the sign with the larger actionable share is
     reported."""
     out = []
-    final = sweeps["horizon"].max()
     open_rows = table[(table["behaviour"] == "refusal") & (table["verdict"] == "open")]
     for (layer, neuron), rows in open_rows.groupby(["layer", "neuron"]):
         best = None
         for r in rows.itertuples():
-            x = getattr(r, f"trigger_x_{final}")
+            x = r.trigger_x
             at = sweeps[(sweeps.behaviour == "refusal") & (sweeps.layer == layer) & (sweeps.neuron == neuron)
                         & (sweeps.sign == r.sign) & np.isclose(sweeps.x.abs(), x)]
             by_h = {int(h): g["rollout_type"].value_counts(normalize=True).to_dict() for h, g in at.groupby("horizon")}

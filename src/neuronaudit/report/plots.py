@@ -514,7 +514,7 @@ def window_diagram(window: pd.DataFrame, horizon: int) -> Figure:
     with sns.axes_style("whitegrid"):
         fig, ax = plt.subplots(figsize=(7.5, max(3, 0.18 * len(df) + 1.2)))
     y = np.arange(len(df))
-    trig = f"trigger_x_{horizon}"
+    trig = "trigger_x" if "trigger_x" in window.columns else f"trigger_x_{horizon}"
     grid_max = float(np.nanmax(df[["ceiling_x", trig]].to_numpy(float))) if len(df) else 1.0
     grid_max = grid_max if np.isfinite(grid_max) else 1.0
     ceiling = df["ceiling_x"].fillna(grid_max * 1.5)
@@ -532,7 +532,8 @@ def window_diagram(window: pd.DataFrame, horizon: int) -> Figure:
     labels = [_mpl_text(b) for b in colors]
     handles += [plt.Rectangle((0, 0), 1, 1, color="#777777"), plt.Rectangle((0, 0), 1, 1, color="#777777", alpha=0.3),
                 plt.Line2D([], [], ls="", marker="o", color="#111111")]
-    labels += ["open (trigger below ceiling)", "closed", f"trigger at τ = {horizon}"]
+    where = "each behaviour's longest horizon" if trig == "trigger_x" else f"τ = {horizon}"
+    labels += ["open (trigger below ceiling)", "closed", f"trigger at {where}"]
     ax.legend(handles, labels, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig

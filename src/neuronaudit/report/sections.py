@@ -362,6 +362,8 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     v, a = summary["verdicts"], summary["predictor_alignment"]
     const = summary.get("predictor_constant", {})
     link = _rel(folder / "summary.json", report_dir)
+    trigger_columns = ([c for c in ("final_horizon", "trigger_x") if c in window.columns]
+                       or [f"trigger_x_{horizon}"])  # tables written before triggers had one horizon each
     n = v["n_heldout_neurons"]
     verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
     majority = v.get("majority_class_from_training", v.get("majority_class"))
@@ -380,7 +382,7 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
         _figure("window_diagram", "Control windows", plots.window_diagram(window, horizon),
                 _rel(folder / "window.parquet", report_dir)),
         Table("Per-neuron windows", window[["behaviour", "layer", "neuron", "kind", "band", "sign", "split", "budget",
-                                            "c0", "ceiling_x", f"trigger_x_{horizon}", "predicted_ceiling_x_alignment",
+                                            "c0", "ceiling_x", *trigger_columns, "predicted_ceiling_x_alignment",
                                             "predicted_ceiling_x_kl", "verdict", "predicted_verdict", "failure_mode"]],
               caption("window_table"), table_link=_rel(folder / "window.parquet", report_dir), max_rows=80),
     ]

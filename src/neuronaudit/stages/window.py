@@ -62,6 +62,12 @@ def check_window_options(o: WindowOptions) -> None:
             )
 
 
+def behaviour_horizons(spec: Mapping, o: WindowOptions) -> list[int]:
+    """The horizons a behaviour's oracle reads (``behaviours.<name>.horizons``; a model that
+    answers in one token is read at 1), else ``window.horizons``."""
+    return sorted({int(h) for h in (spec.get("horizons") or o.horizons)})
+
+
 def run_window(
     manifest_path: str | Path,
     screen_scores: Mapping[str, str | Path],
@@ -94,7 +100,8 @@ def run_window(
     for behaviour, spec in behaviours.items():
         frames.append(sweep_behaviour(model, tokenizer, adapter, judge, behaviour, spec,
                                       neurons[neurons["behaviour"] == behaviour], swept[behaviour], geometry,
-                                      o.x_grid, o.horizons, m.chat_template, m.system_prompt, o.row_batch_size))
+                                      o.x_grid, behaviour_horizons(spec, o), m.chat_template, m.system_prompt,
+                                      o.row_batch_size))
     sweeps = pd.concat(frames, ignore_index=True)
     tokenizer.padding_side = "left"
     enc = tokenizer(generic, return_tensors="pt", padding=True, truncation=True, max_length=o.max_length)
@@ -106,7 +113,9 @@ def run_window(
     summary["n_neurons"] = int(len(neurons))
     summary["seeds"] = {"split": o.seed, "bootstrap": o.seed, "random_controls": o.seed}
     summary["grid"] = {"x": list(o.x_grid), "single_pass_x": list(o.single_pass_grid),
-                       "horizons": list(o.horizons), "prompts_per_behaviour": o.n_prompts}
+                       "horizons": sorted({h for s in behaviours.values() for h in behaviour_horizons(s, o)}),
+                       "horizons_by_behaviour": {b: behaviour_horizons(s, o) for b, s in behaviours.items()},
+                       "prompts_per_behaviour": o.n_prompts}
     prov = provenance(model_id=opened.manifest.get("source"), weight_sha256=opened.manifest.get("weight_sha256"),
                       dtype=m.dtype, hook_site=opened.manifest.get("hook_site"), seed=o.seed,
                       horizons=list(o.horizons), x_grid=list(o.x_grid), positions=["last_prompt", "generated"],
