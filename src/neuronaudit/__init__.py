@@ -4,7 +4,7 @@ A neuron ``(l, i)`` is coordinate ``i`` of layer ``l``'s MLP intermediate activa
 the MLP output projection. The package reads and edits neurons with forward pre-hooks on that
 module (see :mod:`neuronaudit.interventions`). The package is laid out in rooms that import only
 downwards: ``models`` → ``interventions`` → ``evaluation`` → ``methods`` (the algorithms, no file
-I/O) → ``stages`` (one per Snakemake rule) → ``report``; the README's Layout section maps them.
+I/O) → ``report`` → ``stages`` (one per Snakemake rule); the README's Layout section maps them.
 """
 
 from importlib.metadata import PackageNotFoundError, version
