@@ -168,8 +168,10 @@ def test_headline_numbers_shown_equal_the_json_summaries(rendered, study):
           text=f"{a['mae_alignment']:.3f} (95% CI {a['mae_alignment_ci95'][0]:.3f}–{a['mae_alignment_ci95'][1]:.3f}")
     v = window["verdicts"]
     check("window.verdict_accuracy", v["correct"] / v["n_heldout_neurons"],
-          text=f"{v['correct']}/{v['n_heldout_neurons']} correct vs majority ({v['majority_class']}) "
-               f"{v['majority_correct']}/{v['n_heldout_neurons']}")
+          text=f"{v['correct']}/{v['n_heldout_neurons']} correct vs always "
+               f"'{v['majority_class_from_training']}' (training majority) "
+               f"{v['majority_correct']}/{v['n_heldout_neurons']}; discordant {v['only_predictor_right']} vs "
+               f"{v['only_majority_right']}, exact McNemar p = {v['mcnemar_exact_p_value']:.3g}")
     check("window.n_heldout", v["n_heldout_neurons"], text=str(v["n_heldout_neurons"]))
     g = attribution["comparison"]["all"]["grad"]
     check("attribution.rho_grad", g["spearman_rho"], *g["rho_ci95"], text=f"{g['spearman_rho']:.2f}")
