@@ -11,14 +11,18 @@ generated_dose_sweep`: the clean prefix is computed once and shared by all rows)
 
 * coherence: the judge's collapse rule (repetition, perplexity under the unsteered model,
   entropy); the measured ceiling is the smallest ``|x|`` collapsing ≥50% of prompts;
-* trigger: the smallest ``|x|`` at which the oracle flips ≥50% of prompts at horizon τ —
-  refusal: a harmful prompt no longer refused (coherent bypass or actionable); operator: the
-  answer becomes the product on an addition prompt; format: a prose request answered as a list;
+* trigger: the smallest ``|x|`` at which the oracle flips ≥50% of prompts at the behaviour's
+  horizon τ and the Wilson lower bound of that share exceeds the unintervened (x = 0) share; a
+  collapsed rollout never flips — refusal: a harmful prompt no longer refused (coherent bypass or
+  actionable); operator: the answer becomes the product on an addition prompt; format: a prose
+  request answered as a list; regex / exact: a user's pattern or answer appears;
 * predicted ceilings from the weights and one generic forward pass only: (a) the universal
   critical alignment ``c*`` fitted on training neurons and mapped through each neuron's
-  saturation curve; (b) the KL threshold of a single-pass dose sweep on generic prompts;
-* held-out neurons (split by a recorded seed) give MAE with bootstrap CIs and verdict accuracy
-  against the majority class with an exact binomial p-value.
+  saturation curve; (b) the KL threshold of a single-pass dose sweep on generic prompts; beside
+  them a constant and a raw-dose baseline;
+* held-out neurons (split by a recorded seed) give MAE with a cluster bootstrap over neurons,
+  every case counted, and verdict accuracy against the training majority with an exact McNemar
+  test.
 """
 
 from __future__ import annotations
