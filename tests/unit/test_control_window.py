@@ -192,3 +192,10 @@ def test_each_behaviour_is_read_at_its_own_horizons():
     assert by.loc["short", "final_horizon"] == 1 and by.loc["b", "final_horizon"] == 8
     assert by.loc["short", "trigger_x"] == 1.0 and by.loc["b", "trigger_x"] == 1.0
     assert (table["verdict"] == "open").sum() == 2
+
+
+def test_a_behaviour_without_screened_neurons_gets_no_candidates_but_no_crash():
+    scores = pd.DataFrame({"layer": 1, "neuron": np.arange(5), "delta": 0.0, "std_delta": 1.0,
+                           "screened": True, "universal": True})
+    c = pick_candidates({"a": scores}, n_candidates=3, n_random=1, n_layers=4, n_neurons=5, seed=0)
+    assert list(c["kind"]) == ["random"]

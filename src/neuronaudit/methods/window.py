@@ -303,6 +303,9 @@ def pick_candidates(
     for behaviour, scores in screens.items():
         pool = scores[scores["screened"].astype(bool) & ~scores["universal"].astype(bool)]
         ranked = pool.reindex(pool["std_delta"].abs().sort_values(ascending=False, kind="stable").index)
+        if ranked.empty:
+            log.warning("behaviour %s has no screened, non-universal neuron to sweep", behaviour)
+            continue
         strata = np.array_split(np.arange(len(ranked)), min(n_candidates, len(ranked)))
         picks = [int(s[0]) if j == 0 else int(rng.choice(s)) for j, s in enumerate(strata) if len(s)]
         rows += [{"behaviour": behaviour, "layer": int(r.layer), "neuron": int(r.neuron), "kind": "screened",
