@@ -633,6 +633,7 @@ def predictor_summary(held: pd.DataFrame, predicted: pd.Series, n_boot: int, see
     rho, (rlo, rhi) = spearman_ci(pred, held["ceiling_x_or_edge"].to_numpy(float), n_boot=n_boot, seed=seed)
     entry["spearman_rho_predicted_vs_measured"] = rho
     entry["spearman_rho_ci95"] = [rlo, rhi]
+    entry["spearman_resampling_unit"] = "neuron × sign pair"
     return entry
 
 
