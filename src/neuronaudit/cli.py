@@ -167,15 +167,16 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     """Flag blocks shared by several subcommands."""
     manifest = argparse.ArgumentParser(add_help=False)
     manifest.add_argument("--manifest", required=True, help="manifest.json of the prepared (audited) model")
-    job = argparse.ArgumentParser(add_help=False)
-    job.add_argument("--threads", type=int, default=None, help="torch threads of this job")
-    job.add_argument("--options", required=True, help="JSON of the stage's options (built from the config)")
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, default=None, help="torch threads of this job")
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--options", required=True, help="JSON of the stage's options (built from the config)")
     behaviours = argparse.ArgumentParser(add_help=False)
     behaviours.add_argument("--screens", nargs="+", required=True, metavar="BEHAVIOUR=SCORES")
     behaviours.add_argument("--prompts", nargs="+", required=True, metavar="BEHAVIOUR=TABLE",
                             help="the prompt table each behaviour is swept on")
     behaviours.add_argument("--behaviours", required=True, help="JSON: behaviour -> {positive, negative, oracle}")
-    return {"manifest": manifest, "job": job, "behaviours": behaviours}
+    return {"manifest": manifest, "threads": threads, "options": options, "behaviours": behaviours}
 
 
 def _outputs(p: argparse.ArgumentParser, *names: str) -> None:
@@ -194,6 +195,12 @@ _SIMPLE_INPUTS = {
     "attribution": ["--window", "--sweeps"],
 }
 
+#: The inputs of a stage subcommand that take several paths.
+_LIST_INPUTS = {
+    "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
+    "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuronaudit", description=__doc__.splitlines()[0])
@@ -202,30 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     par = _parents()
     stages = {
         # name: (help, parents, outputs, handler)
-        "collect": ("collect per-neuron statistics and last-token activations", ["manifest", "job"],
+        "collect": ("collect per-neuron statistics and last-token activations", ["manifest", "threads", "options"],
                     ["stats", "last-token"], cmd_collect),
-        "tune-refusal": ("fine-tune a refusal-tuned reference copy of a model", ["job"], [], cmd_tune_refusal),
-        "evaluate-refusal": ("refusal and over-refusal rates, perplexity vs base", ["manifest", "job"],
+        "tune-refusal": ("fine-tune a refusal-tuned reference copy of a model", ["threads", "options"], [],
+                         cmd_tune_refusal),
+        "evaluate-refusal": ("refusal and over-refusal rates, perplexity vs base", ["manifest", "threads", "options"],
                              ["json", "rollouts"], cmd_evaluate_refusal),
-        "screen": ("contrastive neuron screen of one behaviour and its circuit", [], ["scores", "circuit"],
+        "screen": ("contrastive neuron screen of one behaviour and its circuit", ["options"], ["scores", "circuit"],
                    cmd_screen),
-        "cna": ("CNA circuit scaling vs random circuit and CAA baseline", ["manifest", "job"],
+        "cna": ("CNA circuit scaling vs random circuit and CAA baseline", ["manifest", "threads", "options"],
                 ["rollouts", "fractions", "summary"], cmd_cna),
-        "window": ("control-window dose sweeps, ceilings, triggers and verdicts", ["manifest", "job", "behaviours"],
+        "window": ("control-window dose sweeps, ceilings, triggers and verdicts",
+                   ["manifest", "threads", "options", "behaviours"],
                    ["sweeps", "single-pass", "window", "summary"], cmd_window),
         "attribution": ("gradient vs forward attribution against measured control",
-                        ["manifest", "job", "behaviours"], ["scores", "summary"], cmd_attribution),
+                        ["manifest", "threads", "options", "behaviours"], ["scores", "summary"], cmd_attribution),
     }
     for name, (help_, parents, outputs, handler) in stages.items():
         p = sub.add_parser(name, help=help_, parents=[par[k] for k in parents])
         for flag in _SIMPLE_INPUTS.get(name, []):
             p.add_argument(flag, required=True)
+        for flag, kwargs in _LIST_INPUTS.get(name, []):
+            p.add_argument(flag, **kwargs)
         _outputs(p, *outputs)
-        if name == "screen":
-            p.add_argument("--options", required=True, help="JSON of the stage's options (built from the config)")
-            p.add_argument("--diverse", nargs="*", default=[], help="last-token tables of diverse prompt sets")
-        if name == "cna":
-            p.add_argument("--tasks", nargs="+", required=True, metavar="GROUP=PATH")
         p.set_defaults(func=handler)
     _other_subcommands(sub, par)
     return parser
@@ -238,15 +244,15 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--revision", default=None)
     p.set_defaults(func=cmd_prepare_model)
 
-    p = sub.add_parser("prepare-prompts", help="load, validate, hash and split a prompt set")
+    p = sub.add_parser("prepare-prompts", help="load, validate, hash and split a prompt set",
+                       parents=[par["options"]])
     p.add_argument("--name", required=True)
     p.add_argument("--source", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--options", required=True, help="JSON of the stage's options (built from the config)")
     p.set_defaults(func=cmd_prepare_prompts)
 
     p = sub.add_parser("rollouts", help="typed rollouts under named interventions",
-                       parents=[par["manifest"], par["job"]])
+                       parents=[par["manifest"], par["threads"], par["options"]])
     p.add_argument("--prompts", nargs="+", required=True, metavar="NAME=PATH")
     p.add_argument("--split", default="heldout", choices=["all", "discovery", "heldout"])
     p.add_argument("--interventions", required=True, help="JSON file or JSON object: name -> edits")
@@ -255,7 +261,7 @@ def _other_subcommands(sub, par) -> None:
     p.set_defaults(func=cmd_rollouts)
 
     p = sub.add_parser("keystone", help="cross-task keystone neurons, stability and ablation curve",
-                       parents=[par["manifest"], par["job"]])
+                       parents=[par["manifest"], par["threads"], par["options"]])
     p.add_argument("--stats", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--last-token", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--prompts", nargs="+", required=True, metavar="SET=PATH")

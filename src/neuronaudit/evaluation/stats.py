@@ -5,7 +5,10 @@
   sample (:func:`bootstrap_ci`), of a statistic of paired samples resampled together
   (:func:`paired_bootstrap_ci`, e.g. Spearman ρ over neurons, a per-text ratio), and of the mean of
   per-unit vectors resampled by unit (:func:`unit_bootstrap_means`, e.g. rollout-type fractions
-  with the prompt as the unit);
+  with the prompt as the unit), of a mean with whole clusters resampled
+  (:func:`cluster_bootstrap_mean`, e.g. both dose signs of a neuron together);
+* Spearman ρ with a permutation p-value and a paired BCa CI (:func:`spearman_permutation_bca`),
+  degenerate resamples counted;
 * exact McNemar test of two classifiers judged on the same items (:func:`mcnemar_exact`),
   one-sided exact binomial test against a known rate (:func:`binomial_greater`), and a
   permutation test of a difference in means (:func:`permutation_mean_difference`);
@@ -13,6 +16,9 @@
   :func:`mean_difference_ci`): one set of resampled prompt indices is shared by every neuron, so
   a replicate's means of a whole layer are one matrix product (hand-vectorised: scipy's bootstrap
   would draw each neuron's resamples separately and cost ``n_neurons`` times more).
+* the bootstrap over prompts of a first crossing on a dose grid (:func:`crossing_bootstrap`), also
+  hand-vectorised: a resample without a crossing counts as beyond the grid, which scipy's
+  percentile bounds cannot represent.
 
 Every resampling function takes ``n_boot`` and ``seed`` and refuses fewer than
 :data:`MIN_RESAMPLES` resamples where a figure is reported.

@@ -315,6 +315,20 @@ def _window_rho(entry: dict) -> str:
     return "missing" if not _finite(r) else f"{r:.2f} (95% CI {_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})"
 
 
+def _baseline_text(baseline: dict) -> str:
+    """The x = 0 precondition of every behaviour: a trigger must beat the unintervened share, so a
+    behaviour already flipped without a dose has no trigger to find (said, not hidden)."""
+    if not baseline:
+        return "missing"
+    parts = []
+    for b, r in baseline.items():
+        text = f"{b}: {_f(r.get('baseline_flip'), '.0%')} / {_f(r.get('baseline_collapse'), '.0%')}"
+        if _finite(r.get("baseline_flip")) and r["baseline_flip"] >= 0.5:
+            text += " (the behaviour is already flipped without a dose: no trigger can beat it)"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
     """The held-out figures of the window beside the published ones, units and n stated."""
     v, a, k = summary["verdicts"], summary["predictor_alignment"], summary["predictor_kl"]
@@ -322,6 +336,8 @@ def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
     mae, rho = _window_mae, _window_rho
     return [
         {"figure": "held-out neurons", "this study": n, "published": 15},
+        {"figure": "unintervened (x = 0) share of prompts showing the flip / collapsing, per behaviour",
+         "this study": _baseline_text(summary.get("baseline_unintervened") or {}), "published": "—"},
         {"figure": "ceiling MAE, alignment units, predictor (a) c*", "this study": mae(a, "alignment"),
          "published": "0.14 (alignment units, all layers)"},
         {"figure": "ceiling MAE, alignment units, predictor (a), bulk layers", "this study":

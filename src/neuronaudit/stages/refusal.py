@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.evaluation.judge import make_judge
+from neuronaudit.evaluation.judge import ROLLOUT_TYPES, make_judge
 from neuronaudit.evaluation.rollouts import (
     generate_rollouts,
     rollouts_table,
@@ -56,7 +56,6 @@ TUNE_SPLIT = "discovery"
 EVAL_BATCH_SIZE = 16
 #: Bootstrap resamples of the perplexity ratio.
 N_BOOT = 1000
-ROLLOUT_TYPES = ("refusal", "collapse", "coherent_bypass", "actionable")
 
 
 def _table_info(df) -> dict:

@@ -60,12 +60,12 @@ def run_screen(
     ``n_total`` (MLP neurons of the model) defaults to the collected ``n_layers × n_neurons``.
     """
     o = options
-    n_layers = int(read_provenance(pos_last_token).get("n_layers") or len(LastTokenTable(pos_last_token).layers))
-    skip_layers = skipped_layers(o, n_layers)
     pos, neg = LastTokenTable(pos_last_token), LastTokenTable(neg_last_token)
     diverse = [LastTokenTable(p) for p in diverse_last_tokens]
     weight_hash = same_model([pos.path, neg.path, *(d.path for d in diverse)], None, "screen")
     pos_prov, neg_prov = read_provenance(pos.path), read_provenance(neg.path)
+    n_layers = int(pos_prov.get("n_layers") or len(pos.layers))
+    skip_layers = skipped_layers(o, n_layers)
     pos_ids = [str(p) for p in read_prompts(pos_prompts_table, SPLIT)["prompt_id"]]
     neg_ids = [str(p) for p in read_prompts(neg_prompts_table, SPLIT)["prompt_id"]]
     scores = screen(
@@ -74,8 +74,7 @@ def run_screen(
         rank_by=o.rank_by,
     )
     if n_total is None:
-        n_layers = pos_prov.get("n_layers") or scores["layer"].nunique()
-        n_total = int(n_layers) * pos.width
+        n_total = n_layers * pos.width
     circuit = select_circuit(scores, o.k, exclude_universal=True, n_total=n_total, rank_by=o.rank_by)
     pos_prompts, neg_prompts = read_provenance(pos_prompts_table), read_provenance(neg_prompts_table)
     prov = provenance(
