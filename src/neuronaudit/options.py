@@ -269,6 +269,7 @@ class WindowOptions(StageOptions):
     model: ModelOptions = key("model")
     judge: JudgeOptions = key("judge")
     n_candidates: int
+    n_top: int
     n_random: int
     x_grid: list
     single_pass_grid: list

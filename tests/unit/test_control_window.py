@@ -69,9 +69,21 @@ def test_candidates_cover_bands_and_behaviours():
     screened = c[c.kind == "screened"]
     assert len(screened) == 6 and not ((screened.layer == 0) & (screened.neuron == 0)).any()
     assert set(c[c.kind == "random"]["band"]) == {"early", "bulk", "late"}
-    # stratified across the ranking: the top neuron, then one from each further third of the ranking
+    # stratified across the ranking: the top neuron, then one from each half of the rest
     ranks = sorted(screened[screened.behaviour == "a"]["screen_rank"])
-    assert ranks[0] == 1 and 66 <= ranks[1] <= 132 and 133 <= ranks[2] <= 199
+    assert ranks[0] == 1 and 2 <= ranks[1] <= 100 and 101 <= ranks[2] <= 199
+
+
+def test_the_strongest_neurons_are_always_swept_and_the_rest_stratified():
+    scores = pd.DataFrame({"layer": 1, "neuron": np.arange(103), "delta": 0.0,
+                           "std_delta": np.linspace(5, 0.1, 103), "screened": True, "universal": False})
+    for seed in range(5):
+        c = pick_candidates({"a": scores}, n_candidates=5, n_random=0, n_layers=4, n_neurons=103, seed=seed, n_top=3)
+        ranks = sorted(c["screen_rank"])
+        assert ranks[:3] == [1, 2, 3] and 4 <= ranks[3] <= 53 and 54 <= ranks[4] <= 103
+    # more top neurons asked for than candidates: the top n_candidates
+    c = pick_candidates({"a": scores}, n_candidates=2, n_random=0, n_layers=4, n_neurons=103, seed=0, n_top=3)
+    assert sorted(c["screen_rank"]) == [1, 2]
 
 
 def test_every_screened_neuron_can_become_a_candidate():

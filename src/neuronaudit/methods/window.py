@@ -288,16 +288,17 @@ def layer_band(layer: int, n_layers: int) -> str:
 
 def pick_candidates(
     screens: Mapping[str, pd.DataFrame], n_candidates: int, n_random: int, n_layers: int,
-    n_neurons: int, seed: int,
+    n_neurons: int, seed: int, n_top: int = 1,
 ) -> pd.DataFrame:
-    """Screened neurons per behaviour drawn stratified across the |standardised δ| ranking
-    (universal excluded), plus random controls spread over early, bulk and late layers.
+    """Screened neurons per behaviour: the top of the |standardised δ| ranking plus draws
+    stratified across the rest of it (universal excluded), and random controls spread over early,
+    bulk and late layers.
 
-    The ranking is cut into ``n_candidates`` strata of equal size; the first stratum gives its
-    top neuron (the strongest screened neuron is always swept) and every other stratum one neuron
-    drawn at random (seeded), so every screened neuron can reach the list and the candidates span
-    the ranking instead of its top alone (an extreme-groups design inflates any correlation with
-    δ). The rank of each candidate is recorded (``screen_rank``)."""
+    The ``n_top`` strongest screened neurons are always swept (what a user audits first); the
+    rest of the ranking is cut into ``n_candidates − n_top`` strata of equal size and one neuron is
+    drawn at random (seeded) from each, so every screened neuron can reach the list and the
+    candidates span the ranking instead of its top alone (an extreme-groups design inflates any
+    correlation with δ). The rank of each candidate is recorded (``screen_rank``)."""
     rows = []
     rng = np.random.default_rng(seed)
     for behaviour, scores in screens.items():
@@ -306,8 +307,10 @@ def pick_candidates(
         if ranked.empty:
             log.warning("behaviour %s has no screened, non-universal neuron to sweep", behaviour)
             continue
-        strata = np.array_split(np.arange(len(ranked)), min(n_candidates, len(ranked)))
-        picks = [int(s[0]) if j == 0 else int(rng.choice(s)) for j, s in enumerate(strata) if len(s)]
+        top = min(n_top, n_candidates, len(ranked))
+        rest = np.arange(top, len(ranked))
+        strata = np.array_split(rest, min(n_candidates - top, len(rest))) if len(rest) and n_candidates > top else []
+        picks = list(range(top)) + [int(rng.choice(s)) for s in strata if len(s)]
         rows += [{"behaviour": behaviour, "layer": int(r.layer), "neuron": int(r.neuron), "kind": "screened",
                   "delta": float(r.delta), "std_delta": float(r.std_delta), "screen_rank": int(i) + 1}
                  for i, r in zip(picks, ranked.iloc[picks].itertuples())]

@@ -58,6 +58,8 @@ def check_window_options(o: WindowOptions) -> None:
     """Settings the schema cannot check, before the model is loaded."""
     if o.n_boot < 1000:
         raise NeuronAuditError(f"window.n_boot {o.n_boot!r} is below the 1000 resamples the study requires")
+    if o.n_top > o.n_candidates:
+        raise NeuronAuditError(f"window.n_top {o.n_top!r} exceeds window.n_candidates {o.n_candidates!r}")
     for grid in ("x_grid", "single_pass_grid"):
         bad = [x for x in getattr(o, grid) if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)]
         if bad:
@@ -98,7 +100,8 @@ def run_window(
                              role=f"prompt table of behaviour {b!r}") for b in behaviours}
     opened = open_model(manifest_path, m, threads)
     model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
-    neurons = pick_candidates(screens, o.n_candidates, o.n_random, adapter.n_layers, adapter.n_neurons, o.seed)
+    neurons = pick_candidates(screens, o.n_candidates, o.n_random, adapter.n_layers, adapter.n_neurons, o.seed,
+                              n_top=o.n_top)
     geometry = law.generic_geometry(model, tokenizer, adapter, generic)
     frames = []
     for behaviour, spec in behaviours.items():
