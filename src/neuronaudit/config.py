@@ -20,7 +20,7 @@ import yaml
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import make_judge
-from neuronaudit.evaluation.oracles import USER_ORACLES, oracle_for
+from neuronaudit.evaluation.oracles import LOGIT_ORACLES, USER_ORACLES, check_logit_pair, oracle_for
 from neuronaudit.models.architectures import declaration_for
 from neuronaudit.models.sources import read_model_config, resolve_source
 from neuronaudit.prompts import check_prompt_file
@@ -182,9 +182,9 @@ def check_references(config: dict) -> None:
     for behaviour, spec in config.get("behaviours", {}).items():
         need_set(f"behaviours.{behaviour}.positive", spec["positive"])
         need_set(f"behaviours.{behaviour}.negative", spec["negative"])
-        if spec["oracle"] in USER_ORACLES:
+        if spec["oracle"] in USER_ORACLES + LOGIT_ORACLES:
             try:
-                oracle_for(spec)
+                check_logit_pair(spec) if spec["oracle"] in LOGIT_ORACLES else oracle_for(spec)
             except NeuronAuditError as err:
                 raise NeuronAuditError(f"config key behaviours.{behaviour}: {err}") from None
     for name in config["screen"]["universal_sets"]:
@@ -242,6 +242,7 @@ SWEEP_DIRECTION = {
     "format": "negative",
     "regex": "negative",
     "exact": "negative",
+    "logit_pair": "negative",
 }
 
 

@@ -1,5 +1,6 @@
 """Behaviour oracles and answer checks on hand-written responses."""
 
+import numpy as np
 import pytest
 
 from neuronaudit.errors import NeuronAuditError
@@ -167,3 +168,37 @@ def test_a_bad_user_pattern_stops_the_config_check():
                             cna={"behaviour": "capital"})
     with pytest.raises(NeuronAuditError, match=r"config key behaviours\.capital: behaviour pattern"):
         check_references(config)
+
+
+def test_logit_pair_oracle_reads_the_first_token_margin():
+    from neuronaudit.evaluation.oracles import check_logit_pair, logit_pair_margin
+    from neuronaudit.methods.window import flips
+
+    logits = np.array([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])  # columns: behaviour, default, behaviour
+    margin = logit_pair_margin(logits, [0, 2], [1])
+    assert margin == pytest.approx([np.log(np.exp(2) + np.exp(1)) - 0.0, np.log(np.exp(0) + np.exp(1)) - 3.0])
+    spec = {"oracle": "logit_pair", "behaviour_tokens": ["yes"], "default_tokens": ["no"]}
+    # the text is not read: the margin decides; collapsed rollouts are masked by the stage
+    assert list(flips(spec, ["no", "yes"], ["x", "x"], [{}, {}], margin)) == [True, False]
+    with pytest.raises(NeuronAuditError, match="logit margin of every rollout"):
+        flips(spec, ["no", "yes"], ["x", "x"], [{}, {}])
+    with pytest.raises(NeuronAuditError, match="needs behaviour_tokens and default_tokens"):
+        check_logit_pair({"oracle": "logit_pair", "behaviour_tokens": ["yes"]})
+    with pytest.raises(NeuronAuditError, match="'yes' is both"):
+        check_logit_pair({"oracle": "logit_pair", "behaviour_tokens": ["yes"], "default_tokens": ["yes", "no"]})
+
+
+def test_a_logit_pair_behaviour_without_tokens_stops_the_config_check():
+    from neuronaudit.config import check_references, swept_set
+    from neuronaudit.testing import default_config
+
+    sets = {"a": "x.jsonl", "b": "y.jsonl", "harmful": "h", "harmless": "h2", "generic": "g",
+            "task_knowledge": "k", "task_arithmetic": "t", "task_code": "c", "task_chat": "ch"}
+    spec = {"positive": "a", "negative": "b", "oracle": "logit_pair", "horizons": [1]}
+    config = default_config(prompts={"sets": sets}, behaviours={"pair": spec}, cna={"behaviour": "pair"})
+    with pytest.raises(NeuronAuditError, match=r"config key behaviours\.pair: a logit_pair oracle needs"):
+        check_references(config)
+    ok = default_config(prompts={"sets": sets}, cna={"behaviour": "pair"},
+                        behaviours={"pair": {**spec, "behaviour_tokens": ["yes"], "default_tokens": ["no"]}})
+    check_references(ok)
+    assert swept_set(ok["behaviours"]["pair"]) == "b"  # pushed onto the prompts that lack it

@@ -78,6 +78,11 @@ def test_generated_sweep_equals_naive_generate(family_model, enc):
     _close(fast.logits, ref.logits)
     _close(fast.token_logprob, ref.token_logprob)
     _close(fast.entropy, ref.entropy)
+    # a logit-pair oracle keeps a few tokens' logits instead of the whole vocabulary
+    kept = sweeps.generated_dose_sweep(model, adapter, ids, mask, ROWS, 5, row_batch_size=4, keep_token_ids=[7, 3],
+                                       **kw)
+    assert kept.logits is None and kept.token_logits.shape == (*fast.tokens.shape, 2)
+    _close(kept.token_logits, fast.logits[..., [7, 3]])
 
 
 @pytest.mark.parametrize("include_last_prompt", [True, False])

@@ -38,6 +38,12 @@ non-empty lines starts (after indentation) with a list marker — ``1.``/``1)`` 
 two-digit number), ``-``, ``*``, ``–`` — followed by whitespace, or ``•``; otherwise ``prose``.
 Requiring whitespace keeps ``**Bold**`` headings, ``-3 degrees`` and ``1.5 million`` prose.
 
+A user's behaviour (``behaviours.<name>`` in the config) can name its own check:
+``regex`` (the response matches ``pattern``), ``exact`` (it begins with ``answer``) or
+``logit_pair`` (:func:`logit_pair_margin`: at the first generated token the logits of the
+``behaviour_tokens`` beat those of the ``default_tokens``; the check for a model that answers in
+one token, read from the logits rather than the text).
+
 Knowledge answers (:func:`knowledge_correct`) are compared after lowercasing, removing accents
 and replacing punctuation by spaces: the response is correct when the canonical answer or an
 alias occurs in it as a whole-word sequence ("The capital is Paris." matches ``paris``; "Parisian"
@@ -361,6 +367,35 @@ def get_oracle(name: str) -> BehaviourOracle:
 #: response matches ``pattern`` (a regular expression, searched) or begins with ``answer``
 #: (case, spacing and punctuation ignored).
 USER_ORACLES = ("regex", "exact")
+
+#: Oracles that read the logits of the first generated token instead of the text.
+LOGIT_ORACLES = ("logit_pair",)
+
+
+def logit_pair_margin(token_logits, behaviour_columns: Sequence[int], default_columns: Sequence[int]):
+    """``logsumexp`` of the behaviour tokens' logits minus that of the default tokens' (nats) along
+    the last axis of ``token_logits``; the softmax normaliser cancels, so this is the log-odds
+    ``log p(behaviour tokens) − log p(default tokens)`` of the next token. The behaviour shows
+    when it is positive (a single token on each side: the behaviour token's logit is the larger)."""
+    import numpy as np
+    from scipy.special import logsumexp
+
+    logits = np.asarray(token_logits, dtype=float)
+    if not len(behaviour_columns) or not len(default_columns):
+        raise NeuronAuditError("a logit_pair oracle needs behaviour_tokens and default_tokens")
+    return (logsumexp(logits[..., list(behaviour_columns)], axis=-1)
+            - logsumexp(logits[..., list(default_columns)], axis=-1))
+
+
+def check_logit_pair(spec: Mapping) -> None:
+    """A logit-pair behaviour names at least one behaviour token and one default token, and no
+    token on both sides."""
+    beh, dflt = list(spec.get("behaviour_tokens") or []), list(spec.get("default_tokens") or [])
+    if not beh or not dflt:
+        raise NeuronAuditError("a logit_pair oracle needs behaviour_tokens and default_tokens (one token each)")
+    both = sorted(set(beh) & set(dflt))
+    if both:
+        raise NeuronAuditError(f"token {both[0]!r} is both a behaviour token and a default token")
 
 
 def oracle_for(spec: Mapping) -> BehaviourOracle:

@@ -122,6 +122,7 @@ class SweepResult:
       ``token_logprob`` ``[P, R, N]`` log-prob of each chosen token (nan after EOS)
       ``entropy``       ``[P, R, N]`` entropy (nats) of each step's distribution (nan after EOS)
       ``logits``        ``[P, R, N, V]`` every step's logits when ``return_logits=True``
+      ``token_logits``  ``[P, R, N, K]`` every step's logits of the ``keep_token_ids`` only
     """
 
     rows: list[Row]
@@ -140,6 +141,7 @@ class SweepResult:
     lengths: torch.Tensor | None = None
     token_logprob: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    token_logits: torch.Tensor | None = None
 
     def log_probs(self) -> torch.Tensor:
         """``log_softmax`` of ``logits`` over the vocabulary (same shape)."""
@@ -617,13 +619,16 @@ class _DecodeStep:
     """Greedy decoding of ``n`` rows that share one prompt's cached prefix (the hooks in force
     dose each row); the per-step loop of :func:`generated_dose_sweep`."""
 
-    def __init__(self, model, head: dict, cache_name: str, device, eos: list[int], pad: int, keep_logits: bool):
+    def __init__(self, model, head: dict, cache_name: str, device, eos: list[int], pad: int, keep_logits: bool,
+                 keep_ids: Sequence[int] = ()):
         self.model, self.head, self.cache_name, self.device = model, head, cache_name, device
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad, self.keep_logits = pad, keep_logits
+        self.keep_ids = torch.tensor(list(keep_ids), dtype=torch.long, device=device) if len(keep_ids) else None
 
     def decode(self, ids: torch.Tensor, prefix, n: int, max_new_tokens: int):
-        """``(tokens, token_logprob, entropy [n, N], lengths [n], logits per step)`` on the CPU."""
+        """``(tokens, token_logprob, entropy [n, N], lengths [n], logits per step, kept-token logits
+        [n, N, K])`` on the CPU."""
         T = int(ids.numel())
         tokens = torch.full((n, max_new_tokens), self.pad, dtype=torch.long)
         logprob = torch.full((n, max_new_tokens), math.nan)
@@ -633,6 +638,7 @@ class _DecodeStep:
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         length = torch.zeros(n, dtype=torch.long)
         step_logits = []
+        kept = torch.full((n, max_new_tokens, 0 if self.keep_ids is None else len(self.keep_ids)), math.nan)
         for step in range(max_new_tokens):
             out = self.model(
                 input_ids=current,
@@ -651,12 +657,14 @@ class _DecodeStep:
             length += live.cpu().long()
             if self.keep_logits:
                 step_logits.append(logits.cpu())
+            if self.keep_ids is not None:
+                kept[:, step] = torch.where(live[:, None], logits[:, self.keep_ids], torch.nan).cpu()
             if self.eos is not None:
                 finished = finished | torch.isin(chosen, self.eos)
                 if bool(finished.all()):
                     break
             current = chosen[:, None]
-        return tokens, logprob, entropy, length, step_logits
+        return tokens, logprob, entropy, length, step_logits, kept
 
 
 def generated_dose_sweep(
@@ -671,13 +679,16 @@ def generated_dose_sweep(
     pad_token_id: int | None = None,
     return_logits: bool = False,
     row_batch_size: int = 32,
+    keep_token_ids: Sequence[int] = (),
 ) -> SweepResult:
     """Greedy rollouts with every row's dose on every generated token (and on the last prompt
     token when ``include_last_prompt``), ``max_new_tokens`` per row.
 
     ``input_ids`` / ``attention_mask`` ``[P, T]``; returns ``tokens [P, R, N]`` (``pad_token_id``
     after a row's EOS), ``lengths [P, R]``, ``token_logprob`` and ``entropy [P, R, N]``, and
-    ``logits [P, R, N, V]`` if ``return_logits``. ``eos_token_id="default"`` takes the model's
+    ``logits [P, R, N, V]`` if ``return_logits``, and ``token_logits [P, R, N, K]``, the logits of
+    the ``K`` ``keep_token_ids`` at every step (nan after EOS; what a logit-pair oracle reads, at a
+    fraction of the memory of full logits). ``eos_token_id="default"`` takes the model's
     generation config; ``None`` never stops. Equals one ``model.generate(do_sample=False)`` per
     row token for token (:func:`naive_dose_loop`): greedy argmax, no logits processors.
     """
@@ -698,9 +709,10 @@ def generated_dose_sweep(
         lengths=torch.zeros(P, R, dtype=torch.long),
         token_logprob=torch.full((P, R, N), math.nan),
         entropy=torch.full((P, R, N), math.nan),
+        token_logits=torch.full((P, R, N, len(keep_token_ids)), math.nan),
     )
     chunks = _order_by_layer(rows, row_batch_size)
-    step = _DecodeStep(model, head, ck, device, eos, pad, return_logits)
+    step = _DecodeStep(model, head, ck, device, eos, pad, return_logits, keep_token_ids)
     with torch.inference_mode():
         for p, ids in enumerate(prompts):
             ids = ids.to(device)
@@ -716,8 +728,9 @@ def generated_dose_sweep(
                 idx = torch.tensor(chunk)
                 hooks = NeuronHooks(adapter, _plan([rows[r] for r in chunk], positions), cached_prompt_length=T)
                 with hooks:
-                    tokens, logprob, entropy, length, logits = step.decode(ids, prefix, len(chunk), N)
+                    tokens, logprob, entropy, length, logits, kept = step.decode(ids, prefix, len(chunk), N)
                 res.tokens[p, idx], res.token_logprob[p, idx], res.entropy[p, idx] = tokens, logprob, entropy
+                res.token_logits[p, idx] = kept
                 res.lengths[p, idx] = length
                 if return_logits:
                     if res.logits is None:

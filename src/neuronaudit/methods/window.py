@@ -33,7 +33,7 @@ import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repetition_ratio
-from neuronaudit.evaluation.oracles import oracle_for
+from neuronaudit.evaluation.oracles import LOGIT_ORACLES, logit_pair_margin, oracle_for
 from neuronaudit.evaluation.stats import (
     cluster_bootstrap_mean,
     crossing_bootstrap,
@@ -44,6 +44,7 @@ from neuronaudit.evaluation.stats import (
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.interventions.scoring import shared_prompt_scores
 from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
+from neuronaudit.methods.attribution import opening_token_ids
 from neuronaudit.prompts import extras, render_prompts, uses_template
 
 log = logging.getLogger("neuronaudit")
@@ -338,16 +339,38 @@ def pick_candidates(
 
 
 def flips(oracle: str | Mapping, responses: Sequence[str], rollout_types: Sequence[str],
-          extras: Sequence[Mapping]) -> np.ndarray:
+          extras: Sequence[Mapping], logit_margins: Sequence[float] | None = None) -> np.ndarray:
     """Did the behaviour flip? ``oracle`` is a behaviour's config (or a built-in oracle's name).
-    ``refusal``: a harmful prompt answered coherently (bypass or actionable); any other oracle
-    (``operator``, ``format``, a user's ``regex`` / ``exact``) reads the behaviour label."""
+    ``refusal``: a harmful prompt answered coherently (bypass or actionable); ``logit_pair``: the
+    first generated token's behaviour-vs-default logit margin (``logit_margins``) is positive; any
+    other oracle (``operator``, ``format``, a user's ``regex`` / ``exact``) reads the behaviour
+    label of the text."""
     spec = {"oracle": oracle} if isinstance(oracle, str) else oracle
     if spec["oracle"] == "refusal":
         return np.array([t in ("coherent_bypass", "actionable") for t in rollout_types])
+    if spec["oracle"] in LOGIT_ORACLES:
+        if logit_margins is None or len(logit_margins) != len(responses):
+            raise NeuronAuditError("a logit_pair oracle needs the first token's logit margin of every rollout")
+        return np.asarray(logit_margins, dtype=float) > 0
 
     o = oracle_for(spec)
     return np.array([o.label(r, e) == o.behaviour for r, e in zip(responses, extras)])
+
+
+def logit_pair_columns(tokenizer, spec: Mapping) -> tuple[list[int], list[int], list[int]] | None:
+    """For a ``logit_pair`` behaviour: the token ids to keep during the sweep and the columns of
+    the behaviour and default tokens among them (each word as it opens an answer, with and without
+    a leading space); ``None`` for any other oracle."""
+    if spec["oracle"] not in LOGIT_ORACLES:
+        return None
+    beh = opening_token_ids(tokenizer, spec.get("behaviour_tokens") or [])
+    dflt = opening_token_ids(tokenizer, spec.get("default_tokens") or [])
+    shared = sorted(set(beh) & set(dflt))
+    if shared:
+        raise NeuronAuditError(f"behaviour and default tokens share token id {shared[0]} "
+                               f"({tokenizer.decode([shared[0]])!r}): the logit pair cannot separate them")
+    keep = beh + dflt
+    return keep, list(range(len(beh))), list(range(len(beh), len(keep)))
 
 
 def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapping, neurons: pd.DataFrame,
@@ -377,9 +400,11 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
                     add_special_tokens=not uses_template(tokenizer, chat_template))
     device = next(model.parameters()).device
     horizon = max(horizons)
+    pair = logit_pair_columns(tokenizer, spec)
     t0 = time.perf_counter()
     result = generated_dose_sweep(model, adapter, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                  rows, max_new_tokens=horizon, row_batch_size=row_batch_size)
+                                  rows, max_new_tokens=horizon, row_batch_size=row_batch_size,
+                                  keep_token_ids=pair[0] if pair else ())
     log.info("%s: %d rows x %d prompts swept in %.1f s", behaviour, len(rows), len(prompts), time.perf_counter() - t0)
     tokens = result.tokens.cpu().numpy()
     lengths = result.lengths.cpu().numpy()
@@ -387,6 +412,9 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
     prompt_tokens = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
     extra = extras(prompts).to_dict(orient="records")
     P, R = tokens.shape[:2]
+    # the first generated token's behaviour-vs-default log-odds of every rollout (logit_pair only)
+    margin = (logit_pair_margin(result.token_logits[:, :, 0].numpy(), pair[1], pair[2]).reshape(-1)
+              if pair else np.full(P * R, np.nan))
     responses_ids = [tokens[p, r, : lengths[p, r]].tolist() for p in range(P) for r in range(R)]
     # every row of a prompt continues the same prompt: its KV cache is computed once per prompt
     logprob = []
@@ -405,12 +433,12 @@ def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapp
         types = judge.classify(prompt_texts, texts_h, metrics)
         collapsed = np.array([ty == "collapse" for ty in types])
         # a collapsed rollout never counts as the behaviour flipping ("1. 1. 1." is no list)
-        flip = flips(spec, texts_h, types, [extra[p] for p in range(P) for _ in range(R)]) & ~collapsed
+        flip = flips(spec, texts_h, types, [extra[p] for p in range(P) for _ in range(R)], margin) & ~collapsed
         frame = pd.DataFrame([{**meta[r], "prompt_id": prompts["prompt_id"].iloc[p]}
                               for p in range(P) for r in range(R)])
         frame = frame.assign(behaviour=behaviour, horizon=h, response=texts_h, n_tokens=lens,
                              repetition_ratio=rep, perplexity=ppl, entropy=ent, rollout_type=types,
-                             collapse=collapsed, flip=flip)
+                             collapse=collapsed, flip=flip, logit_margin=margin)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 

@@ -15,7 +15,8 @@ generated_dose_sweep`: the clean prefix is computed once and shared by all rows)
   horizon τ and the Wilson lower bound of that share exceeds the unintervened (x = 0) share; a
   collapsed rollout never flips — refusal: a harmful prompt no longer refused (coherent bypass or
   actionable); operator: the answer becomes the product on an addition prompt; format: a prose
-  request answered as a list; regex / exact: a user's pattern or answer appears;
+  request answered as a list; regex / exact: a user's pattern or answer appears; logit_pair: the
+  first generated token's logits favour the behaviour tokens over the default tokens;
 * predicted ceilings from the weights and one generic forward pass only: (a) the universal
   critical alignment ``c*`` fitted on training neurons and mapped through each neuron's
   saturation curve; (b) the KL threshold of a single-pass dose sweep on generic prompts; beside
