@@ -1,16 +1,21 @@
 """Study configuration: JSON Schema validation with defaults, and preflight checks.
 
-The workflow validates ``config`` with Snakemake's ``validate`` against the package's
-``data/config.schema.yaml`` (:func:`neuronaudit.resources.schema_path`); :func:`load_config` applies
-the same schema for the CLI (``neuronaudit check-config``). :func:`preflight` then checks, before any job runs, what
-the schema cannot: the model source resolves, prompt files exist and parse, and requested layer
-indices fit the model. Every failure is one line naming the bad value.
+:func:`precheck_config` comes first: it reads the raw config files (repeated keys, alias bombs;
+:mod:`neuronaudit.config_files`), bounds the config's size before anything walks it, and refuses
+non-finite numbers and integers beyond 64 bits, which the schema's bounds let through. The
+workflow then validates ``config`` with Snakemake's ``validate`` against the package's
+``data/config.schema.yaml`` (:func:`neuronaudit.resources.schema_path`); :func:`load_config`
+applies the same checks and schema for the CLI (``neuronaudit check-config``). :func:`preflight`
+then checks, before any job runs, what the schema cannot: the model source resolves, prompt
+files exist and parse, requested layer indices and neuron counts fit the model, the device
+exists, and settings that depend on each other agree. Every failure is one line naming the bad value.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +23,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from neuronaudit.config_files import check_config_size, read_config_file
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import make_judge
 from neuronaudit.evaluation.oracles import USER_ORACLES, oracle_for
@@ -84,9 +90,54 @@ def coerce_cli_strings(value, schema: dict | None = None):
     return value
 
 
+INT64_MAX = 2**63 - 1
+
+#: Appended to every name pattern of the schema: Python's ``$`` (which jsonschema uses) also
+#: matches before a final newline, so ``"quick\n"`` would pass ``^...$`` alone.
+NO_FINAL_NEWLINE = "(?!\\n)"
+
+
+def check_numbers(config, path: str = "") -> None:
+    """Refuse NaN and infinite floats and integers beyond 64 bits anywhere in the config (YAML
+    reads ``.nan`` and ``.inf`` as floats, which pass the schema's minimum and maximum)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            check_numbers(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            check_numbers(value, f"{path}.{i}")
+    elif isinstance(config, float) and not math.isfinite(config):
+        raise NeuronAuditError(f"config key {path}: {config} is not a finite number")
+    elif isinstance(config, int) and not isinstance(config, bool) and not -INT64_MAX - 1 <= config <= INT64_MAX:
+        raise NeuronAuditError(f"config key {path}: {config} does not fit in a 64-bit integer")
+
+
+def precheck_config(config: dict, files=()) -> dict:
+    """What must hold before the schema (or Snakemake's ``validate``, which prints the whole
+    config when it fails) walks the config: each raw config file reads cleanly
+    (:func:`~neuronaudit.config_files.read_config_file`), the merged config is not an alias bomb,
+    and every number is finite and fits 64 bits. Returns the config with ``--config`` strings
+    coerced (:func:`coerce_cli_strings`)."""
+    for path in files:
+        read_config_file(path)
+    check_config_size(config)
+    config = coerce_cli_strings(config)
+    check_numbers(config)
+    return config
+
+
+def _schema_message(err) -> str:
+    if err.validator == "pattern":
+        pattern = err.validator_value.removesuffix(NO_FINAL_NEWLINE)
+        return f"{err.instance!r} does not match {pattern!r} (the whole value, no line break)"
+    return err.message
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate (and fill defaults into) a config dict; one-line error naming the key."""
     schema = schema or load_schema()
+    check_config_size(config)
+    check_numbers(config)
     config = copy.deepcopy(config)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -99,7 +150,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
             raise NeuronAuditError(f"config key {where} is missing (a partial config such as config/quick.yaml "
                                    "goes after a full one: --configfile config/config.yaml config/quick.yaml)")
         where = ".".join(path) or "(top level)"
-        raise NeuronAuditError(f"config key {where}: {err.message}")
+        raise NeuronAuditError(f"config key {where}: {_schema_message(err)}")
     return config
 
 
@@ -117,24 +168,16 @@ def load_config(paths: str | Path | list, overrides: list[str] | None = None) ->
     then apply ``KEY=VALUE`` overrides (YAML values, as ``snakemake --config``)."""
     config: dict = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        path = Path(path)
-        if not path.is_file():
-            raise NeuronAuditError(f"config file {str(path)!r} not found")
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise NeuronAuditError(
-                f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}"
-            ) from None
-        if not isinstance(doc, dict):
-            raise NeuronAuditError(f"config file {str(path)!r} must hold a mapping of keys, not {type(doc).__name__}")
-        deep_update(config, doc)
+        deep_update(config, read_config_file(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise NeuronAuditError(f"config override {item!r} must be KEY=VALUE")
-        deep_update(config, {key: yaml.safe_load(value)})
-    return validate_config(config)
+        try:
+            deep_update(config, {key: yaml.safe_load(value)})
+        except yaml.YAMLError as err:
+            raise NeuronAuditError(f"config override {item!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return validate_config(precheck_config(config))
 
 
 def study_name(config: dict) -> str:
