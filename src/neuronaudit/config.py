@@ -244,8 +244,61 @@ def check_references(config: dict) -> None:
             need_set("refusal.tune (needs harmful, harmless and generic)", name)
 
 
+def check_settings(config: dict) -> None:
+    """Settings whose valid range depends on other settings (the schema bounds each alone)."""
+    k = config["screen"]["k"]
+    if isinstance(k, float) and k >= 1:
+        raise NeuronAuditError(f"config key screen.k: {k!r} must be an integer count of neurons or a "
+                               "fraction in (0, 1) of all MLP neurons")
+    behaviours = config.get("behaviours") or {}
+    window = config["window"]
+    most = window["n_candidates"] * len(behaviours) + window["n_random"]
+    if behaviours and window["n_heldout"] >= most:
+        n = f"{len(behaviours)} behaviour" + ("s" if len(behaviours) > 1 else "")
+        raise NeuronAuditError(
+            f"config key window.n_heldout: {window['n_heldout']} would hold out every window candidate "
+            f"(at most {most}: window.n_candidates {window['n_candidates']} × {n} "
+            f"+ window.n_random {window['n_random']}), leaving none to fit the ceiling predictors on; "
+            f"use at most {most - 1}")
+
+
+def check_device(config: dict) -> None:
+    """``model.device`` exists on this machine; torch is imported only when a GPU is asked for."""
+    device = config["model"]["device"]
+    if device in ("cpu", "auto"):
+        return
+    from neuronaudit.models.loading import resolve_device
+
+    resolve_device(device)
+
+
+def check_model_size(config: dict, arch: dict) -> None:
+    """Layer indices and neuron counts fit the model (when its config tells its size)."""
+    source = config["model"]["source"]
+    layers = config["collect"]["layers"]
+    n_layers = arch.get("n_layers")
+    if layers and n_layers:
+        for layer in layers:
+            if not -n_layers <= layer < n_layers:
+                raise NeuronAuditError(
+                    f"config key collect.layers: layer index {layer} is out of range for "
+                    f"{source!r} with {n_layers} layers (valid: 0..{n_layers - 1})"
+                )
+    n_neurons = arch.get("n_neurons")
+    if not (n_layers and n_neurons):
+        return
+    total = n_layers * n_neurons
+    for key, value in (("screen.k", config["screen"]["k"]), ("keystone.k_max", config["keystone"]["k_max"])):
+        if isinstance(value, int) and value > total:
+            raise NeuronAuditError(
+                f"config key {key}: {value} neurons is more than the {total} MLP neurons of {source!r} "
+                f"({n_layers} layers × {n_neurons})"
+            )
+
+
 def preflight(config: dict, root: Path):
-    """Check inputs before any job runs: model source, prompt files, layer indices.
+    """Check inputs before any job runs: model source, prompt files, layer indices, neuron counts,
+    device, settings that depend on each other.
 
     Returns the resolved :class:`~neuronaudit.models.sources.ModelSource`.
     """
@@ -255,21 +308,15 @@ def preflight(config: dict, root: Path):
     resolved = resolve_source(source)
     collected_sets(config)
     check_references(config)
+    check_settings(config)
     make_judge(config["judge"])  # a bad judge configuration fails before any generation
     for name, path in config["prompts"]["sets"].items():
         check_prompt_file(name, resolve_path(path, root))
     arch = read_model_config(resolved)
     if arch.get("model_type") and resolved.kind == "local":
         declaration_for(arch["model_type"])
-    layers = config["collect"]["layers"]
-    n_layers = arch.get("n_layers")
-    if layers and n_layers:
-        for layer in layers:
-            if not -n_layers <= layer < n_layers:
-                raise NeuronAuditError(
-                    f"config key collect.layers: layer index {layer} is out of range for "
-                    f"{config['model']['source']!r} with {n_layers} layers (valid: 0..{n_layers - 1})"
-                )
+    check_model_size(config, arch)
+    check_device(config)
     return resolved
 
 

@@ -4,10 +4,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from neuronaudit.cli import main
-from neuronaudit.config import load_config, precheck_config, validate_config
+from neuronaudit.config import load_config, precheck_config, preflight, validate_config
 from neuronaudit.config_files import MAX_CONFIG_VALUES, read_config_file
 from neuronaudit.errors import NeuronAuditError
 
@@ -169,3 +170,66 @@ def test_non_finite_numbers_given_through_config_overrides_are_named():
         precheck_config({"rollouts": {"temperature": ".inf"}})  # --config leaves nested values as strings
     with pytest.raises(NeuronAuditError, match=r"config key window\.x_grid\.0: nan"):
         load_config(FULL, overrides=["window={x_grid: [.nan, 1.0]}"])
+
+
+# --- preflight: settings that depend on the model or on each other ---------------------------
+
+
+@pytest.fixture()
+def base(tiny_model_dir, tmp_path):
+    """A valid config over the tiny model (4 layers × 128 MLP neurons)."""
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt_id": "a", "text": "hi"}\n')
+    return {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}},
+            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]}, "keystone": {"groups": ["p", "p"]},
+            "behaviours": {"x": {"positive": "p", "negative": "p", "oracle": "format"}}, "cna": {"behaviour": "x"},
+            "window": {"n_candidates": 2, "n_random": 1, "n_heldout": 2}}
+
+
+def test_the_base_config_passes_preflight(base):
+    assert preflight(validate_config(base), ROOT).kind == "local"
+
+
+def test_window_n_heldout_must_leave_candidates_to_fit_on(base):
+    bad = {**base, "window": {"n_candidates": 2, "n_random": 1, "n_heldout": 3}}
+    with pytest.raises(NeuronAuditError, match=r"config key window\.n_heldout: 3 would hold out every window "
+                                               r"candidate \(at most 3: window\.n_candidates 2 × 1 behaviour "
+                                               r"\+ window\.n_random 1\), leaving none .*; use at most 2"):
+        preflight(validate_config(bad), ROOT)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("screen", "k", 513, r"config key screen\.k: 513 neurons is more than the 512 MLP neurons .*4 layers × 128"),
+    ("keystone", "k_max", 1000, r"config key keystone\.k_max: 1000 neurons is more than the 512 MLP neurons"),
+    ("screen", "k", 1.5, r"config key screen\.k: 1\.5 must be an integer count of neurons or a fraction"),
+])
+def test_neuron_counts_beyond_the_model_are_named(base, section, key, value, message):
+    with pytest.raises(NeuronAuditError, match=message):
+        preflight(validate_config({**base, section: {**base.get(section, {}), key: value}}), ROOT)
+    preflight(validate_config({**base, section: {**base.get(section, {}), key: 512 if key != "k" else 0.5}}), ROOT)
+
+
+def test_a_cuda_device_without_cuda_is_named(base, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(NeuronAuditError, match=rf"config key model\.device: '{device}' requested but CUDA is "
+                                                   "not available"):
+            preflight(validate_config({**base, "model": {**base["model"], "device": device}}), ROOT)
+    assert preflight(validate_config({**base, "model": {**base["model"], "device": "auto"}}), ROOT)
+
+
+# --- model directories ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"model_type": "llama",\n  "num_hidden_layers": }', r"is not valid JSON: Expecting value \(line 2"),
+    (b'{"model_type": "caf\xe9"}', r"is not UTF-8 text"),
+    (b"[1, 2]", r"must hold a JSON object, not list"),
+])
+def test_a_model_config_json_that_is_not_json_names_the_file(base, tmp_path, content, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_bytes(content)
+    cfg = validate_config({**base, "model": {"source": str(model)}})
+    with pytest.raises(NeuronAuditError, match=rf"model config file '.*model/config\.json' {message}"):
+        preflight(cfg, ROOT)
