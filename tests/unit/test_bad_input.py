@@ -3,6 +3,7 @@
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -216,6 +217,32 @@ def test_a_cuda_device_without_cuda_is_named(base, monkeypatch):
                                                    "not available"):
             preflight(validate_config({**base, "model": {**base["model"], "device": device}}), ROOT)
     assert preflight(validate_config({**base, "model": {**base["model"], "device": "auto"}}), ROOT)
+
+
+# --- prompt files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin.jsonl", b'{"text": "caf\xe9"}\n', r"latin\.jsonl' is not UTF-8 text \(byte 0xe9 on line 1\)"),
+    ("latin.csv", b"text\nhello\ncaf\xe9\n", r"latin\.csv' is not UTF-8 text \(byte 0xe9 on line 3\)"),
+    ("latin.json", b'[{"text": "caf\xe9"}]', r"latin\.json' is not UTF-8 text"),
+    ("ragged.csv", b"text,x\na,1\nb,2,3\n", r"ragged\.csv' is malformed: .*Expected 2 fields in line 3, saw 3"),
+    ("open.csv", b'text\n"never closed\n', r"open\.csv' is malformed: .*EOF inside string"),
+    ("broken.parquet", b"PAR1 not really parquet", r"broken\.parquet' is malformed: .*Parquet"),
+])
+def test_a_bad_prompt_file_is_one_line_naming_it(base, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = validate_config({**base, "prompts": {"sets": {"p": str(path)}}})
+    with pytest.raises(NeuronAuditError, match=rf"prompt file '.*{message}"):
+        preflight(cfg, ROOT)
+
+
+def test_a_valid_csv_and_parquet_prompt_file_pass(base, tmp_path):
+    pd.DataFrame({"text": ["a", "b"]}).to_parquet(tmp_path / "ok.parquet")
+    (tmp_path / "ok.csv").write_text("text\na\n")
+    for name in ("ok.parquet", "ok.csv"):
+        preflight(validate_config({**base, "prompts": {"sets": {"p": str(tmp_path / name)}}}), ROOT)
 
 
 # --- model directories ---------------------------------------------------------------------
