@@ -9,7 +9,14 @@ import torch
 import yaml
 
 from neuronaudit.cli import main
-from neuronaudit.config import load_config, precheck_config, preflight, validate_config
+from neuronaudit.config import (
+    NO_FINAL_NEWLINE,
+    load_config,
+    load_schema,
+    precheck_config,
+    preflight,
+    validate_config,
+)
 from neuronaudit.config_files import MAX_CONFIG_VALUES, read_config_file
 from neuronaudit.errors import NeuronAuditError
 
@@ -131,6 +138,22 @@ def test_a_name_with_a_trailing_newline_is_refused(override, key):
     cfg = {"prompts": {"sets": {"a": "a.jsonl"}}, **override}
     with pytest.raises(NeuronAuditError, match=rf"config key {key}: '.*\\n' does not match .*no line break"):
         validate_config(cfg)
+
+
+def test_every_schema_pattern_refuses_a_final_newline():
+    def patterns(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pattern" and isinstance(value, str):
+                    yield value
+                else:
+                    yield from patterns(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from patterns(value)
+
+    found = list(patterns(load_schema()))
+    assert len(found) >= 5 and all(p.endswith(NO_FINAL_NEWLINE) for p in found), found
 
 
 def test_a_trailing_newline_from_a_yaml_file_is_refused(tmp_path, capsys):
