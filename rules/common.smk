@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
-from neuronaudit.config import coerce_cli_strings, validate_config
+from neuronaudit.config import precheck_config, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
 
@@ -23,7 +23,12 @@ def _fail(err):
     sys.exit(f"neuronaudit: error: {err}")
 
 
-config.update(coerce_cli_strings(config))  # --config leaves nested numbers as strings
+try:
+    # before validate, which prints the whole config when it fails: the raw files (repeated keys,
+    # alias bombs), the merged config's size, non-finite numbers; --config strings re-read as numbers
+    config.update(precheck_config(config, workflow.configfiles))
+except NeuronAuditError as err:
+    _fail(err)
 try:
     validate(config, str(SCHEMA_PATH))
 except WorkflowError:

@@ -1,16 +1,21 @@
 """Study configuration: JSON Schema validation with defaults, and preflight checks.
 
-The workflow validates ``config`` with Snakemake's ``validate`` against the package's
-``data/config.schema.yaml`` (:func:`neuronaudit.resources.schema_path`); :func:`load_config` applies
-the same schema for the CLI (``neuronaudit check-config``). :func:`preflight` then checks, before any job runs, what
-the schema cannot: the model source resolves, prompt files exist and parse, and requested layer
-indices fit the model. Every failure is one line naming the bad value.
+:func:`precheck_config` comes first: it reads the raw config files (repeated keys, alias bombs;
+:mod:`neuronaudit.config_files`), bounds the config's size before anything walks it, and refuses
+non-finite numbers and integers beyond 64 bits, which the schema's bounds let through. The
+workflow then validates ``config`` with Snakemake's ``validate`` against the package's
+``data/config.schema.yaml`` (:func:`neuronaudit.resources.schema_path`); :func:`load_config`
+applies the same checks and schema for the CLI (``neuronaudit check-config``). :func:`preflight`
+then checks, before any job runs, what the schema cannot: the model source resolves, prompt
+files exist and parse, requested layer indices and neuron counts fit the model, the device
+exists, and settings that depend on each other agree. Every failure is one line naming the bad value.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +23,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from neuronaudit.config_files import check_config_size, read_config_file
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import make_judge
 from neuronaudit.evaluation.oracles import LOGIT_ORACLES, USER_ORACLES, check_logit_pair, oracle_for
@@ -84,9 +90,54 @@ def coerce_cli_strings(value, schema: dict | None = None):
     return value
 
 
+INT64_MAX = 2**63 - 1
+
+#: Appended to every name pattern of the schema: Python's ``$`` (which jsonschema uses) also
+#: matches before a final newline, so ``"quick\n"`` would pass ``^...$`` alone.
+NO_FINAL_NEWLINE = "(?!\\n)"
+
+
+def check_numbers(config, path: str = "") -> None:
+    """Refuse NaN and infinite floats and integers beyond 64 bits anywhere in the config (YAML
+    reads ``.nan`` and ``.inf`` as floats, which pass the schema's minimum and maximum)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            check_numbers(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            check_numbers(value, f"{path}.{i}")
+    elif isinstance(config, float) and not math.isfinite(config):
+        raise NeuronAuditError(f"config key {path}: {config} is not a finite number")
+    elif isinstance(config, int) and not isinstance(config, bool) and not -INT64_MAX - 1 <= config <= INT64_MAX:
+        raise NeuronAuditError(f"config key {path}: {config} does not fit in a 64-bit integer")
+
+
+def precheck_config(config: dict, files=()) -> dict:
+    """What must hold before the schema (or Snakemake's ``validate``, which prints the whole
+    config when it fails) walks the config: each raw config file reads cleanly
+    (:func:`~neuronaudit.config_files.read_config_file`), the merged config is not an alias bomb,
+    and every number is finite and fits 64 bits. Returns the config with ``--config`` strings
+    coerced (:func:`coerce_cli_strings`)."""
+    for path in files:
+        read_config_file(path)
+    check_config_size(config)
+    config = coerce_cli_strings(config)
+    check_numbers(config)
+    return config
+
+
+def _schema_message(err) -> str:
+    if err.validator == "pattern":
+        pattern = err.validator_value.removesuffix(NO_FINAL_NEWLINE)
+        return f"{err.instance!r} does not match {pattern!r} (the whole value, no line break)"
+    return err.message
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate (and fill defaults into) a config dict; one-line error naming the key."""
     schema = schema or load_schema()
+    check_config_size(config)
+    check_numbers(config)
     config = copy.deepcopy(config)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -99,7 +150,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
             raise NeuronAuditError(f"config key {where} is missing (a partial config such as config/quick.yaml "
                                    "goes after a full one: --configfile config/config.yaml config/quick.yaml)")
         where = ".".join(path) or "(top level)"
-        raise NeuronAuditError(f"config key {where}: {err.message}")
+        raise NeuronAuditError(f"config key {where}: {_schema_message(err)}")
     return config
 
 
@@ -117,24 +168,16 @@ def load_config(paths: str | Path | list, overrides: list[str] | None = None) ->
     then apply ``KEY=VALUE`` overrides (YAML values, as ``snakemake --config``)."""
     config: dict = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        path = Path(path)
-        if not path.is_file():
-            raise NeuronAuditError(f"config file {str(path)!r} not found")
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise NeuronAuditError(
-                f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}"
-            ) from None
-        if not isinstance(doc, dict):
-            raise NeuronAuditError(f"config file {str(path)!r} must hold a mapping of keys, not {type(doc).__name__}")
-        deep_update(config, doc)
+        deep_update(config, read_config_file(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise NeuronAuditError(f"config override {item!r} must be KEY=VALUE")
-        deep_update(config, {key: yaml.safe_load(value)})
-    return validate_config(config)
+        try:
+            deep_update(config, {key: yaml.safe_load(value)})
+        except yaml.YAMLError as err:
+            raise NeuronAuditError(f"config override {item!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return validate_config(precheck_config(config))
 
 
 def study_name(config: dict) -> str:
@@ -201,8 +244,61 @@ def check_references(config: dict) -> None:
             need_set("refusal.tune (needs harmful, harmless and generic)", name)
 
 
+def check_settings(config: dict) -> None:
+    """Settings whose valid range depends on other settings (the schema bounds each alone)."""
+    k = config["screen"]["k"]
+    if isinstance(k, float) and k >= 1:
+        raise NeuronAuditError(f"config key screen.k: {k!r} must be an integer count of neurons or a "
+                               "fraction in (0, 1) of all MLP neurons")
+    behaviours = config.get("behaviours") or {}
+    window = config["window"]
+    most = window["n_candidates"] * len(behaviours) + window["n_random"]
+    if behaviours and window["n_heldout"] >= most:
+        n = f"{len(behaviours)} behaviour" + ("s" if len(behaviours) > 1 else "")
+        raise NeuronAuditError(
+            f"config key window.n_heldout: {window['n_heldout']} would hold out every window candidate "
+            f"(at most {most}: window.n_candidates {window['n_candidates']} × {n} "
+            f"+ window.n_random {window['n_random']}), leaving none to fit the ceiling predictors on; "
+            f"use at most {most - 1}")
+
+
+def check_device(config: dict) -> None:
+    """``model.device`` exists on this machine; torch is imported only when a GPU is asked for."""
+    device = config["model"]["device"]
+    if device in ("cpu", "auto"):
+        return
+    from neuronaudit.models.loading import resolve_device
+
+    resolve_device(device)
+
+
+def check_model_size(config: dict, arch: dict) -> None:
+    """Layer indices and neuron counts fit the model (when its config tells its size)."""
+    source = config["model"]["source"]
+    layers = config["collect"]["layers"]
+    n_layers = arch.get("n_layers")
+    if layers and n_layers:
+        for layer in layers:
+            if not -n_layers <= layer < n_layers:
+                raise NeuronAuditError(
+                    f"config key collect.layers: layer index {layer} is out of range for "
+                    f"{source!r} with {n_layers} layers (valid: 0..{n_layers - 1})"
+                )
+    n_neurons = arch.get("n_neurons")
+    if not (n_layers and n_neurons):
+        return
+    total = n_layers * n_neurons
+    for key, value in (("screen.k", config["screen"]["k"]), ("keystone.k_max", config["keystone"]["k_max"])):
+        if isinstance(value, int) and value > total:
+            raise NeuronAuditError(
+                f"config key {key}: {value} neurons is more than the {total} MLP neurons of {source!r} "
+                f"({n_layers} layers × {n_neurons})"
+            )
+
+
 def preflight(config: dict, root: Path):
-    """Check inputs before any job runs: model source, prompt files, layer indices.
+    """Check inputs before any job runs: model source, prompt files, layer indices, neuron counts,
+    device, settings that depend on each other.
 
     Returns the resolved :class:`~neuronaudit.models.sources.ModelSource`.
     """
@@ -212,21 +308,15 @@ def preflight(config: dict, root: Path):
     resolved = resolve_source(source)
     collected_sets(config)
     check_references(config)
+    check_settings(config)
     make_judge(config["judge"])  # a bad judge configuration fails before any generation
     for name, path in config["prompts"]["sets"].items():
         check_prompt_file(name, resolve_path(path, root))
     arch = read_model_config(resolved)
     if arch.get("model_type") and resolved.kind == "local":
         declaration_for(arch["model_type"])
-    layers = config["collect"]["layers"]
-    n_layers = arch.get("n_layers")
-    if layers and n_layers:
-        for layer in layers:
-            if not -n_layers <= layer < n_layers:
-                raise NeuronAuditError(
-                    f"config key collect.layers: layer index {layer} is out of range for "
-                    f"{config['model']['source']!r} with {n_layers} layers (valid: 0..{n_layers - 1})"
-                )
+    check_model_size(config, arch)
+    check_device(config)
     return resolved
 
 

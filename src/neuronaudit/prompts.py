@@ -14,6 +14,7 @@ Chat models see their chat template (:func:`render_prompts`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -53,6 +54,23 @@ def _load_records(source: str) -> pd.DataFrame:
     return ds.to_pandas()
 
 
+def _read_text(path: Path, source: str) -> str:
+    """A prompt file's text; bytes that are not UTF-8 are a one-line error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise NeuronAuditError(
+            f"prompt file {source!r} is not UTF-8 text (byte {data[err.start]:#04x} on line {line})"
+        ) from None
+
+
+def _malformed(source: str, err: Exception) -> NeuronAuditError:
+    detail = " ".join(str(err).split()) or type(err).__name__
+    return NeuronAuditError(f"prompt file {source!r} is malformed: {detail[:200]}")
+
+
 def _read_fast(source: str) -> pd.DataFrame:
     """Read a local prompt file without :mod:`datasets` (preflight); JSONL errors name the line."""
     path = Path(source)
@@ -63,27 +81,32 @@ def _read_fast(source: str) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise NeuronAuditError(f"prompt file {source!r} is malformed at line {n}: {err.msg}") from None
-                if not isinstance(record, dict):
-                    raise NeuronAuditError(f"prompt file {source!r} line {n} is not a JSON object")
-                records.append(record)
+        for n, line in enumerate(_read_text(path, source).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise NeuronAuditError(f"prompt file {source!r} is malformed at line {n}: {err.msg}") from None
+            if not isinstance(record, dict):
+                raise NeuronAuditError(f"prompt file {source!r} line {n} is not a JSON object")
+            records.append(record)
         return pd.DataFrame.from_records(records)
     if suffix == ".json":
         try:
-            return pd.read_json(path)
+            return pd.read_json(io.StringIO(_read_text(path, source)))
         except ValueError as err:
-            raise NeuronAuditError(f"prompt file {source!r} is malformed: {str(err)[:200]}") from None
+            raise _malformed(source, err) from None
     if suffix == ".parquet":
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except (ValueError, OSError, pa.ArrowException) as err:
+            raise _malformed(source, err) from None
     if suffix == ".csv":
-        return pd.read_csv(path)
+        try:
+            return pd.read_csv(io.StringIO(_read_text(path, source)))
+        except ValueError as err:  # pandas' ParserError and EmptyDataError are ValueErrors
+            raise _malformed(source, err) from None
     raise NeuronAuditError(f"prompt file {source!r} has an unknown format; use one of {sorted(LOCAL_FORMATS)}")
 
 

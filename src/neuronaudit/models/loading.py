@@ -133,11 +133,21 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def resolve_device(device: str) -> str:
-
+    """``model.device`` as torch names it: ``auto`` picks CUDA when available; a device this
+    machine lacks is a one-line error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NeuronAuditError(f"model.device {device!r} requested but CUDA is not available")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NeuronAuditError(f"config key model.device: {device!r} requested but CUDA is not available "
+                                   "on this machine (use cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise NeuronAuditError(f"config key model.device: {device!r} requested but this machine has "
+                                   f"{torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise NeuronAuditError("config key model.device: 'mps' requested but MPS is not available on this "
+                               "machine (use cpu or auto)")
     return device
 
 

@@ -97,22 +97,54 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
+def read_config_json(directory: str | Path) -> dict:
+    """A model directory's ``config.json``; a file that is not a UTF-8 JSON object is a one-line
+    error naming it."""
+    path = Path(directory) / "config.json"
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise NeuronAuditError(f"model config file {str(path)!r} is not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise NeuronAuditError(
+            f"model config file {str(path)!r} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise NeuronAuditError(f"model config file {str(path)!r} must hold a JSON object, not {type(cfg).__name__}")
+    return cfg
+
+
+def _mlp_width(cfg: dict) -> int | None:
+    """MLP neurons per layer from a Hugging Face config (GPT-2's ``n_inner`` null means 4 × width)."""
+    for key in ("intermediate_size", "ffn_dim", "n_inner"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    if "n_inner" in cfg and isinstance(cfg.get("n_embd"), int):
+        return 4 * cfg["n_embd"]
+    return None
+
+
+def _gguf_int(reader, key: str) -> int | None:
+    field = reader.fields.get(key)
+    return int(field.parts[field.data[0]][0]) if field is not None else None
+
+
 def read_model_config(source: ModelSource) -> dict:
-    """Cheap look at the architecture without loading weights: model_type and n_layers."""
+    """Cheap look at the architecture without loading weights: model_type, n_layers and
+    n_neurons (MLP neurons per layer); a size the source does not tell is None."""
     if source.kind == "local":
-        cfg = json.loads((Path(source.path) / "config.json").read_text())
-        n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-        if n_layers is None and "text_config" in cfg:
-            n_layers = cfg["text_config"].get("num_hidden_layers")
-        return {"model_type": cfg.get("model_type"), "n_layers": n_layers}
+        cfg = read_config_json(source.path)
+        text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else {}
+        n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer", text.get("num_hidden_layers")))
+        n_neurons = _mlp_width(cfg) or _mlp_width(text)
+        return {"model_type": cfg.get("model_type"), "n_layers": n_layers, "n_neurons": n_neurons}
     if source.kind == "gguf":
         from gguf import GGUFReader
 
         reader = GGUFReader(source.path)
         arch_field = reader.fields["general.architecture"]
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        block = reader.fields.get(f"{arch}.block_count")
-        n_layers = int(block.parts[block.data[0]][0]) if block is not None else None
-        return {"model_type": arch, "n_layers": n_layers}
-    return {"model_type": None, "n_layers": None}
+        return {"model_type": arch, "n_layers": _gguf_int(reader, f"{arch}.block_count"),
+                "n_neurons": _gguf_int(reader, f"{arch}.feed_forward_length")}
+    return {"model_type": None, "n_layers": None, "n_neurons": None}
 
