@@ -143,6 +143,12 @@ def cmd_compare(args) -> None:
     log.info("wrote %s", build_comparison(studies, Path(args.out), title=args.title))
 
 
+def cmd_headlines(args) -> None:
+    from neuronaudit.report.compare import headlines_markdown
+
+    print(headlines_markdown(Path(args.study_dir)))
+
+
 def cmd_diff_study(args) -> None:
     from neuronaudit.study_diff import run
 
@@ -286,6 +292,11 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--title", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("headlines", help="print a study's headline figures as a Markdown table (the report's "
+                                         "summary: value with 95% CI, published number, source file)")
+    p.add_argument("study_dir", help="results/<study> folder")
+    p.set_defaults(func=cmd_headlines)
 
     p = sub.add_parser("diff-study", help="compare two results/<study> folders' Parquet and JSON files")
     p.add_argument("a", help="results/<study> folder")

@@ -127,3 +127,19 @@ def test_cli_compare(tmp_path, studies, capsys):
     assert "<title>neuronaudit comparison: A vs model-b</title>" in page
     assert main(["compare", f"A={studies['a']['study']}", f"A={studies['b']['study']}", "--out", str(out)]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_cli_headlines_prints_the_reports_summary_as_markdown(studies, capsys, tmp_path):
+    study = studies["a"]["study"]
+    assert main(["headlines", str(study)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| figure | this study | published | read from |"
+    window = json.loads((study / "window" / "summary.json").read_text())
+    mae = next(line for line in table if line.startswith("| ceiling MAE on held-out neurons"))
+    assert f"{window['predictor_alignment']['mae_alignment']:.3f}" in mae and "| 0.14 |" in mae
+    assert "`window/summary.json`" in mae  # the file it is read from, relative to the study folder
+    # every headline of the page is a row, none invented: the markdown rows are the report's headlines
+    _, headlines = compare.stage_sections(study, study)
+    assert len(table) == 2 + len(headlines)
+    assert main(["headlines", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err

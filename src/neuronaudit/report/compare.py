@@ -32,7 +32,7 @@ from neuronaudit.report.page import (
 )
 from neuronaudit.report.sections import STAGE_TITLES, stage_sections
 
-__all__ = ["StudyView", "read_study", "build_comparison"]
+__all__ = ["StudyView", "read_study", "build_comparison", "headlines_markdown"]
 
 
 class StudyView:
@@ -129,3 +129,26 @@ def build_comparison(studies: Mapping[str, str | os.PathLike], out_html: str | o
     with naio.atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out_html
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def headlines_markdown(study_dir: str | os.PathLike) -> str:
+    """The study's headline figures as a Markdown table, exactly the report's summary rows: the
+    figure, its value with 95% CI as the page shows it, the published number it reproduces and
+    the file it is read from (relative to ``study_dir``)."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise NeuronAuditError(f"study folder {str(study_dir)!r} not found")
+    _, headlines = stage_sections(study_dir, study_dir)
+    if not headlines:
+        raise NeuronAuditError(f"study folder {str(study_dir)!r} has no stage summaries to report")
+    rows = ["| figure | this study | published | read from |", "|---|---|---|---|"]
+    for h in headlines:
+        link = h.table_link
+        files = ", ".join(f"`{v}`" for v in link.values()) if isinstance(link, Mapping) else (
+            f"`{link}`" if link else "—")
+        rows.append(f"| {_cell(h.label)} | {_cell(h.text)} | {_cell(h.published or '—')} | {files} |")
+    return "\n".join(rows)
