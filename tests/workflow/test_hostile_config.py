@@ -1,5 +1,6 @@
-"""Config values reach shell commands quoted: a hostile system prompt runs nothing, and ordinary
-non-ASCII and multi-line system prompts reach the stage verbatim and are recorded."""
+"""Config values reach shell commands quoted: a hostile system prompt or prompt file path runs
+nothing, and ordinary non-ASCII and multi-line system prompts reach the stage verbatim and are
+recorded."""
 
 import subprocess
 import sys
@@ -35,3 +36,26 @@ def test_system_prompt_is_passed_verbatim_and_never_run(tmp_path, tiny_model_dir
     assert run.returncode == 0, run.stderr[-3000:]
     assert not marker.exists()  # nothing in the prompt was executed by a shell
     assert read_provenance(tmp_path / target)["system_prompt"] == prompt  # and it arrived verbatim
+
+
+def test_a_hostile_prompt_file_path_is_quoted_and_never_run(tmp_path, tiny_model_dir):
+    marker = tmp_path / "MARKER"  # a shell job runs in the working directory, tmp_path
+    folder = tmp_path / "$(touch MARKER) `touch MARKER` ; touch MARKER"
+    folder.mkdir()
+    source = folder / "harm ful's.jsonl"
+    source.write_text((ROOT / "config" / "prompts" / "harmful.jsonl").read_text())
+    overrides = tmp_path / "hostile.yaml"
+    overrides.write_text(yaml.safe_dump({
+        "study": "hostile", "threads": 1, "model": {"source": str(tiny_model_dir)},
+        "prompts": {"limit": 2, "sets": {"harmful": str(source)}}, "refusal": {"tune": False},
+    }))
+    target = "results/hostile/prompts/harmful.parquet"
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--cores", "1",
+         "--configfile", str(ROOT / "config" / "config.yaml"), str(overrides), "--", target],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not marker.exists()
+    prov = read_provenance(tmp_path / target)
+    assert prov["source"] == str(source) and prov["n_total"] > 4  # read from the hostile path, verbatim
