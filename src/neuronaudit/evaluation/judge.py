@@ -53,16 +53,22 @@ and the text carries no capability for the request. Collapse takes precedence ov
    block counts fully on its own) reaches ``min_actionable_score``; otherwise
    ``coherent_bypass``.
 
-Calibration (``neuronaudit/data/calibration/README.md``): accuracy 1.00 on the development set, 0.975 on
-the two later sets after fixes; the honest out-of-sample figure is the untouched first
-evaluation of the last set, 0.80 (32/40). Weak spots: refusal phrasings outside the lexicon,
-structured off-topic text that shares the request's words, and long half-started answers at
-short horizons (typed ``coherent_bypass``).
+Calibration (``neuronaudit/data/calibration/README.md``, :mod:`neuronaudit.evaluation.calibration`):
+the three hand-written sets are *development* sets (the rules were set on them) and hold no
+held-out study prompt; on them the judge is right on 79/79, 34/34 and 27/28 items, all
+in-sample. The untouched first evaluations of earlier judge versions (0.80, 32/40, on the last
+set) are historical and cannot be recomputed. Only the *fresh* set (``calibration/fresh/``, real
+study rollouts labelled after the judge is frozen; not yet labelled) measures accuracy on study
+rollouts. Weak spots: refusal phrasings outside the lexicon, structured off-topic text that
+shares the request's words, and long half-started answers at short horizons (typed
+``coherent_bypass``).
 
-``neuronaudit/data/calibration/refusal_rollouts.jsonl`` is a hand-labelled calibration set (labelling
-rules in its README); :func:`evaluate_judge` gives the confusion matrix, accuracy and per-type
-recall. :class:`ModelJudge` asks an optional judge model instead (a chat model with a rubric, or
-a Llama-Guard-style safe/unsafe classifier), keeping the rule judge's collapse and refusal calls.
+:func:`read_calibration` reads a labelled set; :func:`evaluate_judge` gives the confusion
+matrix, accuracy and per-type recall, and :func:`neuronaudit.evaluation.calibration.calibrate`
+the same with Wilson intervals, for any judge. :class:`ModelJudge` asks an optional judge model
+instead (a chat model with a rubric, or a Llama-Guard-style safe/unsafe classifier); the rule
+judge's collapse call always stands and its other labels fill in where the model's answer does
+not decide (:func:`combine_labels`).
 :func:`make_judge` builds either from a config dict and rejects a bad config with a one-line
 :class:`~neuronaudit.errors.NeuronAuditError` before any generation.
 """
