@@ -133,3 +133,33 @@ def test_fresh_set_loader_reports_each_file(tmp_path):
     assert out["fresh"]["study_a.jsonl"]["accuracy_ci"] == pytest.approx(list(wilson_interval(3, 4)))
     with pytest.raises(NeuronAuditError, match="not found"):
         calibrate_sets(RuleJudge(), {"fresh": [tmp_path / "nope.jsonl"]})
+
+
+def test_a_model_judge_is_calibrated_like_the_rule_judge(tmp_path):
+    from neuronaudit.evaluation.calibration import judge_calibration
+    from neuronaudit.evaluation.model_judge import ModelJudge
+
+    class Scripted(ModelJudge):  # a guard that calls everything unsafe, one output unparseable
+        def judge_outputs(self, prompts, responses):
+            return ["unsafe", "unsafe", "unsafe", "???"]
+
+    _write_set(tmp_path / "tiny.jsonl", TINY)
+    out = judge_calibration(Scripted("org/guard-model", guard=True), {"fresh": [tmp_path / "tiny.jsonl"]})
+    entry = out["sets"]["fresh"]["tiny.jsonl"]
+    # rule labels: refusal, collapse, bypass, bypass; unsafe keeps the refusal and the collapse,
+    # makes the first bypass actionable (wrong); the unparseable one falls back to bypass (wrong)
+    assert entry["confusion"]["coherent_bypass"]["actionable"] == 1
+    assert entry["confusion"]["actionable"]["coherent_bypass"] == 1
+    assert entry["correct"] == 2 and out["n_fallback_to_rule"] == 1
+    assert out["judge"]["kind"] == "model" and out["judge"]["guard"] is True
+
+
+def test_default_calibration_covers_the_development_sets_and_an_empty_fresh_group():
+    from neuronaudit.evaluation.calibration import judge_calibration
+
+    out = judge_calibration(RuleJudge())
+    assert sorted(out["sets"]["development"]) == sorted(DEVELOPMENT_SETS)
+    assert set(out["sets"]["fresh"]) == {p.name for p in fresh_paths()}
+    counts = {name: (e["correct"], e["n"]) for name, e in out["sets"]["development"].items()}
+    assert counts == {"refusal_rollouts.jsonl": (79, 79), "refusal_rollouts_holdout.jsonl": (34, 34),
+                      "refusal_rollouts_holdout2.jsonl": (27, 28)}

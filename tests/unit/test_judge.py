@@ -244,13 +244,14 @@ def test_model_judge_runs_a_local_model(tiny_model_dir):
 
 
 def test_run_judge_calibration_writes_json(tmp_path):
-    from neuronaudit.evaluation.judge import run_judge_calibration
+    from neuronaudit.evaluation.calibration import run_judge_calibration
 
     out = tmp_path / "cal.json"
     res = run_judge_calibration([CALIBRATION / "refusal_rollouts_holdout.jsonl"], {"kind": "rule"}, out)
     on_disk = json.loads(out.read_text())
-    entry = on_disk["sets"]["refusal_rollouts_holdout.jsonl"]
-    assert entry["n"] == 34 and entry["accuracy"] == res["sets"]["refusal_rollouts_holdout.jsonl"]["accuracy"]
+    entry = on_disk["sets"]["given"]["refusal_rollouts_holdout.jsonl"]
+    assert entry["n"] == 34 and entry["accuracy"] == res["sets"]["given"]["refusal_rollouts_holdout.jsonl"]["accuracy"]
+    assert entry["accuracy_ci"][0] <= entry["accuracy"] <= entry["accuracy_ci"][1]
     assert sum(sum(row.values()) for row in entry["confusion"].values()) == 34
     assert on_disk["judge"]["kind"] == "rule"
     with pytest.raises(NeuronAuditError, match="not found"):

@@ -30,8 +30,9 @@ from pathlib import Path
 import pandas as pd
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.evaluation.judge import ROLLOUT_TYPES, Judge, read_calibration
+from neuronaudit.evaluation.judge import ROLLOUT_TYPES, Judge, make_judge, read_calibration
 from neuronaudit.evaluation.stats import wilson_interval
+from neuronaudit.io import provenance, write_json
 from neuronaudit.resources import calibration_path
 
 #: The development sets: the rule judge's rules were set while looking at them (in-sample).
@@ -167,5 +168,39 @@ def calibrate_sets(judge: Judge, sets: Mapping[str, Sequence[str | Path]] | None
     for paths in sets.values():  # every input checked before any judging
         for p in paths:
             read_calibration(p)
-    return {group: {Path(p).name: calibrate(judge, p, confidence).record() for p in paths}
+    return {group: {Path(p).name: {"path": str(p), **calibrate(judge, p, confidence).record()} for p in paths}
             for group, paths in sets.items()}
+
+
+def judge_calibration(judge: Judge, sets: Mapping[str, Sequence[str | Path]] | None = None) -> dict:
+    """What a stage records about its judge: the judge's description, its calibration on every
+    labelled set (:func:`calibrate_sets`; the fresh group empty until labelled) and, for a judge
+    model, how many of its outputs named no label and fell back to the rule judge."""
+    before = getattr(judge, "n_fallback", None)
+    out = {"judge": getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
+           "sets": calibrate_sets(judge, sets)}
+    if before is not None:
+        out["n_fallback_to_rule"] = int(judge.n_fallback - before)
+    out["note"] = ("development sets: in-sample (the rule judge was built on them); fresh sets: real study "
+                   "rollouts labelled after the judge was frozen")
+    return out
+
+
+def run_judge_calibration(
+    calibration_paths: str | Path | Sequence[str | Path] | None = None,
+    judge_config: Mapping | None = None,
+    out_json: str | Path = "judge_calibration.json",
+) -> dict:
+    """Evaluate the configured judge (:func:`~neuronaudit.evaluation.judge.make_judge`) on
+    calibration files (default: the development and fresh sets) and write
+    :func:`judge_calibration` with provenance to ``out_json``."""
+    judge = make_judge(judge_config)
+    if calibration_paths is None:
+        sets = None
+    elif isinstance(calibration_paths, (str, Path)):
+        sets = {"given": [calibration_paths]}
+    else:
+        sets = {"given": list(calibration_paths)}
+    result = {**judge_calibration(judge, sets), "provenance": provenance()}
+    write_json(result, out_json)
+    return result

@@ -88,7 +88,6 @@ import pandas as pd
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.metrics import repetition_ratio
-from neuronaudit.io import provenance, write_json
 from neuronaudit.models.sources import _HUB_ID
 from neuronaudit.resources import calibration_path
 
@@ -810,34 +809,3 @@ def evaluate_judge(judge: Judge, calibration_path: str | Path = CALIBRATION_PATH
         index=list(ROLLOUT_TYPES), name="recall",
     )
     return confusion, accuracy, recall
-
-
-def run_judge_calibration(
-    calibration_paths: str | Path | Sequence[str | Path] = CALIBRATION_PATH,
-    judge_config: Mapping | None = None,
-    out_json: str | Path = "judge_calibration.json",
-) -> dict:
-    """Evaluate the configured judge on calibration set(s); write accuracy, per-type recall and
-    the confusion matrix (true label → predicted label → count) of each set to ``out_json``."""
-
-    judge = make_judge(judge_config)
-    paths = [calibration_paths] if isinstance(calibration_paths, (str, Path)) else list(calibration_paths)
-    for p in paths:  # every input checked before any judging
-        read_calibration(p)
-    sets = {}
-    for p in paths:
-        confusion, accuracy, recall = evaluate_judge(judge, p)
-        sets[Path(p).name] = {
-            "path": str(p),
-            "n": int(confusion.to_numpy().sum()),
-            "accuracy": accuracy,
-            "per_type_recall": {k: (None if math.isnan(v) else float(v)) for k, v in recall.items()},
-            "confusion": {t: {u: int(confusion.loc[t, u]) for u in ROLLOUT_TYPES} for t in ROLLOUT_TYPES},
-        }
-    result = {
-        "judge": getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
-        "sets": sets,
-        "provenance": provenance(),
-    }
-    write_json(result, out_json)
-    return result
