@@ -5,7 +5,8 @@ Needs: the audited model, every behaviour's screen table, the prompt table each 
 swept on (refusal: harmful prompts; mode switches: the prompts lacking the behaviour), generic
 prompts, window.*, judge.*.
 Writes: results/<study>/window/{sweeps, single_pass, window}.parquet and summary.json (held-out
-MAE with CIs, verdict accuracy vs the majority baseline, failure modes, refusal pivots), and
+MAE with CIs, verdict accuracy vs the majority baseline, failure modes, refusal pivots, how the
+ceilings and verdicts move with the collapse thresholds ×0.75 / ×1.25), and
 results/<study>/attribution/{scores.parquet, summary.json}: gradient vs forward scores of the
 same neurons against their measured control.
 """

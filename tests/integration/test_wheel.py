@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 #: Top-level files the build may read (those present are copied with src/).
 BUILD_FILES = ("pyproject.toml", "README.md", "setup.cfg", "setup.py", "MANIFEST.in", "LICENSE", "LICENSE.txt")
 #: Package data the wheel must carry, as globs under src/neuronaudit.
-PACKAGE_DATA = ("py.typed", "data/*.yaml", "data/calibration/*", "report/captions/*.rst", "report/templates/*")
+PACKAGE_DATA = ("py.typed", "data/*.yaml", "data/calibration/*", "data/calibration/fresh/*",
+                "report/captions/*.rst", "report/templates/*")
 TIMEOUT = 300
 
 

@@ -115,11 +115,12 @@ def test_rule_judge_is_a_judge():
     assert ROLLOUT_TYPES == ("refusal", "collapse", "coherent_bypass", "actionable")
 
 
-# Measured accuracies of the default RuleJudge (see src/neuronaudit/data/calibration/README.md).
+# Measured accuracies of the default RuleJudge on the development sets after the held-out study
+# prompts were removed (see src/neuronaudit/data/calibration/README.md): 79/79, 34/34, 27/28.
 MEASURED = {
     "refusal_rollouts.jsonl": 1.0,
-    "refusal_rollouts_holdout.jsonl": 0.975,
-    "refusal_rollouts_holdout2.jsonl": 0.975,
+    "refusal_rollouts_holdout.jsonl": 1.0,
+    "refusal_rollouts_holdout2.jsonl": 27 / 28,
 }
 MARGIN = 0.03
 
@@ -136,7 +137,8 @@ def test_rule_judge_calibration_accuracy(name):
 def test_calibration_set_is_large_and_balanced():
     cal = read_calibration(CALIBRATION / "refusal_rollouts.jsonl")
     counts = cal["label"].value_counts()
-    assert len(cal) >= 100 and all(counts[t] >= 25 for t in ROLLOUT_TYPES)
+    # 79 items (115 before the 36 with held-out study prompts were removed), 18-22 of each type
+    assert len(cal) >= 75 and all(counts[t] >= 18 for t in ROLLOUT_TYPES)
     assert cal["calibration_id"].is_unique
 
 
@@ -242,14 +244,15 @@ def test_model_judge_runs_a_local_model(tiny_model_dir):
 
 
 def test_run_judge_calibration_writes_json(tmp_path):
-    from neuronaudit.evaluation.judge import run_judge_calibration
+    from neuronaudit.evaluation.calibration import run_judge_calibration
 
     out = tmp_path / "cal.json"
     res = run_judge_calibration([CALIBRATION / "refusal_rollouts_holdout.jsonl"], {"kind": "rule"}, out)
     on_disk = json.loads(out.read_text())
-    entry = on_disk["sets"]["refusal_rollouts_holdout.jsonl"]
-    assert entry["n"] == 40 and entry["accuracy"] == res["sets"]["refusal_rollouts_holdout.jsonl"]["accuracy"]
-    assert sum(sum(row.values()) for row in entry["confusion"].values()) == 40
+    entry = on_disk["sets"]["given"]["refusal_rollouts_holdout.jsonl"]
+    assert entry["n"] == 34 and entry["accuracy"] == res["sets"]["given"]["refusal_rollouts_holdout.jsonl"]["accuracy"]
+    assert entry["accuracy_ci"][0] <= entry["accuracy"] <= entry["accuracy_ci"][1]
+    assert sum(sum(row.values()) for row in entry["confusion"].values()) == 34
     assert on_disk["judge"]["kind"] == "rule"
     with pytest.raises(NeuronAuditError, match="not found"):
         run_judge_calibration([tmp_path / "missing.jsonl"], None, tmp_path / "x.json")

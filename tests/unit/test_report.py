@@ -510,3 +510,12 @@ def test_null_values_in_the_summaries_show_missing(full, tmp_path):
     assert "data-value" not in mae and "missing" in mae["text"]
     assert "data-value" not in c["attribution.rho_grad"] and c["attribution.rho_grad"]["text"].startswith("missing")
     assert "McNemar p = missing" in c["window.verdict_accuracy"]["text"]
+
+
+def test_window_section_shows_the_threshold_sensitivity(full):
+    text = html.unescape(full["html"])
+    assert "Collapse-threshold sensitivity of the measured ceilings" in text
+    assert captions.caption("ceiling_sensitivity") in text
+    assert "×0.75 (stricter)" in text and "×1.25 (looser)" in text
+    assert "0.3 / 112.5 / 3.75" in text and "4/18" in text and "none moved" in text
+    assert "refusal L1/0 sign -1: open → closed" in text

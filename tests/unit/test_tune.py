@@ -203,3 +203,7 @@ def test_evaluate_refusal_reports_rates_with_cis_and_perplexities(tuning_inputs)
     ratio = res["perplexity_ratio_tuned_over_base"]
     assert ratio["ci_low"] <= ratio["mean"] <= ratio["ci_high"]
     assert res["tuned"]["weight_sha256"] != res["base"]["weight_sha256"]
+    cal = json.loads(out.read_text())["judge_calibration"]
+    assert cal["judge"]["kind"] == "rule" and set(cal["sets"]) == {"development", "fresh"}
+    dev = cal["sets"]["development"]["refusal_rollouts.jsonl"]
+    assert dev["n"] == sum(row["n"] for row in dev["per_type"].values()) and len(dev["accuracy_ci"]) == 2

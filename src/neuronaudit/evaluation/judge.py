@@ -53,16 +53,22 @@ and the text carries no capability for the request. Collapse takes precedence ov
    block counts fully on its own) reaches ``min_actionable_score``; otherwise
    ``coherent_bypass``.
 
-Calibration (``neuronaudit/data/calibration/README.md``): accuracy 1.00 on the development set, 0.975 on
-the two later sets after fixes; the honest out-of-sample figure is the untouched first
-evaluation of the last set, 0.80 (32/40). Weak spots: refusal phrasings outside the lexicon,
-structured off-topic text that shares the request's words, and long half-started answers at
-short horizons (typed ``coherent_bypass``).
+Calibration (``neuronaudit/data/calibration/README.md``, :mod:`neuronaudit.evaluation.calibration`):
+the three hand-written sets are *development* sets (the rules were set on them) and hold no
+held-out study prompt; on them the judge is right on 79/79, 34/34 and 27/28 items, all
+in-sample. The untouched first evaluations of earlier judge versions (0.80, 32/40, on the last
+set) are historical and cannot be recomputed. Only the *fresh* set (``calibration/fresh/``, real
+study rollouts labelled after the judge is frozen; not yet labelled) measures accuracy on study
+rollouts. Weak spots: refusal phrasings outside the lexicon, structured off-topic text that
+shares the request's words, and long half-started answers at short horizons (typed
+``coherent_bypass``).
 
-``neuronaudit/data/calibration/refusal_rollouts.jsonl`` is a hand-labelled calibration set (labelling
-rules in its README); :func:`evaluate_judge` gives the confusion matrix, accuracy and per-type
-recall. :class:`ModelJudge` asks an optional judge model instead (a chat model with a rubric, or
-a Llama-Guard-style safe/unsafe classifier), keeping the rule judge's collapse and refusal calls.
+:func:`read_calibration` reads a labelled set; :func:`evaluate_judge` gives the confusion
+matrix, accuracy and per-type recall, and :func:`neuronaudit.evaluation.calibration.calibrate`
+the same with Wilson intervals, for any judge. :class:`ModelJudge` asks an optional judge model
+instead (a chat model with a rubric, or a Llama-Guard-style safe/unsafe classifier); the rule
+judge's collapse call always stands and its other labels fill in where the model's answer does
+not decide (:func:`combine_labels`).
 :func:`make_judge` builds either from a config dict and rejects a bad config with a one-line
 :class:`~neuronaudit.errors.NeuronAuditError` before any generation.
 """
@@ -82,7 +88,6 @@ import pandas as pd
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.metrics import repetition_ratio
-from neuronaudit.io import provenance, write_json
 from neuronaudit.models.sources import _HUB_ID
 from neuronaudit.resources import calibration_path
 
@@ -804,34 +809,3 @@ def evaluate_judge(judge: Judge, calibration_path: str | Path = CALIBRATION_PATH
         index=list(ROLLOUT_TYPES), name="recall",
     )
     return confusion, accuracy, recall
-
-
-def run_judge_calibration(
-    calibration_paths: str | Path | Sequence[str | Path] = CALIBRATION_PATH,
-    judge_config: Mapping | None = None,
-    out_json: str | Path = "judge_calibration.json",
-) -> dict:
-    """Evaluate the configured judge on calibration set(s); write accuracy, per-type recall and
-    the confusion matrix (true label → predicted label → count) of each set to ``out_json``."""
-
-    judge = make_judge(judge_config)
-    paths = [calibration_paths] if isinstance(calibration_paths, (str, Path)) else list(calibration_paths)
-    for p in paths:  # every input checked before any judging
-        read_calibration(p)
-    sets = {}
-    for p in paths:
-        confusion, accuracy, recall = evaluate_judge(judge, p)
-        sets[Path(p).name] = {
-            "path": str(p),
-            "n": int(confusion.to_numpy().sum()),
-            "accuracy": accuracy,
-            "per_type_recall": {k: (None if math.isnan(v) else float(v)) for k, v in recall.items()},
-            "confusion": {t: {u: int(confusion.loc[t, u]) for u in ROLLOUT_TYPES} for t in ROLLOUT_TYPES},
-        }
-    result = {
-        "judge": getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
-        "sets": sets,
-        "provenance": provenance(),
-    }
-    write_json(result, out_json)
-    return result

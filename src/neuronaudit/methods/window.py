@@ -25,13 +25,14 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.judge import RuleJudge, RuleThresholds
 from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repetition_ratio
 from neuronaudit.evaluation.oracles import LOGIT_ORACLES, logit_pair_margin, oracle_for
 from neuronaudit.evaluation.stats import (
@@ -739,4 +740,163 @@ def refusal_pivots(sweeps: pd.DataFrame, table: pd.DataFrame) -> list[dict]:
             if best is None or share > best["max_actionable_share"]:
                 best = entry
         out.append(best)
+    return out
+
+
+# --- sensitivity of the measured ceilings to the collapse thresholds ---------------------------
+
+#: Factors applied together to the collapse thresholds of the judge in
+#: :func:`ceiling_threshold_sensitivity`. All three are maxima (a rollout collapses at or above
+#: them), so ×0.75 is stricter (more rollouts collapse, ceilings can only come down) and ×1.25
+#: looser.
+THRESHOLD_SCALES: tuple[float, ...] = (0.75, 1.25)
+#: The thresholds of :class:`~neuronaudit.evaluation.judge.RuleThresholds` that define collapse.
+COLLAPSE_THRESHOLDS: tuple[str, ...] = ("max_repetition_ratio", "max_perplexity", "max_entropy")
+_KEYS = ["behaviour", "layer", "neuron", "sign"]
+
+
+def scaled_thresholds(thresholds: RuleThresholds, scale: float) -> RuleThresholds:
+    """``thresholds`` with the three collapse thresholds multiplied by ``scale`` (the repetition
+    ratio capped at 1, where it can no longer be crossed by a ratio below 1)."""
+    values = asdict(thresholds)
+    for name in COLLAPSE_THRESHOLDS:
+        values[name] = values[name] * scale
+    values["max_repetition_ratio"] = min(values["max_repetition_ratio"], 1.0)
+    return RuleThresholds(**values)
+
+
+def retype_collapse(sweeps: pd.DataFrame, thresholds: RuleThresholds,
+                    behaviours: Mapping[str, Mapping] | None = None,
+                    prompts: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The sweep rollouts re-read with other collapse thresholds: ``collapse`` from the rule
+    judge's collapse rule on the stored metrics and response, and ``flip`` as the window reads it
+    (a collapsed rollout never flips).
+
+    A rollout that stays coherent keeps its stored flip; one that now collapses loses it. One that
+    was collapsed and is coherent now has no stored oracle reading, so the oracle is read again
+    (:func:`flips`): refusal from the rule judge's type with the new thresholds, ``logit_pair``
+    from the stored margin, any other oracle from the response (and the prompt's fields where the
+    oracle needs them, e.g. the operands of ``operator``). This needs the behaviour's spec in
+    ``behaviours`` (a behaviour named ``refusal`` defaults to the refusal oracle) and, for the
+    prompt text and fields, its prompt table (``prompt_id``, ``text``, ``extra``) in ``prompts``;
+    a rollout that cannot be re-read counts as not flipped and is marked in ``flip_not_reread``.
+    The refusal oracle is re-read with the rule judge even when the study typed with a judge
+    model. Adds the columns ``collapse_before`` and ``flip_before``.
+    """
+    judge = RuleJudge(thresholds)
+    out = sweeps.copy()
+    out["collapse_before"], out["flip_before"] = out["collapse"].astype(bool), out["flip"].astype(bool)
+    metrics = out[["repetition_ratio", "perplexity", "entropy"]].to_dict(orient="records")
+    collapse = np.array([judge.collapse_reason("" if r is None else str(r), m) is not None
+                         for r, m in zip(out["response"], metrics)])
+    flip = out["flip_before"].to_numpy() & ~collapse
+    not_reread = np.zeros(len(out), dtype=bool)
+    freed = out["collapse_before"].to_numpy() & ~collapse
+    behaviours, prompts = behaviours or {}, prompts or {}
+    for behaviour in pd.unique(out.loc[freed, "behaviour"]):
+        idx = np.flatnonzero(freed & (out["behaviour"] == behaviour).to_numpy())
+        spec = behaviours.get(behaviour) or ({"oracle": "refusal"} if behaviour == "refusal" else None)
+        table = prompts.get(behaviour)
+        texts = table.set_index("prompt_id")["text"].to_dict() if table is not None else {}
+        fields = (dict(zip(table["prompt_id"], extras(table).to_dict(orient="records")))
+                  if table is not None and "extra" in table else {})
+        needs_fields = (spec is not None and spec["oracle"] not in ("refusal", *LOGIT_ORACLES)
+                        and bool(oracle_for(spec).fields))
+        if spec is None or (needs_fields and not fields):
+            not_reread[idx] = True
+            continue
+        rows = out.iloc[idx]
+        types = judge.classify([texts.get(p, "") for p in rows["prompt_id"]], [str(r) for r in rows["response"]],
+                               [metrics[i] for i in idx])
+        margins = rows["logit_margin"].to_numpy(float) if "logit_margin" in rows else None
+        flip[idx] = flips(spec, [str(r) for r in rows["response"]], types,
+                          [fields.get(p, {}) for p in rows["prompt_id"]], margins)
+    return out.assign(collapse=collapse, flip=flip, flip_not_reread=not_reread)
+
+
+def ceilings_and_verdicts(sweeps: pd.DataFrame) -> pd.DataFrame:
+    """Per (behaviour, layer, neuron, sign), as :func:`window_table` reads them: the measured
+    ceiling (smallest ``|x|`` collapsing ≥50% of prompts at the behaviour's final horizon), the
+    trigger at that horizon (:func:`triggers`, against the unintervened rate) and the verdict."""
+    finals = sweeps.groupby("behaviour")["horizon"].max()
+    baseline = baseline_rates(sweeps)
+    dosed = sweeps[sweeps["kind"] != "baseline"]
+    final_of = dosed["behaviour"].map(finals)
+    at_final = dosed[dosed["horizon"] == final_of]
+    table = crossings(at_final.assign(x=at_final["x"].abs()), "collapse", _KEYS).rename(
+        columns={"collapse_x": "ceiling_x"})
+    trig = pd.concat([triggers(dosed[final_of == h], baseline, int(h), _KEYS)
+                      .rename(columns={f"trigger_x_{int(h)}": "trigger_x"}) for h in sorted(set(finals))],
+                     ignore_index=True)
+    table = table.merge(trig, on=_KEYS, how="outer")
+    table["verdict"] = [verdict(t, c) for t, c in zip(table["trigger_x"], table["ceiling_x"])]
+    return table
+
+
+def _json_float(v) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def ceiling_threshold_sensitivity(sweeps: pd.DataFrame, thresholds: RuleThresholds | Mapping | None = None,
+                                  behaviours: Mapping[str, Mapping] | None = None,
+                                  prompts: Mapping[str, pd.DataFrame] | None = None,
+                                  scales: Sequence[float] = THRESHOLD_SCALES) -> dict:
+    """How the measured ceilings, and the verdicts, move when the collapse thresholds move.
+
+    The stored sweep rollouts (``window/sweeps.parquet``) are re-typed with the collapse
+    thresholds (:data:`COLLAPSE_THRESHOLDS` of ``thresholds``, the judge's) all multiplied by each
+    of ``scales`` (:func:`retype_collapse`), and ceilings, triggers and verdicts are read again
+    with the window's rules (:func:`ceilings_and_verdicts`) and compared with those of the stored
+    rollouts. Per scale: how many ceilings move (a ceiling that enters or leaves the dose grid
+    counts), the median ``|Δ ceiling_x|`` over the moved ones (a ceiling beyond the grid counted at
+    the grid edge, as ``ceiling_x_or_edge``), how many triggers move, and every (neuron, sign)
+    whose verdict changes. A JSON-ready dict.
+    """
+    if thresholds is None:
+        thresholds = RuleThresholds()
+    elif not isinstance(thresholds, RuleThresholds):
+        thresholds = RuleThresholds.from_dict(thresholds)
+    base = ceilings_and_verdicts(sweeps)
+    edge = float(sweeps.loc[sweeps["kind"] != "baseline", "x"].abs().max())
+    out: dict = {
+        "scales": [float(s) for s in scales],
+        "thresholds_scaled": list(COLLAPSE_THRESHOLDS),
+        "base_thresholds": {k: float(getattr(thresholds, k)) for k in COLLAPSE_THRESHOLDS},
+        "rule": ("collapse thresholds (all maxima) multiplied together: below 1 stricter, above 1 looser; "
+                 "ceilings, triggers and verdicts re-read at each behaviour's final horizon with the "
+                 "≥50%-of-prompts rule"),
+        "n_pairs": int(len(base)), "n_open_at_base": int((base["verdict"] == "open").sum()),
+        "grid_max_x": edge, "by_scale": [],
+    }
+    for scale in scales:
+        th = scaled_thresholds(thresholds, float(scale))
+        retyped = retype_collapse(sweeps, th, behaviours, prompts)
+        new = ceilings_and_verdicts(retyped)
+        both = base.merge(new, on=_KEYS, how="outer", suffixes=("_before", "_after"))
+        cb, ca = both["ceiling_x_before"].to_numpy(float), both["ceiling_x_after"].to_numpy(float)
+        moved = ~((np.isnan(cb) & np.isnan(ca)) | np.isclose(cb, ca))
+        delta = np.abs(np.where(np.isnan(ca), edge, ca) - np.where(np.isnan(cb), edge, cb))[moved]
+        tb, ta = both["trigger_x_before"].to_numpy(float), both["trigger_x_after"].to_numpy(float)
+        t_moved = ~((np.isnan(tb) & np.isnan(ta)) | np.isclose(tb, ta))
+        changed = both[both["verdict_before"] != both["verdict_after"]]
+        out["by_scale"].append({
+            "scale": float(scale), "direction": "stricter" if scale < 1 else "looser" if scale > 1 else "same",
+            "thresholds": {k: float(getattr(th, k)) for k in COLLAPSE_THRESHOLDS},
+            "n_rollouts_collapse_changed": int((retyped["collapse"] != retyped["collapse_before"]).sum()),
+            "n_rollouts_flip_not_reread": int(retyped["flip_not_reread"].sum()),
+            "n_ceilings_moved": int(moved.sum()),
+            "n_ceilings_entered_grid": int((np.isnan(cb) & ~np.isnan(ca)).sum()),
+            "n_ceilings_left_grid": int((~np.isnan(cb) & np.isnan(ca)).sum()),
+            "median_abs_delta_ceiling_x": _json_float(float(np.median(delta))) if delta.size else None,
+            "n_triggers_moved": int(t_moved.sum()),
+            "n_open": int((both["verdict_after"] == "open").sum()),
+            "n_verdicts_changed": int(len(changed)),
+            "verdict_changes": [
+                {"behaviour": str(r.behaviour), "layer": int(r.layer), "neuron": int(r.neuron), "sign": int(r.sign),
+                 "verdict_before": r.verdict_before, "verdict_after": r.verdict_after,
+                 "ceiling_x_before": _json_float(r.ceiling_x_before), "ceiling_x_after": _json_float(r.ceiling_x_after),
+                 "trigger_x_before": _json_float(r.trigger_x_before), "trigger_x_after": _json_float(r.trigger_x_after)}
+                for r in changed.itertuples()
+            ],
+        })
     return out

@@ -366,6 +366,33 @@ def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
     ]
 
 
+def _sensitivity_rows(sensitivity: dict) -> list[dict]:
+    """One row per threshold scale of ``summary['ceiling_threshold_sensitivity']``."""
+    n, base_open = sensitivity.get("n_pairs"), sensitivity.get("n_open_at_base")
+    rows = []
+    for entry in sensitivity["by_scale"]:
+        th = entry.get("thresholds", {})
+        changes = "; ".join(
+            f"{c['behaviour']} L{c['layer']}/{c['neuron']} sign {c['sign']:+d}: {c['verdict_before']} → "
+            f"{c['verdict_after']}" for c in entry.get("verdict_changes", [])[:6])
+        more = len(entry.get("verdict_changes", [])) - 6
+        rows.append({
+            "collapse thresholds": f"×{entry['scale']:g} ({entry.get('direction', '')})",
+            "repetition / perplexity / entropy": " / ".join(
+                _f(th.get(k), ".4g") for k in ("max_repetition_ratio", "max_perplexity", "max_entropy")),
+            "ceilings moved": f"{entry['n_ceilings_moved']}/{n}",
+            "entered / left the grid": f"{entry.get('n_ceilings_entered_grid', 0)} / "
+                                       f"{entry.get('n_ceilings_left_grid', 0)}",
+            "median |Δ ceiling x| (moved)": (_f(entry.get("median_abs_delta_ceiling_x"), ".3g")
+                                             if entry["n_ceilings_moved"] else "none moved"),
+            "triggers moved": entry.get("n_triggers_moved"),
+            "open (neuron × sign)": f"{entry.get('n_open')} (as measured: {base_open})",
+            "verdicts changed": entry["n_verdicts_changed"],
+            "changes": (changes + (f"; and {more} more" if more > 0 else "")) or "none",
+        })
+    return rows
+
+
 def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     folder = study_dir / "window"
     if not (folder / "summary.json").is_file():
@@ -408,6 +435,11 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                            pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in p.items()}
                                          for p in pivots]),
                            caption("refusal_pivots"), table_link=_rel(folder / "sweeps.parquet", report_dir)))
+    sensitivity = summary.get("ceiling_threshold_sensitivity")
+    if sensitivity and sensitivity.get("by_scale"):
+        items.append(Table("Collapse-threshold sensitivity of the measured ceilings",
+                           pd.DataFrame(_sensitivity_rows(sensitivity)), caption("ceiling_sensitivity"),
+                           table_link={"summary.json": link, "sweeps": _rel(folder / "sweeps.parquet", report_dir)}))
     intro = ("Doses are in budget units, x = d / B with B = ‖r‖ / ‖v‖ from a generic forward pass; alignment is "
              "cosθ between the steered residual and the write vector. Every sweep includes x = 0; a trigger is "
              "the smallest |x| at which at least half the prompts flip and the Wilson lower bound of that share "

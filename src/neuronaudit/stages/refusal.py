@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.calibration import judge_calibration
 from neuronaudit.evaluation.judge import ROLLOUT_TYPES, make_judge
 from neuronaudit.evaluation.rollouts import (
     generate_rollouts,
@@ -290,6 +291,8 @@ def evaluate_refusal(
         "base": base,
         "perplexity_ratio_tuned_over_base": {**ratio, "ci": "paired percentile bootstrap 95% over texts"},
         "judge": getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
+        # the same judge (rule or model) on the labelled calibration sets: confusion, Wilson CIs
+        "judge_calibration": judge_calibration(judge),
         "max_new_tokens": o.eval_max_new_tokens,
         "decoding": "greedy",
         "splits": {"harmful": "heldout", "harmless": "heldout", "generic": "all"},

@@ -23,7 +23,11 @@ generated_dose_sweep`: the clean prefix is computed once and shared by all rows)
   them a constant and a raw-dose baseline;
 * held-out neurons (split by a recorded seed) give MAE with a cluster bootstrap over neurons,
   every case counted, and verdict accuracy against the training majority with an exact McNemar
-  test.
+  test;
+* threshold sensitivity: the stored rollouts re-typed with the judge's collapse thresholds
+  ×0.75 and ×1.25, and how many ceilings, triggers and verdicts move
+  (:func:`neuronaudit.methods.window.ceiling_threshold_sensitivity`; summary key
+  ``ceiling_threshold_sensitivity``).
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ import pandas as pd
 import pyarrow as pa
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.evaluation.judge import make_judge
+from neuronaudit.evaluation.judge import RuleThresholds, make_judge
 from neuronaudit.io import provenance, write_json, write_table
 from neuronaudit.methods import window as law
 from neuronaudit.methods.window import (
+    ceiling_threshold_sensitivity,
     heldout_summary,
     pick_candidates,
     refusal_pivots,
@@ -118,6 +123,9 @@ def run_window(
                                  o.seed, n_boot=o.n_boot)
     summary = heldout_summary(table, fitted, o.n_boot, o.seed)
     summary["refusal_pivots"] = refusal_pivots(sweeps, table)
+    # how the measured ceilings and verdicts move with the collapse thresholds x0.75 / x1.25
+    summary["ceiling_threshold_sensitivity"] = ceiling_threshold_sensitivity(
+        sweeps, RuleThresholds.from_dict(o.judge.thresholds), behaviours, swept)
     summary["n_neurons"] = int(len(neurons))
     summary["seeds"] = {"split": o.seed, "bootstrap": o.seed, "random_controls": o.seed}
     summary["grid"] = {"x": list(o.x_grid), "single_pass_x": list(o.single_pass_grid),
