@@ -1,4 +1,4 @@
-"""Contrastive screening (CNA) on synthetic last-token tables, and CAA as neuron edits."""
+"""Contrastive screening (CNA) on synthetic last-token tables."""
 
 import json
 
@@ -7,17 +7,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import bootstrap_indices
 from neuronaudit.interventions.capture import LastTokenTable as T
-from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.io import last_token_schema, read_provenance, with_provenance
 from neuronaudit.methods.screen import (
     SCREEN_SCHEMA,
-    caa_plan,
-    caa_vectors,
     circuit_plan,
     contrast,
     resolve_k,
@@ -220,54 +216,6 @@ def test_run_screen_uses_only_the_discovery_split_and_writes_provenance(tmp_path
     with pytest.raises(NeuronAuditError, match="different models"):
         run_screen("refusal", pos_path, other, pos_tab, neg_tab, [], tmp_path / "x.parquet", tmp_path / "y.json",
                    stage_options(ScreenOptions))
-
-
-def test_caa_vector_is_the_mean_difference_of_mlp_outputs(llama):
-    model, adapter = llama
-    rng = np.random.default_rng(0)
-    width = adapter.n_neurons
-    pos = rng.normal(size=(9, width)) + rng.normal(size=width)
-    neg = rng.normal(size=(7, width))
-    layer = 2
-    scores = pd.DataFrame({"layer": layer, "neuron": np.arange(width), "delta": contrast(pos, neg)["delta"]})
-    vec = caa_vectors(adapter, scores)
-    assert vec.shape == (adapter.n_layers, adapter.d_model)
-    assert torch.all(vec[[0, 1, 3]] == 0)
-    with torch.no_grad():
-        down = adapter.mlp_outs[layer]
-        out_pos = down(torch.tensor(pos, dtype=torch.float32)).double().mean(0)
-        out_neg = down(torch.tensor(neg, dtype=torch.float32)).double().mean(0)
-    torch.testing.assert_close(vec[layer], out_pos - out_neg, atol=1e-4, rtol=1e-4)
-
-
-def test_caa_as_neuron_edits_equals_adding_the_vector_to_the_mlp_output(llama, tokenizer):
-    model, adapter = llama
-    rng = np.random.default_rng(1)
-    scores = pd.DataFrame(
-        {
-            "layer": np.repeat(np.arange(adapter.n_layers), adapter.n_neurons),
-            "neuron": np.tile(np.arange(adapter.n_neurons), adapter.n_layers),
-            "delta": rng.normal(size=adapter.n_layers * adapter.n_neurons) * 0.5,
-        }
-    )
-    alpha = 1.7
-    vectors = caa_vectors(adapter, scores).float() * alpha
-    ids = tokenizer(["How do I bake bread at home?"], return_tensors="pt")
-    with torch.no_grad():
-        plain = model(**ids).logits
-        with NeuronHooks(adapter, caa_plan(scores, alpha, positions=("prompt",))):
-            edited = model(**ids).logits
-        handles = [
-            adapter.mlp_outs[l].register_forward_hook(lambda m, a, out, v=vectors[l]: out + v)
-            for l in range(adapter.n_layers)
-        ]
-        try:
-            direct = model(**ids).logits
-        finally:
-            for h in handles:
-                h.remove()
-    torch.testing.assert_close(edited, direct, atol=1e-4, rtol=1e-4)
-    assert (edited - plain).abs().max() > 1e-2  # the vector does change the output
 
 
 def test_a_near_constant_neuron_cannot_outrank_a_planted_controller_by_std_delta():

@@ -1,4 +1,4 @@
-"""Contrastive neuron screening (CNA) and the CAA mean-difference baseline.
+"""Contrastive neuron screening (CNA): every neuron's contrast between two prompt sets, and the circuit.
 
 Contrastive Neuron Attribution (Nous Research, arXiv 2605.12290; SCIENCE.md §3) ranks MLP
 neurons by how differently they fire on a positive prompt set P⁺ (showing a behaviour, e.g.
@@ -20,7 +20,7 @@ DISCOVERY split of each prompt set, per neuron ``(l, i)``:
                 layers read one at a time and neurons processed in chunks.
 
 Layers 0 and 1 are not screened by default (``skip_layers``, as in SCIENCE.md §3); their rows stay in
-the table with ``screened=False`` and no rank, so the table holds every neuron and the CAA baseline can use every layer.
+the table with ``screened=False`` and no rank, so the table holds every neuron.
 
 *Universal* neurons fire strongly on almost everything: a neuron is universal when it is among
 its layer's top-``top_n`` (default 20) neurons by ``|a|`` at the last token on at least
@@ -35,14 +35,8 @@ holds most of the top 0.1%); ``rank_by="std_delta"`` ranks by the standardised s
 is recorded in the provenance. CNA's intervention is ``a ← m·a`` on the circuit at every position during generation
 (:func:`circuit_plan`).
 
-CAA baseline (Rimsky et al.'s contrastive activation addition, as used for comparison in
-arXiv 2605.12290): the mean difference of MLP *outputs* between P⁺ and P⁻ at layer ``l``. The MLP
-output is ``W_out a_l`` (+ bias), which is linear in ``a_l``, so its mean difference is exactly
-``W_out (mean a⁺ − mean a⁻) = W_out δ_l`` (:func:`caa_vectors`). Adding ``α·W_out δ_l`` to the MLP
-output of every layer is therefore the same edit as adding the dose ``α·δ_{l,i}`` to every neuron
-of every layer (:func:`caa_edits`), which lets the CAA baseline run through the same hooks,
-positions and provenance as the neuron interventions (``tests/unit/test_screen.py`` proves the
-equality against a hook that adds the vector to the MLP output directly).
+The CAA baseline (a residual-stream mean difference added at one layer) lives in
+:mod:`neuronaudit.methods.cna`.
 """
 
 from __future__ import annotations
@@ -52,7 +46,6 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import bootstrap_count_matrices, mean_difference_ci
@@ -316,54 +309,10 @@ def circuit_plan(
     )
 
 
-# --- CAA baseline ------------------------------------------------------------------------------
-
-
-def _layer_deltas(scores: pd.DataFrame, n_neurons: int) -> dict[int, np.ndarray]:
-    out = {}
-    for layer, group in scores.groupby("layer"):
-        vec = np.zeros(n_neurons)
-        vec[group["neuron"].to_numpy()] = group["delta"].to_numpy()
-        out[int(layer)] = vec
-    return out
-
-
-def caa_vectors(adapter, scores: pd.DataFrame) -> torch.Tensor:
-    """CAA vectors ``[n_layers, d_model]``: row ``l`` is ``W_out δ_l``, the mean difference of the
-    MLP output between P⁺ and P⁻ (zero for layers absent from ``scores``)."""
-    vectors = torch.zeros(adapter.n_layers, adapter.d_model, dtype=torch.float64)
-    for layer, delta in _layer_deltas(scores, adapter.n_neurons).items():
-        w = adapter.write_matrix(layer).detach().double().cpu()
-        vectors[layer] = w @ torch.from_numpy(delta)
-    return vectors
-
-
-def caa_edits(
-    scores: pd.DataFrame,
-    alpha: float,
-    positions: Sequence[str] = ("prompt", "generated"),
-    layers: Iterable[int] | None = None,
-) -> list[NeuronEdit]:
-    """"Add ``α``·CAA vector to the MLP output of every layer" as neuron edits: a dose ``α·δ_{l,i}``
-    on every neuron (exact, since the MLP output is linear in ``a_l``). Neurons with δ = 0 are
-    skipped (their dose is 0)."""
-    keep = scores if layers is None else scores[scores["layer"].isin(list(layers))]
-    return [
-        NeuronEdit.dose(int(layer), int(neuron), float(alpha) * float(delta), positions)
-        for layer, neuron, delta in zip(keep["layer"], keep["neuron"], keep["delta"])
-        if delta != 0 and alpha != 0
-    ]
-
-
-def caa_plan(scores: pd.DataFrame, alpha: float, positions=("prompt", "generated"), layers=None) -> InterventionPlan:
-    return InterventionPlan.broadcast(caa_edits(scores, alpha, positions, layers))
-
-
 # --- stage ---------------------------------------------------------------------------------------
 
 
 __all__ = [
     "SCREEN_SCHEMA", "CIRCUIT_SCHEMA", "contrast", "top_fraction",
     "universal_neurons", "screen", "resolve_k", "select_circuit", "circuit_plan",
-    "caa_vectors", "caa_edits", "caa_plan",
 ]
