@@ -83,7 +83,8 @@ def run_cna(
                             chat_template=o.model.chat_template, system_prompt=o.model.system_prompt)
              for texts in (caa_pos, caa_neg)]
     vectors = caa_vectors(*means)
-    log.info("CAA vectors at layers %s, norms %s", layers, [round(float(np.linalg.norm(vectors[l])), 3) for l in layers])
+    norms = {layer: round(float(np.linalg.norm(vectors[layer])), 3) for layer in layers}
+    log.info("CAA vectors (layer: norm) %s", norms)
     interventions = cna_interventions(circuit, vectors, o.factors, o.caa_alphas, manifest["n_neurons"], o.seed)
     run_rollouts(manifest_path, {"harmful": harmful_table}, SPLIT, interventions, out_rollouts, out_fractions, None,
                  cna_rollout_options(o), opened=opened)
@@ -107,7 +108,7 @@ def run_cna(
         caa_positions=["last_prompt", "generated"], caa_site="residual stream after the block (block output)",
         caa_vector="mean residual at the last prompt token, positive minus negative discovery prompts",
         caa_prompts={"positive": len(caa_pos), "negative": len(caa_neg), "split": CAA_SPLIT},
-        caa_vector_norms={str(l): float(np.linalg.norm(vectors[l])) for l in layers},
+        caa_vector_norms={str(layer): norm for layer, norm in norms.items()},
         prompts=o.prompts, max_new_tokens=o.max_new_tokens, seed=o.seed,
         random_circuit_seed=o.seed, capability=capability, matched_quality=matched,
     )
