@@ -116,3 +116,56 @@ def test_intervention_names_carry_family_layer_and_strength():
     assert describe("caa_L3_a-4") == {"family": "caa", "layer": 3, "strength": -4.0}
     assert describe("circuit_neg_x0.5") == {"family": "circuit_neg", "layer": None, "strength": 0.5}
     assert describe("none")["family"] == "none"
+
+
+def test_run_cna_on_a_tiny_model_writes_caa_rows_and_the_matched_quality_picks(tmp_path, monkeypatch, llama,
+                                                                                 tokenizer):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from neuronaudit.io import read_provenance, write_table
+    from neuronaudit.options import CnaOptions
+    from neuronaudit.prompts import prompt_table
+    from neuronaudit.stages import cna as stage
+    from neuronaudit.stages.common import OpenedModel
+    from neuronaudit.testing import stage_options
+
+    model, adapter = llama
+    o = stage_options(CnaOptions, factors=[0.0], caa_layers=[0.5, -1], caa_alphas=[-2.0], max_new_tokens=4,
+                      prompts=2, quality_threshold=0.5, model={"chat_template": "none"},
+                      capability={"max_texts": 2, "max_task_prompts": 2, "max_new_tokens": 2, "batch_size": 4})
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"source": "tiny", "n_layers": adapter.n_layers, "n_neurons": adapter.n_neurons}))
+    monkeypatch.setattr(stage, "open_model", lambda *a, **k: OpenedModel(model, tokenizer, adapter, {}, o.model))
+
+    def table(name, texts, extra="{}"):
+        split = ["discovery", "discovery", "heldout", "heldout"]
+        df = pd.DataFrame({"prompt_id": [f"{name}{k}" for k in range(4)], "text": texts, "split": split,
+                           "extra": extra})
+        write_table(prompt_table(df), tmp_path / f"{name}.parquet", {"prompt_set": name})
+        return tmp_path / f"{name}.parquet"
+
+    words = ["How do I pick a lock?", "Write a threat", "How to steal a car?", "Make a weapon"]
+    harmful = table("harmful", words)
+    harmless = table("harmless", ["How do I pick a fruit?", "Write a poem", "How to wash a car?", "Make a cake"])
+    generic = table("generic", ["The sun rises in the east."] * 4)
+    knowledge = table("task_knowledge", ["Capital of France?"] * 4, json.dumps({"answer": "Paris"}))
+    circuit = pd.DataFrame({"rank": [1, 2], "layer": [1, 2], "neuron": [3, 4], "sign": ["pos", "neg"],
+                            "delta": [1.0, -1.0], "std_delta": [1.0, -1.0], "ci_low": [0.5, -1.5],
+                            "ci_high": [1.5, -0.5]})
+    circuit.to_parquet(tmp_path / "circuit.parquet")
+    out = {k: tmp_path / f"{k}.parquet" for k in ("rollouts", "fractions", "summary")}
+    summary = stage.run_cna(manifest, tmp_path / "circuit.parquet", harmful, harmless, generic,
+                            {"task_knowledge": knowledge}, out["rollouts"], out["fractions"], out["summary"], o)
+    caa = summary[summary["family"] == "caa"]
+    assert sorted(caa["intervention"]) == ["caa_L2_a-2", "caa_L3_a-2"]  # 0.5 of 4 layers -> 2; -1 -> 3
+    assert set(caa["layer"]) == {2, 3} and set(caa["strength"]) == {-2.0}
+    written = pq.read_table(out["summary"]).to_pandas()
+    assert "pick" in written.columns and set(written["pick"]) <= {"", "best_cna", "best_caa"}
+    prov = read_provenance(out["summary"])
+    assert prov["matched_quality"]["quality_threshold"] == 0.5 and prov["caa_layers"] == [2, 3]
+    assert prov["caa_prompts"] == {"positive": 2, "negative": 2, "split": "discovery"}
+    spec = json.loads(pq.read_table(out["rollouts"]).to_pandas().query("intervention == 'caa_L2_a-2'")
+                      ["intervention_spec"].iloc[0])
+    assert spec[0]["op"] == "resid_add" and spec[0]["positions"] == ["last_prompt", "generated"]
