@@ -136,13 +136,17 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     _write(pd.DataFrame(curve), study / "keystone" / "curve.parquet")
     _write(pd.DataFrame({"layer": layer, "neuron": neuron, "score_min": rng.uniform(0, 1, n),
                          "rank": np.arange(1, n + 1)}), study / "keystone" / "scores.parquet")
-    stability = [{"score": "min", "k": k, "iou_mean": 0.8, "iou_min": 0.7, "iou_max": 0.9, "iou_chance": 0.01,
-                  "n_splits": 3} for k in ks]
-    _write(pd.DataFrame([{"split": 0, "k": k, "score": "min", "iou": 0.8, "iou_chance": 0.01} for k in ks]),
+    stability = [{"basis": basis, "primary": basis == "task_groups", "score": "min", "k": k,
+                  "iou_mean": iou, "iou_min": iou - 0.1, "iou_max": iou + 0.1, "iou_chance": 0.01, "n_splits": 3}
+                 for basis, iou in (("task_groups", 0.6), ("prompt_halves", 0.8)) for k in ks]
+    _write(pd.DataFrame([{"basis": basis, "split": s, "k": k, "score": "min", "iou": iou, "iou_chance": 0.01}
+                         for basis, iou in (("task_groups", 0.6), ("prompt_halves", 0.8)) for s in range(3)
+                         for k in ks]),
            study / "keystone" / "stability.parquet")
     _json({"curve": {"statement": "Keystone ablation beats random at every k.", "per_k": per_k,
                      "perplexity_separates_at_k": ks},
-           "k_max_fraction_of_neurons": ks[-1] / n, "stability": stability}, study / "keystone" / "summary.json")
+           "k_max_fraction_of_neurons": ks[-1] / n, "stability": stability,
+           "provenance": {"k_values": ks}}, study / "keystone" / "summary.json")
 
     # window
     wrows = []

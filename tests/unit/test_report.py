@@ -392,6 +392,14 @@ def test_headlines_sit_next_to_the_published_numbers(full):
     assert html.unescape(rows["attribution.rho_grad"]) == PUBLISHED["attribution_grad"]
 
 
+def test_keystone_stability_headline_is_the_ranking_score_on_disjoint_task_groups(full):
+    cells = headline_cells(full["html"])
+    c = cells["keystone.stability_iou"]
+    assert float(c["data-value"]) == 0.6  # the task-group rows of the fixture, not the prompt halves (0.8)
+    assert "disjoint halves of the task groups" in full["html"]
+    assert "secondary: last-token |a|, random prompt halves of every group" in html.unescape(full["html"])
+
+
 def test_every_figure_has_a_caption_a_table_link_and_a_file(full):
     page, figures = full["html"], full["figures"]
     blocks = re.findall(r'<figure data-figure="([^"]+)">(.*?)</figure>', page, re.S)

@@ -256,8 +256,14 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
     stab = folder / "stability.parquet"
     if stab.is_file():
         s = pq.read_table(stab).to_pandas()
-        agg = s.groupby(["score", "k"], as_index=False)[["iou", "iou_chance"]].mean()
-        items.append(Table("Stability of the top-k sets across disjoint prompt halves", agg,
+        if "basis" not in s:  # tables written before stability moved to disjoint task groups
+            s = s.assign(basis="prompt_halves")
+        agg = s.groupby(["basis", "score", "k"], as_index=False).agg(
+            iou_mean=("iou", "mean"), iou_min=("iou", "min"), iou_max=("iou", "max"),
+            iou_chance=("iou_chance", "first"), n_splits=("split", "nunique"))
+        agg["basis"] = agg["basis"].map(STABILITY_BASIS_LABELS).fillna(agg["basis"])
+        agg = agg.sort_values(["basis", "score", "k"], key=lambda c: c.map(_BASIS_ORDER) if c.name == "basis" else c)
+        items.append(Table("Stability of the top-k sets across disjoint halves of the task groups", agg,
                            caption("keystone_stability"), table_link=_rel(stab, report_dir)))
     curve_summary = summary.get("curve", summary)
     curve_summary = curve_summary if isinstance(curve_summary, dict) else {}
@@ -284,16 +290,27 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
                               "keystone ablation beats every random control (perplexity) at k",
                               ", ".join(str(k) for k in ks) or "none", None, None,
                               PUBLISHED["keystone_fraction"], link))
-    stability = summary.get("stability") or []
+    stability = [e for e in summary.get("stability") or []
+                 if e.get("basis") == "task_groups" and e.get("score") == "min"]
     if stability:
-        top = max(stability, key=lambda e: (e.get("k", 0), e.get("score") == "min"))
+        k_max = max(summary.get("provenance", {}).get("k_values") or [0])
+        top = min(stability, key=lambda e: (abs(e.get("k", 0) - k_max), -e.get("k", 0)))
         heads.append(Headline(
             "keystone.stability_iou",
-            f"keystone top-{top['k']} set ({top.get('score')} score): IoU across disjoint halves",
+            f"keystone top-{top['k']} set by the ranking score (min over groups of mean |a|): IoU across "
+            "disjoint halves of the task groups",
             f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
             f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
             top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link))
     return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
+
+
+#: How the report names each stability basis (methods.keystone.STABILITY_BASES).
+STABILITY_BASIS_LABELS = {
+    "task_groups": "primary: ranking score, disjoint task groups",
+    "prompt_halves": "secondary: last-token |a|, random prompt halves of every group",
+}
+_BASIS_ORDER = {label: i for i, label in enumerate(STABILITY_BASIS_LABELS.values())}
 
 
 def _window_mae(entry: dict, unit: str, band: str | None = None) -> str:
