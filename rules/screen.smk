@@ -5,7 +5,8 @@ sets and of the diverse / task-group sets; the audited model; screen.*, cna.*, k
 Writes: results/<study>/screen/<behaviour>.{scores,circuit}.parquet (every neuron's δ,
 standardised δ, bootstrap CI, universal flag; the top-k circuit with signs),
 results/<study>/cna/{rollouts,fractions,summary}.parquet (circuit scaling vs random circuit vs
-CAA: refusal, quality, capability) and results/<study>/keystone/{scores,curve,stability}.parquet
+CAA at each swept residual layer and strength: refusal, quality, capability; the best CNA and
+CAA rows at matched quality marked) and results/<study>/keystone/{scores,curve,stability}.parquet
 with summary.json.
 """
 
@@ -37,8 +38,8 @@ rule cna:
     input:
         manifest=audited_manifest(),
         circuit=screen_table("circuit", config["cna"]["behaviour"]),
-        scores=screen_table("scores", config["cna"]["behaviour"]),
         harmful=prompt_table(behaviour_sets(config["cna"]["behaviour"])[0]),
+        negative=prompt_table(behaviour_sets(config["cna"]["behaviour"])[1]),
         generic=prompt_table("generic"),
         knowledge=prompt_table("task_knowledge"),
         arithmetic=prompt_table("task_arithmetic"),
@@ -58,7 +59,7 @@ rule cna:
         benchmark_file("cna", "cna")
     shell:
         "{params.cli} cna --manifest {input.manifest:q} --circuit {input.circuit:q} "
-        "--scores {input.scores:q} --harmful {input.harmful:q} --generic {input.generic:q} "
+        "--harmful {input.harmful:q} --negative {input.negative:q} --generic {input.generic:q} "
         "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
         "--out-rollouts {output.rollouts:q} "
         "--out-fractions {output.fractions:q} --out-summary {output.summary:q} "

@@ -58,9 +58,10 @@ def _fractions(rng, interventions, horizons) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _write(df: pd.DataFrame, path: Path) -> Path:
+def _write(df: pd.DataFrame, path: Path, **prov) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return io.write_table(pa.Table.from_pandas(df, preserve_index=False), path, io.provenance(table=path.name))
+    return io.write_table(pa.Table.from_pandas(df, preserve_index=False), path,
+                          io.provenance(table=path.name, **prov))
 
 
 def _json(obj, path: Path) -> Path:
@@ -105,20 +106,30 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
         _write(scores, study / "screen" / f"{b}.scores.parquet")
         top = (scores[scores["screened"]].sort_values("rank").head(6)
                .assign(sign=lambda d: np.sign(d["delta"]).astype(int)))
-        top = top.assign(rank=np.arange(1, len(top) + 1))
-        _write(top[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high"]],
-               study / "screen" / f"{b}.circuit.parquet")
+        top = top.assign(rank=np.arange(1, len(top) + 1), delta_heldout=lambda d: 0.5 * d["delta"],
+                         heldout_ci_low=lambda d: 0.5 * d["delta"] - 0.2,
+                         heldout_ci_high=lambda d: 0.5 * d["delta"] + 0.2)
+        _write(top[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high", "delta_heldout",
+                    "heldout_ci_low", "heldout_ci_high"]],
+               study / "screen" / f"{b}.circuit.parquet",
+               bootstrap={"paired": True, "n_pairs": 20, "n_unpaired_pos": 0, "n_unpaired_neg": 1},
+               heldout={"n_pos": 9, "n_neg": 9, "retained": 0.5, "share_same_sign": 1.0,
+                        "share_ci_excludes_zero": 0.5})
 
     # cna
-    interventions = ["none", "circuit_x0", "random_x0", "caa_a-1"]
+    interventions = ["none", "circuit_x0", "random_x0", "caa_L2_a-1", "caa_L2_a-4"]
     cna_frac = _fractions(rng, interventions, [16])
     summary = (cna_frac[cna_frac["rollout_type"] == "refusal"][["intervention", "fraction"]]
                .rename(columns={"fraction": "refusal_rate"}))
-    summary = summary.assign(n_prompts=12, collapse_rate=0.05, quality=rng.uniform(0.8, 1.0, len(summary)),
-                             perplexity_median=rng.uniform(15, 30, len(summary)), n_edits=[0, 6, 6, n])
-    _write(summary[["intervention", "n_prompts", "refusal_rate", "collapse_rate", "quality", "perplexity_median",
-                    "n_edits"]],
-           study / "cna" / "summary.parquet")
+    summary = summary.assign(n_prompts=12, collapse_rate=0.05, quality=[0.99, 0.98, 0.99, 0.975, 0.6],
+                             perplexity_median=rng.uniform(15, 30, len(summary)), n_edits=[0, 6, 6, 1, 1],
+                             family=["none", "circuit", "random", "caa", "caa"], layer=[None, None, None, 2, 2],
+                             strength=[np.nan, 0.0, 0.0, -1.0, -4.0], pick=["", "best_cna", "", "best_caa", ""])
+    _write(summary[["intervention", "family", "layer", "strength", "n_prompts", "refusal_rate", "collapse_rate",
+                    "quality", "perplexity_median", "n_edits", "pick"]],
+           study / "cna" / "summary.parquet",
+           matched_quality={"quality_threshold": 0.969, "rule": "the lowest refusal rate at quality", "best_cna":
+                            "circuit_x0", "best_caa": "caa_L2_a-1", "n_caa_rows": 2, "n_caa_rows_at_quality": 1})
     _write(cna_frac, study / "cna" / "fractions.parquet")
 
     # keystone
@@ -136,13 +147,17 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     _write(pd.DataFrame(curve), study / "keystone" / "curve.parquet")
     _write(pd.DataFrame({"layer": layer, "neuron": neuron, "score_min": rng.uniform(0, 1, n),
                          "rank": np.arange(1, n + 1)}), study / "keystone" / "scores.parquet")
-    stability = [{"score": "min", "k": k, "iou_mean": 0.8, "iou_min": 0.7, "iou_max": 0.9, "iou_chance": 0.01,
-                  "n_splits": 3} for k in ks]
-    _write(pd.DataFrame([{"split": 0, "k": k, "score": "min", "iou": 0.8, "iou_chance": 0.01} for k in ks]),
+    stability = [{"basis": basis, "primary": basis == "task_groups", "score": "min", "k": k,
+                  "iou_mean": iou, "iou_min": iou - 0.1, "iou_max": iou + 0.1, "iou_chance": 0.01, "n_splits": 3}
+                 for basis, iou in (("task_groups", 0.6), ("prompt_halves", 0.8)) for k in ks]
+    _write(pd.DataFrame([{"basis": basis, "split": s, "k": k, "score": "min", "iou": iou, "iou_chance": 0.01}
+                         for basis, iou in (("task_groups", 0.6), ("prompt_halves", 0.8)) for s in range(3)
+                         for k in ks]),
            study / "keystone" / "stability.parquet")
     _json({"curve": {"statement": "Keystone ablation beats random at every k.", "per_k": per_k,
                      "perplexity_separates_at_k": ks},
-           "k_max_fraction_of_neurons": ks[-1] / n, "stability": stability}, study / "keystone" / "summary.json")
+           "k_max_fraction_of_neurons": ks[-1] / n, "stability": stability,
+           "provenance": {"k_values": ks}}, study / "keystone" / "summary.json")
 
     # window
     wrows = []

@@ -94,7 +94,7 @@ def cmd_screen(args) -> None:
 
 
 def cmd_cna(args) -> None:
-    _stage("cna").run_cna(args.manifest, args.circuit, args.scores, args.harmful, args.generic,
+    _stage("cna").run_cna(args.manifest, args.circuit, args.harmful, args.negative, args.generic,
                           _named(args.tasks, "--tasks"), args.out_rollouts, args.out_fractions, args.out_summary,
                           _options(args, opts.CnaOptions), threads=args.threads)
 
@@ -196,7 +196,7 @@ _SIMPLE_INPUTS = {
     "tune-refusal": ["--base-manifest", "--harmful", "--harmless", "--out-dir"],
     "evaluate-refusal": ["--base-manifest", "--harmful", "--harmless", "--generic"],
     "screen": ["--behaviour", "--pos-last-token", "--neg-last-token", "--pos-prompts", "--neg-prompts"],
-    "cna": ["--circuit", "--scores", "--harmful", "--generic"],
+    "cna": ["--circuit", "--harmful", "--negative", "--generic"],
     "window": ["--generic"],
     "attribution": ["--window", "--sweeps"],
 }

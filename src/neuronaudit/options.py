@@ -239,7 +239,9 @@ class CnaOptions(StageOptions):
     judge: JudgeOptions = key("judge")
     capability: CapabilityOptions = key("capability")
     factors: list
+    caa_layers: list
     caa_alphas: list
+    quality_threshold: float
     max_new_tokens: int
     prompts: int
     batch_size: int = key("rollouts.batch_size")

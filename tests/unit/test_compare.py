@@ -51,13 +51,17 @@ def test_headlines_of_both_studies_side_by_side(studies):
     assert found[("window.ceiling_mae_alignment", "model-a")]["data-value"] != \
         found[("window.ceiling_mae_alignment", "model-b")]["data-value"]
     row = re.search(r'<tr data-key="window.ceiling_mae_alignment">.*?<td class="published">(.*?)</td>', page, re.S)
-    assert row.group(1) == "0.14"
+    from neuronaudit.report.sections import PUBLISHED
+
+    assert html.unescape(row.group(1)) == PUBLISHED["window_mae"]
+    assert PUBLISHED["window_mae"].startswith("0.14 [seed 003")
 
 
 def test_figures_side_by_side_one_row_per_figure(studies):
     page = studies["html"]
     grids = re.findall(r'<div class="figuregrid">\s*<h3>(.*?)</h3>(.*?)</div>\s*</div>', page, re.S)
     manifest_titles = {"Typed rollouts of the unintervened audited model", "Contrastive screen",
+                       "Circuit δ: discovery against held-out prompts",
                        "CNA circuit scaling against controls", "Keystone ablation curve", "Saturation curve",
                        "Predicted against measured ceilings", "Control windows",
                        "Measured control against attribution scores and readout geometry",

@@ -1,5 +1,7 @@
 """The intervention engine: per-row edits, every op, and no off-by-one under cached generation."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from neuronaudit.interventions.hooks import (
     InterventionPlan,
     NeuronEdit,
     NeuronHooks,
+    ResidualEdit,
     StopForward,
 )
 
@@ -162,3 +165,81 @@ def test_bad_positions_ops_and_duplicates_are_rejected(llama, tokenizer):
     with pytest.raises(NeuronAuditError, match="3 rows but the batch has 2"):
         with torch.no_grad(), NeuronHooks(adapter, plan):
             model(**_batch(tokenizer, TEXTS))
+
+
+def _add_to_block_output(adapter, layer, vector, where):
+    """A plain forward hook adding ``vector`` to block ``layer``'s output where ``where [batch, seq]``."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + where[..., None].to(hidden.dtype) * vector.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return adapter.blocks[layer].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("positions", [("prompt",), ("last_prompt",)])
+def test_residual_edit_equals_adding_the_vector_to_the_block_output(llama, tokenizer, positions):
+    model, adapter = llama
+    enc = _batch(tokenizer, TEXTS, side="left")
+    vector = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0))
+    mask = enc["attention_mask"].bool()
+    if positions == ("last_prompt",):
+        where = torch.zeros_like(mask)
+        where[:, -1] = True  # left padding: every row's last prompt token is the last column
+    else:
+        where = mask
+    with torch.no_grad():
+        plain = model(**enc).logits
+        with NeuronHooks(adapter, InterventionPlan.broadcast([ResidualEdit.add(2, vector, 3.0, positions)])):
+            edited = model(**enc).logits
+        handle = _add_to_block_output(adapter, 2, 3.0 * vector, where)
+        try:
+            reference = model(**enc).logits
+        finally:
+            handle.remove()
+    torch.testing.assert_close(edited, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(edited[:, -1], plain[:, -1], atol=1e-3)
+
+
+def test_residual_edit_per_row_and_under_cached_generation(llama, tokenizer):
+    model, adapter = llama
+    enc = _batch(tokenizer, TEXTS, side="left")
+    prompt_length = enc["input_ids"].shape[1]
+    vector = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(1))
+    edit = ResidualEdit.add(1, vector, -4.0)  # after the instruction: last prompt token + generated
+    plan = InterventionPlan.per_row([[edit], []])
+    with torch.no_grad():
+        plain = model(**enc).logits
+        with NeuronHooks(adapter, plan):
+            out = model.generate(
+                **enc, max_new_tokens=5, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+            )
+        step_logits = torch.stack(out.logits, dim=1)
+        full_mask = torch.cat([enc["attention_mask"], torch.ones_like(out.sequences[:, prompt_length:])], dim=1)
+        where = torch.zeros_like(full_mask, dtype=torch.bool)
+        where[0, prompt_length - 1 :] = True  # row 0 only, from its last prompt token on
+        handle = _add_to_block_output(adapter, 1, -4.0 * vector, where)
+        try:
+            full = model(out.sequences, attention_mask=full_mask, use_cache=False).logits
+        finally:
+            handle.remove()
+    new = step_logits.shape[1]
+    torch.testing.assert_close(step_logits, full[:, prompt_length - 1 : prompt_length - 1 + new], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step_logits[1, 0], plain[1, -1], atol=1e-4, rtol=1e-4)  # row 1 untouched
+    assert not torch.allclose(step_logits[0, 0], plain[0, -1], atol=1e-3)
+
+
+def test_residual_edit_round_trips_through_the_intervention_spec(llama):
+    from neuronaudit.evaluation.rollouts import edit_spec, parse_interventions
+
+    _, adapter = llama
+    edit = ResidualEdit.add(3, [0.5] * adapter.d_model, -2.0)
+    spec = json.loads(edit_spec([edit, NeuronEdit.dose(3, 1, 1.0)]))
+    parsed = parse_interventions({"caa": spec})["caa"]
+    assert parsed == [edit, NeuronEdit.dose(3, 1, 1.0)]
+    with pytest.raises(NeuronAuditError, match="residual stream after layer 3 twice"):
+        InterventionPlan.broadcast([edit, edit])
+    with pytest.raises(NeuronAuditError, match="has 3 entries"):
+        NeuronHooks(adapter, InterventionPlan.broadcast([ResidualEdit.add(0, [1.0, 2.0, 3.0])]))

@@ -22,6 +22,8 @@ from neuronaudit.methods.keystone import (
     ablation_curve,
     chance_iou,
     curve_schema,
+    group_splits,
+    group_stability,
     keystone_schema,
     keystone_scores,
     random_controls,
@@ -29,6 +31,7 @@ from neuronaudit.methods.keystone import (
     split_halves,
     stability,
     summarise_curve,
+    summarise_stability,
 )
 from neuronaudit.options import KeystoneOptions
 from neuronaudit.stages.keystone import run_keystone
@@ -125,6 +128,7 @@ def test_iou_is_one_for_identical_halves_and_near_chance_for_noise(tmp_path):
         tables[g] = T(write_last_token(tmp_path / f"{g}.parquet", [f"{g}-{i}" for i in range(10)], acts))
     stab = stability(tables, k_values=(1, 4, 8), seed=0, n_splits=3)
     assert len(stab) == 3 * 3 * 2 and set(stab["score"]) == {"min", "mean"}
+    assert set(stab["basis"]) == {"prompt_halves"}
     assert (stab["iou"] == 1.0).all()
     noise = {
         g: T(write_last_token(tmp_path / f"n-{g}.parquet", [f"{g}-{i}" for i in range(40)],
@@ -134,6 +138,41 @@ def test_iou_is_one_for_identical_halves_and_near_chance_for_noise(tmp_path):
     noisy = stability(noise, k_values=(8,), seed=0, n_splits=5)
     assert noisy["iou"].mean() < 0.6
     assert noisy["iou_chance"].iloc[0] == pytest.approx(chance_iou(N_LAYERS * WIDTH, 8))
+
+
+def test_group_splits_are_disjoint_halves_of_the_groups_each_once():
+    splits = group_splits(["a", "b", "c", "d", "e"])
+    assert len(splits) == 10  # C(5, 2)
+    for a, b in splits:
+        assert len(a) == 2 and len(b) == 3 and not set(a) & set(b) and set(a) | set(b) == set("abcde")
+    even = group_splits(["a", "b", "c", "d"])
+    assert len(even) == 3 and all("a" in a for a, _ in even)  # {ab|cd} and {cd|ab} counted once
+    with pytest.raises(NeuronAuditError, match="at least 2 groups"):
+        group_splits(["a"])
+
+
+def test_group_stability_uses_the_ranking_score_on_disjoint_groups():
+    """The IoU is computed on score_min (all-token mean |a|, min over the half's groups): a neuron
+    strong in every group stays in both halves' top-k, one strong in a single group does not."""
+    rng = np.random.default_rng(2)
+    groups = ["g1", "g2", "g3", "g4"]
+    means = {g: rng.uniform(0.1, 1.0, size=(N_LAYERS, WIDTH)) for g in groups}
+    for g in groups:
+        means[g][0, 1] = 9.0  # a keystone: strong everywhere
+        means[g][2, 5] = 8.0
+    means["g1"][1, 7] = 100.0  # strong in g1 only: tops the half holding g1 by mean, never by min
+    frames = {g: stats_frame(means[g], np.ones((N_LAYERS, WIDTH))) for g in groups}
+    stab = group_stability(frames, k_values=(2,))
+    assert set(stab["basis"]) == {"task_groups"} and stab["split"].nunique() == 3
+    by_min = stab[stab["score"] == "min"]
+    assert (by_min["iou"] == 1.0).all()  # {(0,1), (2,5)} in every half
+    by_mean = stab[stab["score"] == "mean"]
+    assert (by_mean["iou"] < 1.0).all()  # the g1-only neuron enters the top-2 of g1's half only
+    for row in stab.itertuples():
+        assert not set(json.loads(row.half_a)) & set(json.loads(row.half_b))
+    assert list(stab.columns) == STABILITY_SCHEMA.names
+    summary = summarise_stability(stab)
+    assert summary[0]["primary"] and summary[0]["basis"] == "task_groups"
 
 
 def test_chance_iou_exact_small_case():
@@ -268,7 +307,11 @@ def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
     assert sorted(curve.loc[curve.kind == "keystone", "k"]) == [1, 2, 4]
     assert (curve.kind == "random").sum() == 3 * 2
     assert pq.read_table(out / "stability.parquet").schema.remove_metadata() == STABILITY_SCHEMA
+    stab = pq.read_table(out / "stability.parquet").to_pandas()
+    assert set(stab["basis"]) == {"task_groups", "prompt_halves"}
+    assert stab.loc[stab["basis"] == "task_groups", "split"].nunique() == 3  # 3 groups: {1 | 2} three ways
     written = json.loads((out / "summary.json").read_text())
+    assert written["stability"][0]["basis"] == "task_groups"
     assert written["curve"]["perplexity_separates_at_k"] == summary["curve"]["perplexity_separates_at_k"]
     assert {e["k"] for e in written["curve"]["per_k"]} == {1, 2, 4}
     assert written["provenance"]["n_texts"] == 2 and written["provenance"]["eval_split"] == "heldout"

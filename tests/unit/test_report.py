@@ -392,6 +392,50 @@ def test_headlines_sit_next_to_the_published_numbers(full):
     assert html.unescape(rows["attribution.rho_grad"]) == PUBLISHED["attribution_grad"]
 
 
+def test_keystone_stability_headline_is_the_ranking_score_on_disjoint_task_groups(full):
+    cells = headline_cells(full["html"])
+    c = cells["keystone.stability_iou"]
+    assert float(c["data-value"]) == 0.6  # the task-group rows of the fixture, not the prompt halves (0.8)
+    assert "disjoint halves of the task groups" in full["html"]
+    assert "secondary: last-token |a|, random prompt halves of every group" in html.unescape(full["html"])
+
+
+def test_every_published_number_names_its_seed_and_section():
+    from neuronaudit.report.sections import PUBLISHED
+
+    for key, text in PUBLISHED.items():
+        assert re.search(r"seed 00[0-4]", text) and re.search(r"SCIENCE\.md §[1-6]", text), key
+    assert "refusal_start" not in PUBLISHED  # another model's JBB rate reproduces nothing here
+
+
+def test_headlines_without_a_published_counterpart_show_none(full):
+    rows = dict(re.findall(r'<tr data-key="([^"]+)">.*?<td class="published">(.*?)</td></tr>', full["html"], re.S))
+    for key in ("refusal.tuned", "cna.refusal_unablated", "keystone.separates_at_k", "cna.matched_quality"):
+        assert html.unescape(rows[key]) in ("", "—"), key
+
+
+def test_cna_section_states_the_caa_spec_and_the_matched_quality_picks(full):
+    page = html.unescape(full["html"])
+    cells = headline_cells(full["html"])
+    c = cells["cna.matched_quality"]
+    assert "CNA circuit_x0: refusal" in c["text"] and "CAA caa_L2_a-1: refusal" in c["text"]
+    assert "the lowest refusal rate at quality" in c["text"]
+    assert "residual stream after one layer at the last prompt token" in page
+    assert "1 of 2 CAA rows reach it" in page
+
+
+def test_screen_section_shows_the_held_out_re_estimate(full):
+    page = html.unescape(full["html"])
+    assert 'data-figure="screen_heldout"' in full["html"]
+    assert "keeps 50% of its discovery |δ|" in page and "style-matched pairs resampled together" in page
+
+
+def test_reconstructed_parts_are_marked(full):
+    page = html.unescape(full["html"])
+    assert "reconstruction: the predicted ceiling" in page.lower()
+    assert "(alignment cosθ, predictor a; reconstruction)" in page
+
+
 def test_every_figure_has_a_caption_a_table_link_and_a_file(full):
     page, figures = full["html"], full["figures"]
     blocks = re.findall(r'<figure data-figure="([^"]+)">(.*?)</figure>', page, re.S)

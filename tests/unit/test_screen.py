@@ -1,4 +1,4 @@
-"""Contrastive screening (CNA) on synthetic last-token tables, and CAA as neuron edits."""
+"""Contrastive screening (CNA) on synthetic last-token tables."""
 
 import json
 
@@ -7,19 +7,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import bootstrap_indices
 from neuronaudit.interventions.capture import LastTokenTable as T
-from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.io import last_token_schema, read_provenance, with_provenance
 from neuronaudit.methods.screen import (
     SCREEN_SCHEMA,
-    caa_plan,
-    caa_vectors,
     circuit_plan,
     contrast,
+    heldout_contrast,
+    paired_count_matrices,
     resolve_k,
     screen,
     select_circuit,
@@ -53,13 +51,13 @@ def write_last_token(path, ids, acts, prov=None):
     return path
 
 
-def write_prompts(path, ids, heldout=()):
+def write_prompts(path, ids, heldout=(), pair_ids=None):
     df = pd.DataFrame(
         {
             "prompt_id": ids,
             "text": [f"text {i}" for i in ids],
             "split": ["heldout" if i in heldout else "discovery" for i in ids],
-            "extra": ["{}"] * len(ids),
+            "extra": ["{}"] * len(ids) if pair_ids is None else [json.dumps({"pair_id": p}) for p in pair_ids],
         }
     )
     table = prompt_table(df)
@@ -222,54 +220,6 @@ def test_run_screen_uses_only_the_discovery_split_and_writes_provenance(tmp_path
                    stage_options(ScreenOptions))
 
 
-def test_caa_vector_is_the_mean_difference_of_mlp_outputs(llama):
-    model, adapter = llama
-    rng = np.random.default_rng(0)
-    width = adapter.n_neurons
-    pos = rng.normal(size=(9, width)) + rng.normal(size=width)
-    neg = rng.normal(size=(7, width))
-    layer = 2
-    scores = pd.DataFrame({"layer": layer, "neuron": np.arange(width), "delta": contrast(pos, neg)["delta"]})
-    vec = caa_vectors(adapter, scores)
-    assert vec.shape == (adapter.n_layers, adapter.d_model)
-    assert torch.all(vec[[0, 1, 3]] == 0)
-    with torch.no_grad():
-        down = adapter.mlp_outs[layer]
-        out_pos = down(torch.tensor(pos, dtype=torch.float32)).double().mean(0)
-        out_neg = down(torch.tensor(neg, dtype=torch.float32)).double().mean(0)
-    torch.testing.assert_close(vec[layer], out_pos - out_neg, atol=1e-4, rtol=1e-4)
-
-
-def test_caa_as_neuron_edits_equals_adding_the_vector_to_the_mlp_output(llama, tokenizer):
-    model, adapter = llama
-    rng = np.random.default_rng(1)
-    scores = pd.DataFrame(
-        {
-            "layer": np.repeat(np.arange(adapter.n_layers), adapter.n_neurons),
-            "neuron": np.tile(np.arange(adapter.n_neurons), adapter.n_layers),
-            "delta": rng.normal(size=adapter.n_layers * adapter.n_neurons) * 0.5,
-        }
-    )
-    alpha = 1.7
-    vectors = caa_vectors(adapter, scores).float() * alpha
-    ids = tokenizer(["How do I bake bread at home?"], return_tensors="pt")
-    with torch.no_grad():
-        plain = model(**ids).logits
-        with NeuronHooks(adapter, caa_plan(scores, alpha, positions=("prompt",))):
-            edited = model(**ids).logits
-        handles = [
-            adapter.mlp_outs[l].register_forward_hook(lambda m, a, out, v=vectors[l]: out + v)
-            for l in range(adapter.n_layers)
-        ]
-        try:
-            direct = model(**ids).logits
-        finally:
-            for h in handles:
-                h.remove()
-    torch.testing.assert_close(edited, direct, atol=1e-4, rtol=1e-4)
-    assert (edited - plain).abs().max() > 1e-2  # the vector does change the output
-
-
 def test_a_near_constant_neuron_cannot_outrank_a_planted_controller_by_std_delta():
     rng = np.random.default_rng(7)
     n, width = 20, 32
@@ -280,3 +230,86 @@ def test_a_near_constant_neuron_cannot_outrank_a_planted_controller_by_std_delta
     plain_d = out["delta"] / np.sqrt((pos.var(0, ddof=1) + neg.var(0, ddof=1)) / 2)
     assert np.argmax(np.abs(plain_d)) == 9  # Cohen's d alone puts the constant neuron on top (|d| ~ 200)
     assert np.argmax(np.abs(out["std_delta"])) == 3  # the variance floor ranks the controller first
+
+
+def test_paired_bootstrap_draws_both_prompts_of_a_pair_together():
+    pos_units = ["p0", "p1", "p2", "p3", None]
+    neg_units = ["p3", "p2", "p1", "p0", "p9"]  # p9 has no partner: resampled within its own set
+    wp, wn, info = paired_count_matrices(pos_units, neg_units, n_boot=300, seed=0)
+    assert info == {"n_pairs": 4, "n_unpaired_pos": 1, "n_unpaired_neg": 1}
+    np.testing.assert_allclose(wp.sum(1), 5)
+    np.testing.assert_allclose(wn.sum(1), 5)
+    # each replicate weighs a pair's positive and negative prompt alike (up to the row scaling)
+    raw_p, raw_n = wp[:, :4] / wp[:, :4].sum(1, keepdims=True), wn[:, [3, 2, 1, 0]] / wn[:, :4].sum(1, keepdims=True)
+    np.testing.assert_allclose(raw_p, raw_n)
+    assert (wp[:, :4] == 0).any()  # pairs are really left out of some replicates
+
+
+def test_pairing_removes_the_pair_effect_from_the_bootstrap_ci(tmp_path):
+    """Style-matched pairs share a large pair effect; resampling sets independently counts it as
+    noise, resampling pairs together does not."""
+    rng = np.random.default_rng(4)
+    n = 24
+    pair_effect = rng.normal(scale=5.0, size=(n, 1, WIDTH))
+    pos = pair_effect + 0.5 + 0.1 * rng.normal(size=(n, 1, WIDTH))
+    neg = pair_effect + 0.1 * rng.normal(size=(n, 1, WIDTH))
+    pos_ids, neg_ids = [f"pos-{i:03d}" for i in range(n)], [f"neg-{i:03d}" for i in range(n)]
+    pos_t = T(write_last_token(tmp_path / "pos.parquet", pos_ids, pos))
+    neg_t = T(write_last_token(tmp_path / "neg.parquet", neg_ids, neg))
+    pairs = {**{p: f"pair-{i}" for i, p in enumerate(pos_ids)}, **{p: f"pair-{i}" for i, p in enumerate(neg_ids)}}
+    paired = screen(pos_t, neg_t, skip_layers=(), n_boot=500, pairs=pairs)
+    unpaired = screen(pos_t, neg_t, skip_layers=(), n_boot=500)
+    assert paired.attrs["bootstrap"] == {"paired": True, "n_pairs": n, "n_unpaired_pos": 0, "n_unpaired_neg": 0}
+    width_paired = (paired["ci_high"] - paired["ci_low"]).median()
+    width_unpaired = (unpaired["ci_high"] - unpaired["ci_low"]).median()
+    assert width_paired < 0.2 * width_unpaired
+    assert (paired["ci_low"] > 0).all()  # δ = 0.5 everywhere is resolved only by the paired bootstrap
+    np.testing.assert_allclose(paired["delta"], unpaired["delta"])
+
+
+def test_heldout_contrast_shows_the_winners_curse(tmp_path):
+    rng = np.random.default_rng(5)
+    n = 40
+    pos, neg = rng.normal(size=(n, N_LAYERS, WIDTH)), rng.normal(size=(n, N_LAYERS, WIDTH))
+    pos[:, 2, 7] += 3.0  # real on every prompt
+    pos[:20, 3, 1] += 4.0  # only on the first (discovery) half: a lucky winner
+    pos_ids, neg_ids = [f"pos-{i:03d}" for i in range(n)], [f"neg-{i:03d}" for i in range(n)]
+    pos_t = T(write_last_token(tmp_path / "pos.parquet", pos_ids, pos))
+    neg_t = T(write_last_token(tmp_path / "neg.parquet", neg_ids, neg))
+    scores = screen(pos_t, neg_t, pos_ids[:20], neg_ids[:20], skip_layers=(), n_boot=200)
+    circuit = select_circuit(scores, k=2)
+    assert circuit["delta_heldout"].isna().all()
+    out = heldout_contrast(circuit, pos_t, neg_t, pos_ids[20:], neg_ids[20:], n_boot=200)
+    by = out.set_index(["layer", "neuron"])
+    assert by.loc[(2, 7), "heldout_ci_low"] > 1.5  # the real one holds up
+    assert abs(by.loc[(3, 1), "delta_heldout"]) < 1.0 < by.loc[(3, 1), "delta"]  # the lucky one shrinks
+    direct = pos[20:, 3, 1].mean() - neg[20:, 3, 1].mean()
+    assert by.loc[(3, 1), "delta_heldout"] == pytest.approx(direct)
+    h = out.attrs["heldout"]
+    assert h["n_pos"] == 20 and 0 < h["retained"] < 0.8 and h["share_ci_excludes_zero"] == 0.5
+
+
+def test_run_screen_pairs_the_bootstrap_and_re_measures_the_circuit_on_held_out_prompts(tmp_path):
+    rng = np.random.default_rng(6)
+    n = 30
+    pos_ids, neg_ids = [f"pos-{i:03d}" for i in range(n)], [f"neg-{i:03d}" for i in range(n)]
+    pos, neg = rng.normal(size=(n, N_LAYERS, WIDTH)), rng.normal(size=(n, N_LAYERS, WIDTH))
+    pos[:, 2, 7] += 3.0
+    pos_path = write_last_token(tmp_path / "pos.parquet", pos_ids, pos)
+    neg_path = write_last_token(tmp_path / "neg.parquet", neg_ids, neg)
+    pairs = [f"pair-{i}" for i in range(n)]
+    held_pos, held_neg = set(pos_ids[:10]), set(neg_ids[:10])  # pairs stay on one side of the split
+    pos_tab = write_prompts(tmp_path / "harmful.parquet", pos_ids, heldout=held_pos, pair_ids=pairs)
+    neg_tab = write_prompts(tmp_path / "harmless.parquet", neg_ids, heldout=held_neg, pair_ids=pairs)
+    _, circuit = run_screen(
+        "refusal", pos_path, neg_path, pos_tab, neg_tab, [], tmp_path / "s.parquet", tmp_path / "c.parquet",
+        stage_options(ScreenOptions, k=3, n_boot=100, seed=2),
+    )
+    written = pq.read_table(tmp_path / "c.parquet").to_pandas()
+    assert written["delta_heldout"].notna().all()
+    top = written.iloc[0]
+    assert (top.layer, top.neuron) == (2, 7)
+    assert top.delta_heldout == pytest.approx(pos[:10, 2, 7].mean() - neg[:10, 2, 7].mean())
+    prov = read_provenance(tmp_path / "c.parquet")
+    assert prov["bootstrap"] == {"paired": True, "n_pairs": 20, "n_unpaired_pos": 0, "n_unpaired_neg": 0}
+    assert prov["heldout"]["n_pos"] == 10 and prov["heldout"]["n_pairs"] == 10 and prov["heldout"]["paired"]

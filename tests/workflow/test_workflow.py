@@ -35,7 +35,7 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
         "refusal": {"steps": 2, "batch_size": 2, "answer_max_new_tokens": 4, "eval_max_new_tokens": 4},
         "rollouts": {"horizons": [2, 4], "prompts_per_set": 2, "batch_size": 8},
         "screen": {"n_boot": 100, "k": 4, "universal_top_n": 4},
-        "cna": {"factors": [0.0], "caa_alphas": [-1.0], "max_new_tokens": 4, "prompts": 2},
+        "cna": {"factors": [0.0], "caa_layers": [0.5], "caa_alphas": [-1.0], "max_new_tokens": 4, "prompts": 2},
         "keystone": {"k_max": 2, "n_random": 1},
         "capability": {"max_texts": 2, "max_task_prompts": 2, "max_new_tokens": 8},
         "window": {"n_candidates": 1, "n_random": 1, "x_grid": [1.0, 4.0], "single_pass_grid": [1.0, 4.0],

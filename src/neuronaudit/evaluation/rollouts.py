@@ -63,7 +63,7 @@ from neuronaudit.interventions.generation import (
     generate_tokens,
     pad_id,
 )
-from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, ResidualEdit
 from neuronaudit.interventions.scoring import rollout_scores
 
 log = logging.getLogger("neuronaudit")
@@ -173,13 +173,15 @@ def parse_horizons(horizons: Iterable) -> tuple[int, ...]:
     return tuple(hs)
 
 
-def edit_spec(edits: Sequence[NeuronEdit]) -> str:
+def edit_spec(edits: Sequence[NeuronEdit | ResidualEdit]) -> str:
     """JSON of a list of edits (``source`` omitted when absent)."""
     items = []
     for e in edits:
         d = asdict(e)
         d["positions"] = list(e.positions)
-        if d["source"] is None:
+        if isinstance(e, ResidualEdit):
+            d["vector"] = list(d["vector"])
+        elif d["source"] is None:
             del d["source"]
         else:
             d["source"] = list(d["source"])
@@ -191,8 +193,9 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
     """Interventions from a JSON file path or a dict ``{name: [edit, ...]}``.
 
     Each edit is a :class:`NeuronEdit` or a dict with its fields (``layer``, ``neuron``, ``op``,
-    ``value``, ``positions``, optionally ``source``). ``none -> []`` (the unsteered reference) is
-    added when absent.
+    ``value``, ``positions``, optionally ``source``), or a :class:`ResidualEdit` or a dict with
+    ``op: resid_add``, ``layer``, ``vector``, ``scale`` and ``positions``. ``none -> []`` (the
+    unsteered reference) is added when absent.
     """
     if isinstance(spec, (str, Path)):
         path = Path(spec)
@@ -214,11 +217,14 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
             raise NeuronAuditError(f"intervention {name!r} must be a list of edits, got {edits!r}")
         parsed = []
         for e in edits:
-            if isinstance(e, NeuronEdit):
+            if isinstance(e, (NeuronEdit, ResidualEdit)):
                 parsed.append(e)
                 continue
             if not isinstance(e, Mapping):
                 raise NeuronAuditError(f"intervention {name!r} has an edit that is not an object: {e!r}")
+            if e.get("op") == "resid_add":
+                parsed.append(_residual_edit(name, e))
+                continue
             unknown = set(e) - {"layer", "neuron", "op", "value", "positions", "source"}
             if unknown:
                 raise NeuronAuditError(f"intervention {name!r} edit has unknown keys {sorted(unknown)}")
@@ -239,6 +245,19 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
         out[name] = parsed
     out.setdefault("none", [])
     return out
+
+
+def _residual_edit(name: str, e: Mapping) -> ResidualEdit:
+    unknown = set(e) - {"layer", "op", "vector", "scale", "positions"}
+    if unknown:
+        raise NeuronAuditError(f"intervention {name!r} residual edit has unknown keys {sorted(unknown)}")
+    try:
+        return ResidualEdit.add(int(e["layer"]), [float(v) for v in e["vector"]], float(e.get("scale", 1.0)),
+                                tuple(e.get("positions", ("last_prompt", "generated"))))
+    except KeyError as err:
+        raise NeuronAuditError(f"intervention {name!r} residual edit lacks {err.args[0]!r}") from None
+    except (TypeError, ValueError):
+        raise NeuronAuditError(f"intervention {name!r} residual edit has a non-numeric field") from None
 
 
 # --- generation ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Interventions on MLP neurons: hooks and edits, streaming capture, dose sweeps, scoring and
+"""Interventions on MLP neurons (and residual additions): hooks and edits, streaming capture, dose sweeps, scoring and
 generation under a plan. Everything here runs the model; nothing here reads the config."""
 
 from neuronaudit.interventions.hooks import (
@@ -6,7 +6,8 @@ from neuronaudit.interventions.hooks import (
     InterventionPlan,
     NeuronEdit,
     NeuronHooks,
+    ResidualEdit,
     StopForward,
 )
 
-__all__ = ["ForwardContext", "InterventionPlan", "NeuronEdit", "NeuronHooks", "StopForward"]
+__all__ = ["ForwardContext", "InterventionPlan", "NeuronEdit", "NeuronHooks", "ResidualEdit", "StopForward"]

@@ -11,6 +11,12 @@ Edits (:class:`NeuronEdit`):
 ``clamp``  ``a_i ← c``            (mean-ablation is a clamp to the neuron's mean; WASD)
 ``patch``  ``a_i ← s[t]``         (value from another run, per absolute position ``t``)
 
+One edit acts on the residual stream instead of a neuron (:class:`ResidualEdit`):
+
+``resid_add``  ``h_l ← h_l + s·u``  (``h_l`` the output of block ``l``, i.e. the residual stream
+               after layer ``l``; a forward hook on the block adds the vector at the chosen
+               positions: the contrastive activation addition (CAA) baseline of Rimsky et al.)
+
 Each edit applies at a chosen set of token positions:
 
 ``prompt``       every real (non-padding) prompt token
@@ -103,28 +109,66 @@ class NeuronEdit:
 
 
 @dataclass(frozen=True)
+class ResidualEdit:
+    """Add ``scale · vector`` (``vector [d_model]``) to the output of block ``layer`` at ``positions``.
+
+    The block output is the residual stream after layer ``l`` (what the next block reads), so this
+    is the edit CAA specifies: a mean-difference vector added to one residual layer. By default it
+    applies after the instruction: the last prompt token and every generated token.
+    """
+
+    layer: int
+    vector: tuple[float, ...]
+    scale: float = 1.0
+    positions: tuple[str, ...] = ("last_prompt", "generated")
+    op: str = "resid_add"
+
+    def __post_init__(self):
+        if self.op != "resid_add":
+            raise NeuronAuditError(f"a residual edit has op 'resid_add', got {self.op!r}")
+        bad = [p for p in self.positions if p not in POSITION_KINDS]
+        if bad or not self.positions:
+            raise NeuronAuditError(
+                f"unknown intervention positions {list(self.positions)!r}; choose from {list(POSITION_KINDS)}"
+            )
+        if not self.vector:
+            raise NeuronAuditError(f"residual edit at layer {self.layer} has an empty vector")
+        if not all(math.isfinite(float(v)) for v in (self.scale, *self.vector)):
+            raise NeuronAuditError(f"residual edit at layer {self.layer} has a non-finite scale or vector entry")
+
+    @classmethod
+    def add(cls, layer: int, vector: Sequence[float], scale: float = 1.0,
+            positions=("last_prompt", "generated")) -> ResidualEdit:
+        return cls(int(layer), tuple(float(v) for v in vector), float(scale), tuple(positions))
+
+
+Edit = NeuronEdit | ResidualEdit
+
+
+@dataclass(frozen=True)
 class InterventionPlan:
     """Edits per batch row. ``rows[r]`` applies to row ``r``; a single row broadcasts."""
 
-    rows: tuple[tuple[NeuronEdit, ...], ...]
+    rows: tuple[tuple[Edit, ...], ...]
 
     def __post_init__(self):
         for r, edits in enumerate(self.rows):
             seen = set()
             for e in edits:
-                key = (e.layer, e.neuron)
+                if isinstance(e, ResidualEdit):
+                    key, what = (e.layer, "resid"), f"the residual stream after layer {e.layer}"
+                else:
+                    key, what = (e.layer, e.neuron), f"neuron {(e.layer, e.neuron)}"
                 if key in seen:
-                    raise NeuronAuditError(
-                        f"row {r} edits neuron {key} twice; combine the edits into one"
-                    )
+                    raise NeuronAuditError(f"row {r} edits {what} twice; combine the edits into one")
                 seen.add(key)
 
     @classmethod
-    def broadcast(cls, edits: Iterable[NeuronEdit]) -> InterventionPlan:
+    def broadcast(cls, edits: Iterable[Edit]) -> InterventionPlan:
         return cls((tuple(edits),))
 
     @classmethod
-    def per_row(cls, rows: Iterable[Iterable[NeuronEdit]]) -> InterventionPlan:
+    def per_row(cls, rows: Iterable[Iterable[Edit]]) -> InterventionPlan:
         return cls(tuple(tuple(r) for r in rows))
 
     @property
@@ -196,10 +240,66 @@ class _CompiledEdits:
         return self.cache[key]
 
 
+@dataclass
+class _CompiledResidual:
+    rows: torch.Tensor  # [E]
+    vectors: torch.Tensor  # [E, d_model], scale applied
+    kinds: torch.Tensor  # [E, 3] bool
+    cache: dict = field(default_factory=dict)
+
+    def for_batch(self, batch: int, n_plan_rows: int, device, dtype) -> _CompiledResidual:
+        key = (batch, str(device), dtype)
+        if key not in self.cache:
+            if n_plan_rows == 1 and batch > 1:
+                e = self.rows.numel()
+                rows, idx = torch.arange(batch).repeat_interleave(e), torch.arange(e).repeat(batch)
+            elif n_plan_rows == batch:
+                rows, idx = self.rows, torch.arange(self.rows.numel())
+            else:
+                raise NeuronAuditError(
+                    f"intervention plan has {n_plan_rows} rows but the batch has {batch} rows"
+                )
+            self.cache[key] = _CompiledResidual(
+                rows.to(device), self.vectors[idx].to(device, dtype), self.kinds[idx].to(device)
+            )
+        return self.cache[key]
+
+
+def _compile_residual(plan: InterventionPlan, adapter: ArchitectureAdapter) -> dict[int, _CompiledResidual]:
+    by_layer: dict[int, list[tuple[int, ResidualEdit]]] = {}
+    for r, edits in enumerate(plan.rows):
+        for e in edits:
+            if isinstance(e, ResidualEdit):
+                if len(e.vector) != adapter.d_model:
+                    raise NeuronAuditError(
+                        f"residual edit at layer {e.layer} has {len(e.vector)} entries; the model's "
+                        f"residual stream has {adapter.d_model}"
+                    )
+                by_layer.setdefault(adapter.check_layers([e.layer])[0], []).append((r, e))
+    return {
+        layer: _CompiledResidual(
+            rows=torch.tensor([r for r, _ in items], dtype=torch.long),
+            vectors=torch.tensor([[e.scale * v for v in e.vector] for _, e in items], dtype=torch.float64),
+            kinds=torch.tensor([[k in e.positions for k in POSITION_KINDS] for _, e in items], dtype=torch.bool),
+        )
+        for layer, items in by_layer.items()
+    }
+
+
+def apply_residual(hidden: torch.Tensor, edits: _CompiledResidual, ctx: ForwardContext) -> torch.Tensor:
+    """Return a copy of ``hidden`` ``[batch, chunk, d_model]`` with each row's vector added where its
+    positions apply."""
+    where = (ctx.masks()[edits.rows] & edits.kinds[:, None, :]).any(-1)  # [E, chunk]
+    add = where[..., None].to(hidden.dtype) * edits.vectors[:, None, :]  # [E, chunk, d_model]
+    return hidden.index_add(0, edits.rows, add)
+
+
 def _compile(plan: InterventionPlan, adapter: ArchitectureAdapter) -> dict[int, _CompiledEdits]:
     by_layer: dict[int, list[tuple[int, NeuronEdit]]] = {}
     for r, edits in enumerate(plan.rows):
         for e in edits:
+            if isinstance(e, ResidualEdit):
+                continue
             layer = adapter.check_layers([e.layer])[0]
             adapter.check_neuron(e.neuron)
             by_layer.setdefault(layer, []).append((r, e))
@@ -250,7 +350,8 @@ ActivationCallback = Callable[[int, torch.Tensor, ForwardContext], None]
 class NeuronHooks:
     """Context manager: install hooks that edit and/or read neurons and the residual stream.
 
-    ``plan``           edits applied at the MLP activation site (``None``: read only)
+    ``plan``           edits applied at the MLP activation site, and residual edits at the block
+                       output (``None``: read only)
     ``on_activation``  called as ``f(layer, a [batch, chunk, n_neurons], ctx)`` after the edits
     ``on_resid``       called as ``f(layer, h [batch, chunk, d_model], ctx)`` on each block output
     ``layers``         layers read by the callbacks (default: all)
@@ -286,6 +387,7 @@ class NeuronHooks:
             None if stop_after_layer is None else adapter.check_layers([stop_after_layer])[0]
         )
         self.compiled = _compile(plan, adapter) if plan is not None else {}
+        self.compiled_residual = _compile_residual(plan, adapter) if plan is not None else {}
         self.ctx: ForwardContext | None = None
         self.fixed_prompt_length = prompt_length
         self.cached_prompt_length = None if cached_prompt_length is None else int(cached_prompt_length)
@@ -362,6 +464,17 @@ class NeuronHooks:
 
         return hook
 
+    def _residual_edit_hook(self, layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            edits = self.compiled_residual[layer].for_batch(
+                hidden.shape[0], len(self.plan.rows), hidden.device, hidden.dtype
+            )
+            hidden = apply_residual(hidden, edits, self.ctx)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
     def _block_hook(self, layer: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -381,6 +494,8 @@ class NeuronHooks:
             wanted.add(self.stop_after_layer)
         for layer in sorted(wanted):
             self._handles.append(a.mlp_outs[layer].register_forward_pre_hook(self._mlp_pre_hook(layer)))
+        for layer in sorted(self.compiled_residual):  # before the readers: they see the edited stream
+            self._handles.append(a.blocks[layer].register_forward_hook(self._residual_edit_hook(layer)))
         if self.on_resid is not None:
             for layer in sorted(self.read_layers):
                 self._handles.append(a.blocks[layer].register_forward_hook(self._block_hook(layer)))

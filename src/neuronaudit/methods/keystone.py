@@ -16,11 +16,17 @@ collapses the model. This module reproduces the audit:
    ablating them confounds a collapse measurement. They are labelled, counted in every curve
    row (``n_outliers``), and — when present in the top ``k_max`` — a second keystone curve
    skipping them (``kind = keystone_no_outliers``) is measured; they are never silently dropped.
-3. **Stability** (:func:`stability`). Each group's prompts are split into two disjoint halves
-   (seeded; repeated over ``n_splits`` seeds); per half the per-neuron mean ``|a|`` at the
-   last prompt token (from the last-token tables) gives a cross-task score, top-``k`` per half,
-   and the IoU of the two top-``k`` sets, next to the IoU two random ``k``-subsets of the same
-   neurons have in expectation (hypergeometric; ``iou_chance``).
+3. **Stability** (:func:`group_stability`), measured on the score that picks the ablated set.
+   For every split of the task groups into two disjoint halves of groups (sizes ⌊G/2⌋ and ⌈G/2⌉,
+   each unordered split once), the ranking score is recomputed on each half from the statistics
+   tables (mean ``|a|`` per group over every prompt token, min over the half's groups; ``mean``
+   likewise), and the IoU of the two top-``k`` sets is reported next to the IoU two random
+   ``k``-subsets of the same neurons have in expectation (hypergeometric; ``iou_chance``). This is
+   the "disjoint prompt groups" of the paper: the two halves share no task group.
+   Secondary, and labelled so (``basis = prompt_halves``; :func:`stability`): each group's prompts
+   split into two random halves (seeded, ``n_splits`` times), scored by last-token ``|a|`` from the
+   last-token tables. It is not the ranking score and its halves share every task group, so it
+   bounds sampling noise only.
 4. **Ablation curve** (:func:`ablation_curve`). Zero (scale 0, at every prompt and generated
    position) the top-``k`` keystone neurons for ``k = 1, 2, 4, …`` and measure capability with
    :mod:`neuronaudit.evaluation.capability` (perplexity on general text, exact-answer accuracy per task
@@ -44,6 +50,7 @@ sees answers), so this is not answer leakage, but the generic texts' tokens did 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -101,8 +108,14 @@ def curve_schema(groups: Sequence[str]) -> pa.Schema:
     )
 
 
+#: Stability bases: the primary one (disjoint task groups, the ranking score) and the secondary one.
+STABILITY_BASES = ("task_groups", "prompt_halves")
+
 STABILITY_SCHEMA = pa.schema(
     [
+        pa.field("basis", pa.string(), nullable=False),  # 'task_groups' (primary) or 'prompt_halves'
+        pa.field("half_a", pa.string(), nullable=False),  # JSON list of the groups of half A ('[]': every group)
+        pa.field("half_b", pa.string(), nullable=False),
         pa.field("split", pa.int64(), nullable=False),
         pa.field("k", pa.int64(), nullable=False),
         pa.field("score", pa.string(), nullable=False),  # 'min' or 'mean' across groups
@@ -190,6 +203,53 @@ def _top_k(score: np.ndarray, k: int) -> set[int]:
     return set(order[:k].tolist())
 
 
+def group_splits(groups: Sequence[str]) -> list[tuple[list[str], list[str]]]:
+    """Every split of ``groups`` into two disjoint halves of sizes ⌊G/2⌋ and ⌈G/2⌉, each unordered
+    split once (with an even G, half A holds the first group)."""
+    groups = list(groups)
+    if len(groups) < 2:
+        raise NeuronAuditError(f"stability across task groups needs at least 2 groups (got {len(groups)})")
+    size = len(groups) // 2
+    out = []
+    for combo in itertools.combinations(range(len(groups)), size):
+        if 2 * size == len(groups) and 0 not in combo:
+            continue
+        a = [groups[i] for i in combo]
+        out.append((a, [g for g in groups if g not in a]))
+    return out
+
+
+def group_stability(
+    stats_by_group: Mapping[str, pd.DataFrame], k_values: Sequence[int] = (8, 16, 32, 64, 128)
+) -> pd.DataFrame:
+    """IoU of the top-``k`` sets ranked by the keystone score (min, and mean, over groups of the
+    group's mean ``|a|``) recomputed on two disjoint halves of the task groups, for every split
+    of :func:`group_splits` (columns of :data:`STABILITY_SCHEMA`, ``basis = task_groups``)."""
+    groups = list(stats_by_group)
+    splits = group_splits(groups)
+    frames = {g: _stats_frame(s) for g, s in stats_by_group.items()}
+    ref = frames[groups[0]][["layer", "neuron"]].to_numpy()
+    for g, f in frames.items():
+        if f.shape[0] != ref.shape[0] or not np.array_equal(f[["layer", "neuron"]].to_numpy(), ref):
+            raise NeuronAuditError(f"statistics of group {g!r} cover different neurons than {groups[0]!r}")
+    strength = {g: frames[g]["mean_abs"].to_numpy(np.float64) for g in groups}
+    width = ref.shape[0]
+    records = []
+    for s, (half_a, half_b) in enumerate(splits):
+        per_half = [np.stack([strength[g] for g in half]) for half in (half_a, half_b)]
+        for score_name, reduce in (("min", np.min), ("mean", np.mean)):
+            sa, sb = reduce(per_half[0], axis=0), reduce(per_half[1], axis=0)
+            for k in k_values:
+                ta, tb = _top_k(sa, int(k)), _top_k(sb, int(k))
+                inter = len(ta & tb)
+                records.append(dict(
+                    basis="task_groups", half_a=json.dumps(half_a), half_b=json.dumps(half_b), split=s, k=int(k),
+                    score=score_name, iou=inter / len(ta | tb), n_intersection=inter,
+                    iou_chance=chance_iou(width, int(k)),
+                ))
+    return pd.DataFrame.from_records(records, columns=list(STABILITY_SCHEMA.names))
+
+
 def stability(
     last_token_by_group: Mapping[str, LastTokenTable],
     k_values: Sequence[int] = (8, 16, 32, 64, 128),
@@ -197,10 +257,11 @@ def stability(
     n_splits: int = 5,
     prompt_ids_by_group: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
-    """IoU of the top-``k`` keystone sets found from two disjoint halves of every group's prompts.
+    """Secondary stability measure (``basis = prompt_halves``): IoU of the top-``k`` sets by
+    last-token ``|a|`` found from two random halves of every group's prompts (the halves share
+    every group; this is not the ranking score, see :func:`group_stability`).
 
-    Rows: ``split, k, score ('min'|'mean'), iou, n_intersection, iou_chance``. Split ``s`` uses
-    seed ``seed + s`` for every group.
+    Rows: the columns of :data:`STABILITY_SCHEMA`. Split ``s`` uses seed ``seed + s`` for every group.
     """
     if n_splits < 1:
         raise NeuronAuditError(f"n_splits {n_splits!r} must be at least 1")
@@ -228,10 +289,10 @@ def stability(
                 ta, tb = _top_k(sa, int(k)), _top_k(sb, int(k))
                 inter = len(ta & tb)
                 records.append(
-                    dict(split=s, k=int(k), score=score_name, iou=inter / len(ta | tb),
-                         n_intersection=inter, iou_chance=chance_iou(width, int(k)))
+                    dict(basis="prompt_halves", half_a="[]", half_b="[]", split=s, k=int(k), score=score_name,
+                         iou=inter / len(ta | tb), n_intersection=inter, iou_chance=chance_iou(width, int(k)))
                 )
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame.from_records(records, columns=list(STABILITY_SCHEMA.names))
 
 
 # --- ablation curve -------------------------------------------------------------------------------
@@ -465,10 +526,14 @@ def summarise_curve(curve: pd.DataFrame, groups: Sequence[str], n_random: int) -
 
 
 def summarise_stability(stab: pd.DataFrame) -> list[dict]:
+    """Per (basis, score, k): mean, min and max IoU over the splits beside the chance IoU; the
+    primary basis (disjoint task groups, the ranking score) first."""
     out = []
-    for (score, k), g in stab.groupby(["score", "k"]):
+    order = {b: i for i, b in enumerate(STABILITY_BASES)}
+    for (basis, score, k), g in sorted(stab.groupby(["basis", "score", "k"]), key=lambda x: (order[x[0][0]], x[0][1:])):
         out.append(
-            {"score": score, "k": int(k), "iou_mean": float(g["iou"].mean()), "iou_min": float(g["iou"].min()),
+            {"basis": basis, "primary": basis == "task_groups", "score": score, "k": int(k),
+             "iou_mean": float(g["iou"].mean()), "iou_min": float(g["iou"].min()),
              "iou_max": float(g["iou"].max()), "iou_chance": float(g["iou_chance"].iloc[0]), "n_splits": int(len(g))}
         )
     return out

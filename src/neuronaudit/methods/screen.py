@@ -1,4 +1,4 @@
-"""Contrastive neuron screening (CNA) and the CAA mean-difference baseline.
+"""Contrastive neuron screening (CNA): every neuron's contrast between two prompt sets, and the circuit.
 
 Contrastive Neuron Attribution (Nous Research, arXiv 2605.12290; SCIENCE.md §3) ranks MLP
 neurons by how differently they fire on a positive prompt set P⁺ (showing a behaviour, e.g.
@@ -17,10 +17,18 @@ DISCOVERY split of each prompt set, per neuron ``(l, i)``:
                 once and reuses them for every neuron of every layer: a replicate is a row of a
                 count matrix ``C [n_boot, n_prompts]`` and the replicate means of a whole layer
                 are one matrix product ``C @ A / n``. Memory is ``n_boot × chunk`` per step, with
-                layers read one at a time and neurons processed in chunks.
+                layers read one at a time and neurons processed in chunks. Where the two sets are
+                paired (a ``pair_id`` shared by a P⁺ and a P⁻ prompt: style-matched pairs), a pair
+                is resampled as one unit, both its prompts together; unpaired prompts are
+                resampled within their own set (:func:`paired_count_matrices`).
+
+Winner's curse: the circuit is the top of a ranking of every neuron on the discovery prompts, so
+its discovery δ is biased away from zero. :func:`heldout_contrast` re-measures δ of the circuit
+neurons on the HELD-OUT prompts of the same two sets (the last-token tables hold every split),
+with the same paired bootstrap, so the report can set discovery δ beside held-out δ.
 
 Layers 0 and 1 are not screened by default (``skip_layers``, as in SCIENCE.md §3); their rows stay in
-the table with ``screened=False`` and no rank, so the table holds every neuron and the CAA baseline can use every layer.
+the table with ``screened=False`` and no rank, so the table holds every neuron.
 
 *Universal* neurons fire strongly on almost everything: a neuron is universal when it is among
 its layer's top-``top_n`` (default 20) neurons by ``|a|`` at the last token on at least
@@ -35,27 +43,20 @@ holds most of the top 0.1%); ``rank_by="std_delta"`` ranks by the standardised s
 is recorded in the provenance. CNA's intervention is ``a ← m·a`` on the circuit at every position during generation
 (:func:`circuit_plan`).
 
-CAA baseline (Rimsky et al.'s contrastive activation addition, as used for comparison in
-arXiv 2605.12290): the mean difference of MLP *outputs* between P⁺ and P⁻ at layer ``l``. The MLP
-output is ``W_out a_l`` (+ bias), which is linear in ``a_l``, so its mean difference is exactly
-``W_out (mean a⁺ − mean a⁻) = W_out δ_l`` (:func:`caa_vectors`). Adding ``α·W_out δ_l`` to the MLP
-output of every layer is therefore the same edit as adding the dose ``α·δ_{l,i}`` to every neuron
-of every layer (:func:`caa_edits`), which lets the CAA baseline run through the same hooks,
-positions and provenance as the neuron interventions (``tests/unit/test_screen.py`` proves the
-equality against a hook that adds the vector to the MLP output directly).
+The CAA baseline (a residual-stream mean difference added at one layer) lives in
+:mod:`neuronaudit.methods.cna`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.evaluation.stats import bootstrap_count_matrices, mean_difference_ci
+from neuronaudit.evaluation.stats import bootstrap_count_matrices, count_matrix, mean_difference_ci
 from neuronaudit.interventions.capture import LastTokenTable
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit
 
@@ -88,6 +89,10 @@ CIRCUIT_SCHEMA = pa.schema(
         pa.field("std_delta", pa.float64(), nullable=False),
         pa.field("ci_low", pa.float64(), nullable=False),
         pa.field("ci_high", pa.float64(), nullable=False),
+        # δ re-measured on the held-out prompts of the same sets (null without held-out prompts)
+        pa.field("delta_heldout", pa.float64(), nullable=True),
+        pa.field("heldout_ci_low", pa.float64(), nullable=True),
+        pa.field("heldout_ci_high", pa.float64(), nullable=True),
     ]
 )
 
@@ -136,6 +141,53 @@ def contrast(
         ci_low, ci_high = mean_difference_ci(pos, neg, counts_pos, counts_neg, ci, chunk_elements)
         out.update(ci_low=ci_low, ci_high=ci_high)
     return out
+
+
+def paired_count_matrices(
+    pos_units: Sequence[str | None], neg_units: Sequence[str | None], n_boot: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Bootstrap weight matrices ``([n_boot, n⁺], [n_boot, n⁻])`` resampling pairs together.
+
+    ``pos_units[r]`` / ``neg_units[r]`` is the pair id of each row (``None``: unpaired). A pair id
+    found in both sets is one unit: each replicate draws as many units as there are pairs, with
+    replacement, and every prompt of a drawn unit (in either set) counts once per draw. Prompts
+    without a partner in the other set are resampled within their own set. Each row of a matrix
+    is scaled to sum to the set's size, so ``W @ A / n`` is the replicate's mean (as with
+    :func:`neuronaudit.evaluation.stats.bootstrap_count_matrices`, which this equals when nothing
+    is paired). Returns the matrices and ``{n_pairs, n_unpaired_pos, n_unpaired_neg}``.
+    """
+    if n_boot < 1:
+        raise NeuronAuditError(f"n_boot {n_boot!r} must be at least 1")
+    pos_units = [None if u is None else str(u) for u in pos_units]
+    neg_units = [None if u is None else str(u) for u in neg_units]
+    shared = sorted({u for u in pos_units if u is not None} & {u for u in neg_units if u is not None})
+    key = {u: j for j, u in enumerate(shared)}
+    rng = np.random.default_rng(seed)
+    draws = count_matrix(rng.integers(0, len(shared), size=(n_boot, len(shared))), len(shared)) if shared else None
+
+    def weights(units: list[str | None]) -> np.ndarray:
+        n = len(units)
+        w = np.zeros((n_boot, n))
+        paired = [r for r, u in enumerate(units) if u in key]
+        if paired:
+            w[:, paired] = draws[:, [key[units[r]] for r in paired]]
+        alone = [r for r, u in enumerate(units) if u not in key]
+        if alone:
+            w[:, alone] = count_matrix(rng.integers(0, len(alone), size=(n_boot, len(alone))), len(alone))
+        total = w.sum(1, keepdims=True)
+        return w * n / np.where(total > 0, total, 1.0)
+
+    wp, wn = weights(pos_units), weights(neg_units)
+    info = {"n_pairs": len(shared), "n_unpaired_pos": sum(u not in key for u in pos_units),
+            "n_unpaired_neg": sum(u not in key for u in neg_units)}
+    return wp, wn, info
+
+
+def _boot_weights(pos_ids, neg_ids, pairs, n_boot, seed):
+    if pairs is None:
+        return (*bootstrap_count_matrices(len(pos_ids), len(neg_ids), n_boot, seed),
+                {"n_pairs": 0, "n_unpaired_pos": len(pos_ids), "n_unpaired_neg": len(neg_ids)})
+    return paired_count_matrices([pairs.get(p) for p in pos_ids], [pairs.get(p) for p in neg_ids], n_boot, seed)
 
 
 def top_fraction(activations: np.ndarray, top_n: int = 20) -> np.ndarray:
@@ -192,11 +244,14 @@ def screen(
     universal_top_n: int = 20,
     universal_fraction: float = 0.8,
     rank_by: str = "delta",
+    pairs: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Scores of every neuron of every layer in the tables (columns of :data:`SCREEN_SCHEMA`).
 
     ``pos_ids``/``neg_ids`` restrict each set to those prompts (the discovery split); ``None``
     uses every prompt. Without diverse tables no neuron is universal and ``top_frac`` is NaN (null).
+    ``pairs`` maps a prompt id to its pair id: the bootstrap then resamples pairs together
+    (:func:`paired_count_matrices`); ``df.attrs['bootstrap']`` records the units.
     """
     if rank_by not in RANK_BY:
         raise NeuronAuditError(f"rank_by {rank_by!r} must be one of {RANK_BY}")
@@ -217,10 +272,10 @@ def screen(
     if diverse_last_tokens:
         universal = universal_neurons(diverse_last_tokens, layers, universal_top_n, universal_fraction)
     for layer in layers:
-        _, pos = pos_last_token.layer(layer, pos_ids)
-        _, neg = neg_last_token.layer(layer, neg_ids)
+        pos_rows, pos = pos_last_token.layer(layer, pos_ids)
+        neg_rows, neg = neg_last_token.layer(layer, neg_ids)
         if boot is None:
-            boot = bootstrap_count_matrices(len(pos), len(neg), n_boot, seed)
+            *boot, units = _boot_weights(pos_rows, neg_rows, pairs, n_boot, seed)
         stats = contrast(pos, neg, *boot, ci=ci)
         frame = pd.DataFrame({"layer": layer, "neuron": np.arange(pos.shape[1]), **stats})
         frame["screened"] = layer not in skip
@@ -237,7 +292,54 @@ def screen(
     screened_order = order[scores["screened"].to_numpy(bool)[order]]
     rank.iloc[screened_order] = np.arange(1, len(screened_order) + 1)
     scores["rank"] = rank
-    return scores[list(SCREEN_SCHEMA.names)]
+    out = scores[list(SCREEN_SCHEMA.names)]
+    out.attrs["bootstrap"] = {"paired": pairs is not None, **units}
+    return out
+
+
+def heldout_contrast(
+    circuit: pd.DataFrame,
+    pos_last_token: LastTokenTable,
+    neg_last_token: LastTokenTable,
+    pos_ids: Sequence[str],
+    neg_ids: Sequence[str],
+    pairs: Mapping[str, str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """δ of the circuit's neurons re-measured on other prompts of the same sets (the held-out
+    split), with the same (paired) bootstrap CI: the circuit with ``delta_heldout``,
+    ``heldout_ci_low``, ``heldout_ci_high`` filled. ``df.attrs['heldout']`` summarises the
+    winner's curse: the mean of ``sign(δ_discovery)·δ_heldout`` over the mean ``|δ_discovery|``
+    (``retained``; 1 = no shrinkage), the share keeping their sign and the share whose held-out
+    CI excludes 0 on the discovery side."""
+    out = circuit.copy()
+    for col in ("delta_heldout", "heldout_ci_low", "heldout_ci_high"):
+        out[col] = np.nan
+    boot = None
+    for layer, group in out.groupby("layer"):
+        pos_rows, pos = pos_last_token.layer(int(layer), pos_ids)
+        neg_rows, neg = neg_last_token.layer(int(layer), neg_ids)
+        if boot is None:
+            *boot, units = _boot_weights(pos_rows, neg_rows, pairs, n_boot, seed)
+        cols = group["neuron"].to_numpy(int)
+        stats = contrast(pos[:, cols], neg[:, cols], *boot, ci=ci)
+        out.loc[group.index, "delta_heldout"] = stats["delta"]
+        out.loc[group.index, "heldout_ci_low"] = stats["ci_low"]
+        out.loc[group.index, "heldout_ci_high"] = stats["ci_high"]
+    sign = np.sign(out["delta"].to_numpy())
+    kept = sign * out["delta_heldout"].to_numpy()
+    beyond = np.where(sign > 0, out["heldout_ci_low"].to_numpy() > 0, out["heldout_ci_high"].to_numpy() < 0)
+    out.attrs["heldout"] = {
+        "n_pos": len(pos_ids), "n_neg": len(neg_ids), "paired": pairs is not None, **(units if boot else {}),
+        "mean_abs_delta_discovery": float(np.abs(out["delta"]).mean()),
+        "mean_signed_delta_heldout": float(kept.mean()),
+        "retained": float(kept.mean() / np.abs(out["delta"]).mean()) if np.abs(out["delta"]).mean() > 0 else None,
+        "share_same_sign": float((kept > 0).mean()),
+        "share_ci_excludes_zero": float(beyond.mean()),
+    }
+    return out
 
 
 def resolve_k(k: int | float, n_total: int) -> int:
@@ -294,6 +396,9 @@ def select_circuit(
             "std_delta": top["std_delta"].to_numpy(),
             "ci_low": top["ci_low"].to_numpy(),
             "ci_high": top["ci_high"].to_numpy(),
+            "delta_heldout": np.nan,
+            "heldout_ci_low": np.nan,
+            "heldout_ci_high": np.nan,
         }
     )
     out.attrs.update(
@@ -316,54 +421,11 @@ def circuit_plan(
     )
 
 
-# --- CAA baseline ------------------------------------------------------------------------------
-
-
-def _layer_deltas(scores: pd.DataFrame, n_neurons: int) -> dict[int, np.ndarray]:
-    out = {}
-    for layer, group in scores.groupby("layer"):
-        vec = np.zeros(n_neurons)
-        vec[group["neuron"].to_numpy()] = group["delta"].to_numpy()
-        out[int(layer)] = vec
-    return out
-
-
-def caa_vectors(adapter, scores: pd.DataFrame) -> torch.Tensor:
-    """CAA vectors ``[n_layers, d_model]``: row ``l`` is ``W_out δ_l``, the mean difference of the
-    MLP output between P⁺ and P⁻ (zero for layers absent from ``scores``)."""
-    vectors = torch.zeros(adapter.n_layers, adapter.d_model, dtype=torch.float64)
-    for layer, delta in _layer_deltas(scores, adapter.n_neurons).items():
-        w = adapter.write_matrix(layer).detach().double().cpu()
-        vectors[layer] = w @ torch.from_numpy(delta)
-    return vectors
-
-
-def caa_edits(
-    scores: pd.DataFrame,
-    alpha: float,
-    positions: Sequence[str] = ("prompt", "generated"),
-    layers: Iterable[int] | None = None,
-) -> list[NeuronEdit]:
-    """"Add ``α``·CAA vector to the MLP output of every layer" as neuron edits: a dose ``α·δ_{l,i}``
-    on every neuron (exact, since the MLP output is linear in ``a_l``). Neurons with δ = 0 are
-    skipped (their dose is 0)."""
-    keep = scores if layers is None else scores[scores["layer"].isin(list(layers))]
-    return [
-        NeuronEdit.dose(int(layer), int(neuron), float(alpha) * float(delta), positions)
-        for layer, neuron, delta in zip(keep["layer"], keep["neuron"], keep["delta"])
-        if delta != 0 and alpha != 0
-    ]
-
-
-def caa_plan(scores: pd.DataFrame, alpha: float, positions=("prompt", "generated"), layers=None) -> InterventionPlan:
-    return InterventionPlan.broadcast(caa_edits(scores, alpha, positions, layers))
-
-
 # --- stage ---------------------------------------------------------------------------------------
 
 
 __all__ = [
     "SCREEN_SCHEMA", "CIRCUIT_SCHEMA", "contrast", "top_fraction",
     "universal_neurons", "screen", "resolve_k", "select_circuit", "circuit_plan",
-    "caa_vectors", "caa_edits", "caa_plan",
+    "paired_count_matrices", "heldout_contrast",
 ]

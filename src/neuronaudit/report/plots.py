@@ -341,15 +341,44 @@ def screen_overview(scores: pd.DataFrame, circuits: dict[str, pd.DataFrame]) -> 
     return fig
 
 
+def screen_heldout(circuits: dict[str, pd.DataFrame]) -> Figure:
+    """Per behaviour, each circuit neuron's δ on the discovery prompts (where it was picked)
+    against δ re-measured on the held-out prompts of the same sets, with the held-out 95% CI;
+    points below the diagonal (in the neuron's sign) show the winner's curse."""
+
+    names = [n for n, c in circuits.items() if "delta_heldout" in c and c["delta_heldout"].notna().any()]
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.0 * max(len(names), 1), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        c = circuits[name].dropna(subset=["delta_heldout"])
+        ax.errorbar(c["delta"], c["delta_heldout"],
+                    yerr=_yerr(c["delta_heldout"], c["heldout_ci_low"], c["heldout_ci_high"]), fmt="o", ms=3.5,
+                    color=color_for(name), elinewidth=0.7, capsize=0)
+        lim = float(np.nanmax(np.abs(np.r_[c["delta"], c["heldout_ci_low"], c["heldout_ci_high"]]))) * 1.1 or 1.0
+        ax.plot([-lim, lim], [-lim, lim], color="#666666", lw=0.8, label="held-out δ = discovery δ")
+        ax.axhline(0, color="#999999", lw=0.6)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_title(_mpl_text(name), fontsize=10, color=color_for(name))
+        ax.set_xlabel("δ, discovery prompts (ranked on)")
+        ax.set_ylabel("δ, held-out prompts (95% CI)")
+        ax.legend(fontsize=7, frameon=False, loc="upper left")
+    if not names:
+        axes[0][0].text(0.5, 0.5, "no held-out prompts collected", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
 def _family(intervention: pd.Series) -> pd.Series:
     return intervention.str.extract(r"^(none|circuit_pos|circuit_neg|circuit|random|caa)")[0].fillna("other")
 
 
-def cna_dose_response(summary: pd.DataFrame, fractions: pd.DataFrame | None = None) -> Figure:
-    """Per intervention (circuit scalings, random circuit, CAA): the rollout types of held-out
-    harmful prompts with the 95% CI of the refusal fraction (from ``fractions``, the CNA
-    rollout-type table; the summary's refusal rate without one), quality and perplexity, bars
-    coloured by intervention family."""
+def cna_dose_response(summary: pd.DataFrame, fractions: pd.DataFrame | None = None,
+                      quality_threshold: float | None = None) -> Figure:
+    """Per intervention (circuit scalings, random circuit, CAA per layer and α): the rollout types
+    of held-out harmful prompts with the 95% CI of the refusal fraction (from ``fractions``, the
+    CNA rollout-type table; the summary's refusal rate without one), quality (with the matched-
+    quality threshold as a line) and perplexity, bars coloured by intervention family."""
 
     df = summary.reset_index(drop=True).copy()
     df["family"] = _family(df["intervention"])
@@ -384,6 +413,8 @@ def cna_dose_response(summary: pd.DataFrame, fractions: pd.DataFrame | None = No
                               ["quality (1 − 4-gram repetition)", "median perplexity, general text"]):
         ax.barh(y, df[col], color=[color_for(f) for f in df["family"]], height=0.7)
         ax.set_xlabel(label)
+    if quality_threshold is not None:
+        axes[1].axvline(quality_threshold, color="#111111", lw=0.9, ls="--")
     axes[0].set_yticks(y, [_mpl_text(o) for o in order])
     axes[0].invert_yaxis()
     families = list(dict.fromkeys(df["family"]))

@@ -34,22 +34,45 @@ from neuronaudit.report.page import (
 
 __all__ = ["PUBLISHED", "STAGE_TITLES", "BUILDERS", "stage_sections"]
 
-#: The published numbers each headline reproduces (see the papers cited in the README).
-PUBLISHED = {
-    "refusal_start": "90% / 93% / 87% JBB refusal before CNA (Llama-3.2-1B / Qwen2.5-1.5B / Qwen2.5-7B)",
-    "cna_refusal": "90→34% (Llama-3.2-1B), 93→12% (Qwen2.5-1.5B), 87→2% (Qwen2.5-7B)",
-    "cna_quality": "≥ 0.969 at every strength; CAA falls to 0.41–0.89",
-    "keystone_fraction": "under 0.2% of neurons",
-    "keystone_collapse": "zeroing 30 neurons drives every benchmark to 0 (Llama-3.1-8B)",
-    "keystone_stability": "stable across disjoint prompt groups",
-    "window_n": "15 held-out neurons",
-    "window_mae": "0.14",
-    "window_mae_bulk": "≈ 0.07",
-    "window_verdicts": "11/15 correct vs 10/15 majority baseline",
-    "window_pivots": "3 of 6 Llama refusal pivots, only at later horizons",
-    "attribution_grad": "gradient anti-predicts control (ρ < 0)",
-    "attribution_forward": "the forward screen recovers controllers the gradient misses",
+#: Where each published number comes from: the seed document (/work/shared/seeds/, named by its
+#: number) and the section of SCIENCE.md that states the number.
+SOURCES = {
+    "cna": "seed 004 (CNA, Nous Research, arXiv 2605.12290), as stated in SCIENCE.md §3 'Published'",
+    "keystone": "seed 002 (keystone neurons, arXiv 2605.24846), as stated in SCIENCE.md §4 'Published'",
+    "window": "seed 003 ('Leverage Is Not Reach'), abstract; SCIENCE.md §1 'Published numbers'",
+    "attribution": "seed 003 ('Leverage Is Not Reach'), abstract; SCIENCE.md §2 'Claim'",
 }
+
+
+def _published(text: str, source: str) -> str:
+    return f"{text} [{SOURCES[source]}]"
+
+
+#: The published numbers each headline reproduces, each naming its seed document and section.
+#: A headline with no published counterpart shows none: the refusal rate of the study's own
+#: reference model, for one, is not the JBB refusal rate of another model.
+PUBLISHED = {
+    "cna_refusal": _published("JBB refusal, unablated → circuit ablated: 90→34% (Llama-3.2-1B), 93→12% "
+                              "(Qwen2.5-1.5B), 87→2% (Qwen2.5-7B)", "cna"),
+    "cna_quality": _published("quality ≥ 0.969 at every strength; CAA falls to 0.41–0.89", "cna"),
+    "keystone_collapse": _published("zeroing 30 neurons drives every benchmark to 0 (Llama-3.1-8B)", "keystone"),
+    "keystone_stability": _published("keystone sets are stable across disjoint prompt groups", "keystone"),
+    "window_n": _published("15 held-out neurons", "window"),
+    "window_mae": _published("0.14", "window"),
+    "window_mae_bulk": _published("≈ 0.07", "window"),
+    "window_verdicts": _published("11/15 correct vs 10/15 majority baseline", "window"),
+    "window_pivots": _published("actionable reach for 3 of 6 audited Llama refusal pivots, only at later horizons",
+                                "window"),
+    "attribution_grad": _published("local gradient attribution anti-predicts control", "attribution"),
+    "attribution_forward": _published("a forward-only contrastive screen recovers controllers attribution misses",
+                                      "attribution"),
+}
+
+#: Parts of a method that SCIENCE.md marks "Recon" (reconstructed from an abstract): the report
+#: says so wherever their results appear.
+RECONSTRUCTION = ("reconstruction: the predicted ceiling (critical alignment c* through the saturation curve, and "
+                  "the single-pass KL threshold) is reconstructed from the abstract of seed 003 as SCIENCE.md §1 "
+                  "specifies it, not taken from the paper's code")
 
 #: Section id -> title, in page order (the Snakemake report's categories use the same titles).
 STAGE_TITLES = {
@@ -136,7 +159,7 @@ def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, 
     )
     heads = [
         _rate_headline("refusal.tuned", "refusal of held-out harmful prompts, refusal-tuned model",
-                       ev["tuned"]["refusal_harmful"], PUBLISHED["refusal_start"], ev_link),
+                       ev["tuned"]["refusal_harmful"], "", ev_link),
         _rate_headline("refusal.base", "refusal of held-out harmful prompts, base model",
                        ev["base"]["refusal_harmful"], "", ev_link),
         _rate_headline("refusal.over_refusal", "over-refusal of held-out harmless prompts, refusal-tuned model",
@@ -170,14 +193,29 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     scores = pd.concat(frames, ignore_index=True)
     items = [_figure("screen_overview", "Contrastive screen", plots.screen_overview(scores, tables),
                      {n: _rel(folder / f"{n}.scores.parquet", report_dir) for n in circuits})]
+    if any("delta_heldout" in c and c["delta_heldout"].notna().any() for c in tables.values()):
+        items.append(_figure("screen_heldout", "Circuit δ: discovery against held-out prompts",
+                             plots.screen_heldout(tables), {n: _rel(p, report_dir) for n, p in circuits.items()}))
     for name, circuit in tables.items():
-        items.append(Table(f"{name}: circuit (k = {len(circuit)})",
-                           circuit.head(20)[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low",
-                                             "ci_high"]],
+        columns = [c for c in ("rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high",
+                               "delta_heldout", "heldout_ci_low", "heldout_ci_high") if c in circuit]
+        items.append(Table(f"{name}: circuit (k = {len(circuit)})", circuit.head(20)[columns],
                            caption("screen_top"), table_link=_rel(circuits[name], report_dir)))
-    excluded = []
+    excluded, curse = [], []
     for name, cpath in circuits.items():
         prov = naio.read_provenance(cpath)
+        boot, held = prov.get("bootstrap") or {}, prov.get("heldout") or {}
+        if boot.get("paired"):
+            excluded.append(f"{name}: bootstrap over {boot.get('n_pairs')} style-matched pairs resampled together "
+                            f"({boot.get('n_unpaired_pos')} + {boot.get('n_unpaired_neg')} unpaired prompts "
+                            "resampled within their set)")
+        if _finite(held.get("retained")):
+            curse.append(f"{name}: on {held.get('n_pos')} + {held.get('n_neg')} held-out prompts the circuit keeps "
+                         f"{held['retained']:.0%} of its discovery |δ| (sign-aligned mean), "
+                         f"{_f(held.get('share_same_sign'), '.0%')} keep their sign and "
+                         f"{_f(held.get('share_ci_excludes_zero'), '.0%')} have a held-out 95% CI excluding 0")
+        elif held.get("skipped"):
+            curse.append(f"{name}: no held-out re-estimate ({held['skipped']})")
         excluded.append(f"{name}: layers not screened {prov.get('skip_layers', 'missing')}, "
                         f"{prov.get('n_universal', 'missing')} neurons flagged universal (in the top "
                         f"{prov.get('universal_top_n', '?')} by |a| of their layer on at least "
@@ -185,7 +223,10 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
                         f"{prov.get('n_universal_excluded', 'missing')} of them would have entered the circuit")
     intro = ("Forward-only contrastive screen on the discovery split: δ = mean⁺ − mean⁻ of last-token "
              "activations; standardised δ divides by the pooled standard deviation with the layer's median as a "
-             "variance floor. Universal neurons are excluded from circuits. " + "; ".join(excluded) + ".")
+             "variance floor. Universal neurons are excluded from circuits. " + "; ".join(excluded) + ". "
+             "The circuit is the top of a ranking of every neuron, so its discovery δ is biased away from 0 "
+             "(winner's curse); it is re-measured on the held-out prompts of the same sets"
+             + (": " + "; ".join(curse) if curse else "") + ".")
     return Section("screen", STAGE_TITLES["screen"], intro, items), heads
 
 
@@ -194,6 +235,8 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
     if not path.is_file():
         return None, []
     summary = pq.read_table(path).to_pandas()
+    matched = naio.read_provenance(path).get("matched_quality") or {}
+    threshold = matched.get("quality_threshold")
     fpath = study_dir / "cna" / "fractions.parquet"
     fractions = pq.read_table(fpath).to_pandas() if fpath.is_file() else None
     links = {"summary": _rel(path, report_dir)}
@@ -201,8 +244,8 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
         links["rollout types"] = _rel(fpath, report_dir)
     items = [
         _figure("cna_dose_response", "CNA circuit scaling against controls",
-                plots.cna_dose_response(summary, fractions), links),
-        Table("CNA interventions", summary, caption("cna_table"), table_link=_rel(path, report_dir)),
+                plots.cna_dose_response(summary, fractions, threshold if _finite(threshold) else None), links),
+        Table("CNA and CAA interventions", summary, caption("cna_table"), table_link=_rel(path, report_dir)),
     ]
     by = summary.set_index("intervention")
     heads = []
@@ -220,22 +263,43 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
     def text(rate, ci) -> str:
         return f"{rate:.1%}" + (f" (95% CI {ci[0]:.1%}–{ci[1]:.1%})" if ci and None not in ci else "")
 
+    def row_text(name: str) -> str:
+        r, c = refusal(name)
+        return f"{name}: refusal {text(r, c)}, quality {by.loc[name, 'quality']:.3f}"
+
+    source = links.get("rollout types", links["summary"])
     if "none" in by.index and "circuit_x0" in by.index:
         r0, c0 = refusal("none")
         r1, c1 = refusal("circuit_x0")
-        heads.append(Headline("cna.refusal_unablated", "CNA: refusal rate without intervention", text(r0, c0), r0, c0,
-                              PUBLISHED["refusal_start"], links.get("rollout types", links["summary"])))
-        heads.append(Headline("cna.refusal_circuit_ablated", "CNA: refusal rate with the circuit ablated (×0)",
-                              text(r1, c1), r1, c1, PUBLISHED["cna_refusal"],
-                              links.get("rollout types", links["summary"])))
+        heads.append(Headline("cna.refusal_unablated", "CNA: refusal rate of held-out harmful prompts without "
+                              "intervention (the study's reference model, not a JBB rate)", text(r0, c0), r0, c0,
+                              "", source))
+        heads.append(Headline("cna.refusal_circuit_ablated", "CNA: refusal rate, unablated → circuit ablated (×0)",
+                              f"{text(r0, c0)} → {text(r1, c1)}", r1, c1, PUBLISHED["cna_refusal"], source))
         circuit = [i for i in by.index if str(i).startswith("circuit_x")]
         q = float(by.loc[circuit, "quality"].min())
         caa = [i for i in by.index if str(i).startswith("caa")]
-        caa_text = f"; CAA {by.loc[caa, 'quality'].min():.3f}–{by.loc[caa, 'quality'].max():.3f}" if caa else ""
-        heads.append(Headline("cna.quality_min", "CNA: lowest quality over circuit strengths",
+        caa_text = (f"; CAA over {len(caa)} (layer, α) rows {by.loc[caa, 'quality'].min():.3f}–"
+                    f"{by.loc[caa, 'quality'].max():.3f}") if caa else ""
+        heads.append(Headline("cna.quality_min", "CNA: lowest quality over circuit strengths (CAA: range)",
                               f"{q:.3f}{caa_text}", q, None, PUBLISHED["cna_quality"], links["summary"]))
+    if matched:
+        best = {k: matched.get(k) for k in ("best_cna", "best_caa")}
+        shown = [f"{label} {row_text(best[k]) if best[k] in by.index else 'none reaches it'}"
+                 for k, label in (("best_cna", "CNA"), ("best_caa", "CAA"))]
+        value = float(by.loc[best["best_caa"], "refusal_rate"]) if best["best_caa"] in by.index else None
+        heads.append(Headline(
+            "cna.matched_quality", f"best CNA and best CAA at matched quality ≥ {_f(threshold, '.3f')}",
+            "; ".join(shown) + f" (rule: {matched.get('rule', 'missing')})", value, None, "", links["summary"]))
+    rule = (f" Rows are compared at matched quality: {matched['rule']} (threshold {_f(threshold, '.3f')}; "
+            f"{matched.get('n_caa_rows_at_quality', '?')} of {matched.get('n_caa_rows', '?')} CAA rows reach it)."
+            if matched else "")
     intro = ("CNA scales every circuit neuron (a ← m·a) at every prompt and generated token; controls are a "
-             "random circuit of the same size in the same layers and the CAA mean-difference baseline.")
+             "random circuit of the same size in the same layers and CAA as specified by Rimsky et al.: the mean "
+             "difference of the residual stream after one layer at the last prompt token (positive minus negative "
+             "discovery prompts), added times α to that layer's residual at the last prompt token and every "
+             "generated token, swept over layers and α. Quality is 1 − 4-gram repetition of the greedy rollouts "
+             "(SCIENCE.md §3)." + rule)
     return Section("cna", STAGE_TITLES["cna"], intro, items), heads
 
 
@@ -256,8 +320,14 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
     stab = folder / "stability.parquet"
     if stab.is_file():
         s = pq.read_table(stab).to_pandas()
-        agg = s.groupby(["score", "k"], as_index=False)[["iou", "iou_chance"]].mean()
-        items.append(Table("Stability of the top-k sets across disjoint prompt halves", agg,
+        if "basis" not in s:  # tables written before stability moved to disjoint task groups
+            s = s.assign(basis="prompt_halves")
+        agg = s.groupby(["basis", "score", "k"], as_index=False).agg(
+            iou_mean=("iou", "mean"), iou_min=("iou", "min"), iou_max=("iou", "max"),
+            iou_chance=("iou_chance", "first"), n_splits=("split", "nunique"))
+        agg["basis"] = agg["basis"].map(STABILITY_BASIS_LABELS).fillna(agg["basis"])
+        agg = agg.sort_values(["basis", "score", "k"], key=lambda c: c.map(_BASIS_ORDER) if c.name == "basis" else c)
+        items.append(Table("Stability of the top-k sets across disjoint halves of the task groups", agg,
                            caption("keystone_stability"), table_link=_rel(stab, report_dir)))
     curve_summary = summary.get("curve", summary)
     curve_summary = curve_summary if isinstance(curve_summary, dict) else {}
@@ -282,18 +352,28 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
         ks = curve_summary["perplexity_separates_at_k"] or []
         heads.append(Headline("keystone.separates_at_k",
                               "keystone ablation beats every random control (perplexity) at k",
-                              ", ".join(str(k) for k in ks) or "none", None, None,
-                              PUBLISHED["keystone_fraction"], link))
-    stability = summary.get("stability") or []
+                              ", ".join(str(k) for k in ks) or "none", None, None, "", link))
+    stability = [e for e in summary.get("stability") or []
+                 if e.get("basis") == "task_groups" and e.get("score") == "min"]
     if stability:
-        top = max(stability, key=lambda e: (e.get("k", 0), e.get("score") == "min"))
+        k_max = max(summary.get("provenance", {}).get("k_values") or [0])
+        top = min(stability, key=lambda e: (abs(e.get("k", 0) - k_max), -e.get("k", 0)))
         heads.append(Headline(
             "keystone.stability_iou",
-            f"keystone top-{top['k']} set ({top.get('score')} score): IoU across disjoint halves",
+            f"keystone top-{top['k']} set by the ranking score (min over groups of mean |a|): IoU across "
+            "disjoint halves of the task groups",
             f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
             f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
             top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link))
     return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
+
+
+#: How the report names each stability basis (methods.keystone.STABILITY_BASES).
+STABILITY_BASIS_LABELS = {
+    "task_groups": "primary: ranking score, disjoint task groups",
+    "prompt_halves": "secondary: last-token |a|, random prompt halves of every group",
+}
+_BASIS_ORDER = {label: i for i, label in enumerate(STABILITY_BASIS_LABELS.values())}
 
 
 def _window_mae(entry: dict, unit: str, band: str | None = None) -> str:
@@ -335,13 +415,13 @@ def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
     const, raw = summary.get("predictor_constant", {}), summary.get("predictor_raw_dose", {})
     mae, rho = _window_mae, _window_rho
     return [
-        {"figure": "held-out neurons", "this study": n, "published": 15},
+        {"figure": "held-out neurons", "this study": n, "published": PUBLISHED["window_n"]},
         {"figure": "unintervened (x = 0) share of prompts showing the flip / collapsing, per behaviour",
          "this study": _baseline_text(summary.get("baseline_unintervened") or {}), "published": "—"},
-        {"figure": "ceiling MAE, alignment units, predictor (a) c*", "this study": mae(a, "alignment"),
-         "published": "0.14 (alignment units, all layers)"},
-        {"figure": "ceiling MAE, alignment units, predictor (a), bulk layers", "this study":
-            mae(a, "alignment", "bulk"), "published": "≈0.07 (bulk layers)"},
+        {"figure": "ceiling MAE, alignment units, predictor (a) c* (reconstruction)", "this study":
+            mae(a, "alignment"), "published": PUBLISHED["window_mae"]},
+        {"figure": "ceiling MAE, alignment units, predictor (a), bulk layers (reconstruction)", "this study":
+            mae(a, "alignment", "bulk"), "published": PUBLISHED["window_mae_bulk"]},
         {"figure": "ceiling MAE, alignment units, constant baseline (training mean ceiling)",
          "this study": mae(const, "alignment") if const else "missing", "published": "—"},
         {"figure": "ceiling MAE, alignment units, raw-dose baseline", "this study":
@@ -354,7 +434,8 @@ def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
             _f(a.get("skill_vs_constant_alignment"), ".2f"), "published": "—"},
         {"figure": "Spearman ρ, predicted vs measured ceiling: (a) / (b)", "this study": f"{rho(a)} / {rho(k)}",
          "published": "—"},
-        {"figure": "verdicts", "this study": verdict_text, "published": "11/15 vs 10/15"},
+        {"figure": "verdicts (predicted ceiling: reconstruction)", "this study": verdict_text,
+         "published": PUBLISHED["window_verdicts"]},
         {"figure": "verdicts on neurons with a trigger", "this study":
             f"{v.get('correct_with_trigger')}/{v.get('n_with_trigger')} vs majority "
             f"{v.get('majority_correct_with_trigger')}/{v.get('n_with_trigger')}, McNemar p = "
@@ -449,11 +530,13 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
              "too little depth if a late-layer (last 20%) neuron's readout alignment never reaches the median "
              "readout alignment at which open training neurons triggered; otherwise collapse before trigger. "
              "Predicted ceilings use only the weights and one generic forward pass; nothing fitted sees a "
-             "held-out neuron, and the majority verdict is taken from the training neurons.")
+             "held-out neuron, and the majority verdict is taken from the training neurons. "
+             + RECONSTRUCTION[0].upper() + RECONSTRUCTION[1:] + ".")
     ci = a.get("mae_alignment_ci95") or [None, None]
     heads = [
         Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link),
-        Headline("window.ceiling_mae_alignment", "ceiling MAE on held-out neurons (alignment cosθ, predictor a)",
+        Headline("window.ceiling_mae_alignment",
+                 "ceiling MAE on held-out neurons (alignment cosθ, predictor a; reconstruction)",
                  _window_mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link),
         Headline("window.ceiling_mae_alignment_constant",
                  "ceiling MAE of the constant baseline (training mean ceiling), alignment cosθ",

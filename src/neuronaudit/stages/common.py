@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -91,6 +92,8 @@ def read_circuit(path: str | Path) -> pd.DataFrame:
     if path.suffix == ".json":
         doc = json.loads(path.read_text())
         df = pd.DataFrame(doc["neurons"], columns=list(CIRCUIT_SCHEMA.names))
+        floats = [f.name for f in CIRCUIT_SCHEMA if pa.types.is_floating(f.type)]
+        df[floats] = df[floats].astype(float)  # JSON null (a missing held-out δ) reads back as NaN
         df.attrs.update({k: v for k, v in doc.items() if k != "neurons"})
         return df
     df = read_table(path, "circuit")

@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 
 from neuronaudit.errors import NeuronAuditError
@@ -24,6 +25,8 @@ from neuronaudit.methods.keystone import (
     STABILITY_SCHEMA,
     ablation_curve,
     curve_schema,
+    group_splits,
+    group_stability,
     keystone_schema,
     keystone_scores,
     ranked_neurons,
@@ -79,10 +82,14 @@ def run_keystone(
     man = read_manifest(manifest)
     weight_hash = same_model([*stats_by_group.values(), *last_token_by_group.values()], man, "keystone")
     ks = k_values(o.k_max)
-    scores = keystone_scores({g: read_table(p, "statistics table") for g, p in stats_by_group.items()},
-                             o.outlier_multiple)
-    stab = stability({g: LastTokenTable(p) for g, p in last_token_by_group.items()}, o.iou_k, seed=o.seed,
-                     n_splits=o.n_splits)
+    stats = {g: read_table(p, "statistics table") for g, p in stats_by_group.items()}
+    scores = keystone_scores(stats, o.outlier_multiple)
+    # primary: the ranking score on disjoint halves of the task groups; secondary: random prompt halves
+    stab = pd.concat([
+        group_stability(stats, o.iou_k),
+        stability({g: LastTokenTable(p) for g, p in last_token_by_group.items()}, o.iou_k, seed=o.seed,
+                  n_splits=o.n_splits),
+    ], ignore_index=True)
     ranked = ranked_neurons(scores)
     missing = [g for g in [GENERIC_SET, *ACCURACY_GROUPS] if g not in prompt_tables]
     if missing:
@@ -108,7 +115,11 @@ def run_keystone(
         dtype=o.model.dtype, groups=list(stats_by_group),
         group_hashes={g: read_provenance(p).get("prompt_set_hash") for g, p in stats_by_group.items()},
         stats_positions=first_prov.get("positions"), outlier_multiple=o.outlier_multiple, seed=o.seed,
-        k_values=ks, n_random=o.n_random, iou_k=list(o.iou_k), n_splits=o.n_splits, eval_split=EVAL_SPLIT,
+        k_values=ks, n_random=o.n_random, iou_k=list(o.iou_k), n_splits=o.n_splits,
+        stability_primary="task_groups: the ranking score (min over groups of all-token mean |a|) on two "
+                          "disjoint halves of the task groups, every split",
+        stability_secondary="prompt_halves: last-token |a| on random halves of every group's prompts",
+        n_group_splits=len(group_splits(list(stats_by_group))), eval_split=EVAL_SPLIT,
         generic_set=GENERIC_SET, accuracy_groups=list(ACCURACY_GROUPS), n_texts=len(generic),
         n_task_prompts={g: len(t) for g, t in tasks.items()}, max_new_tokens=cap.max_new_tokens,
         ablation="scale 0", positions=list(DEFAULT_POSITIONS), chat_template=o.model.chat_template,

@@ -16,10 +16,12 @@ from neuronaudit.io import provenance, read_provenance, write_json, write_table
 from neuronaudit.methods.screen import (
     CIRCUIT_SCHEMA,
     SCREEN_SCHEMA,
+    heldout_contrast,
     screen,
     select_circuit,
 )
 from neuronaudit.options import ScreenOptions
+from neuronaudit.prompts import extras, read_prompt_table
 from neuronaudit.stages.common import read_prompts, same_model
 
 log = logging.getLogger("neuronaudit")
@@ -27,6 +29,8 @@ log = logging.getLogger("neuronaudit")
 
 #: Discovery prompts only: the held-out split stays unseen by the screen.
 SPLIT = "discovery"
+#: The circuit's δ is re-measured on this split of the same sets (the winner's curse made visible).
+HELDOUT_SPLIT = "heldout"
 #: Confidence of the bootstrap interval of every neuron's δ.
 CONFIDENCE = 0.95
 
@@ -68,14 +72,16 @@ def run_screen(
     skip_layers = skipped_layers(o, n_layers)
     pos_ids = [str(p) for p in read_prompts(pos_prompts_table, SPLIT)["prompt_id"]]
     neg_ids = [str(p) for p in read_prompts(neg_prompts_table, SPLIT)["prompt_id"]]
+    pairs = pair_ids(pos_prompts_table, neg_prompts_table)
     scores = screen(
         pos, neg, pos_ids, neg_ids, diverse, skip_layers=skip_layers, n_boot=o.n_boot, seed=o.seed,
         ci=CONFIDENCE, universal_top_n=o.universal_top_n, universal_fraction=o.universal_fraction,
-        rank_by=o.rank_by,
+        rank_by=o.rank_by, pairs=pairs,
     )
     if n_total is None:
         n_total = n_layers * pos.width
     circuit = select_circuit(scores, o.k, exclude_universal=True, n_total=n_total, rank_by=o.rank_by)
+    circuit, heldout = _heldout(circuit, pos, neg, pos_prompts_table, neg_prompts_table, pairs, o)
     pos_prompts, neg_prompts = read_provenance(pos_prompts_table), read_provenance(neg_prompts_table)
     prov = provenance(
         stage="screen",
@@ -95,6 +101,8 @@ def run_screen(
         n_neg=len(neg_ids),
         position="last_prompt",
         skip_layers=skip_layers,
+        bootstrap=scores.attrs["bootstrap"],
+        heldout=heldout,
         n_boot=o.n_boot,
         ci=CONFIDENCE,
         seed=o.seed,
@@ -111,6 +119,36 @@ def run_screen(
     circuit.attrs.update(prov)
     scores.attrs.update(prov)
     return scores, circuit
+
+
+def pair_ids(*prompt_tables: str | Path) -> dict[str, str] | None:
+    """``{prompt_id: pair_id}`` over the prompt tables (every split); ``None`` when no prompt of
+    them carries a ``pair_id`` (then the bootstrap resamples each set on its own)."""
+    out = {}
+    for path in prompt_tables:
+        df = read_prompt_table(path)
+        ex = extras(df) if len(df) else pd.DataFrame()
+        if "pair_id" not in ex:
+            continue
+        out.update({str(p): str(q) for p, q in zip(df["prompt_id"], ex["pair_id"]) if q is not None and q == q})
+    return out or None
+
+
+def _heldout(circuit, pos, neg, pos_table, neg_table, pairs, o: ScreenOptions) -> tuple[pd.DataFrame, dict]:
+    """The circuit with δ re-measured on the held-out prompts that the last-token tables hold
+    (every split is collected by default); a record of what was measured, or why not."""
+    if len(circuit) == 0:
+        return circuit, {"skipped": "empty circuit"}
+    layer = int(circuit["layer"].iloc[0])
+    ids = []
+    for table, prompts in ((pos, pos_table), (neg, neg_table)):
+        collected = set(table.layer(layer)[0])
+        wanted = [str(p) for p in read_prompt_table(prompts, HELDOUT_SPLIT)["prompt_id"]]
+        ids.append([p for p in wanted if p in collected])
+    if min(len(ids[0]), len(ids[1])) < 2:
+        return circuit, {"skipped": f"fewer than 2 held-out prompts collected per set ({len(ids[0])}, {len(ids[1])})"}
+    out = heldout_contrast(circuit, pos, neg, ids[0], ids[1], pairs, n_boot=o.n_boot, seed=o.seed, ci=CONFIDENCE)
+    return out, {"split": HELDOUT_SPLIT, **out.attrs["heldout"]}
 
 
 def _write(scores: pd.DataFrame, circuit: pd.DataFrame, prov: dict, out_scores, out_circuit) -> None:
