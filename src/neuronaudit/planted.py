@@ -202,3 +202,118 @@ def save_planted_model(path: str | Path, seed: int = 0) -> dict:
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model": path / "model", **files,
             "neurons": {k: list(v) for k, v in PLANTED.__dict__.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# a planted sufficient pair (WASD, SCIENCE.md section 5)
+# --------------------------------------------------------------------------------------------
+
+#: The last word decides the answer: a word of ``BOTH_CUES`` carries both features and is answered
+#: `` yes``; one of ``FIRST_CUES`` or ``SECOND_CUES`` carries one feature, one of ``NO_CUES`` none,
+#: and all of these are answered `` no``.
+BOTH_CUES = ("red", "blue")
+FIRST_CUES = ("green", "gold")
+SECOND_CUES = ("cat", "dog")
+NO_CUES = ("fish", "bird")
+SUFFICIENT_AXES = {"first": 0, "second": 1, "bias": 3, "yes": 4, "no": 5}
+
+
+@dataclass(frozen=True)
+class SufficientNeurons:
+    """(layer, neuron) of each neuron planted in :func:`planted_sufficient_model`."""
+
+    first: tuple[int, int] = (1, 5)  # fires on the first feature; writes 1.1 onto ``yes``
+    second: tuple[int, int] = (1, 9)  # fires on the second feature; writes 0.9 onto ``yes``
+    always: tuple[int, int] = (0, 3)  # fires on every token; writes 1.5 onto ``yes``
+    noise_first: tuple[int, int] = (1, 40)  # fires harder than ``first`` on the first feature; no route
+    noise_second: tuple[int, int] = (1, 41)  # fires harder than ``second`` on the second feature; no route
+    noise_both: tuple[int, int] = (2, 17)  # fires only when both features are present; no route
+
+
+SUFFICIENT = SufficientNeurons()
+
+
+def planted_sufficient_model(tokenizer, seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A three-layer Llama (for :func:`planted_tokenizer`'s vocabulary) whose answer `` yes`` needs
+    two planted neurons together: the ground truth of the sufficient-set search.
+
+    Attention writes nothing, so the last position is a function of the last token alone. Every
+    embedding has norm 8, carries ``no = 2.75`` and ``bias = 3``; the cue words carry 4.0 on the
+    ``first`` and/or ``second`` feature axis (``BOTH_CUES`` both). The `` yes`` logit reads ``10·yes``,
+    the `` no`` logit ``10·no``. Writes onto ``yes`` (:data:`SUFFICIENT`):
+
+    * ``always`` 1.5 on every token (necessary, never informative: it holds on every input),
+    * ``first`` 1.1 when the first feature is present, ``second`` 0.9 when the second is.
+
+    ``yes`` beats ``no = 2.75`` only with all three (3.5); ``always`` with one of the pair gives at
+    most 2.6. So on inputs whose last word is any cue, clamping ``first`` and ``second`` to their
+    activations on a ``BOTH_CUES`` word forces `` yes`` (the unique minimal sufficient set), while
+    either alone forces it only where the other feature is present. Three noise neurons correlate
+    with the pair (``noise_first``, ``noise_second`` fire harder on the same features,
+    ``noise_both`` exactly when the answer is `` yes``) but write only onto the random axes: a
+    contrastive screen ranks them first and clamping them changes nothing. Gradient × activation
+    ranks ``always`` first (largest write), so its top two miss ``second``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_layers = 3
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    a = SUFFICIENT_AXES
+    e = torch.eye(D_MODEL)
+
+    def random_write(norm: float) -> torch.Tensor:
+        v = torch.zeros(D_MODEL)
+        v[8:] = torch.randn(D_MODEL - 8, generator=gen)
+        return norm * v / v.norm()
+
+    with torch.no_grad():
+        emb = torch.zeros(len(tokenizer), D_MODEL)
+        emb[:, 8:] = torch.randn(len(tokenizer), D_MODEL - 8, generator=gen)
+        emb[:, a["bias"]], emb[:, a["no"]] = 3.0, 2.75
+        emb[[_word_id(tokenizer, w) for w in (*BOTH_CUES, *FIRST_CUES)], a["first"]] = 4.0
+        emb[[_word_id(tokenizer, w) for w in (*BOTH_CUES, *SECOND_CUES)], a["second"]] = 4.0
+        planted = emb[:, :8].pow(2).sum(-1, keepdim=True)
+        emb[:, 8:] *= ((64.0 - planted).clamp_min(1.0).sqrt() / emb[:, 8:].norm(dim=-1, keepdim=True))
+        model.model.embed_tokens.weight.copy_(emb)
+
+        head = 0.02 * torch.randn(len(tokenizer), D_MODEL, generator=gen)
+        head[:, :8] = 0.0
+        head[_word_id(tokenizer, ANSWERS["behaviour"])] = 10.0 * e[a["yes"]]
+        head[_word_id(tokenizer, ANSWERS["default"])] = 10.0 * e[a["no"]]
+        model.lm_head.weight.copy_(head)
+
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            mlp = layer.mlp
+            mlp.gate_proj.weight.copy_(0.1 * torch.randn(D_MLP, D_MODEL, generator=gen))
+            mlp.up_proj.weight.copy_(0.1 * torch.randn(D_MLP, D_MODEL, generator=gen))
+            down = 0.01 * torch.randn(D_MODEL, D_MLP, generator=gen)
+            down[:8] = 0.0
+            mlp.down_proj.weight.copy_(down)
+
+        def plant(where, gate, up, write):
+            mlp = model.model.layers[where[0]].mlp
+            mlp.gate_proj.weight[where[1]] = gate
+            mlp.up_proj.weight[where[1]] = up
+            mlp.down_proj.weight[:, where[1]] = write
+
+        p = SUFFICIENT
+        # gate = up = 2 on every token: silu(2)·2 ≈ 3.52
+        plant(p.always, (2 / 3) * e[a["bias"]], (2 / 3) * e[a["bias"]], (1.5 / 3.523) * e[a["yes"]])
+        # gate = up ≈ 3.95 on a feature word after the norm: silu(3.95)·3.95 ≈ 15.2
+        plant(p.first, e[a["first"]], e[a["first"]], (1.1 / 15.2) * e[a["yes"]])
+        plant(p.second, e[a["second"]], e[a["second"]], (0.9 / 15.2) * e[a["yes"]])
+        plant(p.noise_first, 1.5 * e[a["first"]], 1.5 * e[a["first"]], random_write(0.3))
+        plant(p.noise_second, 1.5 * e[a["second"]], 1.5 * e[a["second"]], random_write(0.3))
+        # fires (≈ 20) only when both features are present: gate 2.5·(first + second − 4·bias/3)
+        both = 2.5 * (e[a["first"]] + e[a["second"]] - (4 / 3) * e[a["bias"]])
+        plant(p.noise_both, both, both, random_write(0.3))
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

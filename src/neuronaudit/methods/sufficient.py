@@ -1,0 +1,473 @@
+"""Sufficient neuron sets (WASD, SCIENCE.md section 5; seed 000, arXiv 2603.18474) — recon.
+
+A *predicate* is a condition on one neuron at the target position (the last prompt token, whose
+forward predicts the next token): ``a_{l,i} ≥ θ`` for a neuron whose observed activation there is
+non-negative, ``a_{l,i} ≤ θ`` for a negative one, with ``θ = fraction · a_observed`` on the
+prompt being explained (:func:`predicates_from_activation`). The *target* is that prompt's
+current greedy next token.
+
+A set ``S`` of predicates is *sufficient* for the target when forcing every predicate of ``S``
+to hold keeps the output on perturbed inputs. Forcing a predicate clamps its neuron to ``θ``
+(the weakest value that satisfies it) at the chosen positions, and
+
+    precision(S) = #{perturbed inputs whose greedy next token is the target with S clamped} / n.
+
+The search (:func:`search_sufficient_set`, after the anchors of Ribeiro et al. 2018):
+
+1. start from the empty set (its precision is the perturbations' own rate of keeping the target);
+2. grow: every set of the beam is extended by every candidate predicate not in it; all extended
+   sets are evaluated together and the ``beam_width`` with the highest precision kept (greedy is
+   ``beam_width = 1``); stop when the best set's Wilson lower bound (two-sided interval at
+   ``confidence``) reaches ``1 − δ``, or at ``max_size``;
+3. prune: remove predicates one at a time while the bound still holds, each round trying every
+   single removal together and keeping the removal with the highest precision, until no predicate
+   can be removed (the set is then minimal: dropping any one predicate loses the guarantee).
+
+The search itself is pure: it calls an ``evaluate(sets) -> hits [n_sets, n_inputs]`` function and
+caches every set it has seen. :class:`ClampedPredictor` is the model-backed ``evaluate``: rows
+``(input, set)`` run through the intervention engine in batches, one forward per batch, each row
+with its own clamp edits (:meth:`~neuronaudit.interventions.InterventionPlan.per_row`), and a
+:class:`ForwardCounter` counts the forward calls and the sequences they carry: the search's cost.
+
+Candidates come from rankings (gradient × activation and the contrastive screen), not from every
+neuron (:func:`candidate_neurons`); the same rankings give the baseline sets of the same size
+(:func:`top_neurons`). Stability is the Jaccard index of the sets' neurons (:func:`jaccard`,
+:func:`pairwise_jaccard`); control clamps ``S`` onto inputs that lack the target, against random
+same-layer sets of the same size (:func:`random_same_layer_sets`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.evaluation.stats import wilson_interval
+from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+
+Neuron = tuple[int, int]  # (layer, neuron)
+
+
+# --------------------------------------------------------------------------------------------
+# predicates
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """``a_{layer,neuron} ≥ threshold`` (``direction = "ge"``) or ``≤ threshold`` (``"le"``)."""
+
+    layer: int
+    neuron: int
+    threshold: float
+    direction: str = "ge"
+
+    def __post_init__(self):
+        if self.direction not in ("ge", "le"):
+            raise NeuronAuditError(f"predicate direction {self.direction!r} must be 'ge' or 'le'")
+        if not np.isfinite(self.threshold):
+            raise NeuronAuditError(
+                f"predicate on neuron ({self.layer}, {self.neuron}) has a non-finite threshold {self.threshold!r}"
+            )
+
+    @property
+    def key(self) -> Neuron:
+        return (int(self.layer), int(self.neuron))
+
+    def holds(self, activation: float) -> bool:
+        return activation >= self.threshold if self.direction == "ge" else activation <= self.threshold
+
+    def edit(self, positions: Sequence[str] = ("last_prompt",)) -> NeuronEdit:
+        """The clamp that forces the predicate: ``a ← θ`` at ``positions``."""
+        return NeuronEdit.clamp(self.layer, self.neuron, self.threshold, tuple(positions))
+
+    def __str__(self) -> str:
+        return f"a[{self.layer},{self.neuron}] {'≥' if self.direction == 'ge' else '≤'} {self.threshold:.4g}"
+
+
+PredicateSet = tuple[Predicate, ...]
+
+
+def predicates_from_activation(activation: np.ndarray, neurons: Iterable[Neuron], fraction: float) -> list[Predicate]:
+    """One predicate per neuron from the observed activations ``activation [n_layers, n_neurons]``
+    at the target position: ``θ = fraction · a``, ``≥`` for ``a ≥ 0`` and ``≤`` for ``a < 0``."""
+    if not 0 < fraction <= 1:
+        raise NeuronAuditError(f"predicate fraction {fraction!r} must be in (0, 1]")
+    out = []
+    for layer, neuron in neurons:
+        a = float(activation[layer, neuron])
+        out.append(Predicate(int(layer), int(neuron), fraction * a, "ge" if a >= 0 else "le"))
+    return out
+
+
+def set_key(predicates: Iterable[Predicate]) -> frozenset[Neuron]:
+    return frozenset(p.key for p in predicates)
+
+
+# --------------------------------------------------------------------------------------------
+# candidates and baselines
+# --------------------------------------------------------------------------------------------
+
+
+def top_neurons(score: np.ndarray, k: int, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
+    """The ``k`` neurons of ``score [n_layers, n_neurons]`` with the largest ``|score|``, best
+    first (ties by layer, then neuron); non-finite scores rank last."""
+    if k < 0:
+        raise NeuronAuditError(f"k {k!r} must be non-negative")
+    flat = np.abs(np.asarray(score, dtype=np.float64)).ravel()
+    flat = np.where(np.isfinite(flat), flat, -np.inf)
+    order = np.argsort(-flat, kind="stable")
+    skip = set(exclude)
+    width = score.shape[1]
+    out: list[Neuron] = []
+    for idx in order:
+        neuron = (int(idx // width), int(idx % width))
+        if neuron not in skip:
+            out.append(neuron)
+            if len(out) == k:
+                break
+    return out
+
+
+def candidate_neurons(rankings: Sequence[np.ndarray], k_each: int | Sequence[int]) -> list[Neuron]:
+    """The union of the top ``k_each`` neurons of every ranking (each ``[n_layers, n_neurons]``),
+    interleaved rank by rank (the first of each ranking, then the second, ...), without repeats."""
+    ks = [k_each] * len(rankings) if isinstance(k_each, int) else list(k_each)
+    if len(ks) != len(rankings):
+        raise NeuronAuditError(f"{len(ks)} candidate counts for {len(rankings)} rankings")
+    tops = [top_neurons(score, k) for score, k in zip(rankings, ks)]
+    out: list[Neuron] = []
+    for rank in range(max(ks, default=0)):
+        for top in tops:
+            if rank < len(top) and top[rank] not in out:
+                out.append(top[rank])
+    return out
+
+
+def random_same_layer_sets(
+    found: Sequence[Predicate], activation: np.ndarray, fraction: float, n_sets: int, seed: int,
+) -> list[PredicateSet]:
+    """``n_sets`` random sets shaped like ``found``: for each of its predicates a different neuron
+    of the same layer (none of ``found``'s), with its predicate made by the same rule from the same
+    observed activations ``activation [n_layers, n_neurons]``."""
+    rng = np.random.default_rng(seed)
+    taken = {p.key for p in found}
+    width = activation.shape[1]
+    sets = []
+    for _ in range(n_sets):
+        chosen: list[Neuron] = []
+        for p in found:
+            free = [i for i in range(width) if (p.layer, i) not in taken and (p.layer, i) not in chosen]
+            if not free:
+                raise NeuronAuditError(f"layer {p.layer} has no neuron left for a random set of size {len(found)}")
+            chosen.append((p.layer, int(rng.choice(free))))
+        sets.append(tuple(predicates_from_activation(activation, chosen, fraction)))
+    return sets
+
+
+# --------------------------------------------------------------------------------------------
+# stability
+# --------------------------------------------------------------------------------------------
+
+
+def jaccard(a: Iterable, b: Iterable) -> float:
+    """``|A ∩ B| / |A ∪ B|`` of two sets of neurons (predicates count by their neuron); two empty
+    sets agree (1.0)."""
+    a = {x.key if isinstance(x, Predicate) else tuple(x) for x in a}
+    b = {x.key if isinstance(x, Predicate) else tuple(x) for x in b}
+    union = a | b
+    return 1.0 if not union else len(a & b) / len(union)
+
+
+def pairwise_jaccard(sets: Sequence[Iterable]) -> list[float]:
+    """Jaccard index of every unordered pair of ``sets`` (``n (n − 1) / 2`` values)."""
+    sets = [list(s) for s in sets]
+    return [jaccard(a, b) for a, b in itertools.combinations(sets, 2)]
+
+
+# --------------------------------------------------------------------------------------------
+# precision and its bound
+# --------------------------------------------------------------------------------------------
+
+
+def precision_bounds(hits: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson interval of a precision ``hits / n`` (two-sided at ``confidence``)."""
+    return wilson_interval(int(hits), int(n), confidence)
+
+
+def meets(hits: int, n: int, delta: float, confidence: float) -> bool:
+    """Whether the Wilson lower bound of ``hits / n`` reaches ``1 − δ``."""
+    return n > 0 and precision_bounds(hits, n, confidence)[0] >= 1.0 - delta
+
+
+@dataclass
+class ForwardCounter:
+    """Cost of a search: batched forward calls and the sequences (rows) they carried."""
+
+    forward_calls: int = 0
+    sequences: int = 0
+
+    def add(self, rows: int) -> None:
+        self.forward_calls += 1
+        self.sequences += int(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# the search (pure: it only calls ``evaluate``)
+# --------------------------------------------------------------------------------------------
+
+Evaluate = Callable[[Sequence[PredicateSet]], np.ndarray]  # sets -> hits [n_sets, n_inputs] bool
+
+
+@dataclass(frozen=True)
+class EvaluatedSet:
+    """One set the search evaluated: where (``phase`` ``grow`` or ``prune`` and ``step``), its
+    precision ``hits / n`` and Wilson interval."""
+
+    predicates: PredicateSet
+    phase: str
+    step: int
+    hits: int
+    n: int
+    low: float
+    high: float
+
+    @property
+    def precision(self) -> float:
+        return self.hits / self.n if self.n else float("nan")
+
+
+@dataclass
+class SearchResult:
+    """The found set (minimal when ``reached``), its precision, the empty set's precision
+    (``baseline``), every evaluated set in order (``trace``) and how many distinct sets were
+    evaluated (``n_sets_evaluated``)."""
+
+    predicates: PredicateSet
+    hits: int
+    n: int
+    low: float
+    high: float
+    reached: bool
+    baseline: EvaluatedSet
+    grown: PredicateSet
+    trace: list[EvaluatedSet] = field(default_factory=list)
+    n_sets_evaluated: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.hits / self.n if self.n else float("nan")
+
+    @property
+    def neurons(self) -> list[Neuron]:
+        return [p.key for p in self.predicates]
+
+
+class _CachedEvaluator:
+    def __init__(self, evaluate: Evaluate, n_inputs: int):
+        self.evaluate, self.n_inputs = evaluate, n_inputs
+        self.cache: dict[frozenset, int] = {}
+
+    def hits(self, sets: Sequence[PredicateSet]) -> list[int]:
+        todo = []
+        for s in sets:
+            key = set_key(s)
+            if key not in self.cache and all(set_key(t) != key for t in todo):
+                todo.append(s)
+        if todo:
+            result = np.asarray(self.evaluate(todo), dtype=bool)
+            if result.shape != (len(todo), self.n_inputs):
+                raise NeuronAuditError(
+                    f"evaluate returned shape {result.shape}; expected {(len(todo), self.n_inputs)}"
+                )
+            for s, row in zip(todo, result):
+                self.cache[set_key(s)] = int(row.sum())
+        return [self.cache[set_key(s)] for s in sets]
+
+
+def search_sufficient_set(
+    evaluate: Evaluate,
+    candidates: Sequence[Predicate],
+    n_inputs: int,
+    delta: float = 0.1,
+    confidence: float = 0.95,
+    max_size: int = 8,
+    beam_width: int = 1,
+) -> SearchResult:
+    """Greedy (``beam_width = 1``) or beam search for a minimal set of ``candidates`` whose
+    precision's Wilson lower bound reaches ``1 − δ`` on the ``n_inputs`` perturbed inputs that
+    ``evaluate`` scores; see the module docstring. Ties go to the candidate listed first."""
+    if not 0 < delta < 1:
+        raise NeuronAuditError(f"delta {delta!r} must be in (0, 1)")
+    if beam_width < 1 or max_size < 0:
+        raise NeuronAuditError(f"beam_width {beam_width!r} must be ≥ 1 and max_size {max_size!r} ≥ 0")
+    if n_inputs < 1:
+        raise NeuronAuditError("the search needs at least one perturbed input")
+    keys = [c.key for c in candidates]
+    if len(set(keys)) != len(keys):
+        raise NeuronAuditError("two candidate predicates sit on the same neuron")
+    rank = {c.key: r for r, c in enumerate(candidates)}
+    ordered = lambda s: tuple(sorted(s, key=lambda p: rank.get(p.key, -1)))  # noqa: E731
+    ev = _CachedEvaluator(evaluate, n_inputs)
+    trace: list[EvaluatedSet] = []
+
+    def record(sets, phase, step) -> list[EvaluatedSet]:
+        rows = []
+        for s, k in zip(sets, ev.hits(sets)):
+            low, high = precision_bounds(k, n_inputs, confidence)
+            rows.append(EvaluatedSet(s, phase, step, k, n_inputs, low, high))
+        trace.extend(rows)
+        return rows
+
+    baseline = record([()], "grow", 0)[0]
+    beam = [baseline]
+    step = 0
+    while not meets(beam[0].hits, n_inputs, delta, confidence) and step < max_size:
+        step += 1
+        grown: list[PredicateSet] = []
+        seen: set[frozenset] = set()
+        for entry in beam:
+            inside = set_key(entry.predicates)
+            for c in candidates:
+                if c.key in inside:
+                    continue
+                s = ordered((*entry.predicates, c))
+                if set_key(s) not in seen:
+                    seen.add(set_key(s))
+                    grown.append(s)
+        if not grown:
+            break
+        rows = record(grown, "grow", step)
+        beam = sorted(rows, key=lambda r: -r.hits)[:beam_width]  # stable: ties keep candidate order
+    best = beam[0]
+    reached = meets(best.hits, n_inputs, delta, confidence)
+    grown_set = best.predicates
+    if reached:
+        step = 0
+        while best.predicates:
+            step += 1
+            smaller = [best.predicates[:i] + best.predicates[i + 1:] for i in range(len(best.predicates))]
+            rows = [r for r in record(smaller, "prune", step) if meets(r.hits, n_inputs, delta, confidence)]
+            if not rows:
+                break
+            best = max(rows, key=lambda r: r.hits)
+    return SearchResult(best.predicates, best.hits, n_inputs, best.low, best.high, reached, baseline, grown_set,
+                        trace, len(ev.cache))
+
+
+# --------------------------------------------------------------------------------------------
+# the model-backed evaluation: batched clamps through the intervention engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetOutputs:
+    """Outputs of every input under every set: ``top_token [n_sets, n_inputs]`` (greedy next
+    token at the last real token), ``target_logprob`` and ``entropy`` (nats) of the next-token
+    distribution there, same shape."""
+
+    top_token: np.ndarray
+    target_logprob: np.ndarray
+    entropy: np.ndarray
+
+
+class ClampedPredictor:
+    """Greedy next token of tokenised inputs (``inputs``: token-id lists, no padding) with each
+    predicate set clamped, batched as rows ``(input, set)`` through one
+    :class:`~neuronaudit.interventions.NeuronHooks` forward per ``batch_size`` rows.
+
+    Rows are right-padded (real tokens keep positions ``0..n−1``, so a causal model computes them
+    exactly as without padding) and ordered by input length, so a batch wastes little on padding.
+    Every forward is counted in ``counter``. Calling the predictor with a list of sets returns the
+    hits (greedy token = ``target_id``) ``[n_sets, n_inputs]``: the ``evaluate`` of the search.
+    """
+
+    def __init__(self, model, adapter, inputs: Sequence[Sequence[int]], target_id: int, pad_id: int,
+                 batch_size: int = 32, positions: Sequence[str] = ("last_prompt",),
+                 counter: ForwardCounter | None = None):
+        if not inputs or any(len(ids) == 0 for ids in inputs):
+            raise NeuronAuditError("every input of a clamped evaluation needs at least one token")
+        if batch_size < 1:
+            raise NeuronAuditError(f"batch_size {batch_size!r} must be at least 1")
+        self.model, self.adapter = model, adapter
+        self.inputs = [list(map(int, ids)) for ids in inputs]
+        self.target_id, self.pad_id = int(target_id), int(pad_id)
+        self.batch_size = batch_size
+        self.positions = tuple(positions)
+        self.counter = counter if counter is not None else ForwardCounter()
+
+    def outputs(self, sets: Sequence[PredicateSet]) -> SetOutputs:
+        n_sets, n_inputs = len(sets), len(self.inputs)
+        shape = (n_sets, n_inputs)
+        top = np.zeros(shape, dtype=np.int64)
+        logprob = np.zeros(shape)
+        entropy = np.zeros(shape)
+        edits = [tuple(p.edit(self.positions) for p in s) for s in sets]
+        order = sorted(range(n_inputs), key=lambda j: (-len(self.inputs[j]), j))
+        rows = [(j, s) for j in order for s in range(n_sets)]
+        device = next(self.model.parameters()).device
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start: start + self.batch_size]
+            lengths = [len(self.inputs[j]) for j, _ in chunk]
+            width = max(lengths)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (j, _) in enumerate(chunk):
+                ids[r, : lengths[r]] = torch.tensor(self.inputs[j])
+                mask[r, : lengths[r]] = 1
+            plan = InterventionPlan.per_row(edits[s] for _, s in chunk)
+            with torch.inference_mode(), NeuronHooks(self.adapter, plan):
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            self.counter.add(len(chunk))
+            last = logits[torch.arange(len(chunk), device=device), torch.tensor(lengths, device=device) - 1].float()
+            logp = torch.log_softmax(last, dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            for r, (j, s) in enumerate(chunk):
+                top[s, j] = int(last[r].argmax())
+                logprob[s, j] = float(logp[r, self.target_id])
+                entropy[s, j] = float(ent[r])
+        return SetOutputs(top, logprob, entropy)
+
+    def __call__(self, sets: Sequence[PredicateSet]) -> np.ndarray:
+        return self.outputs(sets).top_token == self.target_id
+
+
+def target_attribution(model, adapter, input_ids: Sequence[int], target_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Activation and gradient × activation of every neuron at the last token of one prompt, for
+    ``m = log p(target)`` there: ``(activation, attribution)``, each ``[n_layers, n_neurons]``
+    (float64). One forward and one backward; only activation gradients are taken."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    captured: dict[int, torch.Tensor] = {}
+
+    def on_activation(layer, a, ctx):
+        captured[layer] = a
+
+    embed = model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    try:
+        with torch.enable_grad(), NeuronHooks(adapter, on_activation=on_activation):
+            logits = model(input_ids=ids, use_cache=False).logits
+            m = torch.log_softmax(logits[0, -1].float(), dim=-1)[int(target_id)]
+            layers = sorted(captured)
+            grads = torch.autograd.grad(m, [captured[layer] for layer in layers])
+    finally:
+        handle.remove()
+    activation = np.zeros((adapter.n_layers, adapter.n_neurons))
+    gradient = np.zeros_like(activation)
+    for layer, g in zip(layers, grads):
+        activation[layer] = captured[layer][0, -1].detach().double().cpu().numpy()
+        gradient[layer] = g[0, -1].double().cpu().numpy()
+    return activation, activation * gradient
+
+
+def greedy_next_token(model, input_ids: Sequence[int]) -> int:
+    """The model's current greedy next token after ``input_ids`` (the target of a prompt)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([list(input_ids)], device=device), use_cache=False).logits
+    return int(logits[0, -1].argmax())
