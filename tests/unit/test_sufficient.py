@@ -13,10 +13,14 @@ from neuronaudit.methods.sufficient import (
     ForwardCounter,
     Predicate,
     candidate_neurons,
+    control_table,
+    covered,
     greedy_next_token,
     jaccard,
+    last_token_activations,
     meets,
     pairwise_jaccard,
+    precision_table,
     predicates_from_activation,
     random_same_layer_sets,
     search_sufficient_set,
@@ -272,6 +276,36 @@ def test_the_search_recovers_exactly_the_planted_pair_and_attribution_misses_it(
     random_sets = random_same_layer_sets(found, activation, 0.8, n_sets=10, seed=0)
     forced = lacking([(), found, *random_sets]).mean(1)
     assert forced[0] == 0.0 and forced[1] == 1.0 and forced[2:].max() == 0.0
+
+    # the check tables: fresh precision with intervals, coverage, and control against random sets
+    table = precision_table(model, adapter, fresh, {"found": found, "attribution": by_attribution,
+                                                    "screen": by_screen}).set_index("set")
+    assert table.loc["found", "precision"] == hits[0] and table.loc["found", "precision_low"] >= 0.9
+    assert table.loc["attribution", "precision_high"] < table.loc["found", "precision_low"]
+    # the pair holds unclamped exactly on the both-feature cues (a quarter of the cue words), where
+    # the unclamped answer is always the target
+    cues_of = [t.rsplit(" ", 1)[1] for t in planted_texts(cues, 64, seed=99)]
+    assert table.loc["found", "covered"] == sum(c in BOTH_CUES for c in cues_of)
+    assert table.loc["found", "precision_covered"] == 1.0
+    control = control_table(lacking, found, random_sets)
+    row = control.set_index("set").loc["found"]
+    assert row["forcing_rate"] == 1.0 and row["forcing_low"] > 0.85 and row["random_at_least"] == 0.0
+    assert (control["set"] == "random").sum() == 10
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_last_token_activations_read_the_unpadded_last_token(family, tokenizer):
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    adapter = adapter_for(model)
+    inputs = ids_of(tokenizer, ["The river flows", "Hello! How are you today?", "Cats"])
+    neurons = [(2, 5), (0, 17), (2, 100)]
+    acts = last_token_activations(model, adapter, inputs, neurons, batch_size=2)
+    for j, ids in enumerate(inputs):
+        single = target_attribution(model, adapter, ids, 0)[0]
+        assert acts[j] == pytest.approx([single[layer, i] for layer, i in neurons], abs=1e-5)
+    preds = predicates_from_activation(acts[:1], [(0, 0), (0, 1), (0, 2)], 1.0)
+    held = covered(preds, acts)
+    assert held[0] and held.dtype == bool
 
 
 def test_the_planted_pair_is_stable_across_disjoint_perturbation_sets_and_prompts(planted):
