@@ -26,6 +26,7 @@ from neuronaudit.methods.sufficient import (
     search_sufficient_set,
     target_attribution,
     top_neurons,
+    trace_table,
 )
 from neuronaudit.models.adapters import adapter_for
 from neuronaudit.planted import (
@@ -82,6 +83,9 @@ def test_greedy_takes_the_shortcut_first_then_pruning_removes_it(features):
     assert prune_rows and all(not meets(r.hits, r.n, 0.1, 0.95) for r in prune_rows)
     # every distinct set is evaluated once: the cache answers repeats
     assert sum(calls) == result.n_sets_evaluated == len({frozenset(r.predicates) for r in result.trace})
+    table = trace_table(result)
+    assert len(table) == len(result.trace) and set(table["phase"]) == {"grow", "prune"}
+    assert table.loc[table["chosen"], "neurons"].map(lambda ns: {tuple(n) for n in ns}).tolist() == [{A.key, B.key}]
 
 
 def test_beam_search_finds_the_same_minimal_set(features):

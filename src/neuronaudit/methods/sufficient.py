@@ -368,6 +368,21 @@ def search_sufficient_set(
                         trace, len(ev.cache))
 
 
+def trace_table(result: SearchResult) -> pd.DataFrame:
+    """Every set the search evaluated, in order: ``phase``, ``step``, ``size``, ``neurons``,
+    ``thresholds``, ``directions``, ``hits``, ``n``, ``precision`` and its Wilson interval, and
+    ``chosen`` (the returned set) — the rows of the stored sets table."""
+    chosen = set_key(result.predicates)
+    return pd.DataFrame([
+        {"phase": r.phase, "step": r.step, "size": len(r.predicates),
+         "neurons": [list(p.key) for p in r.predicates], "thresholds": [p.threshold for p in r.predicates],
+         "directions": [p.direction for p in r.predicates], "hits": r.hits, "n": r.n, "precision": r.precision,
+         "precision_low": r.low, "precision_high": r.high,
+         "chosen": set_key(r.predicates) == chosen and (r.phase == "prune" or r.predicates == result.grown)}
+        for r in result.trace
+    ])
+
+
 # --------------------------------------------------------------------------------------------
 # the model-backed evaluation: batched clamps through the intervention engine
 # --------------------------------------------------------------------------------------------
