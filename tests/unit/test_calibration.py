@@ -163,3 +163,22 @@ def test_default_calibration_covers_the_development_sets_and_an_empty_fresh_grou
     counts = {name: (e["correct"], e["n"]) for name, e in out["sets"]["development"].items()}
     assert counts == {"refusal_rollouts.jsonl": (79, 79), "refusal_rollouts_holdout.jsonl": (34, 34),
                       "refusal_rollouts_holdout2.jsonl": (27, 28)}
+
+
+def test_the_draw_for_labelling_is_blinded_stratified_and_seeded():
+    import pandas as pd
+
+    from neuronaudit.evaluation.calibration import draw_for_labelling
+
+    table = pd.DataFrame({"prompt": [f"p{i % 7}" for i in range(60)], "response": [f"r{i}" for i in range(60)],
+                          "repetition_ratio": 0.1, "perplexity": 3.0, "entropy": 1.0,
+                          "rollout_type": ["refusal", "collapse"] * 30, "intervention": ["a", "b", "c"] * 20})
+    blinded, key = draw_for_labelling({"t": table}, {"t": 9}, {"t": ["intervention"]}, seed=0)
+    assert len(blinded) == 9 and list(blinded["calibration_id"]) == [f"fresh-{j:03d}" for j in range(1, 10)]
+    assert "rollout_type" not in blinded.columns and not any("rollout_type" in s for s in blinded["source"])
+    assert blinded["source"].map(lambda s: s["intervention"]).value_counts().to_dict() == {"a": 3, "b": 3, "c": 3}
+    # the key holds the judge's label of the same rows, by id
+    rows = table.loc[[s["row"] for s in blinded["source"]]]
+    assert list(key["judge_label"]) == list(rows["rollout_type"])
+    again, _ = draw_for_labelling({"t": table}, {"t": 9}, {"t": ["intervention"]}, seed=0)
+    assert again.equals(blinded)

@@ -204,3 +204,58 @@ def run_judge_calibration(
     result = {**judge_calibration(judge, sets), "provenance": provenance()}
     write_json(result, out_json)
     return result
+
+
+#: Columns a rollout needs to be labelled (the judge's own label is never among them).
+LABELLING_COLUMNS = ("prompt", "response", "repetition_ratio", "perplexity", "entropy")
+
+
+def draw_for_labelling(sources: Mapping[str, pd.DataFrame], n_per_source: Mapping[str, int],
+                       strata: Mapping[str, Sequence[str]], seed: int,
+                       judge_column: str = "rollout_type") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A blinded draw of a study's rollouts for a fresh calibration set, and its key.
+
+    From each source table (``{source name: rollout table}``) ``n_per_source[name]`` rows are drawn
+    at random (seeded), spread evenly over the ``strata[name]`` columns (e.g. the intervention,
+    the model, the dose), without two rows of the same (prompt, response). Returns ``(blinded,
+    key)``: ``blinded`` holds ``calibration_id``, ``prompt``, ``response``, the coherence metrics
+    and where the row came from (``source``, the table's index and strata values), and never the
+    judge's label; ``key`` maps ``calibration_id`` to the judge's label (``judge_column``), kept
+    apart until the hand labels are frozen."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    blinded, key, seen = [], [], set()
+    for name, table in sources.items():
+        missing = [c for c in (*LABELLING_COLUMNS, judge_column) if c not in table.columns]
+        if missing:
+            raise NeuronAuditError(f"rollout source {name!r} lacks columns {missing}")
+        table = table[table["response"].astype(str).str.strip() != ""].drop_duplicates(["prompt", "response"])
+        by = list(strata.get(name, ()))
+        groups = [g for _, g in table.groupby(by, dropna=False)] if by else [table]
+        want = n_per_source[name]
+        # round-robin over shuffled strata: each stratum gives one row per pass until enough
+        orders = [list(rng.permutation(len(g))) for g in groups]
+        taken = 0
+        while taken < want and any(orders):
+            for g, order in zip(groups, orders):
+                while order and taken < want:
+                    row = g.iloc[order.pop()]
+                    if (row["prompt"], row["response"]) in seen:
+                        continue
+                    seen.add((row["prompt"], row["response"]))
+                    cid = f"fresh-{len(blinded) + 1:03d}"
+                    blinded.append({"calibration_id": cid, "prompt": row["prompt"], "response": row["response"],
+                                    "metrics": {m: None if pd.isna(row[m]) else float(row[m])
+                                                for m in ("repetition_ratio", "perplexity", "entropy")},
+                                    "source": {"table": name, "row": int(row.name),
+                                               **{c: (None if pd.isna(row[c]) else row[c].item()
+                                                      if hasattr(row[c], "item") else row[c]) for c in by}}})
+                    key.append({"calibration_id": cid, "judge_label": row[judge_column]})
+                    taken += 1
+                    break
+    order = rng.permutation(len(blinded))  # the labeller sees no source order, not even in the ids
+    blinded, key = [blinded[i] for i in order], [key[i] for i in order]
+    for j, (b, k) in enumerate(zip(blinded, key)):
+        b["calibration_id"] = k["calibration_id"] = f"fresh-{j + 1:03d}"
+    return pd.DataFrame(blinded), pd.DataFrame(key)
