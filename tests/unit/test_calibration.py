@@ -182,3 +182,17 @@ def test_the_draw_for_labelling_is_blinded_stratified_and_seeded():
     assert list(key["judge_label"]) == list(rows["rollout_type"])
     again, _ = draw_for_labelling({"t": table}, {"t": 9}, {"t": ["intervention"]}, seed=0)
     assert again.equals(blinded)
+
+
+def test_the_fresh_batch_is_frozen_and_complete():
+    import hashlib
+
+    from neuronaudit.evaluation.calibration import fresh_paths
+    from neuronaudit.evaluation.judge import ROLLOUT_TYPES, read_calibration
+
+    path = next(p for p in fresh_paths() if p.name == "SmolLM2-135M-Instruct.batch1.jsonl")
+    # any edit to a frozen set fails here: a changed set is a new set, with a new name
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == (
+        "78ba78dcdb418e1b03e94a055e9438af3ba06dd46814162d51ad80f08c88dbd3")
+    cal = read_calibration(path)
+    assert len(cal) == 220 and cal["calibration_id"].is_unique and set(cal["label"]) <= set(ROLLOUT_TYPES)
