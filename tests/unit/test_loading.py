@@ -65,3 +65,15 @@ def test_a_file_that_is_not_gguf_is_rejected(tmp_path):
 def test_bad_dtype_is_named(tiny_model_dir):
     with pytest.raises(NeuronAuditError, match="model.dtype 'float8'"):
         load_model(tiny_model_dir, dtype="float8")
+
+
+def test_two_model_folders_with_the_same_name_get_different_prepared_copies(tmp_path):
+    from neuronaudit.models.sources import ModelSource
+
+    a = ModelSource(spec=str(tmp_path / "a" / "model"), kind="local", path=str(tmp_path / "a" / "model"))
+    b = ModelSource(spec=str(tmp_path / "b" / "model"), kind="local", path=str(tmp_path / "b" / "model"))
+    assert a.slug != b.slug and a.slug.startswith("local-model-") and b.slug.startswith("local-model-")
+    assert a.slug == ModelSource(spec="x", kind="local", path=str(tmp_path / "a" / "model")).slug  # stable
+    embedded = ModelSource(spec="embedded:SmolLM2-135M-Instruct", kind="gguf",
+                           path="/x/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert embedded.slug == "gguf-SmolLM2-135M-Instruct.Q4_1"  # unchanged: the default study's cache stays put

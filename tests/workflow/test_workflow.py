@@ -53,7 +53,8 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
 def test_whole_dag_writes_report_and_every_table(tiny_study):
     work, _, _, _ = tiny_study
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    base = yaml.safe_load((work / "results/models/local-model/manifest.json").read_text())
+    (base_dir,) = (work / "results/models").glob("local-model-*")  # keyed by the source's resolved path
+    base = yaml.safe_load((base_dir / "manifest.json").read_text())
     manifest = yaml.safe_load((work / "results/tiny/tune/manifest.json").read_text())
     assert manifest["weight_sha256"] != base["weight_sha256"]  # the audited model is the tuned copy
     for name in config["prompts"]["sets"]:

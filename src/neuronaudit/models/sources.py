@@ -3,6 +3,7 @@ looked at without loading weights (no torch import)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -37,9 +38,15 @@ class ModelSource:
 
     @property
     def slug(self) -> str:
-        """A file-system-safe name for the prepared copy."""
+        """A file-system-safe name for the prepared copy. A model directory or GGUF file given by
+        path also carries a hash of its resolved path, so two models whose folders share a name
+        never share a prepared copy; embedded models and hub ids are unique by name."""
         base = Path(self.path).stem if self.kind != "hub" else self.path
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.kind}-{base}")
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.kind}-{base}")
+        if self.kind == "hub" or self.spec.startswith("embedded:"):
+            return name
+        digest = hashlib.sha256(str(Path(self.path).resolve()).encode()).hexdigest()[:10]
+        return f"{name}-{digest}"
 
 
 def _embedded_file(name: str) -> Path:
