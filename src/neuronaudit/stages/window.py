@@ -64,8 +64,6 @@ def check_window_options(o: WindowOptions) -> None:
     """Settings the schema cannot check, before the model is loaded."""
     if o.n_boot < 1000:
         raise NeuronAuditError(f"window.n_boot {o.n_boot!r} is below the 1000 resamples the study requires")
-    if o.n_top > o.n_candidates:
-        raise NeuronAuditError(f"window.n_top {o.n_top!r} exceeds window.n_candidates {o.n_candidates!r}")
     for grid in ("x_grid", "single_pass_grid"):
         bad = [x for x in getattr(o, grid) if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)]
         if bad:
