@@ -140,10 +140,12 @@ def test_cli_headlines_prints_the_reports_summary_as_markdown(studies, capsys, t
     assert table[0] == "| figure | this study | published | read from |"
     window = json.loads((study / "window" / "summary.json").read_text())
     mae = next(line for line in table if line.startswith("| ceiling MAE on held-out neurons"))
-    assert f"{window['predictor_alignment']['mae_alignment']:.3f}" in mae and "| 0.14 |" in mae
+    _, headlines = compare.stage_sections(study, study)
+    published = next(h.published for h in headlines if h.label.startswith("ceiling MAE on held-out neurons"))
+    assert f"{window['predictor_alignment']['mae_alignment']:.3f}" in mae and "0.14" in published
+    assert f"| {published} |" in mae  # the published figure with its source, as the page shows it
     assert "`window/summary.json`" in mae  # the file it is read from, relative to the study folder
     # every headline of the page is a row, none invented: the markdown rows are the report's headlines
-    _, headlines = compare.stage_sections(study, study)
     assert len(table) == 2 + len(headlines)
     assert main(["headlines", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
