@@ -108,16 +108,26 @@ def _word_id(tokenizer, word: str) -> int:
     return tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
 
 
-def planted_model(tokenizer, seed: int = 0) -> transformers.LlamaForCausalLM:
-    """The planted Llama (weights in the module docstring) for ``tokenizer``'s vocabulary."""
-    gen = torch.Generator().manual_seed(seed)
+def _blank_llama(tokenizer, n_layers: int) -> transformers.LlamaForCausalLM:
+    """A Llama of the planted sizes for ``tokenizer`` (weights to be planted), its special tokens
+    in both the config and the generation config."""
     cfg = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+        vocab_size=len(tokenizer), hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def planted_model(tokenizer, seed: int = 0) -> transformers.LlamaForCausalLM:
+    """The planted Llama (weights in the module docstring) for ``tokenizer``'s vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    model = _blank_llama(tokenizer, N_LAYERS)
     a = AXES
     e = torch.eye(D_MODEL)
     with torch.no_grad():
@@ -165,9 +175,6 @@ def planted_model(tokenizer, seed: int = 0) -> transformers.LlamaForCausalLM:
         plant(p.relay, 2.5 * e[a["relay"]] - 3.23 * e[a["bias"]], e[a["bias"]], 0.3 * e[a["yes"]])
         # direct: ≈ 16.8 on on cues, writes 3.0 onto the yes readout
         plant(p.direct, e[a["on"]], e[a["on"]], (3.0 / 16.8) * e[a["yes"]])
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
@@ -256,13 +263,7 @@ def planted_sufficient_model(tokenizer, seed: int = 0) -> transformers.LlamaForC
     """
     gen = torch.Generator().manual_seed(seed)
     n_layers = 3
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _blank_llama(tokenizer, n_layers)
     a = SUFFICIENT_AXES
     e = torch.eye(D_MODEL)
 
@@ -313,7 +314,4 @@ def planted_sufficient_model(tokenizer, seed: int = 0) -> transformers.LlamaForC
         # fires (≈ 20) only when both features are present: gate 2.5·(first + second − 4·bias/3)
         both = 2.5 * (e[a["first"]] + e[a["second"]] - (4 / 3) * e[a["bias"]])
         plant(p.noise_both, both, both, random_write(0.3))
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
