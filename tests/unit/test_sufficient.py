@@ -171,9 +171,12 @@ def test_batched_clamps_equal_one_forward_per_row(family, tokenizer):
     sets = [(), (Predicate(0, 3, 4.0), Predicate(2, 7, -3.0, "le")), (Predicate(3, 100, 6.0),)]
     counter = ForwardCounter()
     predictor = ClampedPredictor(model, adapter, inputs, target_id=5, pad_id=tokenizer.pad_token_id,
-                                 batch_size=5, counter=counter)
+                                 batch_size=2, counter=counter)
     out = predictor.outputs(sets)
-    assert counter.forward_calls == math.ceil(len(texts) * len(sets) / 5) and counter.sequences == 12
+    # one cached prefix per input, then its three sets in forwards of the last token, two rows each
+    prefixes = sum(len(ids) > 1 for ids in inputs)
+    assert counter.forward_calls == prefixes + len(texts) * math.ceil(len(sets) / 2)
+    assert counter.sequences == prefixes + 12 and counter.tokens == sum(len(ids) - 1 for ids in inputs) + 12
     for s, predicates in enumerate(sets):
         for j, ids in enumerate(inputs):
             plan = InterventionPlan.broadcast([p.edit() for p in predicates])
@@ -204,7 +207,7 @@ def test_a_search_on_a_tiny_random_model_reports_precision_that_re_evaluation_co
     result = search_sufficient_set(predictor, candidates, len(inputs), delta=0.2, max_size=3)
     again = predictor([result.predicates]).sum()
     assert again == result.hits
-    assert counter.sequences == result.n_sets_evaluated * len(inputs) + len(inputs)
+    assert counter.sequences == (result.n_sets_evaluated + 1) * len(inputs) + sum(len(i) > 1 for i in inputs)
 
 
 # --- the planted ground truth ------------------------------------------------------------------

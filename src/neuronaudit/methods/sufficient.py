@@ -24,10 +24,10 @@ The search (:func:`search_sufficient_set`, after the anchors of Ribeiro et al. 2
    can be removed (the set is then minimal: dropping any one predicate loses the guarantee).
 
 The search itself is pure: it calls an ``evaluate(sets) -> hits [n_sets, n_inputs]`` function and
-caches every set it has seen. :class:`ClampedPredictor` is the model-backed ``evaluate``: rows
-``(input, set)`` run through the intervention engine in batches, one forward per batch, each row
-with its own clamp edits (:meth:`~neuronaudit.interventions.InterventionPlan.per_row`), and a
-:class:`ForwardCounter` counts the forward calls and the sequences they carry: the search's cost.
+caches every set it has seen. :class:`ClampedPredictor` is the model-backed ``evaluate``: each
+input's prefix runs once and is cached, and every (input, set) is one cached forward of the last
+token with that set's clamps (the clamps act there only), batched through the intervention engine;
+a :class:`ForwardCounter` counts the forward calls, rows and token positions: the search's cost.
 
 Candidates come from rankings (gradient × activation and the contrastive screen), not from every
 neuron (:func:`candidate_neurons`); the same rankings give the baseline sets of the same size
@@ -46,6 +46,7 @@ a first coherence reading.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ import torch
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
+from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
 
 Neuron = tuple[int, int]  # (layer, neuron)
 
@@ -215,14 +217,17 @@ def meets(hits: int, n: int, delta: float, confidence: float) -> bool:
 
 @dataclass
 class ForwardCounter:
-    """Cost of a search: batched forward calls and the sequences (rows) they carried."""
+    """Cost of a search: forward calls, the rows (sequences) they carried and the token positions
+    they computed (a cached prefix counts once, a clamped evaluation one position)."""
 
     forward_calls: int = 0
     sequences: int = 0
+    tokens: int = 0
 
-    def add(self, rows: int) -> None:
+    def add(self, rows: int, tokens: int | None = None) -> None:
         self.forward_calls += 1
         self.sequences += int(rows)
+        self.tokens += int(rows if tokens is None else tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,18 +406,21 @@ class SetOutputs:
 
 class ClampedPredictor:
     """Greedy next token of tokenised inputs (``inputs``: token-id lists, no padding) with each
-    predicate set clamped, batched as rows ``(input, set)`` through one
-    :class:`~neuronaudit.interventions.NeuronHooks` forward per ``batch_size`` rows.
+    predicate set clamped at the last prompt token, through the intervention engine.
 
-    Rows are right-padded (real tokens keep positions ``0..n−1``, so a causal model computes them
-    exactly as without padding) and ordered by input length, so a batch wastes little on padding.
-    Every forward is counted in ``counter``. Calling the predictor with a list of sets returns the
-    hits (greedy token = ``target_id``) ``[n_sets, n_inputs]``: the ``evaluate`` of the search.
+    A clamp acts on the last position only, so every earlier position computes exactly as without
+    it: each input's prefix (all but its last token) runs once, unhooked, and its KV cache is kept
+    for the predictor's lifetime; a set is then evaluated by one cached forward of the last token.
+    The rows of one input (one per set) share that cache and run together, ``batch_size`` rows per
+    forward, each with its own clamp edits (:meth:`~neuronaudit.interventions.InterventionPlan.
+    per_row`). So a search costs one prefix pass per input plus one position per (input, set): it
+    grows with the inputs and the sets evaluated, not with the prompts' length. Every forward is
+    counted in ``counter``. Calling the predictor with a list of sets returns the hits (greedy
+    token = ``target_id``) ``[n_sets, n_inputs]``: the ``evaluate`` of the search.
     """
 
     def __init__(self, model, adapter, inputs: Sequence[Sequence[int]], target_id: int, pad_id: int,
-                 batch_size: int = 32, positions: Sequence[str] = ("last_prompt",),
-                 counter: ForwardCounter | None = None):
+                 batch_size: int = 32, counter: ForwardCounter | None = None):
         if not inputs or any(len(ids) == 0 for ids in inputs):
             raise NeuronAuditError("every input of a clamped evaluation needs at least one token")
         if batch_size < 1:
@@ -421,8 +429,23 @@ class ClampedPredictor:
         self.inputs = [list(map(int, ids)) for ids in inputs]
         self.target_id, self.pad_id = int(target_id), int(pad_id)
         self.batch_size = batch_size
-        self.positions = tuple(positions)
         self.counter = counter if counter is not None else ForwardCounter()
+        self._prefixes: dict[int, object] = {}
+        self._cache_name = cache_kwarg(model)
+        params = inspect.signature(model.forward).parameters
+        self._head = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def _prefix(self, j: int, device):
+        """The KV cache of input ``j``'s tokens but the last (``None`` for a one-token input)."""
+        ids = self.inputs[j]
+        if len(ids) == 1:
+            return None
+        if j not in self._prefixes:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([ids[:-1]], device=device), use_cache=True, **self._head)
+            self.counter.add(1, len(ids) - 1)
+            self._prefixes[j] = cache_from_output(out)
+        return self._prefixes[j]
 
     def outputs(self, sets: Sequence[PredicateSet]) -> SetOutputs:
         n_sets, n_inputs = len(sets), len(self.inputs)
@@ -430,30 +453,26 @@ class ClampedPredictor:
         top = np.zeros(shape, dtype=np.int64)
         logprob = np.zeros(shape)
         entropy = np.zeros(shape)
-        edits = [tuple(p.edit(self.positions) for p in s) for s in sets]
-        order = sorted(range(n_inputs), key=lambda j: (-len(self.inputs[j]), j))
-        rows = [(j, s) for j in order for s in range(n_sets)]
+        edits = [tuple(p.edit(("last_prompt",)) for p in s) for s in sets]
         device = next(self.model.parameters()).device
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start: start + self.batch_size]
-            lengths = [len(self.inputs[j]) for j, _ in chunk]
-            width = max(lengths)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (j, _) in enumerate(chunk):
-                ids[r, : lengths[r]] = torch.tensor(self.inputs[j])
-                mask[r, : lengths[r]] = 1
-            plan = InterventionPlan.per_row(edits[s] for _, s in chunk)
-            with torch.inference_mode(), NeuronHooks(self.adapter, plan):
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            self.counter.add(len(chunk))
-            last = logits[torch.arange(len(chunk), device=device), torch.tensor(lengths, device=device) - 1].float()
-            logp = torch.log_softmax(last, dim=-1)
-            ent = -(logp.exp() * logp).sum(-1)
-            for r, (j, s) in enumerate(chunk):
-                top[s, j] = int(last[r].argmax())
-                logprob[s, j] = float(logp[r, self.target_id])
-                entropy[s, j] = float(ent[r])
+        for j, ids in enumerate(self.inputs):
+            prefix = self._prefix(j, device)
+            for start in range(0, n_sets, self.batch_size):
+                chunk = list(range(start, min(start + self.batch_size, n_sets)))
+                rows = len(chunk)
+                last = torch.full((rows, 1), ids[-1], dtype=torch.long, device=device)
+                mask = torch.ones((rows, len(ids)), dtype=torch.long, device=device)
+                plan = InterventionPlan.per_row(edits[s] for s in chunk)
+                kwargs = {self._cache_name: broadcast_cache(prefix, rows)} if prefix is not None else {}
+                with torch.inference_mode(), NeuronHooks(self.adapter, plan, cached_prompt_length=len(ids)):
+                    logits = self.model(input_ids=last, attention_mask=mask, use_cache=prefix is not None,
+                                        **kwargs).logits[:, -1].float()
+                self.counter.add(rows)
+                logp = torch.log_softmax(logits, dim=-1)
+                ent = -(logp.exp() * logp).sum(-1)
+                top[chunk, j] = logits.argmax(-1).cpu().numpy()
+                logprob[chunk, j] = logp[:, self.target_id].cpu().numpy()
+                entropy[chunk, j] = ent.cpu().numpy()
         return SetOutputs(top, logprob, entropy)
 
     def __call__(self, sets: Sequence[PredicateSet]) -> np.ndarray:
@@ -601,3 +620,42 @@ def control_table(lacking: ClampedPredictor, found: PredicateSet, random_sets: S
         table.loc[table["set"] == "found", "random_at_least"] = float(
             (random_rates >= table.loc[table["set"] == "found", "forcing_rate"].iloc[0]).mean())
     return table
+
+
+def last_token_matrix(model, adapter, inputs: Sequence[Sequence[int]], batch_size: int = 32,
+                      counter: ForwardCounter | None = None) -> np.ndarray:
+    """Unclamped activations of every neuron at the last token of every input,
+    ``[n_inputs, n_layers, n_neurons]`` (float32); right padding, one forward per ``batch_size``
+    inputs. Memory grows with the inputs asked, never with a prompt set."""
+    out = np.zeros((len(inputs), adapter.n_layers, adapter.n_neurons), dtype=np.float32)
+    device = next(model.parameters()).device
+    for start in range(0, len(inputs), batch_size):
+        chunk = [list(map(int, ids)) for ids in inputs[start: start + batch_size]]
+        lengths = torch.tensor([len(ids) for ids in chunk])
+        ids = torch.zeros((len(chunk), int(lengths.max())), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(chunk):
+            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        rows = torch.arange(len(chunk))
+
+        def on_activation(layer, a, ctx, start=start, rows=rows, lengths=lengths):
+            out[start: start + len(rows), layer] = a[rows.to(a.device), (lengths - 1).to(a.device)].float().cpu().numpy()
+
+        try:
+            with torch.inference_mode(), NeuronHooks(adapter, on_activation=on_activation,
+                                                     stop_after_layer=adapter.n_layers - 1):
+                adapter.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        except StopForward:
+            pass
+        if counter is not None:
+            counter.add(len(chunk))
+    return out
+
+
+def contrast_score(with_target: np.ndarray, lacking: np.ndarray) -> np.ndarray:
+    """The contrastive screen's δ on a task's own inputs: the mean last-token activation over
+    inputs whose output is the target minus the mean over inputs that lack it,
+    ``[n_layers, n_neurons]`` (float64), from ``[n_inputs, n_layers, n_neurons]`` arrays."""
+    if len(with_target) == 0 or len(lacking) == 0:
+        raise NeuronAuditError("the contrastive score needs inputs with the target and inputs without it")
+    return with_target.astype(np.float64).mean(0) - lacking.astype(np.float64).mean(0)
