@@ -8,7 +8,8 @@ the model collapses, and what kind of success steering buys.
 Stages, one file each under rules/: model (prepare a cached loadable copy) -> prompts (validate,
 hash, split) -> refusal (refusal-tuned reference model, refusal rates, typed rollouts) -> collect
 (per-neuron statistics and last-token activations) -> screen (contrastive screen per behaviour,
-CNA circuit scaling, keystone neurons) -> report.
+CNA circuit scaling, keystone neurons) -> window (dose sweeps, attribution) ->
+sufficient (minimal sufficient neuron sets) -> report.
 """
 
 from snakemake.utils import min_version
@@ -26,6 +27,7 @@ include: "rules/refusal.smk"
 include: "rules/collect.smk"
 include: "rules/screen.smk"
 include: "rules/window.smk"
+include: "rules/sufficient.smk"
 include: "rules/report.smk"
 
 

@@ -125,6 +125,18 @@ def stage_file(stage, name):
 
 
 
+def sufficient_tables():
+    """Each task's prompt tables, as ``TASK:ROLE`` -> table."""
+    out = {}
+    for task, spec in config["sufficient"]["tasks"].items():
+        if spec.get("set") is not None:
+            out[f"{task}:set"] = prompt_table(spec["set"])
+        else:
+            pos, neg = behaviour_sets(spec["behaviour"])
+            out[f"{task}:positive"], out[f"{task}:negative"] = prompt_table(pos), prompt_table(neg)
+    return out
+
+
 def named_paths(paths):
     """``NAME=PATH`` arguments of a CLI flag."""
     return " ".join(f"{name}={path}" for name, path in paths.items())
@@ -143,9 +155,17 @@ def stage_outputs():
     out += [screen_table("circuit", b) for b in config["behaviours"]]
     if config["cna"]["behaviour"] in config["behaviours"]:
         out.append(stage_file("cna", "summary.parquet"))
+    if config["sufficient"]["tasks"]:
+        out.append(stage_file("sufficient", "summary.json"))
     return out
+
+
+def verbatim(text):
+    """A params value passed as written: Snakemake formats params strings, so a config value
+    holding braces (a regex quantifier, a template's ``{body}``) would be read as a wildcard."""
+    return lambda wildcards: text
 
 
 def stage_options(rule_name):
     """The JSON of a stage's options (neuronaudit.options), built from the validated config."""
-    return STAGE_OPTIONS[rule_name].from_config(config).to_json()
+    return verbatim(STAGE_OPTIONS[rule_name].from_config(config).to_json())

@@ -35,7 +35,7 @@ rule report:
         cli=NEURONAUDIT,
         study=STUDY,
         stats=" ".join(f"{s}={stats_table(s)}" for s in COLLECT_SETS),
-        config=config_json(config),
+        config=verbatim(config_json(config)),
         benchmarks=f"{RESULTS}/benchmarks",
         captions=rst_captions(),
     conda:

@@ -27,7 +27,7 @@ rule window:
         cli=NEURONAUDIT,
         screens=named_paths({b: screen_table("scores", b) for b in config["behaviours"]}),
         prompts=named_paths({b: prompt_table(swept_set(s)) for b, s in config["behaviours"].items()}),
-        behaviours=json.dumps(config["behaviours"]),
+        behaviours=verbatim(json.dumps(config["behaviours"])),
         options=stage_options("window"),
     threads: config["threads"]
     conda:
@@ -59,7 +59,7 @@ rule attribution:
         cli=NEURONAUDIT,
         screens=named_paths({b: screen_table("scores", b) for b in config["behaviours"]}),
         prompts=named_paths({b: prompt_table(swept_set(s)) for b, s in config["behaviours"].items()}),
-        behaviours=json.dumps(config["behaviours"]),
+        behaviours=verbatim(json.dumps(config["behaviours"])),
         options=stage_options("attribution"),
     threads: config["threads"]
     conda:

@@ -121,6 +121,18 @@ def cmd_attribution(args) -> None:
                                           threads=args.threads)
 
 
+def cmd_sufficient(args) -> None:
+    tables: dict[str, dict[str, str]] = {}
+    for name, path in _named(args.tables, "--tables").items():
+        task, sep, role = name.partition(":")
+        if not sep or role not in ("set", "positive", "negative"):
+            raise NeuronAuditError(f"--tables {name!r} must be TASK:set, TASK:positive or TASK:negative")
+        tables.setdefault(task, {})[role] = path
+    _stage("sufficient").run_sufficient(tables, args.manifest, args.out_sets, args.out_precision, args.out_control,
+                                        args.out_perturbations, args.out_summary,
+                                        _options(args, opts.SufficientOptions), threads=args.threads)
+
+
 def cmd_report(args) -> None:
     _stage("report").run_report(args.study, args.manifest, _named(args.stats, "--stats"), args.out,
                                 config_json=args.config_json, benchmark_dir=args.benchmark_dir,
@@ -205,6 +217,8 @@ _SIMPLE_INPUTS = {
 _LIST_INPUTS = {
     "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
     "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
+    "sufficient": [("--tables", dict(nargs="+", required=True, metavar="TASK:ROLE=PATH",
+                                     help="each task's prompt tables: TASK:set, or TASK:positive and TASK:negative"))],
 }
 
 
@@ -230,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ["sweeps", "single-pass", "window", "summary"], cmd_window),
         "attribution": ("gradient vs forward attribution against measured control",
                         ["manifest", "threads", "options", "behaviours"], ["scores", "summary"], cmd_attribution),
+        "sufficient": ("minimal sufficient neuron sets (WASD): search, checks, control",
+                       ["manifest", "threads", "options"],
+                       ["sets", "precision", "control", "perturbations", "summary"], cmd_sufficient),
     }
     for name, (help_, parents, outputs, handler) in stages.items():
         p = sub.add_parser(name, help=help_, parents=[par[k] for k in parents])

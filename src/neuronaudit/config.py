@@ -239,6 +239,22 @@ def check_references(config: dict) -> None:
         raise NeuronAuditError(
             f"config key cna.behaviour names unknown behaviour {cna!r}; behaviours: {sorted(config['behaviours'])}"
         )
+    for task, spec in (config.get("sufficient") or {}).get("tasks", {}).items():
+        if spec.get("set") is not None:
+            need_set(f"sufficient.tasks.{task}.set", spec["set"])
+        elif spec.get("behaviour") not in config.get("behaviours", {}):
+            raise NeuronAuditError(
+                f"config key sufficient.tasks.{task}.behaviour names unknown behaviour {spec.get('behaviour')!r}; "
+                f"behaviours: {sorted(config.get('behaviours', {}))}")
+        try:
+            from neuronaudit.methods.perturbations import PerturbationSpec
+
+            PerturbationSpec(**{k: tuple(tuple(g) for g in v) if k == "substitutions" else tuple(v)
+                                if isinstance(v, list) else v for k, v in spec.items()
+                                if k in ("templates", "substitutions", "fillers", "droppable", "operations",
+                                         "max_edits")})
+        except NeuronAuditError as err:
+            raise NeuronAuditError(f"config key sufficient.tasks.{task}: {err}") from None
     if config["refusal"]["tune"]:
         for name in ("harmful", "harmless", "generic"):
             need_set("refusal.tune (needs harmful, harmless and generic)", name)

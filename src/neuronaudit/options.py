@@ -286,6 +286,32 @@ class WindowOptions(StageOptions):
 
 
 @dataclass(frozen=True)
+class SufficientOptions(StageOptions):
+    """sufficient: minimal sufficient neuron sets (WASD), checked and used for control."""
+
+    section: ClassVar[str] = "sufficient"
+    model: ModelOptions = key("model")
+    judge: JudgeOptions = key("judge")
+    behaviours: dict = key("behaviours")
+    tasks: dict
+    n_explained: int
+    n_search: int
+    n_fresh: int
+    n_candidates: int
+    fraction: float
+    delta: float
+    confidence: float
+    max_size: int
+    beam_width: int
+    n_random: int
+    n_control: int
+    max_new_tokens: int
+    n_boot: int
+    batch_size: int
+    seed: int = key("seed")
+
+
+@dataclass(frozen=True)
 class AttributionOptions(StageOptions):
     """attribution: gradient vs forward scores of the window's candidates."""
 
@@ -318,5 +344,6 @@ STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "keystone": KeystoneOptions,
     "window": WindowOptions,
     "attribution": AttributionOptions,
+    "sufficient": SufficientOptions,
     "report": ReportOptions,
 }

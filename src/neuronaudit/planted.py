@@ -50,6 +50,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
@@ -315,3 +316,48 @@ def planted_sufficient_model(tokenizer, seed: int = 0) -> transformers.LlamaForC
         both = 2.5 * (e[a["first"]] + e[a["second"]] - (4 / 3) * e[a["bias"]])
         plant(p.noise_both, both, both, random_write(0.3))
     return model
+
+
+#: Nouns and places of the planted sufficient task's notes (all in the planted vocabulary).
+SUFFICIENT_WORDS = ("bread", "water", "energy", "steps", "today", "health")
+SUFFICIENT_SUBJECTS = ("the lamp", "a river", "the market", "my garden", "the old city", "a small boat")
+
+
+def planted_sufficient_prompts(n: int = 32, seed: int = 0) -> list[dict]:
+    """Notes ending in a cue word, three in four a ``BOTH_CUES`` word (answered `` yes``), the rest
+    one of the other cues (answered `` no``): ``prompt_id``, ``text`` and ``span`` (``"Note about"``,
+    which the perturbations keep while they vary the noun, the subject and the cue)."""
+    rng = np.random.default_rng(seed)
+    others = (*FIRST_CUES, *SECOND_CUES, *NO_CUES)
+    rows, seen = [], set()
+    while len(rows) < n:
+        cue = rng.choice(BOTH_CUES) if len(rows) % 4 else rng.choice(others)
+        text = f"Note about {rng.choice(SUFFICIENT_WORDS)}: {rng.choice(SUFFICIENT_SUBJECTS)} looks {cue}"
+        if text not in seen:
+            seen.add(text)
+            rows.append({"prompt_id": f"note-{len(rows) + 1:04d}", "text": text, "span": "Note about"})
+    return rows
+
+
+def planted_sufficient_task() -> dict:
+    """The planted task as a user declares it under ``sufficient.tasks`` (prompt set ``planted_notes``):
+    substitutions that vary the cue word, the noun and the subject, so that only the planted pair
+    can hold the answer `` yes`` across the perturbations."""
+    return {"set": "planted_notes", "chat_template": "none", "templates": [], "fillers": [], "droppable": [],
+            "operations": ["substitute"], "max_edits": 3,
+            "substitutions": [[*BOTH_CUES, *FIRST_CUES, *SECOND_CUES, *NO_CUES], list(SUFFICIENT_WORDS),
+                              list(SUFFICIENT_SUBJECTS)]}
+
+
+def save_planted_sufficient_model(path: str | Path, seed: int = 0) -> dict:
+    """Write :func:`planted_sufficient_model` and its tokenizer to ``path/model`` and the task's
+    prompts to ``path/planted_notes.jsonl``; returns ``{"model", "notes", "neurons"}``."""
+    path = Path(path)
+    tokenizer = planted_tokenizer()
+    model = planted_sufficient_model(tokenizer, seed)
+    model.save_pretrained(path / "model")
+    tokenizer.save_pretrained(path / "model")
+    notes = path / "planted_notes.jsonl"
+    notes.write_text("".join(json.dumps(r) + "\n" for r in planted_sufficient_prompts()))
+    return {"model": path / "model", "notes": notes,
+            "neurons": {k: list(v) for k, v in SUFFICIENT.__dict__.items()}}

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -594,22 +594,25 @@ def precision_table(model, adapter, predictor: ClampedPredictor, named_sets: dic
 
 
 def control_table(lacking: ClampedPredictor, found: PredicateSet, random_sets: Sequence[PredicateSet],
-                  confidence: float = 0.95) -> pd.DataFrame:
+                  confidence: float = 0.95, baselines: Mapping[str, PredicateSet] | None = None) -> pd.DataFrame:
     """Forcing the target onto inputs that lack it: rows for the unclamped inputs (``none``), the
-    found set (``found``) and each random same-layer set (``random``, ``replicate``), with the
-    forcing rate, its Wilson interval, and the mean next-token entropy and target log-prob under
-    the clamp (a first coherence reading). ``random_at_least`` on the found row is the fraction of
-    random sets that force at least as often."""
-    sets = [(), tuple(found), *map(tuple, random_sets)]
+    found set (``found``), each named baseline set (``baselines``: the top-|S| of a ranking) and
+    each random same-layer set (``random``, ``replicate``), with the forcing rate, its Wilson
+    interval, and the mean next-token entropy and target log-prob under the clamp (a first
+    coherence reading). ``random_at_least`` on the found row is the fraction of random sets that
+    force at least as often."""
+    baselines = dict(baselines or {})
+    named = [("none", ()), ("found", tuple(found)), *((n, tuple(s)) for n, s in baselines.items())]
+    sets = [s for _, s in named] + [tuple(s) for s in random_sets]
+    kinds = [n for n, _ in named] + ["random"] * len(random_sets)
     out = lacking.outputs(sets)
     forced = out.top_token == lacking.target_id
     n = forced.shape[1]
     rows = []
-    for r, s in enumerate(sets):
-        kind = "none" if r == 0 else "found" if r == 1 else "random"
+    for r, (kind, s) in enumerate(zip(kinds, sets)):
         k = int(forced[r].sum())
         low, high = precision_bounds(k, n, confidence)
-        rows.append({"set": kind, "replicate": max(r - 2, 0) if kind == "random" else 0, "size": len(s),
+        rows.append({"set": kind, "replicate": r - len(named) if kind == "random" else 0, "size": len(s),
                      "neurons": [list(p.key) for p in s], "forced": k, "n": n, "forcing_rate": k / n,
                      "forcing_low": low, "forcing_high": high, "entropy": float(out.entropy[r].mean()),
                      "target_logprob": float(out.target_logprob[r].mean())})
@@ -639,7 +642,8 @@ def last_token_matrix(model, adapter, inputs: Sequence[Sequence[int]], batch_siz
         rows = torch.arange(len(chunk))
 
         def on_activation(layer, a, ctx, start=start, rows=rows, lengths=lengths):
-            out[start: start + len(rows), layer] = a[rows.to(a.device), (lengths - 1).to(a.device)].float().cpu().numpy()
+            at = a[rows.to(a.device), (lengths - 1).to(a.device)]
+            out[start: start + len(rows), layer] = at.float().cpu().numpy()
 
         try:
             with torch.inference_mode(), NeuronHooks(adapter, on_activation=on_activation,
@@ -648,7 +652,7 @@ def last_token_matrix(model, adapter, inputs: Sequence[Sequence[int]], batch_siz
         except StopForward:
             pass
         if counter is not None:
-            counter.add(len(chunk))
+            counter.add(len(chunk), int(lengths.sum()))
     return out
 
 
