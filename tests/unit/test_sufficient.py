@@ -171,12 +171,14 @@ def test_batched_clamps_equal_one_forward_per_row(family, tokenizer):
     sets = [(), (Predicate(0, 3, 4.0), Predicate(2, 7, -3.0, "le")), (Predicate(3, 100, 6.0),)]
     counter = ForwardCounter()
     predictor = ClampedPredictor(model, adapter, inputs, target_id=5, pad_id=tokenizer.pad_token_id,
-                                 batch_size=2, counter=counter)
+                                 batch_size=2, counter=counter, prefix_batch=3)
     out = predictor.outputs(sets)
-    # one cached prefix per input, then its three sets in forwards of the last token, two rows each
-    prefixes = sum(len(ids) > 1 for ids in inputs)
-    assert counter.forward_calls == prefixes + len(texts) * math.ceil(len(sets) / 2)
-    assert counter.sequences == prefixes + 12 and counter.tokens == sum(len(ids) - 1 for ids in inputs) + 12
+    # the prefixes of each group of three inputs run once, left-padded together (a group of
+    # one-token inputs has none); then the twelve (input, set) rows run two at a time, per group
+    groups = [inputs[:3], inputs[3:]]
+    prefix_calls = sum(max(len(ids) for ids in g) > 1 for g in groups)
+    assert counter.forward_calls == prefix_calls + sum(math.ceil(len(g) * len(sets) / 2) for g in groups)
+    assert counter.tokens == sum(len(ids) - 1 for ids in inputs) + 12
     for s, predicates in enumerate(sets):
         for j, ids in enumerate(inputs):
             plan = InterventionPlan.broadcast([p.edit() for p in predicates])
@@ -207,7 +209,8 @@ def test_a_search_on_a_tiny_random_model_reports_precision_that_re_evaluation_co
     result = search_sufficient_set(predictor, candidates, len(inputs), delta=0.2, max_size=3)
     again = predictor([result.predicates]).sum()
     assert again == result.hits
-    assert counter.sequences == (result.n_sets_evaluated + 1) * len(inputs) + sum(len(i) > 1 for i in inputs)
+    # one prefix pass per input, then one position per (input, set) evaluated (and the re-evaluation)
+    assert counter.sequences == (result.n_sets_evaluated + 1) * len(inputs) + len(inputs)
 
 
 # --- the planted ground truth ------------------------------------------------------------------

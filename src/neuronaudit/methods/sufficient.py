@@ -24,9 +24,10 @@ The search (:func:`search_sufficient_set`, after the anchors of Ribeiro et al. 2
    can be removed (the set is then minimal: dropping any one predicate loses the guarantee).
 
 The search itself is pure: it calls an ``evaluate(sets) -> hits [n_sets, n_inputs]`` function and
-caches every set it has seen. :class:`ClampedPredictor` is the model-backed ``evaluate``: each
-input's prefix runs once and is cached, and every (input, set) is one cached forward of the last
-token with that set's clamps (the clamps act there only), batched through the intervention engine;
+caches every set it has seen. :class:`ClampedPredictor` is the model-backed ``evaluate``: the
+inputs' prefixes run once (batched) and are cached, and every (input, set) is one cached position:
+the last token with that set's clamps (the clamps act there only), batched through the
+intervention engine;
 a :class:`ForwardCounter` counts the forward calls, rows and token positions: the search's cost.
 
 Candidates come from rankings (gradient × activation and the contrastive screen), not from every
@@ -58,7 +59,7 @@ import torch
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
-from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
+from neuronaudit.models.kv_cache import cache_from_output, cache_kwarg, select_cache_rows
 
 Neuron = tuple[int, int]  # (layer, neuron)
 
@@ -409,43 +410,57 @@ class ClampedPredictor:
     predicate set clamped at the last prompt token, through the intervention engine.
 
     A clamp acts on the last position only, so every earlier position computes exactly as without
-    it: each input's prefix (all but its last token) runs once, unhooked, and its KV cache is kept
-    for the predictor's lifetime; a set is then evaluated by one cached forward of the last token.
-    The rows of one input (one per set) share that cache and run together, ``batch_size`` rows per
-    forward, each with its own clamp edits (:meth:`~neuronaudit.interventions.InterventionPlan.
-    per_row`). So a search costs one prefix pass per input plus one position per (input, set): it
-    grows with the inputs and the sets evaluated, not with the prompts' length. Every forward is
-    counted in ``counter``. Calling the predictor with a list of sets returns the hits (greedy
-    token = ``target_id``) ``[n_sets, n_inputs]``: the ``evaluate`` of the search.
+    it. The prefixes (all but the last token) of ``prefix_batch`` inputs run once together, left
+    padded with explicit position ids, unhooked, and their KV cache is kept for the predictor's
+    lifetime; a set is then evaluated by one cached forward of the last token. Rows
+    ``(input, set)`` of those inputs run ``batch_size`` at a time, each with its own clamp edits
+    (:meth:`~neuronaudit.interventions.InterventionPlan.per_row`) and its input's cache rows. So a
+    search costs one prefix pass per input plus one position per (input, set): it grows with the
+    inputs and the sets evaluated, not with the prompts' length. Every forward is counted in
+    ``counter``. Calling the predictor with a list of sets returns the hits (greedy token =
+    ``target_id``) ``[n_sets, n_inputs]``: the ``evaluate`` of the search.
     """
 
     def __init__(self, model, adapter, inputs: Sequence[Sequence[int]], target_id: int, pad_id: int,
-                 batch_size: int = 32, counter: ForwardCounter | None = None):
+                 batch_size: int = 32, counter: ForwardCounter | None = None, prefix_batch: int = 16):
         if not inputs or any(len(ids) == 0 for ids in inputs):
             raise NeuronAuditError("every input of a clamped evaluation needs at least one token")
-        if batch_size < 1:
-            raise NeuronAuditError(f"batch_size {batch_size!r} must be at least 1")
+        if batch_size < 1 or prefix_batch < 1:
+            raise NeuronAuditError(f"batch_size {batch_size!r} and prefix_batch {prefix_batch!r} must be at least 1")
         self.model, self.adapter = model, adapter
         self.inputs = [list(map(int, ids)) for ids in inputs]
         self.target_id, self.pad_id = int(target_id), int(pad_id)
-        self.batch_size = batch_size
+        self.batch_size, self.prefix_batch = batch_size, prefix_batch
         self.counter = counter if counter is not None else ForwardCounter()
-        self._prefixes: dict[int, object] = {}
+        self._groups: dict[int, tuple] = {}
         self._cache_name = cache_kwarg(model)
         params = inspect.signature(model.forward).parameters
         self._head = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    def _prefix(self, j: int, device):
-        """The KV cache of input ``j``'s tokens but the last (``None`` for a one-token input)."""
-        ids = self.inputs[j]
-        if len(ids) == 1:
-            return None
-        if j not in self._prefixes:
-            with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([ids[:-1]], device=device), use_cache=True, **self._head)
-            self.counter.add(1, len(ids) - 1)
-            self._prefixes[j] = cache_from_output(out)
-        return self._prefixes[j]
+    def _group(self, g: int, device):
+        """Inputs ``g·prefix_batch ...`` and their prefixes: ``(members, cache, mask, width)`` with
+        the prefixes left-padded to ``width − 1`` tokens (``cache`` None when that is 0)."""
+        if g not in self._groups:
+            members = list(range(g * self.prefix_batch, min((g + 1) * self.prefix_batch, len(self.inputs))))
+            width = max(len(self.inputs[j]) for j in members)
+            mask = torch.zeros((len(members), width), dtype=torch.long)
+            ids = torch.full((len(members), max(width - 1, 1)), self.pad_id, dtype=torch.long)
+            for r, j in enumerate(members):
+                prefix = self.inputs[j][:-1]
+                mask[r, width - len(self.inputs[j]):] = 1
+                if prefix:
+                    ids[r, width - 1 - len(prefix):] = torch.tensor(prefix)
+            cache = None
+            if width > 1:
+                pmask = mask[:, :-1]
+                positions = (pmask.cumsum(-1) - 1).clamp_min(0)
+                with torch.inference_mode():
+                    out = self.model(input_ids=ids.to(device), attention_mask=pmask.to(device),
+                                     position_ids=positions.to(device), use_cache=True, **self._head)
+                cache = cache_from_output(out)
+                self.counter.add(len(members), int(pmask.sum()))
+            self._groups[g] = (members, cache, mask.to(device), width)
+        return self._groups[g]
 
     def outputs(self, sets: Sequence[PredicateSet]) -> SetOutputs:
         n_sets, n_inputs = len(sets), len(self.inputs)
@@ -455,24 +470,27 @@ class ClampedPredictor:
         entropy = np.zeros(shape)
         edits = [tuple(p.edit(("last_prompt",)) for p in s) for s in sets]
         device = next(self.model.parameters()).device
-        for j, ids in enumerate(self.inputs):
-            prefix = self._prefix(j, device)
-            for start in range(0, n_sets, self.batch_size):
-                chunk = list(range(start, min(start + self.batch_size, n_sets)))
-                rows = len(chunk)
-                last = torch.full((rows, 1), ids[-1], dtype=torch.long, device=device)
-                mask = torch.ones((rows, len(ids)), dtype=torch.long, device=device)
-                plan = InterventionPlan.per_row(edits[s] for s in chunk)
-                kwargs = {self._cache_name: broadcast_cache(prefix, rows)} if prefix is not None else {}
-                with torch.inference_mode(), NeuronHooks(self.adapter, plan, cached_prompt_length=len(ids)):
-                    logits = self.model(input_ids=last, attention_mask=mask, use_cache=prefix is not None,
-                                        **kwargs).logits[:, -1].float()
-                self.counter.add(rows)
+        for g in range(-(-n_inputs // self.prefix_batch)):
+            members, cache, mask, width = self._group(g, device)
+            rows = [(r, s) for r in range(len(members)) for s in range(n_sets)]
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start: start + self.batch_size]
+                index = torch.tensor([r for r, _ in chunk], device=device)
+                last = torch.tensor([[self.inputs[members[r]][-1]] for r, _ in chunk], device=device)
+                positions = torch.tensor([[len(self.inputs[members[r]]) - 1] for r, _ in chunk], device=device)
+                plan = InterventionPlan.per_row(edits[s] for _, s in chunk)
+                kwargs = {self._cache_name: select_cache_rows(cache, index)} if cache is not None else {}
+                with torch.inference_mode(), NeuronHooks(self.adapter, plan, cached_prompt_length=width):
+                    logits = self.model(input_ids=last, attention_mask=mask[index], position_ids=positions,
+                                        use_cache=cache is not None, **kwargs).logits[:, -1].float()
+                self.counter.add(len(chunk))
                 logp = torch.log_softmax(logits, dim=-1)
                 ent = -(logp.exp() * logp).sum(-1)
-                top[chunk, j] = logits.argmax(-1).cpu().numpy()
-                logprob[chunk, j] = logp[:, self.target_id].cpu().numpy()
-                entropy[chunk, j] = ent.cpu().numpy()
+                js = [members[r] for r, _ in chunk]
+                ss = [s for _, s in chunk]
+                top[ss, js] = logits.argmax(-1).cpu().numpy()
+                logprob[ss, js] = logp[:, self.target_id].cpu().numpy()
+                entropy[ss, js] = ent.cpu().numpy()
         return SetOutputs(top, logprob, entropy)
 
     def __call__(self, sets: Sequence[PredicateSet]) -> np.ndarray:

@@ -79,3 +79,22 @@ def broadcast_cache(cache, batch: int, from_layer: int = 0):
         if j >= from_layer:
             layer.batch_repeat_interleave(batch)
     return new
+
+
+def select_cache_rows(cache, rows):
+    """A copy of a batched KV ``cache`` holding the batch rows ``rows`` (a 1-D index tensor, rows
+    may repeat), in that order; the original is never modified."""
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    dynamic = layers is not None and all(
+        type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers
+    )
+    if dynamic:
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in layers]
+    else:
+        new = copy.deepcopy(cache)
+    for layer in new.layers:
+        layer.batch_select_indices(rows)
+    return new

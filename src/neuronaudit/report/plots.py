@@ -52,6 +52,9 @@ __all__ = [
     "ceiling_scatter",
     "window_diagram",
     "attribution_panels",
+    "sufficient_precision",
+    "sufficient_stability",
+    "sufficient_control",
 ]
 
 #: Fixed colours for names that recur across figures (prompt sets, rollout outcome types, the
@@ -80,6 +83,10 @@ PALETTE: dict[str, str] = {
     "random": "#b6a27c",
     "caa": "#cc78bc",
     "keystone": "#d55e00",
+    # sufficient sets and their baselines
+    "found": "#029e73",
+    "attribution": "#0173b2",
+    "screen": "#de8f05",
 }
 
 # Colours for names without a fixed colour; none of them is a PALETTE colour, so an unknown name
@@ -595,5 +602,86 @@ def attribution_panels(scores: pd.DataFrame) -> Figure:
     handles.append(plt.Line2D([], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="black"))
     labels.append("controller (open window)")
     axes[-1].legend(handles, labels, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+#: Order and labels of the sets compared in the sufficient-set figures.
+SUFFICIENT_SETS = {"none": "unclamped", "found": "sufficient set (search)", "attribution": "top-|S| grad × act",
+                   "screen": "top-|S| contrastive screen", "random": "random same-layer"}
+
+
+def sufficient_precision(sets: pd.DataFrame, precision: pd.DataFrame) -> Figure:
+    """Precision against set size: the best set of each growth step of every explained prompt's
+    search (lines, search inputs) and the fresh-input precision of the found set and of the
+    top-|S| baselines at their size (markers with Wilson intervals), one panel per task."""
+    tasks = list(dict.fromkeys(precision["task"]))
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.2 * max(len(tasks), 1), 3.6), sharey=True,
+                                 squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        grow = sets[(sets["task"] == task) & (sets["search"] == "search") & (sets["phase"] == "grow")]
+        for _, g in grow.groupby("prompt_id"):
+            best = g.groupby("step")["precision"].max()
+            ax.plot(best.index, best.to_numpy(), "-", color="#bbbbbb", lw=1)
+        rows = precision[precision["task"] == task]
+        for offset, kind in zip((-0.12, 0.0, 0.12), ("found", "attribution", "screen")):
+            r = rows[rows["set"] == kind]
+            ax.errorbar(r["size"] + offset, r["precision"],
+                        yerr=[r["precision"] - r["precision_low"], r["precision_high"] - r["precision"]],
+                        fmt="o", ms=5, color=color_for(kind), label=SUFFICIENT_SETS[kind] + " (fresh)")
+        ax.set_title(_mpl_text(task), fontsize=10)
+        ax.set_xlabel("|S| (predicates)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].set_ylabel("precision (share keeping the target)")
+    axes[0][0].set_ylim(-0.02, 1.02)
+    axes[0][0].legend(fontsize=7, frameon=False, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def sufficient_stability(precision: pd.DataFrame) -> Figure:
+    """Jaccard index between the found sets of every pair of explained prompts (tasks in blocks)."""
+    found = precision[precision["set"] == "found"].reset_index(drop=True)
+    labels = [f"{t}/{p} {g!r}" for t, p, g in zip(found["task"], found["prompt_id"], found["target"])]
+    sets = [{tuple(int(v) for v in n) for n in cell} for cell in found["neurons"]]
+    n = len(sets)
+    matrix = np.ones((n, n))
+    for i in range(n):
+        for j in range(n):
+            union = sets[i] | sets[j]
+            matrix[i, j] = len(sets[i] & sets[j]) / len(union) if union else 1.0
+    with sns.axes_style("white"):
+        fig, ax = plt.subplots(figsize=(1.6 + 0.42 * n, 1.2 + 0.38 * n))
+    sns.heatmap(pd.DataFrame(matrix, index=[_mpl_text(x) for x in labels], columns=[_mpl_text(x) for x in labels]),
+                vmin=0, vmax=1, cmap="viridis", annot=n <= 16, fmt=".2f", annot_kws={"fontsize": 7}, ax=ax,
+                cbar_kws={"label": "Jaccard of the sets' neurons"})
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sufficient_control(control: pd.DataFrame) -> Figure:
+    """Forcing rate (the target as next token on task prompts that lack it) and collapse rate of
+    the greedy continuation, per set kind and task: means over explained prompts, with each
+    prompt's value as a dot."""
+    order = [k for k in SUFFICIENT_SETS if k in set(control["set"])]
+    per_prompt = control.groupby(["task", "prompt_id", "set"], as_index=False)[["forcing_rate", "collapse_rate"]].mean()
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=False)
+    for ax, column, label in zip(axes, ("forcing_rate", "collapse_rate"),
+                                 ("forcing rate (target as next token)", "collapsed continuations")):
+        sns.barplot(per_prompt, x="task", y=column, hue="set", hue_order=order, errorbar=None,
+                    palette={k: color_for(k) for k in order}, ax=ax, alpha=0.75)
+        sns.stripplot(per_prompt, x="task", y=column, hue="set", hue_order=order, dodge=True, size=3,
+                      palette={k: "#222222" for k in order}, legend=False, ax=ax)
+        ax.set_ylabel(label)
+        ax.set_xlabel("")
+        ax.set_ylim(0, 1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[0].legend(handles[: len(order)], [SUFFICIENT_SETS[k] for k in labels[: len(order)]], fontsize=7,
+                   frameon=False)
+    if axes[1].get_legend() is not None:
+        axes[1].get_legend().remove()
     fig.tight_layout()
     return fig

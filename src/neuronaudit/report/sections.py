@@ -82,6 +82,7 @@ STAGE_TITLES = {
     "keystone": "Keystone neurons",
     "window": "Control window",
     "attribution": "Gradient versus forward attribution",
+    "sufficient": "Sufficient neuron sets (WASD)",
     "activations": "Activation statistics",
 }
 
@@ -612,8 +613,96 @@ def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | No
     return Section("attribution", STAGE_TITLES["attribution"], summary["statement"], items), heads
 
 
+def _mean_ci(entry: dict | None, spec: str = ".2f") -> str:
+    """A per-prompt mean with its bootstrap CI over prompts and the number of prompts."""
+    if not entry or not _finite(entry.get("mean")):
+        return "missing"
+    text = format(entry["mean"], spec)
+    if _finite(entry.get("low")) and _finite(entry.get("high")):
+        text += f" (95% CI {format(entry['low'], spec)}–{format(entry['high'], spec)})"
+    return f"{text}, n = {entry.get('n', '?')} prompts"
+
+
+#: The published side of the sufficient-set headlines: the method's source gives no number that
+#: this study reproduces (SCIENCE.md section 5 states none).
+SUFFICIENT_PUBLISHED = "none stated (SCIENCE.md §5 gives no number; seed 000 reports comparisons, not values)"
+
+
+def sufficient_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    folder = study_dir / "sufficient"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    precision = pq.read_table(folder / "precision.parquet").to_pandas()
+    control = pq.read_table(folder / "control.parquet").to_pandas()
+    sets = pq.read_table(folder / "sets.parquet").to_pandas()
+    link = _rel(folder / "summary.json", report_dir)
+    prec_link, ctrl_link = _rel(folder / "precision.parquet", report_dir), _rel(folder / "control.parquet", report_dir)
+    items = []
+    heads = []
+    skipped = []
+    for task, t in summary.get("tasks", {}).items():
+        skipped += [f"{task}/{s['prompt_id']} ({s['reason']})" for s in t.get("skipped", [])]
+        if not t.get("n_explained"):
+            continue
+        by_set = t["sets"]
+        heads.append(Headline(
+            f"sufficient.{task}.precision", f"sufficient sets, {task}: fresh-input precision of the found set",
+            f"{_mean_ci(by_set['found']['precision'])}; |S| {_mean_ci(by_set['found']['size'], '.1f')}; "
+            f"reached the bound on {t['reached']}/{t['n_explained']}; top-|S| grad × act "
+            f"{_mean_ci(by_set['attribution']['precision'])}, contrastive screen "
+            f"{_mean_ci(by_set['screen']['precision'])}",
+            by_set["found"]["precision"].get("mean"),
+            _ci(by_set["found"]["precision"].get("low"), by_set["found"]["precision"].get("high")),
+            SUFFICIENT_PUBLISHED, {"precision.parquet": prec_link, "summary.json": link}))
+        c = t.get("control", {})
+        if "found" in c:
+            rand = c.get("random", {}).get("forcing_rate")
+            heads.append(Headline(
+                f"sufficient.{task}.forcing", f"sufficient sets, {task}: forcing rate on prompts lacking the target",
+                f"found {_mean_ci(c['found']['forcing_rate'])} vs random same-layer {_mean_ci(rand)} vs "
+                f"unclamped {_mean_ci(c.get('none', {}).get('forcing_rate'))}; continuations collapsed under the "
+                f"found set {_mean_ci(c['found']['collapse_rate'])}",
+                c["found"]["forcing_rate"].get("mean"),
+                _ci(c["found"]["forcing_rate"].get("low"), c["found"]["forcing_rate"].get("high")),
+                SUFFICIENT_PUBLISHED, {"control.parquet": ctrl_link, "summary.json": link}))
+        st = t.get("stability", {})
+        heads.append(Headline(
+            f"sufficient.{task}.stability", f"sufficient sets, {task}: Jaccard of the found sets",
+            f"disjoint perturbations {_mean_ci(st.get('jaccard_disjoint'))}; reseeded "
+            f"{_mean_ci(st.get('jaccard_reseeded'))}; across prompts with the same target "
+            f"{_f((st.get('jaccard_across_prompts_same_target') or {}).get('mean'), '.2f')} "
+            f"({(st.get('jaccard_across_prompts_same_target') or {}).get('n_pairs', 0)} pairs)",
+            (st.get("jaccard_disjoint") or {}).get("mean"), None, SUFFICIENT_PUBLISHED, link))
+    if len(precision):
+        items += [
+            _figure("sufficient_precision", "Precision against set size", plots.sufficient_precision(sets, precision),
+                    {"sets.parquet": _rel(folder / "sets.parquet", report_dir), "precision.parquet": prec_link}),
+            _figure("sufficient_stability", "Stability of the found sets across prompts",
+                    plots.sufficient_stability(precision), prec_link),
+            _figure("sufficient_control", "Forcing the target onto prompts that lack it",
+                    plots.sufficient_control(control), ctrl_link),
+            Table("Found sets and their baselines on fresh perturbations",
+                  precision[["task", "prompt_id", "target", "set", "size", "neurons", "hits", "n", "precision",
+                             "precision_low", "precision_high", "coverage", "baseline_precision", "reached",
+                             "jaccard_disjoint", "jaccard_reseeded"]],
+                  caption("sufficient_table"), table_link=prec_link),
+        ]
+    cost = summary.get("cost", {})
+    intro = (f"For {summary.get('provenance', {}).get('n_explained', '?')} prompts per task, a minimal set of "
+             "neuron predicates (a ≥ θ, θ = fraction × the observed activation) whose clamping at the last prompt "
+             "token keeps the model's next token on perturbed inputs, by a greedy search that stops when the "
+             "Wilson lower bound of precision reaches 1 − δ and then prunes. Precision is re-measured on fresh "
+             "perturbations; CIs of task means are bootstraps over explained prompts (perturbed inputs are nested "
+             f"in prompts). Cost: {cost.get('forward_calls', '?')} forward calls, "
+             f"{cost.get('token_positions', '?')} token positions.")
+    if skipped:
+        intro += " Prompts not explained: " + "; ".join(skipped) + "."
+    return Section("sufficient", STAGE_TITLES["sufficient"], intro, items), heads
+
+
 BUILDERS = (refusal_section, screen_section, cna_section, keystone_section, window_section,
-            attribution_section)
+            attribution_section, sufficient_section)
 
 
 def stage_sections(study_dir: str | Path, report_dir: str | Path) -> tuple[list[Section], list[Headline]]:
