@@ -332,3 +332,16 @@ def test_planted_solve_per_row_edits_equal_separate_runs(planted):
     plain, _ = run(heldout)
     steered, _ = run(heldout, edits=edits)
     assert mixed == [steered[k] if k % 2 else plain[k] for k in range(8)]
+
+
+def test_planted_sampled_solutions_are_reproducible_and_rows_without_positions_are_nan(planted):
+    model, adapter, tokenizer, encode = (planted[k] for k in ("model", "adapter", "tokenizer", "encode"))
+    prompts = encode(planted["heldout"][:6])
+    kw = dict(eos_token_ids=eos_ids(model, tokenizer), pad_token_id=pad_id(tokenizer), batch_size=4, seed=3)
+    index, sample, tokens = R.sample_solutions(model, adapter, prompts, 3, 4, temperature=1.0, **kw)
+    assert list(index) == [0, 1, 2, 3, 4, 5] * 3 and list(sample) == [0] * 6 + [1] * 6 + [2] * 6
+    assert R.sample_solutions(model, adapter, prompts, 3, 4, temperature=1.0, **kw)[2] == tokens
+    greedy = R.sample_solutions(model, adapter, prompts, 3, 4, temperature=0.0, **kw)
+    assert len(greedy[2]) == 6 and list(greedy[1]) == [0] * 6  # greedy: one solution per problem
+    acts = R.mean_activations(model, adapter, prompts[:2], [[], tokens[1]], positions=("generated",))
+    assert np.isnan(acts[0]).all() and np.isfinite(acts[1]).all()
