@@ -33,6 +33,26 @@ except for a ``choice``, where it is the first of the question's numbers the rep
 reply leads with its pick: "57 is larger than 49"). A reply with no number (or fewer than ``k``)
 is *unparseable*: it is reported apart from wrong answers, and the share of parseable replies
 is a precondition of every accuracy figure.
+
+Default difficulties (:data:`DEFAULT_DIFFICULTY`), chosen from the accuracy of the embedded model
+(SmolLM2-135M-Instruct, the workflow's GGUF copy de-quantised to float32, its chat template,
+greedy, at most 48 new tokens; validation problems of seed 7). Measured per kind, n problems
+each (correct / parsed):
+
+============== ===================== ===================== ====================
+kind           d = 1                 d = 2                 d = 3
+============== ===================== ===================== ====================
+arithmetic     35% / 100% (n = 20)   5% / 100% (n = 20)    0% / 100% (n = 8)
+comparison     45% / 95% (n = 20)    30% / 95% (n = 20)    0% / 88% (n = 8)
+counting       5% / 85% (n = 20)     20% / 85% (n = 20)    25% / 100% (n = 8)
+word_problem   45% / 100% (n = 20)   15% / 100% (n = 20)   0% / 100% (n = 8)
+============== ===================== ===================== ====================
+
+All four kinds at d = 1: 32.5% correct, 95% parsed (n = 80). Counting stays below the 30–70%
+target at every difficulty: the model answers "10 times" to every letter-counting question
+(0 of 20 right at d = 1–2), and its right answers on item lists (1 of 12 at d = 1, 4 of 8 at
+d = 2) are near what guessing small counts gives. With n = 20 per cell, a 95% Wilson interval
+is about ±20 points wide, so these figures choose defaults; they are not results.
 """
 
 from __future__ import annotations
@@ -47,6 +67,8 @@ import pandas as pd
 from neuronaudit.errors import NeuronAuditError
 
 KINDS: tuple[str, ...] = ("arithmetic", "comparison", "counting", "word_problem")
+#: Difficulty per kind for the embedded model (measured in the module docstring).
+DEFAULT_DIFFICULTY: dict[str, int] = {"arithmetic": 1, "comparison": 1, "counting": 2, "word_problem": 1}
 SPLITS: tuple[str, ...] = ("discovery", "validation", "heldout")
 ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "list")
 
