@@ -7,6 +7,7 @@ import pytest
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.methods.reasoning_tasks import (
+    DEFAULT_DIFFICULTY,
     KINDS,
     SPLITS,
     Problem,
@@ -83,6 +84,8 @@ def test_difficulty_per_kind_and_bad_requests_fail_by_name():
                                                                    "counting": 2, "word_problem": 1})
     by_kind = {p.kind: p.difficulty for p in problems}
     assert by_kind == {"arithmetic": 3, "comparison": 1, "counting": 2, "word_problem": 1}
+    defaults = generate_problems("heldout", 2, seed=1, difficulty=DEFAULT_DIFFICULTY)
+    assert {p.kind: p.difficulty for p in defaults} == DEFAULT_DIFFICULTY and set(DEFAULT_DIFFICULTY) == set(KINDS)
     assert all(len(numbers_in(p.question)) == 3 for p in problems if p.kind == "arithmetic")
     with pytest.raises(NeuronAuditError, match="unknown problem kinds"):
         generate_problems("heldout", 1, seed=1, kinds=["poetry"])

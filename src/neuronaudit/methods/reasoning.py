@@ -42,6 +42,14 @@ the top correlation; :func:`random_mapping` is the baseline of the same size and
 and :func:`carry_steering` moves ``w`` and ``g`` onto the target neurons in units of each
 neuron's own spread.
 
+A first reading on the embedded model (SmolLM2-135M-Instruct, 24 discovery problems at the
+default difficulties, greedy, 8 of 24 correct, every layer scored, ε = 1e-6): all ten top-ranked
+neurons had rel = 1.000, i.e. g and b of opposite signs, so among them the key is decided by
+``|g| + |b|`` (= |w|); nine of the ten sat in the last layer; the bootstrap over problems kept each
+in the top ten in 17–75% of resamples and most |w| intervals crossed 0. Wall time on two shared
+CPU cores: generation 232 s, teacher-forced activations 21 s, bootstrap (1000 resamples, with
+top-share) 11 s. ``rel_resolution`` and ``eps`` are the knobs that make rel discriminate.
+
 Everything here is a pure function of arrays except :func:`solve`, :func:`sample_solutions` and
 :func:`mean_activations`, which run the model in batches through the intervention engine.
 """
