@@ -181,10 +181,13 @@ def edit_spec(edits: Sequence[NeuronEdit | ResidualEdit]) -> str:
         d["positions"] = list(e.positions)
         if isinstance(e, ResidualEdit):
             d["vector"] = list(d["vector"])
-        elif d["source"] is None:
-            del d["source"]
         else:
-            d["source"] = list(d["source"])
+            if d["source"] is None:
+                del d["source"]
+            else:
+                d["source"] = list(d["source"])
+            if d["strength"] is None:  # only a blend has one
+                del d["strength"]
         items.append(d)
     return json.dumps(items, sort_keys=True)
 
@@ -193,9 +196,9 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
     """Interventions from a JSON file path or a dict ``{name: [edit, ...]}``.
 
     Each edit is a :class:`NeuronEdit` or a dict with its fields (``layer``, ``neuron``, ``op``,
-    ``value``, ``positions``, optionally ``source``), or a :class:`ResidualEdit` or a dict with
-    ``op: resid_add``, ``layer``, ``vector``, ``scale`` and ``positions``. ``none -> []`` (the
-    unsteered reference) is added when absent.
+    ``value``, ``positions``, optionally ``source``, and ``strength`` for a blend), or a
+    :class:`ResidualEdit` or a dict with ``op: resid_add``, ``layer``, ``vector``, ``scale`` and
+    ``positions``. ``none -> []`` (the unsteered reference) is added when absent.
     """
     if isinstance(spec, (str, Path)):
         path = Path(spec)
@@ -225,7 +228,7 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
             if e.get("op") == "resid_add":
                 parsed.append(_residual_edit(name, e))
                 continue
-            unknown = set(e) - {"layer", "neuron", "op", "value", "positions", "source"}
+            unknown = set(e) - {"layer", "neuron", "op", "value", "positions", "source", "strength"}
             if unknown:
                 raise NeuronAuditError(f"intervention {name!r} edit has unknown keys {sorted(unknown)}")
             try:
@@ -235,6 +238,7 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
                         value=float(e.get("value", 0.0)),
                         positions=tuple(e.get("positions", ("prompt", "generated"))),
                         source=tuple(float(s) for s in e["source"]) if e.get("source") else None,
+                        strength=float(e["strength"]) if e.get("strength") is not None else None,
                     )
                 )
             except KeyError as err:

@@ -10,6 +10,8 @@ Edits (:class:`NeuronEdit`):
 ``scale``  ``a_i ← m · a_i``      (``m = 0`` ablates; CNA circuits)
 ``clamp``  ``a_i ← c``            (mean-ablation is a clamp to the neuron's mean; WASD)
 ``patch``  ``a_i ← s[t]``         (value from another run, per absolute position ``t``)
+``blend``  ``a_i ← (1 − s)·a_i + s·g``  (toward a template value ``g = value`` with strength
+           ``s = strength``; the reasoning-critical template steering of SCIENCE.md section 6)
 
 One edit acts on the residual stream instead of a neuron (:class:`ResidualEdit`):
 
@@ -47,7 +49,7 @@ from neuronaudit.models.adapters import ArchitectureAdapter
 from neuronaudit.models.kv_cache import cache_from_arguments, cache_length
 
 POSITION_KINDS: tuple[str, ...] = ("prompt", "last_prompt", "generated")
-OPS: tuple[str, ...] = ("add", "scale", "clamp", "patch")
+OPS: tuple[str, ...] = ("add", "scale", "clamp", "patch", "blend")
 _OP_CODE = {op: i for i, op in enumerate(OPS)}
 
 
@@ -61,6 +63,7 @@ class NeuronEdit:
     value: float = 0.0
     positions: tuple[str, ...] = ("prompt", "generated")
     source: tuple[float, ...] | None = None  # patch values by absolute position
+    strength: float | None = None  # blend strength s (blend only)
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -79,6 +82,16 @@ class NeuronEdit:
         if self.op == "patch" and not self.source:
             raise NeuronAuditError(
                 f"patch of neuron ({self.layer}, {self.neuron}) needs source values"
+            )
+        if (self.op == "blend") != (self.strength is not None):
+            raise NeuronAuditError(
+                f"{self.op} of neuron ({self.layer}, {self.neuron}): a strength belongs to a blend, "
+                "and a blend needs one"
+            )
+        if self.strength is not None and not math.isfinite(float(self.strength)):
+            raise NeuronAuditError(
+                f"impossible blend strength {self.strength!r} for neuron ({self.layer}, {self.neuron}):"
+                " it must be a finite number"
             )
 
     # Named constructors: the vocabulary of the methods that use them.
@@ -106,6 +119,12 @@ class NeuronEdit:
     @classmethod
     def patch(cls, layer: int, neuron: int, source: Sequence[float], positions=("prompt",)):
         return cls(layer, neuron, "patch", 0.0, tuple(positions), tuple(float(s) for s in source))
+
+    @classmethod
+    def blend(cls, layer: int, neuron: int, template: float, strength: float,
+              positions=("last_prompt", "generated")):
+        """``a ← (1 − strength)·a + strength·template`` (``strength = 1`` clamps to the template)."""
+        return cls(layer, neuron, "blend", float(template), tuple(positions), None, float(strength))
 
 
 @dataclass(frozen=True)
@@ -214,6 +233,7 @@ class _CompiledEdits:
     values: torch.Tensor  # [E, 1]
     kinds: torch.Tensor  # [E, 3] bool
     source: torch.Tensor  # [E, S] (nan where absent)
+    strength: torch.Tensor  # [E, 1] blend strength (0 for the other ops)
     cache: dict = field(default_factory=dict)
 
     def for_batch(self, batch: int, n_plan_rows: int, device, dtype) -> _CompiledEdits:
@@ -236,6 +256,7 @@ class _CompiledEdits:
                 self.values[idx].to(device, dtype),
                 self.kinds[idx].to(device),
                 self.source[idx].to(device, dtype),
+                self.strength[idx].to(device, dtype),
             )
         return self.cache[key]
 
@@ -319,6 +340,7 @@ def _compile(plan: InterventionPlan, adapter: ArchitectureAdapter) -> dict[int, 
                 [[k in e.positions for k in POSITION_KINDS] for _, e in items], dtype=torch.bool
             ),
             source=source,
+            strength=torch.tensor([[e.strength or 0.0] for _, e in items], dtype=torch.float32),
         )
     return compiled
 
@@ -332,6 +354,8 @@ def apply_edits(activation: torch.Tensor, edits: _CompiledEdits, ctx: ForwardCon
     new = torch.where(ops == _OP_CODE["add"], current + edits.values, current)
     new = torch.where(ops == _OP_CODE["scale"], current * edits.values, new)
     new = torch.where(ops == _OP_CODE["clamp"], edits.values.expand_as(current), new)
+    blended = (1 - edits.strength) * current + edits.strength * edits.values
+    new = torch.where(ops == _OP_CODE["blend"], blended, new)
     if bool((edits.ops == _OP_CODE["patch"]).any()):
         pos = ctx.positions.clamp(max=edits.source.shape[1] - 1)
         patched = edits.source[:, pos]
