@@ -47,25 +47,28 @@ def test_gallop_indices():
     assert gallop_indices(20) == [0, 1, 3, 7, 15, 19]
 
 
-def _search(outcomes):
-    state, _ = search_recorded({"k": {"p": list(outcomes)}})
+def _search(outcomes, at_once=False):
+    state, _ = search_recorded({"k": {"p": list(outcomes)}}, gallop_at_once=at_once)
     return state["k"]
 
 
+@pytest.mark.parametrize("at_once", [False, True])
 @pytest.mark.parametrize("n", range(1, 33))
-def test_monotone_predicates_give_the_full_grid_crossing(n):
+def test_monotone_predicates_give_the_full_grid_crossing(n, at_once):
     for first in [*range(n), None]:
         outcomes = [first is not None and i >= first for i in range(n)]
-        s = _search(outcomes)
+        s = _search(outcomes, at_once)
         assert s.result("p") == first == s.path_result("p")
         assert len(s.visited) <= 2 * math.ceil(math.log2(n + 1)) + 1
 
 
+@pytest.mark.parametrize("at_once", [False, True])
 @pytest.mark.parametrize("n", range(1, 11))
-def test_every_predicate_gives_a_point_where_it_holds_never_below_the_full_grid(n):
+def test_every_predicate_gives_a_point_where_it_holds_never_below_the_full_grid(n, at_once):
     """All 2^n predicates on n grid points, monotone or not."""
     for outcomes in itertools.product([False, True], repeat=n):
-        s = _search(outcomes)
+        s = _search(outcomes, at_once)
+        assert set(gallop_indices(n)) <= set(s.visited) or not at_once
         found, full = s.result("p"), full_grid_first(outcomes)
         known = s.known("p")
         assert found == first_visited(known)
@@ -246,17 +249,19 @@ def check_against_full_grid(full: pd.DataFrame, sparse: pd.DataFrame, grid=GRID,
     return counts
 
 
-def run_adaptive(full: pd.DataFrame):
+def run_adaptive(full: pd.DataFrame, at_once: bool = True):
     rollouts = RecordedRollouts(full)
     neurons = neurons_of(full)
-    sparse, record = law.sweep_behaviour_search(rollouts, neurons, geometry_of(neurons), GRID, HORIZONS)
+    sparse, record = law.sweep_behaviour_search(rollouts, neurons, geometry_of(neurons), GRID, HORIZONS,
+                                                gallop_at_once=at_once)
     return sparse, record, rollouts
 
 
+@pytest.mark.parametrize("at_once", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_recorded_monotone_sweeps_give_the_full_grid_ceilings_and_triggers(seed):
+def test_recorded_monotone_sweeps_give_the_full_grid_ceilings_and_triggers(seed, at_once):
     full = recorded_sweeps(seed)
-    sparse, record, rollouts = run_adaptive(full)
+    sparse, record, rollouts = run_adaptive(full, at_once)
     # the rows the search rolled out are the full grid's rows at those points
     keys = ["layer", "neuron", "sign", "grid_index", "prompt_id", "horizon"]
     both = sparse.merge(full, on=keys, suffixes=("", "_full"))
@@ -281,10 +286,11 @@ def test_every_ceiling_and_trigger_of_monotone_recorded_sweeps_is_exact():
         assert is_monotone(p["collapse"])
 
 
+@pytest.mark.parametrize("at_once", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_non_monotone_recorded_sweeps_obey_the_stated_bounds(seed):
+def test_non_monotone_recorded_sweeps_obey_the_stated_bounds(seed, at_once):
     full = recorded_sweeps(100 + seed, noise=0.15)
-    sparse, _, _ = run_adaptive(full)
+    sparse, _, _ = run_adaptive(full, at_once)
     counts = check_against_full_grid(full, sparse)
     # noise makes some predicates non-monotone; where the answers differ, points were skipped
     assert counts["ceiling_nonmonotone"] + counts["trigger_nonmonotone"] > 0

@@ -43,7 +43,9 @@ from the sparse sweep table unchanged (the first crossing over the rows present)
 targets (a ceiling, a trigger per horizon); a round rolls out, for every unfinished search, the
 union of its targets' next probes, all searches together in one batched rollout; the outcomes of
 that round decide the next probes (:func:`run_searches`). Rounds are few (about ``2·log2 n``), each
-one batch.
+one batch; with ``gallop_at_once`` the first round rolls out every galloping index together (about
+``1 + log2 n`` rounds, a few more points). Each round has a fixed cost (every prompt's prefix, the
+decoding loop, the scoring), so fewer rounds can matter more than fewer rollouts.
 """
 
 from __future__ import annotations
@@ -161,12 +163,17 @@ class SearchState:
     n: int
     targets: tuple[str, ...]
     outcomes: dict[int, dict[str, bool]] = field(default_factory=dict)
+    #: roll out every galloping index in the first round (fewer rounds, at most a few more points:
+    #: the gallop indices above the first bracket); the paths and what is returned are unchanged
+    gallop_at_once: bool = False
 
     def known(self, target: str) -> dict[int, bool]:
         return {i: bool(o[target]) for i, o in self.outcomes.items()}
 
     def probes(self) -> list[int]:
         """The indices this search rolls out next (the union of its targets' next probes)."""
+        if self.gallop_at_once and not self.outcomes:
+            return gallop_indices(self.n)
         wanted = {next_probe(self.n, self.known(t)) for t in self.targets}
         return sorted(i for i in wanted if i is not None)
 
@@ -209,7 +216,8 @@ def run_searches(
     raise RuntimeError(f"dose search did not finish within {max_rounds} rounds")
 
 
-def search_recorded(recorded: Mapping[Hashable, Mapping[str, Sequence[bool]]]) -> tuple[dict, list]:
+def search_recorded(recorded: Mapping[Hashable, Mapping[str, Sequence[bool]]],
+                    gallop_at_once: bool = False) -> tuple[dict, list]:
     """The adaptive search run on recorded full-grid outcomes: ``recorded[key][target]`` is the
     predicate at every grid index. Returns ``(searches, rounds)``; only the probed indices are read."""
     searches = {}
@@ -217,7 +225,7 @@ def search_recorded(recorded: Mapping[Hashable, Mapping[str, Sequence[bool]]]) -
         lengths = {len(v) for v in targets.values()}
         if len(lengths) != 1:
             raise ValueError(f"search {key!r}: every target needs the same grid")
-        searches[key] = SearchState(lengths.pop(), tuple(targets))
+        searches[key] = SearchState(lengths.pop(), tuple(targets), gallop_at_once=gallop_at_once)
 
     def evaluate(points):
         return {(k, i): {t: bool(v[i]) for t, v in recorded[k].items()} for k, i in points}

@@ -496,15 +496,16 @@ def point_outcomes(frame: pd.DataFrame, baseline_flip: Mapping[int, float], hori
 
 def sweep_behaviour_search(rollouts: Callable[[Sequence[Mapping]], pd.DataFrame], neurons: pd.DataFrame,
                            geometry: pd.DataFrame, x_grid: Sequence[float], horizons: Sequence[int],
-                           search: str = "adaptive") -> tuple[pd.DataFrame, dict]:
+                           search: str = "adaptive", gallop_at_once: bool = True) -> tuple[pd.DataFrame, dict]:
     """One behaviour's dose sweep: ``x = 0`` (the unintervened rollouts of every prompt), then the
     candidates' dose points, each rolled out on every prompt by ``rollouts(points)`` (a
     :class:`BehaviourRollouts`, or a reader of recorded sweeps).
 
     ``search="full"`` rolls out every grid point of both signs in one call. ``"adaptive"`` runs
     :mod:`neuronaudit.methods.dose_search` per (neuron, sign) on the targets of
-    :func:`search_targets`, every round one call for all searches (the first round with ``x = 0``),
-    and rolls out only the points the searches visit. The sweep table then holds the visited points
+    :func:`search_targets`, every round one call for all searches (the first round with ``x = 0``
+    and, with ``gallop_at_once``, every galloping index), and rolls out only the points the searches
+    visit. The sweep table then holds the visited points
     only; ceilings and triggers read from it (:func:`window_table`) are the first visited grid
     points where they hold, equal to the full grid's where collapse (for the ceiling) and
     flip-or-collapse (for a trigger below the ceiling) are monotone in ``|x|`` (the module
@@ -523,7 +524,7 @@ def sweep_behaviour_search(rollouts: Callable[[Sequence[Mapping]], pd.DataFrame]
     points = dose_points(neurons, geometry, x_grid)
     order = {(p["layer"], p["neuron"], p["sign"], p["grid_index"]): k for k, p in enumerate(points)}
     n_full = 1 + len(points)
-    record: dict = {"search": search, "n_points_full_grid": n_full, "rounds": []}
+    record: dict = {"search": search, "n_points_full_grid": n_full, "rounds": [], "gallop_at_once": gallop_at_once}
     if search == "full":
         frame = rollouts([baseline, *points])
         record["rounds"].append(n_full)
@@ -532,7 +533,8 @@ def sweep_behaviour_search(rollouts: Callable[[Sequence[Mapping]], pd.DataFrame]
     at = {k: points[i] for k, i in order.items()}
     n_grid = baseline["grid_size"]
     targets = search_targets(horizons)
-    searches = {(p["layer"], p["neuron"], p["sign"]): SearchState(n_grid, targets) for p in points}
+    searches = {(p["layer"], p["neuron"], p["sign"]): SearchState(n_grid, targets, gallop_at_once=gallop_at_once)
+                for p in points}
     frames, base_flip = [], {}
 
     def evaluate(probes):
@@ -564,7 +566,8 @@ def sweep_behaviour_search(rollouts: Callable[[Sequence[Mapping]], pd.DataFrame]
 
 #: What an adaptive search returns, as the summary states it.
 SEARCH_DEFINITION = (
-    "per (neuron, sign), galloping (grid indices 0, 1, 3, 7, ..., last) then bisection of the first bracket, "
+    "per (neuron, sign), galloping (grid indices 0, 1, 3, 7, ..., last; all in the first round) then bisection of "
+    "the first bracket, "
     "for collapse at the final horizon (the ceiling) and for flip-or-collapse at each horizon (a trigger or "
     "the ceiling, whichever comes first); x = 0 always rolled out. Ceiling and triggers are the first rolled-out "
     "grid points where they hold: equal to the full grid's where collapse (ceiling) and flip-or-collapse "
