@@ -508,7 +508,7 @@ def sweep_behaviour_search(rollouts: Callable[[Sequence[Mapping]], pd.DataFrame]
     visit. The sweep table then holds the visited points
     only; ceilings and triggers read from it (:func:`window_table`) are the first visited grid
     points where they hold, equal to the full grid's where collapse (for the ceiling) and
-    flip-or-collapse (for a trigger below the ceiling) are monotone in ``|x|`` (the module
+    flip-or-collapse (for a trigger at or below the ceiling) are monotone in ``|x|`` (the module
     docstring of :mod:`~neuronaudit.methods.dose_search` proves it), and never a point where they
     do not hold. Returns ``(sweep table, search record)``; the table carries ``search``,
     ``grid_index`` and ``grid_size`` per row."""
@@ -570,9 +570,10 @@ SEARCH_DEFINITION = (
     "the first bracket, "
     "for collapse at the final horizon (the ceiling) and for flip-or-collapse at each horizon (a trigger or "
     "the ceiling, whichever comes first); x = 0 always rolled out. Ceiling and triggers are the first rolled-out "
-    "grid points where they hold: equal to the full grid's where collapse (ceiling) and flip-or-collapse "
-    "(a trigger below the ceiling) are monotone in |x|, otherwise possibly later, and only where grid points "
-    "below were not rolled out (the window table counts them per neuron and sign)")
+    "grid points where they hold: the ceiling equals the full grid's where collapse is monotone in |x|, a trigger "
+    "where flip-or-collapse is monotone and the trigger is where it first holds (at or below the ceiling); "
+    "otherwise a value can be later than the full grid's, only where grid points below it were not rolled out "
+    "(the window table counts them per neuron and sign)")
 
 
 def search_record(record: Mapping, rollouts=None, n_prompts: int | None = None) -> dict:
