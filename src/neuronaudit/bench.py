@@ -18,6 +18,9 @@ Sections (``--only``, comma-separated):
 ``memory``    peak RSS of a fresh subprocess per measurement as the prompt count grows
 ``sweeps``    last-token, generated-token and every-prompt-token dose sweeps vs the naive loop
 ``rollouts``  generation under a per-row dose vs plain ``model.generate`` of the same batch
+``search``    the window's adaptive dose search vs the full grid on the tiny model (always the tiny
+              model, whatever ``--model``): ratios of rollouts and of wall time, and whether the
+              ceilings, triggers and rows at the visited points agree
 ``rules``     wall time and peak memory per Snakemake rule from the workflow's benchmark files
 """
 
@@ -48,7 +51,7 @@ from neuronaudit.testing import _CORPUS, save_tiny_model, tiny_model, tiny_token
 
 EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
-SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "rules")
+SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "rules")
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,6 +551,71 @@ def section_rollouts(model, adapter, tokenizer, batch, length, new_tokens, repea
     ))
 
 
+def section_search(repeats: int) -> None:
+    """Lever 1 of the performance issue: the window's adaptive dose search against the full grid,
+    the same candidates, prompts, judge and grid (the study's default ``x_grid``), on the tiny
+    model with a planted neuron (doses make it say one word, then repeat it). Prints the ratio of
+    rollouts (deterministic) and of wall time (interleaved repeats), never asserted."""
+    import re
+
+    import numpy as np
+    import pandas as pd
+
+    from neuronaudit.evaluation.judge import RuleJudge, RuleThresholds
+    from neuronaudit.methods import window as law
+
+    model, tokenizer, adapter, _ = load("tiny")
+    word = next(i for i in range(100, len(tokenizer))
+                if tokenizer.decode([i]).strip().isalpha() and len(tokenizer.decode([i]).strip()) >= 4)
+    with torch.no_grad():
+        u = model.lm_head.weight[word] / model.model.norm.weight
+        adapter.write_matrix(adapter.n_layers - 1)[:, 5] = u / u.norm() * adapter.write_matrix(0).norm(dim=0).mean()
+    # the tiny model's windows sit near x = 0.03-0.5 (the study grid starts at 0.1, where every rollout
+    # of it has collapsed already): a log grid across them, as many points as the study's and three more
+    x_grid = [float(x) for x in np.round(np.geomspace(0.01, 8.0, 12), 4)]
+    # the tiny random model loops on its own by 32 tokens: read it at 4 and 12
+    horizons = [4, 12]
+    pool = texts()
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(12)], "text": [pool[i % len(pool)] for i in range(12)],
+                            "extra": "{}"})
+    geometry = law.generic_geometry(model, tokenizer, adapter, list(prompts["text"]))
+    layers = sorted({0, adapter.n_layers // 3, (2 * adapter.n_layers) // 3, adapter.n_layers - 1})
+    neurons = pd.DataFrame({"behaviour": "b", "layer": layers, "neuron": [5] * len(layers), "kind": "screened"})
+    judge = RuleJudge(RuleThresholds(max_repetition_ratio=0.5, max_perplexity=1e9, max_entropy=1e9,
+                                     max_word_repetition=1.0, min_alpha_fraction=0.0))
+    spec = {"oracle": "regex", "pattern": re.escape(tokenizer.decode([word]).strip()), "positive": "p", "negative": "n"}
+    runs: dict = {}
+
+    def run(search, at_once=True):
+        def go():
+            ro = law.BehaviourRollouts(model, tokenizer, adapter, judge, "b", spec, prompts, horizons, "none", None, 64)
+            runs[(search, at_once)] = (*law.sweep_behaviour_search(ro, neurons, geometry, x_grid, horizons, search,
+                                                                   gallop_at_once=at_once), ro)
+        return go
+
+    def readout(sweeps):
+        t = law.ceilings_and_verdicts(sweeps)
+        return t.set_index(["behaviour", "layer", "neuron", "sign"]).sort_index()[["ceiling_x", "trigger_x", "verdict"]]
+
+    for at_once, label in ((True, "galloping in one round"), (False, "galloping step by step")):
+        res = compare(run("adaptive", at_once), run("full"), repeats)
+        (sparse, rec, ro_a), (full, _, ro_f) = runs[("adaptive", at_once)], runs[("full", True)]
+        a, f = readout(sparse), readout(full)
+        same = int(sum((a.loc[k].fillna(-1) == f.loc[k].fillna(-1)).all() for k in f.index))
+        both = sparse.merge(full, on=["kind", "layer", "neuron", "sign", "grid_index", "prompt_id", "horizon"],
+                            suffixes=("", "_f"))
+        rows_same = int((both["response"] == both["response_f"]).sum())
+        at = [x_grid.index(x) if np.isfinite(x) else "none" for x in f["ceiling_x"]]
+        out(f"search/rollouts, adaptive ({label}) vs full grid: {ro_a.n_rollouts / ro_f.n_rollouts:.2f}× "
+            f"({ro_a.n_rollouts} vs {ro_f.n_rollouts} rollouts; {len(neurons)} neurons × 2 signs × {len(x_grid)} "
+            f"doses + x = 0, 12 prompts, horizons {horizons}; {len(rec['rounds'])} batched rounds vs 1)")
+        out(report_line(f"search/wall time, adaptive ({label}) vs full grid", res["ratios"], "<=", 1.0,
+                        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}; "
+                              f"ceiling, trigger and verdict equal on {same}/{len(f)} neuron × sign; identical "
+                              f"responses at {rows_same}/{len(both)} visited rows; full-grid ceilings at grid "
+                              f"indices {at} of 0-{len(x_grid) - 1}"))
+
+
 #: Wall-time targets of whole studies on the 2-core reference machine, seconds.
 STUDY_TARGETS_S = {"study": 30 * 60, "quick": 5 * 60}
 
@@ -679,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.new_tokens, args.sweep_repeats)
     if "rollouts" in args.only:
         section_rollouts(model, adapter, tokenizer, args.batch, args.tokens, args.new_tokens, args.repeats)
+    if "search" in args.only:
+        section_search(args.sweep_repeats)
     if "rules" in args.only:
         section_rules(repo_root())
     out(machine_line().replace("machine:", "machine at end:"))

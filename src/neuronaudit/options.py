@@ -282,6 +282,7 @@ class WindowOptions(StageOptions):
     n_boot: int
     row_batch_size: int
     max_length: int
+    search: str
     seed: int = key("seed")
 
 

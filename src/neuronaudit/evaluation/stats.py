@@ -18,7 +18,9 @@
   would draw each neuron's resamples separately and cost ``n_neurons`` times more).
 * the bootstrap over prompts of a first crossing on a dose grid (:func:`crossing_bootstrap`), also
   hand-vectorised: a resample without a crossing counts as beyond the grid, which scipy's
-  percentile bounds cannot represent.
+  percentile bounds cannot represent; on a grid where some points were not rolled out (the
+  adaptive dose search), :func:`crossing_bootstrap_bounds` gives an interval that contains the
+  full grid's.
 
 Every resampling function takes ``n_boot`` and ``seed`` and refuses fewer than
 :data:`MIN_RESAMPLES` resamples where a figure is reported.
@@ -228,6 +230,54 @@ def crossing_bootstrap(hits: np.ndarray, x: Sequence[float], level: float = 0.5,
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(first, [alpha, 1 - alpha], method="inverted_cdf")
     return float(np.isfinite(first).mean()), float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class CrossingBounds:
+    """Bootstrap over prompts of a first crossing when some grid points were not rolled out.
+
+    ``ci_low``/``ci_high`` contain the percentile interval the full grid would give; ``share_low``
+    and ``share_high`` bound its share of resamples that cross inside the grid. ``exact`` when
+    every resample's crossing is decided by the rolled-out points (then low = high and the figures
+    are the full grid's)."""
+
+    share_low: float
+    share_high: float
+    ci_low: float
+    ci_high: float
+    exact: bool
+
+
+def crossing_bootstrap_bounds(hits: np.ndarray, x: Sequence[float], unvisited: Sequence[float] = (),
+                              level: float = 0.5, n_boot: int = MIN_RESAMPLES, seed: int = 0,
+                              confidence: float = 0.95) -> CrossingBounds:
+    """:func:`crossing_bootstrap` on the rolled-out grid points ``x`` (columns of ``hits``, ascending)
+    when the grid points ``unvisited`` were not rolled out.
+
+    The same resamples as :func:`crossing_bootstrap` (same seed, same draws). A resample's full-grid
+    crossing lies between a lower bound (its first rolled-out crossing, or the smallest unrolled
+    point if that is lower: any unrolled point might cross) and an upper bound (its first rolled-out
+    crossing, ``inf`` if none). Quantiles are monotone, so the lower quantile of the lower bounds and
+    the upper quantile of the upper bounds contain the full grid's percentile interval. With nothing
+    unvisited the result equals :func:`crossing_bootstrap`'s, ``exact=True``."""
+    hits = np.asarray(hits, float)
+    x = np.asarray(x, float)
+    n = hits.shape[0]
+    if n == 0:
+        return CrossingBounds(math.nan, math.nan, math.nan, math.nan, False)
+    _check_resamples(n_boot)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    frac = hits[idx].mean(axis=1)  # [n_boot, n_x]
+    reached = frac >= level
+    upper = np.where(reached.any(axis=1), x[np.argmax(reached, axis=1)], np.inf)
+    gap = float(np.min(unvisited)) if len(unvisited) else np.inf
+    lower = np.minimum(upper, gap)
+    alpha = (1 - confidence) / 2
+    lo = np.quantile(lower, alpha, method="inverted_cdf")
+    hi = np.quantile(upper, 1 - alpha, method="inverted_cdf")
+    return CrossingBounds(float(np.isfinite(upper).mean()), float(np.isfinite(lower).mean()), float(lo), float(hi),
+                          bool(np.array_equal(lower, upper)))
 
 
 def unit_bootstrap_means(per_unit: np.ndarray, n_boot: int = MIN_RESAMPLES, seed: int = 0,

@@ -205,7 +205,13 @@ def metric_token_ids(tokenizer, spec: Mapping, extras: pd.DataFrame) -> tuple[li
 
 def control_strength(sweeps: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame:
     """Per (behaviour, layer, neuron): the largest flip fraction over doses below the measured
-    ceiling (final horizon, either sign) and whether the neuron controls (verdict open)."""
+    ceiling (final horizon, either sign) and whether the neuron controls (verdict open).
+
+    The maximum is over the doses rolled out. After an adaptive dose search some grid points below
+    the ceiling were not, and the figure is a lower bound of the full grid's:
+    ``control_strength_exact`` is true only when every grid point below the ceiling, in both signs,
+    was rolled out (the window table's ``ceiling_unvisited_below`` is 0; tables without it come
+    from full sweeps)."""
     final = sweeps.groupby("behaviour")["horizon"].transform("max")  # each behaviour at its own horizon
     at = sweeps[sweeps["horizon"] == final]
     keys = ["behaviour", "layer", "neuron", "sign"]
@@ -215,8 +221,14 @@ def control_strength(sweeps: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame
     strength = coherent.groupby(["behaviour", "layer", "neuron"])["flip"].max().rename("control_strength")
     controls = (window.groupby(["behaviour", "layer", "neuron"])["verdict"]
                 .agg(lambda v: bool((v == "open").any())).rename("controls"))
-    out = pd.concat([strength, controls], axis=1).reset_index()
+    if "ceiling_unvisited_below" in window:
+        exact = (window.assign(e=window["ceiling_unvisited_below"].fillna(0) == 0)
+                 .groupby(["behaviour", "layer", "neuron"])["e"].all().rename("control_strength_exact"))
+    else:
+        exact = controls.rename("control_strength_exact").map(lambda _: True)
+    out = pd.concat([strength, controls, exact], axis=1).reset_index()
     out["control_strength"] = out["control_strength"].fillna(0.0)
+    out["control_strength_exact"] = out["control_strength_exact"].fillna(True).astype(bool)
     return out
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,7 +37,7 @@ from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repe
 from neuronaudit.evaluation.oracles import LOGIT_ORACLES, logit_pair_margin, oracle_for
 from neuronaudit.evaluation.stats import (
     cluster_bootstrap_mean,
-    crossing_bootstrap,
+    crossing_bootstrap_bounds,
     mcnemar_exact,
     spearman_ci,
     wilson_interval,
@@ -46,6 +46,7 @@ from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.interventions.scoring import shared_prompt_scores
 from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
 from neuronaudit.methods.attribution import opening_token_ids
+from neuronaudit.methods.dose_search import SEARCH_MODES, SearchState, run_searches
 from neuronaudit.prompts import extras, render_prompts, uses_template
 
 log = logging.getLogger("neuronaudit")
@@ -374,74 +375,245 @@ def logit_pair_columns(tokenizer, spec: Mapping) -> tuple[list[int], list[int], 
     return keep, list(range(len(beh))), list(range(len(beh), len(keep)))
 
 
-def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapping, neurons: pd.DataFrame,
-                     prompts: pd.DataFrame, geometry: pd.DataFrame, x_grid: Sequence[float],
-                     horizons: Sequence[int], chat_template: str, system_prompt: str | None,
-                     row_batch_size: int) -> pd.DataFrame:
+#: A ceiling is the first grid point where at least this share of prompts collapse.
+CEILING_LEVEL = 0.5
 
+
+def dose_points(neurons: pd.DataFrame, geometry: pd.DataFrame, x_grid: Sequence[float]) -> list[dict]:
+    """Every (neuron, x, sign) point of the full dose grid in the sweep's row order, with its
+    index on the grid sorted by ``|x|`` (``grid_index``, ``grid_size``)."""
     geo = geometry.set_index(["layer", "neuron"])
-    if neurons.empty:
-        raise NeuronAuditError(f"behaviour {behaviour!r} has no candidate neurons to sweep")
-    first = neurons.iloc[0]
-    # x = 0: the unintervened rollouts of every prompt (a zero dose edits nothing), the baseline
-    # every trigger must beat
-    rows = [(int(first.layer), int(first.neuron), 0.0)]
-    meta = [{"layer": int(first.layer), "neuron": int(first.neuron), "kind": "baseline", "sign": 0, "x": 0.0,
-             "dose": 0.0}]
+    grid = sorted({float(x) for x in x_grid})
+    points = []
     for n in neurons.itertuples():
         budget = float(geo.loc[(n.layer, n.neuron), "budget"])
         for x in x_grid:
             for sign in (1.0, -1.0):
-                rows.append((int(n.layer), int(n.neuron), sign * x * budget))
-                meta.append({"layer": int(n.layer), "neuron": int(n.neuron), "kind": n.kind,
-                             "sign": int(sign), "x": sign * x, "dose": sign * x * budget})
-    texts = render_prompts(tokenizer, prompts["text"], chat_template, system_prompt)
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True,
-                    add_special_tokens=not uses_template(tokenizer, chat_template))
-    device = next(model.parameters()).device
-    horizon = max(horizons)
-    pair = logit_pair_columns(tokenizer, spec)
-    t0 = time.perf_counter()
-    result = generated_dose_sweep(model, adapter, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                  rows, max_new_tokens=horizon, row_batch_size=row_batch_size,
-                                  keep_token_ids=pair[0] if pair else ())
-    log.info("%s: %d rows x %d prompts swept in %.1f s", behaviour, len(rows), len(prompts), time.perf_counter() - t0)
-    tokens = result.tokens.cpu().numpy()
-    lengths = result.lengths.cpu().numpy()
-    entropy = result.entropy.cpu().numpy()
-    prompt_tokens = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
-    extra = extras(prompts).to_dict(orient="records")
-    P, R = tokens.shape[:2]
-    # the first generated token's behaviour-vs-default log-odds of every rollout (logit_pair only)
-    margin = (logit_pair_margin(result.token_logits[:, :, 0].numpy(), pair[1], pair[2]).reshape(-1)
-              if pair else np.full(P * R, np.nan))
-    responses_ids = [tokens[p, r, : lengths[p, r]].tolist() for p in range(P) for r in range(R)]
-    # every row of a prompt continues the same prompt: its KV cache is computed once per prompt
-    logprob = []
-    for p in range(P):
-        logprob += shared_prompt_scores(model, prompt_tokens[p], responses_ids[p * R : (p + 1) * R],
-                                        batch_size=32, pad_token_id=tokenizer.pad_token_id or 0).logprob
-    frames = []
-    for h in horizons:
-        lens = [min(len(r), h) for r in responses_ids]
-        texts_h = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses_ids, lens)]
-        ppl = prefix_perplexity(logprob, lens)
-        ent = prefix_means([entropy[p, r] for p in range(P) for r in range(R)], lens)
-        rep = [repetition_ratio(r[:n]) for r, n in zip(responses_ids, lens)]
-        metrics = pd.DataFrame({"repetition_ratio": rep, "perplexity": ppl, "entropy": ent})
-        prompt_texts = [prompts["text"].iloc[p] for p in range(P) for _ in range(R)]
-        types = judge.classify(prompt_texts, texts_h, metrics)
-        collapsed = np.array([ty == "collapse" for ty in types])
-        # a collapsed rollout never counts as the behaviour flipping ("1. 1. 1." is no list)
-        flip = flips(spec, texts_h, types, [extra[p] for p in range(P) for _ in range(R)], margin) & ~collapsed
-        frame = pd.DataFrame([{**meta[r], "prompt_id": prompts["prompt_id"].iloc[p]}
-                              for p in range(P) for r in range(R)])
-        frame = frame.assign(behaviour=behaviour, horizon=h, response=texts_h, n_tokens=lens,
-                             repetition_ratio=rep, perplexity=ppl, entropy=ent, rollout_type=types,
-                             collapse=collapsed, flip=flip, logit_margin=margin)
+                points.append({"layer": int(n.layer), "neuron": int(n.neuron), "kind": n.kind, "sign": int(sign),
+                               "x": sign * x, "dose": sign * x * budget, "grid_index": grid.index(float(x)),
+                               "grid_size": len(grid)})
+    return points
+
+
+class BehaviourRollouts:
+    """Rolls out one behaviour's held-out prompts under any list of dose points and types every
+    rollout at every horizon (what the window reads): one batched
+    :func:`~neuronaudit.interventions.sweeps.generated_dose_sweep` per call (all rows of all
+    points together), the unsteered model's perplexity of each rollout, the judge's types, the
+    oracle's flips (a collapsed rollout never flips). ``n_rollouts`` counts rows × prompts so far.
+
+    A row's greedy tokens depend on its own dose only; which rows share its batch changes its
+    floats at the rounding level (batch-shape dependent matrix kernels), which can only change a
+    token at an exact argmax tie."""
+
+    def __init__(self, model, tokenizer, adapter, judge, behaviour: str, spec: Mapping, prompts: pd.DataFrame,
+                 horizons: Sequence[int], chat_template: str, system_prompt: str | None, row_batch_size: int):
+        self.model, self.tokenizer, self.adapter, self.judge = model, tokenizer, adapter, judge
+        self.behaviour, self.spec, self.prompts = behaviour, spec, prompts
+        self.horizons, self.row_batch_size = list(horizons), row_batch_size
+        texts = render_prompts(tokenizer, prompts["text"], chat_template, system_prompt)
+        tokenizer.padding_side = "left"
+        self.enc = tokenizer(texts, return_tensors="pt", padding=True,
+                             add_special_tokens=not uses_template(tokenizer, chat_template))
+        self.pair = logit_pair_columns(tokenizer, spec)
+        self.prompt_tokens = [ids[m.bool()].tolist()
+                              for ids, m in zip(self.enc["input_ids"], self.enc["attention_mask"])]
+        self.extra = extras(prompts).to_dict(orient="records")
+        self.n_rollouts, self.n_calls, self.seconds = 0, 0, 0.0
+
+    def __call__(self, points: Sequence[Mapping]) -> pd.DataFrame:
+        model, tokenizer, prompts, pair = self.model, self.tokenizer, self.prompts, self.pair
+        rows = [(int(m["layer"]), int(m["neuron"]), float(m["dose"])) for m in points]
+        device = next(model.parameters()).device
+        t0 = time.perf_counter()
+        result = generated_dose_sweep(model, self.adapter, self.enc["input_ids"].to(device),
+                                      self.enc["attention_mask"].to(device), rows, max_new_tokens=max(self.horizons),
+                                      row_batch_size=self.row_batch_size, keep_token_ids=pair[0] if pair else ())
+        tokens = result.tokens.cpu().numpy()
+        lengths = result.lengths.cpu().numpy()
+        entropy = result.entropy.cpu().numpy()
+        P, R = tokens.shape[:2]
+        # the first generated token's behaviour-vs-default log-odds of every rollout (logit_pair only)
+        margin = (logit_pair_margin(result.token_logits[:, :, 0].numpy(), pair[1], pair[2]).reshape(-1)
+                  if pair else np.full(P * R, np.nan))
+        responses_ids = [tokens[p, r, : lengths[p, r]].tolist() for p in range(P) for r in range(R)]
+        # every row of a prompt continues the same prompt: its KV cache is computed once per prompt
+        logprob = []
+        for p in range(P):
+            logprob += shared_prompt_scores(model, self.prompt_tokens[p], responses_ids[p * R : (p + 1) * R],
+                                            batch_size=32, pad_token_id=tokenizer.pad_token_id or 0).logprob
+        frames = []
+        for h in self.horizons:
+            lens = [min(len(r), h) for r in responses_ids]
+            texts_h = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(responses_ids, lens)]
+            ppl = prefix_perplexity(logprob, lens)
+            ent = prefix_means([entropy[p, r] for p in range(P) for r in range(R)], lens)
+            rep = [repetition_ratio(r[:n]) for r, n in zip(responses_ids, lens)]
+            metrics = pd.DataFrame({"repetition_ratio": rep, "perplexity": ppl, "entropy": ent})
+            prompt_texts = [prompts["text"].iloc[p] for p in range(P) for _ in range(R)]
+            types = self.judge.classify(prompt_texts, texts_h, metrics)
+            collapsed = np.array([ty == "collapse" for ty in types])
+            # a collapsed rollout never counts as the behaviour flipping ("1. 1. 1." is no list)
+            flip = flips(self.spec, texts_h, types, [self.extra[p] for p in range(P) for _ in range(R)],
+                         margin) & ~collapsed
+            frame = pd.DataFrame([{**points[r], "prompt_id": prompts["prompt_id"].iloc[p]}
+                                  for p in range(P) for r in range(R)])
+            frame = frame.assign(behaviour=self.behaviour, horizon=h, response=texts_h, n_tokens=lens,
+                                 repetition_ratio=rep, perplexity=ppl, entropy=ent, rollout_type=types,
+                                 collapse=collapsed, flip=flip, logit_margin=margin)
+            frames.append(frame)
+        self.n_rollouts += P * R
+        self.n_calls += 1
+        self.seconds += time.perf_counter() - t0
+        return pd.concat(frames, ignore_index=True)
+
+
+def search_targets(horizons: Sequence[int]) -> tuple[str, ...]:
+    """The predicates each (neuron, sign) search brackets: ``collapse`` (the ceiling, at the final
+    horizon) and ``flip_or_collapse_<h>`` per horizon (the trigger at ``h`` or the ceiling,
+    whichever comes first: the point where the rollouts leave the unintervened regime)."""
+    return ("collapse", *(f"flip_or_collapse_{int(h)}" for h in sorted(horizons)))
+
+
+def point_outcomes(frame: pd.DataFrame, baseline_flip: Mapping[int, float], horizons: Sequence[int]) -> dict:
+    """Per (layer, neuron, sign, grid_index) of a typed rollout frame, each search target's
+    outcome by the window's own rules: collapse on ≥ :data:`CEILING_LEVEL` of the prompts at the
+    final horizon; a trigger at ``h`` by :func:`trigger_holds` against ``baseline_flip[h]``."""
+    final = max(horizons)
+    out: dict = {}
+    keys = ["layer", "neuron", "sign", "grid_index"]
+    collapse = frame[frame["horizon"] == final].groupby(keys)["collapse"].mean()
+    by_h = {int(h): frame[frame["horizon"] == h].groupby(keys)["flip"].agg(["sum", "size"]) for h in horizons}
+    for key, share in collapse.items():
+        c = bool(share >= CEILING_LEVEL)
+        holds = {"collapse": c}
+        for h, g in by_h.items():
+            k, n = g.loc[key]
+            holds[f"flip_or_collapse_{h}"] = c or trigger_holds(int(k), int(n), float(baseline_flip[h]))
+        out[tuple(int(v) for v in key)] = holds
+    return out
+
+
+def sweep_behaviour_search(rollouts: Callable[[Sequence[Mapping]], pd.DataFrame], neurons: pd.DataFrame,
+                           geometry: pd.DataFrame, x_grid: Sequence[float], horizons: Sequence[int],
+                           search: str = "adaptive", gallop_at_once: bool = True) -> tuple[pd.DataFrame, dict]:
+    """One behaviour's dose sweep: ``x = 0`` (the unintervened rollouts of every prompt), then the
+    candidates' dose points, each rolled out on every prompt by ``rollouts(points)`` (a
+    :class:`BehaviourRollouts`, or a reader of recorded sweeps).
+
+    ``search="full"`` rolls out every grid point of both signs in one call. ``"adaptive"`` runs
+    :mod:`neuronaudit.methods.dose_search` per (neuron, sign) on the targets of
+    :func:`search_targets`, every round one call for all searches (the first round with ``x = 0``
+    and, with ``gallop_at_once``, every galloping index), and rolls out only the points the searches
+    visit. The sweep table then holds the visited points
+    only; ceilings and triggers read from it (:func:`window_table`) are the first visited grid
+    points where they hold, equal to the full grid's where collapse (for the ceiling) and
+    flip-or-collapse (for a trigger at or below the ceiling) are monotone in ``|x|`` (the module
+    docstring of :mod:`~neuronaudit.methods.dose_search` proves it), and never a point where they
+    do not hold. Returns ``(sweep table, search record)``; the table carries ``search``,
+    ``grid_index`` and ``grid_size`` per row."""
+    if search not in SEARCH_MODES:
+        raise NeuronAuditError(f"window.search {search!r}: choose one of {list(SEARCH_MODES)}")
+    if neurons.empty:
+        raise NeuronAuditError("a behaviour has no candidate neurons to sweep")
+    first = neurons.iloc[0]
+    # x = 0: the unintervened rollouts of every prompt (a zero dose edits nothing), the baseline
+    # every trigger must beat
+    baseline = {"layer": int(first.layer), "neuron": int(first.neuron), "kind": "baseline", "sign": 0, "x": 0.0,
+                "dose": 0.0, "grid_index": -1, "grid_size": len({float(x) for x in x_grid})}
+    points = dose_points(neurons, geometry, x_grid)
+    order = {(p["layer"], p["neuron"], p["sign"], p["grid_index"]): k for k, p in enumerate(points)}
+    n_full = 1 + len(points)
+    record: dict = {"search": search, "n_points_full_grid": n_full, "rounds": [], "gallop_at_once": gallop_at_once}
+    if search == "full":
+        frame = rollouts([baseline, *points])
+        record["rounds"].append(n_full)
+        record["n_points"] = n_full
+        return frame.assign(search=search), record
+    at = {k: points[i] for k, i in order.items()}
+    n_grid = baseline["grid_size"]
+    targets = search_targets(horizons)
+    searches = {(p["layer"], p["neuron"], p["sign"]): SearchState(n_grid, targets, gallop_at_once=gallop_at_once)
+                for p in points}
+    frames, base_flip = [], {}
+
+    def evaluate(probes):
+        batch = [at[(*key, i)] for key, i in probes]
+        if not frames:
+            batch = [baseline, *batch]
+        frame = rollouts(batch)
+        if not frames:
+            base = frame[frame["kind"] == "baseline"]
+            base_flip.update({int(h): float(g["flip"].mean()) for h, g in base.groupby("horizon")})
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+        record["rounds"].append(len(batch))
+        outcomes = point_outcomes(frame[frame["kind"] != "baseline"], base_flip, horizons)
+        return {((l, n, s), i): o for (l, n, s, i), o in outcomes.items()}
+
+    run_searches(searches, evaluate)
+    sweeps = pd.concat(frames, ignore_index=True)
+    # the full grid's row order: horizon, prompt, then x = 0 and the points as the full sweep lists them
+    prompt_rank = {p: k for k, p in enumerate(pd.unique(sweeps["prompt_id"]))}
+    row_rank = [-1 if r.kind == "baseline" else order[(r.layer, r.neuron, r.sign, r.grid_index)]
+                for r in sweeps[["kind", "layer", "neuron", "sign", "grid_index"]].itertuples()]
+    sweeps = (sweeps.assign(_h=sweeps["horizon"], _p=sweeps["prompt_id"].map(prompt_rank), _r=row_rank)
+              .sort_values(["_h", "_p", "_r"], kind="stable").drop(columns=["_h", "_p", "_r"])
+              .reset_index(drop=True))
+    record["n_points"] = int(sum(record["rounds"]))
+    record["visited"] = {f"{l}/{n}/{s:+d}": st.visited for (l, n, s), st in searches.items()}
+    return sweeps.assign(search=search), record
+
+
+#: What an adaptive search returns, as the summary states it.
+SEARCH_DEFINITION = (
+    "per (neuron, sign), galloping (grid indices 0, 1, 3, 7, ..., last; all in the first round) then bisection of "
+    "the first bracket, "
+    "for collapse at the final horizon (the ceiling) and for flip-or-collapse at each horizon (a trigger or "
+    "the ceiling, whichever comes first); x = 0 always rolled out. Ceiling and triggers are the first rolled-out "
+    "grid points where they hold: the ceiling equals the full grid's where collapse is monotone in |x|, a trigger "
+    "where flip-or-collapse is monotone and the trigger is where it first holds (at or below the ceiling); "
+    "otherwise a value can be later than the full grid's, only where grid points below it were not rolled out "
+    "(the window table counts them per neuron and sign)")
+
+
+def search_record(record: Mapping, rollouts=None, n_prompts: int | None = None) -> dict:
+    """One behaviour's search in JSON form: rollouts done (rows × prompts) against the full grid,
+    batched rounds and rows per round, the visited grid indices of each (neuron, sign)."""
+    n = int(n_prompts if n_prompts is not None else 1)
+    done = int(record["n_points"]) * n
+    full = int(record["n_points_full_grid"]) * n
+    return {"search": record["search"], "n_rollouts": done, "n_rollouts_full_grid": full,
+            "rollout_ratio": done / full if full else float("nan"), "n_rounds": len(record["rounds"]),
+            "rows_per_round": [int(r) for r in record["rounds"]],
+            "seconds": float(getattr(rollouts, "seconds", float("nan"))),
+            "visited_grid_indices": record.get("visited")}
+
+
+def search_summary(mode: str, by_behaviour: Mapping[str, Mapping], table: pd.DataFrame) -> dict:
+    """The summary's search fields: ``n_rollouts`` and ``n_rollouts_full_grid`` over every behaviour
+    and ``dose_search`` (mode, definition, per behaviour, and how many ceilings and triggers have grid
+    points below them that were not rolled out)."""
+    done = sum(int(b["n_rollouts"]) for b in by_behaviour.values())
+    full = sum(int(b["n_rollouts_full_grid"]) for b in by_behaviour.values())
+    out = {"mode": mode, "definition": SEARCH_DEFINITION if mode == "adaptive" else "every grid point rolled out",
+           "rollout_ratio": done / full if full else None, "n_pairs": int(len(table)),
+           "by_behaviour": dict(by_behaviour)}
+    for col, name in (("ceiling_unvisited_below", "ceilings"), ("trigger_unvisited_below", "triggers")):
+        if col in table:
+            out[f"n_{name}_with_unvisited_points_below"] = int((table[col] > 0).sum())
+    return {"n_rollouts": done, "n_rollouts_full_grid": full, "dose_search": out}
+
+
+def sweep_behaviour(model, tokenizer, adapter, judge, behaviour: str, spec: Mapping, neurons: pd.DataFrame,
+                    prompts: pd.DataFrame, geometry: pd.DataFrame, x_grid: Sequence[float],
+                    horizons: Sequence[int], chat_template: str, system_prompt: str | None,
+                    row_batch_size: int, search: str = "full") -> pd.DataFrame:
+    """One behaviour's typed sweep table (:func:`sweep_behaviour_search` with the model's rollouts)."""
+    if neurons.empty:
+        raise NeuronAuditError(f"behaviour {behaviour!r} has no candidate neurons to sweep")
+    rollouts = BehaviourRollouts(model, tokenizer, adapter, judge, behaviour, spec, prompts, horizons,
+                                 chat_template, system_prompt, row_batch_size)
+    return sweep_behaviour_search(rollouts, neurons, geometry, x_grid, horizons, search)[0]
 
 
 def single_pass_sweep(model, adapter, enc, neurons: pd.DataFrame, geometry: pd.DataFrame,
@@ -478,10 +650,16 @@ def trigger_crossing(x: Sequence[float], flipped: Sequence[int], n: Sequence[int
     x = np.abs(np.asarray(x, float))
     flipped, n = np.asarray(flipped, int), np.asarray(n, int)
     for i in np.argsort(x):
-        k, m = int(flipped[i]), int(n[i])
-        if m and k / m >= TRIGGER_LEVEL and wilson_interval(k, m, TRIGGER_CONFIDENCE)[0] > baseline:
+        if trigger_holds(int(flipped[i]), int(n[i]), baseline):
             return float(x[i])
     return float("nan")
+
+
+def trigger_holds(flipped: int, n: int, baseline: float) -> bool:
+    """The trigger rule at one dose: ``flipped`` of ``n`` prompts is at least :data:`TRIGGER_LEVEL`
+    and the lower Wilson bound of that share exceeds the unintervened share ``baseline``."""
+    return bool(n and flipped / n >= TRIGGER_LEVEL
+                and wilson_interval(flipped, n, TRIGGER_CONFIDENCE)[0] > baseline)
 
 
 def triggers(dosed: pd.DataFrame, baseline: pd.DataFrame, horizon: int, keys: Sequence[str]) -> pd.DataFrame:
@@ -496,26 +674,88 @@ def triggers(dosed: pd.DataFrame, baseline: pd.DataFrame, horizon: int, keys: Se
     return pd.DataFrame(rows, columns=[*keys, f"trigger_x_{horizon}"])
 
 
-def prompt_bootstrap(dosed: pd.DataFrame, value: str, keys: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+def prompt_bootstrap(dosed: pd.DataFrame, value: str, keys: Sequence[str], n_boot: int, seed: int,
+                     grid: Sequence[float] | None = None) -> pd.DataFrame:
     """Per (behaviour, neuron, sign): a bootstrap over prompts of the 50% crossing of ``value``
     (``collapse`` or ``flip``): the share of resamples that cross inside the grid and the 95% CI
-    (``inf`` above: beyond the grid)."""
+    (``inf`` above: beyond the grid).
+
+    ``grid`` is the full dose grid (``|x|``); where some of its points were not rolled out (the
+    adaptive search), a resample could cross at one of them, so the CI is the interval of
+    :func:`~neuronaudit.evaluation.stats.crossing_bootstrap_bounds`, which contains the full grid's,
+    ``<value>_x_ci_exact`` says whether it is the full grid's, and the share is missing (``nan``)
+    unless it is decided by the rolled-out points."""
     rows = []
     for key, g in dosed.assign(x=dosed["x"].abs()).groupby(list(keys)):
         hits = g.pivot_table(index="prompt_id", columns="x", values=value, aggfunc="mean").sort_index(axis=1)
-        share, lo, hi = crossing_bootstrap(hits.to_numpy(float), hits.columns.to_numpy(float), n_boot=n_boot,
-                                           seed=seed)
-        rows.append({**dict(zip(keys, key)), f"{value}_x_ci_low": lo, f"{value}_x_ci_high": hi,
-                     f"{value}_x_share_crossing": share})
+        x = hits.columns.to_numpy(float)
+        missing = unvisited_points(grid, x)
+        b = crossing_bootstrap_bounds(hits.to_numpy(float), x, missing, n_boot=n_boot, seed=seed)
+        rows.append({**dict(zip(keys, key)), f"{value}_x_ci_low": b.ci_low, f"{value}_x_ci_high": b.ci_high,
+                     f"{value}_x_share_crossing": b.share_low if b.share_low == b.share_high else float("nan"),
+                     f"{value}_x_ci_exact": b.exact})
     return pd.DataFrame(rows)
+
+
+def unvisited_points(grid: Sequence[float] | None, visited: Sequence[float]) -> list[float]:
+    """The points of ``grid`` (``|x|``) not among ``visited`` (none when ``grid`` is ``None``)."""
+    if grid is None:
+        return []
+    visited = np.abs(np.asarray(visited, float))
+    return [float(x) for x in grid if not np.isclose(visited, x, rtol=1e-9, atol=0).any()]
+
+
+def sweep_grid(sweeps: pd.DataFrame, x_grid: Sequence[float] | None = None) -> np.ndarray:
+    """The full dose grid of a sweep table (sorted ``|x|``): ``x_grid`` when given, else the doses
+    present, which is the grid only when every point was rolled out: an adaptive table needs
+    ``x_grid``."""
+    if x_grid is not None:
+        return np.array(sorted({abs(float(x)) for x in x_grid}))
+    if "search" in sweeps and (sweeps["search"] == "adaptive").any():
+        raise NeuronAuditError("an adaptive sweep table holds the visited doses only: pass the dose grid (x_grid)")
+    return np.sort(sweeps.loc[sweeps["kind"] != "baseline", "x"].abs().unique())
+
+
+def search_coverage(dosed: pd.DataFrame, table: pd.DataFrame, grid: Sequence[float],
+                    keys: Sequence[str]) -> pd.DataFrame:
+    """Which grid points each (behaviour, neuron, sign) rolled out, and how many points below its
+    ceiling and its trigger were not: 0 means the value is the full grid's whatever the shape of
+    the dose response; above 0 it is the full grid's where that response is monotone in ``|x|``
+    (:mod:`neuronaudit.methods.dose_search`)."""
+    search = dosed.groupby(list(keys))["search"].first() if "search" in dosed else None
+    seen = dosed.assign(x=dosed["x"].abs()).groupby(list(keys))["x"].unique()
+    rows = []
+    for r in table[list(keys) + ["ceiling_x", "trigger_x"]].itertuples(index=False):
+        key = tuple(r[: len(keys)])
+        visited = np.sort(seen.get(key, np.array([])))
+        missing = np.array(unvisited_points(grid, visited))
+        rows.append({**dict(zip(keys, key)),
+                     "search": str(search.get(key, "full")) if search is not None else "full",
+                     "n_grid_points": int(len(grid)), "n_grid_visited": int(len(grid) - missing.size),
+                     "visited_x": ",".join(f"{x:g}" for x in visited),
+                     "ceiling_unvisited_below": _count_below(missing, float(r.ceiling_x)),
+                     "trigger_unvisited_below": _count_below(missing, float(r.trigger_x))})
+    return pd.DataFrame(rows, columns=[*keys, "search", "n_grid_points", "n_grid_visited", "visited_x",
+                                       "ceiling_unvisited_below", "trigger_unvisited_below"])
+
+
+def _count_below(points: np.ndarray, value: float) -> int:
+    """How many of ``points`` lie below ``value`` (all of them when ``value`` is missing)."""
+    return int((points < value).sum()) if np.isfinite(value) else int(points.size)
 
 
 def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFrame, geometry: pd.DataFrame,
                  horizons: Sequence[int], n_layers: int, n_heldout: int, seed: int,
-                 n_boot: int = 1000) -> tuple[pd.DataFrame, dict]:
+                 n_boot: int = 1000, x_grid: Sequence[float] | None = None) -> tuple[pd.DataFrame, dict]:
     """Per (behaviour, neuron, sign): budget, c0, measured ceiling and triggers with prompt-bootstrap
-    CIs, predictions, verdicts, failure mode, split; and the fitted predictor parameters."""
+    CIs, predictions, verdicts, failure mode, split; and the fitted predictor parameters.
+
+    ``x_grid`` is the dose grid (required for an adaptive sweep, whose table holds the visited
+    points only); every ceiling and trigger is the first rolled-out grid point where it holds, and
+    the table says which points were rolled out and how many below each value were not
+    (:func:`search_coverage`)."""
     keys = ["behaviour", "layer", "neuron", "sign"]
+    grid = sweep_grid(sweeps, x_grid)
     # each behaviour is read at its own horizons; its verdict at the longest of them
     finals = sweeps.groupby("behaviour")["horizon"].max()
     baseline = baseline_rates(sweeps)
@@ -528,11 +768,11 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
         table = table.merge(triggers(dosed, baseline, h, keys), on=keys, how="outer")
     table["final_horizon"] = table["behaviour"].map(finals).astype(int)
     table["trigger_x"] = [getattr(r, f"trigger_x_{r.final_horizon}") for r in table.itertuples()]
-    table = table.merge(prompt_bootstrap(at_final, "collapse", keys, n_boot, seed), on=keys, how="left")
-    table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed), on=keys, how="left")
+    table = table.merge(search_coverage(at_final, table, grid, keys), on=keys, how="left")
+    table = table.merge(prompt_bootstrap(at_final, "collapse", keys, n_boot, seed, grid), on=keys, how="left")
+    table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed, grid), on=keys, how="left")
     at_own_final = baseline[baseline["horizon"] == baseline["behaviour"].map(finals)]
     table = table.merge(at_own_final[["behaviour", "baseline_flip", "baseline_collapse"]], on="behaviour", how="left")
-    grid = np.sort(dosed["x"].abs().unique())
     table["grid_min_x"], table["grid_max_x"] = float(grid[0]), float(grid[-1])
     # a ceiling beyond the grid is censored at its edge, never dropped
     table["ceiling_x_or_edge"] = table["ceiling_x"].fillna(table["grid_max_x"])
@@ -840,7 +1080,8 @@ def _json_float(v) -> float | None:
 def ceiling_threshold_sensitivity(sweeps: pd.DataFrame, thresholds: RuleThresholds | Mapping | None = None,
                                   behaviours: Mapping[str, Mapping] | None = None,
                                   prompts: Mapping[str, pd.DataFrame] | None = None,
-                                  scales: Sequence[float] = THRESHOLD_SCALES) -> dict:
+                                  scales: Sequence[float] = THRESHOLD_SCALES,
+                                  x_grid: Sequence[float] | None = None) -> dict:
     """How the measured ceilings, and the verdicts, move when the collapse thresholds move.
 
     The stored sweep rollouts (``window/sweeps.parquet``) are re-typed with the collapse
@@ -851,13 +1092,21 @@ def ceiling_threshold_sensitivity(sweeps: pd.DataFrame, thresholds: RuleThreshol
     counts), the median ``|Δ ceiling_x|`` over the moved ones (a ceiling beyond the grid counted at
     the grid edge, as ``ceiling_x_or_edge``), how many triggers move, and every (neuron, sign)
     whose verdict changes. A JSON-ready dict.
+
+    An adaptive sweep (``x_grid`` its dose grid) was searched for the thresholds it was typed with:
+    re-read with other thresholds, a ceiling or trigger is the first *rolled-out* point where it
+    holds, and the full grid could put it lower wherever grid points below it were not rolled out;
+    each scale counts those (``n_ceilings_with_unvisited_points_below``,
+    ``n_triggers_with_unvisited_points_below``; 0 for a full sweep).
     """
     if thresholds is None:
         thresholds = RuleThresholds()
     elif not isinstance(thresholds, RuleThresholds):
         thresholds = RuleThresholds.from_dict(thresholds)
     base = ceilings_and_verdicts(sweeps)
-    edge = float(sweeps.loc[sweeps["kind"] != "baseline", "x"].abs().max())
+    grid = sweep_grid(sweeps, x_grid)
+    edge = float(grid[-1])
+    search = str(sweeps["search"].iloc[0]) if "search" in sweeps and len(sweeps) else "full"
     out: dict = {
         "scales": [float(s) for s in scales],
         "thresholds_scaled": list(COLLAPSE_THRESHOLDS),
@@ -866,7 +1115,7 @@ def ceiling_threshold_sensitivity(sweeps: pd.DataFrame, thresholds: RuleThreshol
                  "ceilings, triggers and verdicts re-read at each behaviour's final horizon with the "
                  "≥50%-of-prompts rule"),
         "n_pairs": int(len(base)), "n_open_at_base": int((base["verdict"] == "open").sum()),
-        "grid_max_x": edge, "by_scale": [],
+        "grid_max_x": edge, "search": search, "by_scale": [],
     }
     for scale in scales:
         th = scaled_thresholds(thresholds, float(scale))
@@ -879,6 +1128,9 @@ def ceiling_threshold_sensitivity(sweeps: pd.DataFrame, thresholds: RuleThreshol
         tb, ta = both["trigger_x_before"].to_numpy(float), both["trigger_x_after"].to_numpy(float)
         t_moved = ~((np.isnan(tb) & np.isnan(ta)) | np.isclose(tb, ta))
         changed = both[both["verdict_before"] != both["verdict_after"]]
+        dosed = retyped[retyped["kind"] != "baseline"]
+        final = dosed[dosed["horizon"] == dosed["behaviour"].map(dosed.groupby("behaviour")["horizon"].max())]
+        coverage = search_coverage(final, new, grid, _KEYS)
         out["by_scale"].append({
             "scale": float(scale), "direction": "stricter" if scale < 1 else "looser" if scale > 1 else "same",
             "thresholds": {k: float(getattr(th, k)) for k in COLLAPSE_THRESHOLDS},
@@ -889,6 +1141,8 @@ def ceiling_threshold_sensitivity(sweeps: pd.DataFrame, thresholds: RuleThreshol
             "n_ceilings_left_grid": int((~np.isnan(cb) & np.isnan(ca)).sum()),
             "median_abs_delta_ceiling_x": _json_float(float(np.median(delta))) if delta.size else None,
             "n_triggers_moved": int(t_moved.sum()),
+            "n_ceilings_with_unvisited_points_below": int((coverage["ceiling_unvisited_below"] > 0).sum()),
+            "n_triggers_with_unvisited_points_below": int((coverage["trigger_unvisited_below"] > 0).sum()),
             "n_open": int((both["verdict_after"] == "open").sum()),
             "n_verdicts_changed": int(len(changed)),
             "verdict_changes": [

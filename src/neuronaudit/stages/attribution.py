@@ -16,7 +16,10 @@ For every behaviour, every candidate neuron of the window stage gets
   token (half the difference of the two signs), from one batched last-token sweep;
 * geometry: ``cos(v, u_readout)`` and ``||v||``;
 * ground truth from the window: ``controls`` (a trigger below the ceiling in either sign) and
-  ``control_strength`` (the largest flip fraction at any coherent dose, final horizon).
+  ``control_strength`` (the largest flip fraction at any coherent dose, final horizon; over the
+  rolled-out doses, so a lower bound where an adaptive dose search skipped doses below the
+  ceiling: ``control_strength_exact`` false, counted in the summary's
+  ``n_control_strength_lower_bounds``).
 
 The comparison (:func:`neuronaudit.methods.attribution.compare`) reports, for each |score|
 (absolute and signed gradient variants alike), Spearman ρ with control strength beside its ``n``,
@@ -89,6 +92,7 @@ def run_attribution(
     comparison = compare(table, o.n_boot, o.seed, o.n_permutations)
     summary = {"comparison": comparison, "missed_by_gradient": missed_by_gradient(table),
                "statement": statement(comparison), "scores": dict(SCORE_DESCRIPTIONS), "prompts": prompt_sets,
+               "n_control_strength_lower_bounds": _n_lower_bounds(table),
                "n_prompts": o.n_prompts, "n_boot": o.n_boot, "n_permutations": o.n_permutations, "seed": o.seed}
     prov = provenance(model_id=opened.manifest.get("source"), weight_sha256=opened.manifest.get("weight_sha256"),
                       seed=o.seed,
@@ -96,6 +100,13 @@ def run_attribution(
     write_table(pa.Table.from_pandas(table, preserve_index=False), out_scores, prov)
     write_json(json.loads(json.dumps(summary, default=float)), out_summary)
     return summary
+
+
+def _n_lower_bounds(table: pd.DataFrame) -> int:
+    """Neurons whose control strength is a lower bound (doses below the ceiling not rolled out)."""
+    if "control_strength_exact" not in table:
+        return 0
+    return int((~table["control_strength_exact"].fillna(True).astype(bool)).sum())
 
 
 def prompt_sources(prompt_table: str | Path, n_gradient: int, screen_table: str | Path) -> dict:

@@ -24,6 +24,12 @@ generated_dose_sweep`: the clean prefix is computed once and shared by all rows)
 * held-out neurons (split by a recorded seed) give MAE with a cluster bootstrap over neurons,
   every case counted, and verdict accuracy against the training majority with an exact McNemar
   test;
+* dose search (``window.search``): ``adaptive`` brackets each (neuron, sign)'s ceiling and
+  triggers by galloping then bisection over the grid and rolls out only the visited points, all
+  searches of a behaviour sharing one batched rollout per round; ``full`` rolls out every grid
+  point. The summary counts the rollouts (``n_rollouts``, ``n_rollouts_full_grid``); the window
+  table records the visited points of each (neuron, sign) and how many grid points below its
+  ceiling and trigger were not rolled out (:mod:`neuronaudit.methods.dose_search`);
 * threshold sensitivity: the stored rollouts re-typed with the judge's collapse thresholds
   ×0.75 and ×1.25, and how many ceilings, triggers and verdicts move
   (:func:`neuronaudit.methods.window.ceiling_threshold_sensitivity`; summary key
@@ -46,12 +52,15 @@ from neuronaudit.evaluation.judge import RuleThresholds, make_judge
 from neuronaudit.io import provenance, write_json, write_table
 from neuronaudit.methods import window as law
 from neuronaudit.methods.window import (
+    BehaviourRollouts,
     ceiling_threshold_sensitivity,
     heldout_summary,
     pick_candidates,
     refusal_pivots,
+    search_record,
+    search_summary,
     single_pass_sweep,
-    sweep_behaviour,
+    sweep_behaviour_search,
     window_table,
 )
 from neuronaudit.options import WindowOptions
@@ -107,24 +116,30 @@ def run_window(
     neurons = pick_candidates(screens, o.n_candidates, o.n_random, adapter.n_layers, adapter.n_neurons, o.seed,
                               n_top=o.n_top)
     geometry = law.generic_geometry(model, tokenizer, adapter, generic)
-    frames = []
+    frames, searched = [], {}
     for behaviour, spec in behaviours.items():
-        frames.append(sweep_behaviour(model, tokenizer, adapter, judge, behaviour, spec,
-                                      neurons[neurons["behaviour"] == behaviour], swept[behaviour], geometry,
-                                      o.x_grid, behaviour_horizons(spec, o), m.chat_template, m.system_prompt,
-                                      o.row_batch_size))
+        rollouts = BehaviourRollouts(model, tokenizer, adapter, judge, behaviour, spec, swept[behaviour],
+                                     behaviour_horizons(spec, o), m.chat_template, m.system_prompt, o.row_batch_size)
+        frame, record = sweep_behaviour_search(rollouts, neurons[neurons["behaviour"] == behaviour], geometry,
+                                               o.x_grid, behaviour_horizons(spec, o), o.search)
+        frames.append(frame)
+        searched[behaviour] = search_record(record, rollouts, len(swept[behaviour]))
+        log.info("%s: %s search, %d rollouts of %d on the full grid (%.0f%%) in %d batched calls, %.1f s",
+                 behaviour, o.search, searched[behaviour]["n_rollouts"], searched[behaviour]["n_rollouts_full_grid"],
+                 100 * searched[behaviour]["rollout_ratio"], rollouts.n_calls, rollouts.seconds)
     sweeps = pd.concat(frames, ignore_index=True)
     tokenizer.padding_side = "left"
     enc = tokenizer(generic, return_tensors="pt", padding=True, truncation=True, max_length=o.max_length)
     single = single_pass_sweep(model, adapter, enc, neurons, geometry, o.single_pass_grid)
     table, fitted = window_table(sweeps, single, neurons, geometry, o.horizons, adapter.n_layers, o.n_heldout,
-                                 o.seed, n_boot=o.n_boot)
+                                 o.seed, n_boot=o.n_boot, x_grid=o.x_grid)
     summary = heldout_summary(table, fitted, o.n_boot, o.seed)
     summary["refusal_pivots"] = refusal_pivots(sweeps, table)
     # how the measured ceilings and verdicts move with the collapse thresholds x0.75 / x1.25
     summary["ceiling_threshold_sensitivity"] = ceiling_threshold_sensitivity(
-        sweeps, RuleThresholds.from_dict(o.judge.thresholds), behaviours, swept)
+        sweeps, RuleThresholds.from_dict(o.judge.thresholds), behaviours, swept, x_grid=o.x_grid)
     summary["n_neurons"] = int(len(neurons))
+    summary.update(search_summary(o.search, searched, table))
     summary["seeds"] = {"split": o.seed, "bootstrap": o.seed, "random_controls": o.seed}
     summary["grid"] = {"x": list(o.x_grid), "single_pass_x": list(o.single_pass_grid),
                        "horizons": sorted({h for s in behaviours.values() for h in behaviour_horizons(s, o)}),
@@ -132,7 +147,8 @@ def run_window(
                        "prompts_per_behaviour": o.n_prompts}
     prov = provenance(model_id=opened.manifest.get("source"), weight_sha256=opened.manifest.get("weight_sha256"),
                       dtype=m.dtype, hook_site=opened.manifest.get("hook_site"), seed=o.seed,
-                      horizons=list(o.horizons), x_grid=list(o.x_grid), positions=["last_prompt", "generated"],
+                      horizons=list(o.horizons), x_grid=list(o.x_grid), search=o.search,
+                      positions=["last_prompt", "generated"],
                       behaviours=dict(behaviours))
     write_table(pa.Table.from_pandas(sweeps, preserve_index=False), out_sweeps, prov)
     write_table(pa.Table.from_pandas(single, preserve_index=False), out_single_pass, prov)
