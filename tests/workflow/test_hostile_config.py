@@ -1,5 +1,5 @@
 """Config values reach shell commands quoted: a hostile system prompt or prompt file path runs
-nothing, and ordinary non-ASCII and multi-line system prompts reach the stage verbatim and are
+nothing, and ordinary non-ASCII, multi-line and brace-holding system prompts reach the stage verbatim and are
 recorded."""
 
 import subprocess
@@ -18,6 +18,8 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 @pytest.mark.parametrize("system_prompt", [
     "$(touch {marker}) `touch {marker}` ; touch {marker} ' \" \\",
     "Sei höflich.\nAntworte kurz: ö, ß, 東京, 🙂",
+    # braces: Snakemake formats params strings, so these once read as wildcards of the rule
+    "Answer as {{name}}: {{value}}, matching \\d{{3}}",
 ])
 def test_system_prompt_is_passed_verbatim_and_never_run(tmp_path, tiny_model_dir, system_prompt):
     marker = tmp_path / "MARKER"
