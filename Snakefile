@@ -25,6 +25,7 @@ include: "rules/model.smk"
 include: "rules/prompts.smk"
 include: "rules/refusal.smk"
 include: "rules/collect.smk"
+include: "rules/preconditions.smk"
 include: "rules/screen.smk"
 include: "rules/window.smk"
 include: "rules/sufficient.smk"
@@ -35,3 +36,14 @@ rule all:
     default_target: True
     input:
         report_html(),
+
+
+onstart:
+    STARTED.append(time.time())
+
+
+onerror:
+    # a failed stage ends its log with one line "neuronaudit: error: ..."; show it here, so the
+    # reason is on the console and not only in the job's log file
+    for line in stage_errors(RESULTS, STARTED[0] if STARTED else 0.0):
+        print(line, file=sys.stderr)

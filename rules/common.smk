@@ -6,6 +6,7 @@ Provides: path helpers used by every rule file; wildcard constraints.
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -17,6 +18,7 @@ from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
 
 ROOT = Path(workflow.basedir)
+STARTED = []  # the run's start time (onstart), to find the logs of this run's failed jobs
 
 
 def _fail(err):
@@ -80,6 +82,11 @@ def last_token_table(prompt_set="{prompt_set}"):
     return f"{RESULTS}/collect/{prompt_set}.last_token.parquet"
 
 
+def preconditions_json():
+    """The audit preconditions every analysis stage waits for (rules/preconditions.smk)."""
+    return f"{RESULTS}/preconditions.json"
+
+
 def report_html():
     return f"{RESULTS}/report/index.html"
 
@@ -137,6 +144,16 @@ def sufficient_tables():
     return out
 
 
+def stage_errors(results, since):
+    """The one-line errors ("neuronaudit: error: ...") in the stage logs written since ``since``."""
+    out = []
+    for path in sorted(Path(results, "logs").rglob("*.log")):
+        if path.stat().st_mtime >= since:
+            out += [f"{line.strip()} (rule log {path})" for line in path.read_text(errors="replace").splitlines()
+                    if line.startswith("neuronaudit: error:")]
+    return out
+
+
 def named_paths(paths):
     """``NAME=PATH`` arguments of a CLI flag."""
     return " ".join(f"{name}={path}" for name, path in paths.items())
@@ -145,6 +162,7 @@ def named_paths(paths):
 def stage_outputs():
     """Every stage's final tables (the report reads them)."""
     out = [
+        preconditions_json(),
         stage_file("refusal", "evaluation.json"),
         stage_file("refusal", "fractions.parquet"),
         stage_file("keystone", "summary.json"),

@@ -14,6 +14,7 @@ with summary.json.
 rule screen:
     input:
         unpack(screen_inputs),
+        preconditions=preconditions_json(),
     output:
         scores=screen_table("scores"),
         circuit=screen_table("circuit"),
@@ -36,6 +37,7 @@ rule screen:
 
 rule cna:
     input:
+        preconditions=preconditions_json(),
         manifest=audited_manifest(),
         circuit=screen_table("circuit", config["cna"]["behaviour"]),
         harmful=prompt_table(behaviour_sets(config["cna"]["behaviour"])[0]),
@@ -68,6 +70,7 @@ rule cna:
 
 rule keystone:
     input:
+        preconditions=preconditions_json(),
         manifest=audited_manifest(),
         stats=expand(stats_table(), prompt_set=config["keystone"]["groups"]),
         last_token=expand(last_token_table(), prompt_set=config["keystone"]["groups"]),

@@ -11,6 +11,7 @@ Writes: results/<study>/sufficient/{sets,precision,control,perturbations}.parque
 
 rule sufficient:
     input:
+        preconditions=preconditions_json(),
         manifest=audited_manifest(),
         tables=list(sufficient_tables().values()),
     output:

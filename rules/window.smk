@@ -14,6 +14,7 @@ same neurons against their measured control.
 
 rule window:
     input:
+        preconditions=preconditions_json(),
         manifest=audited_manifest(),
         screens=[screen_table("scores", b) for b in config["behaviours"]],
         prompts=[prompt_table(swept_set(spec)) for spec in config["behaviours"].values()],

@@ -133,6 +133,11 @@ def cmd_sufficient(args) -> None:
                                         _options(args, opts.SufficientOptions), threads=args.threads)
 
 
+def cmd_preconditions(args) -> None:
+    _stage("preconditions").run_preconditions(args.manifest, _named(args.prompts, "--prompts"), args.out_json,
+                                              _options(args, opts.PreconditionOptions), threads=args.threads)
+
+
 def cmd_report(args) -> None:
     _stage("report").run_report(args.study, args.manifest, _named(args.stats, "--stats"), args.out,
                                 config_json=args.config_json, benchmark_dir=args.benchmark_dir,
@@ -217,6 +222,7 @@ _SIMPLE_INPUTS = {
 _LIST_INPUTS = {
     "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
     "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
+    "preconditions": [("--prompts", dict(nargs="+", required=True, metavar="SET=TABLE"))],
     "sufficient": [("--tables", dict(nargs="+", required=True, metavar="TASK:ROLE=PATH",
                                      help="each task's prompt tables: TASK:set, or TASK:positive and TASK:negative"))],
 }
@@ -244,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ["sweeps", "single-pass", "window", "summary"], cmd_window),
         "attribution": ("gradient vs forward attribution against measured control",
                         ["manifest", "threads", "options", "behaviours"], ["scores", "summary"], cmd_attribution),
+        "preconditions": ("audit preconditions: tokenizer coverage, baseline behaviour, oracle, judge",
+                          ["manifest", "threads", "options"], ["json"], cmd_preconditions),
         "sufficient": ("minimal sufficient neuron sets (WASD): search, checks, control",
                        ["manifest", "threads", "options"],
                        ["sets", "precision", "control", "perturbations", "summary"], cmd_sufficient),

@@ -287,6 +287,24 @@ class WindowOptions(StageOptions):
 
 
 @dataclass(frozen=True)
+class PreconditionOptions(StageOptions):
+    """preconditions: what must hold for the study's figures to mean anything."""
+
+    section: ClassVar[str] = "preconditions"
+    model: ModelOptions = key("model")
+    judge: JudgeOptions = key("judge")
+    behaviours: dict = key("behaviours")
+    horizons: list = key("window.horizons")
+    on_fail: str
+    max_unknown_rate: float
+    min_behaviour_positive: float
+    max_behaviour_negative: float
+    min_oracle_readability: float
+    min_judge_accuracy: float
+    n_prompts: int
+
+
+@dataclass(frozen=True)
 class SufficientOptions(StageOptions):
     """sufficient: minimal sufficient neuron sets (WASD), checked and used for control."""
 
@@ -346,5 +364,6 @@ STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "window": WindowOptions,
     "attribution": AttributionOptions,
     "sufficient": SufficientOptions,
+    "preconditions": PreconditionOptions,
     "report": ReportOptions,
 }

@@ -121,10 +121,31 @@ def tiny_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFas
     return fast
 
 
-def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, n_layers: int = 4) -> Path:
-    """Write a tiny random model and its tokenizer to ``path`` (a Hugging Face model directory)."""
+def narrow_tokenizer(words: int = 60) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer that knows only the ``words`` most frequent words of the built-in
+    corpus; every other word is ``<unk>`` (a vocabulary that cannot spell the prompt sets)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    counts = Counter(w for line in _CORPUS for w in line.split())
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"])}
+    for w, _ in counts.most_common(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<|im_start|>", eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, n_layers: int = 4,
+                    vocabulary: str = "bpe") -> Path:
+    """Write a tiny random model and its tokenizer to ``path`` (a Hugging Face model directory);
+    ``vocabulary`` ``narrow`` gives it :func:`narrow_tokenizer` instead of the byte-level BPE."""
     path = Path(path)
-    tokenizer = tiny_tokenizer()
+    tokenizer = narrow_tokenizer() if vocabulary == "narrow" else tiny_tokenizer()
     model = tiny_model(family, seed=seed, vocab_size=len(tokenizer), n_layers=n_layers)
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id

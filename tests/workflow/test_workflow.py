@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from neuronaudit.io import read_provenance
+from neuronaudit.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
@@ -40,6 +41,10 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
         "capability": {"max_texts": 2, "max_task_prompts": 2, "max_new_tokens": 8},
         "window": {"n_candidates": 1, "n_random": 1, "x_grid": [1.0, 4.0], "single_pass_grid": [1.0, 4.0],
                    "horizons": [2, 4], "n_prompts": 2, "n_generic": 2, "n_heldout": 2, "row_batch_size": 8},
+        "sufficient": {"n_explained": 1, "n_search": 8, "n_fresh": 8, "n_candidates": 2, "max_size": 2,
+                       "n_random": 1, "n_control": 2, "max_new_tokens": 2, "n_boot": 100},
+        # the tiny model's word-level vocabulary cannot spell the prompt sets: finish, marked
+        "preconditions": {"on_fail": "mark", "n_prompts": 4},
     }))
     # an interrupted run: only one stage of one prompt set finished
     first = snakemake(work, "results/tiny/collect/harmful.stats.parquet", overrides=overrides)
@@ -74,6 +79,36 @@ def test_whole_dag_writes_report_and_every_table(tiny_study):
                   "window/window.parquet", "window/summary.json", "attribution/summary.json"):
         assert (work / "results/tiny" / table).is_file(), table
     assert not list(work.rglob(".*.tmp-*"))  # no half-written files anywhere
+
+
+def test_marked_preconditions_reach_the_report_and_the_sufficient_stage_runs(tiny_study):
+    work, _, _, _ = tiny_study
+    doc = json.loads((work / "results/tiny/preconditions.json").read_text())
+    names = {(p["name"], p["scope"]) for p in doc["preconditions"]}
+    assert ("tokenizer_coverage", "set:harmful") in names and ("judge_accuracy", "judge") in names
+    assert ("behaviour_on_positive", "behaviour:refusal") in names
+    html = (work / "results/tiny/report/index.html").read_text()
+    assert "Audit preconditions" in html
+    if doc["failed"]:  # a random tiny model shows no behaviour: its figures are marked, not shown
+        assert "not meaningful: precondition failed" in html
+    summary = json.loads((work / "results/tiny/sufficient/summary.json").read_text())
+    assert set(summary["tasks"]) == {"sentiment", "capitals", "format"}
+    assert "Sufficient neuron sets" in html
+
+
+def test_a_model_that_cannot_spell_the_prompts_stops_at_its_preconditions(tmp_path):
+    model = save_tiny_model(tmp_path / "narrow", vocabulary="narrow")
+    overrides = tmp_path / "narrow.yaml"
+    overrides.write_text(yaml.safe_dump({
+        "study": "narrow", "threads": 1, "model": {"source": str(model)}, "prompts": {"limit": 2},
+        "refusal": {"tune": False}, "preconditions": {"n_prompts": 4},
+    }))
+    run = snakemake(tmp_path, "results/narrow/screen/refusal.scores.parquet", overrides=overrides)
+    assert run.returncode != 0
+    line = next(x for x in run.stderr.splitlines() if x.startswith("neuronaudit: error: precondition"))
+    assert "tokenizer_coverage [set:" in line and "% of the" in line and "'<unk>'" in line
+    assert not (tmp_path / "results/narrow/preconditions.json").exists()  # nothing half-written
+    assert not (tmp_path / "results/narrow/screen").exists()  # the stages that depend on it never ran
 
 
 def test_resumed_run_did_not_redo_finished_steps(tiny_study):

@@ -76,6 +76,7 @@ RECONSTRUCTION = ("reconstruction: the predicted ceiling (critical alignment c* 
 
 #: Section id -> title, in page order (the Snakemake report's categories use the same titles).
 STAGE_TITLES = {
+    "preconditions": "Audit preconditions",
     "refusal": "Refusal: reference model and typed rollouts",
     "screen": "Contrastive screening",
     "cna": "CNA circuit ablation",
@@ -628,6 +629,47 @@ def _mean_ci(entry: dict | None, spec: str = ".2f") -> str:
 SUFFICIENT_PUBLISHED = "none stated (SCIENCE.md §5 gives no number; seed 000 reports comparisons, not values)"
 
 
+def preconditions_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    """The table of every checked precondition, first on the page."""
+    path = study_dir / "preconditions.json"
+    if not path.is_file():
+        return None, []
+    doc = json.loads(path.read_text())
+    table = pd.DataFrame([{"precondition": p["name"], "guards": p["scope"], "value": p["value"],
+                           "threshold": ("≤ " if p["direction"] == "max" else "≥ ") + format(p["threshold"], "g")
+                           if p.get("threshold") is not None else "", "n": p["n"],
+                           "status": "passed" if p["passed"] else "FAILED", "detail": p["detail"]}
+                          for p in doc.get("preconditions", [])])
+    failed = doc.get("failed") or []
+    intro = (f"Prompts are fed as {doc.get('chat_template', '?')}. "
+             + (f"{len(failed)} precondition(s) failed; every figure that depends on one is shown as not meaningful "
+                "and without its published counterpart." if failed else "Every precondition passed."))
+    items = [Table("Preconditions", table, caption("preconditions_table"), table_link=_rel(path, report_dir))]
+    return Section("preconditions", STAGE_TITLES["preconditions"], intro, items), []
+
+
+def mark_headlines(headlines: list[Headline], study_dir: Path, config: dict) -> list[Headline]:
+    """Headlines with every figure whose precondition failed replaced by "not meaningful" and the
+    failed precondition, its value, CI and published counterpart removed."""
+    from dataclasses import replace
+
+    from neuronaudit.preconditions import affected
+
+    path = study_dir / "preconditions.json"
+    if not path.is_file():
+        return headlines
+    failures = json.loads(path.read_text()).get("failed") or []
+    out = []
+    for h in headlines:
+        hit = affected(h.key, failures, config)
+        if hit:
+            reasons = "; ".join(f"{f['name']} [{f['scope']}]" for f in hit)
+            h = replace(h, text=f"not meaningful: precondition failed ({reasons})", value=None, ci=None,
+                        published="")
+        out.append(h)
+    return out
+
+
 def sufficient_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     folder = study_dir / "sufficient"
     if not (folder / "summary.json").is_file():
@@ -701,7 +743,7 @@ def sufficient_section(study_dir: Path, report_dir: Path) -> tuple[Section | Non
     return Section("sufficient", STAGE_TITLES["sufficient"], intro, items), heads
 
 
-BUILDERS = (refusal_section, screen_section, cna_section, keystone_section, window_section,
+BUILDERS = (preconditions_section, refusal_section, screen_section, cna_section, keystone_section, window_section,
             attribution_section, sufficient_section)
 
 

@@ -11,7 +11,7 @@ from neuronaudit.errors import NeuronAuditError
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import ReportOptions
 from neuronaudit.report.page import build_report
-from neuronaudit.report.sections import stage_sections
+from neuronaudit.report.sections import mark_headlines, stage_sections
 
 
 def run_report(
@@ -37,6 +37,7 @@ def run_report(
     sections, headlines = ([], [])
     if study_dir:
         sections, headlines = stage_sections(Path(study_dir), Path(out_html).parent)
+        headlines = mark_headlines(headlines, Path(study_dir), config)
     return build_report(study, {k: Path(v) for k, v in stats.items()}, read_manifest(manifest_path), config,
                         benchmarks, Path(out_html), stage_sections=sections, headlines=headlines,
                         figures_dir=figures_dir, study_dir=study_dir,

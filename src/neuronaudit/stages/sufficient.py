@@ -182,8 +182,13 @@ def _rollouts(model, tokenizer, adapter, inputs, named_sets, judge, task: _Task,
     """Greedy continuations of the lacking inputs under each set's clamp (at the last prompt token):
     the share collapsed (the study's judge) and, for a behaviour task, the share showing the
     behaviour by its oracle (a collapsed rollout never counts), per set name."""
-    rows = [(name, j) for name in named_sets for j in range(len(inputs))]
-    out: dict[str, list] = {name: [] for name in named_sets}
+    # a set equal to another (the empty set found, and its empty baselines) is rolled out once
+    first_of: dict[tuple, str] = {}
+    alias = {name: first_of.setdefault(tuple(sorted((p.key, p.threshold) for p in s)), name)
+             for name, s in named_sets.items()}
+    unique = [name for name in named_sets if alias[name] == name]
+    rows = [(name, j) for name in unique for j in range(len(inputs))]
+    out: dict[str, list] = {name: [] for name in unique}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         plan = InterventionPlan.per_row([p.edit(("last_prompt",)) for p in named_sets[name]] for name, _ in chunk)
@@ -207,7 +212,7 @@ def _rollouts(model, tokenizer, adapter, inputs, named_sets, judge, task: _Task,
                         "first_token_forced": int(first.sum()),
                         "behaviour_shown": None if behaviour is None else int(behaviour.sum()),
                         "example": texts[0] if texts else ""}
-    return result
+    return {name: result[alias[name]] for name in named_sets}
 
 
 def explain_prompt(model, tokenizer, adapter, task: _Task, p: int, targets: np.ndarray, options: SufficientOptions,
@@ -279,16 +284,19 @@ def explain_prompt(model, tokenizer, adapter, task: _Task, p: int, targets: np.n
     lacking = wasd.ClampedPredictor(model, adapter, lacking_inputs, target, pad_id(tokenizer), o.batch_size, counter)
     control = wasd.control_table(lacking, found, random_sets, o.confidence,
                                  baselines={n: s for n, s in sets.items() if n != "found"})
-    named = {"none": (), **sets, **{f"random{r}": s for r, s in enumerate(random_sets)}}
+    # continuations under every checked set and the first random set (all random sets enter the
+    # next-token forcing rate; the control rows of the others carry no rollout figures)
+    named = {"none": (), **sets, **{f"random{r}": s for r, s in enumerate(random_sets[:1])}}
     lacking_extras = extras(lacking_table.iloc[lacking_idx]).to_dict(orient="records")
     rolled = _rollouts(model, tokenizer, adapter, lacking_inputs, named, judge, task, lacking_texts, lacking_extras,
                        o.max_new_tokens, o.batch_size, target)
     control["rollout_set"] = [("none" if s == "none" else f"random{int(r)}" if s == "random" else s)
                               for s, r in zip(control["set"], control["replicate"])]
     for column in ("n_rollouts", "collapsed", "behaviour_shown"):
-        control[column] = [rolled[name][column] for name in control["rollout_set"]]
-    control["collapse_rate"] = control["collapsed"] / control["n_rollouts"]
-    control["behaviour_rate"] = [np.nan if b is None else b / n
+        control[column] = [rolled[name][column] if name in rolled else None for name in control["rollout_set"]]
+    control["collapse_rate"] = [np.nan if n is None else c / n for c, n in zip(control["collapsed"],
+                                                                               control["n_rollouts"])]
+    control["behaviour_rate"] = [np.nan if b is None or n is None else b / n
                                  for b, n in zip(control["behaviour_shown"], control["n_rollouts"])]
     control = control.drop(columns=["rollout_set"])
 

@@ -1,0 +1,30 @@
+"""Audit preconditions: tokenizer coverage of every prompt set, each behaviour's rate at baseline
+on its positive and negative prompts with the oracle's readability, the judge's accuracy on fresh
+hand labels, the chat template in use.
+
+Needs: the audited model, every prepared prompt table, preconditions.*, judge.*.
+Writes: results/<study>/preconditions.json; with preconditions.on_fail: stop a failed precondition
+stops the workflow here with one line, before the stages that depend on it.
+"""
+
+
+rule preconditions:
+    input:
+        manifest=audited_manifest(),
+        prompts=expand(prompt_table(), prompt_set=PROMPT_SETS),
+    output:
+        json=preconditions_json(),
+    params:
+        cli=NEURONAUDIT,
+        prompts=named_paths({s: prompt_table(s) for s in PROMPT_SETS}),
+        options=stage_options("preconditions"),
+    threads: config["threads"]
+    conda:
+        "../workflow/envs/neuronaudit.yaml"
+    log:
+        log_file("preconditions", "preconditions"),
+    benchmark:
+        benchmark_file("preconditions", "preconditions")
+    shell:
+        "{params.cli} preconditions --manifest {input.manifest:q} --prompts {params.prompts} "
+        "--out-json {output.json:q} --threads {threads} --options {params.options:q} > {log:q} 2>&1"
