@@ -19,7 +19,8 @@ the mean over task prompts that lack it). The greedy search (:func:`~neuronaudit
 search_sufficient_set`) runs on ``n_search`` perturbed inputs; its set is checked on ``n_fresh``
 perturbations it never saw, beside the top-|S| sets of each ranking; stability is the Jaccard
 index against the set found on a disjoint set of perturbations and on perturbations drawn with
-another seed, and across the explained prompts of a task. Control clamps the set onto task
+another seed (only when the search reached its bound: a set that is not sufficient has no
+stability to measure), and across the explained prompts of a task. Control clamps the set onto task
 prompts that lack the target (forcing rate against random same-layer sets of the same size) and
 generates ``max_new_tokens`` from there, typed by the study's judge (collapse) and, for a behaviour
 task, read by its oracle.
@@ -266,8 +267,10 @@ def explain_prompt(model, tokenizer, adapter, task: _Task, p: int, targets: np.n
                                           confidence=o.confidence, max_size=o.max_size, beam_width=o.beam_width)
 
     results = {"search": run(search)}
+    # stability compares sufficient sets: a search that found none within max_size has nothing to
+    # compare (its Jaccard is missing), and its repeats would cost the most of all
     for name in ("disjoint", "reseeded"):
-        if encoded[name]:
+        if encoded[name] and results["search"].reached:
             results[name] = run(wasd.ClampedPredictor(model, adapter, encoded[name], target, pad_id(tokenizer),
                                                       o.batch_size, counter))
     search_seconds = time.perf_counter() - t0
