@@ -178,6 +178,19 @@ def stage_outputs():
     return out
 
 
+def precondition_scopes(*headline_keys):
+    """JSON list of the precondition scopes a stage reads (set:<name>, behaviour:<name>, judge,
+    window), from the keys of the headlines it writes (``{behaviour}`` filled from the wildcards);
+    the stage stops before it starts on a failed one when preconditions.on_fail is stop."""
+    from neuronaudit.preconditions import scopes_of
+
+    def scopes(wildcards):
+        keys = [key.format(**dict(wildcards.items())) for key in headline_keys]
+        return json.dumps(sorted(set().union(*(scopes_of(key, config) for key in keys))))
+
+    return scopes
+
+
 def verbatim(text):
     """A params value passed as written: Snakemake formats params strings, so a config value
     holding braces (a regex quantifier, a template's ``{body}``) would be read as a wildcard."""

@@ -3,8 +3,9 @@ on its positive and negative prompts with the oracle's readability, the judge's 
 hand labels, the chat template in use.
 
 Needs: the audited model, every prepared prompt table, preconditions.*, judge.*.
-Writes: results/<study>/preconditions.json; with preconditions.on_fail: stop a failed precondition
-stops the workflow here with one line, before the stages that depend on it.
+Writes: results/<study>/preconditions.json, always; with preconditions.on_fail: stop each stage
+that reads a failed precondition's scope stops with one line before it starts (its --requires),
+and the stages that do not read it run.
 """
 
 

@@ -21,6 +21,7 @@ rule screen:
     params:
         cli=NEURONAUDIT,
         options=stage_options("screen"),
+        requires=precondition_scopes("screen.{behaviour}"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -32,7 +33,8 @@ rule screen:
         "--pos-last-token {input.pos_last_token:q} --neg-last-token {input.neg_last_token:q} "
         "--pos-prompts {input.pos_prompts:q} --neg-prompts {input.neg_prompts:q} "
         "--diverse {input.diverse:q} --out-scores {output.scores:q} "
-        "--out-circuit {output.circuit:q} --options {params.options:q} > {log:q} 2>&1"
+        "--out-circuit {output.circuit:q} --options {params.options:q} "
+        "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
 
 
 rule cna:
@@ -52,6 +54,7 @@ rule cna:
     params:
         cli=NEURONAUDIT,
         options=stage_options("cna"),
+        requires=precondition_scopes("cna"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -65,7 +68,8 @@ rule cna:
         "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
         "--out-rollouts {output.rollouts:q} "
         "--out-fractions {output.fractions:q} --out-summary {output.summary:q} "
-        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+        "--threads {threads} --options {params.options:q} "
+        "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
 
 
 rule keystone:
@@ -83,6 +87,7 @@ rule keystone:
     params:
         cli=NEURONAUDIT,
         options=stage_options("keystone"),
+        requires=precondition_scopes("keystone"),
         stats=named_paths({g: stats_table(g) for g in config["keystone"]["groups"]}),
         last_token=named_paths({g: last_token_table(g) for g in config["keystone"]["groups"]}),
         prompts=named_paths({g: prompt_table(g) for g in config["keystone"]["groups"]}),
@@ -98,4 +103,5 @@ rule keystone:
         "--last-token {params.last_token} --prompts {params.prompts} "
         "--out-scores {output.scores:q} --out-curve {output.curve:q} "
         "--out-stability {output.stability:q} --out-summary {output.summary:q} "
-        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+        "--threads {threads} --options {params.options:q} "
+        "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"

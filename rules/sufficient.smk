@@ -24,6 +24,7 @@ rule sufficient:
         cli=NEURONAUDIT,
         tables=named_paths(sufficient_tables()),
         options=stage_options("sufficient"),
+        requires=precondition_scopes(*[f"sufficient.{task}" for task in config["sufficient"]["tasks"]]),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -35,4 +36,5 @@ rule sufficient:
         "{params.cli} sufficient --manifest {input.manifest:q} --tables {params.tables} "
         "--out-sets {output.sets:q} --out-precision {output.precision:q} --out-control {output.control:q} "
         "--out-perturbations {output.perturbations:q} --out-summary {output.summary:q} "
-        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+        "--threads {threads} --options {params.options:q} "
+        "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"

@@ -30,6 +30,7 @@ rule window:
         prompts=named_paths({b: prompt_table(swept_set(s)) for b, s in config["behaviours"].items()}),
         behaviours=verbatim(json.dumps(config["behaviours"])),
         options=stage_options("window"),
+        requires=precondition_scopes("window"),
     threads: config["threads"]
     conda:
         "../workflow/envs/neuronaudit.yaml"
@@ -43,7 +44,7 @@ rule window:
         "--out-sweeps {output.sweeps:q} "
         "--out-single-pass {output.single_pass:q} --out-window {output.window:q} "
         "--out-summary {output.summary:q} --threads {threads} --options {params.options:q} "
-        "> {log:q} 2>&1"
+        "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
 
 
 rule attribution:

@@ -1,7 +1,7 @@
 """A small synthetic study: every table and JSON summary the report reads, no model run.
 
 ``write_study(root)`` writes ``root/results/<name>/`` with the outputs of every stage (refusal,
-screen, CNA, keystone, window, attribution, collect) in the columns the report sections read;
+screen, CNA, keystone, window, attribution, sufficient, collect, preconditions) in the columns the report sections read;
 ``build_study_report`` then builds its page and figure files from them, as the report rule does.
 Numbers depend on ``seed`` so that two studies differ; ``evil=True`` plants markup that would run
 script if it reached the page unescaped, in a prompt and a rollout text (and a prompt-set name).
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from neuronaudit import io
+from neuronaudit import io, preconditions
 from neuronaudit.report import page as report
 from neuronaudit.report.sections import stage_sections
 
@@ -230,6 +230,49 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     _json({"comparison": comparison, "missed_by_gradient": [{"behaviour": "refusal", "layer": 1, "neuron": 0}],
            "statement": "The gradient anti-predicts measured control.", "n_boot": 200, "seed": 0},
           study / "attribution" / "summary.json")
+
+    # sufficient sets
+    prec_rows, set_rows, ctrl_rows = [], [], []
+    for i in range(3):
+        pid = f"capitals-{i:04d}"
+        for kind in ("found", "attribution", "screen"):
+            p = float(rng.uniform(0.5, 1.0))
+            prec_rows.append({"task": "capitals", "prompt_id": pid, "target": " Paris", "set": kind, "size": 2,
+                              "neurons": [[1, i], [2, i + 1]], "hits": int(p * 24), "n": 24, "precision": p,
+                              "precision_low": p - 0.1, "precision_high": min(1.0, p + 0.05),
+                              "coverage": float(rng.uniform(0.3, 1.0)), "baseline_precision": 0.4,
+                              "reached": kind == "found", "jaccard_disjoint": 1.0, "jaccard_reseeded": 0.5})
+        for step in range(3):
+            set_rows.append({"task": "capitals", "search": "search", "phase": "grow", "prompt_id": pid, "step": step,
+                             "precision": 0.5 + 0.2 * step})
+        for kind in ("none", "found", "attribution", "screen", "random"):
+            ctrl_rows.append({"task": "capitals", "prompt_id": pid, "set": kind,
+                              "forcing_rate": float(rng.uniform(0, 1)), "collapse_rate": float(rng.uniform(0, 0.2))})
+
+    def mci(mean):
+        return {"mean": mean, "low": mean - 0.1, "high": mean + 0.05, "n": 3}
+
+    _write(pd.DataFrame(prec_rows), study / "sufficient" / "precision.parquet")
+    _write(pd.DataFrame(set_rows), study / "sufficient" / "sets.parquet")
+    _write(pd.DataFrame(ctrl_rows), study / "sufficient" / "control.parquet")
+    _json({"tasks": {"capitals": {
+        "n_explained": 3, "reached": 3, "skipped": [{"prompt_id": "capitals-0009", "reason": "no target"}],
+        "sets": {"found": {"precision": mci(0.9), "size": mci(2.0)}, "attribution": {"precision": mci(0.6)},
+                 "screen": {"precision": mci(0.5)}},
+        "control": {"found": {"forcing_rate": mci(0.7), "collapse_rate": mci(0.1)},
+                    "random": {"forcing_rate": mci(0.1)}, "none": {"forcing_rate": mci(0.0)}},
+        "stability": {"jaccard_disjoint": mci(0.8), "jaccard_reseeded": mci(0.6),
+                      "jaccard_across_prompts_same_target": {"mean": 0.3, "n_pairs": 3}}}},
+        "cost": {"forward_calls": 120, "token_positions": 4000}, "provenance": {"n_explained": 3}},
+        study / "sufficient" / "summary.json")
+
+    # preconditions
+    checks = [preconditions.Precondition("unknown_token_rate", "set:harmful", 0.0, 0.05, "max", 40,
+                                         "0 of 900 tokens are the unknown token"),
+              preconditions.Precondition("behaviour_on_positive", "behaviour:refusal", 0.9, 0.25, "min", 12,
+                                         "behaviour 'refusal' shown on 11/12 positive prompts")]
+    _json({"chat_template": "the model's chat template", "preconditions": [c.as_dict() for c in checks],
+           "failed": []}, study / "preconditions.json")
 
     # collect
     stats = {}

@@ -199,7 +199,12 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     behaviours.add_argument("--prompts", nargs="+", required=True, metavar="BEHAVIOUR=TABLE",
                             help="the prompt table each behaviour is swept on")
     behaviours.add_argument("--behaviours", required=True, help="JSON: behaviour -> {positive, negative, oracle}")
-    return {"manifest": manifest, "threads": threads, "options": options, "behaviours": behaviours}
+    gate = argparse.ArgumentParser(add_help=False)
+    gate.add_argument("--preconditions", default=None,
+                      help="preconditions.json: with on_fail stop, a failed precondition of --requires stops the stage")
+    gate.add_argument("--requires", default="[]", help="JSON list of the scopes the stage reads (set:<name>, "
+                                                       "behaviour:<name>, judge, window)")
+    return {"manifest": manifest, "threads": threads, "options": options, "behaviours": behaviours, "gate": gate}
 
 
 def _outputs(p: argparse.ArgumentParser, *names: str) -> None:
@@ -241,19 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
                          cmd_tune_refusal),
         "evaluate-refusal": ("refusal and over-refusal rates, perplexity vs base", ["manifest", "threads", "options"],
                              ["json", "rollouts"], cmd_evaluate_refusal),
-        "screen": ("contrastive neuron screen of one behaviour and its circuit", ["options"], ["scores", "circuit"],
+        "screen": ("contrastive neuron screen of one behaviour and its circuit", ["options", "gate"],
+                   ["scores", "circuit"],
                    cmd_screen),
-        "cna": ("CNA circuit scaling vs random circuit and CAA baseline", ["manifest", "threads", "options"],
+        "cna": ("CNA circuit scaling vs random circuit and CAA baseline",
+                ["manifest", "threads", "options", "gate"],
                 ["rollouts", "fractions", "summary"], cmd_cna),
         "window": ("control-window dose sweeps, ceilings, triggers and verdicts",
-                   ["manifest", "threads", "options", "behaviours"],
+                   ["manifest", "threads", "options", "behaviours", "gate"],
                    ["sweeps", "single-pass", "window", "summary"], cmd_window),
         "attribution": ("gradient vs forward attribution against measured control",
                         ["manifest", "threads", "options", "behaviours"], ["scores", "summary"], cmd_attribution),
         "preconditions": ("audit preconditions: tokenizer coverage, baseline behaviour, oracle, judge",
                           ["manifest", "threads", "options"], ["json"], cmd_preconditions),
         "sufficient": ("minimal sufficient neuron sets (WASD): search, checks, control",
-                       ["manifest", "threads", "options"],
+                       ["manifest", "threads", "options", "gate"],
                        ["sets", "precision", "control", "perturbations", "summary"], cmd_sufficient),
     }
     for name, (help_, parents, outputs, handler) in stages.items():
@@ -292,7 +299,7 @@ def _other_subcommands(sub, par) -> None:
     p.set_defaults(func=cmd_rollouts)
 
     p = sub.add_parser("keystone", help="cross-task keystone neurons, stability and ablation curve",
-                       parents=[par["manifest"], par["threads"], par["options"]])
+                       parents=[par["manifest"], par["threads"], par["options"], par["gate"]])
     p.add_argument("--stats", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--last-token", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--prompts", nargs="+", required=True, metavar="SET=PATH")
@@ -348,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if getattr(args, "preconditions", None):
+            from neuronaudit.preconditions import require
+
+            require(args.preconditions, _json_arg(args.requires, "--requires"), args.command)
         args.func(args)
     except NeuronAuditError as err:
         print(f"neuronaudit: error: {err}", file=sys.stderr)

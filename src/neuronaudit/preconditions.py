@@ -109,14 +109,20 @@ def failed(preconditions: Iterable[Precondition | Mapping]) -> list[dict]:
     return out
 
 
-def stop_on_failure(preconditions: Sequence[Precondition], on_fail: str) -> None:
-    """With ``on_fail: stop``, the first failed precondition as a one-line error."""
-    if on_fail not in ("stop", "mark"):
-        raise NeuronAuditError(f"preconditions.on_fail {on_fail!r} must be 'stop' or 'mark'")
-    bad = [p for p in preconditions if not p.passed]
-    if bad and on_fail == "stop":
+def require(preconditions_json, scopes: Iterable[str], stage: str) -> None:
+    """Before a stage starts: with ``on_fail: stop`` recorded in ``preconditions.json``, a failed
+    precondition whose scope the stage depends on (``scopes``) stops it with one line. Failures of
+    scopes the stage does not read never stop it (they mark the figures that do)."""
+    import json
+    from pathlib import Path
+
+    doc = json.loads(Path(preconditions_json).read_text())
+    scopes = set(scopes)
+    bad = [Precondition(**{k: f[k] for k in ("name", "scope", "value", "threshold", "direction", "n", "detail")})
+           for f in doc.get("failed") or [] if f["scope"] in scopes]
+    if bad and doc.get("on_fail", "stop") == "stop":
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise NeuronAuditError(bad[0].line() + more +
+        raise NeuronAuditError(f"{stage} not run: " + bad[0].line() + more +
                                "; set preconditions.on_fail: mark to finish with these figures marked")
 
 

@@ -65,7 +65,8 @@ def test_figures_side_by_side_one_row_per_figure(studies):
                        "CNA circuit scaling against controls", "Keystone ablation curve", "Saturation curve",
                        "Predicted against measured ceilings", "Control windows",
                        "Measured control against attribution scores and readout geometry",
-                       "Activation profile over layers"}
+                       "Activation profile over layers", "Precision against set size",
+                       "Stability of the found sets across prompts", "Forcing the target onto prompts that lack it"}
     assert {html.unescape(t) for t, _ in grids} == manifest_titles
     for _, body in grids:
         columns = re.findall(r'<figure data-column="([^"]+)">', body)

@@ -13,7 +13,7 @@ from neuronaudit.preconditions import (
     coverage,
     failed,
     judge_accuracy,
-    stop_on_failure,
+    require,
     unknown_token_rate,
 )
 from neuronaudit.report.page import Headline
@@ -63,14 +63,22 @@ def test_behaviour_rates_need_the_behaviour_on_positives_and_not_always_on_negat
     assert [c.name for c in unreadable if not c.passed] == ["oracle_readability"]
 
 
-def test_a_missing_value_never_passes_and_stop_names_the_first_failure():
+def test_a_missing_value_never_passes_and_stop_names_the_first_failure_of_the_stage(tmp_path):
     assert not judge_accuracy(None, 0, 0.7, "none").passed
     checks = [Precondition("tokenizer_coverage", "set:harmful", 0.74, 0.05, "max", 900, "74% unknown"),
-              Precondition("judge_accuracy", "judge", 0.9, 0.7, "min", 220, "fine")]
-    stop_on_failure(checks, "mark")  # marks, never raises
-    with pytest.raises(NeuronAuditError, match=r"tokenizer_coverage \[set:harmful\]: 0.74 \(needs ≤ 0.05\)"):
-        stop_on_failure(checks, "stop")
-    assert [f["name"] for f in failed(checks)] == ["tokenizer_coverage"]
+              Precondition("judge_accuracy", "judge", 0.9, 0.7, "min", 220, "fine"),
+              Precondition("judge_accuracy", "judge", 0.5, 0.7, "min", 220, "poor")]
+    assert [f["name"] for f in failed(checks)] == ["tokenizer_coverage", "judge_accuracy"]
+    path = tmp_path / "preconditions.json"
+    for on_fail in ("stop", "mark"):
+        path.write_text(json.dumps({"on_fail": on_fail, "failed": failed(checks)}))
+        require(path, ["set:generic"], "keystone")  # a stage that does not read a failed scope runs
+        if on_fail == "mark":
+            require(path, ["set:harmful", "judge"], "cna")  # marks, never raises
+            continue
+        with pytest.raises(NeuronAuditError, match=r"^cna not run: precondition tokenizer_coverage \[set:harmful\]: "
+                                                   r"0.74 \(needs ≤ 0.05\): 74% unknown \(and 1 more\)"):
+            require(path, ["set:harmful", "judge"], "cna")
 
 
 def test_a_failed_precondition_marks_exactly_the_figures_that_depend_on_it(tmp_path):

@@ -36,6 +36,8 @@ def planted_study(tmp_path_factory):
                                         "behaviour_tokens": ["yes"], "default_tokens": ["no"], "horizons": [1]}}
     config["refusal"]["tune"] = False  # the planted model is audited as built
     config["cna"]["behaviour"] = "planted"
+    # the sufficient-set tasks that name a default behaviour go with it; those on prompt sets stay
+    config["sufficient"]["tasks"] = {t: spec for t, spec in config["sufficient"]["tasks"].items() if "set" in spec}
     (work / "planted.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), "--cores", "2",
            *[f"results/planted/{t}" for t in TARGETS], "--configfile", str(work / "planted.yaml")]

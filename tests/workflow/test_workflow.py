@@ -105,10 +105,11 @@ def test_a_model_that_cannot_spell_the_prompts_stops_at_its_preconditions(tmp_pa
     }))
     run = snakemake(tmp_path, "results/narrow/screen/refusal.scores.parquet", overrides=overrides)
     assert run.returncode != 0
-    line = next(x for x in run.stderr.splitlines() if x.startswith("neuronaudit: error: precondition"))
+    line = next(x for x in run.stderr.splitlines() if x.startswith("neuronaudit: error: screen not run: precondition"))
     assert "tokenizer_coverage [set:" in line and "% of the" in line and "'<unk>'" in line
-    assert not (tmp_path / "results/narrow/preconditions.json").exists()  # nothing half-written
-    assert not (tmp_path / "results/narrow/screen").exists()  # the stages that depend on it never ran
+    recorded = json.loads((tmp_path / "results/narrow/preconditions.json").read_text())
+    assert recorded["on_fail"] == "stop" and any(f["name"] == "tokenizer_coverage" for f in recorded["failed"])
+    assert not list((tmp_path / "results/narrow/screen").glob("*.parquet"))  # the stage that reads it never ran
 
 
 def test_resumed_run_did_not_redo_finished_steps(tiny_study):

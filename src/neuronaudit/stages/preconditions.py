@@ -2,8 +2,9 @@
 behaviour's rate at baseline on its positive and negative prompts with the oracle's readability,
 and the judge's accuracy on the fresh hand-labelled rollouts (checks in
 :mod:`neuronaudit.preconditions`). Writes ``results/<study>/preconditions.json``; with
-``preconditions.on_fail: stop`` a failure stops the workflow with one line before the stages that
-depend on it run (nothing is written), with ``mark`` the report marks every dependent figure."""
+``preconditions.on_fail: stop`` each stage that depends on a failed precondition stops with one
+line before it starts (:func:`neuronaudit.preconditions.require`; stages that do not depend on it
+run), with ``mark`` the report marks every dependent figure."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from neuronaudit.preconditions import (
     behaviour_rates,
     coverage,
     judge_accuracy,
-    stop_on_failure,
 )
 from neuronaudit.prompts import extras, uses_template
 from neuronaudit.stages.common import open_model, read_prompts
@@ -94,7 +94,6 @@ def run_preconditions(manifest: str | Path, prompt_tables: Mapping[str, str | Pa
             else "raw text (no chat template)")
     for c in checks:
         log.info("%s%s", "" if c.passed else "FAILED ", c.line())
-    stop_on_failure(checks, o.on_fail)
     result = {
         "provenance": provenance(stage="preconditions", model_id=opened.manifest.get("source"),
                                  weight_sha256=opened.manifest.get("weight_sha256"), n_prompts=o.n_prompts,
