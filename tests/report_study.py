@@ -293,6 +293,8 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
                 "n_neurons": N_NEURONS, "weight_sha256": "cd" * 32}
     _json(manifest, study / "tune" / "manifest.json")
     config = {"study": name, "model": {"source": f"synthetic/{name}"},
+              # one held-out neuron (both behaviours) with a measured ceiling: the check passes at 1
+              "preconditions": {"on_fail": "mark", "min_measured_ceilings": 1},
               "behaviours": {"refusal": {"positive": "harmful", "negative": "harmless"},
                              "operator": {"positive": "operator_mul", "negative": "operator_add"}}}
     _json(config, study / "report" / "config.json")

@@ -166,6 +166,19 @@ def cmd_headlines(args) -> None:
     print(headlines_markdown(Path(args.study_dir)))
 
 
+def cmd_publish(args) -> None:
+    from neuronaudit.publish import publish
+
+    out = publish(args.study_dir, args.out, push_to_hub=args.push_to_hub, private=not args.public)
+    print(f"audit bundle: {out}" + (f" (pushed to the dataset {args.push_to_hub})" if args.push_to_hub else ""))
+
+
+def cmd_gallery(args) -> None:
+    from neuronaudit.publish import build_gallery
+
+    log.info("wrote %s", build_gallery(args.bundles, args.out, title=args.title))
+
+
 def cmd_diff_study(args) -> None:
     from neuronaudit.study_diff import run
 
@@ -329,6 +342,22 @@ def _other_subcommands(sub, par) -> None:
                                          "summary: value with 95% CI, published number, source file)")
     p.add_argument("study_dir", help="results/<study> folder")
     p.set_defaults(func=cmd_headlines)
+
+    p = sub.add_parser("publish", help="write a study's audit bundle: report, tables, audit.json, audit card "
+                                       "(a Hugging Face dataset folder without local paths)")
+    p.add_argument("study_dir", help="results/<study> folder (its report built)")
+    p.add_argument("--out", required=True, help="bundle folder (replaced)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="also upload the bundle as a Hugging Face dataset repository (needs the network and a token)")
+    p.add_argument("--public", action="store_true", help="create the hub repository public (default private)")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("gallery", help="one static page over many audit bundles: a row per model, headline "
+                                       "figures side by side with CIs and precondition marks")
+    p.add_argument("bundles", nargs="+", metavar="DIR", help="audit bundles (or results/<study> folders)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="neuronaudit gallery")
+    p.set_defaults(func=cmd_gallery)
 
     p = sub.add_parser("diff-study", help="compare two results/<study> folders' Parquet and JSON files")
     p.add_argument("a", help="results/<study> folder")

@@ -349,6 +349,8 @@ class ReportOptions(StageOptions):
 
     section: ClassVar[str] = "report"
     title: str | None
+    on_fail: str = key("preconditions.on_fail")
+    min_measured_ceilings: int = key("preconditions.min_measured_ceilings")
 
 
 #: Every stage's options, by the rule that runs it.

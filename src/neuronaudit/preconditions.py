@@ -109,6 +109,14 @@ def failed(preconditions: Iterable[Precondition | Mapping]) -> list[dict]:
     return out
 
 
+def measured_ceilings(n_measured: int, n_heldout: int, threshold: int) -> Precondition:
+    """Held-out neurons whose collapse ceiling the dose grid measured (not censored at its edge):
+    a ceiling error computed on fewer is not meaningful."""
+    return Precondition("measured_ceilings", "ceilings", float(n_measured), float(threshold), "min", n_heldout,
+                        f"{n_measured} of {n_heldout} held-out neurons have a collapse ceiling inside the dose "
+                        "grid (the rest are censored at its edge)")
+
+
 def require(preconditions_json, scopes: Iterable[str], stage: str) -> None:
     """Before a stage starts: with ``on_fail: stop`` recorded in ``preconditions.json``, a failed
     precondition whose scope the stage depends on (``scopes``) stops it with one line. Failures of
@@ -146,7 +154,8 @@ def scopes_of(headline_key: str, config: Mapping) -> set[str]:
     if stage == "keystone":
         return {f"set:{g}" for g in (config.get("keystone") or {}).get("groups", [])}
     if stage in ("window", "attribution"):
-        return set().union(*(behaviour(b) for b in behaviours), {"judge", "window"}) if behaviours else {"window"}
+        scopes = set().union(*(behaviour(b) for b in behaviours), {"judge", "window"}) if behaviours else {"window"}
+        return scopes | ({"ceilings"} if stage == "window" and "ceiling" in rest else set())
     if stage == "sufficient":
         task = rest.split(".")[0]
         spec = ((config.get("sufficient") or {}).get("tasks") or {}).get(task) or {}

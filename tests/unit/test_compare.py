@@ -141,7 +141,7 @@ def test_cli_headlines_prints_the_reports_summary_as_markdown(studies, capsys, t
     assert table[0] == "| figure | this study | published | read from |"
     window = json.loads((study / "window" / "summary.json").read_text())
     mae = next(line for line in table if line.startswith("| ceiling MAE on held-out neurons"))
-    _, headlines = compare.stage_sections(study, study)
+    _, headlines = compare.study_headlines(study, study)
     published = next(h.published for h in headlines if h.label.startswith("ceiling MAE on held-out neurons"))
     assert f"{window['predictor_alignment']['mae_alignment']:.3f}" in mae and "0.14" in published
     assert f"| {published} |" in mae  # the published figure with its source, as the page shows it

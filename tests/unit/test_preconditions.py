@@ -97,3 +97,24 @@ def test_a_failed_precondition_marks_exactly_the_figures_that_depend_on_it(tmp_p
     assert marked[0].text.startswith("not meaningful") and "behaviour_on_positive [behaviour:format]" in marked[0].text
     assert marked[0].value is None and marked[0].ci is None and marked[0].published == ""
     assert marked[1] == heads[1]
+
+
+def test_too_few_measured_ceilings_mark_the_ceiling_figures_or_stop_the_report(tmp_path):
+    from report_study import write_study
+
+    from neuronaudit.report.sections import study_headlines
+    from neuronaudit.stages.report import stop_on_derived_failures
+
+    info = write_study(tmp_path)
+    study = info["study"]
+    config = dict(info["config"], preconditions={"on_fail": "mark", "min_measured_ceilings": 5})
+    _, heads = study_headlines(study, study, config)
+    by_key = {h.key: h for h in heads}
+    assert by_key["window.ceiling_mae_alignment"].text.startswith("not meaningful")
+    assert "measured_ceilings [ceilings]" in by_key["window.ceiling_mae_alignment"].text
+    assert by_key["window.ceiling_mae_alignment"].published == ""
+    assert not by_key["window.verdict_accuracy"].text.startswith("not meaningful")  # no ceiling in it
+    with pytest.raises(NeuronAuditError, match=r"^report not built: precondition measured_ceilings \[ceilings\]: "
+                                               r"1 \(needs ≥ 5\): 1 of 1 held-out neurons"):
+        stop_on_derived_failures(study, config)
+    stop_on_derived_failures(study, dict(config, preconditions={"min_measured_ceilings": 1}))  # passes

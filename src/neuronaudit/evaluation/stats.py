@@ -177,7 +177,8 @@ def paired_ratio_ci(numerator: Sequence[float], denominator: Sequence[float], n_
     _check_resamples(n_boot)
     ratio = np.asarray(numerator, float) / np.asarray(denominator, float)
     lo, hi = bootstrap_ci(ratio, np.mean, n_boot, seed, level)
-    return {"mean": float(ratio.mean()), "ci_low": lo, "ci_high": hi, "n_boot": n_boot, "seed": seed}
+    return {"mean": float(ratio.mean()), "ci_low": lo, "ci_high": hi, "n": int(ratio.size), "n_boot": n_boot,
+            "seed": seed}
 
 
 def cluster_bootstrap_mean(values: Sequence[float], clusters: Sequence, n_boot: int = MIN_RESAMPLES,

@@ -30,7 +30,7 @@ from neuronaudit.report.page import (
     activation_section,
     render_report,
 )
-from neuronaudit.report.sections import STAGE_TITLES, stage_sections
+from neuronaudit.report.sections import STAGE_TITLES, study_headlines
 
 __all__ = ["StudyView", "read_study", "build_comparison", "headlines_markdown"]
 
@@ -65,7 +65,7 @@ def read_study(name: str, study_dir: str | os.PathLike, report_dir: str | os.Pat
     study_dir, report_dir = Path(study_dir), Path(report_dir)
     if not study_dir.is_dir():
         raise NeuronAuditError(f"study folder not found: {study_dir}")
-    sections, headlines = stage_sections(study_dir, report_dir)
+    sections, headlines = study_headlines(study_dir, report_dir)
     stats = {p.name[: -len(".stats.parquet")]: p for p in sorted((study_dir / "collect").glob("*.stats.parquet"))}
     if stats:
         sections.append(activation_section(stats, report_dir))
@@ -142,7 +142,7 @@ def headlines_markdown(study_dir: str | os.PathLike) -> str:
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise NeuronAuditError(f"study folder {str(study_dir)!r} not found")
-    _, headlines = stage_sections(study_dir, study_dir)
+    _, headlines = study_headlines(study_dir, study_dir)
     if not headlines:
         raise NeuronAuditError(f"study folder {str(study_dir)!r} has no stage summaries to report")
     rows = ["| figure | this study | published | read from |", "|---|---|---|---|"]

@@ -188,7 +188,9 @@ class Headline:
     unrounded, written as ``data-value``, ``data-ci-low`` and ``data-ci-high`` attributes of the
     cell so that a reader (or a test) can check them against the JSON summaries; ``published``
     is the published number this one reproduces (empty when there is none); ``table_link`` the
-    table(s) it is read from, relative to the report.
+    table(s) it is read from, relative to the report; ``n`` and ``unit`` what the figure was
+    measured on (``n = 62 prompts``) and ``test`` how its CI or p-value was obtained, where the
+    section states them (None: not stated).
     """
 
     key: str
@@ -198,6 +200,9 @@ class Headline:
     ci: tuple[float | None, float | None] | None = None
     published: str = ""
     table_link: Links = None
+    n: int | None = None
+    unit: str | None = None
+    test: str | None = None
     links: tuple[tuple[str, str], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

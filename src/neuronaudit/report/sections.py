@@ -120,7 +120,8 @@ def _num(value, lo=None, hi=None, digits: int = 3) -> str:
 
 
 def _rate_headline(key: str, label: str, rate: dict, published: str, link: str) -> Headline:
-    return Headline(key, label, _pct(rate), rate["rate"], (rate["ci_low"], rate["ci_high"]), published, link)
+    return Headline(key, label, _pct(rate), rate["rate"], (rate["ci_low"], rate["ci_high"]), published, link,
+                    n=rate.get("n"), unit="prompts", test="Wilson score interval")
 
 
 def _figure(name: str, title: str, fig, table_link) -> Figure:
@@ -168,7 +169,8 @@ def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, 
                        ev["tuned"]["over_refusal_harmless"], "", ev_link),
         Headline("refusal.perplexity_ratio", "general-text perplexity, tuned / base",
                  _num(ratio["mean"], ratio["ci_low"], ratio["ci_high"]), ratio["mean"],
-                 _ci(ratio["ci_low"], ratio["ci_high"]), "", ev_link),
+                 _ci(ratio["ci_low"], ratio["ci_high"]), "", ev_link, n=ratio.get("n"), unit="texts",
+                 test=ratio.get("ci") or "paired percentile bootstrap over texts"),
     ]
     return Section("refusal", STAGE_TITLES["refusal"], intro, items), heads
 
@@ -536,14 +538,17 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
              + RECONSTRUCTION[0].upper() + RECONSTRUCTION[1:] + ".")
     ci = a.get("mae_alignment_ci95") or [None, None]
     heads = [
-        Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link),
+        Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link, n=n,
+                 unit="neurons"),
         Headline("window.ceiling_mae_alignment",
                  "ceiling MAE on held-out neurons (alignment cosθ, predictor a; reconstruction)",
-                 _window_mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link),
+                 _window_mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link,
+                 n=a.get("n_neurons"), unit="neurons", test="cluster bootstrap over neurons"),
         Headline("window.ceiling_mae_alignment_constant",
                  "ceiling MAE of the constant baseline (training mean ceiling), alignment cosθ",
                  _window_mae(const, "alignment") if const else "missing", const.get("mae_alignment"),
-                 _ci(*(const.get("mae_alignment_ci95") or [None, None])), None, link),
+                 _ci(*(const.get("mae_alignment_ci95") or [None, None])), None, link, n=const.get("n_neurons"),
+                 unit="neurons", test="cluster bootstrap over neurons"),
     ]
     if _finite(a.get("mae_alignment_bulk")):
         heads.append(Headline("window.ceiling_mae_alignment_bulk",
@@ -554,7 +559,8 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
         "window.verdict_accuracy", "open/closed verdicts on held-out neurons",
         verdict_text + (f"; accuracy {v['correct'] / n:.1%} "
                         f"(Wilson 95% CI {verdict_ci[0]:.1%}–{verdict_ci[1]:.1%})" if n else ""),
-        v["correct"] / n if n else None, _ci(*verdict_ci) if n else None, PUBLISHED["window_verdicts"], link))
+        v["correct"] / n if n else None, _ci(*verdict_ci) if n else None, PUBLISHED["window_verdicts"], link,
+        n=n, unit="neurons", test="Wilson score interval; exact McNemar test against the training majority"))
     if pivots:
         reach = sum(p["reach"] == "actionable" for p in pivots)
         heads.append(Headline("window.pivots_actionable",
@@ -610,7 +616,8 @@ def attribution_section(study_dir: Path, report_dir: Path) -> tuple[Section | No
                                   + f"; permutation p {_f(e.get('p_value'), '.3g')}, n = {e.get('n')} neurons, "
                                   f"{e.get('ci_method', 'percentile')} CI"
                                   + f"; precision@k {_f(e.get('precision_at_k'), '.2f')} (k = {e.get('k')})",
-                                  e["spearman_rho"], _ci(lo, hi), published, link))
+                                  e["spearman_rho"], _ci(lo, hi), published, link, n=e.get("n"), unit="neurons",
+                                  test=f"permutation test; {e.get('ci_method', 'percentile')} bootstrap CI"))
     return Section("attribution", STAGE_TITLES["attribution"], summary["statement"], items), heads
 
 
@@ -629,12 +636,40 @@ def _mean_ci(entry: dict | None, spec: str = ".2f") -> str:
 SUFFICIENT_PUBLISHED = "none stated (SCIENCE.md §5 gives no number; seed 000 reports comparisons, not values)"
 
 
+def derived_preconditions(study_dir: Path, config: dict) -> list[dict]:
+    """Preconditions read from the stages' own outputs once they ran: the number of held-out
+    neurons with a measured ceiling (``preconditions.min_measured_ceilings``)."""
+    from neuronaudit.preconditions import measured_ceilings
+
+    out = []
+    path = Path(study_dir) / "window" / "window.parquet"
+    if path.is_file():
+        window = pq.read_table(path, columns=["layer", "neuron", "split", "ceiling_x"]).to_pandas()
+        held = window[window["split"] == "heldout"]
+        measured = held[held["ceiling_x"].notna()]
+        threshold = (config.get("preconditions") or {}).get("min_measured_ceilings", 5)
+        out.append(measured_ceilings(len(measured.drop_duplicates(["layer", "neuron"])),
+                                     len(held.drop_duplicates(["layer", "neuron"])), threshold).as_dict())
+    return out
+
+
+def precondition_failures(study_dir: Path, config: dict) -> list[dict]:
+    """Every failed precondition of the study: those checked before the stages
+    (``preconditions.json``) and those read from their outputs (:func:`derived_preconditions`)."""
+    path = Path(study_dir) / "preconditions.json"
+    checked = (json.loads(path.read_text()).get("failed") or []) if path.is_file() else []
+    return checked + [p for p in derived_preconditions(study_dir, config) if not p["passed"]]
+
+
 def preconditions_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     """The table of every checked precondition, first on the page."""
     path = study_dir / "preconditions.json"
     if not path.is_file():
         return None, []
     doc = json.loads(path.read_text())
+    derived = derived_preconditions(study_dir, study_config(study_dir))
+    doc["preconditions"] = list(doc.get("preconditions", [])) + derived
+    doc["failed"] = list(doc.get("failed") or []) + [p for p in derived if not p["passed"]]
     table = pd.DataFrame([{"precondition": p["name"], "guards": p["scope"], "value": p["value"],
                            "threshold": ("≤ " if p["direction"] == "max" else "≥ ") + format(p["threshold"], "g")
                            if p.get("threshold") is not None else "", "n": p["n"],
@@ -655,10 +690,7 @@ def mark_headlines(headlines: list[Headline], study_dir: Path, config: dict) -> 
 
     from neuronaudit.preconditions import affected
 
-    path = study_dir / "preconditions.json"
-    if not path.is_file():
-        return headlines
-    failures = json.loads(path.read_text()).get("failed") or []
+    failures = precondition_failures(study_dir, config)
     out = []
     for h in headlines:
         hit = affected(h.key, failures, config)
@@ -668,6 +700,26 @@ def mark_headlines(headlines: list[Headline], study_dir: Path, config: dict) -> 
                         published="")
         out.append(h)
     return out
+
+
+def study_config(study_dir: Path) -> dict:
+    """The resolved config a study's report recorded (``report/config.json``), or {} if absent."""
+    path = Path(study_dir) / "report" / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def study_headlines(study_dir: str | Path, report_dir: str | Path,
+                    config: dict | None = None) -> tuple[list[Section], list[Headline]]:
+    """Every stage section of ``study_dir`` and its headline figures, each one whose precondition
+    failed marked not meaningful (:func:`mark_headlines`); ``config`` defaults to the one the
+    study's report recorded. The report, ``compare``, ``headlines`` and ``publish`` all read a
+    study through this one function, so a figure is marked the same everywhere."""
+    study_dir = Path(study_dir)
+    sections, headlines = stage_sections(study_dir, Path(report_dir))
+    return sections, mark_headlines(headlines, study_dir, study_config(study_dir) if config is None else config)
 
 
 def sufficient_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
@@ -696,7 +748,8 @@ def sufficient_section(study_dir: Path, report_dir: Path) -> tuple[Section | Non
             f"{_mean_ci(by_set['screen']['precision'])}",
             by_set["found"]["precision"].get("mean"),
             _ci(by_set["found"]["precision"].get("low"), by_set["found"]["precision"].get("high")),
-            SUFFICIENT_PUBLISHED, {"precision.parquet": prec_link, "summary.json": link}))
+            SUFFICIENT_PUBLISHED, {"precision.parquet": prec_link, "summary.json": link},
+            n=by_set["found"]["precision"].get("n"), unit="prompts", test="bootstrap over explained prompts"))
         c = t.get("control", {})
         if "found" in c:
             rand = c.get("random", {}).get("forcing_rate")
@@ -707,7 +760,8 @@ def sufficient_section(study_dir: Path, report_dir: Path) -> tuple[Section | Non
                 f"found set {_mean_ci(c['found']['collapse_rate'])}",
                 c["found"]["forcing_rate"].get("mean"),
                 _ci(c["found"]["forcing_rate"].get("low"), c["found"]["forcing_rate"].get("high")),
-                SUFFICIENT_PUBLISHED, {"control.parquet": ctrl_link, "summary.json": link}))
+                SUFFICIENT_PUBLISHED, {"control.parquet": ctrl_link, "summary.json": link},
+                n=c["found"]["forcing_rate"].get("n"), unit="prompts", test="bootstrap over prompts"))
         st = t.get("stability", {})
         heads.append(Headline(
             f"sufficient.{task}.stability", f"sufficient sets, {task}: Jaccard of the found sets",

@@ -10,8 +10,20 @@ from pathlib import Path
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import ReportOptions
+from neuronaudit.preconditions import Precondition
 from neuronaudit.report.page import build_report
-from neuronaudit.report.sections import mark_headlines, stage_sections
+from neuronaudit.report.sections import derived_preconditions, study_headlines
+
+
+def stop_on_derived_failures(study_dir: Path, config: dict) -> None:
+    """With ``preconditions.on_fail: stop``, a precondition read from the stages' outputs that
+    failed stops the report with one line (nothing is written)."""
+    bad = [p for p in derived_preconditions(study_dir, config) if not p["passed"]]
+    if bad:
+        first = Precondition(**{k: bad[0][k] for k in ("name", "scope", "value", "threshold", "direction", "n",
+                                                       "detail")})
+        raise NeuronAuditError("report not built: " + first.line() +
+                               "; set preconditions.on_fail: mark to finish with these figures marked")
 
 
 def run_report(
@@ -36,8 +48,9 @@ def run_report(
     benchmarks = sorted(Path(benchmark_dir).rglob("*.tsv")) if benchmark_dir else []
     sections, headlines = ([], [])
     if study_dir:
-        sections, headlines = stage_sections(Path(study_dir), Path(out_html).parent)
-        headlines = mark_headlines(headlines, Path(study_dir), config)
+        if options is not None and options.on_fail == "stop":
+            stop_on_derived_failures(Path(study_dir), config)
+        sections, headlines = study_headlines(study_dir, Path(out_html).parent, config)
     return build_report(study, {k: Path(v) for k, v in stats.items()}, read_manifest(manifest_path), config,
                         benchmarks, Path(out_html), stage_sections=sections, headlines=headlines,
                         figures_dir=figures_dir, study_dir=study_dir,
