@@ -25,11 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 study: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --configfile config/config.yaml
+	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config/config.yaml
 	@echo "report: $$(ls -t results/*/report/index.html | head -1)"
 
 quick: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --configfile config/config.yaml config/quick.yaml
+	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config/config.yaml config/quick.yaml
 	@echo "report: results/quick/report/index.html"
 
 # Debian's chromium for the report rendering test, installed when absent; best effort: this step

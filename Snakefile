@@ -32,6 +32,14 @@ include: "rules/sufficient.smk"
 include: "rules/report.smk"
 
 
+# cheap steps without the model run where the workflow runs, not as cluster jobs
+localrules:
+    all,
+    prepare_prompts,
+    screen,
+    report,
+
+
 rule all:
     default_target: True
     input:

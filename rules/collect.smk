@@ -19,6 +19,10 @@ rule collect_activations:
         cli=NEURONAUDIT,
         options=stage_options("collect_activations"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("collect_activations", "mem_mb"),
+        runtime=job_resource("collect_activations", "runtime"),
+        gpu=job_resource("collect_activations", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

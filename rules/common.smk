@@ -12,6 +12,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import precheck_config, validate_config
 from neuronaudit.errors import NeuronAuditError
@@ -176,6 +177,20 @@ def stage_outputs():
     if config["sufficient"]["tasks"]:
         out.append(stage_file("sufficient", "summary.json"))
     return out
+
+
+def job_resource(rule_name, what, manifest="manifest"):
+    """One resource of a rule's jobs (mem_mb, runtime in minutes, gpu, disk_mb) for a scheduler,
+    from the prepared model's manifest (the rule's input named ``manifest``) and model.device /
+    model.dtype, scaled by the attempt (neuronaudit.cluster). Snakemake evaluates it once the
+    manifest exists."""
+
+    def value(wildcards, input, attempt):
+        prepared = manifest_of(getattr(input, manifest)) if manifest else None
+        size = source_mb(MODEL.path) if rule_name == "prepare_model" and MODEL.kind != "hub" else 0.0
+        return job_resources(rule_name, prepared, config["model"], attempt, source_mb=size)[what]
+
+    return value
 
 
 def precondition_scopes(*headline_keys):

@@ -13,6 +13,10 @@ rule prepare_model:
         cli=NEURONAUDIT,
         source=model_source_arg(),
         revision=config["model"]["revision"] or "main",
+    resources:
+        mem_mb=job_resource("prepare_model", "mem_mb", manifest=None),
+        runtime=job_resource("prepare_model", "runtime", manifest=None),
+        gpu=job_resource("prepare_model", "gpu", manifest=None),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

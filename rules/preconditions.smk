@@ -20,6 +20,10 @@ rule preconditions:
         prompts=named_paths({s: prompt_table(s) for s in PROMPT_SETS}),
         options=stage_options("preconditions"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("preconditions", "mem_mb"),
+        runtime=job_resource("preconditions", "runtime"),
+        gpu=job_resource("preconditions", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

@@ -14,6 +14,10 @@ rule prepare_prompts:
     params:
         cli=NEURONAUDIT,
         options=stage_options("prepare_prompts"),
+    resources:
+        mem_mb=job_resource("prepare_prompts", "mem_mb", manifest=None),
+        runtime=job_resource("prepare_prompts", "runtime", manifest=None),
+        gpu=job_resource("prepare_prompts", "gpu", manifest=None),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

@@ -21,6 +21,11 @@ rule tune_refusal:
         cli=NEURONAUDIT,
         options=stage_options("tune_refusal"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("tune_refusal", "mem_mb", manifest="base"),
+        runtime=job_resource("tune_refusal", "runtime", manifest="base"),
+        gpu=job_resource("tune_refusal", "gpu", manifest="base"),
+        disk_mb=job_resource("tune_refusal", "disk_mb", manifest="base"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -47,6 +52,10 @@ rule evaluate_refusal:
         cli=NEURONAUDIT,
         options=stage_options("evaluate_refusal"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("evaluate_refusal", "mem_mb"),
+        runtime=job_resource("evaluate_refusal", "runtime"),
+        gpu=job_resource("evaluate_refusal", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -74,6 +83,10 @@ rule refusal_rollouts:
         interventions=json.dumps({"none": []}),
         options=stage_options("refusal_rollouts"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("refusal_rollouts", "mem_mb"),
+        runtime=job_resource("refusal_rollouts", "runtime"),
+        gpu=job_resource("refusal_rollouts", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

@@ -38,6 +38,10 @@ rule report:
         config=verbatim(config_json(config)),
         benchmarks=f"{RESULTS}/benchmarks",
         captions=rst_captions(),
+    resources:
+        mem_mb=job_resource("report", "mem_mb", manifest=None),
+        runtime=job_resource("report", "runtime", manifest=None),
+        gpu=job_resource("report", "gpu", manifest=None),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

@@ -22,6 +22,10 @@ rule screen:
         cli=NEURONAUDIT,
         options=stage_options("screen"),
         requires=precondition_scopes("screen.{behaviour}"),
+    resources:
+        mem_mb=job_resource("screen", "mem_mb", manifest=None),
+        runtime=job_resource("screen", "runtime", manifest=None),
+        gpu=job_resource("screen", "gpu", manifest=None),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -56,6 +60,10 @@ rule cna:
         options=stage_options("cna"),
         requires=precondition_scopes("cna"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("cna", "mem_mb"),
+        runtime=job_resource("cna", "runtime"),
+        gpu=job_resource("cna", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -92,6 +100,10 @@ rule keystone:
         last_token=named_paths({g: last_token_table(g) for g in config["keystone"]["groups"]}),
         prompts=named_paths({g: prompt_table(g) for g in config["keystone"]["groups"]}),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("keystone", "mem_mb"),
+        runtime=job_resource("keystone", "runtime"),
+        gpu=job_resource("keystone", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

@@ -26,6 +26,10 @@ rule sufficient:
         options=stage_options("sufficient"),
         requires=precondition_scopes(*[f"sufficient.{task}" for task in config["sufficient"]["tasks"]]),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("sufficient", "mem_mb"),
+        runtime=job_resource("sufficient", "runtime"),
+        gpu=job_resource("sufficient", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

@@ -32,6 +32,10 @@ rule window:
         options=stage_options("window"),
         requires=precondition_scopes("window"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("window", "mem_mb"),
+        runtime=job_resource("window", "runtime"),
+        gpu=job_resource("window", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:
@@ -64,6 +68,10 @@ rule attribution:
         behaviours=verbatim(json.dumps(config["behaviours"])),
         options=stage_options("attribution"),
     threads: config["threads"]
+    resources:
+        mem_mb=job_resource("attribution", "mem_mb"),
+        runtime=job_resource("attribution", "runtime"),
+        gpu=job_resource("attribution", "gpu"),
     conda:
         "../workflow/envs/neuronaudit.yaml"
     log:

@@ -38,7 +38,7 @@ from neuronaudit.errors import NeuronAuditError
 
 #: JSON keys whose values differ between runs of the same study and are not compared (nor is
 #: anything under them): run provenance, the git commit and package versions of the code that
-#: ran, and wall-clock timings.
+#: ran, and wall-clock timings (also any key ending in ``_seconds``).
 IGNORED_KEYS = frozenset(
     {"provenance", "git_commit", "generation_seconds", "seconds", "wall_seconds", "package_versions"}
 )
@@ -319,7 +319,7 @@ def _walk(x, y, where: str, name: str, rtol, atol, ignored: frozenset, out: list
     label = where or "(root)"
     if isinstance(x, dict) and isinstance(y, dict):
         for key in sorted(set(x) | set(y), key=str):
-            if key in ignored:
+            if key in ignored or str(key).endswith("_seconds"):
                 continue
             sub = f"{where}.{key}" if where else str(key)
             if key not in y:

@@ -122,6 +122,7 @@ def architecture_shape(path: str | Path) -> dict:
         "d_model": adapter.d_model,
         "n_neurons": adapter.n_neurons,
         "hook_site": adapter.hook_site,
+        "n_params": sum(p.numel() for p in model.parameters()),
     }
 
 
