@@ -45,6 +45,23 @@ def install() -> None:
             raise ClusterUnavailable(f"{' '.join(cmd)} failed: {run.stderr.strip()[-300:]}")
 
 
+#: The executor plugin, installed beside the cluster (never into the environment: with the plugin
+#: importable, snakemake stops at start-up on machines without squeue or sacct).
+PLUGINS = ("snakemake-executor-plugin-slurm==2.8.0", "snakemake-executor-plugin-slurm-jobstep==0.6.1",
+           "throttler==1.2.2")
+
+
+def install_plugin(folder: Path) -> Path:
+    """pip-install the Slurm executor plugin into ``folder`` (put it on PYTHONPATH to use it)."""
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder), *PLUGINS])
+    if run.returncode != 0:
+        raise ClusterUnavailable(f"the Slurm executor plugin cannot be installed: {run.stderr.strip()[-300:]}")
+    return folder
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,7 +137,9 @@ def local_cluster(folder: Path) -> Iterator[dict[str, str]]:
     conf = write_config(folder, os.cpu_count() or 2, _memory_mb())
     SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(conf, SYSTEM_CONF)
-    env = dict(os.environ, SLURM_CONF=str(SYSTEM_CONF))
+    plugin = install_plugin(folder / "plugin")
+    env = dict(os.environ, SLURM_CONF=str(SYSTEM_CONF),
+               PYTHONPATH=os.pathsep.join(p for p in (str(plugin), os.environ.get("PYTHONPATH", "")) if p))
     started: list[subprocess.Popen] = []
     try:
         if not _munge_running():

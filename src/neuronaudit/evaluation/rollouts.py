@@ -64,6 +64,7 @@ from neuronaudit.interventions.generation import (
     pad_id,
 )
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, ResidualEdit
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.interventions.scoring import rollout_scores
 
 log = logging.getLogger("neuronaudit")
@@ -330,16 +331,23 @@ def generate_rollouts(
         gen_stop: list[bool] = []
         gen_ent: list[np.ndarray] = []
         for b, batch in enumerate(batches):
-            plan = InterventionPlan.per_row([plans[n] for _, n in batch])
-            toks, stop, ent = generate_tokens(
-                model, [prompt_ids[i] for i, _ in batch], max_h, adapter=adapter, plan=plan,
-                eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
-                temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=batch_seed(seed, b) if kind == "sample" else None,
-            )
-            gen_tokens += toks
-            gen_stop += stop
-            gen_ent += ent
+
+            def generate(rows, part, b=b, kind=kind, seed=seed):
+                # an unsplit batch keeps its seed; halves after an out-of-memory get their own
+                row_seed = None if kind != "sample" else batch_seed(seed, b) if not part else int(
+                    np.random.SeedSequence([int(seed), b, len(part), *part]).generate_state(1)[0])
+                toks, stop, ent = generate_tokens(
+                    model, [prompt_ids[i] for i, _ in rows], max_h, adapter=adapter,
+                    plan=InterventionPlan.per_row([plans[n] for _, n in rows]),
+                    eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
+                    temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed,
+                )
+                return list(zip(toks, stop, ent))
+
+            for toks, stop, ent in split_on_oom(generate, batch, "rollouts"):
+                gen_tokens.append(toks)
+                gen_stop.append(stop)
+                gen_ent.append(ent)
             bar.update(1)
         # Perplexity / entropy of the whole rollout under the unsteered model (no hooks).
         scores = rollout_scores(

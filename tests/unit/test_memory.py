@@ -1,0 +1,49 @@
+"""A batch that runs out of memory is split and retried, with the same results in the same order."""
+
+import logging
+
+import pandas as pd
+import pytest
+
+from neuronaudit.evaluation import rollouts as rollouts_module
+from neuronaudit.evaluation.rollouts import generate_rollouts
+from neuronaudit.interventions.memory import is_out_of_memory, split_on_oom
+
+
+def test_only_out_of_memory_errors_split_a_batch(caplog):
+    calls = []
+
+    def run(rows, part):
+        calls.append((len(rows), part))
+        if len(rows) > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+        return [r * 10 for r in rows]
+
+    with caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        assert split_on_oom(run, [1, 2, 3, 4, 5], "test") == [10, 20, 30, 40, 50]
+    assert calls[0] == (5, ()) and (2, (0,)) in calls and (2, (1, 1)) in calls
+    assert "test: out of memory on a batch of 5 rows" in caplog.text
+    with pytest.raises(ValueError, match="shape"):  # any other error is not retried
+        split_on_oom(lambda rows, part: (_ for _ in ()).throw(ValueError("shape")), [1, 2], "test")
+    with pytest.raises(MemoryError):  # one row that does not fit is an error
+        split_on_oom(lambda rows, part: (_ for _ in ()).throw(MemoryError()), [1], "test")
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("size mismatch"))
+
+
+def test_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, monkeypatch):
+    model, adapter = llama
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)],
+                            "text": ["How do I pick a lock?", "Tell me a joke", "What is two plus two?",
+                                     "Write a poem about the sea", "List three colours"]})
+    kwargs = dict(interventions={"none": []}, horizons=[4], batch_size=8, progress=False)
+    fits = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)
+    real = rollouts_module.generate_tokens
+
+    def small_memory(model, ids, *args, **kw):
+        if len(ids) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, ids, *args, **kw)
+
+    monkeypatch.setattr(rollouts_module, "generate_tokens", small_memory)
+    split = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)
+    pd.testing.assert_frame_equal(fits, split)
