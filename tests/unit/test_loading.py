@@ -77,3 +77,31 @@ def test_two_model_folders_with_the_same_name_get_different_prepared_copies(tmp_
     embedded = ModelSource(spec="embedded:SmolLM2-135M-Instruct", kind="gguf",
                            path="/x/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert embedded.slug == "gguf-SmolLM2-135M-Instruct.Q4_1"  # unchanged: the default study's cache stays put
+
+
+def test_gguf_header_keys_are_read_without_decoding_the_vocabulary(tmp_path):
+    import shutil
+
+    from neuronaudit.errors import NeuronAuditError
+    from neuronaudit.models.sources import gguf_metadata, read_model_config, resolve_source
+
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(3)
+    writer.add_token_list([f"tok{i}" for i in range(5000)])  # an array before the key read last
+    writer.add_feed_forward_length(48)
+    writer.add_tensor("w", __import__("numpy").zeros((2, 2), dtype="float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_model_config(resolve_source(str(path))) == {"model_type": "llama", "n_layers": 3, "n_neurons": 48}
+    everything = gguf_metadata(path, lambda found: {"no.such.key"})
+    assert everything["general.architecture"] == "llama" and "tokenizer.ggml.tokens" not in everything
+    cut = tmp_path / "cut.gguf"
+    shutil.copyfile(path, cut)
+    with open(cut, "r+b") as fh:
+        fh.truncate(200)
+    with pytest.raises(NeuronAuditError, match="GGUF header ends early"):
+        gguf_metadata(cut, lambda found: {"no.such.key"})

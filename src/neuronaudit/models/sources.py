@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,9 +132,66 @@ def _mlp_width(cfg: dict) -> int | None:
     return None
 
 
-def _gguf_int(reader, key: str) -> int | None:
-    field = reader.fields.get(key)
-    return int(field.parts[field.data[0]][0]) if field is not None else None
+#: GGUF metadata value types: struct format of the scalars (8 = string, 9 = array).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: str | Path, wanted: Callable[[dict], set[str]]) -> dict:
+    """Scalar and string metadata of a GGUF file, read from its header in order until every key
+    ``wanted(found so far)`` names is found (arrays, such as the tokenizer's vocabulary, are
+    skipped without being decoded): milliseconds, where a full reader parses every tensor entry.
+    A file that ends inside its header is a one-line error."""
+    import mmap
+    import struct
+
+    out: dict = {}
+    if Path(path).stat().st_size < 24:
+        raise NeuronAuditError(f"model.source {str(path)!r}: GGUF header ends early (truncated file?)")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+
+        def take(fmt: str, at: int):
+            size = struct.calcsize("<" + fmt)
+            if at + size > len(data):
+                raise NeuronAuditError(f"model.source {str(path)!r}: GGUF header ends early (truncated file?)")
+            return struct.unpack_from("<" + fmt, data, at)[0], at + size
+
+        def string(at: int) -> tuple[str, int]:
+            n, at = take("Q", at)
+            if at + n > len(data):
+                raise NeuronAuditError(f"model.source {str(path)!r}: GGUF header ends early (truncated file?)")
+            return data[at: at + n].decode("utf-8", "replace"), at + n
+
+        def skip(kind: int, at: int) -> int:
+            if kind == 8:
+                return string(at)[1]
+            if kind == 9:
+                inner, at = take("I", at)
+                count, at = take("Q", at)
+                if inner in _GGUF_SCALARS:
+                    return at + count * struct.calcsize("<" + _GGUF_SCALARS[inner])
+                for _ in range(count):
+                    at = skip(inner, at)
+                return at
+            if kind not in _GGUF_SCALARS:
+                raise NeuronAuditError(f"model.source {str(path)!r}: unknown GGUF value type {kind}")
+            return at + struct.calcsize("<" + _GGUF_SCALARS[kind])
+
+        if data[:4] != b"GGUF":
+            raise NeuronAuditError(f"model.source {str(path)!r} is not a GGUF file")
+        at = 8 + 8  # magic, version, tensor count
+        n_kv, at = take("Q", at)
+        for _ in range(n_kv):
+            if wanted(out) <= set(out):
+                break
+            key, at = string(at)
+            kind, at = take("I", at)
+            if kind in _GGUF_SCALARS:
+                out[key], at = take(_GGUF_SCALARS[kind], at)
+            elif kind == 8:
+                out[key], at = string(at)
+            else:
+                at = skip(kind, at)
+    return out
 
 
 def read_model_config(source: ModelSource) -> dict:
@@ -146,12 +204,14 @@ def read_model_config(source: ModelSource) -> dict:
         n_neurons = _mlp_width(cfg) or _mlp_width(text)
         return {"model_type": cfg.get("model_type"), "n_layers": n_layers, "n_neurons": n_neurons}
     if source.kind == "gguf":
-        from gguf import GGUFReader
+        def keys(found: dict) -> set[str]:
+            arch = found.get("general.architecture")
+            return {"general.architecture", f"{arch}.block_count", f"{arch}.feed_forward_length"} if arch \
+                else {"general.architecture"}
 
-        reader = GGUFReader(source.path)
-        arch_field = reader.fields["general.architecture"]
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        return {"model_type": arch, "n_layers": _gguf_int(reader, f"{arch}.block_count"),
-                "n_neurons": _gguf_int(reader, f"{arch}.feed_forward_length")}
+        meta = gguf_metadata(source.path, keys)
+        arch = meta.get("general.architecture")
+        return {"model_type": arch, "n_layers": meta.get(f"{arch}.block_count"),
+                "n_neurons": meta.get(f"{arch}.feed_forward_length")}
     return {"model_type": None, "n_layers": None, "n_neurons": None}
 
