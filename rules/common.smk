@@ -48,7 +48,10 @@ except NeuronAuditError as err:
 
 STUDY = study_name(config)
 RESULTS = f"results/{STUDY}"
-NEURONAUDIT = f'"{sys.executable}" -m neuronaudit'
+# Jobs run the package with the interpreter that runs snakemake (a checkout's .venv on a shared
+# filesystem); with --sdm conda, with the python of each rule's environment (workflow/envs/).
+USES_CONDA = "CONDA" in {m.name for m in workflow.deployment_settings.deployment_method}
+NEURONAUDIT = "python -m neuronaudit" if USES_CONDA else f'"{sys.executable}" -m neuronaudit'
 PROMPT_SETS = list(config["prompts"]["sets"])
 
 
