@@ -14,6 +14,7 @@ from snakemake.utils import validate
 
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
+from neuronaudit.config import model_source
 from neuronaudit.config import precheck_config, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
@@ -41,7 +42,9 @@ except WorkflowError:
         _fail(err)
     raise
 try:
-    MODEL = preflight(config, ROOT)
+    # the checks that open files run once per run, in the main process; a job of the run (a
+    # cluster job, --mode remote) only resolves the model source
+    MODEL = preflight(config, ROOT) if workflow.is_main_process else model_source(config, ROOT)
     COLLECT_SETS = collected_sets(config)
 except NeuronAuditError as err:
     _fail(err)

@@ -312,16 +312,22 @@ def check_model_size(config: dict, arch: dict) -> None:
             )
 
 
+def model_source(config: dict, root: Path):
+    """``model.source`` resolved (relative paths against ``root``), without the preflight's checks:
+    what a job of a run needs once the run has checked its inputs."""
+    source = config["model"]["source"]
+    if not source.startswith("embedded:") and not Path(source).is_absolute() and (root / source).exists():
+        source = str(root / source)
+    return resolve_source(source)
+
+
 def preflight(config: dict, root: Path):
     """Check inputs before any job runs: model source, prompt files, layer indices, neuron counts,
     device, settings that depend on each other.
 
     Returns the resolved :class:`~neuronaudit.models.sources.ModelSource`.
     """
-    source = config["model"]["source"]
-    if not source.startswith("embedded:") and not Path(source).is_absolute() and (root / source).exists():
-        source = str(root / source)
-    resolved = resolve_source(source)
+    resolved = model_source(config, root)
     collected_sets(config)
     check_references(config)
     check_settings(config)
