@@ -14,7 +14,7 @@ from snakemake.utils import validate
 
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
-from neuronaudit.config import model_source
+from neuronaudit.config import collect_shard_count, model_source
 from neuronaudit.config import precheck_config, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
@@ -60,6 +60,7 @@ PROMPT_SETS = list(config["prompts"]["sets"])
 
 wildcard_constraints:
     prompt_set="|".join(PROMPT_SETS),
+    shard=r"\d+",
     behaviour="|".join(config["behaviours"]) or "NONE",
 
 
@@ -87,6 +88,21 @@ def stats_table(prompt_set="{prompt_set}"):
 
 def last_token_table(prompt_set="{prompt_set}"):
     return f"{RESULTS}/collect/{prompt_set}.last_token.parquet"
+
+
+def shard_table(what, prompt_set="{prompt_set}", shard="{shard}"):
+    """One collection shard's table (collect.shard_size > 0), removed once merged."""
+    return f"{RESULTS}/collect/shards/{prompt_set}.{shard}.{what}.parquet"
+
+
+def collect_shards(what):
+    """The shard tables of a prompt set, in shard order (their count read from the prompt file)."""
+
+    def paths(wildcards):
+        n = collect_shard_count(config, wildcards.prompt_set, ROOT)
+        return [shard_table(what, wildcards.prompt_set, k) for k in range(n)]
+
+    return paths
 
 
 def preconditions_json():

@@ -64,7 +64,13 @@ def cmd_prepare_prompts(args) -> None:
 
 def cmd_collect(args) -> None:
     _stage("collect").run_collect(args.manifest, args.prompts, args.out_stats, args.out_last_token,
-                                  _options(args, opts.CollectOptions), threads=args.threads)
+                                  _options(args, opts.CollectOptions), threads=args.threads, shard=args.shard)
+
+
+def cmd_merge_collect(args) -> None:
+    if len(args.stats) != len(args.last_token):
+        raise NeuronAuditError(f"--stats has {len(args.stats)} shards, --last-token {len(args.last_token)}")
+    _stage("collect").run_merge_collect(args.stats, args.last_token, args.out_stats, args.out_last_token)
 
 
 def cmd_tune_refusal(args) -> None:
@@ -241,6 +247,8 @@ _LIST_INPUTS = {
     "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
     "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
     "preconditions": [("--prompts", dict(nargs="+", required=True, metavar="SET=TABLE"))],
+    "collect": [("--shard", dict(type=int, default=None, help="collect only this shard of collect.shard_size "
+                                                             "prompts (joined by merge-collect)"))],
     "sufficient": [("--tables", dict(nargs="+", required=True, metavar="TASK:ROLE=PATH",
                                      help="each task's prompt tables: TASK:set, or TASK:positive and TASK:negative"))],
 }
@@ -289,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _other_subcommands(sub, par) -> None:
+    p = sub.add_parser("merge-collect", help="join a prompt set's collection shards (collect --shard)")
+    p.add_argument("--stats", nargs="+", required=True, help="the shards' statistics tables, in shard order")
+    p.add_argument("--last-token", nargs="+", required=True, help="the shards' last-token tables, in shard order")
+    _outputs(p, "stats", "last-token")
+    p.set_defaults(func=cmd_merge_collect)
+
     p = sub.add_parser("prepare-model", help="resolve a model source and write a cached loadable copy")
     p.add_argument("--source", required=True, help="embedded:<name>, a .gguf file, a model directory or a hub id")
     p.add_argument("--out-dir", required=True)

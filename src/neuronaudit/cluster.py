@@ -43,6 +43,7 @@ RULE_COSTS: dict[str, RuleCost] = {
     "evaluate_refusal": RuleCost(None, 2500, 20, 15),
     "refusal_rollouts": RuleCost(None, 2500, 15, 15),
     "collect_activations": RuleCost(None, 2500, 5, 10),
+    "merge_activations": RuleCost(None, 2000, 0, 10, model=False),
     "preconditions": RuleCost(None, 2500, 5, 10),
     "screen": RuleCost(None, 2000, 0, 10, model=False),
     "cna": RuleCost(None, 2500, 30, 20),

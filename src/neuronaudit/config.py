@@ -312,6 +312,21 @@ def check_model_size(config: dict, arch: dict) -> None:
             )
 
 
+def collect_shard_count(config: dict, prompt_set: str, root: Path) -> int:
+    """Collection shards of a prompt set: its collected split (as prepare_prompts splits and
+    limits it) in shards of ``collect.shard_size`` prompts; a hub prompt set cannot be sharded."""
+    from neuronaudit.prompts import load_prompt_set
+    from neuronaudit.shards import n_shards
+
+    source = config["prompts"]["sets"][prompt_set]
+    if str(source).startswith("hf:"):
+        raise NeuronAuditError(f"collect.shard_size needs local prompt files; prompt set {prompt_set!r} is {source!r}")
+    p = config["prompts"]
+    df = load_prompt_set(prompt_set, resolve_path(source, root), p["heldout_fraction"], p["split_seed"], p["limit"])
+    split = config["collect"]["split"]
+    return n_shards(len(df) if split == "all" else int((df["split"] == split).sum()), config["collect"]["shard_size"])
+
+
 def model_source(config: dict, root: Path):
     """``model.source`` resolved (relative paths against ``root``), without the preflight's checks:
     what a job of a run needs once the run has checked its inputs."""

@@ -171,6 +171,7 @@ class CollectOptions(StageOptions):
     positions: str
     batch_size: int
     max_length: int
+    shard_size: int
     seed: int = key("seed")
 
 

@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "neuronaudit"
 
 #: Layer of each room, bottom first; a module may import its own layer and the ones below.
 LAYERS = {
-    "errors": 0, "cluster": 1, "io": 1, "resources": 1, "config_files": 1, "prompts": 2, "options": 2, "models": 3,
+    "errors": 0, "cluster": 1, "io": 1, "resources": 1, "config_files": 1, "prompts": 2, "options": 2, "shards": 2,
+    "models": 3,
     "interventions": 4,
     "evaluation": 5, "preconditions": 5, "config": 6, "methods": 6, "report": 7, "stages": 8, "cli": 9, "study_diff": 9,
     "bench": 9, "testing": 9, "planted": 9, "planted_reasoning": 9, "publish": 9, "__init__": 0, "__main__": 9,

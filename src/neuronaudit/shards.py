@@ -1,0 +1,75 @@
+"""Collection split into shards of prompts, and the shards joined into the tables one job writes.
+
+``collect.shard_size: n`` makes collection one job per ``n`` prompts of a set (shard ``k`` takes
+rows ``k·n … (k+1)·n − 1`` of the set's collected split, in table order); :func:`merge_stats`
+and :func:`merge_last_token` join the shards' tables. Statistics combine exactly in exact
+arithmetic (counts add; means, mean |a| and the positive fraction are count-weighted; the
+unbiased variance is rebuilt from each shard's sum of squares; max |a| is the largest), so the
+joined table equals the unsharded one within float tolerance; last-token rows keep the prompt
+order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.io import NEURON_STATS_SCHEMA
+
+
+def n_shards(n_prompts: int, shard_size: int) -> int:
+    """Shards of ``shard_size`` prompts for ``n_prompts`` (at least one)."""
+    if shard_size < 1:
+        raise NeuronAuditError(f"collect.shard_size {shard_size!r} must be at least 1 to shard")
+    return max(1, math.ceil(n_prompts / shard_size))
+
+
+def shard_rows(n_prompts: int, shard_size: int, shard: int) -> range:
+    """Row positions of one shard."""
+    count = n_shards(n_prompts, shard_size)
+    if not 0 <= shard < count:
+        raise NeuronAuditError(f"shard {shard} out of range: {n_prompts} prompts make {count} shards of {shard_size}")
+    return range(shard * shard_size, min(n_prompts, (shard + 1) * shard_size))
+
+
+def merge_stats(tables: Sequence[pa.Table]) -> pa.Table:
+    """Join per-shard neuron statistics (:data:`~neuronaudit.io.NEURON_STATS_SCHEMA`)."""
+    if not tables:
+        raise NeuronAuditError("no shard tables to merge")
+    frames = [t.select(NEURON_STATS_SCHEMA.names).to_pandas().sort_values(["layer", "neuron"]).reset_index(drop=True)
+              for t in tables]
+    keys = frames[0][["layer", "neuron"]]
+    for f in frames[1:]:
+        if not f[["layer", "neuron"]].equals(keys):
+            raise NeuronAuditError("shard tables cover different (layer, neuron) rows")
+    n = np.stack([f["count"].to_numpy(np.float64) for f in frames])
+    mean = np.stack([f["mean"].to_numpy() for f in frames])
+    std = np.stack([f["std"].to_numpy() for f in frames])
+    total = n.sum(0)
+    safe = np.maximum(total, 1)
+    merged_mean = (n * mean).sum(0) / safe
+    sumsq = ((n - 1).clip(min=0) * std**2 + n * mean**2).sum(0)
+    var = np.clip((sumsq - total * merged_mean**2) / np.maximum(total - 1, 1), 0, None)
+
+    def weighted(column: str) -> np.ndarray:
+        return (n * np.stack([f[column].to_numpy() for f in frames])).sum(0) / safe
+
+    return pa.Table.from_pydict({
+        "layer": keys["layer"].to_numpy().astype("int32"), "neuron": keys["neuron"].to_numpy().astype("int32"),
+        "count": total.astype(np.int64), "mean": merged_mean, "std": np.sqrt(var),
+        "mean_abs": weighted("mean_abs"),
+        "max_abs": np.stack([f["max_abs"].to_numpy() for f in frames]).max(0),
+        "frac_positive": weighted("frac_positive"),
+    }, schema=NEURON_STATS_SCHEMA)
+
+
+def merge_last_token(tables: Sequence[pa.Table]) -> pa.Table:
+    """Join per-shard last-token tables, shard after shard (the prompts' table order)."""
+    if not tables:
+        raise NeuronAuditError("no shard tables to merge")
+    schema = tables[0].schema.remove_metadata()
+    return pa.concat_tables([t.replace_schema_metadata(None).cast(schema) for t in tables])

@@ -1,0 +1,44 @@
+"""Collection shards join into the statistics of one pass over every prompt."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from neuronaudit.errors import NeuronAuditError
+from neuronaudit.io import NEURON_STATS_SCHEMA
+from neuronaudit.shards import merge_last_token, merge_stats, n_shards, shard_rows
+
+
+def _stats(a: np.ndarray) -> pa.Table:
+    """Statistics of activations ``a [tokens, layers, neurons]`` as collection writes them."""
+    n, layers, neurons = a.shape
+    flat = a.transpose(1, 2, 0).reshape(layers * neurons, n)
+    return pa.Table.from_pydict({
+        "layer": np.repeat(np.arange(layers), neurons).astype("int32"),
+        "neuron": np.tile(np.arange(neurons), layers).astype("int32"),
+        "count": np.full(layers * neurons, n, dtype=np.int64), "mean": flat.mean(1),
+        "std": flat.std(1, ddof=1) if n > 1 else np.zeros(layers * neurons), "mean_abs": np.abs(flat).mean(1),
+        "max_abs": np.abs(flat).max(1), "frac_positive": (flat > 0).mean(1)}, schema=NEURON_STATS_SCHEMA)
+
+
+@pytest.mark.parametrize("sizes", [[7, 5, 1], [13], [1, 1, 11]])
+def test_merged_shards_equal_one_pass(sizes):
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.3, 2.0, size=(sum(sizes), 3, 5))
+    parts = np.split(a, np.cumsum(sizes)[:-1])
+    merged = merge_stats([_stats(p) for p in parts]).to_pandas()
+    whole = _stats(a).to_pandas()
+    assert (merged["count"] == whole["count"]).all()
+    for column in ("mean", "std", "mean_abs", "max_abs", "frac_positive"):
+        np.testing.assert_allclose(merged[column], whole[column], rtol=1e-10, atol=1e-12, err_msg=column)
+
+
+def test_shard_ranges_cover_every_prompt_once_and_bad_shards_are_errors():
+    rows = [list(shard_rows(10, 4, k)) for k in range(n_shards(10, 4))]
+    assert rows == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and n_shards(3, 8) == 1
+    with pytest.raises(NeuronAuditError, match="shard 3 out of range: 10 prompts make 3 shards of 4"):
+        shard_rows(10, 4, 3)
+    with pytest.raises(NeuronAuditError, match="cover different"):
+        merge_stats([_stats(np.ones((2, 1, 2))), _stats(np.ones((2, 2, 2)))])
+    table = pa.table({"prompt_id": ["a", "b"], "layer": pa.array([0, 0], pa.int32())})
+    assert merge_last_token([table.slice(0, 1), table.slice(1, 1)]).column("prompt_id").to_pylist() == ["a", "b"]
