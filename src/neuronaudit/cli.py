@@ -4,8 +4,9 @@ Each subcommand is a thin shell over one stage function of :mod:`neuronaudit.sta
 settings arrive as ``--options``: the JSON of its options dataclass (:mod:`neuronaudit.options`),
 which the workflow builds from the validated config. Flags that several subcommands share come
 from parent parsers. Bad input raises :class:`~neuronaudit.errors.NeuronAuditError`, printed as
-one line ``neuronaudit: error: <message>`` with exit status 2. Stage modules are imported when
-their subcommand runs, so ``neuronaudit --help`` and ``check-config`` never import torch.
+one line ``neuronaudit: error: <message>`` with exit status 2 (a NaN or inf found while computing,
+:class:`~neuronaudit.errors.NonFiniteError`, is prefixed with the subcommand: the stage). Stage
+modules are imported when their subcommand runs, so ``neuronaudit --help`` and ``check-config`` never import torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from neuronaudit import options as opts
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
 
 log = logging.getLogger("neuronaudit")
 
@@ -361,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             require(args.preconditions, _json_arg(args.requires, "--requires"), args.command)
         args.func(args)
     except NeuronAuditError as err:
+        if isinstance(err, NonFiniteError):  # a NaN or inf found while computing: name the stage
+            err.at(stage=args.command)
         print(f"neuronaudit: error: {err}", file=sys.stderr)
         return 2
     return 0

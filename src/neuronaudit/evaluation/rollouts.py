@@ -48,7 +48,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.evaluation.judge import ROLLOUT_TYPES
 from neuronaudit.evaluation.metrics import (
     prefix_means,
@@ -331,12 +331,18 @@ def generate_rollouts(
         gen_ent: list[np.ndarray] = []
         for b, batch in enumerate(batches):
             plan = InterventionPlan.per_row([plans[n] for _, n in batch])
-            toks, stop, ent = generate_tokens(
-                model, [prompt_ids[i] for i, _ in batch], max_h, adapter=adapter, plan=plan,
-                eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
-                temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=batch_seed(seed, b) if kind == "sample" else None,
-            )
+            try:
+                toks, stop, ent = generate_tokens(
+                    model, [prompt_ids[i] for i, _ in batch], max_h, adapter=adapter, plan=plan,
+                    eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
+                    temperature=temperature, top_p=top_p, top_k=top_k,
+                    seed=batch_seed(seed, b) if kind == "sample" else None,
+                )
+            except NonFiniteError as err:
+                if err.row is not None:
+                    i, n = batch[err.row]
+                    err.at(prompt=repr(pids[i]), context=f"intervention {n!r}")
+                raise
             gen_tokens += toks
             gen_stop += stop
             gen_ent += ent

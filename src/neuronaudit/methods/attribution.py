@@ -20,7 +20,8 @@ over the discovery split of the behaviour's positive and negative prompt sets, w
 gradient is taken on the held-out swept prompts (the positive set for refusal, the negative set
 for the mode switches): ``ā⁺ − ā⁻`` and ``∂m/∂a_p`` rest on different prompts. Gradients are taken only at the
 MLP activation sites with ``torch.autograd.grad`` (no parameter gradients), batch by batch, and
-only the per-neuron sums of ``∂m/∂a_p`` and ``|∂m/∂a_p|`` are kept, so memory stays bounded.
+only the per-neuron sums of ``∂m/∂a_p`` and ``|∂m/∂a_p|`` are kept, so memory stays bounded. A
+non-finite activation, metric or gradient stops the scoring, naming its layer, neuron and prompt.
 
 The comparison with measured control (:func:`compare`) reports, for every score, Spearman ρ of
 ``|score|`` with control strength, with ``n``, a permutation p-value and a paired BCa bootstrap CI
@@ -41,8 +42,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.evaluation.stats import spearman_permutation_bca
+from neuronaudit.interventions.finite import check_finite, finite_checks
 from neuronaudit.interventions.hooks import NeuronHooks
 
 
@@ -112,17 +114,24 @@ def gradient_scores(
 
         handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         try:
-            with torch.enable_grad(), NeuronHooks(adapter, on_activation=on_activation):
+            with torch.enable_grad(), finite_checks(adapter), NeuronHooks(adapter, on_activation=on_activation):
                 logits = model(**enc, use_cache=False).logits
                 rows = torch.arange(logits.shape[0], device=device)
                 m = behaviour_metric(logits[rows, last["index"]], _batch_ids(behaviour_ids, start, len(rows)),
                                      _batch_ids(default_ids, start, len(rows)))
+                check_finite(m, "behaviour metric", dims=("row",))
                 layers = sorted(captured)
                 grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers])
+            with torch.no_grad():
+                idx = last["index"]
+                for layer, g in zip(layers, grads):
+                    check_finite(g[rows, idx], "gradient of the behaviour metric", layer=layer)
+        except NonFiniteError as err:
+            err.at(prompt=f"{start + err.row} of the attribution prompts" if err.row is not None else None)
+            raise
         finally:
             handle.remove()
         with torch.no_grad():
-            idx = last["index"]
             for layer, g in zip(layers, grads):
                 per_prompt = g[rows, idx].double()
                 grad_sum[layer] += per_prompt.sum(0).cpu().numpy()
