@@ -148,7 +148,8 @@ def write_table(table: pa.Table, path: str | Path, prov: Mapping | None = None) 
 
 def json_safe(obj):
     """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``: strict JSON, as
-    browsers and ``jq`` read it, where a value that could not be measured is ``null``."""
+    browsers and ``jq`` read it. For display only (the report); :func:`write_json` never does this
+    silently."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
@@ -160,10 +161,57 @@ def json_safe(obj):
     return obj
 
 
+def _nulled(value):
+    """``(value with each non-finite number, also inside a list, as None, whether any was)``."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, True
+    if isinstance(value, (list, tuple)):
+        items = [_nulled(v) for v in value]
+        return [v for v, _ in items], any(changed for _, changed in items)
+    return value, False
+
+
+def null_for_reason(entry: dict, keys, reason: str) -> dict:
+    """A statistic that is undefined for a known reason (no cases, a constant side): each of
+    ``keys`` of ``entry`` holding a NaN or infinity (or a list holding one) gets ``None`` there,
+    and ``entry["null_reasons"][key]`` says why. In place; returns ``entry``. :func:`write_json`
+    refuses every other non-finite number."""
+    for key in [keys] if isinstance(keys, str) else keys:
+        if key not in entry:
+            continue
+        value, changed = _nulled(entry[key])
+        if changed:
+            entry[key] = value
+            entry.setdefault("null_reasons", {})[key] = reason
+    return entry
+
+
+def _strict(obj, key: str, where: str):
+    """``obj`` as plain JSON values; a non-finite float is an error naming its key."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy scalars
+        obj = obj.item()
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise NeuronAuditError(
+                f"{where}: key {key or '(top level)'} is {obj}, not a number: a statistic is written as null "
+                "only where it is missing for a stated reason (None, with the reason beside it)")
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: _strict(v, f"{key}.{k}" if key else str(k), where) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, f"{key}.{i}" if key else str(i), where) for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(obj, path: str | Path) -> Path:
-    """Strict JSON (non-finite numbers become ``null``), written atomically."""
+    """Strict JSON, written atomically. A NaN or infinity anywhere is refused, naming its key:
+    broken numbers never read as "missing". A value that is missing is ``None`` (``null``), put
+    there by the code that knows why, with the reason beside it (:func:`null_for_reason`)."""
+    data = _strict(obj, "", f"JSON file {str(path)!r}")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     return Path(path)
 
 

@@ -46,6 +46,7 @@ from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.evaluation.stats import spearman_permutation_bca
 from neuronaudit.interventions.finite import check_finite, finite_checks
 from neuronaudit.interventions.hooks import NeuronHooks
+from neuronaudit.io import null_for_reason
 
 
 def opening_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -275,10 +276,16 @@ def within_behaviour_ranks(table: pd.DataFrame, column: str, absolute: bool = Tr
 
 def _spearman_entry(x, y, n_permutations: int, n_boot: int, seed: int) -> dict:
     r = spearman_permutation_bca(x, y, n_permutations=n_permutations, n_boot=n_boot, seed=seed)
-    return {"n": r.n, "spearman_rho": r.rho, "p_value": r.p_value, "rho_ci95": [r.ci_low, r.ci_high],
-            "ci_method": r.ci_method, "ci_fallback_reason": r.ci_fallback_reason,
-            "n_degenerate_resamples": r.n_degenerate_resamples, "n_boot": r.n_boot,
-            "n_permutations": r.n_permutations}
+    entry = {"n": r.n, "spearman_rho": r.rho, "p_value": r.p_value, "rho_ci95": [r.ci_low, r.ci_high],
+             "ci_method": r.ci_method, "ci_fallback_reason": r.ci_fallback_reason,
+             "n_degenerate_resamples": r.n_degenerate_resamples, "n_boot": r.n_boot,
+             "n_permutations": r.n_permutations}
+    if r.ci_method == "none":  # ρ undefined: fewer than 3 pairs or a constant side
+        null_for_reason(entry, ("spearman_rho", "p_value", "rho_ci95"), f"undefined: {r.ci_fallback_reason}")
+    else:
+        null_for_reason(entry, "rho_ci95", f"every bootstrap resample was degenerate ({r.n_degenerate_resamples} "
+                                           f"of {r.n_boot} with a constant side)")
+    return entry
 
 
 def _varies(values: pd.Series) -> bool:
@@ -325,7 +332,8 @@ def compare(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_permutatio
                 stat = _spearman_entry(np.abs(ranking), g["control_strength"].to_numpy(float), n_permutations,
                                        n_boot, seed)
             prec, rec, k = precision_at_k(ranking, g["controls"].to_numpy(bool))
-            entry[score] = {**stat, "precision_at_k": prec, "recall_at_k": rec, "k": k}
+            entry[score] = null_for_reason({**stat, "precision_at_k": prec, "recall_at_k": rec, "k": k},
+                                           ("precision_at_k", "recall_at_k"), "no measured controller (k = 0)")
         cos = np.abs(g["readout_cos"].to_numpy(float))
         ctrl = g["controls"].to_numpy(bool)
         entry["abs_readout_cos"] = {
