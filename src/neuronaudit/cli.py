@@ -142,7 +142,8 @@ def cmd_preconditions(args) -> None:
 def cmd_report(args) -> None:
     _stage("report").run_report(args.study, args.manifest, _named(args.stats, "--stats"), args.out,
                                 config_json=args.config_json, benchmark_dir=args.benchmark_dir,
-                                study_dir=args.study_dir, figures_dir=args.figures_dir)
+                                study_dir=args.study_dir, figures_dir=args.figures_dir,
+                                config_text=args.config_text)
 
 
 def cmd_compare(args) -> None:
@@ -312,6 +313,8 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--study", required=True)
     p.add_argument("--stats", nargs="+", default=[], metavar="NAME=PATH")
     p.add_argument("--config-json", default=None, help="the study's resolved config as JSON")
+    p.add_argument("--config-text", default=None,
+                   help="the resolved config as JSON text, written to --config-json (atomically) first")
     p.add_argument("--benchmark-dir", default=None)
     p.add_argument("--study-dir", default=None, help="results/<study>: stage tables to report")
     p.add_argument("--figures-dir", default=None,
@@ -340,6 +343,12 @@ def _other_subcommands(sub, par) -> None:
                    help="folder names not compared")
     p.set_defaults(func=cmd_diff_study)
 
+    p = sub.add_parser("run", help="run the workflow, resuming after an interruption (what make study calls)",
+                       description="neuronaudit run [SNAKEMAKE ARGUMENTS]: remove the lock and the temporaries a "
+                                   "killed run left (the lock only when no Snakemake runs in the working "
+                                   "directory), then run snakemake --rerun-incomplete with the arguments")
+    p.set_defaults(func=lambda args: None)
+
     p = sub.add_parser("check-config", help="validate a config file and check its inputs exist")
     p.add_argument("configfile", nargs="+", help="config files, each merged over the last (as --configfile)")
     p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="overrides, as snakemake --config")
@@ -348,6 +357,11 @@ def _other_subcommands(sub, par) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:2]):
+        from neuronaudit.resume import run  # every further argument is Snakemake's
+
+        return run(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -4,7 +4,8 @@ Every table this package writes has an explicit pyarrow schema and carries its p
 Parquet key-value metadata under ``neuronaudit.provenance`` (JSON): model id and weight hash,
 dtype, hook site, prompt-set name and content hash, positions, seed, package versions, git
 commit. Outputs are written to a temporary name beside the target and renamed when complete,
-so an interrupted or failed step never leaves a half-written file behind.
+so an interrupted or failed step never leaves a half-written file behind; the temporaries of a
+killed step are removed by the next write of the same output (or by ``neuronaudit run``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -109,16 +111,56 @@ def read_provenance(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
+    """The temporaries :func:`atomic_path` left in ``folder`` (of output ``name``, or of any)
+    whose writing process is gone: ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for entry in folder.iterdir():
+        m = _TEMPORARY.match(entry.name)
+        if m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+            out.append(entry)
+    return sorted(out)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     The temporary path may be filled as a file or as a directory; an existing directory at
-    ``path`` is moved aside and removed only once the new one is in place.
+    ``path`` is moved aside and removed only once the new one is in place. Temporaries of
+    ``path`` that a killed process left behind (its PID no longer runs) are removed first.
     """
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(path.parent, path.name):
+        remove_path(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
