@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,24 @@ def _check_gguf(path: Path) -> None:
         )
 
 
+def read_gguf(path: str | Path):
+    """A GGUF reader over ``path``; a truncated or malformed file (the reader's ``IndexError`` or
+    ``ValueError``, or tensor data past the end of the file) is a one-line error naming it."""
+    from gguf import GGUFReader
+
+    size = Path(path).stat().st_size
+    try:
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (IndexError, ValueError, KeyError, OSError) as err:
+        raise NeuronAuditError(f"GGUF file {str(path)!r} is truncated or malformed ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:120]})") from None
+    if end > size:
+        raise NeuronAuditError(f"GGUF file {str(path)!r} is truncated: its tensors end at byte {end}, the file "
+                               f"holds {size}")
+    return reader
+
+
 def resolve_source(spec: str) -> ModelSource:
     """Resolve ``model.source``; a one-line error names a missing or malformed source."""
     spec = str(spec).strip()
@@ -121,6 +140,52 @@ def read_config_json(directory: str | Path) -> dict:
     return cfg
 
 
+def check_weight_files(directory: str | Path) -> None:
+    """Every weight file of a model directory is whole: a ``*.safetensors`` file's header
+    describes exactly the bytes the file holds, a ``*.bin`` (zip) file's directory is readable,
+    and each shard a ``*.index.json`` names is there. Cheap (headers only), so a truncated copy
+    stops before any job instead of failing at first use."""
+    d = Path(directory)
+    for index in sorted(d.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError) as err:
+            raise NeuronAuditError(f"weight index {str(index)!r} is not a JSON weight map: {err}") from None
+        missing = sorted(s for s in shards if not (d / s).is_file())
+        if missing:
+            raise NeuronAuditError(f"weight index {str(index)!r} names {len(missing)} missing shards, "
+                                   f"e.g. {missing[0]!r}")
+    for path in sorted(d.glob("*.safetensors")):
+        _check_safetensors(path)
+    for path in sorted(d.glob("*.bin")):
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"  # torch's zip format (a legacy pickle is not checked)
+        if zipped:
+            try:
+                with zipfile.ZipFile(path) as z:
+                    z.infolist()
+            except (zipfile.BadZipFile, OSError) as err:
+                raise NeuronAuditError(f"weight file {str(path)!r} is truncated or malformed: {err}") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise NeuronAuditError(f"weight file {str(path)!r} is truncated or malformed: its safetensors header "
+                                   f"does not fit in its {size} bytes")
+        try:
+            header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise NeuronAuditError(f"weight file {str(path)!r} has a malformed safetensors header: {err}") from None
+    if 8 + n + end != size:
+        raise NeuronAuditError(f"weight file {str(path)!r} is truncated or malformed: its header describes "
+                               f"{8 + n + end} bytes, the file holds {size}")
+
+
 def _mlp_width(cfg: dict) -> int | None:
     """MLP neurons per layer from a Hugging Face config (GPT-2's ``n_inner`` null means 4 × width)."""
     for key in ("intermediate_size", "ffn_dim", "n_inner"):
@@ -141,17 +206,20 @@ def read_model_config(source: ModelSource) -> dict:
     n_neurons (MLP neurons per layer); a size the source does not tell is None."""
     if source.kind == "local":
         cfg = read_config_json(source.path)
+        check_weight_files(source.path)
         text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else {}
         n_layers = cfg.get("num_hidden_layers", cfg.get("n_layer", text.get("num_hidden_layers")))
         n_neurons = _mlp_width(cfg) or _mlp_width(text)
         return {"model_type": cfg.get("model_type"), "n_layers": n_layers, "n_neurons": n_neurons}
     if source.kind == "gguf":
-        from gguf import GGUFReader
-
-        reader = GGUFReader(source.path)
-        arch_field = reader.fields["general.architecture"]
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        return {"model_type": arch, "n_layers": _gguf_int(reader, f"{arch}.block_count"),
-                "n_neurons": _gguf_int(reader, f"{arch}.feed_forward_length")}
+        reader = read_gguf(source.path)
+        try:
+            arch_field = reader.fields["general.architecture"]
+            arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+            return {"model_type": arch, "n_layers": _gguf_int(reader, f"{arch}.block_count"),
+                    "n_neurons": _gguf_int(reader, f"{arch}.feed_forward_length")}
+        except (KeyError, IndexError, ValueError, UnicodeDecodeError) as err:
+            raise NeuronAuditError(f"GGUF file {source.path!r} lacks a readable architecture: "
+                                   f"{type(err).__name__}: {err}") from None
     return {"model_type": None, "n_layers": None, "n_neurons": None}
 
