@@ -8,7 +8,8 @@ Snakemake with ``--rerun-incomplete`` after two clean-ups a killed run makes nec
   stops with ``LockException``. The lock files do not record who holds them, so the lock is
   removed (``snakemake --unlock`` with the same arguments) only when no Snakemake process is
   running in the same working directory: on Linux the processes are read from ``/proc`` (command
-  line and working directory of each, this process and its parents left out). Where ``/proc`` is
+  line and working directory of each, this process and its parents left out; a Snakemake whose
+  working directory cannot be read, another user's, counts as running here). Where ``/proc`` is
   absent the lock is left alone and the run says how to remove it by hand.
 * **Temporaries of killed writes.** Every output is written under ``.<name>.tmp-<pid>`` and
   renamed when complete (:func:`neuronaudit.io.atomic_path`); a killed job leaves its temporary
@@ -80,11 +81,19 @@ def snakemake_processes(directory: Path) -> list[int] | None:
             continue
         try:
             argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:  # gone meanwhile
+            continue
+        if not is_snakemake(argv):
+            continue
+        try:
             cwd = Path(os.readlink(entry / "cwd"))
+        except PermissionError:  # another user's Snakemake: it may run here, so it counts
+            found.append(int(entry.name))
+            continue
         except OSError:
             continue
         # Snakemake changes into its -d directory; before it has, -d names it
-        if is_snakemake(argv) and directory in (cwd.resolve(), working_directory(argv[1:], cwd)):
+        if directory in (cwd.resolve(), working_directory(argv[1:], cwd)):
             found.append(int(entry.name))
     return sorted(found)
 

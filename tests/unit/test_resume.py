@@ -52,6 +52,20 @@ def test_a_running_snakemake_is_found_in_its_own_directory_only(tmp_path, fake_s
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_a_snakemake_whose_directory_cannot_be_read_counts_as_running_here(tmp_path, fake_snakemake, monkeypatch):
+    busy, pid = fake_snakemake
+    readlink = resume.os.readlink
+
+    def denied(path):
+        if str(path) == f"/proc/{pid}/cwd":
+            raise PermissionError(path)
+        return readlink(path)
+
+    monkeypatch.setattr(resume.os, "readlink", denied)
+    assert pid in resume.snakemake_processes(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 def test_a_lock_is_removed_only_when_no_snakemake_runs_there(tmp_path, fake_snakemake, monkeypatch):
     calls = []
     monkeypatch.setattr(resume.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(
