@@ -1,6 +1,10 @@
 # neuronaudit: every target installs what it needs into .venv first.
 #   make study   the default study (config/config.yaml) -> results/<study>/report/index.html
 #   make quick   the same study, small (config/quick.yaml)
+#   Both resume after any interruption, a kill included: `neuronaudit run` removes the lock and the
+#   temporaries a killed run left (the lock only when no other Snakemake runs in this directory),
+#   then runs snakemake --rerun-incomplete. STUDY_CONFIG / QUICK_CONFIG name the config files and
+#   SNAKEMAKE_ARGS adds arguments (e.g. -d DIR, a target).
 #   make test    the lint, then the test suite
 #   make lint    ruff over src/ and tests/, and snakemake --lint over the workflow
 #   make bench   speed and memory ratios (prints; no timed tests)
@@ -11,6 +15,12 @@ BIN    := $(VENV)/bin
 CORES  ?= 2
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+# what the study targets need first (the test of a resumed run sets it empty and BIN to its venv)
+INSTALL ?= $(STAMP)
+STUDY_CONFIG ?= config/config.yaml
+QUICK_CONFIG ?= config/config.yaml config/quick.yaml
+SNAKEMAKE_ARGS ?=
+RUN = $(BIN)/python -m neuronaudit run --profile workflow/profiles/default --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 .PHONY: study quick test dag lint clean-venv
 
@@ -24,12 +34,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]' $(TORCH)
 	touch $(STAMP)
 
-study: $(STAMP)
-	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config/config.yaml
-	@echo "report: $$(ls -t results/*/report/index.html | head -1)"
+study: $(INSTALL)
+	$(RUN) --configfile $(STUDY_CONFIG)
+	@echo "report: $$(ls -t results/*/report/index.html 2>/dev/null | head -1)"
 
-quick: $(STAMP)
-	$(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config/config.yaml config/quick.yaml
+quick: $(INSTALL)
+	$(RUN) --configfile $(QUICK_CONFIG)
 	@echo "report: results/quick/report/index.html"
 
 # Debian's chromium for the report rendering test, installed when absent; best effort: this step

@@ -1,7 +1,8 @@
 """The audit report: one self-contained HTML page per study, and the figures as files.
 
 Needs: the model manifest, every collected statistics table, every stage's final tables, the
-resolved config.
+resolved config (passed as text; the report command writes report/config.json atomically, as
+every output of every rule is written: under a temporary name, renamed when complete).
 Writes: results/<study>/report/index.html (figures embedded; provenance and per-rule run times
 read from the benchmark files) and results/<study>/report/figures/<stage>/<figure>.png with a
 manifest.json: the same figures, marked for `snakemake --report` with one category per stage,
@@ -49,8 +50,7 @@ rule report:
     benchmark:
         benchmark_file("report", "report")
     shell:
-        "echo {params.config:q} > {output.config:q} && "
         "{params.cli} report --study {params.study} --manifest {input.manifest:q} "
-        "--stats {params.stats} --config-json {output.config:q} "
+        "--stats {params.stats} --config-text {params.config:q} --config-json {output.config:q} "
         "--benchmark-dir {params.benchmarks:q} --study-dir $(dirname $(dirname {output.html:q})) "
         "--figures-dir {output.figures:q} --out {output.html:q} > {log:q} 2>&1"

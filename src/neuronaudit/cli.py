@@ -4,8 +4,9 @@ Each subcommand is a thin shell over one stage function of :mod:`neuronaudit.sta
 settings arrive as ``--options``: the JSON of its options dataclass (:mod:`neuronaudit.options`),
 which the workflow builds from the validated config. Flags that several subcommands share come
 from parent parsers. Bad input raises :class:`~neuronaudit.errors.NeuronAuditError`, printed as
-one line ``neuronaudit: error: <message>`` with exit status 2. Stage modules are imported when
-their subcommand runs, so ``neuronaudit --help`` and ``check-config`` never import torch.
+one line ``neuronaudit: error: <message>`` with exit status 2 (a NaN or inf found while computing,
+:class:`~neuronaudit.errors.NonFiniteError`, is prefixed with the subcommand: the stage). Stage
+modules are imported when their subcommand runs, so ``neuronaudit --help`` and ``check-config`` never import torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from neuronaudit import options as opts
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
 
 log = logging.getLogger("neuronaudit")
 
@@ -147,7 +148,8 @@ def cmd_preconditions(args) -> None:
 def cmd_report(args) -> None:
     _stage("report").run_report(args.study, args.manifest, _named(args.stats, "--stats"), args.out,
                                 config_json=args.config_json, benchmark_dir=args.benchmark_dir,
-                                study_dir=args.study_dir, figures_dir=args.figures_dir)
+                                study_dir=args.study_dir, figures_dir=args.figures_dir,
+                                config_text=args.config_text)
 
 
 def cmd_compare(args) -> None:
@@ -338,6 +340,8 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--study", required=True)
     p.add_argument("--stats", nargs="+", default=[], metavar="NAME=PATH")
     p.add_argument("--config-json", default=None, help="the study's resolved config as JSON")
+    p.add_argument("--config-text", default=None,
+                   help="the resolved config as JSON text, written to --config-json (atomically) first")
     p.add_argument("--benchmark-dir", default=None)
     p.add_argument("--study-dir", default=None, help="results/<study>: stage tables to report")
     p.add_argument("--figures-dir", default=None,
@@ -382,6 +386,12 @@ def _other_subcommands(sub, par) -> None:
                    help="folder names not compared")
     p.set_defaults(func=cmd_diff_study)
 
+    p = sub.add_parser("run", help="run the workflow, resuming after an interruption (what make study calls)",
+                       description="neuronaudit run [SNAKEMAKE ARGUMENTS]: remove the lock and the temporaries a "
+                                   "killed run left (the lock only when no Snakemake runs in the working "
+                                   "directory), then run snakemake --rerun-incomplete with the arguments")
+    p.set_defaults(func=lambda args: None)
+
     p = sub.add_parser("check-config", help="validate a config file and check its inputs exist")
     p.add_argument("configfile", nargs="+", help="config files, each merged over the last (as --configfile)")
     p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="overrides, as snakemake --config")
@@ -390,6 +400,11 @@ def _other_subcommands(sub, par) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:2]):
+        from neuronaudit.resume import run  # every further argument is Snakemake's
+
+        return run(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -404,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             require(args.preconditions, _json_arg(args.requires, "--requires"), args.command)
         args.func(args)
     except NeuronAuditError as err:
+        if isinstance(err, NonFiniteError):  # a NaN or inf found while computing: name the stage
+            err.at(stage=args.command)
         print(f"neuronaudit: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -4,7 +4,8 @@ Every table this package writes has an explicit pyarrow schema and carries its p
 Parquet key-value metadata under ``neuronaudit.provenance`` (JSON): model id and weight hash,
 dtype, hook site, prompt-set name and content hash, positions, seed, package versions, git
 commit. Outputs are written to a temporary name beside the target and renamed when complete,
-so an interrupted or failed step never leaves a half-written file behind.
+so an interrupted or failed step never leaves a half-written file behind; the temporaries of a
+killed step are removed by the next write of the same output (or by ``neuronaudit run``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -109,16 +111,56 @@ def read_provenance(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
+    """The temporaries :func:`atomic_path` left in ``folder`` (of output ``name``, or of any)
+    whose writing process is gone: ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for entry in folder.iterdir():
+        m = _TEMPORARY.match(entry.name)
+        if m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+            out.append(entry)
+    return sorted(out)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     The temporary path may be filled as a file or as a directory; an existing directory at
-    ``path`` is moved aside and removed only once the new one is in place.
+    ``path`` is moved aside and removed only once the new one is in place. Temporaries of
+    ``path`` that a killed process left behind (its PID no longer runs) are removed first.
     """
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(path.parent, path.name):
+        remove_path(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -148,7 +190,8 @@ def write_table(table: pa.Table, path: str | Path, prov: Mapping | None = None) 
 
 def json_safe(obj):
     """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``: strict JSON, as
-    browsers and ``jq`` read it, where a value that could not be measured is ``null``."""
+    browsers and ``jq`` read it. For display only (the report); :func:`write_json` never does this
+    silently."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
@@ -160,10 +203,57 @@ def json_safe(obj):
     return obj
 
 
+def _nulled(value):
+    """``(value with each non-finite number, also inside a list, as None, whether any was)``."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, True
+    if isinstance(value, (list, tuple)):
+        items = [_nulled(v) for v in value]
+        return [v for v, _ in items], any(changed for _, changed in items)
+    return value, False
+
+
+def null_for_reason(entry: dict, keys, reason: str) -> dict:
+    """A statistic that is undefined for a known reason (no cases, a constant side): each of
+    ``keys`` of ``entry`` holding a NaN or infinity (or a list holding one) gets ``None`` there,
+    and ``entry["null_reasons"][key]`` says why. In place; returns ``entry``. :func:`write_json`
+    refuses every other non-finite number."""
+    for key in [keys] if isinstance(keys, str) else keys:
+        if key not in entry:
+            continue
+        value, changed = _nulled(entry[key])
+        if changed:
+            entry[key] = value
+            entry.setdefault("null_reasons", {})[key] = reason
+    return entry
+
+
+def _strict(obj, key: str, where: str):
+    """``obj`` as plain JSON values; a non-finite float is an error naming its key."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy scalars
+        obj = obj.item()
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise NeuronAuditError(
+                f"{where}: key {key or '(top level)'} is {obj}, not a number: a statistic is written as null "
+                "only where it is missing for a stated reason (None, with the reason beside it)")
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: _strict(v, f"{key}.{k}" if key else str(k), where) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, f"{key}.{i}" if key else str(i), where) for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(obj, path: str | Path) -> Path:
-    """Strict JSON (non-finite numbers become ``null``), written atomically."""
+    """Strict JSON, written atomically. A NaN or infinity anywhere is refused, naming its key:
+    broken numbers never read as "missing". A value that is missing is ``None`` (``null``), put
+    there by the code that knows why, with the reason beside it (:func:`null_for_reason`)."""
+    data = _strict(obj, "", f"JSON file {str(path)!r}")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     return Path(path)
 
 

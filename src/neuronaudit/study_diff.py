@@ -11,8 +11,9 @@ row) are compared element by element; integers, booleans and strings must match 
 
 What legitimately differs between two runs of the same study is ignored: the Parquet schema
 metadata (provenance, pandas metadata) entirely, and in JSON the keys in :data:`IGNORED_KEYS`
-(with everything under them) and absolute paths (two strings both starting with ``/``). Folders
-named in :data:`SKIPPED_DIRS` (logs, benchmarks, the report and model weights) are not compared.
+and every key ending in ``_seconds`` (wall-clock times), with everything under them, and absolute
+paths (two strings both starting with ``/``). Folders named in :data:`SKIPPED_DIRS` (logs,
+benchmarks, the report and model weights) are not compared.
 
 Run as ``python -m neuronaudit.study_diff A B``: one line per difference, then
 ``N files compared, M differ``; exit status 0 when the folders agree, 1 when they differ, 2 on bad
@@ -42,6 +43,11 @@ from neuronaudit.errors import NeuronAuditError
 IGNORED_KEYS = frozenset(
     {"provenance", "git_commit", "generation_seconds", "seconds", "wall_seconds", "package_versions"}
 )
+
+def _wall_clock(key) -> bool:
+    """A wall-clock time, by its name (``search_seconds``, ``tune_seconds``, ...): never compared."""
+    return isinstance(key, str) and key.endswith("_seconds")
+
 
 #: Folders (at any depth) not compared: run logs, Snakemake benchmarks, the rendered report and
 #: binary model weights.
@@ -319,7 +325,7 @@ def _walk(x, y, where: str, name: str, rtol, atol, ignored: frozenset, out: list
     label = where or "(root)"
     if isinstance(x, dict) and isinstance(y, dict):
         for key in sorted(set(x) | set(y), key=str):
-            if key in ignored or str(key).endswith("_seconds"):
+            if key in ignored or _wall_clock(key):
                 continue
             sub = f"{where}.{key}" if where else str(key)
             if key not in y:

@@ -158,6 +158,19 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, n_la
     return path
 
 
+def poison_neurons(adapter, up: dict | None = None, down: dict | None = None):
+    """Write a non-finite value into neurons' weights, in place: ``up`` maps ``(layer, neuron)`` to
+    the value of that neuron's row of the up projection (what makes its activation), ``down`` to
+    the value of its write vector (its column of the output projection). Llama-like families
+    (a block MLP with ``up_proj``) for ``up``; any family for ``down``. Returns the adapter."""
+    with torch.no_grad():
+        for (layer, neuron), value in (up or {}).items():
+            adapter.blocks[layer].mlp.up_proj.weight[neuron, :] = float(value)
+        for (layer, neuron), value in (down or {}).items():
+            adapter.write_matrix(layer)[:, neuron] = float(value)
+    return adapter
+
+
 def default_config(**sections) -> dict:
     """The study config with every schema default, with ``sections`` merged over it
     (``default_config(screen={"k": 5})``)."""

@@ -13,6 +13,7 @@ import torch
 from scipy import stats
 
 from neuronaudit.interventions.hooks import NeuronHooks
+from neuronaudit.io import write_json
 from neuronaudit.methods import attribution as attr
 from neuronaudit.methods.attribution import (
     SCORES,
@@ -167,7 +168,8 @@ def test_a_behaviour_without_variation_in_control_is_left_out_of_the_pool():
     result = compare(table, n_boot=1000, seed=0, n_permutations=999)
     assert result["all"]["grad"]["behaviours_pooled"] == ["high"] and result["all"]["grad"]["n"] == 20
     low = result["low"]["grad"]
-    assert np.isnan(low["spearman_rho"]) and low["ci_method"] == "none" and low["n"] == 20
+    assert low["spearman_rho"] is None and low["ci_method"] == "none" and low["n"] == 20
+    assert low["null_reasons"]["spearman_rho"].startswith("undefined: ")
 
 
 def _write_parquet(df, path):
@@ -227,3 +229,18 @@ def test_stage_summary_holds_every_figure(tmp_path, monkeypatch, llama, tokenize
     assert doc["prompts"]["refusal"]["gradient"] == {"prompt_set": "harmful", "split": "heldout", "n": 3}
     assert doc["prompts"]["refusal"]["atp_means"]["split"] == "discovery"
     assert doc["statement"] == summary["statement"] and "permutation p" in doc["statement"]
+
+
+def test_an_undefined_statistic_is_written_as_null_with_its_reason(tmp_path):
+    """No controller and a constant control strength: ρ, p, CI and precision@k are undefined; the
+    summary holds None and says why, and writes as strict JSON (a NaN there would be refused)."""
+    table = pd.DataFrame({"behaviour": "b", "layer": 1, "neuron": range(6), "grad": np.arange(6.0),
+                          "grad_signed": np.arange(6.0), "atp": np.arange(6.0), "atp_signed": np.arange(6.0),
+                          "delta": np.arange(6.0), "std_delta": np.arange(6.0), "dose_response": np.arange(6.0),
+                          "readout_cos": 0.1, "control_strength": 0.0, "controls": False})
+    entry = compare(table, n_boot=1000, seed=0, n_permutations=999)["b"]["grad"]
+    assert entry["spearman_rho"] is None and entry["p_value"] is None and entry["rho_ci95"] == [None, None]
+    assert entry["precision_at_k"] is None and entry["k"] == 0
+    reasons = entry["null_reasons"]
+    assert "constant" in reasons["spearman_rho"] and reasons["precision_at_k"] == "no measured controller (k = 0)"
+    write_json({"comparison": {"b": {"grad": entry}}}, tmp_path / "summary.json")

@@ -283,3 +283,66 @@ def test_a_model_config_json_that_is_not_json_names_the_file(base, tmp_path, con
     cfg = validate_config({**base, "model": {"source": str(model)}})
     with pytest.raises(NeuronAuditError, match=rf"model config file '.*model/config\.json' {message}"):
         preflight(cfg, ROOT)
+
+
+# --- truncated weights ---------------------------------------------------------------------
+
+
+def _truncated_copy(model_dir, tmp_path, keep=0.5):
+    import shutil
+
+    copy = tmp_path / "truncated"
+    shutil.copytree(model_dir, copy)
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    return copy
+
+
+def test_a_truncated_safetensors_file_stops_before_any_job(base, tiny_model_dir, tmp_path, capsys):
+    copy = _truncated_copy(tiny_model_dir, tmp_path)
+    cfg = validate_config({**base, "model": {"source": str(copy)}})
+    with pytest.raises(NeuronAuditError, match=r"weight file '.*truncated/model\.safetensors' is truncated or "
+                                               r"malformed: its header describes \d+ bytes, the file holds \d+"):
+        preflight(cfg, ROOT)
+    from neuronaudit.models.loading import prepare_model
+
+    with pytest.raises(NeuronAuditError, match=r"model\.safetensors' is truncated"):  # and at prepare time
+        prepare_model(str(copy), tmp_path / "prepared")
+    assert not (tmp_path / "prepared" / "manifest.json").exists()
+
+
+def test_a_cut_safetensors_header_is_named(base, tiny_model_dir, tmp_path):
+    copy = _truncated_copy(tiny_model_dir, tmp_path, keep=0.0001)
+    with pytest.raises(NeuronAuditError, match=r"safetensors' is truncated or malformed: its safetensors header"):
+        preflight(validate_config({**base, "model": {"source": str(copy)}}), ROOT)
+
+
+def _tiny_gguf(path):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(8)
+    for layer in range(2):
+        writer.add_tensor(f"blk.{layer}.ffn_up.weight", np.ones((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.98, 0.5, 0.08])
+def test_a_truncated_gguf_file_stops_before_any_job(base, tmp_path, capsys, keep):
+    whole = _tiny_gguf(tmp_path / "whole.gguf")
+    cut = tmp_path / "cut.gguf"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: int(len(data) * keep)])
+    cfg = validate_config({**base, "model": {"source": str(cut)}})
+    with pytest.raises(NeuronAuditError, match=r"GGUF file '.*cut\.gguf' is truncated"):
+        preflight(cfg, ROOT)
+    from neuronaudit.models.sources import read_gguf
+
+    assert len(read_gguf(whole).tensors) == 2  # the whole file reads

@@ -1,5 +1,7 @@
 """The control-window stage on tiny models: a planted controller's trigger is found where planted."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.interventions.sweeps import generated_dose_sweep
+from neuronaudit.io import write_json
 from neuronaudit.methods import window as law
 from neuronaudit.methods.window import (
     flips,
@@ -211,3 +214,20 @@ def test_a_behaviour_without_screened_neurons_gets_no_candidates_but_no_crash():
                            "screened": True, "universal": True})
     c = pick_candidates({"a": scores}, n_candidates=3, n_random=1, n_layers=4, n_neurons=5, seed=0)
     assert list(c["kind"]) == ["random"]
+
+
+def test_a_summary_without_triggers_says_why_its_statistics_are_null(tmp_path):
+    """No neuron triggers within the grid: the readout alignment at trigger and the McNemar test
+    on triggered neurons are undefined, written as null with the reason (never a bare NaN)."""
+    windows = [(99.0, 4.0), (99.0, 2.0), (99.0, 8.0), (99.0, 1.0)]
+    sweeps, single, neurons, geometry = synthetic_sweeps(windows)
+    table, fitted = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=2, seed=0)
+    summary = heldout_summary(table, fitted, n_boot=1000, seed=0)
+    shown = summary["fitted_on_training_neurons"]
+    assert shown["trigger_readout_alignment"] is None and "no open training neuron" in shown["null_reasons"][
+        "trigger_readout_alignment"]
+    assert math.isnan(fitted["trigger_readout_alignment"])  # the fitted value itself is untouched
+    v = summary["verdicts"]
+    assert v["mcnemar_exact_p_value_with_trigger"] is None
+    assert v["null_reasons"]["mcnemar_exact_p_value_with_trigger"] == "no held-out neuron has a trigger"
+    write_json(summary, tmp_path / "summary.json")

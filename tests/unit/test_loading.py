@@ -103,5 +103,5 @@ def test_gguf_header_keys_are_read_without_decoding_the_vocabulary(tmp_path):
     shutil.copyfile(path, cut)
     with open(cut, "r+b") as fh:
         fh.truncate(200)
-    with pytest.raises(NeuronAuditError, match="GGUF header ends early"):
+    with pytest.raises(NeuronAuditError, match=r"is truncated or malformed \(its header ends early\)"):
         gguf_metadata(cut, lambda found: {"no.such.key"})

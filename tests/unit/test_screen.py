@@ -207,6 +207,9 @@ def test_run_screen_uses_only_the_discovery_split_and_writes_provenance(tmp_path
     assert prov["weight_sha256"] == "abc" and prov["n_total_neurons"] == N_LAYERS * WIDTH
     doc = json.loads((tmp_path / "out" / "refusal.circuit.json").read_text())
     assert len(doc["neurons"]) == 3 and doc["behaviour"] == "refusal"
+    # the held-out split was not collected here: δ not re-measured is null, and the file says why
+    assert doc["heldout"]["skipped"] and all(n["delta_heldout"] is None for n in doc["neurons"])
+    assert doc["null_reasons"]["delta_heldout"].startswith("held-out δ not measured: ")
     back = read_circuit(tmp_path / "out" / "refusal.circuit.json")
     pd.testing.assert_frame_equal(back.reset_index(drop=True), circuit.reset_index(drop=True), check_dtype=False)
     run_screen(

@@ -47,6 +47,7 @@ def _base():
         "model_path": "/runs/a/results/models/local-model",
         "provenance": {"git_commit": "aaa", "host": "one"},
         "generation_seconds": 1.5,
+        "tasks": {"t": {"prompts": [{"search_seconds": 0.1, "search_forward_calls": 12}]}},
     }
     recipe = {"steps": 8, "loss_after": 1.25, "seconds": {"own_answers": 3.0, "training": 40.0, "total": 50.0},
               "wall_seconds": 55.0, "package_versions": {"torch": "2.13.0"}, "git_commit": "aaa"}
@@ -92,7 +93,8 @@ def test_constants_name_what_is_ignored():
 
 def test_two_runs_with_different_provenance_are_equal(study_a, tmp_path, capsys):
     summary = _base()[2]
-    summary.update(model_path="/runs/b/elsewhere", provenance={"git_commit": "bbb"}, generation_seconds=99.0)
+    summary.update(model_path="/runs/b/elsewhere", provenance={"git_commit": "bbb"}, generation_seconds=99.0,
+                   tasks={"t": {"prompts": [{"search_seconds": 0.2, "search_forward_calls": 12}]}})  # *_seconds
     recipe = _base()[3]
     recipe.update(seconds={"own_answers": 1.0}, wall_seconds=1.0, package_versions={}, git_commit="bbb")
     b = write_study(tmp_path / "b" / "results" / "s", summary=summary, recipe=recipe, run="b")

@@ -1,9 +1,13 @@
-"""The whole Snakemake DAG on a tiny random model: runs, resumes, and refuses bad input early."""
+"""The whole Snakemake DAG on a tiny random model: runs, resumes after a SIGKILL through `make
+study`, and refuses bad input early."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -50,9 +54,38 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
     first = snakemake(work, "results/tiny/collect/harmful.stats.parquet", overrides=overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     first_mtime = (work / "results/tiny/collect/harmful.stats.parquet").stat().st_mtime_ns
-    full = snakemake(work, overrides=overrides)
-    assert full.returncode == 0, full.stderr[-3000:]
-    return work, overrides, first_mtime, full
+    # then the whole study through `make study`, killed with SIGKILL in the middle of the window rule
+    killed = make_study(work, overrides)
+    window_log = work / "results/tiny/logs/window/window.log"
+    while not window_log.exists() and killed.poll() is None:
+        time.sleep(0.2)
+    assert killed.poll() is None, killed.communicate()[1][-3000:]
+    started = time.time_ns()
+    time.sleep(5)  # the window job is loading the model or sweeping
+    # outputs finished well before the window began (jobs of other stages may still be running)
+    finished = {p: p.stat().st_mtime_ns for stage in ("prompts", "collect", "screen", "tune")
+                for p in (work / "results/tiny" / stage).iterdir()
+                if not p.name.startswith(".") and p.is_file() and p.stat().st_mtime_ns < started - 2_000_000_000}
+    os.killpg(killed.pid, signal.SIGKILL)  # make, Snakemake and the running jobs
+    killed.wait()
+    assert list((work / ".snakemake/locks").glob("*.lock"))  # the lock the killed run could not remove
+    plain = snakemake(work, "--rerun-incomplete", overrides=overrides)  # what `make study` used to run
+    assert plain.returncode != 0 and "LockException" in plain.stdout + plain.stderr
+    resumed = make_study(work, overrides)
+    out, err = resumed.communicate(timeout=1800)
+    assert resumed.returncode == 0, err[-3000:]
+    return work, overrides, first_mtime, (finished, out + err)
+
+
+def make_study(work: Path, overrides: Path) -> subprocess.Popen:
+    """``make study`` on the tiny study in ``work`` (this interpreter's environment, nothing installed),
+    in its own process group."""
+    return subprocess.Popen(
+        ["make", "--no-print-directory", "-C", str(ROOT), "study", "INSTALL=", f"BIN={Path(sys.executable).parent}",
+         f"STUDY_CONFIG={ROOT / 'config' / 'config.yaml'} {overrides}",
+         f"SNAKEMAKE_ARGS=-s {ROOT / 'Snakefile'} -d {work}", "CORES=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
 
 
 def test_whole_dag_writes_report_and_every_table(tiny_study):
@@ -113,10 +146,33 @@ def test_a_model_that_cannot_spell_the_prompts_stops_at_its_preconditions(tmp_pa
 
 
 def test_resumed_run_did_not_redo_finished_steps(tiny_study):
-    work, overrides, first_mtime, full = tiny_study
+    work, overrides, first_mtime, (finished, log) = tiny_study
     assert (work / "results/tiny/collect/harmful.stats.parquet").stat().st_mtime_ns == first_mtime
+    assert len(finished) > 20 and all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    assert "removing the lock a killed run left" in log
+    rules = set(re.findall(r"^(?:local)?rule (\w+):", log, re.M))
+    assert "report" in rules and not rules & {"screen", "tune_refusal"}  # both finished before the window began
+    assert not list((work / ".snakemake/locks").glob("*.lock"))
     again = snakemake(work, "-n", overrides=overrides)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_rerun_in_another_folder_gives_the_same_tables(tiny_study, tmp_path):
+    """Determinism: the tiny study run from scratch into a second folder (and without the kill the
+    first went through) equals the first value for value: `neuronaudit diff-study` with zero
+    tolerance, which leaves out run provenance, wall-clock fields, absolute paths, logs, benchmarks
+    and the rendered report."""
+    work, overrides, _, _ = tiny_study
+    again = tmp_path / "again"
+    again.mkdir()
+    run = snakemake(again, overrides=overrides)
+    assert run.returncode == 0, run.stderr[-3000:]
+    diff = subprocess.run([sys.executable, "-m", "neuronaudit", "diff-study", str(work / "results/tiny"),
+                           str(again / "results/tiny"), "--rtol", "0", "--atol", "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert diff.returncode == 0, diff.stdout[-3000:] + diff.stderr[-2000:]
+    assert re.search(r"(\d+) files compared, 0 differ", diff.stdout), diff.stdout[-500:]
+    assert int(re.search(r"(\d+) files compared", diff.stdout)[1]) > 40
 
 
 def test_snakemake_report_shows_the_figures_under_one_category_per_stage(tiny_study, tmp_path):

@@ -48,7 +48,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.evaluation.judge import ROLLOUT_TYPES
 from neuronaudit.evaluation.metrics import (
     prefix_means,
@@ -331,17 +331,22 @@ def generate_rollouts(
         gen_stop: list[bool] = []
         gen_ent: list[np.ndarray] = []
         for b, batch in enumerate(batches):
-
             def generate(rows, part, b=b, kind=kind, seed=seed):
                 # an unsplit batch keeps its seed; halves after an out-of-memory get their own
                 row_seed = None if kind != "sample" else batch_seed(seed, b) if not part else int(
                     np.random.SeedSequence([int(seed), b, len(part), *part]).generate_state(1)[0])
-                toks, stop, ent = generate_tokens(
-                    model, [prompt_ids[i] for i, _ in rows], max_h, adapter=adapter,
-                    plan=InterventionPlan.per_row([plans[n] for _, n in rows]),
-                    eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
-                    temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed,
-                )
+                try:
+                    toks, stop, ent = generate_tokens(
+                        model, [prompt_ids[i] for i, _ in rows], max_h, adapter=adapter,
+                        plan=InterventionPlan.per_row([plans[n] for _, n in rows]),
+                        eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed,
+                    )
+                except NonFiniteError as err:
+                    if err.row is not None:
+                        i, n = rows[err.row]
+                        err.at(prompt=repr(pids[i]), context=f"intervention {n!r}")
+                    raise
                 return list(zip(toks, stop, ent))
 
             for toks, stop, ent in split_on_oom(generate, batch, "rollouts"):

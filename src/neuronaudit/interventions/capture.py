@@ -6,7 +6,10 @@ the chosen layers and keeps, per neuron, running float64 sums for ``count``, ``m
 plus each prompt's activation vector at its last real token (what contrastive screening reads).
 Memory does not grow with the prompt set: statistics are sums, last-token rows are streamed to
 Parquet batch by batch. The forward runs the decoder stack only (no unembedding) and stops after
-the highest collected layer. Padding never enters a statistic: masks come from the attention mask.
+the highest collected layer. Padding never enters a statistic: the positions the attention mask
+marks real are selected (never multiplied by a 0/1 mask, which keeps a NaN). A non-finite
+activation stops the pass at once, naming its layer, neuron, prompt and token
+(:mod:`neuronaudit.interventions.finite`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
+from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import ForwardContext, NeuronHooks, StopForward
 from neuronaudit.io import (
     NEURON_STATS_SCHEMA,
@@ -46,18 +50,22 @@ class StreamingNeuronStats:
         self._row = {layer: r for r, layer in enumerate(self.layers)}
 
     def update(self, layer: int, activation: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add ``activation [batch, chunk, n]`` at the positions where ``mask [batch, chunk]``."""
+        """Add ``activation [batch, chunk, n]`` at the positions where ``mask [batch, chunk]``.
+
+        The positions are selected, not multiplied by the mask: a non-finite value at a padding
+        position never reaches a statistic (``NaN × 0`` is ``NaN``).
+        """
         r = self._row[layer]
-        a = activation.detach().float()
-        m = mask.to(a.dtype)
-        self.count[r] += m.sum().double()
-        self.sum[r] += torch.einsum("bt,btn->n", m, a).double()
-        self.sumsq[r] += torch.einsum("bt,btn->n", m, a * a).double()
+        a = activation.detach()[mask.bool()].double()  # [selected, n]: summed in float64
+        if a.shape[0] == 0:
+            return
+        self.count[r] += a.shape[0]
+        self.sum[r] += a.sum(0)
+        self.sumsq[r] += (a * a).sum(0)
         absolute = a.abs()
-        self.sumabs[r] += torch.einsum("bt,btn->n", m, absolute).double()
-        self.positive[r] += torch.einsum("bt,btn->n", m, (a > 0).to(a.dtype)).double()
-        masked_max = (absolute * m[..., None]).amax(dim=(0, 1)).double()
-        self.maxabs[r] = torch.maximum(self.maxabs[r], masked_max)
+        self.sumabs[r] += absolute.sum(0)
+        self.positive[r] += (a > 0).sum(0)
+        self.maxabs[r] = torch.maximum(self.maxabs[r], absolute.amax(0))
 
     def table(self) -> pa.Table:
         n_layers, n = self.sum.shape
@@ -76,6 +84,13 @@ class StreamingNeuronStats:
             "max_abs": self.maxabs.reshape(-1).cpu().numpy(),
             "frac_positive": (self.positive / count).reshape(-1).cpu().numpy(),
         }
+        for name in ("mean", "std", "mean_abs", "max_abs", "frac_positive"):
+            bad = ~np.isfinite(cols[name])
+            if bad.any():  # finite activations (checked as they were read) whose sums overflowed
+                k = int(np.flatnonzero(bad)[0])
+                raise NonFiniteError(float(cols[name][k]), f"statistic {name!r}", layer=int(cols["layer"][k]),
+                                     neuron=int(cols["neuron"][k]), detail="every activation was finite; "
+                                     "their float64 sums overflowed")
         return pa.Table.from_pydict(cols, schema=NEURON_STATS_SCHEMA)
 
 
@@ -134,7 +149,7 @@ def collect_activations(
 
     schema = with_provenance(last_token_schema(adapter.n_neurons), prov)
     with atomic_path(last_token_path) as tmp_last, pq.ParquetWriter(tmp_last, schema) as writer:
-        with torch.inference_mode(), NeuronHooks(
+        with torch.inference_mode(), finite_checks(adapter), NeuronHooks(
             adapter, on_activation=on_activation, layers=layers, stop_after_layer=max(layers)
         ):
             for batch in tqdm(batches, desc="collect", unit="batch", disable=not progress):
@@ -145,6 +160,10 @@ def collect_activations(
                     adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
                 except StopForward:
                     pass
+                except NonFiniteError as err:  # name the prompt of the batch row
+                    if err.row is not None:
+                        err.at(prompt=repr(str(prompt_ids[batch[err.row]])))
+                    raise
                 ids = [str(prompt_ids[i]) for i in batch]
                 for layer in layers:
                     vectors = last_rows[layer].numpy()

@@ -1,5 +1,7 @@
 """Batched, left-padded, KV-cached generation under an optional per-row intervention plan:
-end-of-sequence and padding ids, seeded sampling per batch, and neutral generation defaults."""
+end-of-sequence and padding ids, seeded sampling per batch, and neutral generation defaults. A
+non-finite activation or logit stops the generation (greedy ``argmax`` over NaN logits would
+quietly pick token 0), naming where it appeared (:mod:`neuronaudit.interventions.finite`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from neuronaudit.errors import NonFiniteError
+from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks
+from neuronaudit.interventions.scoring import entropy_from_logp
 from neuronaudit.prompts import render_prompts, uses_template
 
 log = logging.getLogger("neuronaudit")
@@ -63,8 +68,8 @@ def _entropy_recorder():
             self.steps: list[torch.Tensor] = []
 
         def __call__(self, input_ids, scores):
-            logp = torch.log_softmax(scores.float(), dim=-1)
-            self.steps.append((-(logp.exp() * logp).nan_to_num().sum(-1)).cpu())
+            # a token a processor masked to -inf is left out of the sum, not turned into NaN
+            self.steps.append(entropy_from_logp(torch.log_softmax(scores.float(), dim=-1)).cpu())
             return scores
 
     return EntropyRecorder()
@@ -128,20 +133,25 @@ def generate_tokens(
     recorder = _entropy_recorder()
     hooks = NeuronHooks(adapter, plan) if plan is not None and any(plan.rows) else None
     devices = [device] if device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=devices), neutral_generation_defaults(model):
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices), neutral_generation_defaults(model), \
+            finite_checks(adapter if adapter is not None else model):
         if seed is not None:
             torch.manual_seed(int(seed))
-        if hooks is not None:
-            with hooks:
+        try:
+            if hooks is not None:
+                with hooks:
+                    out = model.generate(
+                        input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                        logits_processor=LogitsProcessorList([recorder]),
+                    )
+            else:
                 out = model.generate(
                     input_ids=ids, attention_mask=mask, generation_config=gen_config,
                     logits_processor=LogitsProcessorList([recorder]),
                 )
-        else:
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=gen_config,
-                logits_processor=LogitsProcessorList([recorder]),
-            )
+        except NonFiniteError as err:  # greedy argmax over NaN logits would return token 0 silently
+            err.at(prompt=f"{err.row} of the batch" if err.row is not None else None)
+            raise
     new = out[:, ids.shape[1] :].cpu()
     ent = torch.stack(recorder.steps, dim=1).numpy() if recorder.steps else np.zeros((len(prompt_ids), 0))
     eos_set = set(eos)

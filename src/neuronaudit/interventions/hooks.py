@@ -311,7 +311,8 @@ def apply_residual(hidden: torch.Tensor, edits: _CompiledResidual, ctx: ForwardC
     """Return a copy of ``hidden`` ``[batch, chunk, d_model]`` with each row's vector added where its
     positions apply."""
     where = (ctx.masks()[edits.rows] & edits.kinds[:, None, :]).any(-1)  # [E, chunk]
-    add = where[..., None].to(hidden.dtype) * edits.vectors[:, None, :]  # [E, chunk, d_model]
+    # selected, not multiplied by the mask (0 · inf would be NaN)
+    add = torch.where(where[..., None], edits.vectors[:, None, :], 0.0).to(hidden.dtype)  # [E, chunk, d_model]
     return hidden.index_add(0, edits.rows, add)
 
 

@@ -3,7 +3,8 @@
 Shared by coherence metrics (perplexity of a rollout under the unsteered model), capability
 checks (perplexity on general text) and attribution metrics. Batched, right-padded, no KV cache;
 the head runs on every position, so memory is ``batch × length × vocab`` per batch: keep
-batches modest for large vocabularies.
+batches modest for large vocabularies. A non-finite activation or logit stops the scoring, naming
+the sequence (:mod:`neuronaudit.interventions.finite`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
+from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks
 from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
 
@@ -77,16 +79,20 @@ def score_tokens(
         # whose next token is scored; the prefix before it needs hidden states, not logits
         first = min(max(1, int(scored_from[i])) for i in idx) - 1 if keeps_logits else 0
         head = {"logits_to_keep": width - first} if keeps_logits else {}
-        with torch.inference_mode():
-            if hooks is not None:
-                with hooks:
+        with torch.inference_mode(), finite_checks(adapter):
+            try:
+                if hooks is not None:
+                    with hooks:
+                        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **head).logits
+                else:
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **head).logits
-            else:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **head).logits
+            except NonFiniteError as err:
+                err.at(prompt=f"{idx[err.row]} of the scored sequences" if err.row is not None else None)
+                raise
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # positions first .. width - 2
             target = ids[:, first + 1 :]
             token_lp = logp.gather(-1, target[..., None])[..., 0]
-            entropy = -(logp.exp() * logp).sum(-1)
+            entropy = entropy_from_logp(logp)
         for r, i in enumerate(idx):
             lo, hi = max(1, int(scored_from[i])), len(sequences[i])
             logprobs[i] = token_lp[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
@@ -118,7 +124,7 @@ def shared_prompt_scores(
     logprobs: list[np.ndarray] = [np.empty(0)] * len(response_ids)
     entropies: list[np.ndarray] = [np.empty(0)] * len(response_ids)
     order = [i for i in sorted(range(len(response_ids)), key=lambda i: -len(response_ids[i])) if len(response_ids[i])]
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_checks(model):
         prefix = None
         if len(prompt) > 1:
             prefix = cache_from_output(
@@ -138,10 +144,14 @@ def shared_prompt_scores(
                 targets[r, : len(response)] = torch.tensor(response)
             ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
             kwargs = {name: broadcast_cache(prefix, len(idx))} if prefix is not None else {}
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs).logits
+            try:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs).logits
+            except NonFiniteError as err:
+                err.at(context=f"response {idx[err.row]}" if err.row is not None else "")
+                raise
             logp = F.log_softmax(logits.float(), dim=-1)
             token_lp = logp.gather(-1, targets[..., None])[..., 0]
-            entropy = -(logp.exp() * logp).sum(-1)
+            entropy = entropy_from_logp(logp)
             for r, i in enumerate(idx):
                 n = len(response_ids[i])
                 logprobs[i] = token_lp[r, :n].cpu().numpy()
@@ -162,12 +172,25 @@ def text_perplexity(
     return scores.perplexity()
 
 
+def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) ``-Σ p log p`` of log-probabilities ``logp [..., V]`` -> ``[...]``.
+
+    A token of probability 0 (``log p = -inf``, a logit a processor masked out) is left out of
+    the sum by selection: multiplying would give ``0 · -inf = NaN``.
+    """
+    return -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)
+
+
+def kl_from_logp(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q) = Σ p (log p - log q)`` over the last axis; tokens with ``p = 0`` left out."""
+    return torch.where(logp > -math.inf, logp.exp() * (logp - logq), 0.0).sum(-1)
+
+
 def entropy_from_logits(logits) -> np.ndarray:
     """Entropy (nats) of ``softmax(logits)`` along the last axis (torch tensor or array)."""
 
     t = torch.as_tensor(logits).float()
-    logp = torch.log_softmax(t, dim=-1)
-    return (-(logp.exp() * logp).sum(-1)).cpu().numpy()
+    return entropy_from_logp(torch.log_softmax(t, dim=-1)).cpu().numpy()
 
 
 def rollout_scores(

@@ -57,8 +57,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
+from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.interventions.scoring import entropy_from_logp, kl_from_logp
 from neuronaudit.models.adapters import ArchitectureAdapter
 from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
 
@@ -228,6 +230,24 @@ def _prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> li
             raise NeuronAuditError(f"prompt {p} of the sweep has no real tokens")
         out.append(real)
     return out
+
+
+@contextmanager
+def _named(p: int, rows: Sequence[Row] | None = None, chunk: Sequence[int] | None = None):
+    """Name the prompt and the row's dose in a non-finite value found inside the block (``rows``
+    ``None``: the unintervened pass)."""
+    try:
+        yield
+    except NonFiniteError as err:
+        if rows is None:
+            context = "unintervened pass"
+        elif err.row is not None and chunk is not None and err.row < len(chunk):
+            layer, neuron, dose = rows[chunk[err.row]]
+            context = f"sweep row: dose {dose:g} on neuron ({layer}, {neuron})"
+        else:
+            context = ""
+        err.at(prompt=f"{p} of the sweep", context=context)
+        raise
 
 
 def _plan(rows: Sequence[Row], positions: Sequence[str]) -> InterventionPlan:
@@ -425,18 +445,19 @@ def _iter_last_token(
         ids = ids.to(device)
         T = int(ids.numel())
         prefix = None
-        if T > 1:
-            prefix = cache_from_output(model(
-                input_ids=ids[None, :-1], attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
-                use_cache=True, **head,
-            ))
         last = ids[None, -1:]
         record: list = [None] * (L + 1)
-        with _record_blocks(adapter, record):
-            clean = model(
-                input_ids=last, attention_mask=torch.ones(1, T, dtype=torch.long, device=device),
-                use_cache=True, **{ck: broadcast_cache(prefix, 1)}, **head,
-            )
+        with _named(p):
+            if T > 1:
+                prefix = cache_from_output(model(
+                    input_ids=ids[None, :-1], attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
+                    use_cache=True, **head,
+                ))
+            with _record_blocks(adapter, record):
+                clean = model(
+                    input_ids=last, attention_mask=torch.ones(1, T, dtype=torch.long, device=device),
+                    use_cache=True, **{ck: broadcast_cache(prefix, 1)}, **head,
+                )
         yield _clean_from_record(p, record, clean.logits)
         for chunk in chunks:
             n = len(chunk)
@@ -454,9 +475,10 @@ def _iter_last_token(
             def hooks_factory(plan, n=n, T=T, **kw):
                 return NeuronHooks(adapter, plan, cached_prompt_length=T, **kw)
 
-            logits, write, final, read = _run_rows(
-                adapter, rows, chunk, ("last_prompt",), read_layers, forward, hooks_factory
-            )
+            with _named(p, rows, chunk):
+                logits, write, final, read = _run_rows(
+                    adapter, rows, chunk, ("last_prompt",), read_layers, forward, hooks_factory
+                )
             yield _Chunk(p, torch.tensor(chunk), logits, write, final, read)
 
 
@@ -471,7 +493,7 @@ def _iter_prompt(
         ids = ids.to(device)
         T = int(ids.numel())
         record: list = [None] * (L + 1)
-        with _record_blocks(adapter, record):
+        with _named(p), _record_blocks(adapter, record):
             clean = model(
                 input_ids=ids[None], attention_mask=torch.ones(1, T, dtype=torch.long, device=device),
                 use_cache=False, **head,
@@ -492,9 +514,10 @@ def _iter_prompt(
             def hooks_factory(plan, **kw):
                 return NeuronHooks(adapter, plan, **kw)
 
-            logits, write, final, read = _run_rows(
-                adapter, rows, chunk, ("prompt",), read_layers, forward, hooks_factory
-            )
+            with _named(p, rows, chunk):
+                logits, write, final, read = _run_rows(
+                    adapter, rows, chunk, ("prompt",), read_layers, forward, hooks_factory
+                )
             yield _Chunk(p, torch.tensor(chunk), logits, write, final, read)
 
 
@@ -562,7 +585,7 @@ def last_token_dose_sweep(
     rows = _check_rows(adapter, rows)
     read_layers = adapter.check_layers(read_layers or [])
     prompts = _prompts(input_ids, attention_mask)
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_checks(adapter):
         items = _iter_last_token(model, adapter, prompts, rows, read_layers, row_batch_size, share_lower_layers)
         return _collect(items, rows, prompts, read_layers, adapter, "last_token", ("last_prompt",), return_logits)
 
@@ -587,7 +610,7 @@ def prompt_dose_sweep(
     rows = _check_rows(adapter, rows)
     read_layers = adapter.check_layers(read_layers or [])
     prompts = _prompts(input_ids, attention_mask)
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_checks(adapter):
         items = _iter_prompt(model, adapter, prompts, rows, read_layers, row_batch_size, share_lower_layers)
         return _collect(items, rows, prompts, read_layers, adapter, "prompt", ("prompt",), return_logits)
 
@@ -611,7 +634,7 @@ def _generation_ids(model, eos_token_id, pad_token_id):
 
 def _step_stats(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logp = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = entropy_from_logp(logp)
     return logp.gather(-1, chosen[:, None])[:, 0], entropy
 
 
@@ -713,21 +736,22 @@ def generated_dose_sweep(
     )
     chunks = _order_by_layer(rows, row_batch_size)
     step = _DecodeStep(model, head, ck, device, eos, pad, return_logits, keep_token_ids)
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_checks(adapter):
         for p, ids in enumerate(prompts):
             ids = ids.to(device)
             T = int(ids.numel())
             prefix = None
             if T > 1:
-                prefix = cache_from_output(model(
-                    input_ids=ids[None, :-1],
-                    attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
-                    use_cache=True, **head,
-                ))
+                with _named(p):
+                    prefix = cache_from_output(model(
+                        input_ids=ids[None, :-1],
+                        attention_mask=torch.ones(1, T - 1, dtype=torch.long, device=device),
+                        use_cache=True, **head,
+                    ))
             for chunk in chunks:
                 idx = torch.tensor(chunk)
                 hooks = NeuronHooks(adapter, _plan([rows[r] for r in chunk], positions), cached_prompt_length=T)
-                with hooks:
+                with _named(p, rows, chunk), hooks:
                     tokens, logprob, entropy, length, logits, kept = step.decode(ids, prefix, len(chunk), N)
                 res.tokens[p, idx], res.token_logprob[p, idx], res.entropy[p, idx] = tokens, logprob, entropy
                 res.token_logits[p, idx] = kept
@@ -787,15 +811,16 @@ def naive_dose_loop(
     else:
         res.resid_write, res.resid_final = torch.zeros(P, R, D), torch.zeros(P, R, D)
         res.resid_read = torch.zeros(P, R, len(read_layers), D) if read_layers else None
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_checks(adapter):
         for p, ids in enumerate(prompts):
             ids = ids.to(device)[None]
             for r, row in enumerate(rows):
                 plan = _plan([row], positions)
-                if generate:
-                    _naive_generate(model, adapter, plan, ids, config, res, p, r, return_logits)
-                else:
-                    _naive_forward(model, adapter, plan, ids, row, read_layers, res, p, r, return_logits)
+                with _named(p, rows, [r]):
+                    if generate:
+                        _naive_generate(model, adapter, plan, ids, config, res, p, r, return_logits)
+                    else:
+                        _naive_forward(model, adapter, plan, ids, row, read_layers, res, p, r, return_logits)
     return res
 
 
@@ -883,19 +908,19 @@ def single_pass_dose_response(
     )
     v = write_vectors(adapter, rows)
     clean_logp = [None] * P
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_checks(adapter):
         for item in it(model, adapter, prompts, rows, [], size, share_lower_layers):
             if isinstance(item, _Clean):
                 ref = item.logits if clean_logits is None else clean_logits[item.prompt].float().cpu()
                 lp = F.log_softmax(ref, dim=-1)
                 clean_logp[item.prompt] = lp
-                out.clean_entropy[item.prompt] = -(lp.exp() * lp).sum()
+                out.clean_entropy[item.prompt] = entropy_from_logp(lp)
                 continue
             p, idx = item.prompt, item.rows
             ref = clean_logp[p]
             lq = F.log_softmax(item.logits, dim=-1)
-            out.kl[p, idx] = (ref.exp() * (ref - lq)).sum(-1)
-            out.entropy[p, idx] = -(lq.exp() * lq).sum(-1)
+            out.kl[p, idx] = kl_from_logp(ref, lq)
+            out.entropy[p, idx] = entropy_from_logp(lq)
             out.alignment_write[p, idx] = alignment(item.resid_write, v[idx])
             out.alignment_readout[p, idx] = alignment(item.resid_final, v[idx])
     return out

@@ -20,7 +20,8 @@ over the discovery split of the behaviour's positive and negative prompt sets, w
 gradient is taken on the held-out swept prompts (the positive set for refusal, the negative set
 for the mode switches): ``ā⁺ − ā⁻`` and ``∂m/∂a_p`` rest on different prompts. Gradients are taken only at the
 MLP activation sites with ``torch.autograd.grad`` (no parameter gradients), batch by batch, and
-only the per-neuron sums of ``∂m/∂a_p`` and ``|∂m/∂a_p|`` are kept, so memory stays bounded.
+only the per-neuron sums of ``∂m/∂a_p`` and ``|∂m/∂a_p|`` are kept, so memory stays bounded. A
+non-finite activation, metric or gradient stops the scoring, naming its layer, neuron and prompt.
 
 The comparison with measured control (:func:`compare`) reports, for every score, Spearman ρ of
 ``|score|`` with control strength, with ``n``, a permutation p-value and a paired BCa bootstrap CI
@@ -41,9 +42,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.evaluation.stats import spearman_permutation_bca
+from neuronaudit.interventions.finite import check_finite, finite_checks
 from neuronaudit.interventions.hooks import NeuronHooks
+from neuronaudit.io import null_for_reason
 
 
 def opening_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -112,17 +115,24 @@ def gradient_scores(
 
         handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         try:
-            with torch.enable_grad(), NeuronHooks(adapter, on_activation=on_activation):
+            with torch.enable_grad(), finite_checks(adapter), NeuronHooks(adapter, on_activation=on_activation):
                 logits = model(**enc, use_cache=False).logits
                 rows = torch.arange(logits.shape[0], device=device)
                 m = behaviour_metric(logits[rows, last["index"]], _batch_ids(behaviour_ids, start, len(rows)),
                                      _batch_ids(default_ids, start, len(rows)))
+                check_finite(m, "behaviour metric", dims=("row",))
                 layers = sorted(captured)
                 grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers])
+            with torch.no_grad():
+                idx = last["index"]
+                for layer, g in zip(layers, grads):
+                    check_finite(g[rows, idx], "gradient of the behaviour metric", layer=layer)
+        except NonFiniteError as err:
+            err.at(prompt=f"{start + err.row} of the attribution prompts" if err.row is not None else None)
+            raise
         finally:
             handle.remove()
         with torch.no_grad():
-            idx = last["index"]
             for layer, g in zip(layers, grads):
                 per_prompt = g[rows, idx].double()
                 grad_sum[layer] += per_prompt.sum(0).cpu().numpy()
@@ -266,10 +276,16 @@ def within_behaviour_ranks(table: pd.DataFrame, column: str, absolute: bool = Tr
 
 def _spearman_entry(x, y, n_permutations: int, n_boot: int, seed: int) -> dict:
     r = spearman_permutation_bca(x, y, n_permutations=n_permutations, n_boot=n_boot, seed=seed)
-    return {"n": r.n, "spearman_rho": r.rho, "p_value": r.p_value, "rho_ci95": [r.ci_low, r.ci_high],
-            "ci_method": r.ci_method, "ci_fallback_reason": r.ci_fallback_reason,
-            "n_degenerate_resamples": r.n_degenerate_resamples, "n_boot": r.n_boot,
-            "n_permutations": r.n_permutations}
+    entry = {"n": r.n, "spearman_rho": r.rho, "p_value": r.p_value, "rho_ci95": [r.ci_low, r.ci_high],
+             "ci_method": r.ci_method, "ci_fallback_reason": r.ci_fallback_reason,
+             "n_degenerate_resamples": r.n_degenerate_resamples, "n_boot": r.n_boot,
+             "n_permutations": r.n_permutations}
+    if r.ci_method == "none":  # ρ undefined: fewer than 3 pairs or a constant side
+        null_for_reason(entry, ("spearman_rho", "p_value", "rho_ci95"), f"undefined: {r.ci_fallback_reason}")
+    else:
+        null_for_reason(entry, "rho_ci95", f"every bootstrap resample was degenerate ({r.n_degenerate_resamples} "
+                                           f"of {r.n_boot} with a constant side)")
+    return entry
 
 
 def _varies(values: pd.Series) -> bool:
@@ -316,7 +332,8 @@ def compare(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_permutatio
                 stat = _spearman_entry(np.abs(ranking), g["control_strength"].to_numpy(float), n_permutations,
                                        n_boot, seed)
             prec, rec, k = precision_at_k(ranking, g["controls"].to_numpy(bool))
-            entry[score] = {**stat, "precision_at_k": prec, "recall_at_k": rec, "k": k}
+            entry[score] = null_for_reason({**stat, "precision_at_k": prec, "recall_at_k": rec, "k": k},
+                                           ("precision_at_k", "recall_at_k"), "no measured controller (k = 0)")
         cos = np.abs(g["readout_cos"].to_numpy(float))
         ctrl = g["controls"].to_numpy(bool)
         entry["abs_readout_cos"] = {

@@ -171,9 +171,9 @@ def mean_activations(model, adapter, prompt_ids: Sequence[Sequence[int]],
             where = torch.zeros_like(ctx.valid)
             for kind in positions:
                 where |= ctx.mask(kind)
-            m = where.to(torch.float32)
-            total = torch.einsum("bt,btn->bn", m, a.float())
-            count = m.sum(1, keepdim=True)
+            # selected, not multiplied by a 0/1 mask: a NaN at an unselected position stays out
+            total = torch.where(where[..., None], a.float(), 0.0).sum(1)
+            count = where.sum(1, keepdim=True).float()
             mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
             out[rows, column[layer]] = mean.cpu().numpy()
 

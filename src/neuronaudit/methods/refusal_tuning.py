@@ -34,6 +34,7 @@ prompts, perplexity against the base model) are :mod:`neuronaudit.stages.refusal
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from neuronaudit.errors import NeuronAuditError
+from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
 
 log = logging.getLogger("neuronaudit")
@@ -222,6 +223,10 @@ def train_response_loss(
         loss = response_loss(model, collate([examples[i] for i in idx], pad_token_id))
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        for site, v in (("training loss", float(loss.detach())), ("gradient norm", grad_norm)):
+            if not math.isfinite(v):  # stop before the optimiser writes non-finite weights
+                raise NonFiniteError(v, site, detail=f"refusal tuning step {step + 1} of {steps} "
+                                                     f"(learning rate {learning_rate:g})")
         opt.step()
         opt.zero_grad(set_to_none=True)
         value = float(loss.detach())

@@ -58,7 +58,9 @@ import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import wilson_interval
+from neuronaudit.interventions.finite import check_finite, finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
+from neuronaudit.interventions.scoring import entropy_from_logp
 from neuronaudit.models.kv_cache import cache_from_output, cache_kwarg, select_cache_rows
 
 Neuron = tuple[int, int]  # (layer, neuron)
@@ -485,7 +487,7 @@ class ClampedPredictor:
                                         use_cache=cache is not None, **kwargs).logits[:, -1].float()
                 self.counter.add(len(chunk))
                 logp = torch.log_softmax(logits, dim=-1)
-                ent = -(logp.exp() * logp).sum(-1)
+                ent = entropy_from_logp(logp)
                 js = [members[r] for r, _ in chunk]
                 ss = [s for _, s in chunk]
                 top[ss, js] = logits.argmax(-1).cpu().numpy()
@@ -511,11 +513,13 @@ def target_attribution(model, adapter, input_ids: Sequence[int], target_id: int)
     embed = model.get_input_embeddings()
     handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
     try:
-        with torch.enable_grad(), NeuronHooks(adapter, on_activation=on_activation):
+        with torch.enable_grad(), finite_checks(adapter), NeuronHooks(adapter, on_activation=on_activation):
             logits = model(input_ids=ids, use_cache=False).logits
             m = torch.log_softmax(logits[0, -1].float(), dim=-1)[int(target_id)]
             layers = sorted(captured)
             grads = torch.autograd.grad(m, [captured[layer] for layer in layers])
+        for layer, g in zip(layers, grads):
+            check_finite(g[:, -1], "gradient of log p(target)", layer=layer)
     finally:
         handle.remove()
     activation = np.zeros((adapter.n_layers, adapter.n_neurons))
@@ -529,7 +533,7 @@ def target_attribution(model, adapter, input_ids: Sequence[int], target_id: int)
 def greedy_next_token(model, input_ids: Sequence[int]) -> int:
     """The model's current greedy next token after ``input_ids`` (the target of a prompt)."""
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    with torch.inference_mode(), finite_checks(model):
         logits = model(input_ids=torch.tensor([list(input_ids)], device=device), use_cache=False).logits
     return int(logits[0, -1].argmax())
 

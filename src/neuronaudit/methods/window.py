@@ -45,6 +45,7 @@ from neuronaudit.evaluation.stats import (
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.interventions.scoring import shared_prompt_scores
 from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
+from neuronaudit.io import null_for_reason
 from neuronaudit.methods.attribution import opening_token_ids
 from neuronaudit.methods.dose_search import SEARCH_MODES, SearchState, run_searches
 from neuronaudit.prompts import extras, render_prompts, uses_template
@@ -906,6 +907,10 @@ def predictor_summary(held: pd.DataFrame, predicted: pd.Series, n_boot: int, see
     entry["spearman_rho_predicted_vs_measured"] = rho
     entry["spearman_rho_ci95"] = [rlo, rhi]
     entry["spearman_resampling_unit"] = "neuron × sign pair"
+    null_for_reason(entry, ("spearman_rho_predicted_vs_measured", "spearman_rho_ci95"),
+                    "Spearman ρ is undefined: fewer than 3 held-out pairs, or the predicted or the measured "
+                    "ceilings are all equal")
+    null_for_reason(entry, ("mae_x", "mae_x_ci95", "mae_alignment", "mae_alignment_ci95"), "no held-out pair")
     return entry
 
 
@@ -913,7 +918,11 @@ def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int) -
     """Every held-out figure of the window: ceiling errors of each predictor against the baselines,
     verdicts against the training majority (exact McNemar), failure modes."""
     held = table[table["split"] == "heldout"]
-    out: dict = {"fitted_on_training_neurons": fitted}
+    shown = dict(fitted)  # as written: a parameter that could not be fitted is null, with the reason
+    null_for_reason(shown, ("c_star", "kl_threshold"), "no training neuron has a measured ceiling in the grid")
+    null_for_reason(shown, "trigger_readout_alignment", "no open training neuron (none triggers below its ceiling)")
+    null_for_reason(shown, ("train_mean_ceiling_x", "train_median_ceiling_dose"), "no training neuron")
+    out: dict = {"fitted_on_training_neurons": shown}
     columns = predictor_columns(table, fitted)
     for name in PREDICTORS:
         out[f"predictor_{name}"] = predictor_summary(held, columns[name][held.index], n_boot, seed)
@@ -922,7 +931,8 @@ def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int) -
         entry = out[f"predictor_{name}"]
         for unit in ("x", "alignment"):
             base = const[f"mae_{unit}"]
-            entry[f"skill_vs_constant_{unit}"] = (1.0 - entry[f"mae_{unit}"] / base) if base else None
+            mae = entry[f"mae_{unit}"]
+            entry[f"skill_vs_constant_{unit}"] = (1.0 - mae / base) if base and mae is not None else None
     out["verdicts"] = verdict_summary(table, fitted["majority_verdict"])
     closed = held[held["verdict"] == "closed"]
     out["failure_modes_heldout"] = {m: int((closed["failure_mode"] == m).sum()) for m in FAILURE_MODES}
@@ -944,7 +954,7 @@ def verdict_summary(table: pd.DataFrame, majority: str) -> dict:
     score = score_verdicts(hv["predicted_verdict"], hv["verdict"], majority)
     with_trigger = hv[hv["has_trigger"].fillna(False).astype(bool)]
     t_score = score_verdicts(with_trigger["predicted_verdict"], with_trigger["verdict"], majority)
-    return {
+    out = {
         "n_heldout_neurons": score.n, "correct": score.correct, "accuracy": score.accuracy,
         "majority_class_from_training": majority, "majority_correct": score.majority_correct,
         "only_predictor_right": score.only_predictor_right, "only_majority_right": score.only_majority_right,
@@ -954,6 +964,8 @@ def verdict_summary(table: pd.DataFrame, majority: str) -> dict:
         "majority_correct_with_trigger": t_score.majority_correct,
         "mcnemar_exact_p_value_with_trigger": t_score.p_value,
     }
+    null_for_reason(out, ("accuracy", "mcnemar_exact_p_value"), "no held-out neuron")
+    return null_for_reason(out, "mcnemar_exact_p_value_with_trigger", "no held-out neuron has a trigger")
 
 
 def refusal_pivots(sweeps: pd.DataFrame, table: pd.DataFrame) -> list[dict]:

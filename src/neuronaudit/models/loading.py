@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.io import atomic_path, write_json
 from neuronaudit.models.adapters import adapter_for
-from neuronaudit.models.sources import DTYPES, resolve_source
+from neuronaudit.models.sources import DTYPES, check_weight_files, read_gguf, resolve_source
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -69,6 +69,7 @@ def prepare_model(spec: str, out_dir: str | Path, revision: str | None = None) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.kind == "gguf":
+        read_gguf(source.path)  # a truncated file stops here, named, not inside the converter
         weights_dir = out_dir / "weights"
         if not weight_files(weights_dir):
             with atomic_path(weights_dir) as tmp:
@@ -88,6 +89,7 @@ def prepare_model(spec: str, out_dir: str | Path, revision: str | None = None) -
                 f"model.source {spec!r}: could not fetch from the Hugging Face hub "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from None
+    check_weight_files(path)  # whole files, also for a download or a fresh conversion
     cfg = json.loads((path / "config.json").read_text())
     shape = architecture_shape(path)
     manifest = {

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.interventions.finite import install_finite_checks
 from neuronaudit.io import read_provenance
 from neuronaudit.methods.screen import CIRCUIT_SCHEMA
 from neuronaudit.models.loading import load_prepared
@@ -60,9 +61,11 @@ class OpenedModel:
 
 
 def open_model(manifest_path: str | Path, options: ModelOptions, threads: int | None = None) -> OpenedModel:
-    """Set the job's threads and load the prepared model of ``manifest_path``."""
+    """Set the job's threads and load the prepared model of ``manifest_path``, with every forward
+    checked for non-finite activations, MLP outputs and logits (:mod:`neuronaudit.interventions.finite`)."""
     set_threads(threads)
     model, tokenizer, adapter, manifest = load_prepared(manifest_path, options.dtype, options.device)
+    install_finite_checks(adapter)
     return OpenedModel(model, tokenizer, adapter, manifest, options)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from neuronaudit.errors import NeuronAuditError
+from neuronaudit.io import write_json
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import ReportOptions
 from neuronaudit.preconditions import Precondition
@@ -35,10 +36,21 @@ def run_report(
     benchmark_dir: str | Path | None = None,
     study_dir: str | Path | None = None,
     figures_dir: str | Path | None = None,
+    config_text: str | None = None,
 ) -> Path:
     """Build the audit page of ``study``; the config (``config_json``, the study's resolved config)
-    gives the report options and is shown in the provenance."""
+    gives the report options and is shown in the provenance. With ``config_text`` (the config as
+    JSON text) ``config_json`` is written from it first, atomically, so a killed report never
+    leaves a half-written config behind."""
     config = {}
+    if config_text is not None:
+        if not config_json:
+            raise NeuronAuditError("--config-text needs --config-json, the file to write it to")
+        try:
+            parsed = json.loads(config_text)
+        except json.JSONDecodeError as err:
+            raise NeuronAuditError(f"--config-text is not valid JSON: {err.msg}") from None
+        write_json(parsed, config_json)
     if config_json:
         try:
             config = json.loads(Path(config_json).read_text())

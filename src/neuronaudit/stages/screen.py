@@ -151,14 +151,24 @@ def _heldout(circuit, pos, neg, pos_table, neg_table, pairs, o: ScreenOptions) -
     return out, {"split": HELDOUT_SPLIT, **out.attrs["heldout"]}
 
 
+HELDOUT_COLUMNS = ("delta_heldout", "heldout_ci_low", "heldout_ci_high")
+
+
 def _write(scores: pd.DataFrame, circuit: pd.DataFrame, prov: dict, out_scores, out_circuit) -> None:
     write_table(pa.Table.from_pandas(scores, schema=SCREEN_SCHEMA, preserve_index=False), out_scores, prov)
     out_circuit = Path(out_circuit)
     if out_circuit.suffix == ".json":
+        neurons = circuit.to_dict(orient="records")
+        extra = {}
+        skipped = (prov.get("heldout") or {}).get("skipped")
+        if skipped:  # no held-out re-measure: those fields are missing, and the file says why
+            for row in neurons:
+                row.update({c: None for c in HELDOUT_COLUMNS if row.get(c) is not None and row[c] != row[c]})
+            extra["null_reasons"] = {c: f"held-out δ not measured: {skipped}" for c in HELDOUT_COLUMNS}
         write_json(
             {**prov, "n_pos_neurons": int((circuit["sign"] == "pos").sum()),
              "n_neg_neurons": int((circuit["sign"] == "neg").sum()),
-             "neurons": circuit.to_dict(orient="records")},
+             "neurons": neurons, **extra},
             out_circuit,
         )
     else:
