@@ -5,6 +5,7 @@ directory, temporaries of killed writes are removed, and every rule output is wr
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ def fake_snakemake(tmp_path):
     busy.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "snakemake", "--cores", "1"],
                             cwd=busy)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    for _ in range(200):  # until the child has exec'd (on a busy machine the fork shows the parent's line)
+        if not cmdline.exists() or b"snakemake" in cmdline.read_bytes():
+            break
+        time.sleep(0.05)
     yield busy, proc.pid
     proc.kill()
     proc.wait()
