@@ -426,8 +426,9 @@ def run_reasoning(
     chosen = {}
     for mode in o.modes:
         rows = val_table[val_table["mode"] == mode].rename(columns={"n_neurons": "n_top"})
-        chosen[mode] = {k: (v.item() if hasattr(v, "item") else v)
-                        for k, v in R.choose_setting(rows, ("n_top", "strength")).items()}
+        best = R.choose_setting(rows, ("n_top", "strength"))
+        chosen[mode] = {"n_top": int(best["n_top"]), "strength": float(best["strength"]),
+                        "accuracy": float(best["accuracy"])}
     primary = max(o.modes, key=lambda m: (chosen[m]["accuracy"], -list(o.modes).index(m)))
     seconds["validation"] = time.perf_counter() - t0
     log.info("reasoning: validation chose %s (primary %s), %.0f s", chosen, primary, seconds["validation"])
@@ -805,6 +806,7 @@ def _summary(o, split, disc, correct, samples, scores, ranking, neurons, none, a
         "chosen": chosen, "primary_mode": primary, "steering": mode_summaries,
         "published": PUBLISHED,
         "ablation": {"conditions": ablations, "random": random_drop, "n_neurons": o.n_ablate,
+                     "modes": list(o.ablation_modes),
                      "positions": "solution" if o.ablation_positions == "solution" else "question and solution",
                      "other_sets": {k: _jsonable_neurons(v) for k, v in others.items()}},
         "cross_task": {"by_source_kind": cross, "skipped_kinds": skipped_kinds},
