@@ -487,8 +487,10 @@ def run_reasoning(
         cross_names[kind] = (a_name, s_name)
     probe_neurons = ranking[: max(int(chosen[m]["n_top"]) for m in o.modes)]
     probe_layers = sorted({layer for layer, _ in probe_neurons})
-    test = src.roll(split["heldout"], held, "heldout", record_last=probe_layers,
-                    perplexity=["none", *steering_names])
+    # perplexity under the unsteered model costs a scoring pass: read for the chosen steering (critical and
+    # random) and the unsteered rollouts; repetition, entropy and the collapse rule cover every condition
+    chosen_names = [c.name for c in held if c.details.get("chosen")]
+    test = src.roll(split["heldout"], held, "heldout", record_last=probe_layers, perplexity=["none", *chosen_names])
     seconds["heldout"] = time.perf_counter() - t0
     log.info("reasoning: %d held-out conditions × %d problems, %.0f s, %d positions", len(held), len(split["heldout"]),
              seconds["heldout"], test.token_positions)
