@@ -3,8 +3,9 @@
 ``write_study(root)`` writes ``root/results/<name>/`` with the outputs of every stage (refusal,
 screen, CNA, keystone, window, attribution, sufficient, reasoning, collect, preconditions) in the
 columns the report sections read; ``build_study_report`` then builds its page and figure files
-from them, as the report rule does. Numbers depend on ``seed`` so that two studies differ; ``evil=True`` plants markup that would run
-script if it reached the page unescaped, in a prompt and a rollout text (and a prompt-set name).
+from them, as the report rule does. Numbers depend on ``seed`` so that two studies differ;
+``evil=True`` plants markup that would run script if it reached the page unescaped, in a prompt
+and a rollout text (and a prompt-set name).
 """
 
 from __future__ import annotations
