@@ -9,7 +9,8 @@ Stages, one file each under rules/: model (prepare a cached loadable copy) -> pr
 hash, split) -> refusal (refusal-tuned reference model, refusal rates, typed rollouts) -> collect
 (per-neuron statistics and last-token activations) -> screen (contrastive screen per behaviour,
 CNA circuit scaling, keystone neurons) -> window (dose sweeps, attribution) ->
-sufficient (minimal sufficient neuron sets) -> report.
+sufficient (minimal sufficient neuron sets) -> reasoning (reasoning-critical neurons: ablation,
+steering with a gate, transfer) -> report.
 """
 
 from snakemake.utils import min_version
@@ -29,6 +30,7 @@ include: "rules/preconditions.smk"
 include: "rules/screen.smk"
 include: "rules/window.smk"
 include: "rules/sufficient.smk"
+include: "rules/reasoning.smk"
 include: "rules/report.smk"
 
 

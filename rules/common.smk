@@ -15,7 +15,7 @@ from snakemake.utils import validate
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import collect_shard_count, model_source
-from neuronaudit.config import precheck_config, validate_config
+from neuronaudit.config import precheck_config, transfer_source, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
 
@@ -46,6 +46,7 @@ try:
     # cluster job, --mode remote) only resolves the model source
     MODEL = preflight(config, ROOT) if workflow.is_main_process else model_source(config, ROOT)
     COLLECT_SETS = collected_sets(config)
+    TRANSFER = transfer_source(config, ROOT)
 except NeuronAuditError as err:
     _fail(err)
 
@@ -167,6 +168,49 @@ def sufficient_tables():
     return out
 
 
+def transfer_manifest():
+    """The second model of the reasoning stage's transfer (reasoning.transfer_model): the prepared
+    base model (base: what the audited model was tuned from, the audited model itself when
+    refusal.tune is false), a prepared copy of another source (rules/model.smk), or None (none)."""
+    spec = config["reasoning"]["transfer_model"]
+    if spec == "none":
+        return None
+    if spec == "base" or TRANSFER.slug == MODEL.slug:
+        return model_manifest()
+    return f"results/models/{TRANSFER.slug}/manifest.json"
+
+
+def reasoning_tables():
+    """What the reasoning stage reads beside the audited model, by CLI flag: the problem set's
+    prepared table, the screen and keystone tables whose top sets it ablates, the second model."""
+    r = config["reasoning"]
+    out = {}
+    if r["problem_set"] is not None:
+        out["problems"] = prompt_table(r["problem_set"])
+    if "screen" in r["compare_with"]:
+        out.update({f"screen:{b}": screen_table("scores", b) for b in config["behaviours"]})
+    if "keystone" in r["compare_with"]:
+        out["keystone"] = stage_file("keystone", "scores.parquet")
+    if transfer_manifest() is not None:
+        out["transfer-manifest"] = transfer_manifest()
+    return out
+
+
+def reasoning_inputs(wildcards):
+    """The reasoning stage's named inputs (reasoning_tables, keyed without colons)."""
+    return {name.replace(":", "_").replace("-", "_"): path for name, path in reasoning_tables().items()}
+
+
+def reasoning_flags():
+    """The CLI flags of reasoning_tables: --problems, --screens B=PATH ..., --keystone, --transfer-manifest."""
+    tables = reasoning_tables()
+    screens = {name.split(":", 1)[1]: path for name, path in tables.items() if name.startswith("screen:")}
+    flags = [f"--{name} {path}" for name, path in tables.items() if not name.startswith("screen:")]
+    if screens:
+        flags.append(f"--screens {named_paths(screens)}")
+    return " ".join(flags)
+
+
 def stage_errors(results, since):
     """The one-line errors ("neuronaudit: error: ...") in the stage logs written since ``since``."""
     out = []
@@ -198,6 +242,7 @@ def stage_outputs():
         out.append(stage_file("cna", "summary.parquet"))
     if config["sufficient"]["tasks"]:
         out.append(stage_file("sufficient", "summary.json"))
+    out.append(stage_file("reasoning", "summary.json"))
     return out
 
 

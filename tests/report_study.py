@@ -1,10 +1,11 @@
 """A small synthetic study: every table and JSON summary the report reads, no model run.
 
 ``write_study(root)`` writes ``root/results/<name>/`` with the outputs of every stage (refusal,
-screen, CNA, keystone, window, attribution, sufficient, collect, preconditions) in the columns the report sections read;
-``build_study_report`` then builds its page and figure files from them, as the report rule does.
-Numbers depend on ``seed`` so that two studies differ; ``evil=True`` plants markup that would run
-script if it reached the page unescaped, in a prompt and a rollout text (and a prompt-set name).
+screen, CNA, keystone, window, attribution, sufficient, reasoning, collect, preconditions) in the
+columns the report sections read; ``build_study_report`` then builds its page and figure files
+from them, as the report rule does. Numbers depend on ``seed`` so that two studies differ;
+``evil=True`` plants markup that would run script if it reached the page unescaped, in a prompt
+and a rollout text (and a prompt-set name).
 """
 
 from __future__ import annotations
@@ -266,6 +267,9 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
         "cost": {"forward_calls": 120, "token_positions": 4000}, "provenance": {"n_explained": 3}},
         study / "sufficient" / "summary.json")
 
+    # reasoning-critical neurons
+    _write_reasoning(study / "reasoning", rng)
+
     # preconditions
     checks = [preconditions.Precondition("unknown_token_rate", "set:harmful", 0.0, 0.05, "max", 40,
                                          "0 of 900 tokens are the unknown token"),
@@ -300,6 +304,94 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     _json(config, study / "report" / "config.json")
     return {"study": study, "stats": stats, "manifest": manifest, "config": config, "benchmarks": [bench],
             "prompt": prompt, "response": response}
+
+
+def _accuracy(k: int, n: int) -> dict:
+    return {"n": n, "n_correct": k, "accuracy": k / n, "accuracy_low": max(0.0, k / n - 0.15),
+            "accuracy_high": min(1.0, k / n + 0.15)}
+
+
+def _change(delta: float) -> dict:
+    return {"delta": delta, "delta_low": delta - 0.1, "delta_high": delta + 0.1, "mcnemar_p": 0.04}
+
+
+def _write_reasoning(folder: Path, rng) -> None:
+    """The reasoning stage's tables and summary, in the columns its report section reads."""
+    n_held, base = 20, 8
+    steer, ablate = [], []
+    none = {"condition": "none", "set": "none", "target_kind": "all", "split": "heldout", **_accuracy(base, n_held),
+            **_change(0.0)}
+    steer.append(none)
+    ablate.append(none)
+    for mode, strengths in (("add", (0.5, 1.0, 2.0)), ("blend", (0.25, 0.5, 1.0))):
+        for s in strengths:
+            for which in ("critical", "random"):
+                k = base + (int(rng.integers(0, 6)) if which == "critical" else int(rng.integers(-1, 2)))
+                steer.append({"condition": f"steer {mode} n=10 s={s:g}" + ("" if which == "critical" else " random0"),
+                              "set": which, "mode": mode, "strength": s, "n_neurons": 10, "replicate": 0,
+                              "chosen": s == strengths[1], "target_kind": "all", "split": "heldout",
+                              **_accuracy(k, n_held), **_change((k - base) / n_held)})
+    for mode in ("zero", "mean"):
+        for name, kind in (("critical", "critical"), ("random0", "random"), ("random1", "random")):
+            k = base - (5 if kind == "critical" else int(rng.integers(0, 2)))
+            ablate.append({"condition": f"ablate {mode} {name}", "set": kind, "mode": mode, "n_neurons": 50,
+                           "target_kind": "all", "split": "heldout", **_accuracy(k, n_held),
+                           **_change((k - base) / n_held)})
+    ablate.append({"condition": "ablate zero keystone", "set": "keystone", "mode": "zero", "n_neurons": 50,
+                   "target_kind": "all", "split": "heldout", **_accuracy(base - 1, n_held), **_change(-0.05)})
+    for kind in ("arithmetic", "comparison"):
+        for target in ("arithmetic", "comparison"):
+            ablate.append({"condition": f"cross {kind} ablate", "set": "critical", "source_kind": kind,
+                           "target_kind": target, "split": "heldout", **_accuracy(3, 10), **_change(-0.1)})
+            steer.append({"condition": f"cross {kind} steer", "set": "critical", "source_kind": kind,
+                          "target_kind": target, "split": "heldout", **_accuracy(5, 10), **_change(0.1)})
+    _write(pd.DataFrame(steer), folder / "steering.parquet")
+    _write(pd.DataFrame(ablate), folder / "ablation.parquet")
+    neurons = pd.DataFrame([{"scope": "all", "rank": r + 1, "layer": int(rng.integers(0, N_LAYERS)),
+                             "neuron": int(rng.integers(0, N_NEURONS)), "g": 1.0, "b": -0.5, "w": 1.5 - 0.1 * r,
+                             "w_low": 1.0, "w_high": 2.0, "rel": 1.0, "rel_low": 0.9, "rel_high": 1.0,
+                             "top_share": 0.8} for r in range(12)])
+    _write(neurons, folder / "neurons.parquet")
+    failed = np.arange(n_held) % 3 != 0
+    _write(pd.DataFrame({"split": "heldout", "problem_id": [f"p{i}" for i in range(n_held)],
+                         "probability": np.where(failed, 0.7, 0.3) + rng.normal(0, 0.2, n_held), "failed": failed,
+                         "fires": failed}), folder / "gate.parquet")
+    _write(pd.DataFrame([{"condition": "none", **_accuracy(base, n_held), **_change(0.0)},
+                         {"condition": "carried", "mean_abs_correlation": 0.9, **_accuracy(base + 2, n_held),
+                          **_change(0.1)},
+                         {"condition": "random map0", "mean_abs_correlation": 0.1, **_accuracy(base, n_held),
+                          **_change(0.0)}]), folder / "transfer.parquet")
+    _write(pd.DataFrame({"split": ["discovery"], "condition": ["none"], "reply": ["The answer is 12."]}),
+           folder / "solutions.parquet")
+    chosen_add = {**_accuracy(base + 3, n_held), **_change(0.15), "vs_random_delta": 0.1, "vs_random_low": -0.05,
+                  "vs_random_high": 0.25, "vs_random_p": 0.3, "collapse_rate": 0.05}
+    _json({"status": "complete", "n_problems": {"discovery": 48, "validation": 20, "heldout": n_held},
+           "discovery": {"n_solutions": 192, "n_correct": 60, "accuracy": 60 / 192, "accuracy_low": 0.25,
+                         "accuracy_high": 0.38, "samples_per_problem": 4},
+           "heldout_unsteered": _accuracy(base, n_held),
+           "scores": {"top": neurons.head(10).to_dict(orient="records")},
+           "chosen": {"add": {"n_top": 10, "strength": 1.0, "accuracy": 0.5},
+                      "blend": {"n_top": 10, "strength": 0.5, "accuracy": 0.45}},
+           "primary_mode": "add",
+           "steering": {"add": {"n_neurons": 10, "strength": 1.0, "heldout": chosen_add,
+                                "statement": "Steering the top 10 neurons (add, s = 1) changed held-out accuracy by "
+                                             "+15.0 points. The change is not distinguishable from no change "
+                                             "(null result)."},
+                        "blend": {"n_neurons": 10, "strength": 0.5, "heldout": {**_accuracy(base, n_held),
+                                                                                **_change(0.0)},
+                                  "statement": ""}},
+           "ablation": {"modes": ["zero", "mean"], "n_neurons": 50,
+                        "conditions": {"ablate zero critical": _change(-0.25)},
+                        "random": {"zero": {"mean_delta": -0.02, "min_delta": -0.05, "max_delta": 0.0}}},
+           "gate": {"fitted": True, "auc": 0.7, "auc_low": 0.5, "auc_high": 0.9, "threshold": 0.5, "fired": 12,
+                    "n_heldout": n_held, "n_heldout_failed": 13,
+                    "policies": {"add": {"gated": {**_accuracy(base + 2, n_held), **_change(0.1)},
+                                         "retention_gated": {"still_solved": 7, "n_solved": 8}}}},
+           "transfer": {"target_source": "synthetic/base", "mode": "add", "same_weights_as_audited": False,
+                        "outcomes": {"carried": {**_accuracy(base + 2, n_held), **_change(0.1)}},
+                        "carried_vs_random": {"vs_random_delta": 0.1, "vs_random_low": -0.1, "vs_random_high": 0.3},
+                        "match_quality": {"mean_abs_correlation": 0.9, "random_mean_abs_correlation": 0.1}}},
+          folder / "summary.json")
 
 
 def build_study_report(info: dict) -> Path:

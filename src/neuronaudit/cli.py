@@ -140,6 +140,14 @@ def cmd_sufficient(args) -> None:
                                         _options(args, opts.SufficientOptions), threads=args.threads)
 
 
+def cmd_reasoning(args) -> None:
+    _stage("reasoning").run_reasoning(
+        args.manifest, args.out_problems, args.out_solutions, args.out_neurons, args.out_ablation, args.out_steering,
+        args.out_gate, args.out_transfer, args.out_summary, _options(args, opts.ReasoningOptions),
+        problems=args.problems, screens=_named(args.screens, "--screens"), keystone=args.keystone,
+        transfer_manifest=args.transfer_manifest, threads=args.threads)
+
+
 def cmd_preconditions(args) -> None:
     _stage("preconditions").run_preconditions(args.manifest, _named(args.prompts, "--prompts"), args.out_json,
                                               _options(args, opts.PreconditionOptions), threads=args.threads)
@@ -253,6 +261,15 @@ _LIST_INPUTS = {
                                                              "prompts (joined by merge-collect)"))],
     "sufficient": [("--tables", dict(nargs="+", required=True, metavar="TASK:ROLE=PATH",
                                      help="each task's prompt tables: TASK:set, or TASK:positive and TASK:negative"))],
+    "reasoning": [
+        ("--problems", dict(default=None, help="prepared prompt table of reasoning.problem_set (none: generated)")),
+        ("--screens", dict(nargs="*", default=[], metavar="BEHAVIOUR=SCORES",
+                           help="screen tables whose top sets are ablated beside the critical set")),
+        ("--keystone", dict(default=None, help="keystone scores table whose top set is ablated beside the "
+                                               "critical set")),
+        ("--transfer-manifest", dict(default=None, help="manifest.json of the second model "
+                                                        "(reasoning.transfer_model)")),
+    ],
 }
 
 
@@ -285,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sufficient": ("minimal sufficient neuron sets (WASD): search, checks, control",
                        ["manifest", "threads", "options", "gate"],
                        ["sets", "precision", "control", "perturbations", "summary"], cmd_sufficient),
+        "reasoning": ("reasoning-critical neurons: scores, ablation, steering, gate, transfer (AdaRAS)",
+                      ["manifest", "threads", "options", "gate"],
+                      ["problems", "solutions", "neurons", "ablation", "steering", "gate", "transfer", "summary"],
+                      cmd_reasoning),
     }
     for name, (help_, parents, outputs, handler) in stages.items():
         p = sub.add_parser(name, help=help_, parents=[par[k] for k in parents])

@@ -258,6 +258,9 @@ def check_references(config: dict) -> None:
     if config["refusal"]["tune"]:
         for name in ("harmful", "harmless", "generic"):
             need_set("refusal.tune (needs harmful, harmless and generic)", name)
+    problem_set = (config.get("reasoning") or {}).get("problem_set")
+    if problem_set is not None:
+        need_set("reasoning.problem_set", problem_set)
 
 
 def check_settings(config: dict) -> None:
@@ -276,6 +279,43 @@ def check_settings(config: dict) -> None:
             f"(at most {most}: window.n_candidates {window['n_candidates']} × {n} "
             f"+ window.n_random {window['n_random']}), leaving none to fit the ceiling predictors on; "
             f"use at most {most - 1}")
+
+
+def transfer_source(config: dict, root: Path):
+    """The second model of the reasoning stage's transfer when it is a model source of its own
+    (``reasoning.transfer_model`` other than ``base`` and ``none``), resolved as ``model.source``
+    is; ``None`` otherwise."""
+    spec = (config.get("reasoning") or {}).get("transfer_model", "none")
+    if spec in ("base", "none"):
+        return None
+    if not spec.startswith("embedded:") and not Path(spec).is_absolute() and (root / spec).exists():
+        spec = str(root / spec)
+    return resolve_source(spec)
+
+
+def check_reasoning(config: dict, root: Path = Path(".")) -> None:
+    """The reasoning stage's settings that depend on each other: a difficulty for every generated
+    kind, and enough distinct generated problems for the three splits."""
+    r = config.get("reasoning")
+    if not r:
+        return
+    if r["problem_set"] is None:
+        missing = [k for k in r["kinds"] if k not in r["difficulty"]]
+        if missing:
+            raise NeuronAuditError(f"config key reasoning.difficulty: no difficulty for kind {missing[0]!r} of "
+                                   f"reasoning.kinds; give one for each of {r['kinds']}")
+        from neuronaudit.methods.reasoning_tasks import problem_splits
+
+        try:
+            problem_splits({"discovery": r["n_discovery"], "validation": r["n_validation"],
+                            "heldout": r["n_heldout"]}, config["seed"], r["difficulty"], r["kinds"])
+        except NeuronAuditError as err:
+            raise NeuronAuditError(f"config key reasoning.n_discovery: {err}") from None
+    if r["transfer_model"] not in ("base", "none"):
+        try:
+            transfer_source(config, root)
+        except NeuronAuditError as err:
+            raise NeuronAuditError(f"config key reasoning.transfer_model: {err}") from None
 
 
 def check_device(config: dict) -> None:
@@ -300,10 +340,27 @@ def check_model_size(config: dict, arch: dict) -> None:
                     f"config key collect.layers: layer index {layer} is out of range for "
                     f"{source!r} with {n_layers} layers (valid: 0..{n_layers - 1})"
                 )
+    reasoning = config.get("reasoning") or {}
+    if n_layers:
+        for layer in reasoning.get("layers") or []:
+            if not -n_layers <= layer < n_layers:
+                raise NeuronAuditError(
+                    f"config key reasoning.layers: layer index {layer} is out of range for "
+                    f"{source!r} with {n_layers} layers (valid: 0..{n_layers - 1})"
+                )
     n_neurons = arch.get("n_neurons")
     if not (n_layers and n_neurons):
         return
     total = n_layers * n_neurons
+    if reasoning:
+        scored = len(set(reasoning.get("layers") or range(n_layers)))
+        most = max([*reasoning["n_top"], reasoning["n_ablate"]])
+        if most * (1 + reasoning["n_random"]) > scored * n_neurons:
+            key = "reasoning.n_ablate" if reasoning["n_ablate"] >= max(reasoning["n_top"]) else "reasoning.n_top"
+            raise NeuronAuditError(
+                f"config key {key}: {most} neurons and reasoning.n_random {reasoning['n_random']} random sets of as "
+                f"many need {most * (1 + reasoning['n_random'])} distinct neurons, more than the {scored * n_neurons} "
+                f"of the {scored} scored layers of {source!r}")
     for key, value in (("screen.k", config["screen"]["k"]), ("keystone.k_max", config["keystone"]["k_max"])):
         if isinstance(value, int) and value > total:
             raise NeuronAuditError(
@@ -346,6 +403,7 @@ def preflight(config: dict, root: Path):
     collected_sets(config)
     check_references(config)
     check_settings(config)
+    check_reasoning(config, root)
     make_judge(config["judge"])  # a bad judge configuration fails before any generation
     for name, path in config["prompts"]["sets"].items():
         check_prompt_file(name, resolve_path(path, root))

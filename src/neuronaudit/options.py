@@ -332,6 +332,49 @@ class SufficientOptions(StageOptions):
 
 
 @dataclass(frozen=True)
+class ReasoningOptions(StageOptions):
+    """reasoning: reasoning-critical neurons, their causal test, steering, gate and transfer."""
+
+    section: ClassVar[str] = "reasoning"
+    model: ModelOptions = key("model")
+    judge: JudgeOptions = key("judge")
+    problem_set: str | None
+    kinds: list
+    difficulty: dict
+    n_discovery: int
+    n_validation: int
+    n_heldout: int
+    n_samples: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    layers: list | None
+    eps: float
+    rel_resolution: float | None
+    n_top: list
+    modes: list
+    add_strengths: list
+    blend_strengths: list
+    n_ablate: int
+    ablation_modes: list
+    ablation_positions: str
+    n_random: int
+    compare_with: list
+    cross_task: bool
+    probe_l2: float
+    probe_threshold: float | None
+    transfer_model: str
+    transfer_match: str
+    transfer_window: float
+    transfer_n_random: int
+    n_boot: int
+    confidence: float
+    batch_size: int
+    prefix_batch: int
+    seed: int = key("seed")
+
+
+@dataclass(frozen=True)
 class AttributionOptions(StageOptions):
     """attribution: gradient vs forward scores of the window's candidates."""
 
@@ -367,6 +410,7 @@ STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "window": WindowOptions,
     "attribution": AttributionOptions,
     "sufficient": SufficientOptions,
+    "reasoning": ReasoningOptions,
     "preconditions": PreconditionOptions,
     "report": ReportOptions,
 }

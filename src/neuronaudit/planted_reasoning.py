@@ -37,12 +37,14 @@ Every other MLP weight is random (gate and up N(0, 0.1²), down N(0, 0.01²) on 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
 
-from neuronaudit.planted import D_MLP, D_MODEL, _blank_llama, _word_id
+from neuronaudit.planted import D_MLP, D_MODEL, _blank_llama, _word_id, planted_tokenizer
 
 REASONING_AXES = {"easy": 0, "bias": 1, "doubt": 2, "yes": 3, "no": 4, "stop": 5}
 YES_CUES = ("red", "green", "blue", "gold")
@@ -125,6 +127,35 @@ def planted_reasoning_problems(n: int, offset: int = 0) -> list[dict]:
         rows.append({"problem_id": f"planted-{k:04d}", "text": f"Note {k + 1}: {subject} {verb} {cue}",
                      "answer": "yes" if cue in YES_CUES else "no", "hard": cue in HARD_CUES})
     return rows
+
+
+#: Kind of a planted problem by its cue: the yes cues are colours, the no cues animals.
+PLANTED_KINDS = {**{c: "colour" for c in YES_CUES}, **{c: "animal" for c in NO_CUES}}
+
+
+def planted_problem_file_rows(n: int = 96) -> list[dict]:
+    """The planted problems as a problem file for the reasoning stage (``reasoning.problem_set``):
+    ``prompt_id``, ``text``, ``answer`` (a text answer), ``answer_type``, ``kind`` (``colour`` or
+    ``animal``) and ``hard``; ``n`` distinct notes, each cue equally often."""
+    rows = []
+    for r in planted_reasoning_problems(n):
+        cue = r["text"].rsplit(" ", 1)[1]
+        rows.append({"prompt_id": r["problem_id"], "text": r["text"], "answer": r["answer"], "answer_type": "text",
+                     "kind": PLANTED_KINDS[cue], "hard": r["hard"]})
+    return rows
+
+
+def save_planted_reasoning_model(path: str | Path, seed: int = 0, n_problems: int = 96) -> dict:
+    """Write :func:`planted_reasoning_model` and its tokenizer to ``path/model`` and the planted
+    problems to ``path/planted_problems.jsonl``; returns ``{"model", "problems", "carry"}``."""
+    path = Path(path)
+    tokenizer = planted_tokenizer()
+    model = planted_reasoning_model(tokenizer, seed)
+    model.save_pretrained(path / "model")
+    tokenizer.save_pretrained(path / "model")
+    problems = path / "planted_problems.jsonl"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in planted_problem_file_rows(n_problems)))
+    return {"model": path / "model", "problems": problems, "carry": list(CARRY)}
 
 
 def grade_planted(reply: str, answer: str) -> bool:

@@ -162,6 +162,11 @@ def scopes_of(headline_key: str, config: Mapping) -> set[str]:
         if spec.get("set"):
             return {f"set:{spec['set']}"}
         return behaviour(spec.get("behaviour", "")) if spec.get("behaviour") else set()
+    if stage == "reasoning":
+        # the problems are generated (no prompt set, nothing to check but the model) or a user's
+        # problem set, whose tokenizer coverage then guards every reasoning figure
+        problem_set = (config.get("reasoning") or {}).get("problem_set")
+        return {f"set:{problem_set}"} if problem_set else set()
     return set()
 
 

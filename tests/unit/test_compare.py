@@ -66,7 +66,9 @@ def test_figures_side_by_side_one_row_per_figure(studies):
                        "Predicted against measured ceilings", "Control windows",
                        "Measured control against attribution scores and readout geometry",
                        "Activation profile over layers", "Precision against set size",
-                       "Stability of the found sets across prompts", "Forcing the target onto prompts that lack it"}
+                       "Stability of the found sets across prompts", "Forcing the target onto prompts that lack it",
+                       "Held-out accuracy against steering strength", "Ablation: critical neurons against controls",
+                       "Failure probe ROC on held-out problems", "Transfer to the second model against random mappings"}
     assert {html.unescape(t) for t, _ in grids} == manifest_titles
     for _, body in grids:
         columns = re.findall(r'<figure data-column="([^"]+)">', body)

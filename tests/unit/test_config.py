@@ -18,7 +18,7 @@ from neuronaudit.errors import NeuronAuditError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-NAMED_MAPS = ("sets", "behaviours", "thresholds", "tasks")  # keys are user-chosen names
+NAMED_MAPS = ("sets", "behaviours", "thresholds", "tasks", "difficulty")  # keys are user-chosen names (or kinds)
 
 
 def _keys(schema, prefix=""):

@@ -125,3 +125,37 @@ def test_checker_reads_digits_and_words_and_flags_unparseable_replies():
     assert extract_answer("x = 3, y = 4", "number") == (4.0,)
     table = grade_replies([p, p], ["75", "no idea"])
     assert list(table["parsed"]) == [True, False] and list(table["correct"]) == [True, False]
+
+
+def test_text_answers_compare_words_after_the_last_marker():
+    from neuronaudit.methods.reasoning_tasks import grade_text
+
+    p = Problem("t", "heldout", "note", 0, "Is it red?", "yes", "text")
+    assert grade(p, " yes").correct and grade(p, "Yes.").correct and grade(p, "The answer is: YES!").correct
+    wrong = grade(p, " qq")
+    assert wrong.parsed and not wrong.correct and wrong.value == "qq"
+    assert not grade(p, " ...").parsed
+    assert grade_text("New York", "The answer is new york, of course").correct
+    assert not grade_text("New York", "new").correct
+    with pytest.raises(NeuronAuditError, match="text answer"):
+        _ = p.expected
+
+
+def test_a_problem_set_is_split_by_seed_within_each_kind():
+    from neuronaudit.methods.reasoning_tasks import answer_type_of, problems_from_rows
+
+    assert [answer_type_of(a) for a in ("12", "-3", "1, 2, 3", "yes", "3.5")] == ["number", "number", "list",
+                                                                                 "text", "text"]
+    rows = [{"prompt_id": f"{k}-{i}", "text": f"q {k} {i}", "answer": str(i), "kind": k}
+            for k in ("a", "b") for i in range(10)]
+    sizes = {"discovery": 4, "validation": 2, "heldout": 3}
+    split = problems_from_rows(rows, sizes, seed=1)
+    assert {s: len(v) for s, v in split.items()} == {"discovery": 8, "validation": 4, "heldout": 6}
+    ids = [p.problem_id for s in SPLITS for p in split[s]]
+    assert len(ids) == len(set(ids))
+    assert sum(p.kind == "a" for p in split["heldout"]) == 3 and split["heldout"][0].answer_type == "number"
+    assert split == problems_from_rows(rows, sizes, seed=1) and split != problems_from_rows(rows, sizes, seed=2)
+    with pytest.raises(NeuronAuditError, match="kind 'a' has 10 problems, fewer than the 12"):
+        problems_from_rows(rows, {**sizes, "heldout": 6}, seed=1)
+    with pytest.raises(NeuronAuditError, match="has no answer"):
+        problems_from_rows([{"prompt_id": "x", "text": "q"}], sizes, seed=1)

@@ -357,7 +357,7 @@ def headline_cells(page: str) -> dict[str, dict[str, str]]:
 def test_every_stage_has_its_section_in_order(full):
     ids = re.findall(r'<section id="([^"]+)">', full["html"])
     assert ids == ["summary", "preconditions", "refusal", "screen", "cna", "keystone", "window", "attribution",
-                   "sufficient", "activations", "provenance"]
+                   "sufficient", "reasoning", "activations", "provenance"]
     s = summary_items(full["html"])
     assert s["behaviours audited"] == "refusal (harmful vs harmless); operator (operator_mul vs operator_add)"
 

@@ -47,6 +47,9 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
                    "horizons": [2, 4], "n_prompts": 2, "n_generic": 2, "n_heldout": 2, "row_batch_size": 8},
         "sufficient": {"n_explained": 1, "n_search": 8, "n_fresh": 8, "n_candidates": 2, "max_size": 2,
                        "n_random": 1, "n_control": 2, "max_new_tokens": 2, "n_boot": 100},
+        "reasoning": {"n_discovery": 2, "n_validation": 1, "n_heldout": 2, "n_samples": 1, "temperature": 0.0,
+                      "max_new_tokens": 4, "n_top": [2], "n_ablate": 2, "add_strengths": [1.0],
+                      "blend_strengths": [0.5], "n_random": 1, "transfer_n_random": 1},
         # the tiny model's word-level vocabulary cannot spell the prompt sets: finish, marked
         "preconditions": {"on_fail": "mark", "n_prompts": 4},
     }))

@@ -70,7 +70,7 @@ KINDS: tuple[str, ...] = ("arithmetic", "comparison", "counting", "word_problem"
 #: Difficulty per kind for the embedded model (measured in the module docstring).
 DEFAULT_DIFFICULTY: dict[str, int] = {"arithmetic": 1, "comparison": 1, "counting": 2, "word_problem": 1}
 SPLITS: tuple[str, ...] = ("discovery", "validation", "heldout")
-ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "list")
+ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "list", "text")
 
 #: The instruction appended to every question.
 INSTRUCTION = {
@@ -82,7 +82,7 @@ INSTRUCTION = {
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem: ``answer`` is the exact answer as text (``"75"``, ``"12, 15, 19"``);
+    """One problem: ``answer`` is the exact answer as text (``"75"``, ``"12, 15, 19"``, ``"yes"``);
     ``options`` the numbers a ``choice`` picks from (empty otherwise)."""
 
     problem_id: str
@@ -96,7 +96,9 @@ class Problem:
 
     @property
     def expected(self) -> tuple[int, ...]:
-        """The answer as integers (one, or the ordered list)."""
+        """The answer as integers (one, or the ordered list); a ``text`` answer has none."""
+        if self.answer_type == "text":
+            raise NeuronAuditError(f"problem {self.problem_id!r} has a text answer, not a number")
         return tuple(int(x) for x in self.answer.split(","))
 
 
@@ -250,8 +252,30 @@ def extract_answer(reply: str, answer_type: str = "number", n_values: int = 1,
     return tuple(v for _, v in found[-k:])
 
 
+_TEXT_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+
+def text_words(text: str) -> list[str]:
+    """The words of ``text``, lower-cased, punctuation dropped (what a ``text`` answer compares)."""
+    return [w.lower() for w in _TEXT_WORD.findall(text)]
+
+
+def grade_text(answer: str, reply: str) -> Grade:
+    """A ``text`` answer: the first as many words as the answer has, read after the reply's last
+    answer marker (else from its start), equal the answer's words (case and punctuation ignored)."""
+    expected = text_words(answer)
+    markers = list(_MARKER.finditer(reply))
+    words = text_words(reply[markers[-1].end():] if markers else reply)
+    if not words or not expected:
+        return Grade(False, "", False)
+    got = words[: len(expected)]
+    return Grade(True, " ".join(got), got == expected)
+
+
 def grade(problem: Problem, reply: str) -> Grade:
     """Grade one reply to ``problem``."""
+    if problem.answer_type == "text":
+        return grade_text(problem.answer, reply)
     expected = problem.expected
     got = extract_answer(reply, problem.answer_type, len(expected), problem.options)
     if got is None:
@@ -436,6 +460,62 @@ def problem_splits(n_per_kind: Mapping[str, int], seed: int, difficulty: int | M
         if split in n_per_kind:
             out[split] = generate_problems(split, int(n_per_kind[split]), seed, difficulty, kinds, used)
             used |= {p.question for p in out[split]}
+    return out
+
+
+def answer_type_of(answer: str) -> str:
+    """The answer type a problem file's answer implies when the row names none: ``number`` for an
+    integer, ``list`` for comma-separated integers, ``text`` otherwise."""
+    parts = [x.strip() for x in str(answer).split(",")]
+    if all(re.fullmatch(r"-?\d+", x) for x in parts):
+        return "number" if len(parts) == 1 else "list"
+    return "text"
+
+
+def problems_from_rows(rows: Sequence[Mapping], n_per_kind: Mapping[str, int], seed: int,
+                       source: str = "problem set") -> dict[str, list[Problem]]:
+    """Problems of a user's problem set split by seed: within each kind (``kind`` field, else one
+    kind named ``problems``), the rows are permuted with the seed and the first
+    ``n_per_kind["discovery"]`` go to discovery, the next to validation, then held-out. Each row
+    has ``prompt_id``, ``text`` and ``answer``; optional ``answer_type`` (else
+    :func:`answer_type_of`), ``options`` (a choice's numbers) and ``difficulty``."""
+    unknown = [s for s in n_per_kind if s not in SPLITS]
+    if unknown:
+        raise NeuronAuditError(f"unknown splits {unknown}; choose from {list(SPLITS)}")
+    by_kind: dict[str, list[Mapping]] = {}
+    for row in rows:
+        answer = row.get("answer")
+        if answer is None or (isinstance(answer, float) and answer != answer) or str(answer).strip() == "":
+            raise NeuronAuditError(f"{source}: problem {row.get('prompt_id')!r} has no answer field")
+        kind = row.get("kind")
+        by_kind.setdefault(str(kind) if kind is not None and kind == kind else "problems", []).append(row)
+    need = sum(int(n_per_kind.get(s, 0)) for s in SPLITS)
+    out: dict[str, list[Problem]] = {s: [] for s in SPLITS if s in n_per_kind}
+    for k, kind in enumerate(sorted(by_kind)):
+        members = by_kind[kind]
+        if len(members) < need:
+            raise NeuronAuditError(
+                f"{source}: kind {kind!r} has {len(members)} problems, fewer than the {need} the splits ask for "
+                f"({', '.join(f'{s} {n_per_kind[s]}' for s in SPLITS if s in n_per_kind)} per kind)")
+        order = np.random.default_rng(np.random.SeedSequence([int(seed), 2, k])).permutation(len(members))
+        start = 0
+        for split in SPLITS:
+            if split not in n_per_kind:
+                continue
+            for j in order[start: start + int(n_per_kind[split])]:
+                row = members[int(j)]
+                answer = str(row["answer"]).strip()
+                answer_type = str(row.get("answer_type") or answer_type_of(answer))
+                if answer_type not in ANSWER_TYPES:
+                    raise NeuronAuditError(f"{source}: problem {row['prompt_id']!r} has answer type {answer_type!r}; "
+                                           f"choose from {list(ANSWER_TYPES)}")
+                options = row.get("options")
+                options = tuple(int(o) for o in options) if isinstance(options, (list, tuple)) else ()
+                difficulty = row.get("difficulty")
+                difficulty = int(difficulty) if difficulty is not None and difficulty == difficulty else 0
+                out[split].append(Problem(str(row["prompt_id"]), split, kind, difficulty, str(row["text"]), answer,
+                                          answer_type, options))
+            start += int(n_per_kind[split])
     return out
 
 

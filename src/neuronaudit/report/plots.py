@@ -55,6 +55,10 @@ __all__ = [
     "sufficient_precision",
     "sufficient_stability",
     "sufficient_control",
+    "reasoning_strength",
+    "reasoning_ablation",
+    "reasoning_gate_roc",
+    "reasoning_transfer",
 ]
 
 #: Fixed colours for names that recur across figures (prompt sets, rollout outcome types, the
@@ -83,6 +87,9 @@ PALETTE: dict[str, str] = {
     "random": "#b6a27c",
     "caa": "#cc78bc",
     "keystone": "#d55e00",
+    # reasoning-critical neurons and their controls
+    "critical": "#029e73",
+    "random_mapping": "#b6a27c",
     # sufficient sets and their baselines
     "found": "#029e73",
     "attribution": "#0173b2",
@@ -683,5 +690,125 @@ def sufficient_control(control: pd.DataFrame) -> Figure:
                    frameon=False)
     if axes[1].get_legend() is not None:
         axes[1].get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def reasoning_strength(steering: pd.DataFrame) -> Figure:
+    """Held-out accuracy against steering strength, one panel per mode: the critical set and the
+    first random same-layer set of the same size at each strength (lines, Wilson 95% bands), the
+    unsteered accuracy (band), the strength chosen on validation problems marked."""
+    held = steering[(steering["split"] == "heldout") & (steering["target_kind"] == "all")
+                    & steering["set"].isin(["critical", "random"]) & (steering["replicate"].fillna(0) == 0)]
+    held = held[~held["condition"].astype(str).str.startswith("cross ")]
+    modes = list(dict.fromkeys(held["mode"].dropna()))
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(4.6 * max(len(modes), 1), 3.6), sharey=True,
+                                 squeeze=False)
+    none = steering[(steering["split"] == "heldout") & (steering["condition"] == "none")].head(1)
+    for ax, mode in zip(axes[0], modes):
+        rows = held[held["mode"] == mode]
+        for which, label in (("critical", "critical neurons"), ("random", "random same-layer neurons")):
+            r = rows[rows["set"] == which].sort_values("strength")
+            ax.plot(r["strength"], r["accuracy"], "o-", color=color_for(which), label=label)
+            ax.fill_between(r["strength"], r["accuracy_low"], r["accuracy_high"], color=color_for(which), alpha=0.2)
+        if len(none):
+            n0 = none.iloc[0]
+            ax.axhline(n0["accuracy"], color=color_for("none"), lw=1, label="unsteered")
+            ax.axhspan(n0["accuracy_low"], n0["accuracy_high"], color=color_for("none"), alpha=0.08)
+        chosen = rows[(rows["set"] == "critical") & (rows["chosen"] == True)]  # noqa: E712
+        if len(chosen):
+            ax.axvline(float(chosen["strength"].iloc[0]), color="#999999", ls=":", lw=1, label="chosen on validation")
+        n = rows["n_neurons"].dropna()
+        ax.set_title(_mpl_text(f"{mode}: top {int(n.iloc[0]) if len(n) else '?'} neurons"), fontsize=10)
+        ax.set_xlabel("steering strength s")
+    axes[0][0].set_ylabel("held-out accuracy (Wilson 95% CI)")
+    axes[0][0].set_ylim(-0.02, 1.02)
+    axes[0][0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def reasoning_ablation(ablation: pd.DataFrame) -> Figure:
+    """Change of held-out accuracy under each ablation (paired bootstrap 95% CI over problems):
+    the critical set, random same-layer sets of the same size, and the other stages' top sets."""
+    rows = ablation[(ablation["target_kind"] == "all") & (ablation["condition"] != "none")].reset_index(drop=True)
+    with sns.axes_style("whitegrid"):
+        fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.32 * max(len(rows), 1)))
+    y = np.arange(len(rows))
+    colours = [color_for("critical") if s == "critical" else color_for("random") if s == "random"
+               else color_for(str(s).split(":")[0]) for s in rows["set"]]
+    ax.barh(y, rows["delta"], color=colours, alpha=0.8)
+    ax.errorbar(rows["delta"], y, xerr=_yerr(rows["delta"], rows["delta_low"], rows["delta_high"]), fmt="|",
+                color="#222222", ecolor="#222222", capsize=2)  # the marker shows a change of exactly 0
+    ax.set_yticks(y, [_mpl_text(c) for c in rows["condition"]], fontsize=8)
+    ax.axvline(0, color="#333333", lw=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out accuracy change vs unedited (paired 95% CI)")
+    fig.tight_layout()
+    return fig
+
+
+def reasoning_gate_roc(gate: pd.DataFrame, auc: float | None = None, threshold: float | None = None) -> Figure:
+    """ROC of the failure probe on held-out problems (failure is the positive class), the chance
+    diagonal, and the operating point of the gate's threshold."""
+    held = gate[(gate["split"] == "heldout") & gate["probability"].notna()]
+    with sns.axes_style("whitegrid"):
+        fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    score, positive = held["probability"].to_numpy(float), held["failed"].to_numpy(bool)
+    if len(held) and 0 < positive.sum() < len(positive):
+        thresholds = np.concatenate([[np.inf], np.unique(score)[::-1]])
+        tpr = [((score >= t) & positive).sum() / positive.sum() for t in thresholds]
+        fpr = [((score >= t) & ~positive).sum() / (~positive).sum() for t in thresholds]
+        label = "probe" + (f" (AUC {auc:.2f})" if auc is not None and np.isfinite(auc) else "")
+        ax.step(fpr, tpr, where="post", color=color_for("critical"), label=label)
+        if threshold is not None and np.isfinite(threshold):
+            fires = score >= threshold
+            ax.plot((fires & ~positive).sum() / (~positive).sum(), (fires & positive).sum() / positive.sum(), "o",
+                    color="#222222", label="gate threshold")
+    else:
+        ax.text(0.5, 0.5, "one class only: no ROC", ha="center", va="center", transform=ax.transAxes)
+    ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1, label="chance")
+    ax.set_xlabel("false-alarm rate (solved problems flagged)")
+    ax.set_ylabel("hit rate (failed problems flagged)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def reasoning_transfer(transfer: pd.DataFrame, source: dict | None = None) -> Figure:
+    """Change of the second model's held-out accuracy under the carried steering and under random
+    mappings of the same size (paired 95% CI over problems), beside the audited model's own change
+    at the same setting, and the mean |correlation| of each mapping."""
+    rows = transfer[transfer["condition"] != "none"].reset_index(drop=True)
+    labels = list(rows["condition"])
+    deltas, lows, highs = list(rows["delta"]), list(rows["delta_low"]), list(rows["delta_high"])
+    colours = [color_for("critical") if c == "carried" else color_for("random_mapping") for c in labels]
+    if source:
+        labels.insert(0, "audited model (source)")
+        deltas.insert(0, source.get("delta"))
+        lows.insert(0, source.get("delta_low"))
+        highs.insert(0, source.get("delta_high"))
+        colours.insert(0, "#555555")
+    d, lo, hi = (pd.Series(v, dtype=float) for v in (deltas, lows, highs))
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(1, 2, figsize=(9.0, 0.9 + 0.4 * max(len(labels), 2)),
+                                 gridspec_kw={"width_ratios": [3, 1.3]})
+    y = np.arange(len(labels))
+    axes[0].barh(y, d, color=colours, alpha=0.8)
+    axes[0].errorbar(d, y, xerr=_yerr(d, lo, hi), fmt="|", color="#222222", ecolor="#222222", capsize=2)
+    axes[0].set_yticks(y, [_mpl_text(x) for x in labels], fontsize=8)
+    axes[0].axvline(0, color="#333333", lw=1)
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("held-out accuracy change vs unsteered (paired 95% CI)")
+    corr = rows["mean_abs_correlation"].to_numpy(float)
+    y2 = np.arange(len(rows))
+    axes[1].barh(y2, corr, color=colours[-len(rows):] if len(rows) else [], alpha=0.8)
+    axes[1].set_yticks(y2, [_mpl_text(x) for x in rows["condition"]], fontsize=8)
+    axes[1].set_xlim(0, 1)
+    axes[1].invert_yaxis()
+    axes[1].set_xlabel("mean |r| of the matches")
     fig.tight_layout()
     return fig

@@ -41,6 +41,8 @@ SOURCES = {
     "keystone": "seed 002 (keystone neurons, arXiv 2605.24846), as stated in SCIENCE.md §4 'Published'",
     "window": "seed 003 ('Leverage Is Not Reach'), abstract; SCIENCE.md §1 'Published numbers'",
     "attribution": "seed 003 ('Leverage Is Not Reach'), abstract; SCIENCE.md §2 'Claim'",
+    "reasoning": "seed 001 (AdaRAS, 'Identifying and Transferring Reasoning-Critical Neurons', arXiv 2601.19847), "
+                 "as stated in SCIENCE.md §6 'Published'",
 }
 
 
@@ -66,6 +68,8 @@ PUBLISHED = {
     "attribution_grad": _published("local gradient attribution anti-predicts control", "attribution"),
     "attribution_forward": _published("a forward-only contrastive screen recovers controllers attribution misses",
                                       "attribution"),
+    "reasoning_gain": _published("accuracy gain of more than 13% on AIME-24/25 for Qwen3-1.7B with 50 neurons "
+                                 "steered (whether points or relative is not stated there)", "reasoning"),
 }
 
 #: Parts of a method that SCIENCE.md marks "Recon" (reconstructed from an abstract): the report
@@ -84,6 +88,7 @@ STAGE_TITLES = {
     "window": "Control window",
     "attribution": "Gradient versus forward attribution",
     "sufficient": "Sufficient neuron sets (WASD)",
+    "reasoning": "Reasoning-critical neurons (AdaRAS)",
     "activations": "Activation statistics",
 }
 
@@ -797,8 +802,167 @@ def sufficient_section(study_dir: Path, report_dir: Path) -> tuple[Section | Non
     return Section("sufficient", STAGE_TITLES["sufficient"], intro, items), heads
 
 
+def _points(value, lo=None, hi=None) -> str:
+    """An accuracy change in percentage points with its CI."""
+    if not _finite(value):
+        return "missing"
+    text = f"{100 * value:+.1f} points"
+    if _finite(lo) and _finite(hi):
+        text += f" (95% CI {100 * lo:+.1f} to {100 * hi:+.1f})"
+    return text
+
+
+def _acc(entry: dict | None) -> str:
+    """``k/n = p% (Wilson 95% CI)`` of an accuracy summary."""
+    if not entry or not _finite(entry.get("accuracy")):
+        return "missing"
+    return (f"{entry.get('n_correct', '?')}/{entry.get('n', '?')} = {entry['accuracy']:.0%} "
+            f"(95% CI {_f(entry.get('accuracy_low'), '.0%')}–{_f(entry.get('accuracy_high'), '.0%')})")
+
+
+def _p(value) -> str:
+    return f"McNemar p = {value:.3g}" if _finite(value) else "McNemar p missing"
+
+
+def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
+    """Reasoning-critical neurons: discovery, ranking, ablation, steering, gate, transfer."""
+    folder = study_dir / "reasoning"
+    if not (folder / "summary.json").is_file():
+        return None, []
+    summary = json.loads((folder / "summary.json").read_text())
+    link = _rel(folder / "summary.json", report_dir)
+    paths = {name: folder / f"{name}.parquet" for name in ("neurons", "ablation", "steering", "gate", "transfer",
+                                                            "solutions")}
+    links = {name: _rel(path, report_dir) for name, path in paths.items()}
+    disc = summary.get("discovery") or {}
+    n_held = (summary.get("n_problems") or {}).get("heldout", "?")
+    n_disc = (summary.get("n_problems") or {}).get("discovery", "?")
+    heads = [Headline(
+        "reasoning.discovery_accuracy", "reasoning: discovery solutions graded correct",
+        f"{disc.get('n_correct', '?')}/{disc.get('n_solutions', '?')} = {_f(disc.get('accuracy'), '.0%')} "
+        f"(95% CI {_f(disc.get('accuracy_low'), '.0%')}–{_f(disc.get('accuracy_high'), '.0%')}; "
+        f"{disc.get('samples_per_problem', '?')} per problem, {n_disc} problems)",
+        disc.get("accuracy"), _ci(disc.get("accuracy_low"), disc.get("accuracy_high")), "",
+        {"solutions.parquet": links["solutions"], "summary.json": link})]
+    if summary.get("status") != "complete":
+        intro = summary.get("statement") or "The reasoning stage did not complete."
+        return Section("reasoning", STAGE_TITLES["reasoning"], intro, []), heads
+    steering = pq.read_table(paths["steering"]).to_pandas()
+    ablation = pq.read_table(paths["ablation"]).to_pandas()
+    neurons = pq.read_table(paths["neurons"]).to_pandas()
+    gate = pq.read_table(paths["gate"]).to_pandas()
+    unsteered = summary.get("heldout_unsteered") or {}
+    heads.append(Headline("reasoning.heldout_unsteered", "reasoning: held-out accuracy, unsteered (greedy)",
+                          _acc(unsteered), unsteered.get("accuracy"),
+                          _ci(unsteered.get("accuracy_low"), unsteered.get("accuracy_high")), "", link))
+    top = (summary.get("scores") or {}).get("top") or []
+    if top:
+        t = top[0]
+        heads.append(Headline(
+            "reasoning.top_neuron", "reasoning: top-ranked neuron by (rel, |w|)",
+            f"L{t['layer']}/N{t['neuron']}: rel = {_f(t.get('rel'), '.3f')}, w = {_f(t.get('w'), '.3g')} "
+            f"(95% CI {_f(t.get('w_low'), '.3g')} to {_f(t.get('w_high'), '.3g')}), in the top {len(top)} of "
+            f"{_f(t.get('top_share'), '.0%')} of problem resamples",
+            t.get("w"), _ci(t.get("w_low"), t.get("w_high")), "", links["neurons"]))
+    primary = summary.get("primary_mode")
+    for mode, m in (summary.get("steering") or {}).items():
+        h = m.get("heldout") or {}
+        key = "reasoning.steering_gain" if mode == primary else f"reasoning.steering_gain_{mode}"
+        heads.append(Headline(
+            key, f"reasoning: held-out accuracy change, steering {mode} (top {m.get('n_neurons')} neurons, "
+                 f"s = {m.get('strength')} chosen on validation)",
+            f"{_points(h.get('delta'), h.get('delta_low'), h.get('delta_high'))}, {_p(h.get('mcnemar_p'))}, "
+            f"n = {n_held} problems; vs random same-layer neurons at the same strength "
+            f"{_points(h.get('vs_random_delta'), h.get('vs_random_low'), h.get('vs_random_high'))}; "
+            f"collapsed {_f(h.get('collapse_rate'), '.0%')}",
+            h.get("delta"), _ci(h.get("delta_low"), h.get("delta_high")),
+            PUBLISHED["reasoning_gain"] if mode == primary else "", {"steering.parquet": links["steering"],
+                                                                      "summary.json": link}))
+    ab = summary.get("ablation") or {}
+    mode0 = (ab.get("modes") or [None])[0]
+    if mode0:
+        crit = (ab.get("conditions") or {}).get(f"ablate {mode0} critical") or {}
+        rand = (ab.get("random") or {}).get(mode0) or {}
+        heads.append(Headline(
+            "reasoning.ablation_drop", f"reasoning: held-out accuracy change, top {ab.get('n_neurons')} neurons "
+                                       f"{mode0}-ablated",
+            f"{_points(crit.get('delta'), crit.get('delta_low'), crit.get('delta_high'))}, {_p(crit.get('mcnemar_p'))}"
+            f", n = {n_held} problems; random same-layer sets {_points(rand.get('mean_delta'))} on average "
+            f"(range {_points(rand.get('min_delta'))} to {_points(rand.get('max_delta'))})",
+            crit.get("delta"), _ci(crit.get("delta_low"), crit.get("delta_high")), "", links["ablation"]))
+    g = summary.get("gate") or {}
+    if g.get("fitted"):
+        pol = (g.get("policies") or {}).get(primary) or {}
+        gated, ret = pol.get("gated") or {}, pol.get("retention_gated") or {}
+        heads.append(Headline(
+            "reasoning.gate_auc", "reasoning: failure probe before generation, held-out AUC",
+            f"{_f(g.get('auc'), '.2f')} (95% CI {_f(g.get('auc_low'), '.2f')}–{_f(g.get('auc_high'), '.2f')}; "
+            f"{g.get('n_heldout_failed')} of {g.get('n_heldout')} held-out problems failed); gated {primary} steering "
+            f"fired on {g.get('fired')}/{g.get('n_heldout')}, accuracy {_acc(gated)}, change "
+            f"{_points(gated.get('delta'), gated.get('delta_low'), gated.get('delta_high'))}; kept "
+            f"{ret.get('still_solved', '?')}/{ret.get('n_solved', '?')} already-solved problems",
+            g.get("auc"), _ci(g.get("auc_low"), g.get("auc_high")), "", {"gate.parquet": links["gate"],
+                                                                         "summary.json": link}))
+    tr = summary.get("transfer") or {}
+    items = [
+        _figure("reasoning_strength", "Held-out accuracy against steering strength",
+                plots.reasoning_strength(steering), links["steering"]),
+        _figure("reasoning_ablation", "Ablation: critical neurons against controls", plots.reasoning_ablation(ablation),
+                links["ablation"]),
+    ]
+    if g.get("fitted"):
+        items.append(_figure("reasoning_gate_roc", "Failure probe ROC on held-out problems",
+                             plots.reasoning_gate_roc(gate, g.get("auc"), g.get("threshold")), links["gate"]))
+    if "outcomes" in tr:
+        table = pq.read_table(paths["transfer"]).to_pandas()
+        carried, quality = tr["outcomes"].get("carried") or {}, tr.get("match_quality") or {}
+        vs = tr.get("carried_vs_random") or {}
+        heads.append(Headline(
+            "reasoning.transfer", f"reasoning: steering carried to {tr.get('target_source')}, held-out accuracy change",
+            f"{_points(carried.get('delta'), carried.get('delta_low'), carried.get('delta_high'))}, "
+            f"{_p(carried.get('mcnemar_p'))}; vs a random mapping "
+            f"{_points(vs.get('vs_random_delta'), vs.get('vs_random_low'), vs.get('vs_random_high'))}; match "
+            f"mean |r| {_f(quality.get('mean_abs_correlation'), '.2f')} vs random "
+            f"{_f(quality.get('random_mean_abs_correlation'), '.2f')}"
+            + (" (the same weights as the audited model: a sanity check)" if tr.get("same_weights_as_audited") else ""),
+            carried.get("delta"), _ci(carried.get("delta_low"), carried.get("delta_high")), "", links["transfer"]))
+        source = (summary.get("steering") or {}).get(tr.get("mode"), {}).get("heldout")
+        items.append(_figure("reasoning_transfer", "Transfer to the second model against random mappings",
+                             plots.reasoning_transfer(table, source), links["transfer"]))
+    shown = neurons[neurons["scope"] == "all"].head(15)
+    items.append(Table("Top reasoning-critical neurons", shown[[c for c in (
+        "rank", "layer", "neuron", "g", "b", "w", "w_low", "w_high", "rel", "rel_low", "rel_high", "top_share")
+        if c in shown]], caption("reasoning_neurons"), table_link=links["neurons"]))
+    cross_a = ablation[ablation["target_kind"] != "all"]
+    cross_s = steering[(steering["target_kind"] != "all") & steering["condition"].astype(str).str.startswith("cross ")]
+    if len(cross_a) or len(cross_s):
+        cross = pd.concat([cross_a.assign(test="ablation"), cross_s.assign(test="steering")], ignore_index=True)
+        items.append(Table("Cross-task validation: neurons of one kind on every kind", cross[[
+            "test", "source_kind", "target_kind", "n", "accuracy", "delta", "delta_low", "delta_high", "mcnemar_p"]],
+            caption("reasoning_cross_task"), table_link={"ablation.parquet": links["ablation"],
+                                                         "steering.parquet": links["steering"]}))
+    chosen = summary.get("chosen") or {}
+    sizes = summary.get("n_problems") or {}
+    counts = ", ".join(f"{k} {sizes.get(k, '?')}" for k in ("discovery", "validation", "heldout"))
+    statements = " ".join((m.get("statement") or "") for m in (summary.get("steering") or {}).values())
+    intro = (
+        "Problems with exact answers, split per kind into discovery, validation and held-out problems "
+        f"({counts}). A neuron's activation is "
+        "averaged over the positions that predict a solution (the last question token and every solution token); g "
+        "and b are its means over correct and incorrect discovery solutions, w = g − b, rel = |w| / (|g| + |b| + ε), "
+        "ranked by (rel, |w|), with bootstrap CIs over problems. Steering at the same positions (add a ← a + s·w; "
+        "template blend a ← (1 − s)·a + s·g); n and s chosen on validation problems only ("
+        + "; ".join(f"{m}: n = {c.get('n_top')}, s = {c.get('strength')}" for m, c in chosen.items())
+        + "). Every accuracy is on held-out problems with a Wilson CI; every change is paired over the same problems "
+        "(bootstrap CI, exact McNemar test). " + statements
+        + (" Gate: " + g.get("reason") + "." if not g.get("fitted") and g.get("reason") else "")
+        + (" Transfer: " + tr["skipped"] + "." if tr.get("skipped") else "")
+    )
+    return Section("reasoning", STAGE_TITLES["reasoning"], intro, items), heads
+
+
 BUILDERS = (preconditions_section, refusal_section, screen_section, cna_section, keystone_section, window_section,
-            attribution_section, sufficient_section)
+            attribution_section, sufficient_section, reasoning_section)
 
 
 def stage_sections(study_dir: str | Path, report_dir: str | Path) -> tuple[list[Section], list[Headline]]:
