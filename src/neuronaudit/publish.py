@@ -283,10 +283,10 @@ def publish(study_dir: str | os.PathLike, out_dir: str | os.PathLike, push_to_hu
     study_dir, out_dir = Path(study_dir), Path(out_dir)
     if not study_dir.is_dir():
         raise NeuronAuditError(f"study folder not found: {str(study_dir)!r}")
-    if not (study_dir / "report" / "index.html").is_file():
-        raise NeuronAuditError(f"study folder {str(study_dir)!r} has no report/index.html: run the study first")
     if out_dir.resolve() == study_dir.resolve() or study_dir.resolve() in out_dir.resolve().parents:
         raise NeuronAuditError(f"--out {str(out_dir)!r} must lie outside the study folder")
+    if not (study_dir / "report" / "index.html").is_file():
+        raise NeuronAuditError(f"study folder {str(study_dir)!r} has no report/index.html: run the study first")
     roots = local_roots(study_dir)
     with naio.atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)

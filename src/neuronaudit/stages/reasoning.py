@@ -64,7 +64,7 @@ from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.interventions.generation import encode_prompts, eos_ids, pad_id
 from neuronaudit.interventions.prefix_generation import check_row_edits, shared_prefix_generate
 from neuronaudit.interventions.scoring import shared_prompt_scores
-from neuronaudit.io import provenance, write_json, write_table
+from neuronaudit.io import null_for_reason, provenance, write_json, write_table
 from neuronaudit.methods import reasoning as R
 from neuronaudit.methods import reasoning_tasks as T
 from neuronaudit.options import ReasoningOptions
@@ -616,7 +616,7 @@ def _gate(o, split, disc: Rolled, test: Rolled, probe_neurons, probe_layers, cho
     summary.update({"fitted": True, "converged": probe.converged, "threshold": threshold,
                     "threshold_rule": "given" if o.probe_threshold is not None else "Youden's J on discovery",
                     "auc_discovery": R.roc_auc(p_disc, failed_disc), "auc": auc, "auc_low": lo, "auc_high": hi,
-                    "fired": k, "fire_rate": k / n if n else np.nan, "fire_low": f_lo, "fire_high": f_hi,
+                    "fired": k, "fire_rate": k / n if n else None, "fire_low": f_lo, "fire_high": f_hi,
                     "coef": probe.coef.tolist(), "policies": {}})
     table = base.assign(probability=np.concatenate([p_disc, p_held]),
                         fires=np.concatenate([p_disc >= threshold, fires]))
@@ -629,14 +629,23 @@ def _gate(o, split, disc: Rolled, test: Rolled, probe_neurons, probe_layers, cho
         vs_always = R.paired_difference(steered.correct, gated.correct, o.n_boot, o.seed, o.confidence)
         summary["policies"][mode] = {
             "steering": name,
-            "never": policies.iloc[0].to_dict(), "always": policies.iloc[1].to_dict(),
-            "gated": policies.iloc[2].to_dict(), "gated_vs_always": vs_always,
+            "never": _record(policies.iloc[0], "the unsteered reference has no steering setting and is not "
+                             "compared with itself"),
+            "always": _record(policies.iloc[1], "not defined for this policy (no cases)"),
+            "gated": _record(policies.iloc[2], "not defined for this policy (no cases)"),
+            "gated_vs_always": vs_always,
             "retention_always": R.solved_retention(none.correct, steered.correct, o.confidence),
             "retention_gated": R.solved_retention(none.correct, gated.correct, o.confidence),
         }
         table[f"steered_correct_{mode}"] = np.concatenate([np.full(n_disc, np.nan), steered.correct.astype(float)])
         table[f"gated_correct_{mode}"] = np.concatenate([np.full(n_disc, np.nan), gated.correct.astype(float)])
     return table, summary
+
+
+def _record(row: pd.Series, reason: str) -> dict:
+    """A table row as a summary entry, every value it does not define written as null with ``reason``."""
+    entry = row.to_dict()
+    return null_for_reason(entry, list(entry), reason)
 
 
 def _carried_rows(carried: pd.DataFrame) -> list[dict]:
@@ -733,7 +742,21 @@ def _row(table: pd.DataFrame, condition: str, target_kind: str = "all") -> dict:
             "mcnemar_p", "only_condition_right", "only_reference_right", "vs_random_delta", "vs_random_low",
             "vs_random_high", "vs_random_p", "repetition_ratio", "entropy", "perplexity", "collapse_rate",
             "collapse_low", "collapse_high", "parsed_share")
-    return {k: sel.iloc[0][k] for k in keys if k in sel.columns}
+    row = {k: sel.iloc[0][k] for k in keys if k in sel.columns}
+    for group, reason in _ROW_NULL_REASONS:
+        null_for_reason(row, [k for k in row if k.startswith(group)], reason)
+    return row
+
+
+#: Why a condition's row holds no value in a column (written as null with the reason).
+_ROW_NULL_REASONS = (
+    ("vs_random", "only the critical set's steering is compared with random steering at the same strength"),
+    ("repetition_ratio", "coherence is read for the chosen steering and the unsteered rollouts only"),
+    ("entropy", "coherence is read for the chosen steering and the unsteered rollouts only"),
+    ("perplexity", "coherence is read for the chosen steering and the unsteered rollouts only"),
+    ("collapse", "coherence is read for the chosen steering and the unsteered rollouts only"),
+    ("", "undefined for this condition (no problems or no discordant pairs)"),
+)
 
 
 def _statement(heldout: dict, vs_random: dict, mode: str, n: int, s: float, n_problems: int) -> str:
