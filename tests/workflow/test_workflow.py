@@ -18,6 +18,7 @@ from neuronaudit.io import read_provenance
 from neuronaudit.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
+HOSTILE_TITLE = "$(touch MARKER) `touch MARKER` ; touch MARKER <script>window.__t = 1</script> {study}"
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 
@@ -52,6 +53,8 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
                       "blend_strengths": [0.5], "n_random": 1, "transfer_n_random": 1},
         # the tiny model's word-level vocabulary cannot spell the prompt sets: finish, marked
         "preconditions": {"on_fail": "mark", "n_prompts": 4},
+        # a hostile report title (the study's free-text description): quoted, never run, escaped on the page
+        "report": {"title": HOSTILE_TITLE},
     }))
     # an interrupted run: only one stage of one prompt set finished
     first = snakemake(work, "results/tiny/collect/harmful.stats.parquet", overrides=overrides)
@@ -89,6 +92,14 @@ def make_study(work: Path, overrides: Path) -> subprocess.Popen:
          f"SNAKEMAKE_ARGS=-s {ROOT / 'Snakefile'} -d {work}", "CORES=2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
+
+
+def test_a_hostile_report_title_runs_nothing_and_is_shown_escaped(tiny_study):
+    work, _, _, _ = tiny_study
+    assert not (work / "MARKER").exists()  # no shell ran the title
+    page = (work / "results/tiny/report/index.html").read_text()
+    assert "<script>window.__t = 1</script>" not in page
+    assert "&lt;script&gt;window.__t = 1&lt;/script&gt;" in page
 
 
 def test_whole_dag_writes_report_and_every_table(tiny_study):
