@@ -10,26 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 from slurm_cluster import PARTITION, ClusterUnavailable, local_cluster, submitted_jobs
+from tiny_study import TINY_STUDY
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.workflow, pytest.mark.slow, pytest.mark.slurm]
 LOCALRULES = {"all", "prepare_prompts", "screen", "report"}
-
-TINY = {
-    "study": "tiny", "threads": 1, "prompts": {"limit": 3},
-    "collect": {"batch_size": 4, "max_length": 64},
-    "refusal": {"steps": 2, "batch_size": 2, "answer_max_new_tokens": 4, "eval_max_new_tokens": 4},
-    "rollouts": {"horizons": [2, 4], "prompts_per_set": 2, "batch_size": 8},
-    "screen": {"n_boot": 100, "k": 4, "universal_top_n": 4},
-    "cna": {"factors": [0.0], "caa_layers": [0.5], "caa_alphas": [-1.0], "max_new_tokens": 4, "prompts": 2},
-    "keystone": {"k_max": 2, "n_random": 1},
-    "capability": {"max_texts": 2, "max_task_prompts": 2, "max_new_tokens": 8},
-    "window": {"n_candidates": 1, "n_random": 1, "x_grid": [1.0, 4.0], "single_pass_grid": [1.0, 4.0],
-               "horizons": [2, 4], "n_prompts": 2, "n_generic": 2, "n_heldout": 2, "row_batch_size": 8},
-    "sufficient": {"n_explained": 1, "n_search": 8, "n_fresh": 8, "n_candidates": 2, "max_size": 2,
-                   "n_random": 1, "n_control": 2, "max_new_tokens": 2, "n_boot": 100},
-    "preconditions": {"on_fail": "mark", "n_prompts": 4},
-}
 
 
 def _snakemake(work: Path, overrides: Path, *args: str, env=None) -> subprocess.CompletedProcess:
@@ -42,7 +27,7 @@ def _snakemake(work: Path, overrides: Path, *args: str, env=None) -> subprocess.
 def runs(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("slurm")
     overrides = base / "tiny.yaml"
-    overrides.write_text(yaml.safe_dump({**TINY, "model": {"source": str(tiny_model_dir)}}))
+    overrides.write_text(yaml.safe_dump({**TINY_STUDY, "model": {"source": str(tiny_model_dir)}}))
     try:
         with local_cluster(base / "cluster") as env:
             cluster = _snakemake(base / "on-slurm", overrides, "--profile", str(ROOT / "workflow/profiles/slurm"),
