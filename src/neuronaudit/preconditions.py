@@ -126,12 +126,19 @@ def require(preconditions_json, scopes: Iterable[str], stage: str) -> None:
 
     doc = json.loads(Path(preconditions_json).read_text())
     scopes = set(scopes)
-    bad = [Precondition(**{k: f[k] for k in ("name", "scope", "value", "threshold", "direction", "n", "detail")})
-           for f in doc.get("failed") or [] if f["scope"] in scopes]
+    bad = [f for f in doc.get("failed") or [] if f["scope"] in scopes]
     if bad and doc.get("on_fail", "stop") == "stop":
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise NeuronAuditError(f"{stage} not run: " + bad[0].line() + more +
-                               "; set preconditions.on_fail: mark to finish with these figures marked")
+        raise stop_error(f"{stage} not run", bad)
+
+
+def stop_error(what: str, failures: Sequence[Mapping]) -> NeuronAuditError:
+    """The one-line error that stops a step on failed preconditions (as written by
+    :meth:`Precondition.as_dict`): the first named, the rest counted."""
+    first = Precondition(**{k: failures[0][k] for k in ("name", "scope", "value", "threshold", "direction", "n",
+                                                        "detail")})
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+    return NeuronAuditError(f"{what}: " + first.line() + more +
+                            "; set preconditions.on_fail: mark to finish with these figures marked")
 
 
 def scopes_of(headline_key: str, config: Mapping) -> set[str]:

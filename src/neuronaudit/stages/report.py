@@ -11,7 +11,7 @@ from neuronaudit.errors import NeuronAuditError
 from neuronaudit.io import write_json
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import ReportOptions
-from neuronaudit.preconditions import Precondition
+from neuronaudit.preconditions import stop_error
 from neuronaudit.report.page import build_report
 from neuronaudit.report.sections import derived_preconditions, study_headlines
 
@@ -21,10 +21,7 @@ def stop_on_derived_failures(study_dir: Path, config: dict) -> None:
     failed stops the report with one line (nothing is written)."""
     bad = [p for p in derived_preconditions(study_dir, config) if not p["passed"]]
     if bad:
-        first = Precondition(**{k: bad[0][k] for k in ("name", "scope", "value", "threshold", "direction", "n",
-                                                       "detail")})
-        raise NeuronAuditError("report not built: " + first.line() +
-                               "; set preconditions.on_fail: mark to finish with these figures marked")
+        raise stop_error("report not built", bad)
 
 
 def run_report(
