@@ -246,15 +246,16 @@ def stage_outputs():
     return out
 
 
-def job_resource(rule_name, what, manifest="manifest"):
+def job_resource(rule_name, what, manifest="manifest", source=None):
     """One resource of a rule's jobs (mem_mb, runtime in minutes, gpu, disk_mb) for a scheduler,
     from the prepared model's manifest (the rule's input named ``manifest``) and model.device /
     model.dtype, scaled by the attempt (neuronaudit.cluster). Snakemake evaluates it once the
-    manifest exists."""
+    manifest exists. prepare_model sizes itself from ``source`` (default: model.source) on disk."""
+    source = source or MODEL
 
     def value(wildcards, input, attempt):
         prepared = manifest_of(getattr(input, manifest)) if manifest else None
-        size = source_mb(MODEL.path) if rule_name == "prepare_model" and MODEL.kind != "hub" else 0.0
+        size = source_mb(source.path) if rule_name == "prepare_model" and source.kind != "hub" else 0.0
         return job_resources(rule_name, prepared, config["model"], attempt, source_mb=size)[what]
 
     return value

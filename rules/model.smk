@@ -39,9 +39,9 @@ if TRANSFER is not None and TRANSFER.slug != MODEL.slug:
             source=TRANSFER.spec if TRANSFER.spec.startswith("embedded:") or TRANSFER.kind == "hub" else TRANSFER.path,
             revision="main",
         resources:
-            mem_mb=job_resource("prepare_model", "mem_mb", manifest=None),
-            runtime=job_resource("prepare_model", "runtime", manifest=None),
-            gpu=job_resource("prepare_model", "gpu", manifest=None),
+            mem_mb=job_resource("prepare_model", "mem_mb", manifest=None, source=TRANSFER),
+            runtime=job_resource("prepare_model", "runtime", manifest=None, source=TRANSFER),
+            gpu=job_resource("prepare_model", "gpu", manifest=None, source=TRANSFER),
         conda:
             "../workflow/envs/neuronaudit.yaml"
         log:
