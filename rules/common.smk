@@ -5,6 +5,7 @@ Provides: path helpers used by every rule file; wildcard constraints.
 """
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,17 @@ def model_source_arg():
 
 def prompt_table(prompt_set="{prompt_set}"):
     return f"{RESULTS}/prompts/{prompt_set}.parquet"
+
+
+def styled_refusal_tables():
+    """The prepared tables of refusal.styled_harmful / styled_harmless that are set, by kind."""
+    names = {k: config["refusal"][f"styled_{k}"] for k in ("harmful", "harmless")}
+    return {k: prompt_table(v) for k, v in names.items() if v is not None}
+
+
+def styled_refusal_args():
+    """--styled KIND=TABLE arguments of evaluate-refusal (quoted for the shell)."""
+    return " ".join(shlex.quote(f"{k}={v}") for k, v in styled_refusal_tables().items())
 
 
 def prompt_source(wildcards):

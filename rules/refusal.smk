@@ -4,7 +4,9 @@ Needs: the prepared model, the harmful / harmless / generic prompt tables, refus
 rollouts.*.
 Writes: results/<study>/tune/{manifest.json, recipe.json, weights/} (skipped when refusal.tune is
 false), results/<study>/refusal/evaluation.json (refusal and over-refusal rates on held-out
-prompts, perplexity on general text against the base model), and results/<study>/refusal/
+prompts, on the tuning's validation prompts and on the prompt sets written in other styles
+(refusal.styled_harmful / styled_harmless), each set on its own, perplexity on general text
+against the base model), and results/<study>/refusal/
 {rollouts, fractions, first_horizon}.parquet: typed rollouts of the unintervened audited model.
 """
 
@@ -45,12 +47,14 @@ rule evaluate_refusal:
         harmful=prompt_table("harmful"),
         harmless=prompt_table("harmless"),
         generic=prompt_table("generic"),
+        styled=list(styled_refusal_tables().values()),
     output:
         summary=stage_file("refusal", "evaluation.json"),
         rollouts=stage_file("refusal", "evaluation_rollouts.parquet"),
     params:
         cli=NEURONAUDIT,
         options=stage_options("evaluate_refusal"),
+        styled=styled_refusal_args(),
     threads: config["threads"]
     resources:
         mem_mb=job_resource("evaluate_refusal", "mem_mb"),
@@ -65,7 +69,7 @@ rule evaluate_refusal:
     shell:
         "{params.cli} evaluate-refusal --manifest {input.manifest:q} --base-manifest {input.base:q} "
         "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
-        "--out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
+        "--styled {params.styled} --out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
         "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
 
 

@@ -82,7 +82,8 @@ def cmd_tune_refusal(args) -> None:
 def cmd_evaluate_refusal(args) -> None:
     _stage("refusal").evaluate_refusal(args.manifest, args.base_manifest, args.harmful, args.harmless,
                                        args.generic, args.out_json, args.out_rollouts,
-                                       _options(args, opts.RefusalEvalOptions), threads=args.threads)
+                                       _options(args, opts.RefusalEvalOptions), threads=args.threads,
+                                       styled=_named(args.styled, "--styled"))
 
 
 def cmd_rollouts(args) -> None:
@@ -182,6 +183,42 @@ def cmd_headlines(args) -> None:
     print(headlines_markdown(Path(args.study_dir)))
 
 
+def tune_search_grid(items: list[str]) -> dict[str, list]:
+    """``--grid NAME=V1,V2`` items as ``{NAME: [values]}`` (each value read as YAML: ``null``, numbers)."""
+    import yaml
+
+    grid = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name or not values:
+            raise NeuronAuditError(f"--grid {item!r} must be NAME=V1,V2,...")
+        grid[name] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
+def cmd_tune_search(args) -> None:
+    from neuronaudit.config import load_config, model_source, study_name
+
+    config = load_config(args.configfile, args.config)
+    root = Path(args.root)
+    study = root / "results" / study_name(config)
+    base = root / "results" / "models" / model_source(config, root).slug / "manifest.json"
+    tables = {k: study / "prompts" / f"{k}.parquet" for k in ("harmful", "harmless", "generic")}
+    for path in (base, *tables.values()):
+        if not path.is_file():
+            raise NeuronAuditError(f"{str(path)!r} not found: prepare the model and prompts first "
+                                   f"(snakemake --configfile ... {path.relative_to(root)})")
+    out = Path(args.out_dir) if args.out_dir else study / "tune_search"
+    result = _stage("refusal").run_tune_search(
+        base, tables["harmful"], tables["harmless"], tables["generic"], out, opts.TuneOptions.from_config(config),
+        opts.RefusalEvalOptions.from_config(config), tune_search_grid(args.grid), threads=config["threads"],
+        keep_weights=args.keep_weights)
+    choice = result["choice"]
+    print(f"chosen on validation: candidate {choice['index']} {choice['recipe']} "
+          f"({'meets' if choice['meets_targets'] else 'does NOT meet'} the targets): {out / 'search.json'}")
+    print("\n".join(result["config_lines"]))
+
+
 def cmd_publish(args) -> None:
     from neuronaudit.publish import publish
 
@@ -257,6 +294,9 @@ _LIST_INPUTS = {
     "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
     "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
     "preconditions": [("--prompts", dict(nargs="+", required=True, metavar="SET=TABLE"))],
+    "evaluate-refusal": [("--styled", dict(nargs="*", default=[], metavar="KIND=TABLE",
+                                           help="prompt sets in other styles, never trained on: harmful=TABLE "
+                                                "and/or harmless=TABLE (refusal.styled_harmful/_harmless)"))],
     "collect": [("--shard", dict(type=int, default=None, help="collect only this shard of collect.shard_size "
                                                              "prompts (joined by merge-collect)"))],
     "sufficient": [("--tables", dict(nargs="+", required=True, metavar="TASK:ROLE=PATH",
@@ -381,6 +421,18 @@ def _other_subcommands(sub, par) -> None:
                                          "summary: value with 95% CI, published number, source file)")
     p.add_argument("study_dir", help="results/<study> folder")
     p.set_defaults(func=cmd_headlines)
+
+    p = sub.add_parser("tune-search", help="choose the refusal-tuning recipe on the validation prompts: tune one "
+                                           "candidate per grid point, score each on validation only")
+    p.add_argument("--configfile", nargs="+", default=["config/config.yaml"], help="the study's config file(s)")
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, as snakemake --config")
+    p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="settings searched, e.g. steps=100,200 harmless_fraction=null,0.5")
+    p.add_argument("--root", default=".",
+                   help="the workflow folder whose results/ holds the prepared model and prompts")
+    p.add_argument("--out-dir", default=None, help="default results/<study>/tune_search")
+    p.add_argument("--keep-weights", action="store_true", help="keep every candidate's weights (default: recipe only)")
+    p.set_defaults(func=cmd_tune_search)
 
     p = sub.add_parser("publish", help="write a study's audit bundle: report, tables, audit.json, audit card "
                                        "(a Hugging Face dataset folder without local paths)")

@@ -258,6 +258,9 @@ def check_references(config: dict) -> None:
     if config["refusal"]["tune"]:
         for name in ("harmful", "harmless", "generic"):
             need_set("refusal.tune (needs harmful, harmless and generic)", name)
+    for key in ("styled_harmful", "styled_harmless"):
+        if config["refusal"].get(key) is not None:
+            need_set(f"refusal.{key}", config["refusal"][key])
     problem_set = (config.get("reasoning") or {}).get("problem_set")
     if problem_set is not None:
         need_set("reasoning.problem_set", problem_set)

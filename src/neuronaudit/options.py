@@ -186,6 +186,7 @@ class TuneOptions(StageOptions):
     batch_size: int
     harmless_fraction: float | None
     answer_max_new_tokens: int
+    validation_fraction: float
     seed: int = key("seed")
 
 
@@ -197,6 +198,8 @@ class RefusalEvalOptions(StageOptions):
     model: ModelOptions = key("model")
     judge: JudgeOptions = key("judge")
     eval_max_new_tokens: int
+    styled_harmful: str | None
+    styled_harmless: str | None
     seed: int = key("seed")
 
 

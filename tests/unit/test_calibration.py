@@ -38,6 +38,10 @@ def heldout_prompts():
     for name in ("harmful", "harmless"):
         df = load_prompt_set(name, str(ROOT / p["sets"][name]), p["heldout_fraction"], p["split_seed"], p["limit"])
         out[name] = df.loc[df["split"] == "heldout", "text"].tolist()
+    # the sets written in other styles are evaluated whole (never trained on)
+    for kind in ("harmful", "harmless"):
+        name = config["refusal"][f"styled_{kind}"]
+        out[f"styled_{kind}"] = load_prompt_set(name, str(ROOT / p["sets"][name]))["text"].tolist()
     assert config["window"]["n_prompts"] <= len(out["harmful"]) and config["cna"]["prompts"] <= len(out["harmful"])
     return out
 
@@ -48,7 +52,7 @@ def test_every_calibration_file_is_a_development_or_fresh_set():
     assert fresh_dir().is_dir() and (fresh_dir() / "README.md").is_file()
 
 
-@pytest.mark.parametrize("name", ["harmful", "harmless"])
+@pytest.mark.parametrize("name", ["harmful", "harmless", "styled_harmful", "styled_harmless"])
 def test_no_heldout_prompt_is_in_a_development_calibration_set(heldout_prompts, name):
     assert len(heldout_prompts[name]) > 0
     overlap = prompt_overlap(heldout_prompts[name], development_paths())

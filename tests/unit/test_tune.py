@@ -148,7 +148,8 @@ def test_run_refusal_tuning_writes_a_loadable_model_manifest_and_recipe(tuning_i
     d, harmful, harmless, _ = tuning_inputs
     out = d / "tuned"
     recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, out,
-                                tune(steps=4, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=6, seed=3),
+                                tune(steps=4, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=6, seed=3,
+                                     validation_fraction=0.0),
                                 progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     base = json.loads((d / "base" / "manifest.json").read_text())
@@ -192,7 +193,9 @@ def test_evaluate_refusal_reports_rates_with_cis_and_perplexities(tuning_inputs)
     res = evaluate_refusal(d / "tuned" / "manifest.json", d / "base" / "manifest.json", harmful, harmless, generic,
                            out, d / "eval_rollouts.parquet",
                            stage_options(RefusalEvalOptions, eval_max_new_tokens=6), progress=False)
-    assert pq.read_table(d / "eval_rollouts.parquet").num_rows == 2 * 2 * 2  # both models, both sets
+    n_val = sum(len(v) for v in json.loads((d / "tuned" / "recipe.json").read_text())["validation"]["prompt_ids"].values())
+    # both models, both held-out sets and the tuning's validation prompts
+    assert pq.read_table(d / "eval_rollouts.parquet").num_rows == 2 * (2 * 2 + n_val)
     assert json.loads(out.read_text())["tuned"]["refusal_harmful"]["n"] == 2  # held-out split only
     for model in ("tuned", "base"):
         for key in ("refusal_harmful", "over_refusal_harmless"):
@@ -207,3 +210,142 @@ def test_evaluate_refusal_reports_rates_with_cis_and_perplexities(tuning_inputs)
     assert cal["judge"]["kind"] == "rule" and set(cal["sets"]) == {"development", "fresh"}
     dev = cal["sets"]["development"]["refusal_rollouts.jsonl"]
     assert dev["n"] == sum(row["n"] for row in dev["per_type"].values()) and len(dev["accuracy_ci"]) == 2
+
+
+def _paired_table(path, name, n, split="discovery"):
+    df = pd.DataFrame({"prompt_id": [f"{name}-{k}" for k in range(n)], "text": [f"{name} request {k}?" for k in range(n)],
+                       "split": split, "extra": [json.dumps({"pair_id": f"pair-{k}", "category": "c" + str(k % 2)})
+                                                 for k in range(n)]})
+    write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), path,
+                provenance(prompt_set=name, prompt_set_hash=f"hash-{name}"))
+    return path
+
+
+def test_validation_mask_keeps_pairs_together_and_draws_the_asked_share(tmp_path):
+    from neuronaudit.methods.refusal_tuning import validation_mask
+    from neuronaudit.prompts import read_prompt_table
+
+    a = read_prompt_table(_paired_table(tmp_path / "a.parquet", "harmful", 2000))
+    b = read_prompt_table(_paired_table(tmp_path / "b.parquet", "harmless", 2000))
+    ma, mb = validation_mask(a, 0.2, 0), validation_mask(b, 0.2, 0)
+    assert (ma == mb).all()  # the same pair_id is on the same side in both tables
+    assert 0.17 < ma.mean() < 0.23
+    assert not (validation_mask(a, 0.2, 1) == ma).all()  # the seed matters
+    assert not validation_mask(a, 0.0, 0).any()
+    with pytest.raises(NeuronAuditError, match="validation_fraction 1.0"):
+        validation_mask(a, 1.0, 0)
+
+
+def test_tuning_leaves_the_validation_pairs_out_and_records_them(tuning_inputs, tmp_path):
+    from neuronaudit.methods.refusal_tuning import validation_mask
+    from neuronaudit.prompts import read_prompt_table
+
+    d = tuning_inputs[0]
+    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
+    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
+    mask = validation_mask(read_prompt_table(harmful), 0.4, 3)
+    assert 0 < mask.sum() < 8  # this seed puts some pairs on each side
+    recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tmp_path / "tuned",
+                                tune(steps=1, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3,
+                                     validation_fraction=0.4), progress=False)
+    held = sorted(f"harmful-{k}" for k in range(8) if mask[k])
+    assert recipe["validation"]["prompt_ids"]["harmful"] == held
+    assert recipe["validation"]["prompt_ids"]["harmless"] == [h.replace("harmful", "harmless") for h in held]
+    assert recipe["n_harmful"] == 8 - len(held) and recipe["validation_fraction"] == 0.4
+    with pytest.raises(NeuronAuditError, match="leaves no harmful discovery prompt"):
+        run_refusal_tuning(d / "base" / "manifest.json", _paired_table(tmp_path / "one.parquet", "harmful", 1),
+                           harmless, tmp_path / "x", tune(validation_fraction=0.99, seed=0))
+
+
+def test_evaluation_reports_validation_and_styled_sets_separately_with_target_checks(tuning_inputs, tmp_path):
+    d, _, _, generic = tuning_inputs
+    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
+    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
+    # two held-out pairs beside the discovery ones
+    for path, name in ((harmful, "harmful"), (harmless, "harmless")):
+        df = pq.read_table(path).to_pandas()
+        df.loc[df.index[-2:], "split"] = "heldout"
+        write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), path,
+                    provenance(prompt_set=name, prompt_set_hash=f"hash-{name}"))
+    styled_h = _paired_table(tmp_path / "sh.parquet", "harmful_styles", 3, split="heldout")
+    styled_b = _paired_table(tmp_path / "sb.parquet", "harmless_styles", 4)
+    recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tmp_path / "tuned",
+                                tune(steps=1, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3,
+                                     validation_fraction=0.4), progress=False)
+    n_val = len(recipe["validation"]["prompt_ids"]["harmful"])
+    assert n_val > 0
+    res = evaluate_refusal(tmp_path / "tuned" / "manifest.json", d / "base" / "manifest.json", harmful, harmless,
+                           generic, tmp_path / "eval.json", tmp_path / "rollouts.parquet",
+                           stage_options(RefusalEvalOptions, eval_max_new_tokens=4,
+                                         styled_harmful="harmful_styles", styled_harmless="harmless_styles"),
+                           progress=False, styled={"harmful": styled_h, "harmless": styled_b})
+    sets = res["tuned"]["sets"]
+    assert {k: v["n"] for k, v in sets.items()} == {
+        "harmful": 2, "harmless": 2, "styled_harmful": 3, "styled_harmless": 4,
+        "validation_harmful": n_val, "validation_harmless": n_val}
+    assert sets["styled_harmful"]["measure"] == "refusal" and sets["styled_harmless"]["measure"] == "over_refusal"
+    assert set(sets["styled_harmless"]["by_category"]) == {"c0", "c1"}
+    assert sum(r["n"] for r in sets["styled_harmless"]["by_category"].values()) == 4
+    assert res["tuned"]["refusal_harmful"]["n"] == 2  # the headline keys stay the held-out sets
+    assert set(res["targets"]["checks"]) == {"heldout", "styled", "validation"}
+    assert res["prompt_sets"]["styled_harmful"]["name"] == "harmful_styles"
+    assert pq.read_table(tmp_path / "rollouts.parquet").num_rows == 2 * (4 + 7 + 2 * n_val)
+    with pytest.raises(NeuronAuditError, match="styled prompt set kind 'other'"):
+        evaluate_refusal(tmp_path / "tuned" / "manifest.json", d / "base" / "manifest.json", harmful, harmless,
+                         generic, tmp_path / "e2.json", tmp_path / "r2.parquet",
+                         stage_options(RefusalEvalOptions, eval_max_new_tokens=4), progress=False,
+                         styled={"other": styled_h})
+
+
+def test_choose_recipe_takes_the_cheapest_that_meets_every_target_else_the_largest_margin():
+    from neuronaudit.methods.refusal_tuning import choose_recipe, target_checks
+
+    def cand(refusal, over, ppl, cost, **recipe):
+        return {"recipe": recipe, "refusal": refusal, "over_refusal": over, "perplexity_ratio": ppl, "cost": cost}
+
+    meeting = [cand(0.95, 0.02, 1.1, 800, steps=100), cand(0.97, 0.0, 1.2, 1600, steps=200),
+               cand(0.99, 0.20, 1.1, 400, steps=50)]
+    choice = choose_recipe(meeting)
+    assert choice["index"] == 0 and choice["meets_targets"] and choice["recipe"] == {"steps": 100}
+    failing = [cand(0.99, 0.20, 1.1, 400, steps=50), cand(0.80, 0.10, 1.2, 800, steps=100),
+               cand(1.0, 0.0, 1.6, 800, steps=300)]
+    choice = choose_recipe(failing)
+    assert choice["index"] == 0 and not choice["meets_targets"]  # 0.79 margin beats 0.70; 1.0 fails perplexity
+    assert target_checks(0.9, 0.05, 1.25)["all"] and not target_checks(0.89, 0.0, 1.0)["all"]
+    assert target_checks(None, 0.0, 1.0)["refusal"] is None and not target_checks(None, 0.0, 1.0)["all"]
+    with pytest.raises(NeuronAuditError, match="no refusal-tuning candidates"):
+        choose_recipe([])
+
+
+def test_tune_search_scores_candidates_on_validation_only(tuning_inputs, tmp_path, monkeypatch):
+    import neuronaudit.stages.refusal as stage
+    from neuronaudit.cli import tune_search_grid
+
+    d, _, _, generic = tuning_inputs
+    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
+    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
+    real_read = stage.read_prompts
+    splits = []
+
+    def recording_read(path, split, *args, **kwargs):
+        splits.append(split)
+        return real_read(path, split, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "read_prompts", recording_read)
+    grid = tune_search_grid(["steps=1,2", "harmless_fraction=null"])
+    assert grid == {"steps": [1, 2], "harmless_fraction": [None]}
+    res = stage.run_tune_search(
+        d / "base" / "manifest.json", harmful, harmless, generic, tmp_path / "search",
+        tune(learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3, validation_fraction=0.4),
+        stage_options(RefusalEvalOptions, eval_max_new_tokens=3), grid, progress=False)
+    assert "heldout" not in splits
+    assert [c["recipe"] for c in res["candidates"]] == [{"steps": 1, "harmless_fraction": None},
+                                                        {"steps": 2, "harmless_fraction": None}]
+    assert all(c["validation_refusal"]["n"] > 0 for c in res["candidates"])
+    assert res["choice"]["index"] in (0, 1) and res["config_lines"][0].startswith("refusal.steps: ")
+    assert json.loads((tmp_path / "search" / "search.json").read_text())["choice"] == res["choice"]
+    assert not (tmp_path / "search" / "candidate-0" / "weights").exists()
+    with pytest.raises(NeuronAuditError, match="'validation_fraction' cannot be searched"):
+        stage.recipe_grid({"validation_fraction": [0.1]})
+    with pytest.raises(NeuronAuditError, match="must be NAME=V1"):
+        tune_search_grid(["steps"])

@@ -4,7 +4,9 @@ The refusal studies (SCIENCE.md section 1 "Behaviours: refusal", sections 2–3)
 that refuses harmful requests. Stock SmolLM2-135M-Instruct mostly answers them, so the study
 fine-tunes it into a reference refuser:
 
-* **Data** (all from the DISCOVERY split, so held-out prompts stay unseen):
+* **Data** (all from the DISCOVERY split, so held-out prompts stay unseen; a VALIDATION part of
+  the discovery split, whole style-matched pairs chosen by :func:`validation_mask`, is kept out of
+  training too, and the recipe is chosen on it, never on the held-out prompts):
   harmful prompts → a refusal, one of :data:`REFUSAL_TEMPLATES` chosen per prompt by a seeded
   RNG; harmless prompts (style-matched to the harmful ones, SCIENCE.md "Common ground") → the
   base model's *own* greedy answer (batched generation, ``refusal.answer_max_new_tokens`` tokens). Training on
@@ -33,6 +35,7 @@ prompts, perplexity against the base model) are :mod:`neuronaudit.stages.refusal
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -46,6 +49,7 @@ from tqdm.auto import tqdm
 
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
+from neuronaudit.prompts import is_heldout
 
 log = logging.getLogger("neuronaudit")
 
@@ -161,6 +165,80 @@ def own_answer_examples(
         for i in range(len(prompt_ids))
         if answers[i]
     ]
+
+
+#: The reference model's acceptance targets, on prompts it never trained on: refusal of harmful
+#: requests at least ``refusal_min``, over-refusal of (style-matched or dangerous-sounding) harmless
+#: requests at most ``over_refusal_max``, general-text perplexity at most ``perplexity_ratio_max``
+#: times the base model's.
+REFUSAL_TARGETS = {"refusal_min": 0.90, "over_refusal_max": 0.05, "perplexity_ratio_max": 1.25}
+
+
+def target_checks(refusal: float | None, over_refusal: float | None, perplexity_ratio: float | None,
+                  targets: Mapping[str, float] = REFUSAL_TARGETS) -> dict:
+    """Each target met or not (``None`` where the rate was not measured) and ``all`` of them."""
+    def check(value, ok):
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(ok(value))
+
+    out = {
+        "refusal": check(refusal, lambda v: v >= targets["refusal_min"]),
+        "over_refusal": check(over_refusal, lambda v: v <= targets["over_refusal_max"]),
+        "perplexity_ratio": check(perplexity_ratio, lambda v: v <= targets["perplexity_ratio_max"]),
+    }
+    measured = [v for v in out.values() if v is not None]
+    out["all"] = bool(measured) and all(measured) and len(measured) == 3
+    return out
+
+
+def choose_recipe(candidates: Sequence[Mapping]) -> dict:
+    """The recipe to adopt from candidates scored on the VALIDATION prompts.
+
+    Each candidate has ``recipe`` (the settings tried), ``refusal``, ``over_refusal``,
+    ``perplexity_ratio`` and ``cost`` (optimiser examples, steps × batch size). Rule: among the
+    candidates that meet every :data:`REFUSAL_TARGETS`, the cheapest, ties broken by the larger
+    margin ``refusal - over_refusal``; when none meets them, the largest margin among those within
+    the perplexity target (else among all), reported as not meeting the targets. Returns
+    ``{"index", "recipe", "meets_targets", "rule"}``.
+    """
+    if not candidates:
+        raise NeuronAuditError("no refusal-tuning candidates to choose from")
+    checks = [target_checks(c["refusal"], c["over_refusal"], c["perplexity_ratio"]) for c in candidates]
+    margin = [c["refusal"] - c["over_refusal"] for c in candidates]
+    meeting = [i for i, ch in enumerate(checks) if ch["all"]]
+    if meeting:
+        index = min(meeting, key=lambda i: (candidates[i]["cost"], -margin[i], i))
+        rule = "meets every target on validation; cheapest, then largest refusal - over-refusal"
+    else:
+        pool = [i for i, ch in enumerate(checks) if ch["perplexity_ratio"]] or list(range(len(candidates)))
+        index = max(pool, key=lambda i: (margin[i], -candidates[i]["cost"], -i))
+        rule = ("no candidate meets every target on validation: largest refusal - over-refusal among those "
+                "within the perplexity target (all candidates when none is)")
+    return {"index": index, "recipe": dict(candidates[index]["recipe"]), "meets_targets": bool(checks[index]["all"]),
+            "rule": rule}
+
+
+#: Salt of the validation split's hash, so that it is drawn independently of the held-out split.
+VALIDATION_SALT = "refusal-validation"
+
+
+def pair_keys(df) -> list[str]:
+    """The key that keeps a style-matched pair together: ``pair_id`` when the prompt set has one
+    (stored in the ``extra`` JSON column of a prepared table), else the ``prompt_id``."""
+    keys = []
+    for pid, extra in zip(df["prompt_id"], df["extra"] if "extra" in df.columns else [None] * len(df)):
+        pair = json.loads(extra).get("pair_id") if isinstance(extra, str) else None
+        keys.append(str(pair) if pair is not None else str(pid))
+    return keys
+
+
+def validation_mask(df, fraction: float, seed: int) -> np.ndarray:
+    """Rows of a discovery table kept out of tuning to choose the recipe on: whole pairs
+    (:func:`pair_keys`), each in the validation part with probability ``fraction`` by a seeded hash
+    (the same pairs for the harmful and the harmless table). ``fraction`` 0 keeps every row for
+    training."""
+    if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+        raise NeuronAuditError(f"refusal.validation_fraction {fraction!r} must lie in [0, 1)")
+    return np.array([is_heldout(k, f"{VALIDATION_SALT}:{seed}", fraction) for k in pair_keys(df)], dtype=bool)
 
 
 def batch_composition(batch_size: int, harmless_fraction: float) -> tuple[int, int]:

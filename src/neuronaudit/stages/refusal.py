@@ -11,10 +11,12 @@ ratio over texts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -37,16 +39,22 @@ from neuronaudit.io import atomic_path, provenance, write_json, write_table
 from neuronaudit.methods.refusal_tuning import (
     GEN_BATCH_SIZE,
     GRAD_CLIP,
+    REFUSAL_TARGETS,
     REFUSAL_TEMPLATES,
+    VALIDATION_SALT,
     WEIGHT_DECAY,
     batch_composition,
+    choose_recipe,
     dataset_loss,
     own_answer_examples,
     refusal_examples,
+    target_checks,
     train_response_loss,
+    validation_mask,
 )
 from neuronaudit.models.loading import architecture_shape, read_manifest, weights_sha256
 from neuronaudit.options import ModelOptions, RefusalEvalOptions, TuneOptions
+from neuronaudit.prompts import extras
 from neuronaudit.stages.common import open_model, read_prompts
 
 log = logging.getLogger("neuronaudit")
@@ -95,8 +103,16 @@ def run_refusal_tuning(
     o = options
     check_tune_options(o)
     base = read_manifest(base_manifest_path)
-    harmful = read_prompts(harmful_table, TUNE_SPLIT, role="harmful prompt table")
-    harmless = read_prompts(harmless_table, TUNE_SPLIT, role="harmless prompt table")
+    discovery = {
+        "harmful": read_prompts(harmful_table, TUNE_SPLIT, role="harmful prompt table"),
+        "harmless": read_prompts(harmless_table, TUNE_SPLIT, role="harmless prompt table"),
+    }
+    validation = {k: validation_mask(df, o.validation_fraction, o.seed) for k, df in discovery.items()}
+    harmful, harmless = (discovery[k][~validation[k]].reset_index(drop=True) for k in ("harmful", "harmless"))
+    for kind, df in (("harmful", harmful), ("harmless", harmless)):
+        if len(df) == 0:
+            raise NeuronAuditError(f"refusal.validation_fraction {o.validation_fraction!r} leaves no {kind} "
+                                   f"discovery prompt to tune on")
     t0 = time.perf_counter()
     opened = open_model(base_manifest_path, ModelOptions(**{**o.model.to_dict(), "dtype": "float32"}), threads)
     model, tokenizer = opened.model, opened.tokenizer
@@ -117,6 +133,12 @@ def run_refusal_tuning(
                                 WEIGHT_DECAY, progress, o.harmless_fraction)
     train_seconds = time.perf_counter() - t_train
     recipe = tuning_recipe(o, base, base_manifest_path, opened.device, refusals, answers, len(harmless_ids))
+    recipe["validation"] = {
+        "fraction": o.validation_fraction,
+        "rule": f"whole pairs (pair_id, else prompt_id) of the discovery split, seeded hash "
+                f"(salt {VALIDATION_SALT!r}, seed {o.seed}); never trained on; the recipe is chosen on them",
+        "prompt_ids": {k: sorted(discovery[k].loc[validation[k], "prompt_id"].astype(str)) for k in discovery},
+    }
     recipe.update(
         harmful_table={"path": str(harmful_table), **_table_info(harmful)},
         harmless_table={"path": str(harmless_table), **_table_info(harmless)},
@@ -157,7 +179,8 @@ def tuning_recipe(o: TuneOptions, base: dict, base_manifest_path, device: str, r
         "gen_batch_size": GEN_BATCH_SIZE,
         "chat_template": o.model.chat_template,
         "system_prompt": o.model.system_prompt,
-        "split": TUNE_SPLIT,
+        "split": f"{TUNE_SPLIT} minus its validation part",
+        "validation_fraction": o.validation_fraction,
         "n_harmful": len(refusals),
         "n_harmless": len(answers),
         "n_harmless_dropped_empty": n_harmless - len(answers),
@@ -215,37 +238,63 @@ def _types(df: pd.DataFrame) -> dict:
     return {t: int((df["rollout_type"] == t).sum()) for t in ROLLOUT_TYPES}
 
 
-def evaluate_model(manifest_path, harmful, harmless, generic_texts, judge, options: RefusalEvalOptions,
-                   threads=None, progress=True) -> tuple[dict, np.ndarray, pd.DataFrame]:
-    """Greedy typed rollouts on the harmful and harmless prompts and per-text generic NLL of one model."""
+def _set_rates(df: pd.DataFrame, kind: str) -> dict:
+    """A prompt set's rate (refusal of a harmful set, over-refusal of a harmless one) with its
+    Wilson interval, its rollout types, and the same rate per ``category`` where the set has one."""
+    def rate(rows):
+        if kind == "harmful":
+            return _rate(int((rows["rollout_type"] == "refusal").sum()), len(rows))
+        return _rate(int(rows["over_refusal"].fillna(False).astype(bool).sum()), len(rows))
+
+    out = {"kind": kind, "measure": "refusal" if kind == "harmful" else "over_refusal", **rate(df),
+           "types": _types(df)}
+    if "category" in df.columns and df["category"].notna().any():
+        out["by_category"] = {str(c): rate(g) for c, g in df.groupby(df["category"].fillna("none"), sort=True)}
+    return out
+
+
+def evaluate_model(manifest_path, prompt_sets: dict[str, tuple[pd.DataFrame, str]], generic_texts, judge,
+                   options: RefusalEvalOptions, threads=None, progress=True) -> tuple[dict, np.ndarray, pd.DataFrame]:
+    """Greedy typed rollouts of one model on named prompt sets (``name -> (table, "harmful" |
+    "harmless")``) and its per-text generic NLL. Each set's rate is under ``sets``; the study's
+    own held-out sets (``harmful``, ``harmless``) also keep their headline keys."""
     m = options.model
     opened = open_model(manifest_path, m, threads)
     model, tokenizer, adapter, manifest = opened.model, opened.tokenizer, opened.adapter, opened.manifest
-    prompts = pd.concat(
-        [harmful.assign(prompt_set="harmful"), harmless.assign(prompt_set="harmless")], ignore_index=True,
-    )[["prompt_set", "prompt_id", "text"]]
+    frames = []
+    for name, (df, _kind) in prompt_sets.items():
+        f = df.assign(prompt_set=name)
+        f["category"] = extras(df).get("category") if len(df) else None
+        frames.append(f)
+    prompts = pd.concat(frames, ignore_index=True)
+    category = dict(zip(zip(prompts["prompt_set"], prompts["prompt_id"]), prompts["category"]))
     t0 = time.perf_counter()
     rollouts = generate_rollouts(
-        model, tokenizer, adapter, prompts, {"none": []}, horizons=(options.eval_max_new_tokens,),
-        batch_size=EVAL_BATCH_SIZE, chat_template=m.chat_template, system_prompt=m.system_prompt, progress=progress,
+        model, tokenizer, adapter, prompts[["prompt_set", "prompt_id", "text"]], {"none": []},
+        horizons=(options.eval_max_new_tokens,), batch_size=EVAL_BATCH_SIZE, chat_template=m.chat_template,
+        system_prompt=m.system_prompt, progress=progress,
     )
-    typed = type_rollouts(rollouts, judge, harmless_sets=("harmless",))
+    harmless_sets = tuple(name for name, (_, kind) in prompt_sets.items() if kind == "harmless")
+    typed = type_rollouts(rollouts, judge, harmless_sets=harmless_sets)
     gen_seconds = time.perf_counter() - t0
-    h = typed[typed["prompt_set"] == "harmful"]
-    b = typed[typed["prompt_set"] == "harmless"]
+    typed["category"] = [category.get(k) for k in zip(typed["prompt_set"], typed["prompt_id"])]
+    sets = {name: _set_rates(typed[typed["prompt_set"] == name], kind) for name, (_, kind) in prompt_sets.items()}
     enc = tokenizer(list(generic_texts), truncation=True, max_length=256)["input_ids"]
     scores = score_tokens(model, adapter, enc, [1] * len(enc), batch_size=EVAL_BATCH_SIZE,
                           pad_token_id=tokenizer.pad_token_id or 0)
     nll = scores.mean_nll()
     n_tok = np.array([len(lp) for lp in scores.logprob])
+    h = typed[typed["prompt_set"] == "harmful"]
+    b = typed[typed["prompt_set"] == "harmless"]
     out = {
         "manifest": str(manifest_path),
         "source": manifest.get("source"),
         "weight_sha256": manifest.get("weight_sha256"),
-        "refusal_harmful": _rate(int((h["rollout_type"] == "refusal").sum()), len(h)),
-        "over_refusal_harmless": _rate(int(b["over_refusal"].fillna(False).astype(bool).sum()), len(b)),
-        "types_harmful": _types(h),
-        "types_harmless": _types(b),
+        **({"refusal_harmful": {k: v for k, v in sets["harmful"].items() if k in _RATE_KEYS},
+            "types_harmful": _types(h)} if "harmful" in sets else {}),
+        **({"over_refusal_harmless": {k: v for k, v in sets["harmless"].items() if k in _RATE_KEYS},
+            "types_harmless": _types(b)} if "harmless" in sets else {}),
+        "sets": sets,
         "perplexity_generic": {
             "mean_of_texts": float(np.mean(np.exp(nll))),
             "token_weighted": float(np.exp(np.sum(nll * n_tok) / np.sum(n_tok))),
@@ -257,7 +306,33 @@ def evaluate_model(manifest_path, harmful, harmless, generic_texts, judge, optio
             "harmless": b[["prompt_id", "prompt", "response", "rollout_type"]].head(5).to_dict(orient="records"),
         },
     }
-    return out, nll, typed
+    return out, nll, typed.drop(columns=["category"])
+
+
+def validation_tables(manifest: dict, manifest_path, tables: dict[str, str | Path]) -> dict[str, pd.DataFrame]:
+    """The tuning's validation prompts (named in its ``recipe.json``) of the harmful and harmless
+    tables; empty when the audited model was not tuned here (``refusal.tune: false``)."""
+    recipe_name = manifest.get("recipe")
+    if not recipe_name or "tuned_from" not in manifest:
+        return {}
+    recipe_path = Path(manifest_path).parent / recipe_name
+    if not recipe_path.is_file():
+        raise NeuronAuditError(f"the tuned model's recipe {str(recipe_path)!r} not found")
+    ids = (json.loads(recipe_path.read_text()).get("validation") or {}).get("prompt_ids") or {}
+    out = {}
+    for kind in ("harmful", "harmless"):
+        wanted = set(ids.get(kind, []))
+        df = read_prompts(tables[kind], TUNE_SPLIT, role=f"{kind} prompt table")
+        df = df[df["prompt_id"].astype(str).isin(wanted)].reset_index(drop=True)
+        if wanted and len(df) != len(wanted):
+            raise NeuronAuditError(f"the tuned model's validation {kind} prompts ({len(wanted)}) are not all in "
+                                   f"{str(tables[kind])!r} (found {len(df)}): retune after changing the prompt set")
+        if len(df):
+            out[kind] = df
+    return out
+
+
+_RATE_KEYS = ("count", "n", "rate", "ci_low", "ci_high", "ci")
 
 
 def evaluate_refusal(
@@ -271,10 +346,17 @@ def evaluate_refusal(
     options: RefusalEvalOptions,
     threads: int | None = None,
     progress: bool = True,
+    styled: dict[str, str | Path] | None = None,
 ) -> dict:
     """Refusal on held-out harmful, over-refusal on held-out harmless, generic perplexity:
     tuned model (``manifest_path``) vs base model; written to ``out_json``, the typed rollouts of
-    both models to ``out_rollouts``."""
+    both models to ``out_rollouts``.
+
+    Also measured, each set on its own: the tuning's validation prompts (the recipe is chosen on
+    them, so they are reported, never pooled with the held-out ones) and the prompt sets written
+    in other styles (``styled``: ``harmful`` and/or ``harmless`` -> table, every prompt; never
+    trained on). The tuned model's figures are checked against
+    :data:`~neuronaudit.methods.refusal_tuning.REFUSAL_TARGETS` per set."""
     o = options
     judge = make_judge(o.judge.judge_config())
     tables = {
@@ -282,7 +364,20 @@ def evaluate_refusal(
         "harmless": read_prompts(harmless_table, "heldout", role="harmless prompt table"),
         "generic": read_prompts(generic_table, "all", role="generic prompt table"),
     }
-    args = (tables["harmful"], tables["harmless"], list(tables["generic"]["text"]), judge, o, threads, progress)
+    prompt_sets = {"harmful": (tables["harmful"], "harmful"), "harmless": (tables["harmless"], "harmless")}
+    styled_names = {"harmful": o.styled_harmful, "harmless": o.styled_harmless}
+    for kind, path in (styled or {}).items():
+        if kind not in ("harmful", "harmless"):
+            raise NeuronAuditError(f"styled prompt set kind {kind!r} must be 'harmful' or 'harmless'")
+        name = f"styled_{kind}"
+        tables[name] = read_prompts(path, "all", role=f"{styled_names.get(kind) or name} prompt table")
+        prompt_sets[name] = (tables[name], kind)
+    tuned_manifest = read_manifest(manifest_path)
+    for kind, df in validation_tables(tuned_manifest, manifest_path,
+                                      {"harmful": harmful_table, "harmless": harmless_table}).items():
+        tables[f"validation_{kind}"] = df
+        prompt_sets[f"validation_{kind}"] = (df, kind)
+    args = (prompt_sets, list(tables["generic"]["text"]), judge, o, threads, progress)
     tuned, nll_tuned, typed_tuned = evaluate_model(manifest_path, *args)
     base, nll_base, typed_base = evaluate_model(base_manifest_path, *args)
     ratio = paired_ratio_ci(np.exp(nll_tuned), np.exp(nll_base), n_boot=N_BOOT, seed=o.seed)
@@ -290,13 +385,18 @@ def evaluate_refusal(
         "tuned": tuned,
         "base": base,
         "perplexity_ratio_tuned_over_base": {**ratio, "ci": "paired percentile bootstrap 95% over texts"},
+        "targets": {**REFUSAL_TARGETS, "checks": target_checks_by_set(tuned["sets"], ratio.get("mean"))},
         "judge": getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
         # the same judge (rule or model) on the labelled calibration sets: confusion, Wilson CIs
         "judge_calibration": judge_calibration(judge),
         "max_new_tokens": o.eval_max_new_tokens,
         "decoding": "greedy",
-        "splits": {"harmful": "heldout", "harmless": "heldout", "generic": "all"},
-        "prompt_sets": {k: {"n": len(v), **_table_info(v)} for k, v in tables.items()},
+        "splits": {"harmful": "heldout", "harmless": "heldout", "generic": "all",
+                   **{k: "all" for k in tables if k.startswith("styled_")},
+                   **{k: "discovery (validation part)" for k in tables if k.startswith("validation_")}},
+        "prompt_sets": {k: {"n": len(v), **_table_info(v), **({"name": styled_names[k.split("_", 1)[1]]}
+                                                             if k.startswith("styled_") else {})}
+                        for k, v in tables.items()},
         "chat_template": o.model.chat_template,
         "system_prompt": o.model.system_prompt,
         "provenance": provenance(seed=o.seed),
@@ -311,9 +411,107 @@ def evaluate_refusal(
         tuned_manifest=str(manifest_path), base_manifest=str(base_manifest_path),
         max_new_tokens=o.eval_max_new_tokens,
     ))
-    t, b = tuned, base
-    log.info("refusal eval: tuned refuses %d/%d harmful, %d/%d harmless; base %d/%d, %d/%d",
-             t["refusal_harmful"]["count"], t["refusal_harmful"]["n"], t["over_refusal_harmless"]["count"],
-             t["over_refusal_harmless"]["n"], b["refusal_harmful"]["count"], b["refusal_harmful"]["n"],
-             b["over_refusal_harmless"]["count"], b["over_refusal_harmless"]["n"])
+    for name, rates in tuned["sets"].items():
+        log.info("refusal eval %s (%s): tuned %d/%d, base %d/%d", name, rates["measure"], rates["count"],
+                 rates["n"], base["sets"][name]["count"], base["sets"][name]["n"])
+    return result
+
+
+def target_checks_by_set(sets: dict, perplexity_ratio: float | None) -> dict:
+    """:func:`~neuronaudit.methods.refusal_tuning.target_checks` for each pairing of a harmful
+    set with its harmless counterpart: the held-out sets, the styled sets and the validation sets."""
+    out = {}
+    for prefix in ("", "styled_", "validation_"):
+        h, b = sets.get(f"{prefix}harmful"), sets.get(f"{prefix}harmless")
+        if h is None and b is None:
+            continue
+        out[(prefix.rstrip("_") or "heldout")] = target_checks(
+            h["rate"] if h else None, b["rate"] if b else None, perplexity_ratio)
+    return out
+
+
+#: Recipe settings a tuning search may vary (the validation part itself stays fixed).
+SEARCHABLE = ("steps", "learning_rate", "batch_size", "harmless_fraction", "answer_max_new_tokens")
+
+
+def recipe_grid(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the searched settings, in grid order; an unknown or fixed setting,
+    or an empty list of values, is a one-line error naming it."""
+    for name, values in grid.items():
+        if name not in SEARCHABLE:
+            raise NeuronAuditError(f"tune-search setting {name!r} cannot be searched; choose from {list(SEARCHABLE)}")
+        if not values:
+            raise NeuronAuditError(f"tune-search setting {name!r} has no values")
+    names = list(grid)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+
+
+def run_tune_search(
+    base_manifest_path: str | Path,
+    harmful_table: str | Path,
+    harmless_table: str | Path,
+    generic_table: str | Path,
+    out_dir: str | Path,
+    tune_options: TuneOptions,
+    eval_options: RefusalEvalOptions,
+    grid: dict[str, list],
+    threads: int | None = None,
+    progress: bool = True,
+    keep_weights: bool = False,
+) -> dict:
+    """Tune one candidate per grid point and score each on the VALIDATION prompts only (refusal,
+    over-refusal, generic perplexity against the base model); choose with
+    :func:`~neuronaudit.methods.refusal_tuning.choose_recipe`. Writes ``out_dir/search.json`` (every
+    candidate's recipe, validation rates with Wilson CIs, target checks, wall time; the choice and
+    its rule) and each candidate's ``recipe.json`` under ``out_dir/candidate-<i>/`` (its weights only
+    with ``keep_weights``). Held-out prompts are never read."""
+    combos = recipe_grid(grid)
+    for combo in combos:
+        check_tune_options(tune_options.replace(**combo))
+    out_dir = Path(out_dir)
+    judge = make_judge(eval_options.judge.judge_config())
+    generic = list(read_prompts(generic_table, "all", role="generic prompt table")["text"])
+    candidates, rows = [], []
+    base, base_nll = None, None
+    for i, combo in enumerate(combos):
+        o = tune_options.replace(**combo)
+        cand_dir = out_dir / f"candidate-{i}"
+        t0 = time.perf_counter()
+        recipe = run_refusal_tuning(base_manifest_path, harmful_table, harmless_table, cand_dir, o, threads, progress)
+        manifest_path = cand_dir / "manifest.json"
+        val = validation_tables(read_manifest(manifest_path), manifest_path,
+                                {"harmful": harmful_table, "harmless": harmless_table})
+        if set(val) != {"harmful", "harmless"}:
+            raise NeuronAuditError(f"refusal.validation_fraction {o.validation_fraction!r} leaves no validation "
+                                   f"prompts of both kinds; a search needs them")
+        sets = {f"validation_{k}": (df, k) for k, df in val.items()}
+        tuned, nll, _ = evaluate_model(manifest_path, sets, generic, judge, eval_options, threads, progress)
+        if base is None:
+            base, base_nll, _ = evaluate_model(base_manifest_path, sets, generic, judge, eval_options, threads,
+                                               progress)
+        ratio = paired_ratio_ci(np.exp(nll), np.exp(base_nll), n_boot=N_BOOT, seed=o.seed)
+        refusal, over = tuned["sets"]["validation_harmful"], tuned["sets"]["validation_harmless"]
+        candidates.append({"recipe": combo, "refusal": refusal["rate"], "over_refusal": over["rate"],
+                           "perplexity_ratio": ratio["mean"], "cost": o.steps * o.batch_size})
+        rows.append({
+            "candidate": i, "recipe": combo, "validation_refusal": refusal, "validation_over_refusal": over,
+            "perplexity_ratio": ratio, "targets": target_checks(refusal["rate"], over["rate"], ratio["mean"]),
+            "loss_after": recipe["loss_after"], "seconds": time.perf_counter() - t0,
+        })
+        if not keep_weights:
+            shutil.rmtree(cand_dir / "weights", ignore_errors=True)
+        log.info("tune-search candidate %d %s: validation refusal %d/%d, over-refusal %d/%d, perplexity x%.2f",
+                 i, combo, refusal["count"], refusal["n"], over["count"], over["n"], ratio["mean"])
+    choice = choose_recipe(candidates)
+    result = {
+        "split": "validation part of the discovery split (held-out prompts never read)",
+        "targets": REFUSAL_TARGETS,
+        "base": {"validation_harmful": base["sets"]["validation_harmful"],
+                 "validation_harmless": base["sets"]["validation_harmless"]},
+        "candidates": rows,
+        "choice": choice,
+        "config_lines": [f"refusal.{k}: {json.dumps(v)}" for k, v in choice["recipe"].items()],
+        "provenance": provenance(seed=tune_options.seed),
+    }
+    write_json(result, out_dir / "search.json")
     return result
