@@ -96,6 +96,9 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     n = N_LAYERS * N_NEURONS
     layer = np.repeat(np.arange(N_LAYERS), N_NEURONS)
     neuron = np.tile(np.arange(N_NEURONS), N_LAYERS)
+    # the stage writes one provenance to both tables: discovery prompt counts and the bootstrap's units
+    screen_prov = {"n_pos": 20, "n_neg": 21, "n_boot": 1000, "ci": 0.95,
+                   "bootstrap": {"paired": True, "n_pairs": 20, "n_unpaired_pos": 0, "n_unpaired_neg": 1}}
     for b in BEHAVIOURS:
         delta = rng.normal(0, 1, n)
         std_delta = delta / rng.uniform(0.5, 2.0, n)
@@ -104,7 +107,7 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
         scores = pd.DataFrame({"layer": layer, "neuron": neuron, "delta": delta, "std_delta": std_delta,
                                "ci_low": delta - 0.3, "ci_high": delta + 0.3, "universal": rank > n - 3,
                                "screened": layer >= 1, "rank": rank})
-        _write(scores, study / "screen" / f"{b}.scores.parquet")
+        _write(scores, study / "screen" / f"{b}.scores.parquet", **screen_prov)
         top = (scores[scores["screened"]].sort_values("rank").head(6)
                .assign(sign=lambda d: np.sign(d["delta"]).astype(int)))
         top = top.assign(rank=np.arange(1, len(top) + 1), delta_heldout=lambda d: 0.5 * d["delta"],
@@ -112,8 +115,7 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
                          heldout_ci_high=lambda d: 0.5 * d["delta"] + 0.2)
         _write(top[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high", "delta_heldout",
                     "heldout_ci_low", "heldout_ci_high"]],
-               study / "screen" / f"{b}.circuit.parquet",
-               bootstrap={"paired": True, "n_pairs": 20, "n_unpaired_pos": 0, "n_unpaired_neg": 1},
+               study / "screen" / f"{b}.circuit.parquet", **screen_prov,
                heldout={"n_pos": 9, "n_neg": 9, "retained": 0.5, "share_same_sign": 1.0,
                         "share_ci_excludes_zero": 0.5})
 

@@ -194,11 +194,15 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
         top = s[s["screened"].astype(bool)].sort_values("rank").head(1)
         if len(top):
             t = top.iloc[0]
+            prov = {**naio.read_provenance(cpath), **naio.read_provenance(spath)}
+            n_pos, n_neg = prov.get("n_pos"), prov.get("n_neg")
             heads.append(Headline(
                 f"screen.top.{name}", f"top {name} neuron: contrastive δ",
                 f"L{int(t.layer)}/N{int(t.neuron)}: δ = {t.delta:.3g} (95% CI {t.ci_low:.3g} to {t.ci_high:.3g}), "
                 f"standardised {t.std_delta:.2f}",
-                float(t.delta), _ci(float(t.ci_low), float(t.ci_high)), "", _rel(spath, report_dir)))
+                float(t.delta), _ci(float(t.ci_low), float(t.ci_high)), "", _rel(spath, report_dir),
+                n=n_pos + n_neg if n_pos is not None and n_neg is not None else None,
+                unit="discovery prompts (positive + negative set)", test=_screen_test(prov)))
     scores = pd.concat(frames, ignore_index=True)
     items = [_figure("screen_overview", "Contrastive screen", plots.screen_overview(scores, tables),
                      {n: _rel(folder / f"{n}.scores.parquet", report_dir) for n in circuits})]
@@ -237,6 +241,21 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
              "(winner's curse); it is re-measured on the held-out prompts of the same sets"
              + (": " + "; ".join(curse) if curse else "") + ".")
     return Section("screen", STAGE_TITLES["screen"], intro, items), heads
+
+
+def _resamples(n_boot) -> str:
+    return f", {n_boot} resamples" if n_boot else ""
+
+
+def _screen_test(prov: dict) -> str:
+    """How the screen's δ CI was resampled (methods.screen): per set, or style-matched pairs together."""
+    boot = prov.get("bootstrap") or {}
+    if boot.get("paired"):
+        return (f"paired percentile bootstrap over prompts{_resamples(prov.get('n_boot'))}: "
+                f"{boot.get('n_pairs', '?')} style-matched pairs resampled together, "
+                f"{boot.get('n_unpaired_pos', '?')} + {boot.get('n_unpaired_neg', '?')} unpaired prompts "
+                "within their set")
+    return f"percentile bootstrap over prompts, each set resampled on its own{_resamples(prov.get('n_boot'))}"
 
 
 def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
