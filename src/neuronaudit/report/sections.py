@@ -258,6 +258,10 @@ def _screen_test(prov: dict) -> str:
     return f"percentile bootstrap over prompts, each set resampled on its own{_resamples(prov.get('n_boot'))}"
 
 
+#: What every CNA figure is measured on: one greedy rollout per held-out prompt of the behaviour's positive set.
+CNA_UNIT = "held-out harmful prompts (one greedy rollout each)"
+
+
 def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     path = study_dir / "cna" / "summary.parquet"
     if not path.is_file():
@@ -278,15 +282,34 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
     by = summary.set_index("intervention")
     heads = []
 
-    def refusal(intervention: str) -> tuple[float, tuple | None]:
-        rate = float(by.loc[intervention, "refusal_rate"])
+    def refusal_row(intervention: str) -> pd.Series | None:
+        """The intervention's refusal row of the rollout-type fractions (greedy, last horizon)."""
         if fractions is None:
-            return rate, None
+            return None
         f = fractions[(fractions["intervention"] == intervention) & (fractions["rollout_type"] == "refusal")]
         if "sampling" in f and (f["sampling"] == "greedy").any():
             f = f[f["sampling"] == "greedy"]
         f = f[f["horizon"] == f["horizon"].max()]
-        return rate, (_ci(float(f["ci_low"].iloc[0]), float(f["ci_high"].iloc[0])) if len(f) else None)
+        return f.iloc[0] if len(f) else None
+
+    def refusal(intervention: str) -> tuple[float, tuple | None]:
+        rate = float(by.loc[intervention, "refusal_rate"])
+        f = refusal_row(intervention)
+        return rate, (_ci(float(f["ci_low"]), float(f["ci_high"])) if f is not None else None)
+
+    def n_prompts(intervention: str) -> int | None:
+        """Held-out harmful prompts behind a row: the summary's count, else the fractions'."""
+        if "n_prompts" in by.columns and pd.notna(by.loc[intervention, "n_prompts"]):
+            return int(by.loc[intervention, "n_prompts"])
+        f = refusal_row(intervention)
+        return int(f["n_prompts"]) if f is not None and "n_prompts" in f else None
+
+    def refusal_test(intervention: str) -> str | None:
+        """How the refusal rate's CI was obtained (evaluation.rollouts.type_fractions)."""
+        f = refusal_row(intervention)
+        if f is None:
+            return None
+        return "percentile bootstrap over prompts" + _resamples(int(f["n_boot"]) if "n_boot" in f else None)
 
     def text(rate, ci) -> str:
         return f"{rate:.1%}" + (f" (95% CI {ci[0]:.1%}–{ci[1]:.1%})" if ci and None not in ci else "")
@@ -301,24 +324,28 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
         r1, c1 = refusal("circuit_x0")
         heads.append(Headline("cna.refusal_unablated", "CNA: refusal rate of held-out harmful prompts without "
                               "intervention (the study's reference model, not a JBB rate)", text(r0, c0), r0, c0,
-                              "", source))
+                              "", source, n=n_prompts("none"), unit=CNA_UNIT, test=refusal_test("none")))
         heads.append(Headline("cna.refusal_circuit_ablated", "CNA: refusal rate, unablated → circuit ablated (×0)",
-                              f"{text(r0, c0)} → {text(r1, c1)}", r1, c1, PUBLISHED["cna_refusal"], source))
+                              f"{text(r0, c0)} → {text(r1, c1)}", r1, c1, PUBLISHED["cna_refusal"], source,
+                              n=n_prompts("circuit_x0"), unit=CNA_UNIT, test=refusal_test("circuit_x0")))
         circuit = [i for i in by.index if str(i).startswith("circuit_x")]
         q = float(by.loc[circuit, "quality"].min())
         caa = [i for i in by.index if str(i).startswith("caa")]
         caa_text = (f"; CAA over {len(caa)} (layer, α) rows {by.loc[caa, 'quality'].min():.3f}–"
                     f"{by.loc[caa, 'quality'].max():.3f}") if caa else ""
         heads.append(Headline("cna.quality_min", "CNA: lowest quality over circuit strengths (CAA: range)",
-                              f"{q:.3f}{caa_text}", q, None, PUBLISHED["cna_quality"], links["summary"]))
+                              f"{q:.3f}{caa_text}", q, None, PUBLISHED["cna_quality"], links["summary"],
+                              n=n_prompts(by.loc[circuit, "quality"].idxmin()), unit=CNA_UNIT))
     if matched:
         best = {k: matched.get(k) for k in ("best_cna", "best_caa")}
         shown = [f"{label} {row_text(best[k]) if best[k] in by.index else 'none reaches it'}"
                  for k, label in (("best_cna", "CNA"), ("best_caa", "CAA"))]
         value = float(by.loc[best["best_caa"], "refusal_rate"]) if best["best_caa"] in by.index else None
+        picked = [best[k] for k in ("best_caa", "best_cna") if best[k] in by.index]
         heads.append(Headline(
             "cna.matched_quality", f"best CNA and best CAA at matched quality ≥ {_f(threshold, '.3f')}",
-            "; ".join(shown) + f" (rule: {matched.get('rule', 'missing')})", value, None, "", links["summary"]))
+            "; ".join(shown) + f" (rule: {matched.get('rule', 'missing')})", value, None, "", links["summary"],
+            n=n_prompts(picked[0]) if picked else None, unit=CNA_UNIT))
     rule = (f" Rows are compared at matched quality: {matched['rule']} (threshold {_f(threshold, '.3f')}; "
             f"{matched.get('n_caa_rows_at_quality', '?')} of {matched.get('n_caa_rows', '?')} CAA rows reach it)."
             if matched else "")
