@@ -402,12 +402,19 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
                 f"{_f(p['ratio_to_random_median'], '.3g')}× (keystone {_f(p.get('keystone'), '.4g')} vs random "
                 f"{_f(p.get('random_min'), '.4g')}–{_f(p.get('random_max'), '.4g')} over {last.get('n_random', '?')} "
                 f"draws){frac_text}",
-                p["ratio_to_random_median"], None, PUBLISHED["keystone_collapse"], link))
+                p["ratio_to_random_median"], None, PUBLISHED["keystone_collapse"], link,
+                n=last.get("n_random"), unit="random same-layer control sets"))
     if "perplexity_separates_at_k" in curve_summary:
         ks = curve_summary["perplexity_separates_at_k"] or []
+        draws = {e.get("n_random") for e in per_k}
+        n_random = draws.pop() if len(draws) == 1 else None
         heads.append(Headline("keystone.separates_at_k",
                               "keystone ablation beats every random control (perplexity) at k",
-                              ", ".join(str(k) for k in ks) or "none", None, None, "", link))
+                              ", ".join(str(k) for k in ks) or "none", None, None, "", link,
+                              n=n_random, unit="random same-layer control sets at each k",
+                              test=(f"keystone perplexity above every one of the {n_random} random controls at a k; "
+                                    f"chance 1/{n_random + 1} at one k if keystone and random sets are exchangeable"
+                                    if n_random is not None else None)))
     stability = [e for e in summary.get("stability") or []
                  if e.get("basis") == "task_groups" and e.get("score") == "min"]
     if stability:
@@ -419,7 +426,8 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
             "disjoint halves of the task groups",
             f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
             f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
-            top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link))
+            top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link,
+            n=top.get("n_splits"), unit="splits of the task groups into two disjoint halves"))
     return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
 
 
