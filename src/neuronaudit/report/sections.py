@@ -426,7 +426,7 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
             "disjoint halves of the task groups",
             f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
             f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
-            top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link,
+            top.get("iou_mean"), None, PUBLISHED["keystone_stability"], link,  # min–max over splits: not a CI
             n=top.get("n_splits"), unit="splits of the task groups into two disjoint halves"))
     return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
 
