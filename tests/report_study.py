@@ -352,7 +352,8 @@ def _write_reasoning(folder: Path, rng) -> None:
     neurons = pd.DataFrame([{"scope": "all", "rank": r + 1, "layer": int(rng.integers(0, N_LAYERS)),
                              "neuron": int(rng.integers(0, N_NEURONS)), "g": 1.0, "b": -0.5, "w": 1.5 - 0.1 * r,
                              "w_low": 1.0, "w_high": 2.0, "rel": 1.0, "rel_low": 0.9, "rel_high": 1.0,
-                             "top_share": 0.8} for r in range(12)])
+                             "top_share": 0.8, "n_problems": 47, "n_boot": 1000, "n_defined": 996}
+                            for r in range(12)])
     _write(neurons, folder / "neurons.parquet")
     failed = np.arange(n_held) % 3 != 0
     _write(pd.DataFrame({"split": "heldout", "problem_id": [f"p{i}" for i in range(n_held)],
@@ -367,7 +368,8 @@ def _write_reasoning(folder: Path, rng) -> None:
            folder / "solutions.parquet")
     chosen_add = {**_accuracy(base + 3, n_held), **_change(0.15), "vs_random_delta": 0.1, "vs_random_low": -0.05,
                   "vs_random_high": 0.25, "vs_random_p": 0.3, "collapse_rate": 0.05}
-    _json({"status": "complete", "n_problems": {"discovery": 48, "validation": 20, "heldout": n_held},
+    _json({"status": "complete", "provenance": {"n_boot": 1000, "confidence": 0.95},
+           "n_problems": {"discovery": 48, "validation": 20, "heldout": n_held},
            "discovery": {"n_solutions": 192, "n_correct": 60, "accuracy": 60 / 192, "accuracy_low": 0.25,
                          "accuracy_high": 0.38, "samples_per_problem": 4},
            "heldout_unsteered": _accuracy(base, n_held),

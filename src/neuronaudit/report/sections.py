@@ -878,6 +878,33 @@ def _p(value) -> str:
     return f"McNemar p = {value:.3g}" if _finite(value) else "McNemar p missing"
 
 
+def _wilson_test(samples_per_problem=None) -> str:
+    """The accuracy CI of the reasoning stage; discovery counts several sampled solutions of a problem."""
+    if isinstance(samples_per_problem, int) and samples_per_problem > 1:
+        return (f"Wilson score interval over solutions ({samples_per_problem} sampled per problem, counted as "
+                "independent)")
+    return "Wilson score interval"
+
+
+def _paired_change_test(n_boot) -> str:
+    """How the reasoning stage tests an accuracy change (methods.reasoning.paired_difference)."""
+    return (f"percentile bootstrap of the per-problem accuracy differences{_resamples(n_boot)}; exact McNemar test, "
+            "two-sided, on the discordant problems")
+
+
+def _table_n(table: pd.DataFrame, **match) -> int | None:
+    """``n`` of the held-out row over every problem kind of a reasoning outcome table whose
+    columns equal ``match``."""
+    match = {"split": "heldout", "target_kind": "all", **match}
+    sel = table
+    for column, value in match.items():
+        if column in sel:
+            sel = sel[sel[column] == value]
+        elif column not in ("split", "target_kind"):
+            return None
+    return int(sel["n"].iloc[0]) if "n" in sel and len(sel) and pd.notna(sel["n"].iloc[0]) else None
+
+
 def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     """Reasoning-critical neurons: discovery, ranking, ablation, steering, gate, transfer."""
     folder = study_dir / "reasoning"
@@ -891,13 +918,15 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
     disc = summary.get("discovery") or {}
     n_held = (summary.get("n_problems") or {}).get("heldout", "?")
     n_disc = (summary.get("n_problems") or {}).get("discovery", "?")
+    n_boot = (summary.get("provenance") or {}).get("n_boot")
     heads = [Headline(
         "reasoning.discovery_accuracy", "reasoning: discovery solutions graded correct",
         f"{disc.get('n_correct', '?')}/{disc.get('n_solutions', '?')} = {_f(disc.get('accuracy'), '.0%')} "
         f"(95% CI {_f(disc.get('accuracy_low'), '.0%')}–{_f(disc.get('accuracy_high'), '.0%')}; "
         f"{disc.get('samples_per_problem', '?')} per problem, {n_disc} problems)",
         disc.get("accuracy"), _ci(disc.get("accuracy_low"), disc.get("accuracy_high")), "",
-        {"solutions.parquet": links["solutions"], "summary.json": link})]
+        {"solutions.parquet": links["solutions"], "summary.json": link}, n=disc.get("n_solutions"),
+        unit="discovery solutions", test=_wilson_test(disc.get("samples_per_problem")))]
     if summary.get("status") != "complete":
         intro = summary.get("statement") or "The reasoning stage did not complete."
         return Section("reasoning", STAGE_TITLES["reasoning"], intro, []), heads
@@ -908,20 +937,34 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
     unsteered = summary.get("heldout_unsteered") or {}
     heads.append(Headline("reasoning.heldout_unsteered", "reasoning: held-out accuracy, unsteered (greedy)",
                           _acc(unsteered), unsteered.get("accuracy"),
-                          _ci(unsteered.get("accuracy_low"), unsteered.get("accuracy_high")), "", link))
+                          _ci(unsteered.get("accuracy_low"), unsteered.get("accuracy_high")), "", link,
+                          n=unsteered.get("n"), unit="held-out problems", test=_wilson_test()))
     top = (summary.get("scores") or {}).get("top") or []
     if top:
         t = top[0]
+        # the bootstrap over problems writes its size beside the scores (methods.reasoning.bootstrap_top_scores)
+        row = neurons[(neurons["scope"] == "all") & (neurons["rank"] == t.get("rank", 1))].head(1)
+        col = {c: (int(row[c].iloc[0]) if c in row and len(row) and pd.notna(row[c].iloc[0]) else None)
+               for c in ("n_problems", "n_boot", "n_defined")}
+        boot = col["n_boot"] if col["n_boot"] is not None else n_boot
+        defined = (f", {col['n_defined']} of them with a correct and an incorrect solution"
+                   if col["n_defined"] is not None and boot is not None and col["n_defined"] < boot else "")
+        n_top = col["n_problems"] if col["n_problems"] is not None else (n_disc if isinstance(n_disc, int) else None)
         heads.append(Headline(
             "reasoning.top_neuron", "reasoning: top-ranked neuron by (rel, |w|)",
             f"L{t['layer']}/N{t['neuron']}: rel = {_f(t.get('rel'), '.3f')}, w = {_f(t.get('w'), '.3g')} "
             f"(95% CI {_f(t.get('w_low'), '.3g')} to {_f(t.get('w_high'), '.3g')}), in the top {len(top)} of "
             f"{_f(t.get('top_share'), '.0%')} of problem resamples",
-            t.get("w"), _ci(t.get("w_low"), t.get("w_high")), "", links["neurons"]))
+            t.get("w"), _ci(t.get("w_low"), t.get("w_high")), "", links["neurons"],
+            n=n_top, unit="discovery problems",
+            test="percentile bootstrap over discovery problems (a drawn problem brings all its solutions)"
+                 + _resamples(boot) + defined))
     primary = summary.get("primary_mode")
     for mode, m in (summary.get("steering") or {}).items():
         h = m.get("heldout") or {}
         key = "reasoning.steering_gain" if mode == primary else f"reasoning.steering_gain_{mode}"
+        n_steer = h.get("n") if h.get("n") is not None else _table_n(
+            steering, set="critical", mode=mode, n_neurons=m.get("n_neurons"), strength=m.get("strength"))
         heads.append(Headline(
             key, f"reasoning: held-out accuracy change, steering {mode} (top {m.get('n_neurons')} neurons, "
                  f"s = {m.get('strength')} chosen on validation)",
@@ -931,7 +974,8 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"collapsed {_f(h.get('collapse_rate'), '.0%')}",
             h.get("delta"), _ci(h.get("delta_low"), h.get("delta_high")),
             PUBLISHED["reasoning_gain"] if mode == primary else "", {"steering.parquet": links["steering"],
-                                                                      "summary.json": link}))
+                                                                      "summary.json": link},
+            n=n_steer, unit="held-out problems", test=_paired_change_test(n_boot)))
     ab = summary.get("ablation") or {}
     mode0 = (ab.get("modes") or [None])[0]
     if mode0:
@@ -943,7 +987,9 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"{_points(crit.get('delta'), crit.get('delta_low'), crit.get('delta_high'))}, {_p(crit.get('mcnemar_p'))}"
             f", n = {n_held} problems; random same-layer sets {_points(rand.get('mean_delta'))} on average "
             f"(range {_points(rand.get('min_delta'))} to {_points(rand.get('max_delta'))})",
-            crit.get("delta"), _ci(crit.get("delta_low"), crit.get("delta_high")), "", links["ablation"]))
+            crit.get("delta"), _ci(crit.get("delta_low"), crit.get("delta_high")), "", links["ablation"],
+            n=crit.get("n") if crit.get("n") is not None else _table_n(ablation, condition=f"ablate {mode0} critical"),
+            unit="held-out problems", test=_paired_change_test(n_boot)))
     g = summary.get("gate") or {}
     if g.get("fitted"):
         pol = (g.get("policies") or {}).get(primary) or {}
@@ -956,7 +1002,10 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"{_points(gated.get('delta'), gated.get('delta_low'), gated.get('delta_high'))}; kept "
             f"{ret.get('still_solved', '?')}/{ret.get('n_solved', '?')} already-solved problems",
             g.get("auc"), _ci(g.get("auc_low"), g.get("auc_high")), "", {"gate.parquet": links["gate"],
-                                                                         "summary.json": link}))
+                                                                         "summary.json": link},
+            n=g.get("n_heldout"), unit="held-out problems",
+            test="percentile bootstrap over held-out problems (probe score and failure resampled together; resamples "
+                 f"with one class dropped){_resamples(n_boot)}"))
     tr = summary.get("transfer") or {}
     items = [
         _figure("reasoning_strength", "Held-out accuracy against steering strength",
@@ -979,7 +1028,9 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"mean |r| {_f(quality.get('mean_abs_correlation'), '.2f')} vs random "
             f"{_f(quality.get('random_mean_abs_correlation'), '.2f')}"
             + (" (the same weights as the audited model: a sanity check)" if tr.get("same_weights_as_audited") else ""),
-            carried.get("delta"), _ci(carried.get("delta_low"), carried.get("delta_high")), "", links["transfer"]))
+            carried.get("delta"), _ci(carried.get("delta_low"), carried.get("delta_high")), "", links["transfer"],
+            n=carried.get("n") if carried.get("n") is not None else _table_n(table, condition="carried"),
+            unit="held-out problems, second model", test=_paired_change_test(n_boot)))
         source = (summary.get("steering") or {}).get(tr.get("mode"), {}).get("heldout")
         items.append(_figure("reasoning_transfer", "Transfer to the second model against random mappings",
                              plots.reasoning_transfer(table, source), links["transfer"]))
