@@ -100,7 +100,9 @@ def test_every_table_loads_as_a_dataset_config(bundle, tmp_path, monkeypatch):
     for table in audit["tables"]:
         assert table["config_name"] == config_name(table["path"])
         assert f"config_name: {table['config_name']}" in front
-        loaded = datasets.load_dataset(str(out), table["config_name"], split="train")
+        # datasets read HF_DATASETS_CACHE when imported: only cache_dir keeps a stale cache out
+        loaded = datasets.load_dataset(str(out), table["config_name"], split="train",
+                                       cache_dir=str(tmp_path / "cache"))
         assert loaded.num_rows == table["rows"] and loaded.column_names == table["columns"], table["path"]
 
 
