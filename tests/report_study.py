@@ -96,6 +96,9 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
     n = N_LAYERS * N_NEURONS
     layer = np.repeat(np.arange(N_LAYERS), N_NEURONS)
     neuron = np.tile(np.arange(N_NEURONS), N_LAYERS)
+    # the stage writes one provenance to both tables: discovery prompt counts and the bootstrap's units
+    screen_prov = {"n_pos": 20, "n_neg": 21, "n_boot": 1000, "ci": 0.95,
+                   "bootstrap": {"paired": True, "n_pairs": 20, "n_unpaired_pos": 0, "n_unpaired_neg": 1}}
     for b in BEHAVIOURS:
         delta = rng.normal(0, 1, n)
         std_delta = delta / rng.uniform(0.5, 2.0, n)
@@ -104,7 +107,7 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
         scores = pd.DataFrame({"layer": layer, "neuron": neuron, "delta": delta, "std_delta": std_delta,
                                "ci_low": delta - 0.3, "ci_high": delta + 0.3, "universal": rank > n - 3,
                                "screened": layer >= 1, "rank": rank})
-        _write(scores, study / "screen" / f"{b}.scores.parquet")
+        _write(scores, study / "screen" / f"{b}.scores.parquet", **screen_prov)
         top = (scores[scores["screened"]].sort_values("rank").head(6)
                .assign(sign=lambda d: np.sign(d["delta"]).astype(int)))
         top = top.assign(rank=np.arange(1, len(top) + 1), delta_heldout=lambda d: 0.5 * d["delta"],
@@ -112,8 +115,7 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
                          heldout_ci_high=lambda d: 0.5 * d["delta"] + 0.2)
         _write(top[["rank", "layer", "neuron", "sign", "delta", "std_delta", "ci_low", "ci_high", "delta_heldout",
                     "heldout_ci_low", "heldout_ci_high"]],
-               study / "screen" / f"{b}.circuit.parquet",
-               bootstrap={"paired": True, "n_pairs": 20, "n_unpaired_pos": 0, "n_unpaired_neg": 1},
+               study / "screen" / f"{b}.circuit.parquet", **screen_prov,
                heldout={"n_pos": 9, "n_neg": 9, "retained": 0.5, "share_same_sign": 1.0,
                         "share_ci_excludes_zero": 0.5})
 
@@ -350,7 +352,8 @@ def _write_reasoning(folder: Path, rng) -> None:
     neurons = pd.DataFrame([{"scope": "all", "rank": r + 1, "layer": int(rng.integers(0, N_LAYERS)),
                              "neuron": int(rng.integers(0, N_NEURONS)), "g": 1.0, "b": -0.5, "w": 1.5 - 0.1 * r,
                              "w_low": 1.0, "w_high": 2.0, "rel": 1.0, "rel_low": 0.9, "rel_high": 1.0,
-                             "top_share": 0.8} for r in range(12)])
+                             "top_share": 0.8, "n_problems": 47, "n_boot": 1000, "n_defined": 996}
+                            for r in range(12)])
     _write(neurons, folder / "neurons.parquet")
     failed = np.arange(n_held) % 3 != 0
     _write(pd.DataFrame({"split": "heldout", "problem_id": [f"p{i}" for i in range(n_held)],
@@ -365,7 +368,8 @@ def _write_reasoning(folder: Path, rng) -> None:
            folder / "solutions.parquet")
     chosen_add = {**_accuracy(base + 3, n_held), **_change(0.15), "vs_random_delta": 0.1, "vs_random_low": -0.05,
                   "vs_random_high": 0.25, "vs_random_p": 0.3, "collapse_rate": 0.05}
-    _json({"status": "complete", "n_problems": {"discovery": 48, "validation": 20, "heldout": n_held},
+    _json({"status": "complete", "provenance": {"n_boot": 1000, "confidence": 0.95},
+           "n_problems": {"discovery": 48, "validation": 20, "heldout": n_held},
            "discovery": {"n_solutions": 192, "n_correct": 60, "accuracy": 60 / 192, "accuracy_low": 0.25,
                          "accuracy_high": 0.38, "samples_per_problem": 4},
            "heldout_unsteered": _accuracy(base, n_held),

@@ -87,6 +87,46 @@ def test_audit_json_follows_its_schema_and_carries_every_headline(bundle):
     assert audit_schema()["properties"]["schema"]["const"] == "neuronaudit-audit"
 
 
+def test_screen_cna_keystone_and_reasoning_headlines_state_n_unit_and_test(bundle):
+    _, _, out = bundle
+    audit = json.loads((out / "audit.json").read_text())
+    heads = {h["key"]: h for h in audit["headlines"] if h["stage"] in ("screen", "cna", "keystone", "reasoning")}
+    assert {h["stage"] for h in heads.values()} == {"screen", "cna", "keystone", "reasoning"}
+    for key, h in heads.items():
+        assert isinstance(h["n"], int) and h["n"] > 0 and h["unit"], key
+        if h["ci_low"] is not None or h["ci_high"] is not None:
+            assert h["test"], key  # a CI says how it was obtained
+    # n is the count of the table or summary each figure is read from
+    screen = io.read_provenance(out / "screen" / "refusal.scores.parquet")
+    h = heads["screen.top.refusal"]
+    assert h["n"] == screen["n_pos"] + screen["n_neg"] and f"{screen['n_boot']} resamples" in h["test"]
+    assert f"{screen['bootstrap']['n_pairs']} style-matched pairs" in h["test"]
+    cna = pd.read_parquet(out / "cna" / "summary.parquet").set_index("intervention")
+    fractions = pd.read_parquet(out / "cna" / "fractions.parquet")
+    h = heads["cna.refusal_circuit_ablated"]
+    assert h["n"] == cna.loc["circuit_x0", "n_prompts"]
+    assert h["test"] == f"percentile bootstrap over prompts, {fractions['n_boot'].iloc[0]} resamples"
+    assert heads["cna.quality_min"]["test"] is None  # a mean with no CI
+    curve = pd.read_parquet(out / "keystone" / "curve.parquet")
+    stability = pd.read_parquet(out / "keystone" / "stability.parquet")
+    k_max = curve["k"].max()
+    n_random = int(((curve["k"] == k_max) & (curve["kind"] == "random")).sum())
+    assert heads["keystone.perplexity_ratio_kmax"]["n"] == n_random
+    assert f"chance 1/{n_random + 1}" in heads["keystone.separates_at_k"]["test"]
+    groups = stability[(stability["basis"] == "task_groups") & (stability["k"] == k_max)]
+    assert heads["keystone.stability_iou"]["n"] == groups["split"].nunique()
+    assert heads["keystone.stability_iou"]["ci_low"] is None  # a min–max over splits is no CI
+    reasoning = json.loads((out / "reasoning" / "summary.json").read_text())
+    ablation = pd.read_parquet(out / "reasoning" / "ablation.parquet").set_index("condition")
+    neurons = pd.read_parquet(out / "reasoning" / "neurons.parquet")
+    assert heads["reasoning.discovery_accuracy"]["n"] == reasoning["discovery"]["n_solutions"]
+    assert heads["reasoning.top_neuron"]["n"] == neurons.loc[neurons["rank"] == 1, "n_problems"].iloc[0]
+    h = heads["reasoning.ablation_drop"]  # the summary's entry holds no n: the table's row gives it
+    assert h["n"] == ablation.loc["ablate zero critical", "n"]
+    assert "exact McNemar" in h["test"] and f"{reasoning['provenance']['n_boot']} resamples" in h["test"]
+    assert heads["reasoning.gate_auc"]["n"] == reasoning["gate"]["n_heldout"]
+
+
 def test_every_table_loads_as_a_dataset_config(bundle, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
@@ -100,7 +140,9 @@ def test_every_table_loads_as_a_dataset_config(bundle, tmp_path, monkeypatch):
     for table in audit["tables"]:
         assert table["config_name"] == config_name(table["path"])
         assert f"config_name: {table['config_name']}" in front
-        loaded = datasets.load_dataset(str(out), table["config_name"], split="train")
+        # datasets read HF_DATASETS_CACHE when imported: only cache_dir keeps a stale cache out
+        loaded = datasets.load_dataset(str(out), table["config_name"], split="train",
+                                       cache_dir=str(tmp_path / "cache"))
         assert loaded.num_rows == table["rows"] and loaded.column_names == table["columns"], table["path"]
 
 

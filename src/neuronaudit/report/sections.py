@@ -194,11 +194,15 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
         top = s[s["screened"].astype(bool)].sort_values("rank").head(1)
         if len(top):
             t = top.iloc[0]
+            prov = {**naio.read_provenance(cpath), **naio.read_provenance(spath)}
+            n_pos, n_neg = prov.get("n_pos"), prov.get("n_neg")
             heads.append(Headline(
                 f"screen.top.{name}", f"top {name} neuron: contrastive δ",
                 f"L{int(t.layer)}/N{int(t.neuron)}: δ = {t.delta:.3g} (95% CI {t.ci_low:.3g} to {t.ci_high:.3g}), "
                 f"standardised {t.std_delta:.2f}",
-                float(t.delta), _ci(float(t.ci_low), float(t.ci_high)), "", _rel(spath, report_dir)))
+                float(t.delta), _ci(float(t.ci_low), float(t.ci_high)), "", _rel(spath, report_dir),
+                n=n_pos + n_neg if n_pos is not None and n_neg is not None else None,
+                unit="discovery prompts (positive + negative set)", test=_screen_test(prov)))
     scores = pd.concat(frames, ignore_index=True)
     items = [_figure("screen_overview", "Contrastive screen", plots.screen_overview(scores, tables),
                      {n: _rel(folder / f"{n}.scores.parquet", report_dir) for n in circuits})]
@@ -239,6 +243,25 @@ def screen_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     return Section("screen", STAGE_TITLES["screen"], intro, items), heads
 
 
+def _resamples(n_boot) -> str:
+    return f", {n_boot} resamples" if n_boot else ""
+
+
+def _screen_test(prov: dict) -> str:
+    """How the screen's δ CI was resampled (methods.screen): per set, or style-matched pairs together."""
+    boot = prov.get("bootstrap") or {}
+    if boot.get("paired"):
+        return (f"paired percentile bootstrap over prompts{_resamples(prov.get('n_boot'))}: "
+                f"{boot.get('n_pairs', '?')} style-matched pairs resampled together, "
+                f"{boot.get('n_unpaired_pos', '?')} + {boot.get('n_unpaired_neg', '?')} unpaired prompts "
+                "within their set")
+    return f"percentile bootstrap over prompts, each set resampled on its own{_resamples(prov.get('n_boot'))}"
+
+
+#: What every CNA figure is measured on: one greedy rollout per held-out prompt of the behaviour's positive set.
+CNA_UNIT = "held-out harmful prompts (one greedy rollout each)"
+
+
 def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     path = study_dir / "cna" / "summary.parquet"
     if not path.is_file():
@@ -259,15 +282,34 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
     by = summary.set_index("intervention")
     heads = []
 
-    def refusal(intervention: str) -> tuple[float, tuple | None]:
-        rate = float(by.loc[intervention, "refusal_rate"])
+    def refusal_row(intervention: str) -> pd.Series | None:
+        """The intervention's refusal row of the rollout-type fractions (greedy, last horizon)."""
         if fractions is None:
-            return rate, None
+            return None
         f = fractions[(fractions["intervention"] == intervention) & (fractions["rollout_type"] == "refusal")]
         if "sampling" in f and (f["sampling"] == "greedy").any():
             f = f[f["sampling"] == "greedy"]
         f = f[f["horizon"] == f["horizon"].max()]
-        return rate, (_ci(float(f["ci_low"].iloc[0]), float(f["ci_high"].iloc[0])) if len(f) else None)
+        return f.iloc[0] if len(f) else None
+
+    def refusal(intervention: str) -> tuple[float, tuple | None]:
+        rate = float(by.loc[intervention, "refusal_rate"])
+        f = refusal_row(intervention)
+        return rate, (_ci(float(f["ci_low"]), float(f["ci_high"])) if f is not None else None)
+
+    def n_prompts(intervention: str) -> int | None:
+        """Held-out harmful prompts behind a row: the summary's count, else the fractions'."""
+        if "n_prompts" in by.columns and pd.notna(by.loc[intervention, "n_prompts"]):
+            return int(by.loc[intervention, "n_prompts"])
+        f = refusal_row(intervention)
+        return int(f["n_prompts"]) if f is not None and "n_prompts" in f else None
+
+    def refusal_test(intervention: str) -> str | None:
+        """How the refusal rate's CI was obtained (evaluation.rollouts.type_fractions)."""
+        f = refusal_row(intervention)
+        if f is None:
+            return None
+        return "percentile bootstrap over prompts" + _resamples(int(f["n_boot"]) if "n_boot" in f else None)
 
     def text(rate, ci) -> str:
         return f"{rate:.1%}" + (f" (95% CI {ci[0]:.1%}–{ci[1]:.1%})" if ci and None not in ci else "")
@@ -282,24 +324,28 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
         r1, c1 = refusal("circuit_x0")
         heads.append(Headline("cna.refusal_unablated", "CNA: refusal rate of held-out harmful prompts without "
                               "intervention (the study's reference model, not a JBB rate)", text(r0, c0), r0, c0,
-                              "", source))
+                              "", source, n=n_prompts("none"), unit=CNA_UNIT, test=refusal_test("none")))
         heads.append(Headline("cna.refusal_circuit_ablated", "CNA: refusal rate, unablated → circuit ablated (×0)",
-                              f"{text(r0, c0)} → {text(r1, c1)}", r1, c1, PUBLISHED["cna_refusal"], source))
+                              f"{text(r0, c0)} → {text(r1, c1)}", r1, c1, PUBLISHED["cna_refusal"], source,
+                              n=n_prompts("circuit_x0"), unit=CNA_UNIT, test=refusal_test("circuit_x0")))
         circuit = [i for i in by.index if str(i).startswith("circuit_x")]
         q = float(by.loc[circuit, "quality"].min())
         caa = [i for i in by.index if str(i).startswith("caa")]
         caa_text = (f"; CAA over {len(caa)} (layer, α) rows {by.loc[caa, 'quality'].min():.3f}–"
                     f"{by.loc[caa, 'quality'].max():.3f}") if caa else ""
         heads.append(Headline("cna.quality_min", "CNA: lowest quality over circuit strengths (CAA: range)",
-                              f"{q:.3f}{caa_text}", q, None, PUBLISHED["cna_quality"], links["summary"]))
+                              f"{q:.3f}{caa_text}", q, None, PUBLISHED["cna_quality"], links["summary"],
+                              n=n_prompts(by.loc[circuit, "quality"].idxmin()), unit=CNA_UNIT))
     if matched:
         best = {k: matched.get(k) for k in ("best_cna", "best_caa")}
         shown = [f"{label} {row_text(best[k]) if best[k] in by.index else 'none reaches it'}"
                  for k, label in (("best_cna", "CNA"), ("best_caa", "CAA"))]
         value = float(by.loc[best["best_caa"], "refusal_rate"]) if best["best_caa"] in by.index else None
+        picked = [best[k] for k in ("best_caa", "best_cna") if best[k] in by.index]
         heads.append(Headline(
             "cna.matched_quality", f"best CNA and best CAA at matched quality ≥ {_f(threshold, '.3f')}",
-            "; ".join(shown) + f" (rule: {matched.get('rule', 'missing')})", value, None, "", links["summary"]))
+            "; ".join(shown) + f" (rule: {matched.get('rule', 'missing')})", value, None, "", links["summary"],
+            n=n_prompts(picked[0]) if picked else None, unit=CNA_UNIT))
     rule = (f" Rows are compared at matched quality: {matched['rule']} (threshold {_f(threshold, '.3f')}; "
             f"{matched.get('n_caa_rows_at_quality', '?')} of {matched.get('n_caa_rows', '?')} CAA rows reach it)."
             if matched else "")
@@ -356,12 +402,19 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
                 f"{_f(p['ratio_to_random_median'], '.3g')}× (keystone {_f(p.get('keystone'), '.4g')} vs random "
                 f"{_f(p.get('random_min'), '.4g')}–{_f(p.get('random_max'), '.4g')} over {last.get('n_random', '?')} "
                 f"draws){frac_text}",
-                p["ratio_to_random_median"], None, PUBLISHED["keystone_collapse"], link))
+                p["ratio_to_random_median"], None, PUBLISHED["keystone_collapse"], link,
+                n=last.get("n_random"), unit="random same-layer control sets"))
     if "perplexity_separates_at_k" in curve_summary:
         ks = curve_summary["perplexity_separates_at_k"] or []
+        draws = {e.get("n_random") for e in per_k}
+        n_random = draws.pop() if len(draws) == 1 else None
         heads.append(Headline("keystone.separates_at_k",
                               "keystone ablation beats every random control (perplexity) at k",
-                              ", ".join(str(k) for k in ks) or "none", None, None, "", link))
+                              ", ".join(str(k) for k in ks) or "none", None, None, "", link,
+                              n=n_random, unit="random same-layer control sets at each k",
+                              test=(f"keystone perplexity above every one of the {n_random} random controls at a k; "
+                                    f"chance 1/{n_random + 1} at one k if keystone and random sets are exchangeable"
+                                    if n_random is not None else None)))
     stability = [e for e in summary.get("stability") or []
                  if e.get("basis") == "task_groups" and e.get("score") == "min"]
     if stability:
@@ -373,7 +426,8 @@ def keystone_section(study_dir: Path, report_dir: Path) -> tuple[Section | None,
             "disjoint halves of the task groups",
             f"{_f(top.get('iou_mean'), '.3f')} (range {_f(top.get('iou_min'), '.3f')}–{_f(top.get('iou_max'), '.3f')} "
             f"over {top.get('n_splits', '?')} splits; chance {_f(top.get('iou_chance'), '.2g')})",
-            top.get("iou_mean"), _ci(top.get("iou_min"), top.get("iou_max")), PUBLISHED["keystone_stability"], link))
+            top.get("iou_mean"), None, PUBLISHED["keystone_stability"], link,  # min–max over splits: not a CI
+            n=top.get("n_splits"), unit="splits of the task groups into two disjoint halves"))
     return Section("keystone", STAGE_TITLES["keystone"], intro, items), heads
 
 
@@ -824,6 +878,33 @@ def _p(value) -> str:
     return f"McNemar p = {value:.3g}" if _finite(value) else "McNemar p missing"
 
 
+def _wilson_test(samples_per_problem=None) -> str:
+    """The accuracy CI of the reasoning stage; discovery counts several sampled solutions of a problem."""
+    if isinstance(samples_per_problem, int) and samples_per_problem > 1:
+        return (f"Wilson score interval over solutions ({samples_per_problem} sampled per problem, counted as "
+                "independent)")
+    return "Wilson score interval"
+
+
+def _paired_change_test(n_boot) -> str:
+    """How the reasoning stage tests an accuracy change (methods.reasoning.paired_difference)."""
+    return (f"percentile bootstrap of the per-problem accuracy differences{_resamples(n_boot)}; exact McNemar test, "
+            "two-sided, on the discordant problems")
+
+
+def _table_n(table: pd.DataFrame, **match) -> int | None:
+    """``n`` of the held-out row over every problem kind of a reasoning outcome table whose
+    columns equal ``match``."""
+    match = {"split": "heldout", "target_kind": "all", **match}
+    sel = table
+    for column, value in match.items():
+        if column in sel:
+            sel = sel[sel[column] == value]
+        elif column not in ("split", "target_kind"):
+            return None
+    return int(sel["n"].iloc[0]) if "n" in sel and len(sel) and pd.notna(sel["n"].iloc[0]) else None
+
+
 def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     """Reasoning-critical neurons: discovery, ranking, ablation, steering, gate, transfer."""
     folder = study_dir / "reasoning"
@@ -837,13 +918,15 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
     disc = summary.get("discovery") or {}
     n_held = (summary.get("n_problems") or {}).get("heldout", "?")
     n_disc = (summary.get("n_problems") or {}).get("discovery", "?")
+    n_boot = (summary.get("provenance") or {}).get("n_boot")
     heads = [Headline(
         "reasoning.discovery_accuracy", "reasoning: discovery solutions graded correct",
         f"{disc.get('n_correct', '?')}/{disc.get('n_solutions', '?')} = {_f(disc.get('accuracy'), '.0%')} "
         f"(95% CI {_f(disc.get('accuracy_low'), '.0%')}–{_f(disc.get('accuracy_high'), '.0%')}; "
         f"{disc.get('samples_per_problem', '?')} per problem, {n_disc} problems)",
         disc.get("accuracy"), _ci(disc.get("accuracy_low"), disc.get("accuracy_high")), "",
-        {"solutions.parquet": links["solutions"], "summary.json": link})]
+        {"solutions.parquet": links["solutions"], "summary.json": link}, n=disc.get("n_solutions"),
+        unit="discovery solutions", test=_wilson_test(disc.get("samples_per_problem")))]
     if summary.get("status") != "complete":
         intro = summary.get("statement") or "The reasoning stage did not complete."
         return Section("reasoning", STAGE_TITLES["reasoning"], intro, []), heads
@@ -854,20 +937,34 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
     unsteered = summary.get("heldout_unsteered") or {}
     heads.append(Headline("reasoning.heldout_unsteered", "reasoning: held-out accuracy, unsteered (greedy)",
                           _acc(unsteered), unsteered.get("accuracy"),
-                          _ci(unsteered.get("accuracy_low"), unsteered.get("accuracy_high")), "", link))
+                          _ci(unsteered.get("accuracy_low"), unsteered.get("accuracy_high")), "", link,
+                          n=unsteered.get("n"), unit="held-out problems", test=_wilson_test()))
     top = (summary.get("scores") or {}).get("top") or []
     if top:
         t = top[0]
+        # the bootstrap over problems writes its size beside the scores (methods.reasoning.bootstrap_top_scores)
+        row = neurons[(neurons["scope"] == "all") & (neurons["rank"] == t.get("rank", 1))].head(1)
+        col = {c: (int(row[c].iloc[0]) if c in row and len(row) and pd.notna(row[c].iloc[0]) else None)
+               for c in ("n_problems", "n_boot", "n_defined")}
+        boot = col["n_boot"] if col["n_boot"] is not None else n_boot
+        defined = (f", {col['n_defined']} of them with a correct and an incorrect solution"
+                   if col["n_defined"] is not None and boot is not None and col["n_defined"] < boot else "")
+        n_top = col["n_problems"] if col["n_problems"] is not None else (n_disc if isinstance(n_disc, int) else None)
         heads.append(Headline(
             "reasoning.top_neuron", "reasoning: top-ranked neuron by (rel, |w|)",
             f"L{t['layer']}/N{t['neuron']}: rel = {_f(t.get('rel'), '.3f')}, w = {_f(t.get('w'), '.3g')} "
             f"(95% CI {_f(t.get('w_low'), '.3g')} to {_f(t.get('w_high'), '.3g')}), in the top {len(top)} of "
             f"{_f(t.get('top_share'), '.0%')} of problem resamples",
-            t.get("w"), _ci(t.get("w_low"), t.get("w_high")), "", links["neurons"]))
+            t.get("w"), _ci(t.get("w_low"), t.get("w_high")), "", links["neurons"],
+            n=n_top, unit="discovery problems",
+            test="percentile bootstrap over discovery problems (a drawn problem brings all its solutions)"
+                 + _resamples(boot) + defined))
     primary = summary.get("primary_mode")
     for mode, m in (summary.get("steering") or {}).items():
         h = m.get("heldout") or {}
         key = "reasoning.steering_gain" if mode == primary else f"reasoning.steering_gain_{mode}"
+        n_steer = h.get("n") if h.get("n") is not None else _table_n(
+            steering, set="critical", mode=mode, n_neurons=m.get("n_neurons"), strength=m.get("strength"))
         heads.append(Headline(
             key, f"reasoning: held-out accuracy change, steering {mode} (top {m.get('n_neurons')} neurons, "
                  f"s = {m.get('strength')} chosen on validation)",
@@ -877,7 +974,8 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"collapsed {_f(h.get('collapse_rate'), '.0%')}",
             h.get("delta"), _ci(h.get("delta_low"), h.get("delta_high")),
             PUBLISHED["reasoning_gain"] if mode == primary else "", {"steering.parquet": links["steering"],
-                                                                      "summary.json": link}))
+                                                                      "summary.json": link},
+            n=n_steer, unit="held-out problems", test=_paired_change_test(n_boot)))
     ab = summary.get("ablation") or {}
     mode0 = (ab.get("modes") or [None])[0]
     if mode0:
@@ -889,7 +987,9 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"{_points(crit.get('delta'), crit.get('delta_low'), crit.get('delta_high'))}, {_p(crit.get('mcnemar_p'))}"
             f", n = {n_held} problems; random same-layer sets {_points(rand.get('mean_delta'))} on average "
             f"(range {_points(rand.get('min_delta'))} to {_points(rand.get('max_delta'))})",
-            crit.get("delta"), _ci(crit.get("delta_low"), crit.get("delta_high")), "", links["ablation"]))
+            crit.get("delta"), _ci(crit.get("delta_low"), crit.get("delta_high")), "", links["ablation"],
+            n=crit.get("n") if crit.get("n") is not None else _table_n(ablation, condition=f"ablate {mode0} critical"),
+            unit="held-out problems", test=_paired_change_test(n_boot)))
     g = summary.get("gate") or {}
     if g.get("fitted"):
         pol = (g.get("policies") or {}).get(primary) or {}
@@ -902,7 +1002,10 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"{_points(gated.get('delta'), gated.get('delta_low'), gated.get('delta_high'))}; kept "
             f"{ret.get('still_solved', '?')}/{ret.get('n_solved', '?')} already-solved problems",
             g.get("auc"), _ci(g.get("auc_low"), g.get("auc_high")), "", {"gate.parquet": links["gate"],
-                                                                         "summary.json": link}))
+                                                                         "summary.json": link},
+            n=g.get("n_heldout"), unit="held-out problems",
+            test="percentile bootstrap over held-out problems (probe score and failure resampled together; resamples "
+                 f"with one class dropped){_resamples(n_boot)}"))
     tr = summary.get("transfer") or {}
     items = [
         _figure("reasoning_strength", "Held-out accuracy against steering strength",
@@ -925,7 +1028,9 @@ def reasoning_section(study_dir: Path, report_dir: Path) -> tuple[Section | None
             f"mean |r| {_f(quality.get('mean_abs_correlation'), '.2f')} vs random "
             f"{_f(quality.get('random_mean_abs_correlation'), '.2f')}"
             + (" (the same weights as the audited model: a sanity check)" if tr.get("same_weights_as_audited") else ""),
-            carried.get("delta"), _ci(carried.get("delta_low"), carried.get("delta_high")), "", links["transfer"]))
+            carried.get("delta"), _ci(carried.get("delta_low"), carried.get("delta_high")), "", links["transfer"],
+            n=carried.get("n") if carried.get("n") is not None else _table_n(table, condition="carried"),
+            unit="held-out problems, second model", test=_paired_change_test(n_boot)))
         source = (summary.get("steering") or {}).get(tr.get("mode"), {}).get("heldout")
         items.append(_figure("reasoning_transfer", "Transfer to the second model against random mappings",
                              plots.reasoning_transfer(table, source), links["transfer"]))
