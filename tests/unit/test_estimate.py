@@ -1,6 +1,6 @@
 """The estimate of an 8B model's wall time and requests per rule from a study's benchmark files:
 jobs summed into their rules, the FLOP ratio, the device scaling, the decoding floor, the
-requests and the errors."""
+requests, the errors and the CLI."""
 
 import json
 import re
@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from neuronaudit import estimate as E
+from neuronaudit.cli import main
 from neuronaudit.cluster import RULE_COSTS, job_resources
 from neuronaudit.errors import NeuronAuditError
 
@@ -220,6 +221,38 @@ def test_a_study_without_benchmark_files_is_a_one_line_error_naming_the_folder(t
     assert "\n" not in message and str(folder) in message and "benchmark" in message
     with pytest.raises(NeuronAuditError, match="not found"):
         E.study_jobs(tmp_path / "nope")
+
+
+def test_cli_estimate_prints_the_table_and_its_assumptions(study, capsys):
+    args = [str(study), "--params", "8.03e9", "--layers", "32", "--d-model", "4096", "--d-mlp", "14336",
+            "--vocab", "128256", "--cpu-gflops", "40"]
+    assert main(["estimate", *args, "--format", "json", "--device-tflops", "150"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["estimate"] is True and rep["target"]["device_tflops"] == 150.0
+    assert rep["target"]["flop_params"] == 7_504_663_424
+    assert rep["cpu"] == {"gflops": 40.0, "given": True}
+    assert rep["measured"]["manifest"] == str(study.parent / "models" / "small" / "manifest.json")
+    assert any("FLOPs per token" in a for a in rep["assumptions"])
+    assert main(["estimate", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("**Estimate** (not a measurement)")
+    assert "| `tune_refusal` | 1 | 1.7 min | 2.9 GB |" in out
+    assert all(f"- {a}" in out for a in rep["assumptions"][1:3])
+    assert "Assumptions (estimate):" in out
+
+
+def test_cli_errors_are_one_line(study, tmp_path, capsys):
+    empty = tmp_path / "results" / "empty"
+    empty.mkdir(parents=True)
+    assert main(["estimate", str(empty), "--params", "8e9", "--cpu-gflops", "40",
+                 "--manifest", str(study.parent / "models" / "small" / "manifest.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neuronaudit: error: no Snakemake benchmark files") and str(empty) in err
+    assert "\n" not in err
+    assert main(["estimate", str(study), "--params", "8e9", "--cpu-gflops", "0"]) == 2
+    assert "must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a throughput is required: given or measured
+        main(["estimate", str(study), "--params", "8e9"])
 
 
 def test_measured_throughput_counts_two_flops_per_parameter_per_token(tiny_model_dir, tmp_path):
