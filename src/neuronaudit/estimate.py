@@ -336,11 +336,12 @@ def study_decode_steps(study_dir: str | Path, config: Mapping | None) -> dict[st
 
 
 def measure_cpu_gflops(manifest_path: str | Path, shape: ModelShape, *, threads: int | None = None, batch: int = 4,
-                       seq_len: int = 64, repeats: int = 3, dtype: str = "float32") -> dict:
+                       seq_len: int = 64, repeats: int = 5, dtype: str = "float32") -> dict:
     """This machine's effective GFLOP/s: timed forwards of the measured model on ``batch`` prompts
     of ``seq_len`` tokens (study-like shapes: collection batches of prompts), after one warm-up,
-    the median of ``repeats``; FLOPs = 2 × ``shape.flop_params`` per token (attention scores left
-    out). Loads the model: use it on the machine that ran the study."""
+    the median of ``repeats`` (``gflops_range``: the slowest and fastest); FLOPs = 2 ×
+    ``shape.flop_params`` per token (attention scores left out). Loads the model: use it on the
+    machine that ran the study, and when nothing else runs there."""
     import torch
 
     from neuronaudit.models.loading import load_prepared
@@ -359,8 +360,9 @@ def measure_cpu_gflops(manifest_path: str | Path, shape: ModelShape, *, threads:
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     flops = 2.0 * shape.flop_params * batch * seq_len
-    return {"gflops": flops / seconds / 1e9, "seconds": seconds, "batch": batch, "seq_len": seq_len,
-            "repeats": len(times), "threads": torch.get_num_threads(), "dtype": dtype}
+    return {"gflops": flops / seconds / 1e9, "gflops_range": [flops / max(times) / 1e9, flops / min(times) / 1e9],
+            "seconds": seconds, "batch": batch, "seq_len": seq_len, "repeats": len(times),
+            "threads": torch.get_num_threads(), "dtype": dtype}
 
 
 # --- the estimate ----------------------------------------------------------------------------
@@ -512,7 +514,8 @@ def _cpu_line(cpu: Mapping, cores: float | None) -> str:
     else:
         how = (f"measured: median of {cpu['repeats']} timed forwards of the measured model on {cpu['batch']} × "
                f"{cpu['seq_len']} tokens in {cpu['dtype']} on {cpu['threads']} thread(s), "
-               f"{cpu['seconds']:.2f} s each")
+               f"{cpu['seconds']:.2f} s each (repeats from {cpu['gflops_range'][0]:.1f} to "
+               f"{cpu['gflops_range'][1]:.1f} GFLOP/s; other load on the machine lowers it)")
     used = (f"; the study's model jobs kept {cores:.2f} CPU cores busy on average (cpu_time ÷ wall), so a "
             "measurement on fewer threads than that understates this machine and the estimate with it"
             if cores is not None else "")

@@ -268,4 +268,5 @@ def test_measured_throughput_counts_two_flops_per_parameter_per_token(tiny_model
     assert shape.flop_params == (total if model.config.tie_word_embeddings else total - embedding)
     got = E.measure_cpu_gflops(manifest, shape, threads=1, batch=2, seq_len=8, repeats=1)
     assert got["gflops"] > 0 and got["threads"] == 1 and got["repeats"] == 1
+    assert got["gflops_range"][0] <= got["gflops"] <= got["gflops_range"][1]
     assert got["gflops"] * 1e9 * got["seconds"] == pytest.approx(2 * shape.flop_params * 2 * 8)
