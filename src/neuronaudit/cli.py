@@ -240,6 +240,20 @@ def cmd_diff_study(args) -> None:
         raise SystemExit(code)  # 1: the studies differ
 
 
+def cmd_estimate(args) -> None:
+    from neuronaudit import estimate as E
+
+    target = E.target_shape(args.params, args.layers, args.d_model, args.d_mlp, args.vocab, tied=args.tied_embeddings)
+    manifest, _, measured = E.measured_model(args.study_dir, args.manifest)
+    config, config_source = E.study_config(args.study_dir, args.config or ())
+    cpu = (E.measure_cpu_gflops(manifest, measured, threads=args.threads) if args.measure_cpu
+           else {"gflops": args.cpu_gflops, "given": True})
+    report = E.estimate(args.study_dir, target, cpu, device=args.device, dtype=args.dtype,
+                        device_tflops=args.device_tflops, bandwidth_gbs=args.device_bandwidth_gbs,
+                        manifest_path=manifest, config=config, config_source=config_source, source_mb=args.source_mb)
+    print(E.to_markdown(report) if args.format == "markdown" else json.dumps(report, indent=2))
+
+
 def cmd_check_config(args) -> None:
     from neuronaudit.config import load_config, preflight, study_name
 
@@ -458,6 +472,39 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--skip", nargs="*", default=["logs", "benchmarks", "report", "weights"], metavar="DIR",
                    help="folder names not compared")
     p.set_defaults(func=cmd_diff_study)
+
+    from neuronaudit.cluster import DTYPE_BYTES
+    from neuronaudit.estimate import DEFAULT_BANDWIDTH_GBS, DEFAULT_DEVICE_TFLOPS
+
+    p = sub.add_parser("estimate", help="expected wall time and Slurm/GPU requests per rule for a larger model, "
+                                        "scaled by FLOPs from a finished study's benchmark files (an estimate)")
+    p.add_argument("study_dir", help="results/<study> folder with benchmarks/")
+    p.add_argument("--params", type=float, required=True, help="the target model's parameter count (e.g. 8.03e9)")
+    p.add_argument("--layers", type=int, default=None, help="the target's decoder layers")
+    p.add_argument("--d-model", type=int, default=None, help="the target's residual width")
+    p.add_argument("--d-mlp", type=int, default=None, help="the target's MLP width (neurons per layer)")
+    p.add_argument("--vocab", type=int, default=None, help="the target's vocabulary size")
+    p.add_argument("--tied-embeddings", action="store_true",
+                   help="the target's LM head is its embedding matrix (counted once in --params)")
+    cpu = p.add_mutually_exclusive_group(required=True)
+    cpu.add_argument("--cpu-gflops", type=float, default=None, help="this machine's effective GFLOP/s, as given")
+    cpu.add_argument("--measure-cpu", action="store_true",
+                     help="measure this machine's effective GFLOP/s: timed forwards of the measured model")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of --measure-cpu")
+    p.add_argument("--device", default="cuda", help="the target's model.device (default cuda)")
+    p.add_argument("--dtype", default="bfloat16", choices=[*DTYPE_BYTES, "auto"], help="the target's model.dtype")
+    p.add_argument("--device-tflops", type=float, default=DEFAULT_DEVICE_TFLOPS,
+                   help="the target device's effective TFLOP/s (default %(default)g: 30%% of an A100's 312 dense bf16)")
+    p.add_argument("--device-bandwidth-gbs", type=float, default=DEFAULT_BANDWIDTH_GBS,
+                   help="the target device's memory bandwidth, GB/s (default %(default)g: an A100 80 GB)")
+    p.add_argument("--manifest", default=None, help="the measured model's manifest.json (default: the study's "
+                                                    "tune/manifest.json, else the one prepared model)")
+    p.add_argument("--config", nargs="+", default=None, metavar="FILE",
+                   help="the study's config files (batch sizes of the decoding floors; default report/config.json)")
+    p.add_argument("--source-mb", type=float, default=0.0,
+                   help="the target's model source on disk, MB (prepare_model's request; 0: a hub id)")
+    p.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("run", help="run the workflow, resuming after an interruption (what make study calls)",
                        description="neuronaudit run [SNAKEMAKE ARGUMENTS]: remove the lock and the temporaries a "

@@ -13,8 +13,8 @@ LAYERS = {
     "models": 3,
     "interventions": 4,
     "evaluation": 5, "preconditions": 5, "config": 6, "methods": 6, "report": 7, "stages": 8, "cli": 9, "study_diff": 9,
-    "bench": 9, "testing": 9, "planted": 9, "planted_reasoning": 9, "publish": 9, "resume": 9, "__init__": 0,
-    "__main__": 9,
+    "bench": 9, "estimate": 9, "testing": 9, "planted": 9, "planted_reasoning": 9, "publish": 9, "resume": 9,
+    "__init__": 0, "__main__": 9,
 }
 
 
