@@ -193,7 +193,8 @@ def test_evaluate_refusal_reports_rates_with_cis_and_perplexities(tuning_inputs)
     res = evaluate_refusal(d / "tuned" / "manifest.json", d / "base" / "manifest.json", harmful, harmless, generic,
                            out, d / "eval_rollouts.parquet",
                            stage_options(RefusalEvalOptions, eval_max_new_tokens=6), progress=False)
-    n_val = sum(len(v) for v in json.loads((d / "tuned" / "recipe.json").read_text())["validation"]["prompt_ids"].values())
+    held = json.loads((d / "tuned" / "recipe.json").read_text())["validation"]["prompt_ids"]
+    n_val = sum(len(v) for v in held.values())
     # both models, both held-out sets and the tuning's validation prompts
     assert pq.read_table(d / "eval_rollouts.parquet").num_rows == 2 * (2 * 2 + n_val)
     assert json.loads(out.read_text())["tuned"]["refusal_harmful"]["n"] == 2  # held-out split only
@@ -213,7 +214,8 @@ def test_evaluate_refusal_reports_rates_with_cis_and_perplexities(tuning_inputs)
 
 
 def _paired_table(path, name, n, split="discovery"):
-    df = pd.DataFrame({"prompt_id": [f"{name}-{k}" for k in range(n)], "text": [f"{name} request {k}?" for k in range(n)],
+    df = pd.DataFrame({"prompt_id": [f"{name}-{k}" for k in range(n)],
+                       "text": [f"{name} request {k}?" for k in range(n)],
                        "split": split, "extra": [json.dumps({"pair_id": f"pair-{k}", "category": "c" + str(k % 2)})
                                                  for k in range(n)]})
     write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), path,
