@@ -563,3 +563,35 @@ def test_window_section_shows_the_threshold_sensitivity(full):
     assert "×0.75 (stricter)" in text and "×1.25 (looser)" in text
     assert "0.3 / 112.5 / 3.75" in text and "4/18" in text and "none moved" in text
     assert "refusal L1/0 sign -1: open → closed" in text
+
+
+def test_refusal_section_shows_every_evaluated_set_and_the_judges_fresh_accuracy(full):
+    ev = json.loads((full["study"] / "refusal" / "evaluation.json").read_text())
+    page = html.unescape(full["html"])
+    refusal = page[page.index('<section id="refusal">'):page.index('<section id="screen">')]
+    assert "Refusal and over-refusal on each evaluated prompt set" in refusal
+    for label in ("held-out harmful", "harmful, other styles", "harmless but dangerous-sounding",
+                  "validation harmful (recipe chosen here)"):
+        assert label in refusal, label
+    styled = ev["tuned"]["sets"]["styled_harmful"]
+    assert f"{styled['count']}/{styled['n']}" in refusal
+    # the fixture's fresh set: 150/200 right, collapse the weakest type (12/40), stated in the sections
+    # whose figures the judge types
+    judge = "judge accuracy on fresh labelled rollouts 150/200 = 75%"
+    for section in ("refusal", "cna", "window"):
+        body = page[page.index(f'<section id="{section}">'):]
+        body = body[:body.index("</section>")]
+        assert judge in body and "weakest type collapse 12/40" in body, section
+    cells = headline_cells(full["html"])
+    c = cells["refusal.styled_harmless"]
+    assert float(c["data-value"]) == ev["tuned"]["sets"]["styled_harmless"]["rate"]
+
+
+def test_judge_accuracy_text_says_when_no_fresh_set_was_labelled():
+    from neuronaudit.report.sections import judge_accuracy_text
+
+    assert judge_accuracy_text(None) == "judge accuracy not measured (no fresh labelled set)"
+    assert judge_accuracy_text({"sets": {"fresh": {}}}).endswith("(no fresh labelled set)")
+    text = judge_accuracy_text({"sets": {"fresh": {"a": {"n": 10, "correct": 9, "per_type": {}},
+                                                   "b": {"n": 10, "correct": 5, "per_type": {}}}}})
+    assert text.startswith("judge accuracy on fresh labelled rollouts 14/20 = 70%")

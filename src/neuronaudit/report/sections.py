@@ -133,6 +133,70 @@ def _figure(name: str, title: str, fig, table_link) -> Figure:
     return Figure(title, figure_to_data_uri(fig), caption(name), table_link=table_link, name=name)
 
 
+#: How each evaluated prompt set of the refusal evaluation is shown.
+REFUSAL_SET_LABELS = {
+    "harmful": "held-out harmful", "harmless": "held-out harmless (style-matched)",
+    "styled_harmful": "harmful, other styles", "styled_harmless": "harmless but dangerous-sounding",
+    "validation_harmful": "validation harmful (recipe chosen here)",
+    "validation_harmless": "validation harmless (recipe chosen here)",
+}
+
+
+def judge_accuracy_text(calibration: dict | None) -> str:
+    """The judge's accuracy on its FRESH labelled sets (real study rollouts labelled after the
+    judge was frozen) with the Wilson interval and n, and its weakest type; what every typed figure
+    is read with. ``not measured`` when no fresh set is labelled."""
+    fresh = ((calibration or {}).get("sets") or {}).get("fresh") or {}
+    if not fresh:
+        return "judge accuracy not measured (no fresh labelled set)"
+    n = sum(r["n"] for r in fresh.values())
+    correct = sum(r["correct"] for r in fresh.values())
+    lo, hi = wilson_interval(correct, n)
+    recall: dict[str, list[int]] = {}
+    for r in fresh.values():
+        for t, row in (r.get("per_type") or {}).items():
+            acc = recall.setdefault(t, [0, 0])
+            acc[0] += int(row.get("correct") or 0)
+            acc[1] += int(row.get("n") or 0)
+    weakest = min(((c / m, t, c, m) for t, (c, m) in recall.items() if m), default=None)
+    text = (f"judge accuracy on fresh labelled rollouts {correct}/{n} = {correct / n:.0%} "
+            f"(Wilson 95% CI {lo:.0%}–{hi:.0%})")
+    if weakest is not None:
+        text += f"; weakest type {weakest[1].replace('_', ' ')} {weakest[2]}/{weakest[3]}"
+    return text
+
+
+def study_judge_text(study_dir: Path) -> str:
+    """:func:`judge_accuracy_text` of the study's judge, as recorded by the refusal evaluation
+    (one judge serves every typed figure of a study); empty when the evaluation did not run."""
+    evaluation = study_dir / "refusal" / "evaluation.json"
+    if not evaluation.is_file():
+        return ""
+    return " Rollouts are typed by the study's judge: " + judge_accuracy_text(
+        json.loads(evaluation.read_text()).get("judge_calibration")) + "."
+
+
+def _refusal_sets_table(ev: dict) -> pd.DataFrame | None:
+    """One row per evaluated prompt set: what is measured, the tuned and the base model's rate,
+    and whether the tuned model meets its target there."""
+    sets = ev["tuned"].get("sets")
+    if not sets:
+        return None
+    targets = ev.get("targets") or {}
+    rows = []
+    for name, rate in sets.items():
+        base = ev["base"]["sets"].get(name)
+        measure = rate["measure"]
+        target = (f">= {targets['refusal_min']:.0%}" if measure == "refusal" else
+                  f"<= {targets['over_refusal_max']:.0%}") if targets else ""
+        group = "heldout" if name in ("harmful", "harmless") else name.split("_", 1)[0]
+        met = ((targets.get("checks") or {}).get(group) or {}).get(measure)
+        rows.append({"prompt set": REFUSAL_SET_LABELS.get(name, name), "measure": measure.replace("_", "-"),
+                     "tuned": _pct(rate), "base": _pct(base) if base else "missing", "target": target,
+                     "met": {True: "yes", False: "NO", None: ""}[met]})
+    return pd.DataFrame(rows)
+
+
 def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     evaluation = study_dir / "refusal" / "evaluation.json"
     fractions = study_dir / "refusal" / "fractions.parquet"
@@ -153,6 +217,10 @@ def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, 
     items = [Table("Refusal-tuned model against the base model", pd.DataFrame(rows), caption("refusal_rates"),
                    table_link={"evaluation.json": ev_link,
                                "rollouts": _rel(study_dir / "refusal" / "evaluation_rollouts.parquet", report_dir)})]
+    by_set = _refusal_sets_table(ev)
+    if by_set is not None:
+        items.append(Table("Refusal and over-refusal on each evaluated prompt set", by_set,
+                           caption("refusal_sets"), table_link=ev_link))
     if fractions.is_file():
         frac = pq.read_table(fractions).to_pandas()
         items.append(_figure("rollout_types", "Typed rollouts of the unintervened audited model",
@@ -162,7 +230,8 @@ def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, 
                              f"PROMPT: {ex['prompt']}\nRESPONSE: {ex['response']}"))
     intro = (
         f"The study fine-tunes its own refusal reference model (recipe in tune/recipe.json) and types "
-        f"every rollout with the {ev.get('judge', {}).get('kind', 'rule')} judge; perplexity ratio "
+        f"every rollout with the {ev.get('judge', {}).get('kind', 'rule')} judge "
+        f"({judge_accuracy_text(ev.get('judge_calibration'))}); perplexity ratio "
         f"tuned/base {_num(ratio['mean'], ratio['ci_low'], ratio['ci_high'])}."
     )
     heads = [
@@ -172,6 +241,10 @@ def refusal_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, 
                        ev["base"]["refusal_harmful"], "", ev_link),
         _rate_headline("refusal.over_refusal", "over-refusal of held-out harmless prompts, refusal-tuned model",
                        ev["tuned"]["over_refusal_harmless"], "", ev_link),
+        *[_rate_headline(f"refusal.{name}", f"{label}, refusal-tuned model", ev["tuned"]["sets"][name], "", ev_link)
+          for name, label in (("styled_harmful", "refusal of harmful prompts in other styles"),
+                              ("styled_harmless", "over-refusal of dangerous-sounding harmless prompts"))
+          if name in (ev["tuned"].get("sets") or {})],
         Headline("refusal.perplexity_ratio", "general-text perplexity, tuned / base",
                  _num(ratio["mean"], ratio["ci_low"], ratio["ci_high"]), ratio["mean"],
                  _ci(ratio["ci_low"], ratio["ci_high"]), "", ev_link, n=ratio.get("n"), unit="texts",
@@ -354,7 +427,7 @@ def cna_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list
              "difference of the residual stream after one layer at the last prompt token (positive minus negative "
              "discovery prompts), added times α to that layer's residual at the last prompt token and every "
              "generated token, swept over layers and α. Quality is 1 − 4-gram repetition of the greedy rollouts "
-             "(SCIENCE.md §3)." + rule)
+             "(SCIENCE.md §3)." + rule + study_judge_text(study_dir))
     return Section("cna", STAGE_TITLES["cna"], intro, items), heads
 
 
@@ -594,7 +667,7 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
              "readout alignment at which open training neurons triggered; otherwise collapse before trigger. "
              "Predicted ceilings use only the weights and one generic forward pass; nothing fitted sees a "
              "held-out neuron, and the majority verdict is taken from the training neurons. "
-             + RECONSTRUCTION[0].upper() + RECONSTRUCTION[1:] + ".")
+             + RECONSTRUCTION[0].upper() + RECONSTRUCTION[1:] + "." + study_judge_text(study_dir))
     ci = a.get("mae_alignment_ci95") or [None, None]
     heads = [
         Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link, n=n,
