@@ -96,7 +96,8 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
                                     "all": False} for g in ("heldout", "styled", "validation")}}
     # the judge measured on a fresh labelled set: 150 of 200 right, collapse the weakest type
     ev["judge_calibration"] = {"sets": {"development": {}, "fresh": {"batch.jsonl": {
-        "n": 200, "correct": 150, "per_type": {"refusal": {"n": 80, "correct": 75}, "collapse": {"n": 40, "correct": 12},
+        "n": 200, "correct": 150, "per_type": {"refusal": {"n": 80, "correct": 75},
+                                               "collapse": {"n": 40, "correct": 12},
                                                "coherent_bypass": {"n": 50, "correct": 40},
                                                "actionable": {"n": 30, "correct": 23}}}}}}
     _json(ev, study / "refusal" / "evaluation.json")
