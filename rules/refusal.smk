@@ -16,12 +16,14 @@ rule tune_refusal:
         base=model_manifest(),
         harmful=prompt_table("harmful"),
         harmless=prompt_table("harmless"),
+        extra=[prompt_table(s) for s in config["refusal"]["extra_harmless_sets"]],
     output:
         manifest=f"{RESULTS}/tune/manifest.json",
         recipe=f"{RESULTS}/tune/recipe.json",
     params:
         cli=NEURONAUDIT,
         options=stage_options("tune_refusal"),
+        extra=named_paths({s: prompt_table(s) for s in config["refusal"]["extra_harmless_sets"]}),
     threads: config["threads"]
     resources:
         mem_mb=job_resource("tune_refusal", "mem_mb", manifest="base"),
@@ -36,7 +38,7 @@ rule tune_refusal:
         benchmark_file("refusal", "tune")
     shell:
         "{params.cli} tune-refusal --base-manifest {input.base:q} --harmful {input.harmful:q} "
-        "--harmless {input.harmless:q} --out-dir $(dirname {output.manifest:q}) "
+        "--harmless {input.harmless:q} --extra-harmless {params.extra} --out-dir $(dirname {output.manifest:q}) "
         "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
 
 

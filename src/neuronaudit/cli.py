@@ -76,7 +76,8 @@ def cmd_merge_collect(args) -> None:
 
 def cmd_tune_refusal(args) -> None:
     _stage("refusal").run_refusal_tuning(args.base_manifest, args.harmful, args.harmless, args.out_dir,
-                                         _options(args, opts.TuneOptions), threads=args.threads)
+                                         _options(args, opts.TuneOptions), threads=args.threads,
+                                         extra_harmless=_named(args.extra_harmless, "--extra-harmless"))
 
 
 def cmd_evaluate_refusal(args) -> None:
@@ -191,8 +192,17 @@ def tune_search_grid(items: list[str]) -> dict[str, list]:
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not name or not values:
-            raise NeuronAuditError(f"--grid {item!r} must be NAME=V1,V2,...")
-        grid[name] = [yaml.safe_load(v) for v in values.split(",")]
+            raise NeuronAuditError(f"--grid {item!r} must be NAME=V1,V2,... or NAME=[V1, V2, ...]")
+        if values.lstrip().startswith("["):  # a YAML list of values (values that are lists themselves)
+            try:
+                parsed = yaml.safe_load(values)
+            except yaml.YAMLError:
+                parsed = None
+            if not isinstance(parsed, list):
+                raise NeuronAuditError(f"--grid {item!r}: {values!r} is not a YAML list of values")
+            grid[name] = parsed
+        else:
+            grid[name] = [yaml.safe_load(v) for v in values.split(",")]
     return grid
 
 
@@ -204,6 +214,8 @@ def cmd_tune_search(args) -> None:
     study = root / "results" / study_name(config)
     base = root / "results" / "models" / model_source(config, root).slug / "manifest.json"
     tables = {k: study / "prompts" / f"{k}.parquet" for k in ("harmful", "harmless", "generic")}
+    extra = {n: study / "prompts" / f"{n}.parquet" for n in config["prompts"]["sets"]
+             if (study / "prompts" / f"{n}.parquet").is_file()}
     for path in (base, *tables.values()):
         if not path.is_file():
             raise NeuronAuditError(f"{str(path)!r} not found: prepare the model and prompts first "
@@ -212,7 +224,7 @@ def cmd_tune_search(args) -> None:
     result = _stage("refusal").run_tune_search(
         base, tables["harmful"], tables["harmless"], tables["generic"], out, opts.TuneOptions.from_config(config),
         opts.RefusalEvalOptions.from_config(config), tune_search_grid(args.grid), threads=config["threads"],
-        keep_weights=args.keep_weights)
+        keep_weights=args.keep_weights, extra_harmless=extra)
     choice = result["choice"]
     print(f"chosen on validation: candidate {choice['index']} {choice['recipe']} "
           f"({'meets' if choice['meets_targets'] else 'does NOT meet'} the targets): {out / 'search.json'}")
@@ -308,6 +320,8 @@ _LIST_INPUTS = {
     "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
     "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
     "preconditions": [("--prompts", dict(nargs="+", required=True, metavar="SET=TABLE"))],
+    "tune-refusal": [("--extra-harmless", dict(nargs="*", default=[], metavar="SET=TABLE",
+                                               help="prepared tables of refusal.extra_harmless_sets"))],
     "evaluate-refusal": [("--styled", dict(nargs="*", default=[], metavar="KIND=TABLE",
                                            help="prompt sets in other styles, never trained on: harmful=TABLE "
                                                 "and/or harmless=TABLE (refusal.styled_harmful/_harmless)"))],
@@ -441,7 +455,8 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--configfile", nargs="+", default=["config/config.yaml"], help="the study's config file(s)")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, as snakemake --config")
     p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
-                   help="settings searched, e.g. steps=100,200 harmless_fraction=null,0.5")
+                   help="settings searched, e.g. steps=100,200 harmless_fraction=null,0.5 "
+                        "'extra_harmless_sets=[[], [harmless_sounding]]'")
     p.add_argument("--root", default=".",
                    help="the workflow folder whose results/ holds the prepared model and prompts")
     p.add_argument("--out-dir", default=None, help="default results/<study>/tune_search")

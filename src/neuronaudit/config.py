@@ -258,6 +258,15 @@ def check_references(config: dict) -> None:
     if config["refusal"]["tune"]:
         for name in ("harmful", "harmless", "generic"):
             need_set("refusal.tune (needs harmful, harmless and generic)", name)
+    # sets the refusal evaluation reads (or the tuning reads already) cannot be extra training data
+    evaluated = {"harmful": "harmful", "harmless": "harmless",
+                 config["refusal"].get("styled_harmful"): "styled_harmful",
+                 config["refusal"].get("styled_harmless"): "styled_harmless"}
+    for name in config["refusal"].get("extra_harmless_sets") or []:
+        need_set("refusal.extra_harmless_sets", name)
+        if name in evaluated:
+            raise NeuronAuditError(f"config key refusal.extra_harmless_sets names {name!r}, the refusal stage's "
+                                   f"{evaluated[name]} set: it cannot be extra harmless training data")
     for key in ("styled_harmful", "styled_harmless"):
         if config["refusal"].get(key) is not None:
             need_set(f"refusal.{key}", config["refusal"][key])

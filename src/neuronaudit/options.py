@@ -187,6 +187,8 @@ class TuneOptions(StageOptions):
     harmless_fraction: float | None
     answer_max_new_tokens: int
     validation_fraction: float
+    harmless_loss_weight: float
+    extra_harmless_sets: list
     seed: int = key("seed")
 
 

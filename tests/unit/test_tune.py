@@ -351,3 +351,72 @@ def test_tune_search_scores_candidates_on_validation_only(tuning_inputs, tmp_pat
         stage.recipe_grid({"validation_fraction": [0.1]})
     with pytest.raises(NeuronAuditError, match="must be NAME=V1"):
         tune_search_grid(["steps"])
+
+
+def test_weighted_response_loss_weights_each_examples_tokens(tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    examples = _examples(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = float(response_loss(model, batch))
+        ones = float(response_loss(model, batch, torch.ones(len(examples))))
+        weights = torch.tensor([2.0, 1.0, 1.0, 3.0])
+        weighted = float(response_loss(model, batch, weights))
+        per_row = []
+        for e in examples:
+            seq = torch.tensor([list(e.prompt_ids) + list(e.response_ids)])
+            logp = F.log_softmax(model(seq).logits[0], -1)
+            p = len(e.prompt_ids)
+            per_row.append([-float(logp[p + k - 1, tok]) for k, tok in enumerate(e.response_ids)])
+    assert ones == pytest.approx(plain, rel=1e-5)
+    expected = sum(w * sum(r) for w, r in zip(weights.tolist(), per_row)) / sum(
+        w * len(r) for w, r in zip(weights.tolist(), per_row))
+    assert weighted == pytest.approx(expected, rel=1e-4) and weighted != pytest.approx(plain, rel=1e-3)
+    with pytest.raises(NeuronAuditError, match="harmless_loss_weight 0"):
+        train_response_loss(model, examples, tokenizer.pad_token_id, steps=1, learning_rate=1e-3, batch_size=2,
+                            seed=0, harmless_loss_weight=0)
+
+
+def test_extra_harmless_sets_join_the_training_answers(tuning_inputs, tmp_path):
+    d = tuning_inputs[0]
+    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 4)
+    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 4)
+    extra = _paired_table(tmp_path / "sounding.parquet", "harmless_sounding", 5)
+    df = pq.read_table(extra).to_pandas()
+    df.loc[df.index[-1:], "split"] = "heldout"  # only the discovery prompts are trained on
+    write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), extra,
+                provenance(prompt_set="harmless_sounding", prompt_set_hash="hash-x"))
+    options = tune(steps=1, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3,
+                   validation_fraction=0.0, extra_harmless_sets=["harmless_sounding"], harmless_loss_weight=2.0)
+    recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tmp_path / "tuned", options,
+                                progress=False, extra_harmless={"harmless_sounding": extra})
+    assert recipe["extra_harmless_tables"]["harmless_sounding"]["n"] == 4
+    assert recipe["n_harmless"] + recipe["n_harmless_dropped_empty"] == 4 + 4
+    assert recipe["harmless_loss_weight"] == 2.0 and recipe["extra_harmless_sets"] == ["harmless_sounding"]
+    with pytest.raises(NeuronAuditError, match="names 'harmless_sounding' but no table"):
+        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tmp_path / "x", options, progress=False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["harmless_styles"], "refusal stage's styled_harmless set"),
+    (["harmful"], "refusal stage's harmful set"),
+    (["nope"], "unknown prompt set 'nope'"),
+])
+def test_extra_harmless_sets_cannot_be_evaluated_sets(extra, message):
+    from pathlib import Path
+
+    from neuronaudit.config import check_references, load_config
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "config" / "config.yaml", [f"refusal={{extra_harmless_sets: {json.dumps(extra)}}}"])
+    with pytest.raises(NeuronAuditError, match=message):
+        check_references(config)
+
+
+def test_tune_search_grid_reads_lists_of_list_values():
+    from neuronaudit.cli import tune_search_grid
+
+    grid = tune_search_grid(["extra_harmless_sets=[[], [harmless_sounding, task_chat]]", "harmless_loss_weight=1,2.5"])
+    assert grid == {"extra_harmless_sets": [[], ["harmless_sounding", "task_chat"]], "harmless_loss_weight": [1, 2.5]}
+    with pytest.raises(NeuronAuditError, match="not a YAML list"):
+        tune_search_grid(["steps=[1, 2"])

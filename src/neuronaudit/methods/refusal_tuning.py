@@ -101,16 +101,23 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the response tokens of a batch."""
+def response_loss(model, batch: Mapping[str, torch.Tensor], row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens of a batch; with ``row_weights``
+    (one per example) each token's term is weighted by its example's weight and the sum divided
+    by the summed weights of the terms (weights all 1: the plain token mean)."""
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
     labels = batch["labels"].to(device)
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
+    if row_weights is None:
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+    terms = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                            reduction="none")
+    weights = row_weights.to(device=device, dtype=terms.dtype)[:, None] * (labels[:, 1:] != IGNORE_INDEX)
+    return (terms * weights).sum() / weights.sum()
 
 
 def dataset_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size: int = 16) -> float:
@@ -257,18 +264,21 @@ def batch_composition(batch_size: int, harmless_fraction: float) -> tuple[int, i
 def train_response_loss(
     model, examples: Sequence[Example], pad_token_id: int, steps: int, learning_rate: float, batch_size: int,
     seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0, progress: bool = False,
-    harmless_fraction: float | None = None,
+    harmless_fraction: float | None = None, harmless_loss_weight: float = 1.0,
 ) -> list[dict]:
     """AdamW on the response loss; batches drawn epoch by epoch from a seeded permutation.
 
     ``harmless_fraction`` (``None``: examples drawn alike, whatever their kind) puts
     ``round(batch_size · harmless_fraction)`` own-answer examples in every batch and refusals in
     the rest, each kind drawn epoch by epoch from its own seeded permutation: a larger share of
-    harmless answers holds benign behaviour against over-refusal.
+    harmless answers holds benign behaviour against over-refusal. ``harmless_loss_weight`` weights
+    the own-answer examples' tokens in the loss against the refusals' (1: the plain token mean).
 
     Returns the per-step log (``step``, ``loss``, ``grad_norm``).
     """
 
+    if isinstance(harmless_loss_weight, bool) or not harmless_loss_weight > 0:
+        raise NeuronAuditError(f"refusal.harmless_loss_weight {harmless_loss_weight!r} must be a positive number")
     if steps < 1 or batch_size < 1 or not learning_rate > 0:
         raise NeuronAuditError(
             f"steps {steps!r}, batch_size {batch_size!r} and learning_rate {learning_rate!r} must be positive"
@@ -298,7 +308,10 @@ def train_response_loss(
                 queues[j] += [pool[i] for i in order_rng.permutation(len(pool))]
             idx += queues[j][:n]
             queues[j] = queues[j][n:]
-        loss = response_loss(model, collate([examples[i] for i in idx], pad_token_id))
+        chosen = [examples[i] for i in idx]
+        weights = None if harmless_loss_weight == 1.0 else torch.tensor(
+            [harmless_loss_weight if e.kind == "own_answer" else 1.0 for e in chosen])
+        loss = response_loss(model, collate(chosen, pad_token_id), weights)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         for site, v in (("training loss", float(loss.detach())), ("gradient norm", grad_norm)):

@@ -84,6 +84,10 @@ def check_tune_options(o: TuneOptions) -> None:
         raise NeuronAuditError(f"refusal.learning_rate {o.learning_rate!r} must be a positive number")
     if o.harmless_fraction is not None:
         batch_composition(o.batch_size, o.harmless_fraction)
+    if isinstance(o.harmless_loss_weight, bool) or not (isinstance(o.harmless_loss_weight, (int, float))
+                                                        and math.isfinite(o.harmless_loss_weight)
+                                                        and o.harmless_loss_weight > 0):
+        raise NeuronAuditError(f"refusal.harmless_loss_weight {o.harmless_loss_weight!r} must be a positive number")
 
 
 def run_refusal_tuning(
@@ -94,8 +98,12 @@ def run_refusal_tuning(
     options: TuneOptions,
     threads: int | None = None,
     progress: bool = True,
+    extra_harmless: dict[str, str | Path] | None = None,
 ) -> dict:
     """Fine-tune the base model into a refuser; write ``out_dir/{weights,manifest.json,recipe.json}``.
+
+    ``extra_harmless`` maps each of ``refusal.extra_harmless_sets`` to its prepared table: their
+    discovery prompts' own answers join the harmless training data (more varied benign answers).
 
     Tuning is a float32 full fine-tune whatever ``model.dtype`` says (only ``model.device``,
     ``chat_template`` and ``system_prompt`` apply). Returns the recipe dict.
@@ -109,6 +117,12 @@ def run_refusal_tuning(
     }
     validation = {k: validation_mask(df, o.validation_fraction, o.seed) for k, df in discovery.items()}
     harmful, harmless = (discovery[k][~validation[k]].reset_index(drop=True) for k in ("harmful", "harmless"))
+    missing = [n for n in o.extra_harmless_sets if n not in (extra_harmless or {})]
+    if missing:
+        raise NeuronAuditError(f"refusal.extra_harmless_sets names {missing[0]!r} but no table was given for it")
+    extra = {n: read_prompts((extra_harmless or {})[n], TUNE_SPLIT, role=f"{n} prompt table")
+             for n in o.extra_harmless_sets}
+    all_harmless = pd.concat([harmless, *extra.values()], ignore_index=True) if extra else harmless
     for kind, df in (("harmful", harmful), ("harmless", harmless)):
         if len(df) == 0:
             raise NeuronAuditError(f"refusal.validation_fraction {o.validation_fraction!r} leaves no {kind} "
@@ -120,17 +134,17 @@ def run_refusal_tuning(
     if eos_token is None:
         raise NeuronAuditError("the base tokenizer has no EOS token; refusals need one to end")
     harmful_ids = encode_prompts(tokenizer, harmful["text"], o.model.chat_template, o.model.system_prompt)
-    harmless_ids = encode_prompts(tokenizer, harmless["text"], o.model.chat_template, o.model.system_prompt)
+    harmless_ids = encode_prompts(tokenizer, all_harmless["text"], o.model.chat_template, o.model.system_prompt)
     refusals = refusal_examples(tokenizer, harmful_ids, random.Random(o.seed), eos_token, list(harmful["prompt_id"]))
     t_gen = time.perf_counter()
     answers = own_answer_examples(model, tokenizer, harmless_ids, o.answer_max_new_tokens, GEN_BATCH_SIZE,
-                                  list(harmless["prompt_id"]), progress)
+                                  list(all_harmless["prompt_id"]), progress)
     gen_seconds = time.perf_counter() - t_gen
     examples = refusals + answers
     loss_before = dataset_loss(model, examples, pad)
     t_train = time.perf_counter()
     curve = train_response_loss(model, examples, pad, o.steps, o.learning_rate, o.batch_size, o.seed, GRAD_CLIP,
-                                WEIGHT_DECAY, progress, o.harmless_fraction)
+                                WEIGHT_DECAY, progress, o.harmless_fraction, o.harmless_loss_weight)
     train_seconds = time.perf_counter() - t_train
     recipe = tuning_recipe(o, base, base_manifest_path, opened.device, refusals, answers, len(harmless_ids))
     recipe["validation"] = {
@@ -142,6 +156,8 @@ def run_refusal_tuning(
     recipe.update(
         harmful_table={"path": str(harmful_table), **_table_info(harmful)},
         harmless_table={"path": str(harmless_table), **_table_info(harmless)},
+        extra_harmless_tables={n: {"path": str((extra_harmless or {})[n]), "n": len(df), **_table_info(df)}
+                               for n, df in extra.items()},
         n_harmless_answers_ended_with_eos=sum(1 for e in answers if e.response_ids[-1] == eos_token),
         loss_before=loss_before, loss_after=dataset_loss(model, examples, pad), train_loss=curve,
         seconds={"own_answers": gen_seconds, "training": train_seconds, "total": None},
@@ -157,7 +173,8 @@ def tuning_recipe(o: TuneOptions, base: dict, base_manifest_path, device: str, r
     """Every hyperparameter and data count of the tuning, named as in the config."""
     examples = refusals + answers
     return {
-        "method": "full fine-tune on response tokens: harmful -> refusal template, harmless -> own greedy answer",
+        "method": "full fine-tune on response tokens: harmful -> refusal template, harmless (and the "
+                  "extra harmless sets) -> own greedy answer",
         "base_manifest": str(Path(base_manifest_path).resolve()),
         "base_source": base.get("source"),
         "base_weight_sha256": base.get("weight_sha256"),
@@ -171,6 +188,8 @@ def tuning_recipe(o: TuneOptions, base: dict, base_manifest_path, device: str, r
         "weight_decay": WEIGHT_DECAY,
         "batch_size": o.batch_size,
         "harmless_fraction": o.harmless_fraction,
+        "harmless_loss_weight": o.harmless_loss_weight,
+        "extra_harmless_sets": list(o.extra_harmless_sets),
         "grad_clip": GRAD_CLIP,
         "dtype": "float32",
         "device": device,
@@ -431,7 +450,8 @@ def target_checks_by_set(sets: dict, perplexity_ratio: float | None) -> dict:
 
 
 #: Recipe settings a tuning search may vary (the validation part itself stays fixed).
-SEARCHABLE = ("steps", "learning_rate", "batch_size", "harmless_fraction", "answer_max_new_tokens")
+SEARCHABLE = ("steps", "learning_rate", "batch_size", "harmless_fraction", "answer_max_new_tokens",
+              "harmless_loss_weight", "extra_harmless_sets")
 
 
 def recipe_grid(grid: dict[str, list]) -> list[dict]:
@@ -458,6 +478,7 @@ def run_tune_search(
     threads: int | None = None,
     progress: bool = True,
     keep_weights: bool = False,
+    extra_harmless: dict[str, str | Path] | None = None,
 ) -> dict:
     """Tune one candidate per grid point and score each on the VALIDATION prompts only (refusal,
     over-refusal, generic perplexity against the base model); choose with
@@ -467,7 +488,11 @@ def run_tune_search(
     with ``keep_weights``). Held-out prompts are never read."""
     combos = recipe_grid(grid)
     for combo in combos:
-        check_tune_options(tune_options.replace(**combo))
+        o = tune_options.replace(**combo)
+        check_tune_options(o)
+        missing = [n for n in o.extra_harmless_sets if n not in (extra_harmless or {})]
+        if missing:
+            raise NeuronAuditError(f"tune-search: extra harmless set {missing[0]!r} has no prepared table")
     out_dir = Path(out_dir)
     judge = make_judge(eval_options.judge.judge_config())
     generic = list(read_prompts(generic_table, "all", role="generic prompt table")["text"])
@@ -477,7 +502,8 @@ def run_tune_search(
         o = tune_options.replace(**combo)
         cand_dir = out_dir / f"candidate-{i}"
         t0 = time.perf_counter()
-        recipe = run_refusal_tuning(base_manifest_path, harmful_table, harmless_table, cand_dir, o, threads, progress)
+        recipe = run_refusal_tuning(base_manifest_path, harmful_table, harmless_table, cand_dir, o, threads, progress,
+                                    extra_harmless)
         manifest_path = cand_dir / "manifest.json"
         val = validation_tables(read_manifest(manifest_path), manifest_path,
                                 {"harmful": harmful_table, "harmless": harmless_table})
