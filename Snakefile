@@ -38,6 +38,7 @@ include: "rules/report.smk"
 localrules:
     all,
     prepare_prompts,
+    study_tuned_model,
     screen,
     report,
 
