@@ -1,13 +1,16 @@
 """A batch that runs out of memory is split and retried, with the same results in the same order."""
 
 import logging
+import weakref
 
 import pandas as pd
 import pytest
+import torch
 
 from neuronaudit.evaluation import rollouts as rollouts_module
 from neuronaudit.evaluation.rollouts import generate_rollouts
-from neuronaudit.interventions.memory import is_out_of_memory, split_on_oom
+from neuronaudit.interventions.generation import batch_seed
+from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
 
 
 def test_only_out_of_memory_errors_split_a_batch(caplog):
@@ -28,6 +31,27 @@ def test_only_out_of_memory_errors_split_a_batch(caplog):
     with pytest.raises(MemoryError):  # one row that does not fit is an error
         split_on_oom(lambda rows, part: (_ for _ in ()).throw(MemoryError()), [1], "test")
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("size mismatch"))
+
+
+def test_a_failed_batch_is_freed_before_its_halves_run():
+    seen = []
+
+    def run(rows, part):
+        if seen:  # the tensors of the failed batch are gone by the time a half starts
+            assert seen[0]() is None
+        big = torch.zeros(len(rows), 1000)
+        if not part:
+            seen.append(weakref.ref(big))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [float(big[r].sum()) for r in range(len(rows))]
+
+    assert split_on_oom(run, [1, 2, 3], "test") == [0.0, 0.0, 0.0]
+    assert len(seen) == 1
+
+
+def test_an_unsplit_batch_keeps_its_seed():
+    assert all(part_seed(s, b, ()) == batch_seed(s, b) for s in (0, 7) for b in range(4))
+    assert len({part_seed(3, 1, ()), part_seed(3, 1, (0,)), part_seed(3, 1, (1,)), part_seed(3, 1, (1, 0))}) == 4
 
 
 def test_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, monkeypatch):
