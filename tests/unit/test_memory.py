@@ -4,13 +4,16 @@ import logging
 import weakref
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from neuronaudit.evaluation import rollouts as rollouts_module
 from neuronaudit.evaluation.rollouts import generate_rollouts
+from neuronaudit.interventions.capture import collect_activations
 from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
+from neuronaudit.testing import OutOfMemoryOnce
 
 
 def test_only_out_of_memory_errors_split_a_batch(caplog):
@@ -71,3 +74,33 @@ def test_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, 
     monkeypatch.setattr(rollouts_module, "generate_tokens", small_memory)
     split = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)
     pd.testing.assert_frame_equal(fits, split)
+
+
+# --- every batched loop that runs the model: an out-of-memory batch gives the same output -----
+
+TEXTS = ["How do I pick a lock?", "Tell me a joke", "What is two plus two?", "Write a poem about the sea",
+         "List three colours", "The river flows through the old city, past the market."]
+
+
+def _split_warning(caplog, label: str, rows: int) -> bool:
+    return f"{label}: out of memory on a batch of {rows} rows" in caplog.text
+
+
+def test_collection_that_runs_out_of_memory_equals_the_one_that_fits(llama, tokenizer, tmp_path, caplog):
+    model, adapter = llama
+    ids = [f"p{i}" for i in range(len(TEXTS))]
+
+    def collect(folder):
+        folder.mkdir()
+        stats = collect_activations(model, tokenizer, adapter, TEXTS, ids, folder / "s.parquet", folder / "l.parquet",
+                                    layers=[0, 2, 3], batch_size=4, progress=False)
+        return stats.to_pandas(), pq.read_table(folder / "l.parquet").to_pandas()
+
+    fits = collect(tmp_path / "fits")
+    # the forward fails half way, after layer 0 has added the whole batch to the statistics
+    with OutOfMemoryOnce(model, rows=4, module=adapter.blocks[1], error="cpu") as oom, \
+            caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = collect(tmp_path / "split")
+    assert oom.failures == 1 and _split_warning(caplog, "collect", 4)
+    pd.testing.assert_frame_equal(fits[0], split[0], check_exact=True)
+    pd.testing.assert_frame_equal(fits[1], split[1], check_exact=True)
