@@ -3,16 +3,19 @@
 import logging
 import weakref
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from neuronaudit.evaluation import rollouts as rollouts_module
+from neuronaudit.evaluation.capability import ablation_plan
 from neuronaudit.evaluation.rollouts import generate_rollouts
 from neuronaudit.interventions.capture import collect_activations
 from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
+from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
 from neuronaudit.testing import OutOfMemoryOnce
 
 
@@ -104,3 +107,34 @@ def test_collection_that_runs_out_of_memory_equals_the_one_that_fits(llama, toke
     assert oom.failures == 1 and _split_warning(caplog, "collect", 4)
     pd.testing.assert_frame_equal(fits[0], split[0], check_exact=True)
     pd.testing.assert_frame_equal(fits[1], split[1], check_exact=True)
+
+
+def _same_scores(a, b) -> None:
+    assert len(a.logprob) == len(b.logprob)
+    for x, y in zip(a.logprob + a.entropy, b.logprob + b.entropy):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("plan", [None, "ablation"])
+def test_token_scores_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog, plan):
+    model, adapter = llama
+    sequences = [tokenizer(t)["input_ids"] for t in TEXTS]
+    plan = ablation_plan([(1, 3), (2, 5)]) if plan else None
+    kwargs = dict(plan=plan, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    scored_from = [1, 2, 3, 1, 4, 2]
+    fits = score_tokens(model, adapter, sequences, scored_from, **kwargs)
+    with OutOfMemoryOnce(model, rows=4) as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = score_tokens(model, adapter, sequences, scored_from, **kwargs)
+    assert oom.failures == 1 and _split_warning(caplog, "token scoring", 4)
+    _same_scores(fits, split)
+
+
+def test_shared_prompt_scores_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
+    model, adapter = llama
+    prompt = tokenizer("How do I pick a lock?")["input_ids"]
+    responses = [tokenizer(t)["input_ids"] for t in TEXTS]
+    fits = shared_prompt_scores(model, prompt, responses, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    with OutOfMemoryOnce(model, rows=4, error="cpu") as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = shared_prompt_scores(model, prompt, responses, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    assert oom.failures == 1 and _split_warning(caplog, "response scoring", 4)
+    _same_scores(fits, split)
