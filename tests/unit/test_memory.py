@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neuronaudit.evaluation import rollouts as rollouts_module
-from neuronaudit.evaluation.capability import ablation_plan
+from neuronaudit.evaluation.capability import ablation_plan, capability_report
 from neuronaudit.evaluation.rollouts import generate_rollouts
 from neuronaudit.interventions.capture import collect_activations
 from neuronaudit.interventions.generation import batch_seed
@@ -138,3 +138,18 @@ def test_shared_prompt_scores_that_run_out_of_memory_equal_those_that_fit(llama,
         split = shared_prompt_scores(model, prompt, responses, batch_size=4, pad_token_id=tokenizer.pad_token_id)
     assert oom.failures == 1 and _split_warning(caplog, "response scoring", 4)
     _same_scores(fits, split)
+
+
+def test_capability_checks_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
+    model, adapter = llama
+    tasks = {"task_knowledge": pd.DataFrame({
+        "prompt_id": [f"k{i}" for i in range(6)], "text": TEXTS, "answer": ["a", "b", "c", "d", "e", "f"]})}
+    plan = ablation_plan([(1, 3), (2, 5)])
+    kwargs = dict(plan=plan, max_new_tokens=5, batch_size=4, return_responses=True)
+    fits = capability_report(model, tokenizer, adapter, TEXTS, tasks, **kwargs)
+    # the first batch of the perplexity and the first of the generation each fail once
+    with OutOfMemoryOnce(model, rows=4, times=2) as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = capability_report(model, tokenizer, adapter, TEXTS, tasks, **kwargs)
+    assert oom.failures == 2
+    assert _split_warning(caplog, "token scoring", 4) and _split_warning(caplog, "capability answers", 4)
+    assert split == fits
