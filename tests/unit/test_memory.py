@@ -16,6 +16,7 @@ from neuronaudit.interventions.capture import collect_activations
 from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
 from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
+from neuronaudit.methods.attribution import gradient_scores
 from neuronaudit.testing import OutOfMemoryOnce
 
 
@@ -153,3 +154,16 @@ def test_capability_checks_that_run_out_of_memory_equal_those_that_fit(llama, to
     assert oom.failures == 2
     assert _split_warning(caplog, "token scoring", 4) and _split_warning(caplog, "capability answers", 4)
     assert split == fits
+
+
+def test_attribution_gradients_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
+    model, adapter = llama
+    beh, dflt = [5, 6], [7]
+    fits = gradient_scores(model, tokenizer, adapter, TEXTS, beh, dflt, batch_size=4)
+    with OutOfMemoryOnce(model, rows=4, module=adapter.blocks[2]) as oom, \
+            caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = gradient_scores(model, tokenizer, adapter, TEXTS, beh, dflt, batch_size=4)
+    assert oom.failures == 1 and _split_warning(caplog, "attribution gradients", 4)
+    assert fits.keys() == split.keys()
+    for name in fits:
+        np.testing.assert_array_equal(fits[name], split[name])
