@@ -1,5 +1,6 @@
 """A batch that runs out of memory is split and retried, with the same results in the same order."""
 
+import dataclasses
 import logging
 import weakref
 
@@ -12,6 +13,7 @@ import torch
 from neuronaudit.evaluation import rollouts as rollouts_module
 from neuronaudit.evaluation.capability import ablation_plan, capability_report
 from neuronaudit.evaluation.rollouts import generate_rollouts
+from neuronaudit.interventions import sweeps
 from neuronaudit.interventions.capture import collect_activations
 from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
@@ -167,3 +169,48 @@ def test_attribution_gradients_that_run_out_of_memory_equal_those_that_fit(llama
     assert fits.keys() == split.keys()
     for name in fits:
         np.testing.assert_array_equal(fits[name], split[name])
+
+
+SWEEP_ROWS = [(2, 0, 4.0), (2, 1, -3.0), (2, 2, 10.0), (2, 3, 2.0), (2, 4, -20.0), (1, 9, 3.0)]
+
+
+def _same_fields(a, b) -> None:
+    """Integer tensors (tokens, lengths) equal; float ones equal up to the rounding that the number
+    of rows in a matrix product changes (a half runs 2 rows where the whole chunk ran 4)."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            tol = {} if x.is_floating_point() else dict(rtol=0, atol=0)
+            torch.testing.assert_close(x, y, equal_nan=True, **tol, msg=f.name)
+        else:
+            assert x == y, f.name
+
+
+@pytest.mark.parametrize("sweep", ["last_token", "prompt", "generated", "single_pass"])
+def test_dose_sweeps_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog, sweep):
+    model, adapter = llama
+    tokenizer.padding_side = "left"
+    enc = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    args = (model, adapter, enc["input_ids"], enc["attention_mask"], SWEEP_ROWS)
+    if sweep == "generated":
+        probe = sweeps.generated_dose_sweep(*args, 6, eos_token_id=None, pad_token_id=0)
+        kw = dict(eos_token_id=int(probe.tokens[0, 0, 2]), pad_token_id=0, return_logits=True)  # rows stop apart
+
+        def call():
+            return sweeps.generated_dose_sweep(*args, 6, row_batch_size=4, **kw)
+    elif sweep == "single_pass":
+        def call():
+            return sweeps.single_pass_dose_response(*args, row_batch_size=4)
+    else:
+        def call():
+            return getattr(sweeps, f"{sweep}_dose_sweep")(*args, read_layers=[1, 3], row_batch_size=4)
+    fits = call()
+    with OutOfMemoryOnce(model, rows=4) as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = call()
+    assert oom.failures == 1
+    assert _split_warning(caplog, "generated dose sweep" if sweep == "generated" else "dose sweep", 4)
+    _same_fields(fits, split)
+    if sweep == "generated":  # a row's logits end at its EOS, whichever rows shared its batch
+        after = torch.arange(6)[None, None, :] >= fits.lengths[..., None]
+        assert bool(after.any()) and bool(fits.logits[after].isnan().all())
+        assert not bool(fits.logits[~after].isnan().any())
