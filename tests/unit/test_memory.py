@@ -19,6 +19,7 @@ from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
 from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
 from neuronaudit.methods.attribution import gradient_scores
+from neuronaudit.methods.window import generic_geometry
 from neuronaudit.testing import OutOfMemoryOnce
 
 
@@ -214,3 +215,13 @@ def test_dose_sweeps_that_run_out_of_memory_equal_those_that_fit(llama, tokenize
         after = torch.arange(6)[None, None, :] >= fits.lengths[..., None]
         assert bool(after.any()) and bool(fits.logits[after].isnan().all())
         assert not bool(fits.logits[~after].isnan().any())
+
+
+def test_generic_geometry_that_runs_out_of_memory_equals_the_one_that_fits(llama, tokenizer, caplog):
+    model, adapter = llama
+    fits = generic_geometry(model, tokenizer, adapter, TEXTS, batch_size=4)
+    with OutOfMemoryOnce(model, rows=4, module=adapter.blocks[2], error="cpu") as oom, \
+            caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = generic_geometry(model, tokenizer, adapter, TEXTS, batch_size=4)
+    assert oom.failures == 1 and _split_warning(caplog, "generic geometry", 4)
+    pd.testing.assert_frame_equal(fits, split, check_exact=True)
