@@ -330,7 +330,9 @@ def generate_rollouts(
         gen_stop: list[bool] = []
         gen_ent: list[np.ndarray] = []
         for b, batch in enumerate(batches):
-            def generate(rows, part, b=b, kind=kind, seed=seed):
+            width = max(len(prompt_ids[i]) for i, _ in batch)  # a half keeps the whole batch's width
+
+            def generate(rows, part, b=b, kind=kind, seed=seed, width=width):
                 # an unsplit batch keeps its seed; halves after an out-of-memory get their own
                 row_seed = None if kind != "sample" else part_seed(seed, b, part)
                 try:
@@ -338,7 +340,7 @@ def generate_rollouts(
                         model, [prompt_ids[i] for i, _ in rows], max_h, adapter=adapter,
                         plan=InterventionPlan.per_row([plans[n] for _, n in rows]),
                         eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
-                        temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed,
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed, width=width,
                     )
                 except NonFiniteError as err:
                     if err.row is not None:
