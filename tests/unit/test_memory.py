@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ import torch
 
 from neuronaudit.evaluation import rollouts as rollouts_module
 from neuronaudit.evaluation.capability import ablation_plan, capability_report
+from neuronaudit.evaluation.judge import make_judge
 from neuronaudit.evaluation.rollouts import generate_rollouts
 from neuronaudit.interventions import sweeps
 from neuronaudit.interventions.capture import collect_activations
@@ -19,8 +21,11 @@ from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
 from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
 from neuronaudit.methods.attribution import gradient_scores
+from neuronaudit.methods.sufficient import ClampedPredictor, Predicate, last_token_activations, last_token_matrix
 from neuronaudit.methods.window import generic_geometry
-from neuronaudit.testing import OutOfMemoryOnce
+from neuronaudit.options import SufficientOptions
+from neuronaudit.stages import sufficient as sufficient_stage
+from neuronaudit.testing import OutOfMemoryOnce, stage_options
 
 
 def test_only_out_of_memory_errors_split_a_batch(caplog):
@@ -225,3 +230,46 @@ def test_generic_geometry_that_runs_out_of_memory_equals_the_one_that_fits(llama
         split = generic_geometry(model, tokenizer, adapter, TEXTS, batch_size=4)
     assert oom.failures == 1 and _split_warning(caplog, "generic geometry", 4)
     pd.testing.assert_frame_equal(fits, split, check_exact=True)
+
+
+def test_sufficient_set_batches_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
+    model, adapter = llama
+    inputs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    sets = [(), (Predicate(0, 3, 4.0), Predicate(2, 7, -3.0, "le")), (Predicate(3, 100, 6.0),)]
+    neurons = [(0, 3), (2, 7), (3, 100), (1, 5)]
+
+    calls = [  # the predictor's prefixes run three inputs at a time (never four), its rows four at a time
+        lambda: ClampedPredictor(model, adapter, inputs, 5, tokenizer.pad_token_id, batch_size=4,
+                                 prefix_batch=3).outputs(sets),
+        lambda: last_token_activations(model, adapter, inputs, neurons, batch_size=4),
+        lambda: last_token_matrix(model, adapter, inputs, batch_size=4),
+    ]
+    fits = [call() for call in calls]
+    split = []
+    for call, label in zip(calls, ("clamped sets", "neuron activations", "last-token activations")):
+        with OutOfMemoryOnce(model, rows=4) as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+            split.append(call())
+        assert oom.failures == 1 and _split_warning(caplog, label, 4)
+    for a, b in zip(dataclasses.astuple(fits[0]), dataclasses.astuple(split[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_array_equal(fits[0].top_token, split[0].top_token)
+    np.testing.assert_array_equal(fits[1], split[1])
+    np.testing.assert_array_equal(fits[2], split[2])
+
+
+def test_sufficient_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
+    model, adapter = llama
+    inputs = [tokenizer(t)["input_ids"] for t in TEXTS[:3]]
+    named = {"none": (), "found": (Predicate(0, 3, 4.0),), "other": (Predicate(2, 7, -30.0, "le"),)}
+    judge = make_judge(stage_options(SufficientOptions).judge.judge_config())
+    task = SimpleNamespace(behaviour=None)
+
+    def roll():
+        return sufficient_stage._rollouts(model, tokenizer, adapter, inputs, named, judge, task, TEXTS[:3],
+                                          [{}] * 3, 5, 4, 7)
+
+    fits = roll()
+    with OutOfMemoryOnce(model, rows=4) as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = roll()
+    assert oom.failures == 1 and _split_warning(caplog, "sufficient rollouts", 4)
+    assert split == fits
