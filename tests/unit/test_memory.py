@@ -18,14 +18,18 @@ from neuronaudit.evaluation.rollouts import generate_rollouts
 from neuronaudit.interventions import sweeps
 from neuronaudit.interventions.capture import collect_activations
 from neuronaudit.interventions.generation import batch_seed
+from neuronaudit.interventions.hooks import NeuronEdit
 from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
+from neuronaudit.interventions.prefix_generation import shared_prefix_generate
 from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
+from neuronaudit.methods import reasoning as R
 from neuronaudit.methods.attribution import gradient_scores
 from neuronaudit.methods.sufficient import ClampedPredictor, Predicate, last_token_activations, last_token_matrix
 from neuronaudit.methods.window import generic_geometry
+from neuronaudit.models.adapters import adapter_for
 from neuronaudit.options import SufficientOptions
 from neuronaudit.stages import sufficient as sufficient_stage
-from neuronaudit.testing import OutOfMemoryOnce, stage_options
+from neuronaudit.testing import OutOfMemoryOnce, stage_options, tiny_model
 
 
 def test_only_out_of_memory_errors_split_a_batch(caplog):
@@ -273,3 +277,47 @@ def test_sufficient_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, 
         split = roll()
     assert oom.failures == 1 and _split_warning(caplog, "sufficient rollouts", 4)
     assert split == fits
+
+
+@pytest.mark.parametrize("fail", ["rows", "prefix"])
+def test_shared_prefix_rollouts_that_run_out_of_memory_equal_those_that_fit(caplog, fail):
+    model = tiny_model("llama", seed=3)
+    adapter = adapter_for(model)
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(5, model.config.vocab_size, size=n))) for n in (1, 4, 9, 6, 3)]
+    pos = ("last_prompt", "generated")
+    conditions = [(), (NeuronEdit.dose(0, 3, 6.0, pos),), (NeuronEdit.ablate(1, 5, pos),)]
+    rows = [(p, c) for p in range(len(prompts)) for c in conditions for _ in range(2)]
+    kw = dict(eos_token_ids=[7, 11], pad_token_id=0, prefix_batch=3, row_batch=4,
+              record=[k % 3 == 0 for k in range(len(rows))], record_layers=[0, 2])
+    fits = shared_prefix_generate(model, adapter, prompts, rows, 7, **kw)
+    # the rows of a prompt group decode four at a time; its prefixes run three prompts at once
+    size, label = (4, "shared-prefix rows") if fail == "rows" else (3, "shared-prefix prompts")
+    with OutOfMemoryOnce(model, rows=size) as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = shared_prefix_generate(model, adapter, prompts, rows, 7, **kw)
+    assert oom.failures == 1 and _split_warning(caplog, label, size)
+    assert split.tokens == fits.tokens and split.stopped == fits.stopped and split.recorded == fits.recorded
+    for a, b in zip(fits.entropy, split.entropy):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(split.mean_activation, fits.mean_activation, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(split.last_prompt_activation, fits.last_prompt_activation, rtol=1e-5, atol=1e-7)
+
+
+def test_reasoning_batches_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
+    model, adapter = llama
+    ids = [tokenizer(t)["input_ids"] for t in TEXTS]
+    edits = [NeuronEdit.dose(1, 4, 5.0, ("last_prompt", "generated"))]
+    calls = [
+        ("reasoning solutions", lambda: R.solve(model, adapter, ids, 5, edits=edits, batch_size=4)),
+        ("reasoning activations", lambda: R.mean_activations(model, adapter, ids, [[5, 6, 7]] * len(ids),
+                                                             batch_size=4, pad_token_id=tokenizer.pad_token_id)),
+    ]
+    for label, call in calls:
+        fits = call()
+        with OutOfMemoryOnce(model, rows=4, error="cpu") as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+            split = call()
+        assert oom.failures == 1 and _split_warning(caplog, label, 4)
+        if label == "reasoning solutions":
+            assert split == fits
+        else:
+            np.testing.assert_array_equal(split, fits)
