@@ -24,6 +24,7 @@ from neuronaudit.interventions.prefix_generation import shared_prefix_generate
 from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
 from neuronaudit.methods import reasoning as R
 from neuronaudit.methods.attribution import gradient_scores
+from neuronaudit.methods.cna import residual_means
 from neuronaudit.methods.sufficient import ClampedPredictor, Predicate, last_token_activations, last_token_matrix
 from neuronaudit.methods.window import generic_geometry
 from neuronaudit.models.adapters import adapter_for
@@ -321,3 +322,15 @@ def test_reasoning_batches_that_run_out_of_memory_equal_those_that_fit(llama, to
             assert split == fits
         else:
             np.testing.assert_array_equal(split, fits)
+
+
+def test_residual_means_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
+    model, adapter = llama
+    fits = residual_means(model, tokenizer, adapter, TEXTS, [1, 3], batch_size=4)
+    with OutOfMemoryOnce(model, rows=4, module=adapter.blocks[2]) as oom, \
+            caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = residual_means(model, tokenizer, adapter, TEXTS, [1, 3], batch_size=4)
+    assert oom.failures == 1 and _split_warning(caplog, "residual means", 4)
+    assert fits.keys() == split.keys()
+    for layer in fits:
+        np.testing.assert_array_equal(fits[layer], split[layer])
