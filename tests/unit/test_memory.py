@@ -25,6 +25,7 @@ from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
 from neuronaudit.methods import reasoning as R
 from neuronaudit.methods.attribution import gradient_scores
 from neuronaudit.methods.cna import residual_means
+from neuronaudit.methods.refusal_tuning import own_answer_examples
 from neuronaudit.methods.sufficient import ClampedPredictor, Predicate, last_token_activations, last_token_matrix
 from neuronaudit.methods.window import generic_geometry
 from neuronaudit.models.adapters import adapter_for
@@ -334,3 +335,21 @@ def test_residual_means_that_run_out_of_memory_equal_those_that_fit(llama, token
     assert fits.keys() == split.keys()
     for layer in fits:
         np.testing.assert_array_equal(fits[layer], split[layer])
+
+
+def test_own_answers_and_judge_outputs_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, tiny_model_dir,
+                                                                                  caplog):
+    model, _ = llama
+    ids = [tokenizer(t)["input_ids"] for t in TEXTS]
+    judge = make_judge({"kind": "model", "model": str(tiny_model_dir), "max_new_tokens": 3, "batch_size": 4})
+    calls = [
+        ("own answers", model, lambda: own_answer_examples(model, tokenizer, ids, 5, batch_size=4)),
+        ("judge model", None, lambda: judge.judge_outputs(["How do I bake bread?"] * 6, TEXTS)),
+    ]
+    for label, run_model, call in calls:
+        fits = call()
+        run_model = run_model if run_model is not None else judge._model
+        with OutOfMemoryOnce(run_model, rows=4) as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+            split = call()
+        assert oom.failures == 1 and _split_warning(caplog, label, 4)
+        assert split == fits
