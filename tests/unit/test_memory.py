@@ -19,7 +19,16 @@ from neuronaudit.interventions import sweeps
 from neuronaudit.interventions.capture import collect_activations
 from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.hooks import NeuronEdit
-from neuronaudit.interventions.memory import is_out_of_memory, part_seed, split_on_oom
+from neuronaudit.interventions.memory import (
+    MAX_AUTO_ROWS,
+    ModelShape,
+    RowLoad,
+    auto_batch_size,
+    bytes_per_row,
+    is_out_of_memory,
+    part_seed,
+    split_on_oom,
+)
 from neuronaudit.interventions.prefix_generation import shared_prefix_generate
 from neuronaudit.interventions.scoring import score_tokens, shared_prompt_scores
 from neuronaudit.methods import reasoning as R
@@ -353,3 +362,44 @@ def test_own_answers_and_judge_outputs_that_run_out_of_memory_equal_those_that_f
             split = call()
         assert oom.failures == 1 and _split_warning(caplog, label, 4)
         assert split == fits
+
+
+# --- batch sizes of "auto": from the free GPU memory, the default on the CPU --------------------
+
+GIB = 2**30
+#: A Llama-3-8B-like decoder in bfloat16.
+LLAMA_8B = ModelShape(n_layers=32, d_model=4096, d_ff=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab=128256,
+                      dtype_bytes=2)
+
+
+def test_bytes_per_row_follows_its_formula():
+    s = ModelShape(n_layers=2, d_model=8, d_ff=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=10, dtype_bytes=2)
+    layer = 5 * (4 * 8 + 3 * 16 + 2 * 5) * 2  # T = 5 positions, no cache: scores over the 5
+    assert bytes_per_row(s, RowLoad(tokens=5, logits=0)) == layer
+    assert bytes_per_row(s, RowLoad(tokens=5, logits=0, backward=True)) == 2 * layer  # every layer kept
+    assert bytes_per_row(s, RowLoad(tokens=5, logits=0, hook_bytes=7)) == layer + 5 * 7
+    # generation: scores over the 9 cached positions, keys and values of both layers, logits at 3 positions
+    generated = 5 * (4 * 8 + 3 * 16 + 2 * 9) * 2 + 2 * 2 * 1 * 4 * 9 * 2 + 3 * 10 * (2 + 12)
+    assert bytes_per_row(s, RowLoad(tokens=5, cached=9, logits=3)) == generated
+
+
+def test_a_bigger_gpu_gives_a_bigger_batch_and_the_cpu_its_default():
+    per_row = bytes_per_row(LLAMA_8B, RowLoad(tokens=256, cached=320, logits=64))
+    small, big = auto_batch_size(8 * GIB, per_row, 32), auto_batch_size(64 * GIB, per_row, 32)
+    assert small == int(0.8 * 8 * GIB // per_row) and 1 < small < big
+    assert auto_batch_size(None, per_row, 32) == 32  # no device memory to read: the CPU default
+    assert auto_batch_size(per_row // 2, per_row, 32) == 1  # clipped below
+    assert auto_batch_size(per_row // 2, per_row, 32, lo=4) == 4
+    assert auto_batch_size(10**6 * per_row, per_row, 32) == MAX_AUTO_ROWS  # clipped above
+    assert auto_batch_size(10**6 * per_row, per_row, 32, hi=100) == 100
+    with pytest.raises(ValueError):
+        auto_batch_size(GIB, 0, 32)
+
+
+def test_the_shape_of_a_loaded_model(llama, tokenizer):
+    model, adapter = llama
+    assert ModelShape.of(model, adapter) == ModelShape(n_layers=4, d_model=64, d_ff=128, n_heads=4, n_kv_heads=2,
+                                                       head_dim=16, vocab=len(tokenizer), dtype_bytes=4)
+    gpt2 = tiny_model("gpt2", vocab_size=len(tokenizer))
+    shape = ModelShape.of(gpt2, adapter_for(gpt2))
+    assert (shape.n_heads, shape.n_kv_heads, shape.head_dim) == (4, 4, 16)  # no KV groups: every head has its own
