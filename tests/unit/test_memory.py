@@ -1,6 +1,7 @@
 """A batch that runs out of memory is split and retried, with the same results in the same order."""
 
 import dataclasses
+import json
 import logging
 import weakref
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation import rollouts as rollouts_module
 from neuronaudit.evaluation.capability import ablation_plan, capability_report
 from neuronaudit.evaluation.judge import make_judge
@@ -25,6 +27,7 @@ from neuronaudit.interventions.memory import (
     RowLoad,
     auto_batch_size,
     bytes_per_row,
+    free_memory,
     is_out_of_memory,
     part_seed,
     split_on_oom,
@@ -38,8 +41,11 @@ from neuronaudit.methods.refusal_tuning import own_answer_examples
 from neuronaudit.methods.sufficient import ClampedPredictor, Predicate, last_token_activations, last_token_matrix
 from neuronaudit.methods.window import generic_geometry
 from neuronaudit.models.adapters import adapter_for
-from neuronaudit.options import SufficientOptions
+from neuronaudit.options import CnaOptions, CollectOptions, PromptOptions, SufficientOptions
+from neuronaudit.stages import collect as collect_stage
 from neuronaudit.stages import sufficient as sufficient_stage
+from neuronaudit.stages.common import capability_load, resolve_batch_sizes, rollout_load
+from neuronaudit.stages.prepare import run_prepare_model, run_prepare_prompts
 from neuronaudit.testing import OutOfMemoryOnce, stage_options, tiny_model
 
 
@@ -403,3 +409,71 @@ def test_the_shape_of_a_loaded_model(llama, tokenizer):
     gpt2 = tiny_model("gpt2", vocab_size=len(tokenizer))
     shape = ModelShape.of(gpt2, adapter_for(gpt2))
     assert (shape.n_heads, shape.n_kv_heads, shape.head_dim) == (4, 4, 16)  # no KV groups: every head has its own
+
+
+class _CudaParameter:
+    device = torch.device("cuda", 0)
+
+    def element_size(self) -> int:
+        return 2
+
+
+class _CudaModel:
+    """What the sizing reads of a model loaded on a GPU: its parameters' device and bytes, its config."""
+
+    config = SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256)
+
+    def parameters(self):
+        return iter([_CudaParameter()])
+
+
+def _fake_gpu(monkeypatch, free: int, cached: int = 0):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GIB + cached)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * GIB)
+
+
+def test_auto_on_a_cuda_device_is_sized_from_its_free_memory(monkeypatch, caplog):
+    adapter = SimpleNamespace(n_layers=32, d_model=4096, n_neurons=14336)
+    loads = {"collect.batch_size": RowLoad(tokens=256, logits=0, hook_bytes=32 * 14336),
+             "rollouts.batch_size": rollout_load(64), "capability.batch_size": capability_load(32)}
+    _fake_gpu(monkeypatch, free=20 * GIB, cached=GIB)
+    assert free_memory("cuda:0") == 21 * GIB and free_memory("cpu") is None
+    with caplog.at_level(logging.INFO, logger="neuronaudit"):
+        collect = resolve_batch_sizes(_CudaModel(), adapter, stage_options(CollectOptions, batch_size="auto"), loads)
+        both = stage_options(CnaOptions, batch_size="auto", capability={"batch_size": "auto"})
+        cna = resolve_batch_sizes(_CudaModel(), adapter, both, loads)
+    expected = {key: auto_batch_size(21 * GIB, bytes_per_row(LLAMA_8B, load), 8) for key, load in loads.items()}
+    assert collect.batch_size == expected["collect.batch_size"] != 8
+    assert (cna.batch_size, cna.capability.batch_size) == (expected["rollouts.batch_size"],
+                                                            expected["capability.batch_size"])
+    assert f"collect.batch_size: auto -> {collect.batch_size} rows per batch (21.0 GiB free on cuda:0" in caplog.text
+    _fake_gpu(monkeypatch, free=70 * GIB)  # a bigger GPU: bigger batches
+    bigger = resolve_batch_sizes(_CudaModel(), adapter, stage_options(CollectOptions, batch_size="auto"), loads)
+    assert bigger.batch_size > collect.batch_size
+    # a size given stays; an auto size without an estimate is an error of the stage's code
+    given = stage_options(CollectOptions, batch_size=5)
+    assert resolve_batch_sizes(_CudaModel(), adapter, given, loads) is given
+    with pytest.raises(NeuronAuditError, match="no memory estimate for collect.batch_size"):
+        resolve_batch_sizes(_CudaModel(), adapter, stage_options(CollectOptions, batch_size="auto"), {})
+
+
+def test_the_collect_stage_runs_auto_on_the_cpu_at_the_default(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    run_prepare_prompts("p", str(prompts), tmp_path / "p.parquet", stage_options(PromptOptions))
+    run_prepare_model(str(tiny_model_dir), tmp_path / "model")
+    sizes = []
+
+    def spy(*args, batch_size, **kw):
+        sizes.append(batch_size)
+        return collect_activations(*args, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(collect_stage, "collect_activations", spy)
+    options = stage_options(CollectOptions, batch_size="auto", split="all", model={"device": "cpu"})
+    with caplog.at_level(logging.INFO, logger="neuronaudit"):
+        collect_stage.run_collect(tmp_path / "model" / "manifest.json", tmp_path / "p.parquet",
+                                  tmp_path / "s.parquet", tmp_path / "l.parquet", options)
+    default = stage_options(CollectOptions).batch_size
+    assert sizes == [default] == [8]
+    assert "collect.batch_size: auto -> 8 rows per batch (the default on cpu)" in caplog.text

@@ -49,7 +49,7 @@ from neuronaudit.evaluation.metrics import repetition_ratio
 from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.interventions.generation import encode_prompts, eos_ids, generate_tokens, pad_id
 from neuronaudit.interventions.hooks import InterventionPlan
-from neuronaudit.interventions.memory import split_on_oom
+from neuronaudit.interventions.memory import RowLoad, split_on_oom
 from neuronaudit.io import provenance, write_json, write_table
 from neuronaudit.methods import sufficient as wasd
 from neuronaudit.methods.perturbations import PerturbationSpec, perturb, perturbation_rows
@@ -57,7 +57,7 @@ from neuronaudit.methods.window import flips
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import SufficientOptions
 from neuronaudit.prompts import extras
-from neuronaudit.stages.common import open_model, read_prompts
+from neuronaudit.stages.common import PROMPT_TOKENS, open_model, read_prompts, resolve_batch_sizes
 
 log = logging.getLogger("neuronaudit")
 
@@ -418,6 +418,9 @@ def run_sufficient(
         model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
     else:
         model, tokenizer, adapter = loaded
+    # a row: an input's forward, or one rolled out under a clamp (its cache and new tokens)
+    load = RowLoad(tokens=PROMPT_TOKENS, cached=PROMPT_TOKENS + o.max_new_tokens)
+    o = resolve_batch_sizes(model, adapter, o, {"sufficient.batch_size": load})
     judge = make_judge(o.judge.judge_config())
     counter = wasd.ForwardCounter()
     t_start = time.perf_counter()
