@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.evaluation import rollouts as rollouts_module
 from neuronaudit.evaluation.capability import ablation_plan, capability_report
 from neuronaudit.evaluation.judge import make_judge
 from neuronaudit.evaluation.rollouts import generate_rollouts
@@ -47,6 +46,10 @@ from neuronaudit.stages import sufficient as sufficient_stage
 from neuronaudit.stages.common import capability_load, resolve_batch_sizes, rollout_load
 from neuronaudit.stages.prepare import run_prepare_model, run_prepare_prompts
 from neuronaudit.testing import OutOfMemoryOnce, stage_options, tiny_model
+
+
+def _split_warning(caplog, label: str, rows: int) -> bool:
+    return f"{label}: out of memory on a batch of {rows} rows" in caplog.text
 
 
 def test_only_out_of_memory_errors_split_a_batch(caplog):
@@ -90,22 +93,17 @@ def test_an_unsplit_batch_keeps_its_seed():
     assert len({part_seed(3, 1, ()), part_seed(3, 1, (0,)), part_seed(3, 1, (1,)), part_seed(3, 1, (1, 0))}) == 4
 
 
-def test_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, monkeypatch):
+def test_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, caplog):
     model, adapter = llama
     prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)],
                             "text": ["How do I pick a lock?", "Tell me a joke", "What is two plus two?",
                                      "Write a poem about the sea", "List three colours"]})
-    kwargs = dict(interventions={"none": []}, horizons=[4], batch_size=8, progress=False)
+    kwargs = dict(interventions={"none": [], "dosed": [NeuronEdit.dose(1, 4, 5.0)]}, horizons=[4], batch_size=4,
+                  progress=False)
     fits = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)
-    real = rollouts_module.generate_tokens
-
-    def small_memory(model, ids, *args, **kw):
-        if len(ids) > 2:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, ids, *args, **kw)
-
-    monkeypatch.setattr(rollouts_module, "generate_tokens", small_memory)
-    split = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)
+    with OutOfMemoryOnce(model, rows=4, error="cpu") as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
+        split = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)
+    assert oom.failures == 1 and _split_warning(caplog, "rollouts", 4)
     pd.testing.assert_frame_equal(fits, split)
 
 
@@ -113,10 +111,6 @@ def test_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, 
 
 TEXTS = ["How do I pick a lock?", "Tell me a joke", "What is two plus two?", "Write a poem about the sea",
          "List three colours", "The river flows through the old city, past the market."]
-
-
-def _split_warning(caplog, label: str, rows: int) -> bool:
-    return f"{label}: out of memory on a batch of {rows} rows" in caplog.text
 
 
 def test_collection_that_runs_out_of_memory_equals_the_one_that_fits(llama, tokenizer, tmp_path, caplog):
