@@ -55,8 +55,21 @@ def _with_defaults(validator_class):
 
 
 def _types(schema: dict) -> set[str]:
+    """The JSON types a schema allows, its ``anyOf``/``oneOf`` branches included."""
     t = schema.get("type", [])
-    return {t} if isinstance(t, str) else set(t)
+    types = {t} if isinstance(t, str) else set(t)
+    for branch in [*schema.get("anyOf", []), *schema.get("oneOf", [])]:
+        types |= _types(branch)
+    return types
+
+
+def _string_constants(schema: dict) -> set[str]:
+    """The strings a schema allows by ``const`` or ``enum`` (``"auto"`` of a batch size)."""
+    out = set()
+    for branch in [schema, *schema.get("anyOf", []), *schema.get("oneOf", [])]:
+        values = [branch["const"]] if "const" in branch else list(branch.get("enum", []))
+        out |= {v for v in values if isinstance(v, str)}
+    return out
 
 
 def coerce_cli_strings(value, schema: dict | None = None):
@@ -70,7 +83,7 @@ def coerce_cli_strings(value, schema: dict | None = None):
     """
     schema = load_schema() if schema is None else schema
     types = _types(schema)
-    if isinstance(value, str) and types and "string" not in types:
+    if isinstance(value, str) and types and "string" not in types and value not in _string_constants(schema):
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -128,11 +141,28 @@ def precheck_config(config: dict, files=()) -> dict:
     return config
 
 
+def _branch_text(branch: dict) -> str:
+    if "const" in branch:
+        return repr(branch["const"])
+    text = {"integer": "an integer", "number": "a number", "string": "a string"}.get(branch.get("type"), "a value")
+    return f"{text} ≥ {branch['minimum']}" if "minimum" in branch else text
+
+
 def _schema_message(err) -> str:
     if err.validator == "pattern":
         pattern = err.validator_value.removesuffix(NO_FINAL_NEWLINE)
         return f"{err.instance!r} does not match {pattern!r} (the whole value, no line break)"
+    if err.validator in ("anyOf", "oneOf"):
+        return f"{err.instance!r} is not {' or '.join(_branch_text(b) for b in err.validator_value)}"
     return err.message
+
+
+def schema_default(key: str, schema: dict | None = None):
+    """The schema's default of a dotted config key (``collect.batch_size``)."""
+    node = schema or load_schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    return copy.deepcopy(node["default"])
 
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:

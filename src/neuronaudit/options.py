@@ -38,6 +38,25 @@ WORKFLOW_KEYS: tuple[str, ...] = (
 )
 
 
+#: A batch size: rows per batch, or ``"auto"`` until the stage that opens the model sizes it
+#: (:func:`neuronaudit.stages.common.resolve_batch_sizes`).
+BatchSize = int | str
+AUTO = "auto"
+
+#: Schema keys that take ``"auto"``: every batch of the model's rows a stage runs (not
+#: ``refusal.batch_size``, the optimiser's batch, which changes the tuned model).
+AUTO_BATCH_KEYS: tuple[str, ...] = (
+    "collect.batch_size",
+    "rollouts.batch_size",
+    "capability.batch_size",
+    "window.row_batch_size",
+    "attribution.batch_size",
+    "sufficient.batch_size",
+    "reasoning.batch_size",
+    "reasoning.prefix_batch",
+)
+
+
 def key(path: str) -> Any:
     """A field read from ``path`` (dotted) instead of ``<section>.<field name>``."""
     return field(metadata={"key": path})
@@ -147,7 +166,7 @@ class CapabilityOptions(StageOptions):
     max_texts: int | None
     max_task_prompts: int | None
     max_new_tokens: int
-    batch_size: int
+    batch_size: BatchSize
 
 
 @dataclass(frozen=True)
@@ -169,7 +188,7 @@ class CollectOptions(StageOptions):
     split: str
     layers: list | None
     positions: str
-    batch_size: int
+    batch_size: BatchSize
     max_length: int
     shard_size: int
     seed: int = key("seed")
@@ -217,7 +236,7 @@ class RolloutOptions(StageOptions):
     temperature: float
     top_p: float
     prompts_per_set: int | None
-    batch_size: int
+    batch_size: BatchSize
     seed: int = key("seed")
 
 
@@ -250,7 +269,7 @@ class CnaOptions(StageOptions):
     quality_threshold: float
     max_new_tokens: int
     prompts: int
-    batch_size: int = key("rollouts.batch_size")
+    batch_size: BatchSize = key("rollouts.batch_size")
     seed: int = key("seed")
 
 
@@ -286,7 +305,7 @@ class WindowOptions(StageOptions):
     n_generic: int
     n_heldout: int
     n_boot: int
-    row_batch_size: int
+    row_batch_size: BatchSize
     max_length: int
     search: str
     seed: int = key("seed")
@@ -332,7 +351,7 @@ class SufficientOptions(StageOptions):
     n_control: int
     max_new_tokens: int
     n_boot: int
-    batch_size: int
+    batch_size: BatchSize
     seed: int = key("seed")
 
 
@@ -374,8 +393,8 @@ class ReasoningOptions(StageOptions):
     transfer_n_random: int
     n_boot: int
     confidence: float
-    batch_size: int
-    prefix_batch: int
+    batch_size: BatchSize
+    prefix_batch: BatchSize
     seed: int = key("seed")
 
 
@@ -387,7 +406,7 @@ class AttributionOptions(StageOptions):
     model: ModelOptions = key("model")
     n_prompts: int = key("window.n_prompts")
     n_boot: int = key("window.n_boot")
-    batch_size: int
+    batch_size: BatchSize
     n_permutations: int
     seed: int = key("seed")
 

@@ -191,3 +191,37 @@ def stage_options(cls, **changes):
             value = dataclasses.replace(getattr(base, name), **value)
         values[name] = value
     return dataclasses.replace(base, **values)
+
+
+class OutOfMemoryOnce:
+    """Make a forward run out of memory the first ``times`` times a batch of ``rows`` rows enters
+    ``module`` (the input embeddings of ``model`` by default, so nothing has run yet; a decoder
+    block to fail a forward half way): a forward pre-hook raises.
+
+    ``error`` is what is raised: CUDA's ``torch.OutOfMemoryError`` (``"cuda"``, the default) or
+    the CPU allocator's ``RuntimeError`` (``"cpu"``). ``failures`` counts the batches failed, so
+    a test can check the failure was met. Use as a context manager.
+    """
+
+    def __init__(self, model, rows: int, times: int = 1, error: str = "cuda", module=None):
+        self.module = module if module is not None else model.get_input_embeddings()
+        self.rows, self.times, self.error = int(rows), int(times), error
+        self.failures = 0
+        self._handle = None
+
+    def _raise(self, module, args, kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.shape[0] == self.rows and self.failures < self.times:
+            self.failures += 1
+            if self.error == "cpu":
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                                   "you tried to allocate 2147483648 bytes")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_pre_hook(self._raise, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False

@@ -71,7 +71,8 @@ def test_defaults_fill_in_and_quick_config_merges(tmp_path):
     [
         ({"colect": {}},
          r"config key \(top level\): Additional properties are not allowed \('colect' was unexpected\)"),
-        ({"collect": {"batch_size": "8"}}, r"config key collect.batch_size: '8' is not of type 'integer'"),
+        ({"refusal": {"batch_size": "8"}}, r"config key refusal.batch_size: '8' is not of type 'integer'"),
+        ({"collect": {"batch_size": "8"}}, r"config key collect.batch_size: '8' is not an integer ≥ 1 or 'auto'"),
         ({"model": {"dtype": "float8"}}, r"config key model.dtype: 'float8' is not one of"),
         ({"prompts": {"sets": {"a": "a.jsonl"}, "heldout_fraction": 1.5}}, r"config key prompts.heldout_fraction"),
     ],
@@ -151,3 +152,44 @@ def test_the_tuned_model_key_follows_the_tunings_inputs_only(tmp_path):
     harmless = root / "config" / "prompts" / "harmless.jsonl"
     harmless.write_text(harmless.read_text().replace("bookshelf", "bench", 1))  # one edited prompt
     assert tuned_model_key(config, root, "base-a") != key
+
+
+def _batch_size_keys(schema, prefix=""):
+    out = set()
+    for key, sub in schema.get("properties", {}).items():
+        if key.endswith("batch_size") or key.endswith("_batch"):
+            out.add(prefix + key)
+        if key not in NAMED_MAPS:
+            out |= _batch_size_keys(sub, prefix + key + ".")
+    return out
+
+
+def _with(key: str, value) -> dict:
+    section, name = key.split(".")
+    return {"prompts": {"sets": {"a": "a.jsonl"}}, section: {name: value}}
+
+
+def test_every_batch_size_but_the_optimisers_takes_auto():
+    from neuronaudit.options import AUTO_BATCH_KEYS
+
+    assert _batch_size_keys(load_schema()) == {*AUTO_BATCH_KEYS, "refusal.batch_size"}
+    for key in AUTO_BATCH_KEYS:
+        section, name = key.split(".")
+        assert validate_config(_with(key, "auto"))[section][name] == "auto"
+        assert validate_config(_with(key, 3))[section][name] == 3
+        for bad in (0, -2, "big", 2.5, True):
+            with pytest.raises(NeuronAuditError, match=rf"config key {key}: .* is not an integer ≥ 1 or 'auto'"):
+                validate_config(_with(key, bad))
+    with pytest.raises(NeuronAuditError, match="config key refusal.batch_size: 'auto' is not of type 'integer'"):
+        validate_config(_with("refusal.batch_size", "auto"))
+
+
+def test_a_batch_size_from_the_command_line_is_a_number_or_auto():
+    from neuronaudit.config import coerce_cli_strings
+
+    out = coerce_cli_strings({"collect": {"batch_size": "64"}, "window": {"row_batch_size": "auto"},
+                              "reasoning": {"prefix_batch": "big"}})
+    assert out == {"collect": {"batch_size": 64}, "window": {"row_batch_size": "auto"},
+                   "reasoning": {"prefix_batch": "big"}}
+    with pytest.raises(NeuronAuditError, match="reasoning.prefix_batch: 'big' is not an integer ≥ 1 or 'auto'"):
+        validate_config({"prompts": {"sets": {"a": "a.jsonl"}}, **out})

@@ -22,6 +22,7 @@ Both CNA (arXiv 2605.12290, "capability preserved") and the keystone-neuron abla
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -39,6 +40,7 @@ from neuronaudit.evaluation.oracles import (
 from neuronaudit.interventions.capture import length_sorted_batches
 from neuronaudit.interventions.generation import neutral_generation_defaults
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.interventions.scoring import text_perplexity
 from neuronaudit.prompts import extras, render_prompts, uses_template
 
@@ -97,7 +99,9 @@ def generate_responses(
 ) -> list[str]:
     """Greedy continuations of already-rendered ``prompts`` (new tokens only, special tokens
     dropped), in input order. Batches group prompts of similar length; left padding; decoding
-    uses :func:`greedy_config`. ``plan`` is one row (broadcast) or one row per prompt."""
+    uses :func:`greedy_config`. ``plan`` is one row (broadcast) or one row per prompt. A batch that
+    runs out of memory runs as two halves, each padded to the whole batch's width
+    (:func:`~neuronaudit.interventions.memory.split_on_oom`)."""
     if len(prompts) == 0:
         return []
     device = next(model.parameters()).device
@@ -110,8 +114,11 @@ def generate_responses(
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         config = greedy_config(model, tokenizer, max_new_tokens, pad_id)
         out: list[str] = [""] * len(prompts)
-        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
-            enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
+
+        def run(batch: Sequence[int], part: tuple[int, ...], width: int) -> list[str]:
+            # a half of a split batch is padded to the whole batch's width: the same shapes
+            enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding="max_length", max_length=width,
+                                return_tensors="pt").to(device)
             batch_plan = _plan_for_rows(plan, batch, len(prompts))
             kwargs = dict(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=config,
@@ -123,7 +130,11 @@ def generate_responses(
                 else:
                     generated = model.generate(**kwargs)
             new = generated[:, enc["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
+            width = max(len(encoded[i]) for i in batch)
+            texts = split_on_oom(functools.partial(run, width=width), batch, "capability answers")
             for r, i in enumerate(batch):
                 out[i] = texts[r]
     finally:

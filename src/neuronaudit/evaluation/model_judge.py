@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -17,6 +18,7 @@ from neuronaudit.evaluation.judge import (
     parse_label,
 )
 from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.prompts import uses_template
 
 log = logging.getLogger("neuronaudit")
@@ -120,12 +122,17 @@ class ModelJudge:
         add_special = not uses_template(tokenizer, "auto")
         ids = [list(x) for x in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
         outputs: list[str] = []
-        for k in range(0, len(ids), self.batch_size):
+
+        def run(rows, part, width):  # a half of a batch split after running out of memory keeps its width
             toks, _, _ = generate_tokens(
-                model, ids[k : k + self.batch_size], self.max_new_tokens,
-                eos_token_ids=eos_ids(model, tokenizer), pad_token_id=pad_id(tokenizer),
+                model, rows, self.max_new_tokens, eos_token_ids=eos_ids(model, tokenizer),
+                pad_token_id=pad_id(tokenizer), width=width,
             )
-            outputs += [tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+            return [tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+
+        for k in range(0, len(ids), self.batch_size):
+            batch = ids[k : k + self.batch_size]
+            outputs += split_on_oom(functools.partial(run, width=max(len(x) for x in batch)), batch, "judge model")
         return outputs
 
     def classify(self, prompts: list[str], responses: list[str], metrics=None) -> list[str]:

@@ -57,14 +57,13 @@ from neuronaudit.evaluation.metrics import (
 )
 from neuronaudit.evaluation.stats import unit_bootstrap_means
 from neuronaudit.interventions.generation import (
-    batch_seed,
     encode_prompts,
     eos_ids,
     generate_tokens,
     pad_id,
 )
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, ResidualEdit
-from neuronaudit.interventions.memory import split_on_oom
+from neuronaudit.interventions.memory import part_seed, split_on_oom
 from neuronaudit.interventions.scoring import rollout_scores
 
 log = logging.getLogger("neuronaudit")
@@ -331,16 +330,17 @@ def generate_rollouts(
         gen_stop: list[bool] = []
         gen_ent: list[np.ndarray] = []
         for b, batch in enumerate(batches):
-            def generate(rows, part, b=b, kind=kind, seed=seed):
+            width = max(len(prompt_ids[i]) for i, _ in batch)  # a half keeps the whole batch's width
+
+            def generate(rows, part, b=b, kind=kind, seed=seed, width=width):
                 # an unsplit batch keeps its seed; halves after an out-of-memory get their own
-                row_seed = None if kind != "sample" else batch_seed(seed, b) if not part else int(
-                    np.random.SeedSequence([int(seed), b, len(part), *part]).generate_state(1)[0])
+                row_seed = None if kind != "sample" else part_seed(seed, b, part)
                 try:
                     toks, stop, ent = generate_tokens(
                         model, [prompt_ids[i] for i, _ in rows], max_h, adapter=adapter,
                         plan=InterventionPlan.per_row([plans[n] for _, n in rows]),
                         eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
-                        temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed,
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed, width=width,
                     )
                 except NonFiniteError as err:
                     if err.row is not None:

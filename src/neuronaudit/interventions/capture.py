@@ -9,11 +9,14 @@ Parquet batch by batch. The forward runs the decoder stack only (no unembedding)
 the highest collected layer. Padding never enters a statistic: the positions the attention mask
 marks real are selected (never multiplied by a 0/1 mask, which keeps a NaN). A non-finite
 activation stops the pass at once, naming its layer, neuron, prompt and token
-(:mod:`neuronaudit.interventions.finite`).
+(:mod:`neuronaudit.interventions.finite`). A batch that runs out of memory runs as halves
+(:func:`~neuronaudit.interventions.memory.split_on_oom`): the halves' selected positions are added
+to the statistics in one piece, as the whole batch's would be, so the sums are the same.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import ForwardContext, NeuronHooks, StopForward
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.io import (
     NEURON_STATS_SCHEMA,
     atomic_path,
@@ -55,8 +59,13 @@ class StreamingNeuronStats:
         The positions are selected, not multiplied by the mask: a non-finite value at a padding
         position never reaches a statistic (``NaN × 0`` is ``NaN``).
         """
+        self.add(layer, activation.detach()[mask.bool()])
+
+    def add(self, layer: int, selected: torch.Tensor) -> None:
+        """Add the activations ``selected [positions, n]`` (the selected positions of a batch,
+        row after row)."""
         r = self._row[layer]
-        a = activation.detach()[mask.bool()].double()  # [selected, n]: summed in float64
+        a = selected.double()  # [selected, n]: summed in float64
         if a.shape[0] == 0:
             return
         self.count[r] += a.shape[0]
@@ -66,6 +75,14 @@ class StreamingNeuronStats:
         self.sumabs[r] += absolute.sum(0)
         self.positive[r] += (a > 0).sum(0)
         self.maxabs[r] = torch.maximum(self.maxabs[r], absolute.amax(0))
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """A copy of the accumulators (:meth:`restore` puts it back)."""
+        return tuple(t.clone() for t in (self.count, self.sum, self.sumsq, self.sumabs, self.maxabs, self.positive))
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        for t, saved in zip((self.count, self.sum, self.sumsq, self.sumabs, self.maxabs, self.positive), state):
+            t.copy_(saved)
 
     def table(self) -> pa.Table:
         n_layers, n = self.sum.shape
@@ -140,12 +157,48 @@ def collect_activations(
         list(texts), add_special_tokens=add_special_tokens, truncation=True, max_length=max_length
     )["input_ids"]
     batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
-    last_rows: dict[int, torch.Tensor] = {}
+    sink: dict = {}  # where the hook puts what it reads: set per forward by run()
 
     def on_activation(layer: int, a: torch.Tensor, ctx: ForwardContext) -> None:
-        stats.update(layer, a, ctx.mask(positions))
+        if sink["pending"] is None:
+            stats.update(layer, a, ctx.mask(positions))
+        else:  # a half of a split batch: its positions wait for the other half, on the host
+            sink["pending"][layer] = a.detach()[ctx.mask(positions).bool()].cpu()
         rows = torch.arange(a.shape[0], device=a.device)
-        last_rows[layer] = a[rows, ctx.last_prompt].detach().float().cpu()
+        sink["last"][layer] = a[rows, ctx.last_prompt].detach().float().cpu()
+
+    halves: list[dict[int, torch.Tensor]] = []  # the statistics' positions of a split batch's halves
+
+    def run(batch: Sequence[int], part: tuple[int, ...], width: int) -> list[list[np.ndarray]]:
+        """Forward ``batch`` padded to ``width``; each row's last-token vector per layer. The whole
+        batch adds to the statistics as it runs (undone if it fails); a half of a split batch runs
+        at the whole batch's width (the same shapes, so the same values) and keeps its positions
+        for :func:`add_halves`, so the sums see the batch's positions in one piece as unsplit."""
+        sink.update(pending=None if not part else {}, last={})
+        saved = stats.state() if not part else None
+        enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding="max_length", max_length=width,
+                            return_tensors="pt").to(device)
+        try:
+            adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+        except StopForward:
+            pass
+        except NonFiniteError as err:  # name the prompt of the batch row
+            if err.row is not None:
+                err.at(prompt=repr(str(prompt_ids[batch[err.row]])))
+            raise
+        except BaseException:
+            if saved is not None:
+                stats.restore(saved)
+            raise
+        if part:
+            halves.append(sink["pending"])
+        vectors = [sink["last"][layer].numpy() for layer in layers]
+        return [[v[r] for v in vectors] for r in range(len(batch))]
+
+    def add_halves() -> None:
+        for layer in layers:
+            stats.add(layer, torch.cat([h[layer] for h in halves]).to(device))
+        halves.clear()
 
     schema = with_provenance(last_token_schema(adapter.n_neurons), prov)
     with atomic_path(last_token_path) as tmp_last, pq.ParquetWriter(tmp_last, schema) as writer:
@@ -153,20 +206,13 @@ def collect_activations(
             adapter, on_activation=on_activation, layers=layers, stop_after_layer=max(layers)
         ):
             for batch in tqdm(batches, desc="collect", unit="batch", disable=not progress):
-                enc = tokenizer.pad(
-                    {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
-                ).to(device)
-                try:
-                    adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-                except StopForward:
-                    pass
-                except NonFiniteError as err:  # name the prompt of the batch row
-                    if err.row is not None:
-                        err.at(prompt=repr(str(prompt_ids[batch[err.row]])))
-                    raise
+                width = max(len(encoded[i]) for i in batch)
+                per_row = split_on_oom(functools.partial(run, width=width), batch, "collect")
+                if halves:
+                    add_halves()
                 ids = [str(prompt_ids[i]) for i in batch]
-                for layer in layers:
-                    vectors = last_rows[layer].numpy()
+                for c, layer in enumerate(layers):
+                    vectors = np.stack([row[c] for row in per_row])
                     writer.write_table(
                         pa.Table.from_pydict(
                             {

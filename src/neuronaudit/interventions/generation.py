@@ -43,9 +43,11 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` with every row padded on the left to the longest."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with every row padded on the left to the longest (or to
+    ``width`` when that is longer)."""
+    width = max([len(s) for s in sequences] + [int(width or 0)])
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for r, s in enumerate(sequences):
@@ -112,15 +114,18 @@ def generate_tokens(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
+    width: int | None = None,
 ) -> tuple[list[list[int]], list[bool], list[np.ndarray]]:
     """One batched, left-padded, KV-cached ``generate`` under an optional per-row plan.
 
     Returns per row the new token ids up to (not including) the first EOS, whether EOS was
     reached, and the per-step entropy of the raw next-token distribution for those tokens.
+    ``width`` pads the prompts to at least that many tokens (a half of a batch split after running
+    out of memory keeps the whole batch's shapes).
     """
 
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompt_ids, pad_token_id)
+    ids, mask = left_pad(prompt_ids, pad_token_id, width)
     ids, mask = ids.to(device), mask.to(device)
     eos = list(eos_token_ids)
     cfg = dict(

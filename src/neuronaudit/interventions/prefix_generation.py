@@ -15,7 +15,11 @@ a prompt, so :func:`shared_prefix_generate` computes it once:
    sits in the cache), greedy or sampled;
 3. a row leaves the batch as soon as it emits an end-of-sequence token: the cache, mask and
    plan are cut to the rows still running, so a batch costs the tokens its rows actually
-   generate, not ``max_new_tokens`` for every row.
+   generate, not ``max_new_tokens`` for every row;
+4. a chunk of rows that runs out of memory is decoded as two halves, and a group whose prefix
+   forward does runs as two half groups (:func:`~neuronaudit.interventions.memory.split_on_oom`):
+   greedy rows are unchanged (a row does not depend on its batch), sampled halves draw from
+   their own seeds.
 
 The cost of a row is therefore one position per generated token plus one, against the prompt's
 length plus ``max_new_tokens`` for a left-padded ``generate`` of the whole batch. Rows are
@@ -36,6 +40,7 @@ teacher-forced forward over prompt + rollout gives
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -46,8 +51,8 @@ import numpy as np
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions.generation import batch_seed
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks, ResidualEdit
+from neuronaudit.interventions.memory import part_seed, split_on_oom
 from neuronaudit.models.kv_cache import cache_from_output, cache_kwarg, select_cache_rows
 
 log = logging.getLogger("neuronaudit")
@@ -160,8 +165,9 @@ def shared_prefix_generate(
 
     ``prompt_ids`` are unpadded token lists (at least one token each). Sampling (``do_sample``)
     draws each batch from its own generator seeded by ``(seed, batch)``, so a call is
-    reproducible. ``record[k]`` asks for row ``k``'s activations at ``record_layers`` (all by
-    default); see the module docstring.
+    reproducible (a half of a batch split after running out of memory by its own seed,
+    :func:`~neuronaudit.interventions.memory.part_seed`). ``record[k]`` asks for row ``k``'s
+    activations at ``record_layers`` (all by default); see the module docstring.
     """
     t0 = time.perf_counter()
     if max_new_tokens < 1:
@@ -191,42 +197,66 @@ def shared_prefix_generate(
     device = next(model.parameters()).device
     cache_name = cache_kwarg(model)
     head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    tokens: list[list[int]] = [[] for _ in rows]
-    stopped = [False] * len(rows)
-    entropy: list[list[float]] = [[] for _ in rows]
-    positions_run = 0
     by_prompt: dict[int, list[int]] = {}
     for k, (p, _) in enumerate(rows):
         by_prompt.setdefault(p, []).append(k)
     order = sorted(by_prompt, key=lambda p: (len(prompts[p]), p))
-    batch_index = 0
+    groups = [order[start: start + prefix_batch] for start in range(0, len(order), prefix_batch)]
+    # the first batch index (sampling seed) of each group's chunks, as the groups run unsplit
+    first_batch = np.cumsum([0] + [-(-sum(len(by_prompt[p]) for p in g) // row_batch) for g in groups])
+    decoding = dict(model=model, adapter=adapter, prompts=prompts, rows=rows, max_new_tokens=max_new_tokens,
+                    eos=eos, device=device, cache_name=cache_name, head=head, do_sample=do_sample,
+                    temperature=temperature, top_p=top_p, record=np.asarray(record, dtype=bool), layers=layers)
+
+    def run_group(members, gpart, g):
+        """Prefix forward of the prompts ``members`` and the decoding of their rows, ``row_batch``
+        at a time: per member ``(prefix positions, {row: _RowOutput})``. A chunk of rows that runs
+        out of memory runs as halves; a group whose prefix forward does, as half groups."""
+        width = max(len(prompts[p]) for p in members)
+        member_of = {p: m for m, p in enumerate(members)}
+        mask = torch.zeros((len(members), width), dtype=torch.long)
+        prefix_ids = torch.full((len(members), max(width - 1, 1)), int(pad_token_id), dtype=torch.long)
+        for m, p in enumerate(members):
+            mask[m, width - len(prompts[p]):] = 1
+            if len(prompts[p]) > 1:
+                prefix_ids[m, width - len(prompts[p]):] = torch.tensor(prompts[p][:-1])
+        cache = None
+        if width > 1:
+            pmask = mask[:, :-1]
+            out = model(input_ids=prefix_ids.to(device), attention_mask=pmask.to(device),
+                        position_ids=(pmask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=True, **head)
+            cache = cache_from_output(out)
+        group_rows = [k for p in members for k in by_prompt[p]]
+        done: dict[int, _RowOutput] = {}
+        for c, start in enumerate(range(0, len(group_rows), row_batch)):
+
+            def run(chunk, cpart, c=c):
+                generator = None
+                if do_sample:  # an unsplit chunk of an unsplit group keeps its seed
+                    generator = torch.Generator().manual_seed(
+                        part_seed(seed, int(first_batch[g]) + c, (*gpart, 2, *cpart) if gpart else cpart))
+                return _decode_chunk(chunk, [member_of[rows[k][0]] for k in chunk], cache, mask, width,
+                                     generator, **decoding)
+
+            chunk = group_rows[start: start + row_batch]
+            done.update(zip(chunk, split_on_oom(run, chunk, "shared-prefix rows")))
+        return [(len(prompts[p]) - 1 if width > 1 else 0, {k: done[k] for k in by_prompt[p]}) for p in members]
+
+    tokens: list[list[int]] = [[] for _ in rows]
+    stopped = [False] * len(rows)
+    entropy: list[list[float]] = [[] for _ in rows]
+    positions_run = 0
     with torch.inference_mode():
-        for start in range(0, len(order), prefix_batch):
-            members = order[start: start + prefix_batch]
-            width = max(len(prompts[p]) for p in members)
-            member_of = {p: m for m, p in enumerate(members)}
-            mask = torch.zeros((len(members), width), dtype=torch.long)
-            prefix_ids = torch.full((len(members), max(width - 1, 1)), int(pad_token_id), dtype=torch.long)
-            for m, p in enumerate(members):
-                mask[m, width - len(prompts[p]):] = 1
-                if len(prompts[p]) > 1:
-                    prefix_ids[m, width - len(prompts[p]):] = torch.tensor(prompts[p][:-1])
-            cache = None
-            if width > 1:
-                pmask = mask[:, :-1]
-                out = model(input_ids=prefix_ids.to(device), attention_mask=pmask.to(device),
-                            position_ids=(pmask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=True, **head)
-                cache = cache_from_output(out)
-                positions_run += int(pmask.sum())
-            group_rows = [k for p in members for k in by_prompt[p]]
-            for c in range(0, len(group_rows), row_batch):
-                chunk = group_rows[c: c + row_batch]
-                generator = (torch.Generator().manual_seed(batch_seed(seed, batch_index)) if do_sample else None)
-                batch_index += 1
-                positions_run += _decode_chunk(
-                    model, adapter, prompts, rows, chunk, [member_of[rows[k][0]] for k in chunk], cache, mask,
-                    width, max_new_tokens, eos, device, cache_name, head, do_sample, temperature, top_p, generator,
-                    recorder, slot_of, layers, tokens, stopped, entropy)
+        for g, members in enumerate(groups):
+            for prefix_positions, outputs in split_on_oom(functools.partial(run_group, g=g), members,
+                                                          "shared-prefix prompts"):
+                positions_run += prefix_positions
+                for k, row in outputs.items():
+                    tokens[k], stopped[k], entropy[k] = row.tokens, row.stopped, row.entropy
+                    positions_run += row.positions
+                    if recorder is not None and slot_of[k] >= 0:
+                        recorder.total[slot_of[k]], recorder.count[slot_of[k]] = row.total, row.count
+                        recorder.last[slot_of[k]] = row.last
     mean = last = None
     if recorder is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -236,32 +266,56 @@ def shared_prefix_generate(
                           mean, last, positions_run, time.perf_counter() - t0)
 
 
-def _decode_chunk(model, adapter, prompts, rows, chunk, member_rows, cache, mask, width, max_new_tokens, eos, device,
-                  cache_name, head, do_sample, temperature, top_p, generator, recorder, slot_of, layers, tokens,
-                  stopped, entropy) -> int:
-    """Decode the rows ``chunk`` (global row indices) of one prefix group; returns the positions run.
+@dataclass
+class _RowOutput:
+    """One row's rollout: its tokens, whether it stopped, the entropy of each step, the positions it
+    ran, and for a recorded row its activation sums, count and last-prompt activations."""
+
+    tokens: list[int]
+    stopped: bool
+    entropy: list[float]
+    positions: int
+    total: np.ndarray | None = None
+    count: int = 0
+    last: np.ndarray | None = None
+
+
+def _decode_chunk(chunk, member_rows, cache, mask, width, generator, *, model, adapter, prompts, rows,
+                  max_new_tokens, eos, device, cache_name, head, do_sample, temperature, top_p, record,
+                  layers) -> list[_RowOutput]:
+    """Decode the rows ``chunk`` (global row indices) of one prefix group; one :class:`_RowOutput`
+    per row, in the chunk's order. Nothing outside is changed, so a chunk that fails half way
+    leaves no trace.
 
     A finished row stays in the batch (its tokens ignored) until :data:`PRUNE_SHARE` of the batch
     has finished: cutting the cache copies all of it, which costs more than carrying a few idle
     rows for some steps."""
-    live = np.asarray(chunk, dtype=np.int64)  # global row index of each batch row
+    n = len(chunk)
+    reading = record[np.asarray(chunk, dtype=np.int64)]
+    slot_of = np.full(n, -1, dtype=np.int64)
+    slot_of[reading] = np.arange(int(reading.sum()))
+    recorder = _Recorder(int(reading.sum()), list(layers), adapter.n_neurons) if reading.any() else None
+    tokens: list[list[int]] = [[] for _ in chunk]
+    stopped = [False] * n
+    entropy: list[list[float]] = [[] for _ in chunk]
+    positions = np.zeros(n, dtype=np.int64)
+    live = np.arange(n, dtype=np.int64)  # chunk position of each batch row
     done = np.zeros(live.size, dtype=bool)
     index = torch.tensor(member_rows, dtype=torch.long, device=device)
     cache = select_cache_rows(cache, index) if cache is not None else None
     attn = mask[index.cpu()].to(device)
     current = torch.tensor([[prompts[rows[k][0]][-1]] for k in chunk], dtype=torch.long, device=device)
     position = torch.tensor([[len(prompts[rows[k][0]]) - 1] for k in chunk], dtype=torch.long, device=device)
-    run = 0
 
     def hooks_for(batch_rows: np.ndarray) -> NeuronHooks | None:
-        edits = [rows[k][1] for k in batch_rows]
-        reading = recorder is not None and bool((slot_of[batch_rows] >= 0).any())
+        edits = [rows[chunk[b]][1] for b in batch_rows]
+        recording = recorder is not None and bool((slot_of[batch_rows] >= 0).any())
         if recorder is not None:
             recorder.slots = slot_of[batch_rows].copy()
-        if not any(edits) and not reading:
+        if not any(edits) and not recording:
             return None
         return NeuronHooks(adapter, InterventionPlan.per_row(edits) if any(edits) else None,
-                           on_activation=recorder if reading else None, layers=layers if reading else None,
+                           on_activation=recorder if recording else None, layers=layers if recording else None,
                            cached_prompt_length=width)
 
     def forward(hooks, ids, attention, pos, cache):
@@ -276,7 +330,7 @@ def _decode_chunk(model, adapter, prompts, rows, chunk, member_rows, cache, mask
         if recorder is not None:
             recorder.first_step = step == 0
         out = forward(hooks, current, attn, position, cache)
-        run += int(live.size)
+        positions[live] += 1
         if recorder is not None:
             recorder.count[recorder.slots[recorder.slots >= 0]] += 1
         cache = cache_from_output(out)
@@ -318,6 +372,13 @@ def _decode_chunk(model, adapter, prompts, rows, chunk, member_rows, cache, mask
             recorder.first_step = False
             attn = torch.cat([attn[idx], torch.ones((cut.size, 1), dtype=attn.dtype, device=device)], dim=1)
             forward(hooks, chosen[idx][:, None], attn, position[idx] + 1, select_cache_rows(cache, idx))
-            run += int(cut.size)
+            positions[live[cut]] += 1
             recorder.count[recorder.slots[recorder.slots >= 0]] += 1
-    return run
+    outputs = []
+    for b in range(n):
+        row = _RowOutput(tokens[b], stopped[b], entropy[b], int(positions[b]))
+        if slot_of[b] >= 0:
+            row.total, row.count, row.last = (recorder.total[slot_of[b]], int(recorder.count[slot_of[b]]),
+                                              recorder.last[slot_of[b]])
+        outputs.append(row)
+    return outputs

@@ -2,13 +2,16 @@
 
 Shared by coherence metrics (perplexity of a rollout under the unsteered model), capability
 checks (perplexity on general text) and attribution metrics. Batched, right-padded, no KV cache;
-the head runs on every position, so memory is ``batch × length × vocab`` per batch: keep
-batches modest for large vocabularies. A non-finite activation or logit stops the scoring, naming
+the head runs on every scored position, so memory is ``batch × length × vocab`` per batch: keep
+batches modest for large vocabularies. A batch that runs out of memory runs as two halves, each
+padded to the whole batch's width (:func:`~neuronaudit.interventions.memory.split_on_oom`), so every
+score is what the whole batch gives. A non-finite activation or logit stops the scoring, naming
 the sequence (:mod:`neuronaudit.interventions.finite`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronHooks
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
 
 
@@ -61,23 +65,23 @@ def score_tokens(
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     logprobs: list[np.ndarray] = [np.empty(0)] * len(sequences)
     entropies: list[np.ndarray] = [np.empty(0)] * len(sequences)
-    for start in range(0, len(sequences), batch_size):
-        idx = list(range(start, min(start + batch_size, len(sequences))))
-        width = max(len(sequences[i]) for i in idx)
+
+    def run(idx: Sequence[int], part: tuple[int, ...], start: int, width: int, first: int) -> list[tuple]:
+        """Score the rows ``idx`` of the batch at ``start``, padded to the batch's ``width`` with the
+        head from its position ``first`` (a half of a split batch runs at the whole batch's shapes)."""
         ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             ids[r, : len(sequences[i])] = torch.tensor(list(sequences[i]))
             mask[r, : len(sequences[i])] = 1
         ids, mask = ids.to(device), mask.to(device)
+        row_plan = plan if plan is None or len(plan.rows) == 1 else InterventionPlan(
+            tuple(plan.rows[i - start] for i in idx))
         hooks = (
-            NeuronHooks(adapter, plan, prompt_length=torch.tensor([scored_from[i] for i in idx]))
+            NeuronHooks(adapter, row_plan, prompt_length=torch.tensor([scored_from[i] for i in idx]))
             if plan is not None
             else None
         )
-        # the LM head (and the softmax over the vocabulary) runs only from the first position
-        # whose next token is scored; the prefix before it needs hidden states, not logits
-        first = min(max(1, int(scored_from[i])) for i in idx) - 1 if keeps_logits else 0
         head = {"logits_to_keep": width - first} if keeps_logits else {}
         with torch.inference_mode(), finite_checks(adapter):
             try:
@@ -93,10 +97,22 @@ def score_tokens(
             target = ids[:, first + 1 :]
             token_lp = logp.gather(-1, target[..., None])[..., 0]
             entropy = entropy_from_logp(logp)
+        out = []
         for r, i in enumerate(idx):
             lo, hi = max(1, int(scored_from[i])), len(sequences[i])
-            logprobs[i] = token_lp[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
-            entropies[i] = entropy[r, lo - 1 - first : hi - 1 - first].cpu().numpy()
+            out.append((token_lp[r, lo - 1 - first : hi - 1 - first].cpu().numpy(),
+                        entropy[r, lo - 1 - first : hi - 1 - first].cpu().numpy()))
+        return out
+
+    for start in range(0, len(sequences), batch_size):
+        idx = list(range(start, min(start + batch_size, len(sequences))))
+        width = max(len(sequences[i]) for i in idx)
+        # the LM head (and the softmax over the vocabulary) runs only from the first position
+        # whose next token is scored; the prefix before it needs hidden states, not logits
+        first = min(max(1, int(scored_from[i])) for i in idx) - 1 if keeps_logits else 0
+        scored = split_on_oom(functools.partial(run, start=start, width=width, first=first), idx, "token scoring")
+        for i, (lp, ent) in zip(idx, scored):
+            logprobs[i], entropies[i] = lp, ent
     return TokenScores(logprobs, entropies)
 
 
@@ -130,9 +146,10 @@ def shared_prompt_scores(
             prefix = cache_from_output(
                 model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, **head)
             )
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = len(response_ids[idx[0]])
+
+        def run(idx: Sequence[int], part: tuple[int, ...], width: int) -> list[tuple]:
+            """Score the responses ``idx`` padded to their batch's ``width`` (a half of a split batch
+            runs at the whole batch's width)."""
             ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(idx), len(prompt) - 1 + width), dtype=torch.long)
             mask[:, : len(prompt) - 1] = 1
@@ -152,10 +169,15 @@ def shared_prompt_scores(
             logp = F.log_softmax(logits.float(), dim=-1)
             token_lp = logp.gather(-1, targets[..., None])[..., 0]
             entropy = entropy_from_logp(logp)
-            for r, i in enumerate(idx):
-                n = len(response_ids[i])
-                logprobs[i] = token_lp[r, :n].cpu().numpy()
-                entropies[i] = entropy[r, :n].cpu().numpy()
+            lengths = [len(response_ids[i]) for i in idx]
+            return [(token_lp[r, :n].cpu().numpy(), entropy[r, :n].cpu().numpy()) for r, n in enumerate(lengths)]
+
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = len(response_ids[idx[0]])
+            scored = split_on_oom(functools.partial(run, width=width), idx, "response scoring")
+            for i, (lp, ent) in zip(idx, scored):
+                logprobs[i], entropies[i] = lp, ent
     return TokenScores(logprobs, entropies)
 
 

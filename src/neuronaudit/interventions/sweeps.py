@@ -42,7 +42,9 @@ not depend on the row is shared here instead, exactly:
 
 Prompts are processed one at a time without padding (each row of ``input_ids`` is stripped to its
 real tokens), so no position-id or padding convention enters the comparison; the rows of one
-prompt are the batch. Memory is bounded by ``row_batch_size`` rows at a time.
+prompt are the batch. Memory is bounded by ``row_batch_size`` rows at a time; a chunk of rows that
+runs out of memory runs as two halves (:func:`~neuronaudit.interventions.memory.split_on_oom`)
+through the same blocks as the whole chunk, so its outputs are the whole chunk's.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from transformers import GenerationConfig
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.interventions.scoring import entropy_from_logp, kl_from_logp
 from neuronaudit.models.adapters import ArchitectureAdapter
 from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
@@ -123,7 +126,7 @@ class SweepResult:
       ``lengths``       ``[P, R]`` generated tokens up to and including EOS
       ``token_logprob`` ``[P, R, N]`` log-prob of each chosen token (nan after EOS)
       ``entropy``       ``[P, R, N]`` entropy (nats) of each step's distribution (nan after EOS)
-      ``logits``        ``[P, R, N, V]`` every step's logits when ``return_logits=True``
+      ``logits``        ``[P, R, N, V]`` every step's logits when ``return_logits=True`` (nan after EOS)
       ``token_logits``  ``[P, R, N, K]`` every step's logits of the ``keep_token_ids`` only
     """
 
@@ -433,6 +436,18 @@ def _run_rows(
     return logits, store["write"], final, read
 
 
+def _row_outputs(logits, write, final, read) -> list[tuple]:
+    """The outputs of :func:`_run_rows` row by row (what :func:`split_on_oom` joins)."""
+    return [(logits[r], write[r], final[r], None if read is None else read[r]) for r in range(logits.shape[0])]
+
+
+def _chunk(p: int, chunk: list[int], outputs: list[tuple]) -> _Chunk:
+    """One chunk's :class:`_Chunk` from its rows' outputs, in the chunk's order."""
+    logits, write, final, read = (list(x) for x in zip(*outputs))
+    return _Chunk(p, torch.tensor(chunk), torch.stack(logits), torch.stack(write), torch.stack(final),
+                  None if read[0] is None else torch.stack(read))
+
+
 def _iter_last_token(
     model, adapter, prompts, rows, read_layers, row_batch_size, share_lower_layers
 ) -> Iterator[_Clean | _Chunk]:
@@ -460,26 +475,29 @@ def _iter_last_token(
                 )
         yield _clean_from_record(p, record, clean.logits)
         for chunk in chunks:
-            n = len(chunk)
+            # a half of a split chunk starts where the whole chunk starts: the same blocks run
             start = min(rows[r][0] for r in chunk) if share_lower_layers else 0
-            cache = broadcast_cache(prefix, n, from_layer=start)
 
-            def forward(n=n, cache=cache, start=start, record=record, last=last, T=T):
-                with _replay_blocks(adapter, record, start, n):
-                    return model(
-                        input_ids=last.expand(n, 1),
-                        attention_mask=torch.ones(n, T, dtype=torch.long, device=device),
-                        use_cache=cache is not None, **{ck: cache}, **head,
-                    )
+            def run(part_rows, part, p=p, prefix=prefix, start=start, record=record, last=last, T=T):
+                n = len(part_rows)
+                cache = broadcast_cache(prefix, n, from_layer=start)
 
-            def hooks_factory(plan, n=n, T=T, **kw):
-                return NeuronHooks(adapter, plan, cached_prompt_length=T, **kw)
+                def forward():
+                    with _replay_blocks(adapter, record, start, n):
+                        return model(
+                            input_ids=last.expand(n, 1),
+                            attention_mask=torch.ones(n, T, dtype=torch.long, device=device),
+                            use_cache=cache is not None, **{ck: cache}, **head,
+                        )
 
-            with _named(p, rows, chunk):
-                logits, write, final, read = _run_rows(
-                    adapter, rows, chunk, ("last_prompt",), read_layers, forward, hooks_factory
-                )
-            yield _Chunk(p, torch.tensor(chunk), logits, write, final, read)
+                def hooks_factory(plan, **kw):
+                    return NeuronHooks(adapter, plan, cached_prompt_length=T, **kw)
+
+                with _named(p, rows, part_rows):
+                    out = _run_rows(adapter, rows, part_rows, ("last_prompt",), read_layers, forward, hooks_factory)
+                return _row_outputs(*out)
+
+            yield _chunk(p, chunk, split_on_oom(run, chunk, "dose sweep"))
 
 
 def _iter_prompt(
@@ -500,25 +518,27 @@ def _iter_prompt(
             )
         yield _clean_from_record(p, record, clean.logits)
         for chunk in chunks:
-            n = len(chunk)
             start = min(rows[r][0] for r in chunk) if share_lower_layers else 0
 
-            def forward(n=n, start=start, record=record, ids=ids, T=T):
-                with _replay_blocks(adapter, record, start, n):
-                    return model(
-                        input_ids=ids[None].expand(n, T),
-                        attention_mask=torch.ones(n, T, dtype=torch.long, device=device),
-                        use_cache=False, **head,
-                    )
+            def run(part_rows, part, p=p, start=start, record=record, ids=ids, T=T):
+                n = len(part_rows)
 
-            def hooks_factory(plan, **kw):
-                return NeuronHooks(adapter, plan, **kw)
+                def forward():
+                    with _replay_blocks(adapter, record, start, n):
+                        return model(
+                            input_ids=ids[None].expand(n, T),
+                            attention_mask=torch.ones(n, T, dtype=torch.long, device=device),
+                            use_cache=False, **head,
+                        )
 
-            with _named(p, rows, chunk):
-                logits, write, final, read = _run_rows(
-                    adapter, rows, chunk, ("prompt",), read_layers, forward, hooks_factory
-                )
-            yield _Chunk(p, torch.tensor(chunk), logits, write, final, read)
+                def hooks_factory(plan, **kw):
+                    return NeuronHooks(adapter, plan, **kw)
+
+                with _named(p, rows, part_rows):
+                    out = _run_rows(adapter, rows, part_rows, ("prompt",), read_layers, forward, hooks_factory)
+                return _row_outputs(*out)
+
+            yield _chunk(p, chunk, split_on_oom(run, chunk, "dose sweep"))
 
 
 def _collect(
@@ -709,7 +729,7 @@ def generated_dose_sweep(
 
     ``input_ids`` / ``attention_mask`` ``[P, T]``; returns ``tokens [P, R, N]`` (``pad_token_id``
     after a row's EOS), ``lengths [P, R]``, ``token_logprob`` and ``entropy [P, R, N]``, and
-    ``logits [P, R, N, V]`` if ``return_logits``, and ``token_logits [P, R, N, K]``, the logits of
+    ``logits [P, R, N, V]`` if ``return_logits`` (nan after EOS), and ``token_logits [P, R, N, K]``, the logits of
     the ``K`` ``keep_token_ids`` at every step (nan after EOS; what a logit-pair oracle reads, at a
     fraction of the memory of full logits). ``eos_token_id="default"`` takes the model's
     generation config; ``None`` never stops. Equals one ``model.generate(do_sample=False)`` per
@@ -749,17 +769,27 @@ def generated_dose_sweep(
                         use_cache=True, **head,
                     ))
             for chunk in chunks:
+
+                def run(part_rows, part, p=p, ids=ids, prefix=prefix, T=T):
+                    hooks = NeuronHooks(adapter, _plan([rows[r] for r in part_rows], positions), cached_prompt_length=T)
+                    with _named(p, rows, part_rows), hooks:
+                        tokens, logprob, entropy, length, logits, kept = step.decode(ids, prefix, len(part_rows), N)
+                    steps = torch.stack(logits, dim=1) if logits else None  # [n, steps run, V]
+                    # a row's logits up to and including its EOS (the rows after it are no part of it)
+                    return [(tokens[r], logprob[r], entropy[r], length[r], kept[r],
+                             None if steps is None else steps[r, : int(length[r])]) for r in range(len(part_rows))]
+
+                out = split_on_oom(run, chunk, "generated dose sweep")
                 idx = torch.tensor(chunk)
-                hooks = NeuronHooks(adapter, _plan([rows[r] for r in chunk], positions), cached_prompt_length=T)
-                with _named(p, rows, chunk), hooks:
-                    tokens, logprob, entropy, length, logits, kept = step.decode(ids, prefix, len(chunk), N)
-                res.tokens[p, idx], res.token_logprob[p, idx], res.entropy[p, idx] = tokens, logprob, entropy
-                res.token_logits[p, idx] = kept
-                res.lengths[p, idx] = length
+                tokens, logprob, entropy, length, kept, logits = (list(x) for x in zip(*out))
+                res.tokens[p, idx], res.token_logprob[p, idx] = torch.stack(tokens), torch.stack(logprob)
+                res.entropy[p, idx], res.token_logits[p, idx] = torch.stack(entropy), torch.stack(kept)
+                res.lengths[p, idx] = torch.stack(length)
                 if return_logits:
-                    if res.logits is None:
-                        res.logits = torch.full((P, R, N, logits[0].shape[-1]), math.nan)
-                    res.logits[p, idx, : len(logits)] = torch.stack(logits, dim=1)
+                    for r, row_logits in zip(chunk, logits):
+                        if res.logits is None:
+                            res.logits = torch.full((P, R, N, row_logits.shape[-1]), math.nan)
+                        res.logits[p, r, : row_logits.shape[0]] = row_logits
     return res
 
 

@@ -21,7 +21,10 @@ gradient is taken on the held-out swept prompts (the positive set for refusal, t
 for the mode switches): ``ā⁺ − ā⁻`` and ``∂m/∂a_p`` rest on different prompts. Gradients are taken only at the
 MLP activation sites with ``torch.autograd.grad`` (no parameter gradients), batch by batch, and
 only the per-neuron sums of ``∂m/∂a_p`` and ``|∂m/∂a_p|`` are kept, so memory stays bounded. A
-non-finite activation, metric or gradient stops the scoring, naming its layer, neuron and prompt.
+batch that runs out of memory runs as two halves at the whole batch's width
+(:func:`~neuronaudit.interventions.memory.split_on_oom`), and their rows are summed in one piece
+as the whole batch's would be. A non-finite activation, metric or gradient stops the scoring,
+naming its layer, neuron and prompt.
 
 The comparison with measured control (:func:`compare`) reports, for every score, Spearman ρ of
 ``|score|`` with control strength, with ``n``, a permutation p-value and a paired BCa bootstrap CI
@@ -35,6 +38,7 @@ norm's weight) has a near-zero first-order effect on ``m`` yet can steer it at r
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -46,6 +50,7 @@ from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.evaluation.stats import spearman_permutation_bca
 from neuronaudit.interventions.finite import check_finite, finite_checks
 from neuronaudit.interventions.hooks import NeuronHooks
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.io import null_for_reason
 
 
@@ -101,15 +106,19 @@ def gradient_scores(
     act_sum = np.zeros((n_layers, n))
     metrics: list[float] = []
     tokenizer.padding_side = "left"
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length,
+                        add_special_tokens=add_special_tokens)["input_ids"]
     embed = model.get_input_embeddings()
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                        truncation=True, max_length=max_length,
-                        add_special_tokens=add_special_tokens).to(device)
+
+    def run(batch: Sequence[int], part: tuple[int, ...], width: int) -> list[tuple]:
+        """Gradient pass of the prompts ``batch`` padded to ``width`` (a half of a split batch runs at
+        the whole batch's width); per prompt ``(layers, ∂m/∂a, a, m)`` at its last prompt token."""
+        enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding="max_length", max_length=width,
+                            return_tensors="pt").to(device)
         captured: dict[int, torch.Tensor] = {}
         last: dict[str, torch.Tensor] = {}
 
-        def on_activation(layer, a, ctx, captured=captured, last=last):
+        def on_activation(layer, a, ctx):
             captured[layer] = a
             last["index"] = ctx.last_prompt
 
@@ -118,8 +127,8 @@ def gradient_scores(
             with torch.enable_grad(), finite_checks(adapter), NeuronHooks(adapter, on_activation=on_activation):
                 logits = model(**enc, use_cache=False).logits
                 rows = torch.arange(logits.shape[0], device=device)
-                m = behaviour_metric(logits[rows, last["index"]], _batch_ids(behaviour_ids, start, len(rows)),
-                                     _batch_ids(default_ids, start, len(rows)))
+                m = behaviour_metric(logits[rows, last["index"]], _batch_ids(behaviour_ids, batch),
+                                     _batch_ids(default_ids, batch))
                 check_finite(m, "behaviour metric", dims=("row",))
                 layers = sorted(captured)
                 grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers])
@@ -128,25 +137,36 @@ def gradient_scores(
                 for layer, g in zip(layers, grads):
                     check_finite(g[rows, idx], "gradient of the behaviour metric", layer=layer)
         except NonFiniteError as err:
-            err.at(prompt=f"{start + err.row} of the attribution prompts" if err.row is not None else None)
+            err.at(prompt=f"{batch[err.row]} of the attribution prompts" if err.row is not None else None)
             raise
         finally:
             handle.remove()
         with torch.no_grad():
-            for layer, g in zip(layers, grads):
-                per_prompt = g[rows, idx].double()
+            g_last = [g[rows, idx] for g in grads]
+            a_last = [captured[layer][rows, idx].detach() for layer in layers]
+        values = m.detach().cpu().tolist()
+        return [(layers, [g[r] for g in g_last], [a[r] for a in a_last], values[r]) for r in range(len(batch))]
+
+    for start in range(0, len(texts), batch_size):
+        batch = list(range(start, min(start + batch_size, len(texts))))
+        width = max(len(encoded[i]) for i in batch)
+        out = split_on_oom(functools.partial(run, width=width), batch, "attribution gradients")
+        layers = out[0][0]
+        with torch.no_grad():  # the batch's rows summed in one piece, split or not
+            for j, layer in enumerate(layers):
+                per_prompt = torch.stack([row[1][j] for row in out]).double()
                 grad_sum[layer] += per_prompt.sum(0).cpu().numpy()
                 abs_sum[layer] += per_prompt.abs().sum(0).cpu().numpy()
-                act_sum[layer] += captured[layer][rows, idx].double().sum(0).cpu().numpy()
-        metrics.extend(m.detach().cpu().tolist())
+                act_sum[layer] += torch.stack([row[2][j] for row in out]).double().sum(0).cpu().numpy()
+        metrics.extend(row[3] for row in out)
     count = max(len(metrics), 1)
     return {"grad": abs_sum / count, "grad_signed": grad_sum / count, "activation": act_sum / count,
             "metric": np.array(metrics)}
 
 
-def _batch_ids(ids, start: int, n: int):
+def _batch_ids(ids, rows: Sequence[int]):
     per_row = len(ids) > 0 and isinstance(ids[0], (list, tuple))
-    return ids[start : start + n] if per_row else ids
+    return [ids[i] for i in rows] if per_row else ids
 
 
 def attribution_patching(grad: np.ndarray, act_positive: np.ndarray, act_negative: np.ndarray) -> np.ndarray:

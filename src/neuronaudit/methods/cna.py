@@ -31,6 +31,7 @@ quality, then the weaker strength. The summary marks the picked rows and states 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ import torch
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions.generation import encode_prompts, left_pad, pad_id
 from neuronaudit.interventions.hooks import NeuronEdit, NeuronHooks, ResidualEdit
+from neuronaudit.interventions.memory import split_on_oom
 
 log = logging.getLogger(__name__)
 POSITIONS = ("prompt", "generated")
@@ -101,22 +103,33 @@ def residual_means(
     chat_template: str = "auto", system_prompt: str | None = None,
 ) -> dict[int, np.ndarray]:
     """Mean residual stream after each of ``layers`` at the last prompt token, ``{layer: [d_model]}``,
-    over ``texts`` rendered as the model sees them (one batched forward pass, left-padded)."""
+    over ``texts`` rendered as the model sees them (one batched forward pass, left-padded). A batch
+    that runs out of memory runs as two halves at the whole batch's width; its rows are summed in
+    one piece, as unsplit."""
     if len(texts) == 0:
         raise NeuronAuditError("CAA needs at least one prompt per set for its residual means")
     ids = encode_prompts(tokenizer, list(texts), chat_template, system_prompt)
     sums = {int(layer): torch.zeros(adapter.d_model, dtype=torch.float64) for layer in layers}
     device = next(model.parameters()).device
+    got: dict[int, torch.Tensor] = {}
 
     def read(layer, hidden, ctx):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = ctx.last_prompt - ctx.past_length
-        sums[layer] += hidden[rows, last].double().sum(0).cpu()
+        got[layer] = hidden[rows, ctx.last_prompt - ctx.past_length]
+
+    def run(batch, part, width):
+        got.clear()
+        ids_, mask = left_pad([ids[i] for i in batch], pad_id(tokenizer), width)
+        with torch.inference_mode(), NeuronHooks(adapter, on_resid=read, layers=list(sums)):
+            adapter.base(input_ids=ids_.to(device), attention_mask=mask.to(device))
+        return [{layer: got[layer][r] for layer in sums} for r in range(len(batch))]
 
     for start in range(0, len(ids), batch_size):
-        batch, mask = left_pad(ids[start : start + batch_size], pad_id(tokenizer))
-        with torch.inference_mode(), NeuronHooks(adapter, on_resid=read, layers=list(sums)):
-            adapter.base(input_ids=batch.to(device), attention_mask=mask.to(device))
+        batch = list(range(start, min(start + batch_size, len(ids))))
+        width = max(len(ids[i]) for i in batch)
+        out = split_on_oom(functools.partial(run, width=width), batch, "residual means")
+        for layer in sums:
+            sums[layer] += torch.stack([row[layer] for row in out]).double().sum(0).cpu()
     return {layer: (s / len(ids)).numpy() for layer, s in sums.items()}
 
 

@@ -75,8 +75,9 @@ from neuronaudit.evaluation.stats import (
     wilson_interval,
 )
 from neuronaudit.interventions.capture import length_sorted_batches
-from neuronaudit.interventions.generation import batch_seed, generate_tokens
+from neuronaudit.interventions.generation import generate_tokens
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
+from neuronaudit.interventions.memory import part_seed, split_on_oom
 
 Neuron = tuple[int, int]  # (layer, neuron)
 
@@ -101,7 +102,9 @@ def solve(model, adapter, prompt_ids: Sequence[Sequence[int]], max_new_tokens: i
 
     ``edits`` apply to every row; ``row_edits[k]`` (one tuple per prompt, possibly empty) to
     prompt ``k`` alone (a gate). Prompts run in batches of similar length; a sampled batch draws
-    from the seed :func:`~neuronaudit.interventions.generation.batch_seed` ``(seed, batch)``.
+    from the seed :func:`~neuronaudit.interventions.generation.batch_seed` ``(seed, batch)``. A batch
+    that runs out of memory runs as two halves at the whole batch's width
+    (:func:`~neuronaudit.interventions.memory.split_on_oom`; a sampled half from its own seed).
     """
     if row_edits is not None and len(row_edits) != len(prompt_ids):
         raise NeuronAuditError(f"{len(row_edits)} rows of edits for {len(prompt_ids)} prompts")
@@ -109,14 +112,21 @@ def solve(model, adapter, prompt_ids: Sequence[Sequence[int]], max_new_tokens: i
         raise NeuronAuditError(f"batch_size {batch_size!r} must be at least 1")
     out: list[list[int]] = [[] for _ in prompt_ids]
     for b, batch in enumerate(length_sorted_batches([len(p) for p in prompt_ids], batch_size)):
-        rows = [tuple(edits) + tuple(row_edits[k] if row_edits is not None else ()) for k in batch]
-        plan = InterventionPlan.per_row(rows) if any(rows) else None
-        tokens, _, _ = generate_tokens(
-            model, [prompt_ids[k] for k in batch], max_new_tokens, adapter=adapter, plan=plan,
-            eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
-            top_p=top_p, seed=batch_seed(seed, b) if do_sample else None,
-        )
-        for k, t in zip(batch, tokens):
+        width = max(len(prompt_ids[k]) for k in batch)
+
+        def run(part_rows, part, b=b, width=width):
+            # a half of a split batch keeps the whole batch's width; a sampled half draws from its own seed
+            rows = [tuple(edits) + tuple(row_edits[k] if row_edits is not None else ()) for k in part_rows]
+            plan = InterventionPlan.per_row(rows) if any(rows) else None
+            tokens, _, _ = generate_tokens(
+                model, [prompt_ids[k] for k in part_rows], max_new_tokens, adapter=adapter, plan=plan,
+                eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, do_sample=do_sample,
+                temperature=temperature, top_p=top_p, seed=part_seed(seed, b, part) if do_sample else None,
+                width=width,
+            )
+            return tokens
+
+        for k, t in zip(batch, split_on_oom(run, batch, "reasoning solutions")):
             out[k] = list(t)
     return out
 
@@ -145,7 +155,7 @@ def mean_activations(model, adapter, prompt_ids: Sequence[Sequence[int]],
     Row ``k`` is the teacher-forced sequence ``prompt_ids[k] + continuation_ids[k]``: ``prompt``
     and ``last_prompt`` are positions of the prompt, ``generated`` those of the continuation (a
     generated solution). Rows are right-padded and batched by length; the forward stops after the
-    highest layer read.
+    highest layer read. A batch that runs out of memory runs as two halves at the whole batch's width.
     """
     layers = adapter.check_layers(range(adapter.n_layers) if layers is None else layers)
     conts = continuation_ids if continuation_ids is not None else [[] for _ in prompt_ids]
@@ -159,30 +169,36 @@ def mean_activations(model, adapter, prompt_ids: Sequence[Sequence[int]],
     sequences = [list(p) + list(c) for p, c in zip(prompt_ids, conts)]
     for batch in length_sorted_batches([len(s) for s in sequences], batch_size):
         width = max(len(sequences[k]) for k in batch)
-        ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, k in enumerate(batch):
-            ids[r, : len(sequences[k])] = torch.tensor(sequences[k])
-            mask[r, : len(sequences[k])] = 1
-        prompt_length = torch.tensor([len(prompt_ids[k]) for k in batch])
-        rows = np.asarray(batch)
 
-        def on_activation(layer, a, ctx, rows=rows):
-            where = torch.zeros_like(ctx.valid)
-            for kind in positions:
-                where |= ctx.mask(kind)
-            # selected, not multiplied by a 0/1 mask: a NaN at an unselected position stays out
-            total = torch.where(where[..., None], a.float(), 0.0).sum(1)
-            count = where.sum(1, keepdim=True).float()
-            mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
-            out[rows, column[layer]] = mean.cpu().numpy()
+        def run(part_rows, part, width=width):
+            """Mean activations of the rows ``part_rows``, right-padded to the batch's ``width``."""
+            ids = torch.full((len(part_rows), width), int(pad_token_id), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, k in enumerate(part_rows):
+                ids[r, : len(sequences[k])] = torch.tensor(sequences[k])
+                mask[r, : len(sequences[k])] = 1
+            prompt_length = torch.tensor([len(prompt_ids[k]) for k in part_rows])
+            got = np.full((len(part_rows), len(layers), adapter.n_neurons), np.nan, dtype=np.float32)
 
-        try:
-            with torch.inference_mode(), NeuronHooks(adapter, on_activation=on_activation, layers=layers,
-                                                     stop_after_layer=max(layers), prompt_length=prompt_length):
-                adapter.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        except StopForward:
-            pass
+            def on_activation(layer, a, ctx):
+                where = torch.zeros_like(ctx.valid)
+                for kind in positions:
+                    where |= ctx.mask(kind)
+                # selected, not multiplied by a 0/1 mask: a NaN at an unselected position stays out
+                total = torch.where(where[..., None], a.float(), 0.0).sum(1)
+                count = where.sum(1, keepdim=True).float()
+                mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+                got[:, column[layer]] = mean.cpu().numpy()
+
+            try:
+                with torch.inference_mode(), NeuronHooks(adapter, on_activation=on_activation, layers=layers,
+                                                         stop_after_layer=max(layers), prompt_length=prompt_length):
+                    adapter.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except StopForward:
+                pass
+            return list(got)
+
+        out[np.asarray(batch)] = np.stack(split_on_oom(run, batch, "reasoning activations"))
     return out
 
 

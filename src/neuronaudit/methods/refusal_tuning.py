@@ -35,6 +35,7 @@ prompts, perplexity against the base model) are :mod:`neuronaudit.stages.refusal
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.prompts import is_heldout
 
 log = logging.getLogger("neuronaudit")
@@ -161,11 +163,15 @@ def own_answer_examples(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     answers: dict[int, tuple[int, ...]] = {}
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="own answers", unit="batch", disable=not progress):
+    def run(rows, part, width):  # a half of a batch split after running out of memory keeps its width
         toks, stopped, _ = generate_tokens(
-            model, [prompt_ids[i] for i in batch], max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
+            model, [prompt_ids[i] for i in rows], max_new_tokens, eos_token_ids=eos, pad_token_id=pad, width=width,
         )
-        for i, t, s in zip(batch, toks, stopped):
+        return list(zip(toks, stopped))
+
+    for batch in tqdm(batches, desc="own answers", unit="batch", disable=not progress):
+        width = max(len(prompt_ids[i]) for i in batch)
+        for i, (t, s) in zip(batch, split_on_oom(functools.partial(run, width=width), batch, "own answers")):
             answers[i] = tuple(t) + ((eos_token,) if s else ())
     return [
         Example(tuple(prompt_ids[i]), answers[i], "own_answer", ids[i] if ids is not None else "")

@@ -60,6 +60,7 @@ from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.interventions.finite import check_finite, finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.interventions.scoring import entropy_from_logp
 from neuronaudit.models.kv_cache import cache_from_output, cache_kwarg, select_cache_rows
 
@@ -475,8 +476,8 @@ class ClampedPredictor:
         for g in range(-(-n_inputs // self.prefix_batch)):
             members, cache, mask, width = self._group(g, device)
             rows = [(r, s) for r in range(len(members)) for s in range(n_sets)]
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start: start + self.batch_size]
+
+            def run(chunk, part, members=members, cache=cache, mask=mask, width=width):
                 index = torch.tensor([r for r, _ in chunk], device=device)
                 last = torch.tensor([[self.inputs[members[r]][-1]] for r, _ in chunk], device=device)
                 positions = torch.tensor([[len(self.inputs[members[r]]) - 1] for r, _ in chunk], device=device)
@@ -487,12 +488,16 @@ class ClampedPredictor:
                                         use_cache=cache is not None, **kwargs).logits[:, -1].float()
                 self.counter.add(len(chunk))
                 logp = torch.log_softmax(logits, dim=-1)
-                ent = entropy_from_logp(logp)
+                values = (logits.argmax(-1).cpu().numpy(), logp[:, self.target_id].cpu().numpy(),
+                          entropy_from_logp(logp).cpu().numpy())
+                return list(zip(*values))
+
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start: start + self.batch_size]
+                out = split_on_oom(run, chunk, "clamped sets")
                 js = [members[r] for r, _ in chunk]
                 ss = [s for _, s in chunk]
-                top[ss, js] = logits.argmax(-1).cpu().numpy()
-                logprob[ss, js] = logp[:, self.target_id].cpu().numpy()
-                entropy[ss, js] = ent.cpu().numpy()
+                top[ss, js], logprob[ss, js], entropy[ss, js] = (np.array(v) for v in zip(*out))
         return SetOutputs(top, logprob, entropy)
 
     def __call__(self, sets: Sequence[PredicateSet]) -> np.ndarray:
@@ -548,30 +553,52 @@ def last_token_activations(model, adapter, inputs: Sequence[Sequence[int]], neur
         return out
     layers = sorted({int(layer) for layer, _ in neurons})
     columns = {layer: [(c, int(i)) for c, (lay, i) in enumerate(neurons) if lay == layer] for layer in layers}
-    device = next(model.parameters()).device
-    for start in range(0, len(inputs), batch_size):
-        chunk = [list(map(int, ids)) for ids in inputs[start: start + batch_size]]
-        lengths = torch.tensor([len(ids) for ids in chunk])
-        ids = torch.zeros((len(chunk), int(lengths.max())), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(chunk):
-            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        rows = torch.arange(len(chunk))
+    index = {layer: [i for _, i in columns[layer]] for layer in layers}
 
-        def on_activation(layer, a, ctx, start=start, rows=rows, lengths=lengths):
-            at = a[rows.to(a.device), (lengths - 1).to(a.device)].double().cpu().numpy()
-            for c, i in columns[layer]:
-                out[start: start + len(rows), c] = at[:, i]
+    def read(layer, a, lengths) -> np.ndarray:
+        rows = torch.arange(a.shape[0], device=a.device)
+        return a[rows, (lengths - 1).to(a.device)][:, index[layer]].double().cpu().numpy()
+
+    for start in range(0, len(inputs), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(inputs))))
+        got = _last_token_rows(model, adapter, inputs, chunk, read, layers, counter, "neuron activations")
+        for layer in layers:
+            out[start: start + len(chunk), [c for c, _ in columns[layer]]] = np.stack([row[layer] for row in got])
+    return out
+
+
+def _last_token_rows(model, adapter, inputs, chunk: list[int], read, layers: Sequence[int], counter,
+                     label: str, count_tokens: bool = False) -> list[dict]:
+    """``read(layer, a, lengths)`` of the inputs ``chunk`` at ``layers`` (right padding, the
+    forward stopped after the highest layer), per input; a chunk that runs out of memory runs as
+    two halves at the whole chunk's width."""
+    device = next(model.parameters()).device
+    width = max(len(inputs[j]) for j in chunk)
+
+    def run(part_rows, part):
+        lengths = torch.tensor([len(inputs[j]) for j in part_rows])
+        ids = torch.zeros((len(part_rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, j in enumerate(part_rows):
+            ids[r, : len(inputs[j])], mask[r, : len(inputs[j])] = torch.tensor(list(map(int, inputs[j]))), 1
+        got = {}
+
+        def on_activation(layer, a, ctx):
+            got[layer] = read(layer, a, lengths)
 
         try:
-            with torch.inference_mode(), NeuronHooks(adapter, on_activation=on_activation, layers=layers,
+            with torch.inference_mode(), NeuronHooks(adapter, on_activation=on_activation, layers=list(layers),
                                                      stop_after_layer=max(layers)):
                 adapter.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         except StopForward:
             pass
-        if counter is not None:
-            counter.add(len(chunk))
-    return out
+        if counter is not None and count_tokens:
+            counter.add(len(part_rows), int(lengths.sum()))
+        elif counter is not None:
+            counter.add(len(part_rows))
+        return [{layer: got[layer][r] for layer in layers} for r in range(len(part_rows))]
+
+    return split_on_oom(run, chunk, label)
 
 
 def covered(predicates: Sequence[Predicate], activations: np.ndarray) -> np.ndarray:
@@ -653,28 +680,18 @@ def last_token_matrix(model, adapter, inputs: Sequence[Sequence[int]], batch_siz
     ``[n_inputs, n_layers, n_neurons]`` (float32); right padding, one forward per ``batch_size``
     inputs. Memory grows with the inputs asked, never with a prompt set."""
     out = np.zeros((len(inputs), adapter.n_layers, adapter.n_neurons), dtype=np.float32)
-    device = next(model.parameters()).device
+    layers = list(range(adapter.n_layers))
+
+    def read(layer, a, lengths) -> np.ndarray:
+        rows = torch.arange(a.shape[0], device=a.device)
+        return a[rows, (lengths - 1).to(a.device)].float().cpu().numpy()
+
     for start in range(0, len(inputs), batch_size):
-        chunk = [list(map(int, ids)) for ids in inputs[start: start + batch_size]]
-        lengths = torch.tensor([len(ids) for ids in chunk])
-        ids = torch.zeros((len(chunk), int(lengths.max())), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(chunk):
-            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        rows = torch.arange(len(chunk))
-
-        def on_activation(layer, a, ctx, start=start, rows=rows, lengths=lengths):
-            at = a[rows.to(a.device), (lengths - 1).to(a.device)]
-            out[start: start + len(rows), layer] = at.float().cpu().numpy()
-
-        try:
-            with torch.inference_mode(), NeuronHooks(adapter, on_activation=on_activation,
-                                                     stop_after_layer=adapter.n_layers - 1):
-                adapter.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        except StopForward:
-            pass
-        if counter is not None:
-            counter.add(len(chunk), int(lengths.sum()))
+        chunk = list(range(start, min(start + batch_size, len(inputs))))
+        got = _last_token_rows(model, adapter, inputs, chunk, read, layers, counter, "last-token activations",
+                               count_tokens=True)
+        for layer in layers:
+            out[start: start + len(chunk), layer] = np.stack([row[layer] for row in got])
     return out
 
 

@@ -21,6 +21,7 @@ stage that reads and writes the tables is :mod:`neuronaudit.stages.window`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -43,6 +44,7 @@ from neuronaudit.evaluation.stats import (
     wilson_interval,
 )
 from neuronaudit.interventions.hooks import NeuronHooks
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.interventions.scoring import shared_prompt_scores
 from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
 from neuronaudit.io import null_for_reason
@@ -238,31 +240,45 @@ def generic_geometry(model, tokenizer, adapter, texts: Sequence[str], batch_size
     Returns one row per (layer, neuron): ``resid_norm`` (mean token norm of the residual after the
     layer over every real token of ``texts``), ``write_norm`` ``||v||``, ``budget`` ``B =
     resid_norm / write_norm`` and ``c0``, the mean over prompts of ``cos(r_l, v)`` at the last
-    prompt token.
+    prompt token. A batch that runs out of memory runs as two halves at the whole batch's width,
+    and its token norms are summed in one piece, as unsplit.
     """
-
-
     n_layers = adapter.n_layers
     norm_sum = np.zeros(n_layers)
     token_count = np.zeros(n_layers)
     last_resid: dict[int, list[np.ndarray]] = {l: [] for l in range(n_layers)}
+    read: dict[int, tuple] = {}
 
     def on_resid(layer, hidden, ctx):
         h = hidden.detach().float()
-        mask = ctx.mask("prompt")
-        norm_sum[layer] += float(h.norm(dim=-1)[mask].sum())
-        token_count[layer] += float(mask.sum())
         rows = torch.arange(h.shape[0], device=h.device)
-        last_resid[layer].append(h[rows, ctx.last_prompt].cpu().numpy())
+        read[layer] = (h.norm(dim=-1), ctx.mask("prompt"), h[rows, ctx.last_prompt].cpu().numpy())
 
     device = next(model.parameters()).device
     tokenizer.padding_side = "right"
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length,
+                        add_special_tokens=add_special_tokens)["input_ids"]
+
+    def run(batch, part, width):
+        """Each prompt's token norms (its real tokens) and last-token residual after every layer; a
+        half of a split batch runs at the whole batch's ``width``."""
+        read.clear()
+        enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding="max_length", max_length=width,
+                            return_tensors="pt").to(device)
+        adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+        return [{layer: (norms[r][mask[r]], last[r]) for layer, (norms, mask, last) in read.items()}
+                for r in range(len(batch))]
+
     with torch.inference_mode(), NeuronHooks(adapter, on_resid=on_resid):
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                            truncation=True, max_length=max_length,
-                            add_special_tokens=add_special_tokens).to(device)
-            adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            batch = list(range(start, min(start + batch_size, len(texts))))
+            width = max(len(encoded[i]) for i in batch)
+            out = split_on_oom(functools.partial(run, width=width), batch, "generic geometry")
+            for layer in range(n_layers):  # the batch's token norms summed in one piece, split or not
+                norms = torch.cat([row[layer][0] for row in out])
+                norm_sum[layer] += float(norms.sum())
+                token_count[layer] += float(norms.numel())
+                last_resid[layer].append(np.stack([row[layer][1] for row in out]))
     frames = []
     for layer in range(n_layers):
         w = adapter.write_matrix(layer).detach().float().cpu().numpy()  # [d_model, n_neurons]

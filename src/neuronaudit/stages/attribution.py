@@ -40,6 +40,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from neuronaudit.interventions.memory import RowLoad
 from neuronaudit.interventions.sweeps import last_token_dose_sweep
 from neuronaudit.io import provenance, read_provenance, write_json, write_table
 from neuronaudit.methods import attribution as attr
@@ -53,7 +54,14 @@ from neuronaudit.methods.attribution import (
 )
 from neuronaudit.options import AttributionOptions
 from neuronaudit.prompts import extras, render_prompts, uses_template
-from neuronaudit.stages.common import OpenedModel, open_model, read_prompts, read_table
+from neuronaudit.stages.common import (
+    PROMPT_TOKENS,
+    OpenedModel,
+    open_model,
+    read_prompts,
+    read_table,
+    resolve_batch_sizes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,9 @@ def run_attribution(
     sweeps = read_table(sweeps_table, "sweeps table")
     truth = control_strength(sweeps, window)
     opened = open_model(manifest_path, o.model, threads)
+    # a prompt's forward (every position's logits) and the backward pass through every layer
+    load = RowLoad(tokens=PROMPT_TOKENS, logits=PROMPT_TOKENS, backward=True)
+    o = resolve_batch_sizes(opened.model, opened.adapter, o, {"attribution.batch_size": load})
     rows, prompt_sets = [], {}
     for behaviour, spec in behaviours.items():
         neurons = window[window["behaviour"] == behaviour].drop_duplicates(["layer", "neuron"])

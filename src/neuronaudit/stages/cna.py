@@ -29,7 +29,15 @@ from neuronaudit.methods.cna import (
 )
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import CnaOptions, RolloutOptions
-from neuronaudit.stages.common import open_model, read_circuit, read_prompts, read_table
+from neuronaudit.stages.common import (
+    capability_load,
+    open_model,
+    read_circuit,
+    read_prompts,
+    read_table,
+    resolve_batch_sizes,
+    rollout_load,
+)
 from neuronaudit.stages.rollouts import run_rollouts
 
 log = logging.getLogger("neuronaudit")
@@ -79,6 +87,10 @@ def run_cna(
     generic = read_prompts(generic_table, SPLIT, cap.max_texts, role="generic prompt table")["text"].tolist()
     tasks = {g: read_prompts(p, SPLIT, cap.max_task_prompts) for g, p in task_tables.items()}
     opened = open_model(manifest_path, o.model, threads)
+    loads = {"rollouts.batch_size": rollout_load(o.max_new_tokens),
+             "capability.batch_size": capability_load(cap.max_new_tokens)}
+    o = resolve_batch_sizes(opened.model, opened.adapter, o, loads)
+    cap = o.capability
     means = [residual_means(opened.model, opened.tokenizer, opened.adapter, texts, layers, batch_size=cap.batch_size,
                             chat_template=o.model.chat_template, system_prompt=o.model.system_prompt)
              for texts in (caa_pos, caa_neg)]

@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from neuronaudit.interventions.capture import collect_activations
+from neuronaudit.interventions.memory import RowLoad
 from neuronaudit.options import CollectOptions
 from neuronaudit.prompts import render_prompts, uses_template
 from neuronaudit.shards import merge_last_token, merge_stats, shard_rows
-from neuronaudit.stages.common import open_model, read_prompts
+from neuronaudit.stages.common import open_model, read_prompts, resolve_batch_sizes
 
 
 def run_collect(
@@ -33,6 +34,10 @@ def run_collect(
         prompts.attrs.update(attrs)
     opened = open_model(manifest_path, m, threads)
     adapter, manifest = opened.adapter, opened.manifest
+    # a row: a forward of max_length tokens (no head), and the float64 copies of its MLP activations
+    # (the activation, its square, its absolute value) the statistics sum
+    load = RowLoad(tokens=o.max_length, logits=0, hook_bytes=32 * adapter.n_neurons)
+    o = resolve_batch_sizes(opened.model, opened.adapter, o, {"collect.batch_size": load})
     layers = adapter.check_layers(o.layers if o.layers is not None else range(adapter.n_layers))
     texts = render_prompts(opened.tokenizer, prompts["text"], m.chat_template, m.system_prompt)
     prov = {

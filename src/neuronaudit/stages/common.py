@@ -3,6 +3,7 @@ the audited model, and checked reads of the tables a stage takes in."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -16,10 +17,11 @@ import torch
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions.finite import install_finite_checks
+from neuronaudit.interventions.memory import ModelShape, RowLoad, auto_batch_size, bytes_per_row, free_memory
 from neuronaudit.io import read_provenance
 from neuronaudit.methods.screen import CIRCUIT_SCHEMA
 from neuronaudit.models.loading import load_prepared
-from neuronaudit.options import ModelOptions
+from neuronaudit.options import AUTO, AUTO_BATCH_KEYS, ModelOptions, StageOptions
 from neuronaudit.prompts import read_prompt_table
 
 log = logging.getLogger("neuronaudit")
@@ -67,6 +69,63 @@ def open_model(manifest_path: str | Path, options: ModelOptions, threads: int | 
     model, tokenizer, adapter, manifest = load_prepared(manifest_path, options.dtype, options.device)
     install_finite_checks(adapter)
     return OpenedModel(model, tokenizer, adapter, manifest, options)
+
+
+#: Prompt tokens the memory estimate of a row assumes where a stage does not bound its prompts'
+#: length (``collect.max_length``'s default).
+PROMPT_TOKENS = 256
+
+
+def rollout_load(new_tokens: int, prompt_tokens: int = PROMPT_TOKENS) -> RowLoad:
+    """A generated row: its prompt's forward, the KV cache of prompt and ``new_tokens``, and the
+    scoring of its ``new_tokens`` under the model (their logits)."""
+    return RowLoad(tokens=prompt_tokens, cached=prompt_tokens + new_tokens, logits=new_tokens)
+
+
+def capability_load(max_new_tokens: int, max_length: int = PROMPT_TOKENS) -> RowLoad:
+    """A capability row: a general text of ``max_length`` tokens scored at every position, or a task
+    prompt answered with ``max_new_tokens``."""
+    return RowLoad(tokens=max_length, cached=max_length + max_new_tokens, logits=max_length)
+
+
+def auto_rows(model, adapter, key: str, load: RowLoad) -> int:
+    """Rows per batch for a batch size of ``"auto"`` at config key ``key``: on a CUDA device, from
+    its free memory and the bytes one row of ``load`` takes
+    (:func:`~neuronaudit.interventions.memory.bytes_per_row`); elsewhere the key's schema default,
+    the size the CPU runs at. Logged."""
+    from neuronaudit.config import schema_default
+
+    default = int(schema_default(key))
+    device = next(model.parameters()).device
+    free = free_memory(device)
+    if free is None:
+        log.info("%s: auto -> %d rows per batch (the default on %s)", key, default, device)
+        return default
+    per_row = bytes_per_row(ModelShape.of(model, adapter), load)
+    rows = auto_batch_size(free, per_row, default)
+    log.info("%s: auto -> %d rows per batch (%.1f GiB free on %s, about %.1f MiB per row)",
+             key, rows, free / 2**30, device, per_row / 2**20)
+    return rows
+
+
+def resolve_batch_sizes(model, adapter, options: StageOptions, loads: Mapping[str, RowLoad]) -> StageOptions:
+    """``options`` with every batch size of ``"auto"`` (:data:`~neuronaudit.options.AUTO_BATCH_KEYS`,
+    nested options included) replaced by :func:`auto_rows` of its key's ``loads`` entry; called
+    once where a stage opens its model. Sizes already given pass unchanged."""
+    keys = options.field_keys()
+    nested = options._nested()
+    changes = {}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name in nested:
+            resolved = resolve_batch_sizes(model, adapter, value, loads)
+            if resolved is not value:
+                changes[f.name] = resolved
+        elif keys[f.name] in AUTO_BATCH_KEYS and value == AUTO:
+            if keys[f.name] not in loads:
+                raise NeuronAuditError(f"{type(options).__name__}: no memory estimate for {keys[f.name]} = auto")
+            changes[f.name] = auto_rows(model, adapter, keys[f.name], loads[keys[f.name]])
+    return options.replace(**changes) if changes else options
 
 
 def read_prompts(path: str | Path, split: str, limit: int | None = None, role: str = "prompt table") -> pd.DataFrame:

@@ -36,7 +36,14 @@ from neuronaudit.methods.keystone import (
 )
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import KeystoneOptions
-from neuronaudit.stages.common import open_model, read_prompts, read_table, same_model
+from neuronaudit.stages.common import (
+    capability_load,
+    open_model,
+    read_prompts,
+    read_table,
+    resolve_batch_sizes,
+    same_model,
+)
 
 log = logging.getLogger("neuronaudit")
 
@@ -101,6 +108,9 @@ def run_keystone(
         model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
     else:
         model, tokenizer, adapter = loaded
+    load = capability_load(cap.max_new_tokens, MAX_LENGTH)
+    o = resolve_batch_sizes(model, adapter, o, {"capability.batch_size": load})
+    cap = o.capability
     checkpoint = RowCheckpoint(Path(out_curve).with_name(Path(out_curve).name + ".partial.jsonl"))
     curve = ablation_curve(
         model, tokenizer, adapter, ranked, list(generic["text"]), tasks, k_values=ks,

@@ -62,6 +62,7 @@ from neuronaudit.evaluation.judge import RuleJudge, RuleThresholds
 from neuronaudit.evaluation.metrics import repetition_ratio
 from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.interventions.generation import encode_prompts, eos_ids, pad_id
+from neuronaudit.interventions.memory import RowLoad
 from neuronaudit.interventions.prefix_generation import check_row_edits, shared_prefix_generate
 from neuronaudit.interventions.scoring import shared_prompt_scores
 from neuronaudit.io import null_for_reason, provenance, write_json, write_table
@@ -69,7 +70,15 @@ from neuronaudit.methods import reasoning as R
 from neuronaudit.methods import reasoning_tasks as T
 from neuronaudit.options import ReasoningOptions
 from neuronaudit.prompts import extras
-from neuronaudit.stages.common import open_model, read_prompts, read_table, same_model
+from neuronaudit.stages.common import (
+    PROMPT_TOKENS,
+    open_model,
+    read_prompts,
+    read_table,
+    resolve_batch_sizes,
+    rollout_load,
+    same_model,
+)
 
 log = logging.getLogger("neuronaudit")
 
@@ -127,12 +136,22 @@ class Rolled:
     last_all: np.ndarray | None = None  # the same at the last question token
 
 
+def _sized(opened, o: ReasoningOptions) -> ReasoningOptions:
+    """``o`` with its batch sizes of ``"auto"`` sized for this model: rows rolled out together (a
+    problem's forward, its cache and its scored solution) and problems whose question prefix runs
+    together (their forward and cache, and the float32 copies of the activations averaged over it)."""
+    loads = {"reasoning.batch_size": rollout_load(o.max_new_tokens),
+             "reasoning.prefix_batch": RowLoad(tokens=PROMPT_TOKENS, cached=PROMPT_TOKENS,
+                                               hook_bytes=8 * opened.adapter.n_neurons)}
+    return resolve_batch_sizes(opened.model, opened.adapter, o, loads)
+
+
 class _Model:
     """A loaded model with what the stage needs to roll out, grade and score on it."""
 
     def __init__(self, opened, o: ReasoningOptions, name: str):
         self.model, self.tokenizer, self.adapter = opened.model, opened.tokenizer, opened.adapter
-        self.manifest, self.o, self.name = opened.manifest, o, name
+        self.manifest, self.o, self.name = opened.manifest, _sized(opened, o), name
         self.eos, self.pad = eos_ids(self.model, self.tokenizer), pad_id(self.tokenizer)
 
     def encode(self, problems: Sequence[T.Problem]) -> list[list[int]]:
@@ -664,9 +683,9 @@ def _transfer(o, split, src: _Model, transfer_manifest, scores, ranking, chosen,
     same_weights = tgt.manifest.get("weight_sha256") == src.manifest.get("weight_sha256")
     shared = split["discovery"] + split["validation"]
     source_acts = R.mean_activations(src.model, src.adapter, src.encode(shared), positions=("prompt",),
-                                     batch_size=o.prefix_batch, pad_token_id=src.pad)
+                                     batch_size=src.o.prefix_batch, pad_token_id=src.pad)
     target_acts = R.mean_activations(tgt.model, tgt.adapter, tgt.encode(shared), positions=("prompt",),
-                                     batch_size=o.prefix_batch, pad_token_id=tgt.pad)
+                                     batch_size=tgt.o.prefix_batch, pad_token_id=tgt.pad)
     n, s = int(chosen[primary]["n_top"]), float(chosen[primary]["strength"])
     critical = ranking[:n]
     matches = R.map_neurons(source_acts, target_acts, critical, o.transfer_match, o.transfer_window)

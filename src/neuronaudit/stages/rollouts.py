@@ -30,7 +30,7 @@ from neuronaudit.evaluation.rollouts import (
 )
 from neuronaudit.io import provenance, write_table
 from neuronaudit.options import RolloutOptions
-from neuronaudit.stages.common import OpenedModel, open_model, read_prompts
+from neuronaudit.stages.common import OpenedModel, open_model, read_prompts, resolve_batch_sizes, rollout_load
 
 log = logging.getLogger("neuronaudit")
 
@@ -82,6 +82,7 @@ def run_rollouts(
         frames.append(p.assign(prompt_set=name)[["prompt_set", "prompt_id", "text"]])
     prompts = pd.concat(frames, ignore_index=True)
     opened = opened or open_model(manifest_path, m, threads)
+    o = resolve_batch_sizes(opened.model, opened.adapter, o, {"rollouts.batch_size": rollout_load(max(hs))})
     t0 = time.perf_counter()
     df = generate_rollouts(
         opened.model, opened.tokenizer, opened.adapter, prompts, edits, hs, samples, temperature=o.temperature,

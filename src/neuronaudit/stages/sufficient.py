@@ -32,6 +32,7 @@ Writes ``sets.parquet`` (every set every search evaluated), ``precision.parquet`
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import zlib
@@ -48,6 +49,7 @@ from neuronaudit.evaluation.metrics import repetition_ratio
 from neuronaudit.evaluation.stats import wilson_interval
 from neuronaudit.interventions.generation import encode_prompts, eos_ids, generate_tokens, pad_id
 from neuronaudit.interventions.hooks import InterventionPlan
+from neuronaudit.interventions.memory import RowLoad, split_on_oom
 from neuronaudit.io import provenance, write_json, write_table
 from neuronaudit.methods import sufficient as wasd
 from neuronaudit.methods.perturbations import PerturbationSpec, perturb, perturbation_rows
@@ -55,7 +57,7 @@ from neuronaudit.methods.window import flips
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import SufficientOptions
 from neuronaudit.prompts import extras
-from neuronaudit.stages.common import open_model, read_prompts
+from neuronaudit.stages.common import PROMPT_TOKENS, open_model, read_prompts, resolve_batch_sizes
 
 log = logging.getLogger("neuronaudit")
 
@@ -190,13 +192,19 @@ def _rollouts(model, tokenizer, adapter, inputs, named_sets, judge, task: _Task,
     unique = [name for name in named_sets if alias[name] == name]
     rows = [(name, j) for name in unique for j in range(len(inputs))]
     out: dict[str, list] = {name: [] for name in unique}
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
+
+    def run(chunk, part, width):
         plan = InterventionPlan.per_row([p.edit(("last_prompt",)) for p in named_sets[name]] for name, _ in chunk)
         tokens, _, entropies = generate_tokens(
             model, [inputs[j] for _, j in chunk], max_new_tokens, adapter=adapter, plan=plan,
-            eos_token_ids=eos_ids(model, tokenizer), pad_token_id=pad_id(tokenizer))
-        for (name, j), toks, ent in zip(chunk, tokens, entropies):
+            eos_token_ids=eos_ids(model, tokenizer), pad_token_id=pad_id(tokenizer), width=width)
+        return list(zip(tokens, entropies))
+
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        width = max(len(inputs[j]) for _, j in chunk)  # a half of a split chunk keeps the chunk's width
+        rolled = split_on_oom(functools.partial(run, width=width), chunk, "sufficient rollouts")
+        for (name, j), (toks, ent) in zip(chunk, rolled):
             out[name].append((j, toks, ent))
     result = {}
     for name, parts in out.items():
@@ -410,6 +418,9 @@ def run_sufficient(
         model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
     else:
         model, tokenizer, adapter = loaded
+    # a row: an input's forward, or one rolled out under a clamp (its cache and new tokens)
+    load = RowLoad(tokens=PROMPT_TOKENS, cached=PROMPT_TOKENS + o.max_new_tokens)
+    o = resolve_batch_sizes(model, adapter, o, {"sufficient.batch_size": load})
     judge = make_judge(o.judge.judge_config())
     counter = wasd.ForwardCounter()
     t_start = time.perf_counter()

@@ -49,6 +49,7 @@ import pyarrow as pa
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import RuleThresholds, make_judge
+from neuronaudit.interventions.memory import RowLoad
 from neuronaudit.io import provenance, write_json, write_table
 from neuronaudit.methods import window as law
 from neuronaudit.methods.window import (
@@ -64,7 +65,7 @@ from neuronaudit.methods.window import (
     window_table,
 )
 from neuronaudit.options import WindowOptions
-from neuronaudit.stages.common import open_model, read_prompts, read_table
+from neuronaudit.stages.common import PROMPT_TOKENS, open_model, read_prompts, read_table, resolve_batch_sizes
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ def run_window(
                              role=f"prompt table of behaviour {b!r}") for b in behaviours}
     opened = open_model(manifest_path, m, threads)
     model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
+    # a dosed row: one token per step against its own copy of the prompt's cache and its rollout
+    longest = max((h for spec in behaviours.values() for h in behaviour_horizons(spec, o)), default=max(o.horizons))
+    load = RowLoad(tokens=1, cached=PROMPT_TOKENS + longest)
+    o = resolve_batch_sizes(opened.model, opened.adapter, o, {"window.row_batch_size": load})
     neurons = pick_candidates(screens, o.n_candidates, o.n_random, adapter.n_layers, adapter.n_neurons, o.seed,
                               n_top=o.n_top)
     geometry = law.generic_geometry(model, tokenizer, adapter, generic)
