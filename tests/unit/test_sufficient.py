@@ -137,6 +137,7 @@ def test_rankings_candidates_and_jaccard():
     score = np.array([[0.1, -5.0, 0.2], [3.0, np.nan, 0.0]])
     assert top_neurons(score, 2) == [(0, 1), (1, 0)]
     assert top_neurons(score, 2, exclude=[(0, 1)]) == [(1, 0), (0, 2)]
+    assert top_neurons(score, 0) == []  # the baseline of an empty sufficient set is empty
     other = np.array([[9.0, 0.0, 0.0], [0.0, 0.0, 8.0]])
     assert candidate_neurons([score, other], 2) == [(0, 1), (0, 0), (1, 0), (1, 2)]
     assert jaccard([(0, 1), (1, 2)], [(1, 2), (2, 2)]) == pytest.approx(1 / 3)

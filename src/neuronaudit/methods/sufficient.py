@@ -133,6 +133,8 @@ def top_neurons(score: np.ndarray, k: int, exclude: Iterable[Neuron] = ()) -> li
     first (ties by layer, then neuron); non-finite scores rank last."""
     if k < 0:
         raise NeuronAuditError(f"k {k!r} must be non-negative")
+    if k == 0:  # the baseline of an empty sufficient set is the empty set, not every neuron
+        return []
     flat = np.abs(np.asarray(score, dtype=np.float64)).ravel()
     flat = np.where(np.isfinite(flat), flat, -np.inf)
     order = np.argsort(-flat, kind="stable")
