@@ -77,6 +77,7 @@ from neuronaudit.evaluation.stats import (
 from neuronaudit.interventions.capture import length_sorted_batches
 from neuronaudit.interventions.generation import batch_seed, generate_tokens
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
+from neuronaudit.io import null_for_reason
 
 Neuron = tuple[int, int]  # (layer, neuron)
 
@@ -573,6 +574,21 @@ def auc_with_ci(score: Sequence[float], positive: Sequence[bool], n_boot: int = 
 
     low, high = paired_bootstrap_ci(score, positive, statistic, n_boot, seed, level)
     return roc_auc(score, positive > 0.5), low, high
+
+
+def probe_auc(score: Sequence[float], failed: Sequence[bool], n_boot: int = MIN_RESAMPLES, seed: int = 0,
+              level: float = 0.95) -> dict:
+    """``auc``, ``auc_low``, ``auc_high`` of the failure probe's ``score`` on held-out problems
+    (:func:`auc_with_ci`), each undefined one written as null with its reason in ``null_reasons``:
+    every problem failed or none did (a model that solves nothing), or no resample held both."""
+    auc, low, high = auc_with_ci(score, failed, n_boot, seed, level)
+    entry = {"auc": auc, "auc_low": low, "auc_high": high}
+    n_failed, n = int(np.sum(np.asarray(failed, bool))), len(failed)
+    if n_failed in (0, n):
+        return null_for_reason(entry, list(entry), f"{n_failed} of {n} held-out problems failed: an AUC needs "
+                                                   "failed and solved problems")
+    return null_for_reason(entry, ["auc_low", "auc_high"], "no bootstrap resample of the held-out problems held "
+                                                           "both failed and solved ones")
 
 
 def roc_points(score: Sequence[float], positive: Sequence[bool]) -> pd.DataFrame:
