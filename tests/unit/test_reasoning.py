@@ -103,6 +103,9 @@ def test_paired_difference_is_an_exact_mcnemar_on_discordant_problems():
     assert (table["accuracy_low"].iloc[1], table["accuracy_high"].iloc[1]) == pytest.approx((lo, hi))
     kept = R.solved_retention(reference, condition)
     assert (kept["n_solved"], kept["still_solved"]) == (10, 8)
+    nothing = R.solved_retention(np.zeros(4, bool), np.ones(4, bool))  # a model that solves none
+    assert (nothing["n_solved"], nothing["retention"], nothing["retention_low"]) == (0, None, None)
+    assert nothing["null_reasons"]["retention"] == "the reference solves none of these problems: nothing to retain"
 
 
 def test_choose_setting_takes_the_best_validation_row_and_the_smallest_on_ties():

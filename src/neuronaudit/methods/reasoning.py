@@ -481,12 +481,14 @@ def outcomes_table(reference: Outcome, outcomes: Sequence[Outcome], n_boot: int 
 
 def solved_retention(reference: Sequence[bool], condition: Sequence[bool], confidence: float = 0.95) -> dict:
     """On the problems the reference solves: how many the condition still solves (the gate's
-    do-no-harm check), with a Wilson interval."""
+    do-no-harm check), with a Wilson interval; null, with the reason, when it solves none."""
     ref, cond = np.asarray(reference, bool), np.asarray(condition, bool)
     n, k = int(ref.sum()), int((ref & cond).sum())
     low, high = wilson_interval(k, n, confidence)
-    return {"n_solved": n, "still_solved": k, "retention": k / n if n else math.nan, "retention_low": low,
-            "retention_high": high}
+    entry = {"n_solved": n, "still_solved": k, "retention": k / n if n else math.nan, "retention_low": low,
+             "retention_high": high}
+    return null_for_reason(entry, ["retention", "retention_low", "retention_high"],
+                           "the reference solves none of these problems: nothing to retain")
 
 
 def choose_setting(table: pd.DataFrame, by: Sequence[str] = ("n_top", "strength"),
