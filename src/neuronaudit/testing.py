@@ -141,11 +141,14 @@ def narrow_tokenizer(words: int = 60) -> transformers.PreTrainedTokenizerFast:
 
 
 def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, n_layers: int = 4,
-                    vocabulary: str = "bpe") -> Path:
+                    vocabulary: str = "bpe", chat_template: bool = True) -> Path:
     """Write a tiny random model and its tokenizer to ``path`` (a Hugging Face model directory);
-    ``vocabulary`` ``narrow`` gives it :func:`narrow_tokenizer` instead of the byte-level BPE."""
+    ``vocabulary`` ``narrow`` gives it :func:`narrow_tokenizer` instead of the byte-level BPE;
+    ``chat_template`` False saves the tokenizer without its ChatML template (as a base model's)."""
     path = Path(path)
     tokenizer = narrow_tokenizer() if vocabulary == "narrow" else tiny_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
     model = tiny_model(family, seed=seed, vocab_size=len(tokenizer), n_layers=n_layers)
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id

@@ -15,6 +15,8 @@ from neuronaudit.methods.attribution import (
     readout_alignment,
     readout_direction,
 )
+from neuronaudit.models.adapters import adapter_for
+from neuronaudit.testing import TINY_FAMILIES, tiny_model
 
 TEXTS = ["How do I bake bread at home?", "Hello!", "What is 7 plus 5?"]
 
@@ -47,6 +49,22 @@ def test_gradient_matches_finite_difference_at_the_last_token(llama, tokenizer):
         assert scores["grad_signed"][layer, neuron] == pytest.approx(fd.mean(), rel=2e-2, abs=1e-5)
         assert scores["grad"][layer, neuron] == pytest.approx(np.abs(fd).mean(), rel=2e-2, abs=1e-5)
     np.testing.assert_allclose(scores["metric"], _metric(model, tokenizer, beh, dflt), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_gradient_reaches_the_mlp_sites_of_every_family(family, tokenizer):
+    """OPT flattens the MLP activation to [batch * chunk, n] before its output projection; the
+    gradient at the [batch, chunk, n] view the hooks read must still equal finite differences.
+    One batch, as the finite differences are taken (GPT-2 reads left padding into its positions)."""
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    model._adapter = adapter = adapter_for(model)
+    beh, dflt = opening_token_ids(tokenizer, ["I"]), opening_token_ids(tokenizer, ["The"])
+    scores = gradient_scores(model, tokenizer, adapter, TEXTS, beh, dflt, batch_size=len(TEXTS))
+    eps, (layer, neuron) = 1e-2, (1, 7)
+    fd = [_metric(model, tokenizer, beh, dflt, InterventionPlan.broadcast(
+        [NeuronEdit.dose(layer, neuron, sign * eps, ["last_prompt"])])) for sign in (1, -1)]
+    assert scores["grad_signed"][layer, neuron] == pytest.approx(((fd[0] - fd[1]) / (2 * eps)).mean(), rel=2e-2,
+                                                                 abs=1e-6)
 
 
 def test_opposite_gradients_cancel_in_the_signed_mean_only(llama, tokenizer):

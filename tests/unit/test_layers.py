@@ -75,3 +75,10 @@ def test_reading_the_workflow_imports_neither_torch_nor_matplotlib():
             "print(sorted(m for m in ('torch', 'matplotlib', 'seaborn', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_preparing_a_prompt_set_imports_neither_torch_nor_transformers():
+    code = ("import sys, neuronaudit.cli, neuronaudit.stages.prepare; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

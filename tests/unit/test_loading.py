@@ -31,6 +31,15 @@ def test_loaded_model_equals_the_saved_one(tiny_model_dir):
     assert adapter.n_layers == 4 and tokenizer.pad_token is not None
 
 
+def test_a_base_model_folder_without_a_chat_template_is_fed_raw_text(tmp_path):
+    from neuronaudit.prompts import render_prompts, uses_template
+
+    _, tokenizer, _ = load_model(save_tiny_model(tmp_path / "base", family="gpt2", chat_template=False))
+    assert not tokenizer.chat_template and not uses_template(tokenizer, "auto")
+    assert render_prompts(tokenizer, ["Hello there"], "auto") == render_prompts(tokenizer, ["Hello there"], "none")
+    assert render_prompts(tokenizer, ["Hello there"], "none") == ["Hello there"]
+
+
 def test_unsupported_architecture_fails_at_prepare_time(tmp_path):
     import transformers
 

@@ -103,6 +103,9 @@ def test_paired_difference_is_an_exact_mcnemar_on_discordant_problems():
     assert (table["accuracy_low"].iloc[1], table["accuracy_high"].iloc[1]) == pytest.approx((lo, hi))
     kept = R.solved_retention(reference, condition)
     assert (kept["n_solved"], kept["still_solved"]) == (10, 8)
+    nothing = R.solved_retention(np.zeros(4, bool), np.ones(4, bool))  # a model that solves none
+    assert (nothing["n_solved"], nothing["retention"], nothing["retention_low"]) == (0, None, None)
+    assert nothing["null_reasons"]["retention"] == "the reference solves none of these problems: nothing to retain"
 
 
 def test_choose_setting_takes_the_best_validation_row_and_the_smallest_on_ties():
@@ -113,6 +116,19 @@ def test_choose_setting_takes_the_best_validation_row_and_the_smallest_on_ties()
 
 
 # --- the failure probe -----------------------------------------------------------------------------
+
+
+def test_the_probe_auc_of_held_out_problems_that_all_failed_is_null_with_its_reason(tmp_path):
+    """A model that solves no held-out problem (a random one) has no AUC: written as null, not NaN."""
+    from neuronaudit.io import write_json
+
+    entry = R.probe_auc([0.2, 0.4, 0.9, 0.1], [True] * 4, n_boot=1000)
+    assert (entry["auc"], entry["auc_low"], entry["auc_high"]) == (None, None, None)
+    assert entry["null_reasons"]["auc"] == "4 of 4 held-out problems failed: an AUC needs failed and solved problems"
+    assert R.probe_auc([0.2, 0.4], [False, False], n_boot=1000)["null_reasons"]["auc_high"].startswith("0 of 2")
+    write_json({"gate": entry}, tmp_path / "summary.json")  # strict JSON: NaN is refused
+    both = R.probe_auc([0.9, 0.8, 0.1, 0.3], [True, True, False, False], n_boot=1000)
+    assert both["auc"] == 1.0 and both["auc_low"] == 1.0 and "null_reasons" not in both
 
 
 def test_probe_separates_a_separable_case_and_its_auc_ci_brackets_it():

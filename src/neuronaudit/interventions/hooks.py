@@ -481,9 +481,11 @@ class NeuronHooks:
                 self.on_activation(layer, activation, self.ctx)
             if layer == self.stop_after_layer:
                 raise StopForward(layer)
+            if flat_shape is not None:
+                # the output projection is given back the [batch, chunk, n] view read above, so
+                # that a gradient taken at what on_activation read reaches the output
+                return (activation.reshape(flat_shape), *args[1:])
             if edits is not None:
-                if flat_shape is not None:
-                    activation = activation.reshape(flat_shape)
                 return (activation, *args[1:])
             return None
 

@@ -78,6 +78,7 @@ from neuronaudit.interventions.capture import length_sorted_batches
 from neuronaudit.interventions.generation import generate_tokens
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, StopForward
 from neuronaudit.interventions.memory import part_seed, split_on_oom
+from neuronaudit.io import null_for_reason
 
 Neuron = tuple[int, int]  # (layer, neuron)
 
@@ -496,12 +497,14 @@ def outcomes_table(reference: Outcome, outcomes: Sequence[Outcome], n_boot: int 
 
 def solved_retention(reference: Sequence[bool], condition: Sequence[bool], confidence: float = 0.95) -> dict:
     """On the problems the reference solves: how many the condition still solves (the gate's
-    do-no-harm check), with a Wilson interval."""
+    do-no-harm check), with a Wilson interval; null, with the reason, when it solves none."""
     ref, cond = np.asarray(reference, bool), np.asarray(condition, bool)
     n, k = int(ref.sum()), int((ref & cond).sum())
     low, high = wilson_interval(k, n, confidence)
-    return {"n_solved": n, "still_solved": k, "retention": k / n if n else math.nan, "retention_low": low,
-            "retention_high": high}
+    entry = {"n_solved": n, "still_solved": k, "retention": k / n if n else math.nan, "retention_low": low,
+             "retention_high": high}
+    return null_for_reason(entry, ["retention", "retention_low", "retention_high"],
+                           "the reference solves none of these problems: nothing to retain")
 
 
 def choose_setting(table: pd.DataFrame, by: Sequence[str] = ("n_top", "strength"),
@@ -589,6 +592,21 @@ def auc_with_ci(score: Sequence[float], positive: Sequence[bool], n_boot: int = 
 
     low, high = paired_bootstrap_ci(score, positive, statistic, n_boot, seed, level)
     return roc_auc(score, positive > 0.5), low, high
+
+
+def probe_auc(score: Sequence[float], failed: Sequence[bool], n_boot: int = MIN_RESAMPLES, seed: int = 0,
+              level: float = 0.95) -> dict:
+    """``auc``, ``auc_low``, ``auc_high`` of the failure probe's ``score`` on held-out problems
+    (:func:`auc_with_ci`), each undefined one written as null with its reason in ``null_reasons``:
+    every problem failed or none did (a model that solves nothing), or no resample held both."""
+    auc, low, high = auc_with_ci(score, failed, n_boot, seed, level)
+    entry = {"auc": auc, "auc_low": low, "auc_high": high}
+    n_failed, n = int(np.sum(np.asarray(failed, bool))), len(failed)
+    if n_failed in (0, n):
+        return null_for_reason(entry, list(entry), f"{n_failed} of {n} held-out problems failed: an AUC needs "
+                                                   "failed and solved problems")
+    return null_for_reason(entry, ["auc_low", "auc_high"], "no bootstrap resample of the held-out problems held "
+                                                           "both failed and solved ones")
 
 
 def roc_points(score: Sequence[float], positive: Sequence[bool]) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """The preparing stages: a cached loadable copy of the model (``prepare_model``) and each prompt
-set loaded, checked, hashed and split (``prepare_prompts``)."""
+set loaded, checked, hashed and split (``prepare_prompts``). Preparing a prompt set imports
+neither torch nor transformers (one such job per prompt set)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import logging
 from pathlib import Path
 
 from neuronaudit.io import provenance, write_table
-from neuronaudit.models.loading import prepare_model
 from neuronaudit.options import PromptOptions
 from neuronaudit.prompts import load_prompt_set, prompt_table
 
@@ -16,6 +16,8 @@ log = logging.getLogger("neuronaudit")
 
 def run_prepare_model(source: str, out_dir: str | Path, revision: str | None = None) -> dict:
     """Resolve ``model.source`` and write its prepared copy and manifest to ``out_dir``."""
+    from neuronaudit.models.loading import prepare_model
+
     manifest = prepare_model(source, out_dir, revision=revision)
     log.info("prepared %s -> %s (sha256 %s)", source, manifest["path"], manifest["weight_sha256"][:12])
     return manifest

@@ -629,12 +629,12 @@ def _gate(o, split, disc: Rolled, test: Rolled, probe_neurons, probe_layers, cho
     probe.threshold = threshold
     p_held = probe.probability(x_held)
     fires = p_held >= threshold
-    auc, lo, hi = R.auc_with_ci(p_held, failed_held, o.n_boot, o.seed, o.confidence)
     k, n = int(fires.sum()), int(fires.size)
     f_lo, f_hi = wilson_interval(k, n, o.confidence)
     summary.update({"fitted": True, "converged": probe.converged, "threshold": threshold,
                     "threshold_rule": "given" if o.probe_threshold is not None else "Youden's J on discovery",
-                    "auc_discovery": R.roc_auc(p_disc, failed_disc), "auc": auc, "auc_low": lo, "auc_high": hi,
+                    "auc_discovery": R.roc_auc(p_disc, failed_disc),
+                    **R.probe_auc(p_held, failed_held, o.n_boot, o.seed, o.confidence),
                     "fired": k, "fire_rate": k / n if n else None, "fire_low": f_lo, "fire_high": f_hi,
                     "coef": probe.coef.tolist(), "policies": {}})
     table = base.assign(probability=np.concatenate([p_disc, p_held]),
