@@ -446,7 +446,7 @@ def _other_subcommands(sub, par) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("headlines", help="print a study's headline figures as a Markdown table (the report's "
-                                         "summary: value with 95% CI, published number, source file)")
+                                         "summary: value with 95%% CI, published number, source file)")
     p.add_argument("study_dir", help="results/<study> folder")
     p.set_defaults(func=cmd_headlines)
 

@@ -37,6 +37,12 @@ from neuronaudit.resources import schema_path
 SCHEMA_PATH = schema_path()
 
 
+#: The prompt sets capability is measured on: perplexity texts and answer-accuracy task groups
+#: (the keystone stage reads them among keystone.groups; the CNA rule reads them by name).
+GENERIC_SET = "generic"
+ACCURACY_GROUPS: tuple[str, ...] = ("task_knowledge", "task_arithmetic")
+
+
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
@@ -266,6 +272,11 @@ def check_references(config: dict) -> None:
         need_set("screen.universal_sets", name)
     for name in config["keystone"]["groups"]:
         need_set("keystone.groups", name)
+    missing = [g for g in (GENERIC_SET, *ACCURACY_GROUPS) if g not in config["keystone"]["groups"]]
+    if missing:
+        raise NeuronAuditError(
+            f"config key keystone.groups must include {GENERIC_SET} and {' and '.join(ACCURACY_GROUPS)} (keystone "
+            f"ablations are scored on them); missing: {missing}")
     cna = config["cna"]["behaviour"]
     if config.get("behaviours") and cna not in config["behaviours"]:
         raise NeuronAuditError(

@@ -10,6 +10,8 @@ import yaml
 
 from neuronaudit.cli import main
 from neuronaudit.config import (
+    ACCURACY_GROUPS,
+    GENERIC_SET,
     NO_FINAL_NEWLINE,
     load_config,
     load_schema,
@@ -22,6 +24,13 @@ from neuronaudit.errors import NeuronAuditError
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL = ROOT / "config" / "config.yaml"
+
+#: The sets the keystone and CNA stages score capability on, which keystone.groups must hold.
+CAPABILITY_SETS = (GENERIC_SET, *ACCURACY_GROUPS)
+
+
+def capability_sets(path) -> dict:
+    return {name: str(path) for name in CAPABILITY_SETS}
 
 
 def _one_line(capsys, argv) -> str:
@@ -204,8 +213,9 @@ def base(tiny_model_dir, tmp_path):
     """A valid config over the tiny model (4 layers × 128 MLP neurons)."""
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt_id": "a", "text": "hi"}\n')
-    return {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}},
-            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]}, "keystone": {"groups": ["p", "p"]},
+    return {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good), **capability_sets(good)}},
+            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]},
+            "keystone": {"groups": ["p", *CAPABILITY_SETS]},
             "behaviours": {"x": {"positive": "p", "negative": "p", "oracle": "format"}}, "cna": {"behaviour": "x"},
             "window": {"n_candidates": 2, "n_random": 1, "n_heldout": 2}}
 
@@ -256,7 +266,7 @@ def test_a_cuda_device_without_cuda_is_named(base, monkeypatch):
 def test_a_bad_prompt_file_is_one_line_naming_it(base, tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
-    cfg = validate_config({**base, "prompts": {"sets": {"p": str(path)}}})
+    cfg = validate_config({**base, "prompts": {"sets": {**base["prompts"]["sets"], "p": str(path)}}})
     with pytest.raises(NeuronAuditError, match=rf"prompt file '.*{message}"):
         preflight(cfg, ROOT)
 
@@ -265,7 +275,8 @@ def test_a_valid_csv_and_parquet_prompt_file_pass(base, tmp_path):
     pd.DataFrame({"text": ["a", "b"]}).to_parquet(tmp_path / "ok.parquet")
     (tmp_path / "ok.csv").write_text("text\na\n")
     for name in ("ok.parquet", "ok.csv"):
-        preflight(validate_config({**base, "prompts": {"sets": {"p": str(tmp_path / name)}}}), ROOT)
+        sets = {**base["prompts"]["sets"], "p": str(tmp_path / name)}
+        preflight(validate_config({**base, "prompts": {"sets": sets}}), ROOT)
 
 
 # --- model directories ---------------------------------------------------------------------

@@ -7,6 +7,8 @@ import pytest
 import yaml
 
 from neuronaudit.config import (
+    ACCURACY_GROUPS,
+    GENERIC_SET,
     load_config,
     load_schema,
     preflight,
@@ -16,6 +18,13 @@ from neuronaudit.config import (
 from neuronaudit.errors import NeuronAuditError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+#: The sets the keystone and CNA stages score capability on, which keystone.groups must hold.
+CAPABILITY_SETS = (GENERIC_SET, *ACCURACY_GROUPS)
+
+
+def capability_sets(path) -> dict:
+    return {name: str(path) for name in CAPABILITY_SETS}
 
 
 NAMED_MAPS = ("sets", "behaviours", "thresholds", "tasks", "difficulty")  # keys are user-chosen names (or kinds)
@@ -87,13 +96,15 @@ def test_bad_config_names_the_key(override, message):
 def test_preflight_catches_missing_inputs_and_bad_layers(tiny_model_dir, tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt_id": "a", "text": "hi"}\n')
-    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}},
-            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]}, "keystone": {"groups": ["p", "p"]}}
+    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good), **capability_sets(good)}},
+            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]},
+            "keystone": {"groups": ["p", *CAPABILITY_SETS]}}
     assert preflight(validate_config(base), ROOT).kind == "local"
     with pytest.raises(NeuronAuditError, match="layer index 7 is out of range .* with 4 layers"):
         preflight(validate_config({**base, "collect": {"layers": [7]}}), ROOT)
     with pytest.raises(NeuronAuditError, match="missing.jsonl' not found"):
-        preflight(validate_config({**base, "prompts": {"sets": {"p": str(tmp_path / "missing.jsonl")}}}), ROOT)
+        sets = {**base["prompts"]["sets"], "p": str(tmp_path / "missing.jsonl")}
+        preflight(validate_config({**base, "prompts": {"sets": sets}}), ROOT)
     with pytest.raises(NeuronAuditError, match="unknown prompt set 'q'"):
         preflight(validate_config({**base, "collect": {"sets": ["q"]}}), ROOT)
     fake = tmp_path / "fake.gguf"
@@ -105,8 +116,9 @@ def test_preflight_catches_missing_inputs_and_bad_layers(tiny_model_dir, tmp_pat
 def test_stage_references_and_judge_are_checked_before_work(tiny_model_dir, tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt_id": "a", "text": "hi"}\n')
-    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good)}},
-            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]}, "keystone": {"groups": ["p", "p"]}}
+    base = {"model": {"source": str(tiny_model_dir)}, "prompts": {"sets": {"p": str(good), **capability_sets(good)}},
+            "refusal": {"tune": False}, "screen": {"universal_sets": ["p"]},
+            "keystone": {"groups": ["p", *CAPABILITY_SETS]}}
     with pytest.raises(NeuronAuditError, match="behaviours.x.positive names unknown prompt set 'nope'"):
         preflight(validate_config(
             {**base, "behaviours": {"x": {"positive": "nope", "negative": "p", "oracle": "format"}}}), ROOT)
@@ -193,3 +205,20 @@ def test_a_batch_size_from_the_command_line_is_a_number_or_auto():
                    "reasoning": {"prefix_batch": "big"}}
     with pytest.raises(NeuronAuditError, match="reasoning.prefix_batch: 'big' is not an integer ≥ 1 or 'auto'"):
         validate_config({"prompts": {"sets": {"a": "a.jsonl"}}, **out})
+
+
+def test_keystone_groups_must_hold_the_capability_sets():
+    from neuronaudit.config import check_references, load_config
+
+    config = load_config(ROOT / "config" / "config.yaml", ["keystone={groups: [task_code, task_chat, generic]}"])
+    with pytest.raises(NeuronAuditError, match=r"keystone.groups must include generic and task_knowledge and "
+                                               r"task_arithmetic .*missing: \['task_knowledge', 'task_arithmetic'\]"):
+        check_references(config)
+
+
+def test_the_cli_help_prints():
+    from neuronaudit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0

@@ -104,6 +104,6 @@ def declaration_for(model_type: str) -> ArchitectureDeclaration:
         raise NeuronAuditError(
             f"unsupported architecture model_type={model_type!r}; supported families are "
             f"[{families}]; to add one, append an ArchitectureDeclaration to DECLARATIONS in "
-            f"neuronaudit/models/adapters.py and add its tiny config to tests/unit/test_adapters.py"
+            f"neuronaudit/models/architectures.py and add its tiny config to tests/unit/test_adapters.py"
         ) from None
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from neuronaudit.config import ACCURACY_GROUPS, GENERIC_SET
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.capability import DEFAULT_POSITIONS
 from neuronaudit.interventions.capture import LastTokenTable
@@ -49,8 +50,6 @@ log = logging.getLogger("neuronaudit")
 
 
 #: The texts of this group measure perplexity; the accuracy groups are answered.
-GENERIC_SET = "generic"
-ACCURACY_GROUPS: tuple[str, ...] = ("task_knowledge", "task_arithmetic")
 #: The curve is measured on held-out prompts (the score saw every collected prompt's activations).
 EVAL_SPLIT = "heldout"
 MAX_LENGTH = 256
