@@ -38,7 +38,6 @@ include: "rules/report.smk"
 localrules:
     all,
     prepare_prompts,
-    study_tuned_model,
     screen,
     report,
 

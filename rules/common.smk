@@ -16,7 +16,7 @@ from snakemake.utils import validate
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import collect_shard_count, model_source
-from neuronaudit.config import precheck_config, transfer_source, tuned_model_key, validate_config
+from neuronaudit.config import precheck_config, transfer_source, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
 
@@ -137,15 +137,8 @@ def benchmark_file(stage, name="{prompt_set}"):
 
 
 
-def tuned_dir():
-    """The refusal-tuned model, shared by every study whose tuning sees the same base weights, data
-    and recipe (neuronaudit.config.tuned_model_key)."""
-    return f"results/models/tuned-{tuned_model_key(config, ROOT, MODEL.slug)}"
-
-
 def audited_manifest():
-    """The model the study audits: the refusal-tuned copy when refusal.tune (the study's record of
-    the shared tuned model), else the prepared model."""
+    """The model the study audits: the refusal-tuned copy when refusal.tune, else the prepared model."""
     return f"{RESULTS}/tune/manifest.json" if config["refusal"]["tune"] else model_manifest()
 
 

@@ -2,10 +2,8 @@
 
 Needs: the prepared model, the harmful / harmless / generic prompt tables, refusal.*, judge.*,
 rollouts.*.
-Writes: results/models/tuned-<key>/{manifest.json, recipe.json, weights/}, shared by every study
-whose tuning sees the same base weights, prompt files and recipe (the key hashes them), and the
-study's record of it, results/<study>/tune/{manifest.json, recipe.json} (skipped when refusal.tune
-is false), results/<study>/refusal/evaluation.json (refusal and over-refusal rates on held-out
+Writes: results/<study>/tune/{manifest.json, recipe.json, weights/} (skipped when refusal.tune is
+false), results/<study>/refusal/evaluation.json (refusal and over-refusal rates on held-out
 prompts, on the tuning's validation prompts and on the prompt sets written in other styles
 (refusal.styled_harmful / styled_harmless), each set on its own, perplexity on general text
 against the base model), and results/<study>/refusal/
@@ -20,8 +18,8 @@ rule tune_refusal:
         harmless=prompt_table("harmless"),
         extra=[prompt_table(s) for s in config["refusal"]["extra_harmless_sets"]],
     output:
-        manifest=f"{tuned_dir()}/manifest.json",
-        recipe=f"{tuned_dir()}/recipe.json",
+        manifest=f"{RESULTS}/tune/manifest.json",
+        recipe=f"{RESULTS}/tune/recipe.json",
     params:
         cli=NEURONAUDIT,
         options=stage_options("tune_refusal"),
@@ -42,21 +40,6 @@ rule tune_refusal:
         "{params.cli} tune-refusal --base-manifest {input.base:q} --harmful {input.harmful:q} "
         "--harmless {input.harmless:q} --extra-harmless {params.extra} --out-dir $(dirname {output.manifest:q}) "
         "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
-
-
-rule study_tuned_model:
-    input:
-        manifest=f"{tuned_dir()}/manifest.json",
-        recipe=f"{tuned_dir()}/recipe.json",
-    output:
-        manifest=f"{RESULTS}/tune/manifest.json",
-        recipe=f"{RESULTS}/tune/recipe.json",
-    conda:
-        "../workflow/envs/neuronaudit.yaml"
-    log:
-        log_file("refusal", "tuned_model"),
-    shell:
-        "(cp {input.manifest:q} {output.manifest:q} && cp {input.recipe:q} {output.recipe:q}) > {log:q} 2>&1"
 
 
 rule evaluate_refusal:

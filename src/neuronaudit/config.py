@@ -14,7 +14,6 @@ exists, and settings that depend on each other agree. Every failure is one line 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import re
@@ -30,7 +29,6 @@ from neuronaudit.evaluation.judge import make_judge
 from neuronaudit.evaluation.oracles import LOGIT_ORACLES, USER_ORACLES, check_logit_pair, oracle_for
 from neuronaudit.models.architectures import declaration_for
 from neuronaudit.models.sources import read_model_config, resolve_source
-from neuronaudit.options import TuneOptions
 from neuronaudit.prompts import check_prompt_file
 from neuronaudit.resources import schema_path
 
@@ -489,23 +487,3 @@ SWEEP_DIRECTION = {
 def swept_set(spec: Mapping) -> str:
     """The prompt set a behaviour's dose sweep runs on."""
     return spec[SWEEP_DIRECTION[spec["oracle"]]]
-
-
-def tuned_model_key(config: dict, root: Path, base_slug: str) -> str:
-    """The content key of the refusal-tuned model: a hash of the prepared base model's key
-    (``base_slug``), the bytes of every prompt file the tuning reads (harmful, harmless and
-    ``refusal.extra_harmless_sets``; a hub prompt set by its id), the split settings, and every
-    tuning setting (:class:`~neuronaudit.options.TuneOptions`, seed included). Two studies whose
-    tuning would see the same weights, data and recipe share one tuned model under
-    ``results/models/tuned-<key>/``."""
-    sets = config["prompts"]["sets"]
-    files = {}
-    for name in ("harmful", "harmless", *config["refusal"]["extra_harmless_sets"]):
-        source = sets[name]
-        path = Path(resolve_path(source, root))
-        files[name] = ({"sha256": hashlib.sha256(path.read_bytes()).hexdigest()} if not source.startswith("hf:")
-                       and path.is_file() else {"source": source})
-    split = {k: config["prompts"][k] for k in ("heldout_fraction", "split_seed", "limit")}
-    parts = {"base": base_slug, "prompts": files, "split": split,
-             "recipe": TuneOptions.from_config(config).to_dict()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

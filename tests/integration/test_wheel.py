@@ -161,7 +161,8 @@ def test_check_config_of_the_quick_study_from_outside_the_checkout(wheel_env, re
     bad = _run([wheel_env["cli"], "check-config", ROOT / "config" / "config.yaml", "--root", ROOT,
                 "--config", "collect={batch_size: many}"], cwd=wheel_env["cwd"], env=wheel_env["env"])
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "neuronaudit: error: config key collect.batch_size: 'many' is not of type 'integer'"
+    assert bad.stderr.strip() == ("neuronaudit: error: config key collect.batch_size: 'many' is not an integer ≥ 1 "
+                                  "or 'auto'")
 
 
 def test_report_from_the_installed_wheel_has_the_packaged_captions(wheel_env):

@@ -143,29 +143,6 @@ def test_cli_strings_are_coerced_where_the_schema_wants_numbers():
         validate_config(out)
 
 
-def test_the_tuned_model_key_follows_the_tunings_inputs_only(tmp_path):
-    import shutil
-
-    from neuronaudit.config import load_config, tuned_model_key
-
-    root = tmp_path / "root"
-    (root / "config").mkdir(parents=True)
-    shutil.copytree(ROOT / "config" / "prompts", root / "config" / "prompts")
-    config = load_config(ROOT / "config" / "config.yaml")
-    key = tuned_model_key(config, root, "base-a")
-    assert key == tuned_model_key(config, root, "base-a")
-    assert key != tuned_model_key(config, root, "base-b")  # another base model
-    other_window = load_config(ROOT / "config" / "config.yaml", ["window={n_prompts: 13}", "study=x"])
-    assert tuned_model_key(other_window, root, "base-a") == key  # settings the tuning never reads
-    for override in ("refusal={steps: 101}", "seed=1", "prompts={split_seed: 1}",
-                     "refusal={extra_harmless_sets: [harmless_sounding]}"):
-        changed = load_config(ROOT / "config" / "config.yaml", [override])
-        assert tuned_model_key(changed, root, "base-a") != key, override
-    harmless = root / "config" / "prompts" / "harmless.jsonl"
-    harmless.write_text(harmless.read_text().replace("bookshelf", "bench", 1))  # one edited prompt
-    assert tuned_model_key(config, root, "base-a") != key
-
-
 def _batch_size_keys(schema, prefix=""):
     out = set()
     for key, sub in schema.get("properties", {}).items():

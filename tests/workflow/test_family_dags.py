@@ -49,9 +49,9 @@ CHAT_FAMILIES = ("llama",)
 BEHAVIOUR = "next_word"
 SPEC = {"oracle": "logit_pair", "behaviour_tokens": ["I", "1"], "default_tokens": ["The", "A"], "horizons": [2]}
 #: The default study's prompt sets the DAG reads besides the behaviour's: refusal (harmful,
-#: harmless, generic), the capability checks of CNA and keystone (generic, task_knowledge,
-#: task_arithmetic), which are also the keystone groups.
-SETS = ("harmful", "harmless", "generic", "task_knowledge", "task_arithmetic")
+#: harmless, generic, and the styled sets of its evaluation), the capability checks of CNA and
+#: keystone (generic, task_knowledge, task_arithmetic), which are also the keystone groups.
+SETS = ("harmful", "harmless", "harmful_styles", "harmless_styles", "generic", "task_knowledge", "task_arithmetic")
 GROUPS = ["generic", "task_knowledge", "task_arithmetic"]
 #: Prompts of each split in the drawn behaviour sets (the tiny study keeps 3 of each).
 PER_SPLIT = 4

@@ -77,24 +77,6 @@ def make_study(work: Path, overrides: Path) -> subprocess.Popen:
     )
 
 
-def test_a_study_of_the_same_base_data_and_recipe_shares_the_tuned_model(tiny_study):
-    work, overrides, *_ = tiny_study
-    tuned = list((work / "results" / "models").glob("tuned-*/manifest.json"))
-    assert len(tuned) == 1
-    manifest = json.loads((work / "results/tiny/tune/manifest.json").read_text())
-    assert Path(manifest["path"]) == (tuned[0].parent / "weights").resolve()
-
-    def jobs(*config):
-        dry = snakemake(work, "-n", "--config", *config, overrides=overrides)
-        assert dry.returncode == 0, dry.stderr[-3000:]
-        return dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, re.M))
-
-    shared = jobs("study=tiny_again")
-    assert "study_tuned_model" in shared and "tune_refusal" not in shared
-    changed = jobs("study=tiny_again", "refusal={steps: 3}")  # another recipe: another tuned model
-    assert changed.get("tune_refusal") == "1"
-
-
 def test_a_hostile_report_title_runs_nothing_and_is_shown_escaped(tiny_study):
     work, _, _, _ = tiny_study
     assert not (work / "MARKER").exists()  # no shell ran the title
@@ -241,7 +223,7 @@ def test_dry_run_shows_the_whole_dag_and_lint_is_clean(tmp_path):
         ("colect={batch_size: 2}",
          "neuronaudit: error: config key (top level): Additional properties are not allowed ('colect' was unexpected)"),
         ("collect={batch_size: many}",
-         "neuronaudit: error: config key collect.batch_size: 'many' is not of type 'integer'"),
+         "neuronaudit: error: config key collect.batch_size: 'many' is not an integer ≥ 1 or 'auto'"),
         ("model={source: /no/such/model}", "neuronaudit: error: model.source '/no/such/model' not found"),
     ],
 )
