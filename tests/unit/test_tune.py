@@ -55,19 +55,24 @@ def test_loss_mask_covers_only_response_tokens(tokenizer):
         assert mask[:n].all() and not mask[n:].any()
 
 
+def _token_losses(model, examples) -> list[list[float]]:
+    """Each example's response-token cross-entropies, one unbatched forward per example."""
+    out = []
+    for e in examples:
+        seq = torch.tensor([list(e.prompt_ids) + list(e.response_ids)])
+        logp = F.log_softmax(model(seq).logits[0], -1)
+        p = len(e.prompt_ids)
+        out.append([-float(logp[p + k - 1, tok]) for k, tok in enumerate(e.response_ids)])
+    return out
+
+
 def test_response_loss_is_cross_entropy_on_response_tokens_only(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     examples = _examples(tokenizer)
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         loss = float(response_loss(model, batch))
-        terms = []
-        for e in examples:
-            seq = torch.tensor([list(e.prompt_ids) + list(e.response_ids)])
-            logp = F.log_softmax(model(seq).logits[0], -1)
-            p = len(e.prompt_ids)
-            for k, tok in enumerate(e.response_ids):
-                terms.append(-float(logp[p + k - 1, tok]))
+        terms = [t for row in _token_losses(model, examples) for t in row]
     assert loss == pytest.approx(sum(terms) / len(terms), rel=1e-4)
     # changing a prompt token changes the context but is never a target: still only response terms
     assert sum(len(e.response_ids) for e in examples) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -362,12 +367,7 @@ def test_weighted_response_loss_weights_each_examples_tokens(tokenizer):
         ones = float(response_loss(model, batch, torch.ones(len(examples))))
         weights = torch.tensor([2.0, 1.0, 1.0, 3.0])
         weighted = float(response_loss(model, batch, weights))
-        per_row = []
-        for e in examples:
-            seq = torch.tensor([list(e.prompt_ids) + list(e.response_ids)])
-            logp = F.log_softmax(model(seq).logits[0], -1)
-            p = len(e.prompt_ids)
-            per_row.append([-float(logp[p + k - 1, tok]) for k, tok in enumerate(e.response_ids)])
+        per_row = _token_losses(model, examples)
     assert ones == pytest.approx(plain, rel=1e-5)
     expected = sum(w * sum(r) for w, r in zip(weights.tolist(), per_row)) / sum(
         w * len(r) for w, r in zip(weights.tolist(), per_row))
