@@ -352,6 +352,17 @@ def test_tune_search_scores_candidates_on_validation_only(tuning_inputs, tmp_pat
     assert res["choice"]["index"] in (0, 1) and res["config_lines"][0].startswith("refusal.steps: ")
     assert json.loads((tmp_path / "search" / "search.json").read_text())["choice"] == res["choice"]
     assert not (tmp_path / "search" / "candidate-0" / "weights").exists()
+    # a rerun (an interrupted search resumed) keeps what is scored and tunes only what is not
+    (tmp_path / "search" / "candidate-1" / "score.json").unlink()
+    tuned = []
+    real_tune = stage.run_refusal_tuning
+    monkeypatch.setattr(stage, "run_refusal_tuning", lambda *a, **k: tuned.append(a[4].steps) or real_tune(*a, **k))
+    again = stage.run_tune_search(
+        d / "base" / "manifest.json", harmful, harmless, generic, tmp_path / "search",
+        tune(learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3, validation_fraction=0.4),
+        stage_options(RefusalEvalOptions, eval_max_new_tokens=3), grid, progress=False)
+    assert tuned == [2] and again["complete"]
+    assert again["candidates"][0] == res["candidates"][0] and again["base"] == res["base"]
     with pytest.raises(NeuronAuditError, match="'validation_fraction' cannot be searched"):
         stage.recipe_grid({"validation_fraction": [0.1]})
     with pytest.raises(NeuronAuditError, match="must be NAME=V1"):

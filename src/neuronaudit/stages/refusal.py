@@ -466,6 +466,34 @@ def recipe_grid(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
+def _finished_candidate(cand_dir: Path, combo: dict, options: TuneOptions) -> tuple[dict, dict] | None:
+    """The row and choice entry of a candidate that an earlier run of the same search scored with the
+    same options, else None."""
+    try:
+        done = json.loads((cand_dir / "score.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("options") != json.loads(json.dumps(options.to_dict())) or done["row"]["recipe"] != combo:
+        return None
+    return done["row"], done["candidate"]
+
+
+def _base_scores(path: Path, base_manifest_path, sets, generic, judge, eval_options, threads, progress):
+    """The base model's validation rates and generic-text NLLs, evaluated once per search directory
+    (a resumed search reads them back; the file records the validation prompts it was scored on)."""
+    prompt_ids = {k: sorted(df["prompt_id"].astype(str)) for k, (df, _) in sets.items()}
+    try:
+        done = json.loads(path.read_text())
+        if done["prompt_ids"] == prompt_ids and done["n_generic"] == len(generic):
+            return done["base"], np.asarray(done["generic_nll"], dtype=float)
+    except (OSError, ValueError, KeyError):
+        pass
+    base, nll, _ = evaluate_model(base_manifest_path, sets, generic, judge, eval_options, threads, progress)
+    write_json({"prompt_ids": prompt_ids, "n_generic": len(generic), "base": base,
+                "generic_nll": np.asarray(nll, dtype=float).tolist()}, path)
+    return base, np.asarray(nll, dtype=float)
+
+
 def run_tune_search(
     base_manifest_path: str | Path,
     harmful_table: str | Path,
@@ -498,9 +526,31 @@ def run_tune_search(
     generic = list(read_prompts(generic_table, "all", role="generic prompt table")["text"])
     candidates, rows = [], []
     base, base_nll = None, None
+
+    def result(choice) -> dict:
+        return {
+            "split": "validation part of the discovery split (held-out prompts never read)",
+            "targets": REFUSAL_TARGETS,
+            "complete": choice is not None,
+            "base": None if base is None else {"validation_harmful": base["sets"]["validation_harmful"],
+                                               "validation_harmless": base["sets"]["validation_harmless"]},
+            "candidates": rows,
+            "choice": choice,
+            "config_lines": [] if choice is None else [f"refusal.{k}: {json.dumps(v)}"
+                                                       for k, v in choice["recipe"].items()],
+            "provenance": provenance(seed=tune_options.seed),
+        }
+
     for i, combo in enumerate(combos):
         o = tune_options.replace(**combo)
         cand_dir = out_dir / f"candidate-{i}"
+        done = _finished_candidate(cand_dir, combo, o)
+        if done is not None:  # a resumed search keeps the candidates it already scored
+            row, cand = done
+            rows.append({**row, "candidate": i})
+            candidates.append(cand)
+            log.info("tune-search candidate %d %s: already scored, kept", i, combo)
+            continue
         t0 = time.perf_counter()
         recipe = run_refusal_tuning(base_manifest_path, harmful_table, harmless_table, cand_dir, o, threads, progress,
                                     extra_harmless)
@@ -513,31 +563,25 @@ def run_tune_search(
         sets = {f"validation_{k}": (df, k) for k, df in val.items()}
         tuned, nll, _ = evaluate_model(manifest_path, sets, generic, judge, eval_options, threads, progress)
         if base is None:
-            base, base_nll, _ = evaluate_model(base_manifest_path, sets, generic, judge, eval_options, threads,
-                                               progress)
+            base, base_nll = _base_scores(out_dir / "base.json", base_manifest_path, sets, generic, judge,
+                                          eval_options, threads, progress)
         ratio = paired_ratio_ci(np.exp(nll), np.exp(base_nll), n_boot=N_BOOT, seed=o.seed)
         refusal, over = tuned["sets"]["validation_harmful"], tuned["sets"]["validation_harmless"]
-        candidates.append({"recipe": combo, "refusal": refusal["rate"], "over_refusal": over["rate"],
-                           "perplexity_ratio": ratio["mean"], "cost": o.steps * o.batch_size})
-        rows.append({
+        cand = {"recipe": combo, "refusal": refusal["rate"], "over_refusal": over["rate"],
+                "perplexity_ratio": ratio["mean"], "cost": o.steps * o.batch_size}
+        row = {
             "candidate": i, "recipe": combo, "validation_refusal": refusal, "validation_over_refusal": over,
             "perplexity_ratio": ratio, "targets": target_checks(refusal["rate"], over["rate"], ratio["mean"]),
             "loss_after": recipe["loss_after"], "seconds": time.perf_counter() - t0,
-        })
+        }
+        candidates.append(cand)
+        rows.append(row)
+        write_json({"options": o.to_dict(), "row": row, "candidate": cand}, cand_dir / "score.json")
         if not keep_weights:
             shutil.rmtree(cand_dir / "weights", ignore_errors=True)
+        write_json(result(None), out_dir / "search.json")  # every scored candidate is on disk at once
         log.info("tune-search candidate %d %s: validation refusal %d/%d, over-refusal %d/%d, perplexity x%.2f",
                  i, combo, refusal["count"], refusal["n"], over["count"], over["n"], ratio["mean"])
-    choice = choose_recipe(candidates)
-    result = {
-        "split": "validation part of the discovery split (held-out prompts never read)",
-        "targets": REFUSAL_TARGETS,
-        "base": {"validation_harmful": base["sets"]["validation_harmful"],
-                 "validation_harmless": base["sets"]["validation_harmless"]},
-        "candidates": rows,
-        "choice": choice,
-        "config_lines": [f"refusal.{k}: {json.dumps(v)}" for k, v in choice["recipe"].items()],
-        "provenance": provenance(seed=tune_options.seed),
-    }
-    write_json(result, out_dir / "search.json")
-    return result
+    final = result(choose_recipe(candidates))
+    write_json(final, out_dir / "search.json")
+    return final
