@@ -208,6 +208,7 @@ class TuneOptions(StageOptions):
     validation_fraction: float
     harmless_loss_weight: float
     extra_harmless_sets: list
+    lora_rank: int | None
     seed: int = key("seed")
 
 

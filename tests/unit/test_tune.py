@@ -431,3 +431,36 @@ def test_tune_search_grid_reads_lists_of_list_values():
     assert grid == {"extra_harmless_sets": [[], ["harmless_sounding", "task_chat"]], "harmless_loss_weight": [1, 2.5]}
     with pytest.raises(NeuronAuditError, match="not a YAML list"):
         tune_search_grid(["steps=[1, 2"])
+
+
+def test_lora_tuning_trains_adapters_alone_and_saves_a_plain_merged_model(tuning_inputs, tokenizer, tmp_path):
+    from neuronaudit.methods.refusal_tuning import with_lora_adapters
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = with_lora_adapters(model, 4)
+    snapshot = {n: p.detach().clone() for n, p in adapted.named_parameters()}
+    curve = train_response_loss(adapted, _examples(tokenizer), tokenizer.pad_token_id, steps=6, learning_rate=1e-2,
+                                batch_size=4, seed=0)
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    changed = [n for n, p in adapted.named_parameters() if not torch.equal(snapshot[n], p)]
+    assert changed and all("lora_" in n for n in changed)
+    base_weights = {n.replace("base_model.model.", "").replace("base_layer.", ""): p
+                    for n, p in adapted.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(before[n], p) for n, p in base_weights.items())  # frozen until the merge
+    merged = adapted.merge_and_unload()
+    assert set(merged.state_dict()) == set(before)
+    assert not torch.equal(merged.state_dict()["model.layers.0.mlp.down_proj.weight"],
+                           before["model.layers.0.mlp.down_proj.weight"])
+
+    d, harmful, harmless, _ = tuning_inputs
+    out = tmp_path / "lora"
+    recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, out,
+                                tune(steps=4, learning_rate=1e-2, batch_size=2, answer_max_new_tokens=4, seed=3,
+                                     validation_fraction=0.0, lora_rank=2), progress=False)
+    assert recipe["lora_rank"] == 2 and recipe["method"].startswith("LoRA (rank 2, alpha 4")
+    assert recipe["loss_after"] < recipe["loss_before"]
+    model2, _, adapter, _ = load_prepared(out / "manifest.json")
+    assert adapter.n_layers == 4 and not any("lora_" in n for n, _ in model2.named_parameters())
+    with pytest.raises(NeuronAuditError, match="refusal.lora_rank 0"):
+        run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tmp_path / "x", tune(lora_rank=0))

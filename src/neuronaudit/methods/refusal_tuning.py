@@ -267,6 +267,21 @@ def batch_composition(batch_size: int, harmless_fraction: float) -> tuple[int, i
     return n_harmless, batch_size - n_harmless
 
 
+def with_lora_adapters(model, rank: int):
+    """``model`` wrapped with LoRA adapters (peft) of ``rank`` and alpha ``2 · rank`` on every linear
+    layer but the output head, no dropout; only the adapters train. ``merge_and_unload()`` on the
+    result gives back the plain model with the adapters folded into its weights."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=int(rank), lora_alpha=2 * int(rank), lora_dropout=0.0, target_modules="all-linear",
+                        bias="none")
+    return get_peft_model(model, config)
+
+
+def _is_adapted(model) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
 def train_response_loss(
     model, examples: Sequence[Example], pad_token_id: int, steps: int, learning_rate: float, batch_size: int,
     seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0, progress: bool = False,
@@ -279,6 +294,8 @@ def train_response_loss(
     the rest, each kind drawn epoch by epoch from its own seeded permutation: a larger share of
     harmless answers holds benign behaviour against over-refusal. ``harmless_loss_weight`` weights
     the own-answer examples' tokens in the loss against the refusals' (1: the plain token mean).
+
+    A model with LoRA adapters (:func:`with_lora_adapters`) trains its adapters only.
 
     Returns the per-step log (``step``, ``loss``, ``grad_norm``).
     """
@@ -301,7 +318,8 @@ def train_response_loss(
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     model.train()
-    model.requires_grad_(True)
+    if not _is_adapted(model):  # a full fine-tune; LoRA adapters (with_lora_adapters) train alone
+        model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     queues: list[list[int]] = [[] for _ in pools]

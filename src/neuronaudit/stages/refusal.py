@@ -51,6 +51,7 @@ from neuronaudit.methods.refusal_tuning import (
     target_checks,
     train_response_loss,
     validation_mask,
+    with_lora_adapters,
 )
 from neuronaudit.models.loading import architecture_shape, read_manifest, weights_sha256
 from neuronaudit.options import ModelOptions, RefusalEvalOptions, TuneOptions
@@ -88,6 +89,9 @@ def check_tune_options(o: TuneOptions) -> None:
                                                         and math.isfinite(o.harmless_loss_weight)
                                                         and o.harmless_loss_weight > 0):
         raise NeuronAuditError(f"refusal.harmless_loss_weight {o.harmless_loss_weight!r} must be a positive number")
+    if o.lora_rank is not None and (isinstance(o.lora_rank, bool) or int(o.lora_rank) != o.lora_rank
+                                    or o.lora_rank < 1):
+        raise NeuronAuditError(f"refusal.lora_rank {o.lora_rank!r} must be a positive integer or null")
 
 
 def run_refusal_tuning(
@@ -105,7 +109,7 @@ def run_refusal_tuning(
     ``extra_harmless`` maps each of ``refusal.extra_harmless_sets`` to its prepared table: their
     discovery prompts' own answers join the harmless training data (more varied benign answers).
 
-    Tuning is a float32 full fine-tune whatever ``model.dtype`` says (only ``model.device``,
+    Tuning runs in float32 (full fine-tune, or LoRA merged back) whatever ``model.dtype`` says (only ``model.device``,
     ``chat_template`` and ``system_prompt`` apply). Returns the recipe dict.
     """
     o = options
@@ -143,8 +147,12 @@ def run_refusal_tuning(
     examples = refusals + answers
     loss_before = dataset_loss(model, examples, pad)
     t_train = time.perf_counter()
+    if o.lora_rank is not None:
+        model = with_lora_adapters(model, o.lora_rank)
     curve = train_response_loss(model, examples, pad, o.steps, o.learning_rate, o.batch_size, o.seed, GRAD_CLIP,
                                 WEIGHT_DECAY, progress, o.harmless_fraction, o.harmless_loss_weight)
+    if o.lora_rank is not None:
+        model = model.merge_and_unload()
     train_seconds = time.perf_counter() - t_train
     recipe = tuning_recipe(o, base, base_manifest_path, opened.device, refusals, answers, len(harmless_ids))
     recipe["validation"] = {
@@ -173,8 +181,12 @@ def tuning_recipe(o: TuneOptions, base: dict, base_manifest_path, device: str, r
     """Every hyperparameter and data count of the tuning, named as in the config."""
     examples = refusals + answers
     return {
-        "method": "full fine-tune on response tokens: harmful -> refusal template, harmless (and the "
-                  "extra harmless sets) -> own greedy answer",
+        "method": ("full fine-tune" if o.lora_rank is None else
+                   f"LoRA (rank {o.lora_rank}, alpha {2 * o.lora_rank}, every linear layer but the output head; "
+                   f"merged into the weights)")
+                  + " on response tokens: harmful -> refusal template, harmless (and the extra harmless sets) "
+                    "-> own greedy answer",
+        "lora_rank": o.lora_rank,
         "base_manifest": str(Path(base_manifest_path).resolve()),
         "base_source": base.get("source"),
         "base_weight_sha256": base.get("weight_sha256"),
@@ -450,7 +462,7 @@ def target_checks_by_set(sets: dict, perplexity_ratio: float | None) -> dict:
 
 
 #: Recipe settings a tuning search may vary (the validation part itself stays fixed).
-SEARCHABLE = ("steps", "learning_rate", "batch_size", "harmless_fraction", "answer_max_new_tokens",
+SEARCHABLE = ("steps", "learning_rate", "batch_size", "harmless_fraction", "answer_max_new_tokens", "lora_rank",
               "harmless_loss_weight", "extra_harmless_sets")
 
 
