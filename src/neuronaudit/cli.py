@@ -202,8 +202,18 @@ def tune_search_grid(items: list[str]) -> dict[str, list]:
                 raise NeuronAuditError(f"--grid {item!r}: {values!r} is not a YAML list of values")
             grid[name] = parsed
         else:
-            grid[name] = [yaml.safe_load(v) for v in values.split(",")]
+            grid[name] = [_grid_value(yaml.safe_load(v)) for v in values.split(",")]
     return grid
+
+
+def _grid_value(value):
+    """A grid value as YAML reads it, except that a number YAML 1.1 leaves a string (``1e-3``) is a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def cmd_tune_search(args) -> None:

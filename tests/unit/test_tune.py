@@ -429,6 +429,8 @@ def test_tune_search_grid_reads_lists_of_list_values():
 
     grid = tune_search_grid(["extra_harmless_sets=[[], [harmless_sounding, task_chat]]", "harmless_loss_weight=1,2.5"])
     assert grid == {"extra_harmless_sets": [[], ["harmless_sounding", "task_chat"]], "harmless_loss_weight": [1, 2.5]}
+    assert tune_search_grid(["learning_rate=1e-3,3.0e-4", "lora_rank=null,16"]) == {
+        "learning_rate": [1e-3, 3e-4], "lora_rank": [None, 16]}
     with pytest.raises(NeuronAuditError, match="not a YAML list"):
         tune_search_grid(["steps=[1, 2"])
 
