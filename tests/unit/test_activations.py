@@ -102,3 +102,25 @@ def test_failed_collection_leaves_no_output(llama, tokenizer, tmp_path):
     finally:
         handle.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_left_padded_batches_of_absolute_position_models_match_unpadded_forwards(family, tokenizer, tmp_path):
+    """GPT-2 and OPT add a learned embedding per position: a left-padded row must see the positions
+    it has alone, not its padding's."""
+    from neuronaudit.models.adapters import adapter_for
+    from neuronaudit.testing import tiny_model
+
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    adapter = adapter_for(model)
+    layers = [0, 1]
+    stats = collect_activations(
+        model, tokenizer, adapter, TEXTS, IDS, tmp_path / "s.parquet", tmp_path / "l.parquet",
+        layers=layers, batch_size=3, progress=False, padding_side="left",
+    ).to_pandas()
+    all_tokens, last = _direct(model, adapter, tokenizer, layers)
+    for l in layers:
+        s = stats[stats.layer == l].sort_values("neuron")
+        np.testing.assert_allclose(s["mean"], all_tokens[l].double().mean(0).numpy(), atol=1e-5)
+        ids, vectors = read_last_token(tmp_path / "l.parquet", layer=l)
+        np.testing.assert_allclose(vectors, last[l][[IDS.index(i) for i in ids]].numpy(), atol=1e-5)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuronaudit.interventions.generation import padded_position_ids
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.methods.attribution import (
     attribution_patching,
@@ -24,6 +25,7 @@ TEXTS = ["How do I bake bread at home?", "Hello!", "What is 7 plus 5?"]
 def _metric(model, tokenizer, beh, dflt, plan=None):
     tokenizer.padding_side = "left"
     enc = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    enc["position_ids"] = padded_position_ids(enc["attention_mask"])  # as each prompt alone
     with torch.no_grad():
         if plan is None:
             logits = model(**enc).logits
@@ -55,7 +57,7 @@ def test_gradient_matches_finite_difference_at_the_last_token(llama, tokenizer):
 def test_the_gradient_reaches_the_mlp_sites_of_every_family(family, tokenizer):
     """OPT flattens the MLP activation to [batch * chunk, n] before its output projection; the
     gradient at the [batch, chunk, n] view the hooks read must still equal finite differences.
-    One batch, as the finite differences are taken (GPT-2 reads left padding into its positions)."""
+    One batch, as the finite differences are taken."""
     model = tiny_model(family, vocab_size=len(tokenizer))
     model._adapter = adapter = adapter_for(model)
     beh, dflt = opening_token_ids(tokenizer, ["I"]), opening_token_ids(tokenizer, ["The"])
@@ -128,3 +130,16 @@ def test_per_row_token_sets_equal_shared_sets_row_by_row():
     per_row = behaviour_metric(logits, [[1], [2, 3], [4]], [[5], [6], [7, 8]])
     for r, (b, d) in enumerate([([1], [5]), ([2, 3], [6]), ([4], [7, 8])]):
         assert per_row[r] == pytest.approx(float(behaviour_metric(logits[r : r + 1], b, d)[0]), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_gradient_scores_do_not_depend_on_the_batching(family, tokenizer):
+    """Prompts one at a time (no padding) and three in a left-padded batch give the same scores:
+    models with absolute positions (GPT-2, OPT) must not read the padding into them."""
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    adapter = adapter_for(model)
+    beh, dflt = opening_token_ids(tokenizer, ["I"]), opening_token_ids(tokenizer, ["The"])
+    alone = gradient_scores(model, tokenizer, adapter, TEXTS, beh, dflt, batch_size=1)
+    batched = gradient_scores(model, tokenizer, adapter, TEXTS, beh, dflt, batch_size=len(TEXTS))
+    np.testing.assert_allclose(batched["metric"], alone["metric"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(batched["grad"], alone["grad"], rtol=1e-3, atol=1e-6)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.finite import finite_checks
+from neuronaudit.interventions.generation import padded_position_ids
 from neuronaudit.interventions.hooks import ForwardContext, NeuronHooks, StopForward
 from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.io import (
@@ -179,7 +180,8 @@ def collect_activations(
         enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding="max_length", max_length=width,
                             return_tensors="pt").to(device)
         try:
-            adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            adapter.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                         position_ids=padded_position_ids(enc["attention_mask"]), use_cache=False)
         except StopForward:
             pass
         except NonFiniteError as err:  # name the prompt of the batch row

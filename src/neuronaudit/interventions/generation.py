@@ -57,6 +57,14 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int,
     return ids, mask
 
 
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position counted over the real tokens of its row (0 at the first one; padding
+    gets a position it never uses). Passed as ``position_ids`` to a forward without a KV cache, a
+    left-padded row sees the positions it has alone: models with absolute position embeddings
+    (GPT-2, OPT) would otherwise read the padding into them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def _entropy_recorder():
 
     class EntropyRecorder(LogitsProcessor):

@@ -49,6 +49,7 @@ import torch
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.evaluation.stats import spearman_permutation_bca
 from neuronaudit.interventions.finite import check_finite, finite_checks
+from neuronaudit.interventions.generation import padded_position_ids
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.io import null_for_reason
@@ -125,7 +126,7 @@ def gradient_scores(
         handle = embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         try:
             with torch.enable_grad(), finite_checks(adapter), NeuronHooks(adapter, on_activation=on_activation):
-                logits = model(**enc, use_cache=False).logits
+                logits = model(**enc, position_ids=padded_position_ids(enc["attention_mask"]), use_cache=False).logits
                 rows = torch.arange(logits.shape[0], device=device)
                 m = behaviour_metric(logits[rows, last["index"]], _batch_ids(behaviour_ids, batch),
                                      _batch_ids(default_ids, batch))

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from neuronaudit.errors import NeuronAuditError
-from neuronaudit.interventions.generation import encode_prompts, left_pad, pad_id
+from neuronaudit.interventions.generation import encode_prompts, left_pad, pad_id, padded_position_ids
 from neuronaudit.interventions.hooks import NeuronEdit, NeuronHooks, ResidualEdit
 from neuronaudit.interventions.memory import split_on_oom
 
@@ -121,7 +121,8 @@ def residual_means(
         got.clear()
         ids_, mask = left_pad([ids[i] for i in batch], pad_id(tokenizer), width)
         with torch.inference_mode(), NeuronHooks(adapter, on_resid=read, layers=list(sums)):
-            adapter.base(input_ids=ids_.to(device), attention_mask=mask.to(device))
+            adapter.base(input_ids=ids_.to(device), attention_mask=mask.to(device),
+                         position_ids=padded_position_ids(mask).to(device))
         return [{layer: got[layer][r] for layer in sums} for r in range(len(batch))]
 
     for start in range(0, len(ids), batch_size):
