@@ -209,6 +209,7 @@ class TuneOptions(StageOptions):
     harmless_loss_weight: float
     extra_harmless_sets: list
     lora_rank: int | None
+    harmless_loss: str
     seed: int = key("seed")
 
 

@@ -1,6 +1,7 @@
 """Refusal tuning: loss mask, a few steps lower the response loss, outputs and recipe."""
 
 import json
+import math
 import random
 
 import pandas as pd
@@ -466,3 +467,42 @@ def test_lora_tuning_trains_adapters_alone_and_saves_a_plain_merged_model(tuning
     assert adapter.n_layers == 4 and not any("lora_" in n for n, _ in model2.named_parameters())
     with pytest.raises(NeuronAuditError, match="refusal.lora_rank 0"):
         run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tmp_path / "x", tune(lora_rank=0))
+
+
+def test_kl_to_base_loss_is_the_reference_distributions_kl_on_harmless_rows(tokenizer):
+    """Rows marked for KL score KL(reference ‖ model) per response token, the other rows their
+    tokens' cross-entropy; the mean runs over every response token, as the plain loss does."""
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    reference = tiny_model("llama", vocab_size=len(tokenizer), seed=1)
+    examples = _examples(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    rows = torch.tensor([False, True, True, False])
+    with torch.no_grad():
+        ref_logits = reference(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+        got = float(response_loss(model, batch, reference_logits=ref_logits, kl_rows=rows))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_row = _token_losses(model, examples)
+    terms, k = [], 0
+    for r, e in enumerate(examples):
+        if not rows[r]:
+            terms += per_row[r]
+            continue
+        start = len(e.prompt_ids) - 1
+        for t in range(start, start + len(e.response_ids)):
+            p, q = F.log_softmax(ref_logits[k, t].double(), -1), F.log_softmax(logits[r, t].double(), -1)
+            terms.append(float((p.exp() * (p - q)).sum()))
+        k += 1
+    assert got == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+    with torch.no_grad():  # against itself the KL rows cost nothing
+        own = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+        alone = float(response_loss(model, batch, reference_logits=own, kl_rows=rows))
+    ce_rows = [t for r in (0, 3) for t in per_row[r]]
+    assert alone == pytest.approx(sum(ce_rows) / len(terms), rel=1e-4)
+    examples = [Example(e.prompt_ids, e.response_ids, "own_answer" if rows[i] else "refusal")
+                for i, e in enumerate(examples)]
+    curve = train_response_loss(model, examples, tokenizer.pad_token_id, steps=3, learning_rate=1e-3, batch_size=4,
+                                seed=0, harmless_loss="kl_to_base")
+    assert len(curve) == 3 and all(math.isfinite(c["loss"]) for c in curve)
+    with pytest.raises(NeuronAuditError, match="refusal.harmless_loss 'mse'"):
+        train_response_loss(model, examples, tokenizer.pad_token_id, steps=1, learning_rate=1e-3, batch_size=2,
+                            seed=0, harmless_loss="mse")

@@ -35,6 +35,7 @@ prompts, perplexity against the base model) are :mod:`neuronaudit.stages.refusal
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -103,14 +104,39 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def response_loss(model, batch: Mapping[str, torch.Tensor], row_weights: torch.Tensor | None = None) -> torch.Tensor:
+#: What the harmless (own-answer) examples are trained towards: the answer's tokens
+#: (``cross_entropy``) or the base model's whole next-token distribution along the answer
+#: (``kl_to_base``: KL(base ‖ tuned) per response token, which keeps the base model's uncertainty
+#: instead of sharpening it onto its own greedy tokens).
+HARMLESS_LOSSES = ("cross_entropy", "kl_to_base")
+
+
+def response_loss(model, batch: Mapping[str, torch.Tensor], row_weights: torch.Tensor | None = None,
+                  reference_logits: torch.Tensor | None = None, kl_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the response tokens of a batch; with ``row_weights``
     (one per example) each token's term is weighted by its example's weight and the sum divided
-    by the summed weights of the terms (weights all 1: the plain token mean)."""
+    by the summed weights of the terms (weights all 1: the plain token mean).
+
+    With ``reference_logits`` (a reference model's logits for the rows ``kl_rows``, a boolean mask
+    over the batch), the term of those rows' response tokens is KL(reference ‖ model) of the
+    next-token distributions instead of the cross-entropy of the token."""
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
     labels = batch["labels"].to(device)
+    if reference_logits is not None:
+        rows = kl_rows.to(device)
+        terms = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                                reduction="none")
+        logp = F.log_softmax(logits[rows, :-1].float(), dim=-1)
+        ref_logp = F.log_softmax(reference_logits.to(device)[:, :-1].float(), dim=-1)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        terms = terms.clone()
+        terms[rows] = kl
+        used = labels[:, 1:] != IGNORE_INDEX
+        weights = (torch.ones(len(ids), device=device) if row_weights is None
+                   else row_weights.to(device=device, dtype=terms.dtype))[:, None] * used
+        return (torch.where(used, terms, 0.0) * weights).sum() / weights.sum()
     if row_weights is None:
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
@@ -282,10 +308,23 @@ def _is_adapted(model) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
+def _reference_logits(model, reference, batch: Mapping[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The untuned model's logits for the ``rows`` of ``batch``: ``reference`` (a frozen copy), or
+    ``model`` with its LoRA adapters switched off."""
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"][rows].to(device), batch["attention_mask"][rows].to(device)
+    with torch.no_grad():
+        if reference is not None:
+            return reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with model.disable_adapter():
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
 def train_response_loss(
     model, examples: Sequence[Example], pad_token_id: int, steps: int, learning_rate: float, batch_size: int,
     seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0, progress: bool = False,
     harmless_fraction: float | None = None, harmless_loss_weight: float = 1.0,
+    harmless_loss: str = "cross_entropy",
 ) -> list[dict]:
     """AdamW on the response loss; batches drawn epoch by epoch from a seeded permutation.
 
@@ -296,6 +335,9 @@ def train_response_loss(
     the own-answer examples' tokens in the loss against the refusals' (1: the plain token mean).
 
     A model with LoRA adapters (:func:`with_lora_adapters`) trains its adapters only.
+    ``harmless_loss`` (:data:`HARMLESS_LOSSES`) ``kl_to_base`` trains the own-answer examples towards
+    the untuned model's next-token distributions (a frozen copy, or the model with its adapters
+    switched off) instead of their tokens.
 
     Returns the per-step log (``step``, ``loss``, ``grad_norm``).
     """
@@ -306,6 +348,8 @@ def train_response_loss(
         raise NeuronAuditError(
             f"steps {steps!r}, batch_size {batch_size!r} and learning_rate {learning_rate!r} must be positive"
         )
+    if harmless_loss not in HARMLESS_LOSSES:
+        raise NeuronAuditError(f"refusal.harmless_loss {harmless_loss!r} must be one of {list(HARMLESS_LOSSES)}")
     if not examples:
         raise NeuronAuditError("no training examples for the refusal tuning")
     pools = [list(range(len(examples)))]
@@ -315,6 +359,9 @@ def train_response_loss(
         pools = [[i for i, e in enumerate(examples) if e.kind == kind] for kind in ("own_answer", "refusal")]
         if not all(pools):
             raise NeuronAuditError("refusal tuning harmless_fraction needs both refusal and own-answer examples")
+    reference = None
+    if harmless_loss == "kl_to_base" and not _is_adapted(model):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)  # the untuned model, frozen
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     model.train()
@@ -335,7 +382,12 @@ def train_response_loss(
         chosen = [examples[i] for i in idx]
         weights = None if harmless_loss_weight == 1.0 else torch.tensor(
             [harmless_loss_weight if e.kind == "own_answer" else 1.0 for e in chosen])
-        loss = response_loss(model, collate(chosen, pad_token_id), weights)
+        batch = collate(chosen, pad_token_id)
+        kl_rows = torch.tensor([e.kind == "own_answer" for e in chosen])
+        if harmless_loss == "kl_to_base" and kl_rows.any():
+            loss = response_loss(model, batch, weights, _reference_logits(model, reference, batch, kl_rows), kl_rows)
+        else:
+            loss = response_loss(model, batch, weights)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         for site, v in (("training loss", float(loss.detach())), ("gradient norm", grad_norm)):

@@ -39,6 +39,7 @@ from neuronaudit.io import atomic_path, provenance, write_json, write_table
 from neuronaudit.methods.refusal_tuning import (
     GEN_BATCH_SIZE,
     GRAD_CLIP,
+    HARMLESS_LOSSES,
     REFUSAL_TARGETS,
     REFUSAL_TEMPLATES,
     VALIDATION_SALT,
@@ -89,6 +90,8 @@ def check_tune_options(o: TuneOptions) -> None:
                                                         and math.isfinite(o.harmless_loss_weight)
                                                         and o.harmless_loss_weight > 0):
         raise NeuronAuditError(f"refusal.harmless_loss_weight {o.harmless_loss_weight!r} must be a positive number")
+    if o.harmless_loss not in HARMLESS_LOSSES:
+        raise NeuronAuditError(f"refusal.harmless_loss {o.harmless_loss!r} must be one of {list(HARMLESS_LOSSES)}")
     if o.lora_rank is not None and (isinstance(o.lora_rank, bool) or int(o.lora_rank) != o.lora_rank
                                     or o.lora_rank < 1):
         raise NeuronAuditError(f"refusal.lora_rank {o.lora_rank!r} must be a positive integer or null")
@@ -150,7 +153,8 @@ def run_refusal_tuning(
     if o.lora_rank is not None:
         model = with_lora_adapters(model, o.lora_rank)
     curve = train_response_loss(model, examples, pad, o.steps, o.learning_rate, o.batch_size, o.seed, GRAD_CLIP,
-                                WEIGHT_DECAY, progress, o.harmless_fraction, o.harmless_loss_weight)
+                                WEIGHT_DECAY, progress, o.harmless_fraction, o.harmless_loss_weight,
+                                o.harmless_loss)
     if o.lora_rank is not None:
         model = model.merge_and_unload()
     train_seconds = time.perf_counter() - t_train
@@ -185,7 +189,8 @@ def tuning_recipe(o: TuneOptions, base: dict, base_manifest_path, device: str, r
                    f"LoRA (rank {o.lora_rank}, alpha {2 * o.lora_rank}, every linear layer but the output head; "
                    f"merged into the weights)")
                   + " on response tokens: harmful -> refusal template, harmless (and the extra harmless sets) "
-                    "-> own greedy answer",
+                    + ("-> own greedy answer" if o.harmless_loss == "cross_entropy" else
+                       "-> the base model's next-token distributions along its own greedy answer (KL)"),
         "lora_rank": o.lora_rank,
         "base_manifest": str(Path(base_manifest_path).resolve()),
         "base_source": base.get("source"),
@@ -201,6 +206,7 @@ def tuning_recipe(o: TuneOptions, base: dict, base_manifest_path, device: str, r
         "batch_size": o.batch_size,
         "harmless_fraction": o.harmless_fraction,
         "harmless_loss_weight": o.harmless_loss_weight,
+        "harmless_loss": o.harmless_loss,
         "extra_harmless_sets": list(o.extra_harmless_sets),
         "grad_clip": GRAD_CLIP,
         "dtype": "float32",
@@ -463,7 +469,7 @@ def target_checks_by_set(sets: dict, perplexity_ratio: float | None) -> dict:
 
 #: Recipe settings a tuning search may vary (the validation part itself stays fixed).
 SEARCHABLE = ("steps", "learning_rate", "batch_size", "harmless_fraction", "answer_max_new_tokens", "lora_rank",
-              "harmless_loss_weight", "extra_harmless_sets")
+              "harmless_loss", "harmless_loss_weight", "extra_harmless_sets")
 
 
 def recipe_grid(grid: dict[str, list]) -> list[dict]:
