@@ -451,6 +451,12 @@ def test_lora_tuning_trains_adapters_alone_and_saves_a_plain_merged_model(tuning
     base_weights = {n.replace("base_model.model.", "").replace("base_layer.", ""): p
                     for n, p in adapted.named_parameters() if "lora_" not in n}
     assert all(torch.equal(before[n], p) for n, p in base_weights.items())  # frozen until the merge
+    # the KL reference of a LoRA model is the model with its adapters off: at step 0 the KL rows cost 0
+    kinds = [Example(e.prompt_ids, e.response_ids, "own_answer") for e in _examples(tokenizer)]
+    fresh = with_lora_adapters(tiny_model("llama", vocab_size=len(tokenizer)), 2)
+    first = train_response_loss(fresh, kinds, tokenizer.pad_token_id, steps=2, learning_rate=1e-2, batch_size=4,
+                                seed=0, harmless_loss="kl_to_base")
+    assert first[0]["loss"] == pytest.approx(0.0, abs=1e-6) and math.isfinite(first[1]["loss"])
     merged = adapted.merge_and_unload()
     assert set(merged.state_dict()) == set(before)
     assert not torch.equal(merged.state_dict()["model.layers.0.mlp.down_proj.weight"],
