@@ -16,6 +16,7 @@ from snakemake.utils import validate
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import collect_shard_count, model_source
+from neuronaudit.shards import sweep_shard_count
 from neuronaudit.config import precheck_config, transfer_source, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
@@ -116,6 +117,14 @@ def collect_shards(what):
         return [shard_table(what, wildcards.prompt_set, k) for k in range(n)]
 
     return paths
+
+
+def window_sweep_tables():
+    """The window's sweep-job tables (window.shard_size > 0), every behaviour's blocks in order;
+    none when the window job sweeps itself."""
+    w = config["window"]
+    n = sweep_shard_count(w["n_candidates"], w["n_random"], len(config["behaviours"]), w["shard_size"])
+    return [f"{RESULTS}/window/shards/{b}.{k}.parquet" for b in config["behaviours"] for k in range(n)]
 
 
 def preconditions_json():

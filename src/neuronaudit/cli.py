@@ -119,7 +119,15 @@ def cmd_window(args) -> None:
     _stage("window").run_window(args.manifest, _named(args.screens, "--screens"), _named(args.prompts, "--prompts"),
                                 args.generic, _json_arg(args.behaviours, "--behaviours"), args.out_sweeps,
                                 args.out_single_pass, args.out_window, args.out_summary,
-                                _options(args, opts.WindowOptions), threads=args.threads)
+                                _options(args, opts.WindowOptions), threads=args.threads,
+                                sweep_shards=args.sweep_shards or None)
+
+
+def cmd_window_sweep(args) -> None:
+    _stage("window").run_window_sweep(args.manifest, _named(args.screens, "--screens"),
+                                      _named(args.prompts, "--prompts"), args.generic,
+                                      _json_arg(args.behaviours, "--behaviours"), args.behaviour, args.shard,
+                                      args.out_sweeps, _options(args, opts.WindowOptions), threads=args.threads)
 
 
 def cmd_attribution(args) -> None:
@@ -322,6 +330,7 @@ _SIMPLE_INPUTS = {
     "screen": ["--behaviour", "--pos-last-token", "--neg-last-token", "--pos-prompts", "--neg-prompts"],
     "cna": ["--circuit", "--harmful", "--negative", "--generic"],
     "window": ["--generic"],
+    "window-sweep": ["--generic", "--behaviour"],
     "attribution": ["--window", "--sweeps"],
 }
 
@@ -330,6 +339,9 @@ _LIST_INPUTS = {
     "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
     "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
     "preconditions": [("--prompts", dict(nargs="+", required=True, metavar="SET=TABLE"))],
+    "window": [("--sweep-shards", dict(nargs="*", default=[], metavar="TABLE",
+                                       help="tables of window-sweep jobs: merged instead of sweeping here"))],
+    "window-sweep": [("--shard", dict(type=int, required=True, help="block of window.shard_size candidates"))],
     "tune-refusal": [("--extra-harmless", dict(nargs="*", default=[], metavar="SET=TABLE",
                                                help="prepared tables of refusal.extra_harmless_sets"))],
     "evaluate-refusal": [("--styled", dict(nargs="*", default=[], metavar="KIND=TABLE",
@@ -373,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         "window": ("control-window dose sweeps, ceilings, triggers and verdicts",
                    ["manifest", "threads", "options", "behaviours", "gate"],
                    ["sweeps", "single-pass", "window", "summary"], cmd_window),
+        "window-sweep": ("one sweep job of the control window: a behaviour's block of candidates (window.shard_size)",
+                         ["manifest", "threads", "options", "behaviours", "gate"], ["sweeps"], cmd_window_sweep),
         "attribution": ("gradient vs forward attribution against measured control",
                         ["manifest", "threads", "options", "behaviours"], ["scores", "summary"], cmd_attribution),
         "preconditions": ("audit preconditions: tokenizer coverage, baseline behaviour, oracle, judge",

@@ -49,6 +49,7 @@ RULE_COSTS: dict[str, RuleCost] = {
     "cna": RuleCost(None, 2500, 30, 20),
     "keystone": RuleCost(None, 2500, 20, 15),
     "window": RuleCost(None, 3000, 60, 30),
+    "window_sweep": RuleCost(None, 3000, 50, 20),  # one behaviour's block of candidates (window.shard_size)
     "attribution": RuleCost(None, 3000, 20, 15),
     "sufficient": RuleCost(None, 3000, 40, 20),
     "reasoning": RuleCost(None, 3000, 60, 30),

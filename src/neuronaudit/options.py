@@ -310,6 +310,7 @@ class WindowOptions(StageOptions):
     row_batch_size: BatchSize
     max_length: int
     search: str
+    shard_size: int
     seed: int = key("seed")
 
 

@@ -1,4 +1,5 @@
-"""Collection split into shards of prompts, and the shards joined into the tables one job writes.
+"""Collection split into shards of prompts, and the shards joined into the tables one job writes;
+the count of the control window's sweep jobs (:func:`sweep_shard_count`).
 
 ``collect.shard_size: n`` makes collection one job per ``n`` prompts of a set (shard ``k`` takes
 rows ``k·n … (k+1)·n − 1`` of the set's collected split, in table order); :func:`merge_stats`
@@ -26,6 +27,19 @@ def n_shards(n_prompts: int, shard_size: int) -> int:
     if shard_size < 1:
         raise NeuronAuditError(f"collect.shard_size {shard_size!r} must be at least 1 to shard")
     return max(1, math.ceil(n_prompts / shard_size))
+
+
+def sweep_shard_count(n_candidates: int, n_random: int, n_behaviours: int, shard_size: int) -> int:
+    """Sweep jobs per behaviour with ``window.shard_size`` candidates each (0: none, the window job
+    sweeps): enough for the most candidates a behaviour can get (``n_candidates`` screened and its
+    share of the ``n_random`` controls, which go to the behaviours in turn)."""
+    if shard_size < 0 or isinstance(shard_size, bool):
+        raise NeuronAuditError(f"window.shard_size {shard_size!r} must be 0 (no sweep jobs) or a positive number "
+                               f"of candidates per job")
+    if shard_size == 0:
+        return 0
+    most = n_candidates + math.ceil(n_random / max(n_behaviours, 1))
+    return max(1, math.ceil(most / shard_size))
 
 
 def shard_rows(n_prompts: int, shard_size: int, shard: int) -> range:

@@ -606,6 +606,53 @@ def search_record(record: Mapping, rollouts=None, n_prompts: int | None = None) 
             "visited_grid_indices": record.get("visited")}
 
 
+def candidate_block(neurons: pd.DataFrame, behaviour: str, shard: int, shard_size: int) -> pd.DataFrame:
+    """Shard ``shard``'s candidates of ``behaviour``: rows ``shard·size … (shard + 1)·size − 1`` of
+    its candidates in :func:`pick_candidates` order (empty past the last one)."""
+    if shard_size < 1 or shard < 0:
+        raise NeuronAuditError(f"window shard {shard!r} of size {shard_size!r}: both must be non-negative, the size "
+                               f"at least 1")
+    own = neurons[neurons["behaviour"] == behaviour]
+    return own.iloc[shard * shard_size:(shard + 1) * shard_size]
+
+
+def merge_sweep_shards(frames: Sequence[pd.DataFrame], records: Sequence[Mapping]) -> tuple[pd.DataFrame, dict]:
+    """One behaviour's sweep table and search record (:func:`search_record` form) from its sweep
+    jobs, in shard order. Every non-empty shard rolls out ``x = 0`` (greedy, the same rollouts);
+    the first one's rows are kept. Rows come in the unsharded sweep's order (horizon, prompt, then
+    ``x = 0`` and the candidates' points). Rollout counts add up with ``x = 0`` counted once; the
+    jobs run their rounds side by side, so ``n_rounds`` is the most of any job and
+    ``rows_per_round`` adds up round by round; ``seconds`` adds up the jobs' rollout time."""
+    if len(frames) != len(records) or not frames:
+        raise NeuronAuditError("merging a behaviour's sweep shards needs one record per shard table, at least one")
+    kept, seen_baseline = [], False
+    for frame in frames:
+        if frame.empty:
+            continue
+        if seen_baseline:
+            frame = frame[frame["kind"] != "baseline"]
+        seen_baseline = True
+        kept.append(frame)
+    if not kept:
+        raise NeuronAuditError("every sweep shard of a behaviour is empty: the behaviour has no candidate neurons")
+    sweeps = pd.concat(kept, ignore_index=True)
+    prompt_rank = {p: k for k, p in enumerate(pd.unique(kept[0]["prompt_id"]))}
+    sweeps = (sweeps.assign(_h=sweeps["horizon"], _p=sweeps["prompt_id"].map(prompt_rank))
+              .sort_values(["_h", "_p"], kind="stable").drop(columns=["_h", "_p"]).reset_index(drop=True))
+    base = max(int(r.get("baseline_rollouts", 0)) for r in records)
+    done = sum(int(r["n_rollouts"]) - int(r.get("baseline_rollouts", 0)) for r in records) + base
+    full = sum(int(r["n_rollouts_full_grid"]) - int(r.get("baseline_rollouts", 0)) for r in records) + base
+    n_rounds = max(int(r["n_rounds"]) for r in records)
+    per_round = [sum(int(r["rows_per_round"][k]) for r in records if k < len(r["rows_per_round"]))
+                 for k in range(n_rounds)]
+    visited = {k: v for r in records for k, v in (r.get("visited_grid_indices") or {}).items()} or None
+    record = {"search": records[0]["search"], "n_rollouts": done, "n_rollouts_full_grid": full,
+              "rollout_ratio": done / full if full else float("nan"), "n_rounds": n_rounds,
+              "rows_per_round": per_round, "seconds": float(sum(float(r["seconds"]) for r in records)),
+              "visited_grid_indices": visited, "n_jobs": len(records)}
+    return sweeps, record
+
+
 def search_summary(mode: str, by_behaviour: Mapping[str, Mapping], table: pd.DataFrame) -> dict:
     """The summary's search fields: ``n_rollouts`` and ``n_rollouts_full_grid`` over every behaviour
     and ``dose_search`` (mode, definition, per behaviour, and how many ceilings and triggers have grid

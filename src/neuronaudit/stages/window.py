@@ -42,6 +42,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +51,7 @@ import pyarrow as pa
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import RuleThresholds, make_judge
 from neuronaudit.interventions.memory import RowLoad
-from neuronaudit.io import provenance, write_json, write_table
+from neuronaudit.io import provenance, read_provenance, write_json, write_table
 from neuronaudit.methods import window as law
 from neuronaudit.methods.window import (
     BehaviourRollouts,
@@ -88,6 +89,133 @@ def behaviour_horizons(spec: Mapping, o: WindowOptions) -> list[int]:
     return sorted({int(h) for h in (spec.get("horizons") or o.horizons)})
 
 
+@dataclass
+class _Setup:
+    """What every window job reads and derives before sweeping: options with resolved batch sizes,
+    the judge, the swept prompts, the opened model, the candidates and the generic geometry."""
+
+    options: WindowOptions
+    judge: object
+    swept: dict
+    opened: object
+    neurons: pd.DataFrame
+    geometry: pd.DataFrame
+    generic: list
+
+
+def _setup(manifest_path, screen_scores, behaviour_prompts, generic_table, behaviours, options: WindowOptions,
+           threads, swept_behaviours) -> _Setup:
+    o, m = options, options.model
+    judge = make_judge(o.judge.judge_config())
+    check_window_options(o)
+    for b in behaviours:
+        if b not in screen_scores:
+            raise NeuronAuditError(f"behaviour {b!r} needs a screen table and a prompt table")
+    for b in swept_behaviours:
+        if b not in behaviour_prompts:
+            raise NeuronAuditError(f"behaviour {b!r} needs a screen table and a prompt table")
+    screens = {b: read_table(screen_scores[b], "screen table") for b in behaviours}
+    generic = read_prompts(generic_table, "all", o.n_generic, role="generic prompt table")["text"].tolist()
+    swept = {b: read_prompts(behaviour_prompts[b], "heldout", o.n_prompts,
+                             role=f"prompt table of behaviour {b!r}") for b in swept_behaviours}
+    opened = open_model(manifest_path, m, threads)
+    # a dosed row: one token per step against its own copy of the prompt's cache and its rollout
+    longest = max((h for spec in behaviours.values() for h in behaviour_horizons(spec, o)), default=max(o.horizons))
+    load = RowLoad(tokens=1, cached=PROMPT_TOKENS + longest)
+    o = resolve_batch_sizes(opened.model, opened.adapter, o, {"window.row_batch_size": load})
+    # every job picks the candidates of every behaviour (random controls are drawn across behaviours)
+    neurons = pick_candidates(screens, o.n_candidates, o.n_random, opened.adapter.n_layers, opened.adapter.n_neurons,
+                              o.seed, n_top=o.n_top)
+    geometry = law.generic_geometry(opened.model, opened.tokenizer, opened.adapter, generic)
+    return _Setup(o, judge, swept, opened, neurons, geometry, generic)
+
+
+def _sweep(setup: _Setup, behaviour: str, spec: Mapping, neurons: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """One behaviour's sweep of ``neurons`` and its search record (:func:`search_record` form)."""
+    o, m, opened = setup.options, setup.options.model, setup.opened
+    rollouts = BehaviourRollouts(opened.model, opened.tokenizer, opened.adapter, setup.judge, behaviour, spec,
+                                 setup.swept[behaviour], behaviour_horizons(spec, o), m.chat_template, m.system_prompt,
+                                 o.row_batch_size)
+    frame, record = sweep_behaviour_search(rollouts, neurons, setup.geometry, o.x_grid, behaviour_horizons(spec, o),
+                                           o.search)
+    searched = search_record(record, rollouts, len(setup.swept[behaviour]))
+    log.info("%s: %s search, %d rollouts of %d on the full grid (%.0f%%) in %d batched calls, %.1f s",
+             behaviour, o.search, searched["n_rollouts"], searched["n_rollouts_full_grid"],
+             100 * searched["rollout_ratio"], rollouts.n_calls, rollouts.seconds)
+    return frame, searched
+
+
+def run_window_sweep(
+    manifest_path: str | Path,
+    screen_scores: Mapping[str, str | Path],
+    behaviour_prompts: Mapping[str, str | Path],
+    generic_table: str | Path,
+    behaviours: Mapping[str, Mapping],
+    behaviour: str,
+    shard: int,
+    out_sweeps: str | Path,
+    options: WindowOptions,
+    threads: int | None = None,
+) -> dict:
+    """One sweep job (``window.shard_size > 0``): shard ``shard`` of ``behaviour``'s candidates
+    (:func:`~neuronaudit.methods.window.candidate_block`) swept as the window job would sweep them,
+    x = 0 included; writes the sweep rows with the job's search record, behaviour, shard and
+    candidates in the table's provenance (an empty table past the last candidate). Returns the
+    search record."""
+    if behaviour not in behaviours:
+        raise NeuronAuditError(f"window sweep: unknown behaviour {behaviour!r}; the study has {sorted(behaviours)}")
+    if options.shard_size < 1:
+        raise NeuronAuditError(f"window sweep jobs need window.shard_size >= 1, not {options.shard_size!r}")
+    setup = _setup(manifest_path, screen_scores, behaviour_prompts, generic_table, behaviours, options, threads,
+                   [behaviour])
+    block = law.candidate_block(setup.neurons, behaviour, shard, options.shard_size)
+    n_prompts = len(setup.swept[behaviour])
+    if block.empty:
+        frame = pd.DataFrame()
+        searched = {"search": options.search, "n_rollouts": 0, "n_rollouts_full_grid": 0, "rollout_ratio": None,
+                    "n_rounds": 0, "rows_per_round": [], "seconds": 0.0, "visited_grid_indices": None}
+    else:
+        frame, searched = _sweep(setup, behaviour, behaviours[behaviour], block)
+    searched["baseline_rollouts"] = 0 if block.empty else n_prompts
+    m = options.model
+    prov = provenance(model_id=setup.opened.manifest.get("source"),
+                      weight_sha256=setup.opened.manifest.get("weight_sha256"), dtype=m.dtype, seed=options.seed,
+                      behaviour=behaviour, shard=int(shard), shard_size=int(options.shard_size),
+                      candidates=[[int(r.layer), int(r.neuron)] for r in block.itertuples()],
+                      search_record=searched)
+    write_table(pa.Table.from_pandas(frame, preserve_index=False), out_sweeps, prov)
+    return searched
+
+
+def _read_sweep_shards(paths, behaviours: Mapping, neurons: pd.DataFrame, shard_size: int):
+    """The sweep jobs' tables merged per behaviour; every behaviour's shards must be there, in a
+    run of one shard size, each holding the candidates this job picks for it."""
+    by_behaviour: dict[str, dict[int, tuple]] = {}
+    for path in paths:
+        meta = read_provenance(path)
+        b, k = meta.get("behaviour"), meta.get("shard")
+        if b not in behaviours or k is None:
+            raise NeuronAuditError(f"sweep shard {str(path)!r} names no behaviour of this study ({b!r})")
+        if int(meta.get("shard_size", -1)) != shard_size:
+            raise NeuronAuditError(f"sweep shard {str(path)!r} was swept with window.shard_size "
+                                   f"{meta.get('shard_size')!r}, this run has {shard_size}")
+        block = law.candidate_block(neurons, b, int(k), shard_size)
+        if meta.get("candidates") != [[int(r.layer), int(r.neuron)] for r in block.itertuples()]:
+            raise NeuronAuditError(f"sweep shard {str(path)!r} swept other candidates than this run picks for "
+                                   f"{b!r} shard {k}: rerun its sweep job")
+        by_behaviour.setdefault(b, {})[int(k)] = (read_table(path, "sweep shard"), meta["search_record"])
+    frames, searched = [], {}
+    for b in behaviours:
+        shards = by_behaviour.get(b, {})
+        if not shards or sorted(shards) != list(range(len(shards))):
+            raise NeuronAuditError(f"behaviour {b!r}: sweep shards {sorted(shards)} given, need 0..n-1")
+        frame, record = law.merge_sweep_shards([shards[k][0] for k in sorted(shards)],
+                                               [shards[k][1] for k in sorted(shards)])
+        frames.append(frame)
+        searched[b] = record
+    return frames, searched
+
+
 def run_window(
     manifest_path: str | Path,
     screen_scores: Mapping[str, str | Path],
@@ -100,38 +228,23 @@ def run_window(
     out_summary: str | Path,
     options: WindowOptions,
     threads: int | None = None,
+    sweep_shards: list[str | Path] | None = None,
 ) -> dict:
-    """The whole control-window audit; writes sweeps, single-pass, window tables and summary."""
-    o, m = options, options.model
-    judge = make_judge(o.judge.judge_config())
-    check_window_options(o)
-    for b in behaviours:
-        if b not in screen_scores or b not in behaviour_prompts:
-            raise NeuronAuditError(f"behaviour {b!r} needs a screen table and a prompt table")
-    screens = {b: read_table(screen_scores[b], "screen table") for b in behaviours}
-    generic = read_prompts(generic_table, "all", o.n_generic, role="generic prompt table")["text"].tolist()
-    swept = {b: read_prompts(behaviour_prompts[b], "heldout", o.n_prompts,
-                             role=f"prompt table of behaviour {b!r}") for b in behaviours}
-    opened = open_model(manifest_path, m, threads)
+    """The whole control-window audit; writes sweeps, single-pass, window tables and summary.
+    With ``sweep_shards`` (the tables of :func:`run_window_sweep` jobs) the sweeps are read and
+    merged instead of rolled out here."""
+    setup = _setup(manifest_path, screen_scores, behaviour_prompts, generic_table, behaviours, options, threads,
+                   list(behaviours))
+    o, m, opened = setup.options, setup.options.model, setup.opened
     model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
-    # a dosed row: one token per step against its own copy of the prompt's cache and its rollout
-    longest = max((h for spec in behaviours.values() for h in behaviour_horizons(spec, o)), default=max(o.horizons))
-    load = RowLoad(tokens=1, cached=PROMPT_TOKENS + longest)
-    o = resolve_batch_sizes(opened.model, opened.adapter, o, {"window.row_batch_size": load})
-    neurons = pick_candidates(screens, o.n_candidates, o.n_random, adapter.n_layers, adapter.n_neurons, o.seed,
-                              n_top=o.n_top)
-    geometry = law.generic_geometry(model, tokenizer, adapter, generic)
-    frames, searched = [], {}
-    for behaviour, spec in behaviours.items():
-        rollouts = BehaviourRollouts(model, tokenizer, adapter, judge, behaviour, spec, swept[behaviour],
-                                     behaviour_horizons(spec, o), m.chat_template, m.system_prompt, o.row_batch_size)
-        frame, record = sweep_behaviour_search(rollouts, neurons[neurons["behaviour"] == behaviour], geometry,
-                                               o.x_grid, behaviour_horizons(spec, o), o.search)
-        frames.append(frame)
-        searched[behaviour] = search_record(record, rollouts, len(swept[behaviour]))
-        log.info("%s: %s search, %d rollouts of %d on the full grid (%.0f%%) in %d batched calls, %.1f s",
-                 behaviour, o.search, searched[behaviour]["n_rollouts"], searched[behaviour]["n_rollouts_full_grid"],
-                 100 * searched[behaviour]["rollout_ratio"], rollouts.n_calls, rollouts.seconds)
+    neurons, geometry, swept, generic = setup.neurons, setup.geometry, setup.swept, setup.generic
+    if sweep_shards:
+        frames, searched = _read_sweep_shards(sweep_shards, behaviours, neurons, o.shard_size)
+    else:
+        frames, searched = [], {}
+        for behaviour, spec in behaviours.items():
+            frame, searched[behaviour] = _sweep(setup, behaviour, spec, neurons[neurons["behaviour"] == behaviour])
+            frames.append(frame)
     sweeps = pd.concat(frames, ignore_index=True)
     tokenizer.padding_side = "left"
     enc = tokenizer(generic, return_tensors="pt", padding=True, truncation=True, max_length=o.max_length)
