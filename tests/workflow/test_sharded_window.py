@@ -2,6 +2,7 @@
 job sweeping alone: same rows, values within float tolerance; the shard tables are temporary."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +33,14 @@ def test_sharded_sweeps_equal_the_window_jobs_own(tmp_path):
     config = prepare_study("llama", tmp_path)
     runs = {}
     for shard_size in (0, 2):
+        if shard_size:  # the same study folder, copied: only the window's jobs run again
+            shutil.copytree(tmp_path / "run0", tmp_path / f"run{shard_size}", symlinks=True)
         run = _window(tmp_path, config, shard_size)
         assert run.returncode == 0, run.stderr[-3000:]
         runs[shard_size] = (tmp_path / f"run{shard_size}/results/llama", run.stdout + run.stderr)
     (one, log_one), (sharded, log_sharded) = runs[0], runs[2]
     assert "window_sweep" not in log_one and log_sharded.count("rule window_sweep") == 3
+    assert "rule collect_activations" not in log_sharded and "rule window:" in log_sharded
     assert not list((sharded / "window").glob("shards/*.parquet"))  # temporary, removed once merged
     for table in TABLES:
         x, y = (pd.read_parquet(d / table) for d in (one, sharded))
