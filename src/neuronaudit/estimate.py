@@ -210,6 +210,8 @@ def rule_of(stage: str, name: str) -> str:
         rule = rule.get(name)
     elif stage == "collect" and name.endswith(".merge"):
         rule = "merge_activations"
+    elif stage == "window" and name.startswith("sweep."):
+        rule = "window_sweep"
     if rule is None:
         raise NeuronAuditError(f"benchmark file {stage}/{name}.tsv belongs to no known rule")
     return rule
