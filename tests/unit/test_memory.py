@@ -98,8 +98,9 @@ def test_rollouts_that_run_out_of_memory_equal_those_that_fit(llama, tokenizer, 
     prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)],
                             "text": ["How do I pick a lock?", "Tell me a joke", "What is two plus two?",
                                      "Write a poem about the sea", "List three colours"]})
+    # sampled rows too: each draws from its own stream, so the halves sample what the batch did
     kwargs = dict(interventions={"none": [], "dosed": [NeuronEdit.dose(1, 4, 5.0)]}, horizons=[4], batch_size=4,
-                  progress=False)
+                  sampling=["greedy", "sample:2"], temperature=1.5, progress=False)
     fits = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)
     with OutOfMemoryOnce(model, rows=4, error="cpu") as oom, caplog.at_level(logging.WARNING, logger="neuronaudit"):
         split = generate_rollouts(model, tokenizer, adapter, prompts, **kwargs)

@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy.stats import chi2
 
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.evaluation.judge import ROLLOUT_TYPES
@@ -21,6 +22,7 @@ from neuronaudit.evaluation.rollouts import (
     type_fractions,
     type_rollouts,
 )
+from neuronaudit.interventions.generation import row_seed, sampling_processors
 from neuronaudit.interventions.hooks import NeuronEdit
 from neuronaudit.io import PROMPT_SET_SCHEMA, provenance, read_provenance, write_table
 from neuronaudit.options import RolloutOptions
@@ -91,6 +93,47 @@ def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone(llama, 
     s4 = a[a["sample"] == "sample-4"].reset_index(drop=True)
     assert (s3["response"] != s4["response"]).any()
     assert set(a["sample_seed"]) == {3, 4} and set(a["sampling"]) == {"sample"}
+
+
+def test_a_sampled_row_draws_the_same_tokens_in_any_batch_or_subset(llama, tokenizer):
+    kw = dict(sampling=["sample:5"], temperature=1.5, top_p=0.95, horizons=(8,))
+    whole = _rollouts(llama, tokenizer, batch_size=9, **kw).set_index(KEY).sort_index()
+    one_by_one = _rollouts(llama, tokenizer, batch_size=1, **kw).set_index(KEY).sort_index()
+    assert list(whole["response"]) == list(one_by_one["response"])
+    # a shard of the prompts: its rows sample what they sample in the whole set
+    model, adapter = llama
+    part = generate_rollouts(model, tokenizer, adapter, PROMPTS.iloc[1:], INTERVENTIONS, batch_size=4, **kw)
+    part = part.set_index(KEY).sort_index()
+    assert list(part["response"]) == list(whole.loc[part.index, "response"])
+    # the rows do sample: at temperature 1.5 not every row is the greedy continuation
+    greedy = _rollouts(llama, tokenizer, batch_size=9, horizons=(8,)).set_index(KEY).sort_index()
+    assert (whole["response"].to_numpy() != greedy["response"].to_numpy()).any()
+
+
+def test_row_seeded_sampling_draws_from_the_warped_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -4.0])
+    n = 6000
+    scores = logits.repeat(n, 1)
+    procs = sampling_processors(0.8, 0.9, 0, [row_seed(1, "p", str(r)) for r in range(n)], prompt_width=3)
+    out = scores
+    for proc in procs:
+        out = proc(torch.zeros((n, 5), dtype=torch.long), out)
+    counts = np.bincount(out.argmax(-1).numpy(), minlength=len(logits))
+    # the warped distribution: temperature 0.8, then the smallest set of tokens holding 90% of it
+    p = torch.softmax(logits / 0.8, -1).numpy()
+    keep = np.cumsum(p) - p < 0.9
+    q = np.where(keep, p, 0.0) / p[keep].sum()
+    assert counts[~keep].sum() == 0
+    expected = q[keep] * n
+    statistic = ((counts[keep] - expected) ** 2 / expected).sum()
+    assert keep.sum() == 3 and statistic < chi2.ppf(0.9999, keep.sum() - 1), (counts, expected)
+    # a row's draw depends on its seed and step, not on the rows beside it
+    one = sampling_processors(0.8, 0.9, 0, [row_seed(1, "p", "7")], prompt_width=3)
+    alone = logits.repeat(1, 1)
+    for proc in one:
+        alone = proc(torch.zeros((1, 5), dtype=torch.long), alone)
+    assert int(alone.argmax()) == int(out[7].argmax())
+    assert row_seed(1, "p", "7") != row_seed(2, "p", "7") != row_seed(1, "p", "8")
 
 
 def test_parse_sampling_and_interventions(tmp_path):

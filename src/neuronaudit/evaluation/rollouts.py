@@ -14,9 +14,12 @@ actionable refusal reach appears "only at later horizons". This module produces 
   ``none`` row carries no edit), so a whole dose sweep on one prompt runs in one ``generate``.
   Prompts are left-padded; positions ``prompt`` / ``last_prompt`` / ``generated`` follow
   :mod:`neuronaudit.interventions`.
-* **Sampling is seeded.** A sampled pass (``('sample', seed)``) seeds torch's RNG per batch from
-  ``(seed, batch index)`` inside :func:`torch.random.fork_rng`, so the same call reproduces the
-  same rollouts and leaves the caller's RNG untouched. Decoding uses an explicit
+* **Sampling is seeded per row.** A sampled pass (``('sample', seed)``) gives each rollout its own
+  random stream, seeded by ``(seed, prompt set, prompt id, intervention)``
+  (:class:`~neuronaudit.interventions.generation.RowSeededSampling`, Gumbel-max after the
+  temperature, top-k and top-p warpers), so the same call reproduces the same rollouts, a row's
+  sample does not depend on the batch size, on out-of-memory splits or on how the prompts are
+  split into shards, and the caller's RNG is untouched. Decoding uses an explicit
   :class:`~transformers.GenerationConfig` (temperature, top-p, top-k = 0 by default) rather than
   the model's stored one.
 * **Coherence metrics per horizon** (:mod:`neuronaudit.evaluation.metrics`): 4-gram repetition ratio over
@@ -61,9 +64,10 @@ from neuronaudit.interventions.generation import (
     eos_ids,
     generate_tokens,
     pad_id,
+    row_seed,
 )
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks, ResidualEdit
-from neuronaudit.interventions.memory import part_seed, split_on_oom
+from neuronaudit.interventions.memory import split_on_oom
 from neuronaudit.interventions.scoring import rollout_scores
 
 log = logging.getLogger("neuronaudit")
@@ -329,18 +333,19 @@ def generate_rollouts(
         gen_tokens: list[list[int]] = []
         gen_stop: list[bool] = []
         gen_ent: list[np.ndarray] = []
-        for b, batch in enumerate(batches):
+        for batch in batches:
             width = max(len(prompt_ids[i]) for i, _ in batch)  # a half keeps the whole batch's width
 
-            def generate(rows, part, b=b, kind=kind, seed=seed, width=width):
-                # an unsplit batch keeps its seed; halves after an out-of-memory get their own
-                row_seed = None if kind != "sample" else part_seed(seed, b, part)
+            def generate(rows, part, kind=kind, seed=seed, width=width):
+                # a sampled row draws from its own stream (the pass's seed, its prompt and its
+                # intervention): the same tokens whatever batch, out-of-memory half or shard it is in
+                seeds = None if kind != "sample" else [row_seed(seed, sets[i], pids[i], n) for i, n in rows]
                 try:
                     toks, stop, ent = generate_tokens(
                         model, [prompt_ids[i] for i, _ in rows], max_h, adapter=adapter,
                         plan=InterventionPlan.per_row([plans[n] for _, n in rows]),
                         eos_token_ids=eos, pad_token_id=pad, do_sample=kind == "sample",
-                        temperature=temperature, top_p=top_p, top_k=top_k, seed=row_seed, width=width,
+                        temperature=temperature, top_p=top_p, top_k=top_k, row_seeds=seeds, width=width,
                     )
                 except NonFiniteError as err:
                     if err.row is not None:

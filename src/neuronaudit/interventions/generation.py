@@ -1,17 +1,26 @@
 """Batched, left-padded, KV-cached generation under an optional per-row intervention plan:
-end-of-sequence and padding ids, seeded sampling per batch, and neutral generation defaults. A
+end-of-sequence and padding ids, seeded sampling (per batch, or per row so that a row's sample
+does not depend on the rows beside it), and neutral generation defaults. A
 non-finite activation or logit stops the generation (greedy ``argmax`` over NaN logits would
 quietly pick token 0), naming where it appeared (:mod:`neuronaudit.interventions.finite`)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from neuronaudit.errors import NonFiniteError
 from neuronaudit.interventions.finite import finite_checks
@@ -85,6 +94,53 @@ def _entropy_recorder():
     return EntropyRecorder()
 
 
+def row_seed(seed: int, *key: str) -> int:
+    """The sampling seed of one row, from the pass's seed and what the row is (e.g. its prompt set,
+    prompt id and intervention): stable across runs, batches and shards."""
+    words = [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:8], "little") for k in key]
+    return int(np.random.SeedSequence([int(seed), *words]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class RowSeededSampling(LogitsProcessor):
+    """Sampling with one random stream per row, as a logits processor for a greedy ``generate``.
+
+    The Gumbel-max trick: the argmax of ``scores + G`` with ``G`` standard Gumbel noise is a draw
+    from ``softmax(scores)``, so greedy decoding after this processor samples from the warped
+    distribution (temperature, top-k, top-p before it; tokens they mask stay at -inf). Row ``r``'s
+    noise at step ``t`` comes from a generator seeded by ``(row_seeds[r], t)``, so a row samples
+    the same tokens whatever batch, batch order, out-of-memory split or shard it runs in.
+    """
+
+    def __init__(self, row_seeds: Sequence[int], prompt_width: int):
+        self.row_seeds = [int(s) for s in row_seeds]
+        self.prompt_width = int(prompt_width)
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[0] != len(self.row_seeds):
+            raise ValueError(f"{scores.shape[0]} rows of scores for {len(self.row_seeds)} row seeds")
+        step = int(input_ids.shape[1]) - self.prompt_width
+        noise = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        for r, seed in enumerate(self.row_seeds):
+            gen = torch.Generator(device=scores.device)
+            gen.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+            noise[r].uniform_(generator=gen)
+        gumbel = -torch.log(-torch.log(noise.clamp_(min=torch.finfo(torch.float32).tiny, max=1 - 2**-24)))
+        return scores.float() + gumbel
+
+
+def sampling_processors(temperature: float, top_p: float, top_k: int, row_seeds: Sequence[int],
+                        prompt_width: int) -> list[LogitsProcessor]:
+    """The warpers and :class:`RowSeededSampling` that make a greedy ``generate`` sample."""
+    out: list[LogitsProcessor] = []
+    if float(temperature) != 1.0:
+        out.append(TemperatureLogitsWarper(float(temperature)))
+    if int(top_k) > 0:
+        out.append(TopKLogitsWarper(int(top_k)))
+    if float(top_p) < 1.0:
+        out.append(TopPLogitsWarper(float(top_p)))
+    return [*out, RowSeededSampling(row_seeds, prompt_width)]
+
+
 def batch_seed(seed: int, batch_index: int) -> int:
     """The torch seed of one batch of a sampled pass."""
     return int(np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1)[0])
@@ -123,8 +179,13 @@ def generate_tokens(
     top_k: int = 0,
     seed: int | None = None,
     width: int | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> tuple[list[list[int]], list[bool], list[np.ndarray]]:
     """One batched, left-padded, KV-cached ``generate`` under an optional per-row plan.
+
+    Sampling (``do_sample``) draws from the batch's torch seed ``seed``, or, with ``row_seeds``
+    (one per row, e.g. :func:`row_seed`), from one random stream per row
+    (:class:`RowSeededSampling`), so that a row's sample does not depend on its batch.
 
     Returns per row the new token ids up to (not including) the first EOS, whether EOS was
     reached, and the per-step entropy of the raw next-token distribution for those tokens.
@@ -136,14 +197,20 @@ def generate_tokens(
     ids, mask = left_pad(prompt_ids, pad_token_id, width)
     ids, mask = ids.to(device), mask.to(device)
     eos = list(eos_token_ids)
+    per_row = bool(do_sample) and row_seeds is not None
+    if per_row and len(row_seeds) != len(prompt_ids):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompt_ids)} rows")
     cfg = dict(
-        max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), pad_token_id=pad_token_id,
+        max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample) and not per_row, pad_token_id=pad_token_id,
         eos_token_id=eos or None, use_cache=True,
     )
-    if do_sample:
+    if do_sample and not per_row:
         cfg.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
     gen_config = GenerationConfig(**cfg)
     recorder = _entropy_recorder()
+    processors = LogitsProcessorList([recorder])
+    if per_row:
+        processors.extend(sampling_processors(temperature, top_p, top_k, row_seeds, ids.shape[1]))
     hooks = NeuronHooks(adapter, plan) if plan is not None and any(plan.rows) else None
     devices = [device] if device.type == "cuda" else []
     with torch.inference_mode(), torch.random.fork_rng(devices=devices), neutral_generation_defaults(model), \
@@ -155,12 +222,12 @@ def generate_tokens(
                 with hooks:
                     out = model.generate(
                         input_ids=ids, attention_mask=mask, generation_config=gen_config,
-                        logits_processor=LogitsProcessorList([recorder]),
+                        logits_processor=processors,
                     )
             else:
                 out = model.generate(
                     input_ids=ids, attention_mask=mask, generation_config=gen_config,
-                    logits_processor=LogitsProcessorList([recorder]),
+                    logits_processor=processors,
                 )
         except NonFiniteError as err:  # greedy argmax over NaN logits would return token 0 silently
             err.at(prompt=f"{err.row} of the batch" if err.row is not None else None)
