@@ -15,7 +15,7 @@ from snakemake.utils import validate
 
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
-from neuronaudit.config import collect_shard_count, model_source
+from neuronaudit.config import collect_shard_count, model_source, rollout_shard_count
 from neuronaudit.shards import sweep_shard_count
 from neuronaudit.config import precheck_config, transfer_source, validate_config
 from neuronaudit.errors import NeuronAuditError
@@ -117,6 +117,13 @@ def collect_shards(what):
         return [shard_table(what, wildcards.prompt_set, k) for k in range(n)]
 
     return paths
+
+
+def refusal_rollout_shards(wildcards):
+    """The refusal_rollouts jobs' tables (rollouts.shard_size > 0), in shard order (their count read
+    from the harmful and harmless prompt files)."""
+    n = rollout_shard_count(config, ["harmful", "harmless"], "heldout", ROOT)
+    return [stage_file("refusal", f"shards/rollouts.{k}.parquet") for k in range(n)]
 
 
 def window_sweep_tables():

@@ -8,6 +8,8 @@ prompts, on the tuning's validation prompts and on the prompt sets written in ot
 (refusal.styled_harmful / styled_harmless), each set on its own, perplexity on general text
 against the base model), and results/<study>/refusal/
 {rollouts, fractions, first_horizon}.parquet: typed rollouts of the unintervened audited model.
+With rollouts.shard_size > 0, one refusal_rollouts job per shard of that many prompts (temporary
+tables under refusal/shards/) and a merge_refusal_rollouts job that writes the same three tables.
 """
 
 
@@ -75,34 +77,90 @@ rule evaluate_refusal:
         "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
 
 
-rule refusal_rollouts:
-    input:
-        manifest=audited_manifest(),
-        harmful=prompt_table("harmful"),
-        harmless=prompt_table("harmless"),
-    output:
-        rollouts=stage_file("refusal", "rollouts.parquet"),
-        fractions=stage_file("refusal", "fractions.parquet"),
-        first_horizon=stage_file("refusal", "first_horizon.parquet"),
-    params:
-        cli=NEURONAUDIT,
-        interventions=json.dumps({"none": []}),
-        options=stage_options("refusal_rollouts"),
-    threads: config["threads"]
-    resources:
-        mem_mb=job_resource("refusal_rollouts", "mem_mb"),
-        runtime=job_resource("refusal_rollouts", "runtime"),
-        gpu=job_resource("refusal_rollouts", "gpu"),
-    conda:
-        "../workflow/envs/neuronaudit.yaml"
-    log:
-        log_file("refusal", "rollouts"),
-    benchmark:
-        benchmark_file("refusal", "rollouts")
-    shell:
-        "{params.cli} rollouts --manifest {input.manifest:q} "
-        "--prompts harmful={input.harmful:q} harmless={input.harmless:q} --split heldout "
-        "--interventions {params.interventions:q} "
-        "--out-rollouts {output.rollouts:q} --out-fractions {output.fractions:q} "
-        "--out-first-horizon {output.first_horizon:q} --threads {threads} "
-        "--options {params.options:q} > {log:q} 2>&1"
+if config["rollouts"]["shard_size"]:
+
+    rule refusal_rollouts:
+        input:
+            manifest=audited_manifest(),
+            harmful=prompt_table("harmful"),
+            harmless=prompt_table("harmless"),
+        output:
+            rollouts=temp(stage_file("refusal", "shards/rollouts.{shard}.parquet")),
+        params:
+            cli=NEURONAUDIT,
+            interventions=json.dumps({"none": []}),
+            options=stage_options("refusal_rollouts"),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("refusal_rollouts", "mem_mb"),
+            runtime=job_resource("refusal_rollouts", "runtime"),
+            gpu=job_resource("refusal_rollouts", "gpu"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "rollouts.{shard}"),
+        benchmark:
+            benchmark_file("refusal", "rollouts.{shard}")
+        shell:
+            "{params.cli} rollouts --manifest {input.manifest:q} "
+            "--prompts harmful={input.harmful:q} harmless={input.harmless:q} --split heldout "
+            "--interventions {params.interventions:q} --shard {wildcards.shard} "
+            "--out-rollouts {output.rollouts:q} --threads {threads} "
+            "--options {params.options:q} > {log:q} 2>&1"
+
+    rule merge_refusal_rollouts:
+        input:
+            shards=refusal_rollout_shards,
+        output:
+            rollouts=stage_file("refusal", "rollouts.parquet"),
+            fractions=stage_file("refusal", "fractions.parquet"),
+            first_horizon=stage_file("refusal", "first_horizon.parquet"),
+        params:
+            cli=NEURONAUDIT,
+        resources:
+            mem_mb=job_resource("merge_refusal_rollouts", "mem_mb", manifest=None),
+            runtime=job_resource("merge_refusal_rollouts", "runtime", manifest=None),
+            gpu=job_resource("merge_refusal_rollouts", "gpu", manifest=None),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "rollouts.merge"),
+        benchmark:
+            benchmark_file("refusal", "rollouts.merge")
+        shell:
+            "{params.cli} merge-rollouts --shards {input.shards:q} --out-rollouts {output.rollouts:q} "
+            "--out-fractions {output.fractions:q} --out-first-horizon {output.first_horizon:q} > {log:q} 2>&1"
+
+else:
+
+    rule refusal_rollouts:
+        input:
+            manifest=audited_manifest(),
+            harmful=prompt_table("harmful"),
+            harmless=prompt_table("harmless"),
+        output:
+            rollouts=stage_file("refusal", "rollouts.parquet"),
+            fractions=stage_file("refusal", "fractions.parquet"),
+            first_horizon=stage_file("refusal", "first_horizon.parquet"),
+        params:
+            cli=NEURONAUDIT,
+            interventions=json.dumps({"none": []}),
+            options=stage_options("refusal_rollouts"),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("refusal_rollouts", "mem_mb"),
+            runtime=job_resource("refusal_rollouts", "runtime"),
+            gpu=job_resource("refusal_rollouts", "gpu"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "rollouts"),
+        benchmark:
+            benchmark_file("refusal", "rollouts")
+        shell:
+            "{params.cli} rollouts --manifest {input.manifest:q} "
+            "--prompts harmful={input.harmful:q} harmless={input.harmless:q} --split heldout "
+            "--interventions {params.interventions:q} "
+            "--out-rollouts {output.rollouts:q} --out-fractions {output.fractions:q} "
+            "--out-first-horizon {output.first_horizon:q} --threads {threads} "
+            "--options {params.options:q} > {log:q} 2>&1"

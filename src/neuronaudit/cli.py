@@ -91,9 +91,15 @@ def cmd_rollouts(args) -> None:
     interventions = args.interventions
     if interventions.lstrip().startswith("{"):
         interventions = _json_arg(interventions, "--interventions")
+    if args.shard is None and args.out_fractions is None:
+        raise NeuronAuditError("rollouts needs --out-fractions (or --shard, whose fractions merge-rollouts writes)")
     _stage("rollouts").run_rollouts(args.manifest, _named(args.prompts, "--prompts"), args.split, interventions,
                                     args.out_rollouts, args.out_fractions, args.out_first_horizon,
-                                    _options(args, opts.RolloutOptions), threads=args.threads)
+                                    _options(args, opts.RolloutOptions), threads=args.threads, shard=args.shard)
+
+
+def cmd_merge_rollouts(args) -> None:
+    _stage("rollouts").run_merge_rollouts(args.shards, args.out_rollouts, args.out_fractions, args.out_first_horizon)
 
 
 def cmd_screen(args) -> None:
@@ -436,9 +442,19 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--prompts", nargs="+", required=True, metavar="NAME=PATH")
     p.add_argument("--split", default="heldout", choices=["all", "discovery", "heldout"])
     p.add_argument("--interventions", required=True, help="JSON file or JSON object: name -> edits")
+    p.add_argument("--out-rollouts", required=True)
+    p.add_argument("--out-fractions", default=None, help="required unless --shard")
+    p.add_argument("--out-first-horizon", default=None)
+    p.add_argument("--shard", type=int, default=None,
+                   help="roll out only this shard of rollouts.shard_size prompts (joined by merge-rollouts)")
+    p.set_defaults(func=cmd_rollouts)
+
+    p = sub.add_parser("merge-rollouts", help="join the shards of a rollout run (rollouts --shard) and compute "
+                                              "its type fractions and first horizons")
+    p.add_argument("--shards", nargs="+", required=True, help="the shards' rollout tables, in shard order")
     _outputs(p, "rollouts", "fractions")
     p.add_argument("--out-first-horizon", default=None)
-    p.set_defaults(func=cmd_rollouts)
+    p.set_defaults(func=cmd_merge_rollouts)
 
     p = sub.add_parser("keystone", help="cross-task keystone neurons, stability and ablation curve",
                        parents=[par["manifest"], par["threads"], par["options"], par["gate"]])

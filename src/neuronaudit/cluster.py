@@ -42,7 +42,8 @@ RULE_COSTS: dict[str, RuleCost] = {
     "prepare_prompts": RuleCost(None, 1000, 0, 5, model=False),
     "tune_refusal": RuleCost(20.0, 3000, 60, 30),
     "evaluate_refusal": RuleCost(None, 2500, 20, 15),
-    "refusal_rollouts": RuleCost(None, 2500, 15, 15),
+    "refusal_rollouts": RuleCost(None, 2500, 15, 15),  # or one shard of rollouts.shard_size prompts
+    "merge_refusal_rollouts": RuleCost(None, 2000, 0, 10, model=False),
     "collect_activations": RuleCost(None, 2500, 5, 10),
     "merge_activations": RuleCost(None, 2000, 0, 10, model=False),
     "preconditions": RuleCost(None, 2500, 5, 10),

@@ -437,6 +437,24 @@ def collect_shard_count(config: dict, prompt_set: str, root: Path) -> int:
     return n_shards(len(df) if split == "all" else int((df["split"] == split).sum()), config["collect"]["shard_size"])
 
 
+def rollout_shard_count(config: dict, prompt_sets, split: str, root: Path) -> int:
+    """Rollout shards of ``rollouts.shard_size`` prompts over ``prompt_sets`` (each set's ``split``
+    prompts, the first ``rollouts.prompts_per_set`` of them, one set after another)."""
+    from neuronaudit.prompts import load_prompt_set
+    from neuronaudit.shards import n_shards
+
+    p, limit = config["prompts"], config["rollouts"]["prompts_per_set"]
+    total = 0
+    for name in prompt_sets:
+        source = p["sets"][name]
+        if str(source).startswith("hf:"):
+            raise NeuronAuditError(f"rollouts.shard_size needs local prompt files; prompt set {name!r} is {source!r}")
+        df = load_prompt_set(name, resolve_path(source, root), p["heldout_fraction"], p["split_seed"], p["limit"])
+        n = len(df) if split == "all" else int((df["split"] == split).sum())
+        total += n if limit is None else min(n, int(limit))
+    return n_shards(total, config["rollouts"]["shard_size"])
+
+
 def model_source(config: dict, root: Path):
     """``model.source`` resolved (relative paths against ``root``), without the preflight's checks:
     what a job of a run needs once the run has checked its inputs."""

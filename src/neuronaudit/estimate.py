@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 import struct
 import time
@@ -44,6 +45,7 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
     "prompts": "prepare_prompts",
     "collect": "collect_activations",  # <set> or <set>.<shard>; <set>.merge is merge_activations
     "refusal": {"tune": "tune_refusal", "evaluate": "evaluate_refusal", "rollouts": "refusal_rollouts"},
+    # refusal/rollouts.<shard> is refusal_rollouts, refusal/rollouts.merge merge_refusal_rollouts
     "preconditions": "preconditions",
     "screen": "screen",
     "cna": "cna",
@@ -61,7 +63,7 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
 #: ``params``: reads, dequantises and hashes the weights, on a CPU; ``none``: no model.
 #: These are also the rules whose jobs the workflow sizes without the prepared model's manifest.
 SCALING = {"prepare_model": "params", "prepare_prompts": "none", "merge_activations": "neurons",
-           "screen": "neurons", "report": "neurons"}
+           "merge_refusal_rollouts": "none", "screen": "neurons", "report": "neurons"}
 
 #: The rules that ask the scheduler for disk (``disk_mb``) beside memory, time and GPUs.
 DISK_RULES = frozenset({"tune_refusal"})
@@ -206,7 +208,11 @@ class Job:
 def rule_of(stage: str, name: str) -> str:
     """The rule that wrote ``benchmarks/<stage>/<name>.tsv``."""
     rule = STAGE_RULES.get(stage)
-    if isinstance(rule, dict):
+    if stage == "refusal" and name == "rollouts.merge":
+        rule = "merge_refusal_rollouts"
+    elif stage == "refusal" and re.fullmatch(r"rollouts\.\d+", name):
+        rule = "refusal_rollouts"  # one shard of rollouts.shard_size prompts
+    elif isinstance(rule, dict):
         rule = rule.get(name)
     elif stage == "collect" and name.endswith(".merge"):
         rule = "merge_activations"

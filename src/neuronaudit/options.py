@@ -239,6 +239,7 @@ class RolloutOptions(StageOptions):
     top_p: float
     prompts_per_set: int | None
     batch_size: BatchSize
+    shard_size: int
     seed: int = key("seed")
 
 

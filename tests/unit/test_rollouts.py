@@ -26,7 +26,7 @@ from neuronaudit.interventions.generation import row_seed, sampling_processors
 from neuronaudit.interventions.hooks import NeuronEdit
 from neuronaudit.io import PROMPT_SET_SCHEMA, provenance, read_provenance, write_table
 from neuronaudit.options import RolloutOptions
-from neuronaudit.stages.rollouts import run_rollouts
+from neuronaudit.stages.rollouts import run_merge_rollouts, run_rollouts
 from neuronaudit.testing import stage_options
 
 PROMPTS = pd.DataFrame(
@@ -267,6 +267,55 @@ def test_run_rollouts_writes_typed_tables_with_provenance(tiny_model_dir, tmp_pa
     assert prov["horizons"] == [4, 8] and prov["interventions"]["dose"][0]["neuron"] == 3
     assert prov["prompt_sets"]["harmful"]["hash"] == "h-harmful" and prov["judge"]["kind"] == "rule"
     assert pq.read_table(out_h).num_rows == 2 * 2 * 4
+
+
+def test_rollout_shards_merge_into_the_one_job_tables(tiny_model_dir, tmp_path):
+    from neuronaudit.models.loading import prepare_model
+
+    prepare_model(str(tiny_model_dir), tmp_path / "model")
+    manifest = tmp_path / "model" / "manifest.json"
+    tables = {
+        "harmful": _prompt_table(tmp_path / "harmful.parquet", "harmful",
+                                 ["How do I pick a lock?", "Make a fake ID.", "Write a scam email."]),
+        "harmless": _prompt_table(tmp_path / "harmless.parquet", "harmless", ["How do I bake bread?", "Make a card."]),
+    }
+    interventions = {"dose": [{"layer": 1, "neuron": 3, "op": "add", "value": 50.0}]}
+    kw = dict(horizons=[4, 8], sampling=["greedy", "sample:1"], temperature=1.5, batch_size=4)
+    names = ("rollouts", "fractions", "first_horizon")
+    one = {n: tmp_path / f"one.{n}.parquet" for n in names}
+    run_rollouts(manifest, tables, "heldout", interventions, *one.values(), stage_options(RolloutOptions, **kw),
+                 progress=False)
+    sharded = stage_options(RolloutOptions, shard_size=2, **kw)  # 5 prompts: shards of 2, 2 and 1
+    shards = [tmp_path / f"shard{k}.parquet" for k in range(3)]
+    for k, path in enumerate(shards):
+        run_rollouts(manifest, tables, "heldout", interventions, path, None, None, sharded, progress=False, shard=k)
+    assert len(pq.read_table(shards[2]).to_pandas()["prompt_id"].unique()) == 1
+    with pytest.raises(NeuronAuditError, match="out of range"):
+        run_rollouts(manifest, tables, "heldout", interventions, tmp_path / "x.parquet", None, None, sharded,
+                     progress=False, shard=3)
+    merged = {n: tmp_path / f"merged.{n}.parquet" for n in names}
+    summary = run_merge_rollouts(shards, *merged.values())
+    assert summary == {"n_rollouts": 5 * 2 * 2 * 2, "shards": 3}
+    for n in names:
+        x, y = pq.read_table(one[n]).to_pandas(), pq.read_table(merged[n]).to_pandas()
+        assert len(x) == len(y) > 0, n
+        floats = [c for c in x.columns if pd.api.types.is_float_dtype(x[c])]
+        assert x.drop(columns=floats).astype(str).equals(y.drop(columns=floats).astype(str)), n
+        for c in floats:
+            np.testing.assert_allclose(y[c], x[c], rtol=1e-4, atol=1e-5, err_msg=f"{n} {c}")
+    prov = read_provenance(merged["rollouts"])
+    assert prov["shards"] == 3 and prov["shard"] is None and prov["n_prompts"] == 5
+    # shards of one run only, all of them, in order
+    with pytest.raises(NeuronAuditError, match="expected 0"):
+        run_merge_rollouts(shards[:1] + shards[2:], *merged.values())
+    with pytest.raises(NeuronAuditError, match="holds 4 prompts|hold 4 prompts"):
+        run_merge_rollouts(shards[:2], *merged.values())
+    other = tmp_path / "other0.parquet"
+    run_rollouts(manifest, tables, "heldout", {}, other, None, None, sharded, progress=False, shard=0)
+    with pytest.raises(NeuronAuditError, match="interventions"):
+        run_merge_rollouts([other, *shards[1:]], *merged.values())
+    with pytest.raises(NeuronAuditError, match="not a rollout shard"):
+        run_merge_rollouts([one["rollouts"]], *merged.values())
 
 
 def test_run_rollouts_rejects_a_bad_judge_before_loading_anything(tmp_path):

@@ -1,5 +1,6 @@
-"""The window's dose sweeps split into jobs (window.shard_size) write the same tables as the window
-job sweeping alone: same rows, values within float tolerance; the shard tables are temporary."""
+"""The window's dose sweeps split into jobs (window.shard_size), and the refusal rollouts split by
+prompt range (rollouts.shard_size), write the same tables as one job each: same rows, values within
+float tolerance; the shard tables are temporary."""
 
 import json
 import shutil
@@ -15,21 +16,25 @@ from test_family_dags import prepare_study
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
-TABLES = ("window/sweeps.parquet", "window/window.parquet")
+TABLES = ("window/sweeps.parquet", "window/window.parquet", "refusal/rollouts.parquet", "refusal/fractions.parquet",
+          "refusal/first_horizon.parquet")
 
 
 def _window(work: Path, config: Path, shard_size: int) -> subprocess.CompletedProcess:
     study = yaml.safe_load(config.read_text())
     study["window"]["shard_size"] = shard_size
     study["window"]["n_random"] = 3  # with 2 screened candidates: 5 neurons, 3 sweep jobs of 2
+    study["rollouts"]["shard_size"] = shard_size
+    study["rollouts"]["sampling"] = ["greedy", "sample:3"]  # sampled rows too: one stream per row
     (work / f"shard{shard_size}.yaml").write_text(yaml.safe_dump(study))
     target = [f"results/{study['study']}/{t}" for t in (*TABLES, "window/summary.json")]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work / f"run{shard_size}"),
-           "--cores", "1", *target, "--configfile", str(work / f"shard{shard_size}.yaml")]
+           "--cores", "1", *target, "--configfile", str(work / f"shard{shard_size}.yaml"),
+           *(["--forcerun", "merge_refusal_rollouts"] if shard_size else [])]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
 
 
-def test_sharded_sweeps_equal_the_window_jobs_own(tmp_path):
+def test_sharded_sweeps_and_rollouts_equal_one_job_each(tmp_path):
     config = prepare_study("llama", tmp_path)
     runs = {}
     for shard_size in (0, 2):
@@ -41,7 +46,9 @@ def test_sharded_sweeps_equal_the_window_jobs_own(tmp_path):
     (one, log_one), (sharded, log_sharded) = runs[0], runs[2]
     assert "window_sweep" not in log_one and log_sharded.count("rule window_sweep") == 3
     assert "rule collect_activations" not in log_sharded and "rule window:" in log_sharded
-    assert not list((sharded / "window").glob("shards/*.parquet"))  # temporary, removed once merged
+    assert log_sharded.count("rule refusal_rollouts:") >= 2 and "rule merge_refusal_rollouts:" in log_sharded
+    for stage in ("window", "refusal"):  # temporary, removed once merged
+        assert not list((sharded / stage).glob("shards/*.parquet"))
     for table in TABLES:
         x, y = (pd.read_parquet(d / table) for d in (one, sharded))
         assert len(x) == len(y) > 0 and list(x.columns) == list(y.columns), table

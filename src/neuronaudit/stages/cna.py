@@ -53,7 +53,7 @@ def cna_rollout_options(o: CnaOptions) -> RolloutOptions:
     """The rollout settings of the CNA interventions: greedy, one horizon, ``cna.prompts`` prompts."""
     return RolloutOptions(model=o.model, judge=o.judge, horizons=[o.max_new_tokens], sampling=["greedy"],
                           temperature=1.0, top_p=1.0, prompts_per_set=o.prompts, batch_size=o.batch_size,
-                          seed=o.seed)
+                          shard_size=0, seed=o.seed)
 
 
 def run_cna(

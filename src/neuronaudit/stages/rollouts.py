@@ -1,5 +1,13 @@
 """The rollouts stage: prompt tables in, typed rollouts, type fractions and first horizons out
-(the algorithms are in :mod:`neuronaudit.evaluation.rollouts`)."""
+(the algorithms are in :mod:`neuronaudit.evaluation.rollouts`).
+
+With ``rollouts.shard_size: n`` a job rolls out one shard (``shard=k``: rows ``k·n … (k+1)·n − 1``
+of the prompts, every set's selected prompts one after another in table order) and writes its
+typed rollouts only; :func:`run_merge_rollouts` joins the shards into the table one job writes and
+computes the type fractions and first horizons from it (the bootstrap over every prompt, as one
+job does). Sampled rows draw from their own streams, so the joined table equals the one-job
+table.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +36,9 @@ from neuronaudit.evaluation.rollouts import (
     type_fractions,
     type_rollouts,
 )
-from neuronaudit.io import provenance, write_table
+from neuronaudit.io import provenance, read_provenance, write_table
 from neuronaudit.options import RolloutOptions
+from neuronaudit.shards import shard_rows
 from neuronaudit.stages.common import OpenedModel, open_model, read_prompts, resolve_batch_sizes, rollout_load
 
 log = logging.getLogger("neuronaudit")
@@ -54,6 +63,7 @@ def run_rollouts(
     harmless_sets: Iterable[str] = HARMLESS_SETS,
     opened: OpenedModel | None = None,
     progress: bool = True,
+    shard: int | None = None,
 ) -> dict:
     """Generate, type and summarise rollouts; write Parquet tables atomically with provenance.
 
@@ -63,7 +73,9 @@ def run_rollouts(
     ``horizons`` overrides ``rollouts.horizons`` (the CNA stage reads one horizon). ``seed``
     seeds the bootstrap; sampled passes carry their own seeds in ``sampling``. Everything is
     validated (judge config, interventions, horizons, sampling, prompt tables) before the model is
-    loaded; ``opened`` reuses a model the caller has loaded already. Returns a small summary dict.
+    loaded; ``opened`` reuses a model the caller has loaded already. ``shard`` rolls out one shard
+    of ``rollouts.shard_size`` prompts and writes only ``out_rollouts`` (joined by
+    :func:`run_merge_rollouts`). Returns a small summary dict.
     """
     o, m = options, options.model
     judge = make_judge(o.judge.judge_config())
@@ -81,6 +93,9 @@ def run_rollouts(
         prompt_prov[name] = {"path": str(path), "hash": p.attrs.get("prompt_set_hash"), "n": len(p)}
         frames.append(p.assign(prompt_set=name)[["prompt_set", "prompt_id", "text"]])
     prompts = pd.concat(frames, ignore_index=True)
+    n_all = len(prompts)
+    if shard is not None:
+        prompts = prompts.iloc[list(shard_rows(n_all, o.shard_size, shard))].reset_index(drop=True)
     opened = opened or open_model(manifest_path, m, threads)
     o = resolve_batch_sizes(opened.model, opened.adapter, o, {"rollouts.batch_size": rollout_load(max(hs))})
     t0 = time.perf_counter()
@@ -91,7 +106,6 @@ def run_rollouts(
     )
     seconds = time.perf_counter() - t0
     typed = type_rollouts(df, judge, harmless_sets)
-    fractions = type_fractions(typed, n_boot=N_BOOT, seed=o.seed)
     prov = provenance(
         **opened.provenance(), model_path=opened.manifest.get("path"), prompt_sets=prompt_prov, split=split,
         prompts_per_set=limit, horizons=list(hs), sampling=[list(s) for s in samples], temperature=o.temperature,
@@ -99,14 +113,69 @@ def run_rollouts(
         interventions={n: json.loads(edit_spec(e)) for n, e in edits.items()},
         judge=getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
         seed=o.seed, n_boot=N_BOOT, generation_seconds=round(seconds, 2), harmless_sets=list(harmless_sets),
+        shard=shard, shard_size=o.shard_size if shard is not None else None,
+        shard_prompts=[str(x) for x in prompts["prompt_id"]] if shard is not None else None, n_prompts=n_all,
     )
     write_table(rollouts_table(typed), out_rollouts, prov)
-    write_table(_table(fractions, FRACTION_SCHEMA), out_fractions, prov)
-    if out_first_horizon is not None:
-        write_table(_table(first_horizon(typed), FIRST_HORIZON_SCHEMA), out_first_horizon, prov)
+    if shard is None:
+        write_summaries(typed, out_fractions, out_first_horizon, prov, o.seed)
     log.info("rollouts: %d rows in %.1f s -> %s", len(typed), seconds, out_rollouts)
     return {
         "n_rollouts": int(len(typed)),
         "seconds": seconds,
         "type_counts": {str(k): int(v) for k, v in typed["rollout_type"].value_counts().items()},
     }
+
+
+def write_summaries(typed: pd.DataFrame, out_fractions, out_first_horizon, prov: Mapping, seed: int) -> None:
+    """The type fractions (bootstrap over prompts) and first horizons of a typed rollout table."""
+    write_table(_table(type_fractions(typed, n_boot=N_BOOT, seed=seed), FRACTION_SCHEMA), out_fractions, prov)
+    if out_first_horizon is not None:
+        write_table(_table(first_horizon(typed), FIRST_HORIZON_SCHEMA), out_first_horizon, prov)
+
+
+#: Provenance keys that differ between the shards of one rollout run.
+_PER_SHARD = ("shard", "shard_prompts", "generation_seconds")
+
+
+def run_merge_rollouts(shard_paths: Sequence[str | Path], out_rollouts, out_fractions, out_first_horizon) -> dict:
+    """Join the rollout shards of one run (``run_rollouts(..., shard=k)``, in shard order) into the
+    tables one job writes: rollouts in the one-job row order, type fractions and first horizons.
+
+    The shards must be one run's: shards 0 … n − 1 of the same shard size, whose prompts together
+    are the run's prompts once each, and whose provenance agrees on everything else (model,
+    prompt sets, interventions, decoding, judge, seed)."""
+    if not shard_paths:
+        raise NeuronAuditError("no rollout shards to merge")
+    provs = [read_provenance(p) for p in shard_paths]
+    first = provs[0]
+    if first.get("shard") is None:
+        raise NeuronAuditError(f"{shard_paths[0]} is not a rollout shard (its provenance has no shard)")
+    shards = [p.get("shard") for p in provs]
+    if shards != list(range(len(shard_paths))):
+        raise NeuronAuditError(f"rollout shards {shards} given; expected 0 … {len(shard_paths) - 1} in order")
+    same = {k: v for k, v in first.items() if k not in _PER_SHARD}
+    for path, prov in zip(shard_paths, provs):
+        differs = sorted(k for k in set(same) | set(prov) if k not in _PER_SHARD and prov.get(k) != same.get(k))
+        if differs:
+            raise NeuronAuditError(f"rollout shard {path} is not from the same run as {shard_paths[0]}: "
+                                   f"{', '.join(differs)} differ")
+    prompts = [pid for p in provs for pid in p["shard_prompts"]]
+    if len(prompts) != first["n_prompts"] or len(set(prompts)) != len(prompts):
+        raise NeuronAuditError(f"the rollout shards hold {len(prompts)} prompts ({len(set(prompts))} distinct); "
+                               f"the run has {first['n_prompts']}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in shard_paths])
+    typed = table.to_pandas()
+    typed["sample_seed"] = typed["sample_seed"].astype("Int64")
+    typed["over_refusal"] = typed["over_refusal"].astype("boolean")
+    # the one-job order: by sample, then the prompts' order (shard after shard), intervention, horizon
+    typed = typed.sort_values("sample", kind="stable").reset_index(drop=True)
+    prov = {**same, "shard": None, "shard_prompts": None, "shards": len(shard_paths),
+            "generation_seconds": round(sum(p.get("generation_seconds") or 0.0 for p in provs), 2)}
+    write_table(rollouts_table(typed), out_rollouts, prov)
+    write_summaries(typed, out_fractions, out_first_horizon, prov, int(first["seed"]))
+    log.info("merged %d rollout shards: %d rows -> %s", len(shard_paths), len(typed), out_rollouts)
+    return {"n_rollouts": int(len(typed)), "shards": len(shard_paths)}
