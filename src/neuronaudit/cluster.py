@@ -3,9 +3,9 @@ prepared model's manifest (parameter count) and the configured device and dtype.
 
 The figures are estimates with headroom, not measurements: a job that needs more memory is
 retried (``restart-times`` in the profiles) with its memory and run time scaled by the attempt.
-Memory counts the weights in the run dtype once for inference, 20 bytes per parameter for the
-full fine-tune (float32 weights, gradients, two AdamW moments and the frozen base copy of its KL
-term), and a fixed part for Python, torch and the tables. Run times are minutes per billion parameters on a GPU, times
+Memory counts the weights in the run dtype once for inference, 16 bytes per parameter for the
+full fine-tune (float32 weights, gradients, two AdamW moments; its KL term's reference
+distributions are in the fixed part), and a fixed part for Python, torch and the tables. Run times are minutes per billion parameters on a GPU, times
 :data:`CPU_SLOWDOWN` on a CPU, never below the rule's floor.
 """
 
@@ -35,12 +35,13 @@ class RuleCost:
 
 
 #: Per rule. Inference rules hold the weights once plus activations and KV caches (×1.5);
-#: tune_refusal holds float32 weights, gradients and AdamW moments, and a frozen float32 copy of
-#: the base model for the KL term (refusal.harmless_loss: kl_to_base).
+#: tune_refusal holds float32 weights, gradients and AdamW moments on the device, and on the host
+#: the KL term's reference log-probabilities (refusal.harmless_loss: kl_to_base; own answers ×
+#: answer tokens × vocabulary × 4 B: ~1 GB for a 49k vocabulary, ~3 GB for 128k).
 RULE_COSTS: dict[str, RuleCost] = {
     "prepare_model": RuleCost(8.0, 2000, 5, 10),  # GGUF dequantised in float32, then saved
     "prepare_prompts": RuleCost(None, 1000, 0, 5, model=False),
-    "tune_refusal": RuleCost(20.0, 3000, 60, 30),
+    "tune_refusal": RuleCost(16.0, 6000, 60, 30),
     "evaluate_refusal": RuleCost(None, 2500, 20, 15),
     "refusal_rollouts": RuleCost(None, 2500, 15, 15),  # or one shard of rollouts.shard_size prompts
     "merge_refusal_rollouts": RuleCost(None, 2000, 0, 10, model=False),

@@ -174,7 +174,7 @@ def test_requests_are_the_workflows_for_a_manifest_of_the_target_size(study):
     assert got["prepare_model"]["requests"]["runtime"] == RULE_COSTS["prepare_model"].min_minutes
     assert got["reasoning"]["runs_on"] == "cuda" and got["screen"]["runs_on"] == "cpu"
     assert got["screen"]["requests"]["mem_mb"] == RULE_COSTS["screen"].overhead_mb
-    assert "161 GB of GPU memory" in got["tune_refusal"]["note"]
+    assert "128 GB of GPU memory (16 B per parameter)" in got["tune_refusal"]["note"]
     assert "evaluate_refusal" in rep["missing_rules"] and "reasoning" not in rep["missing_rules"]
 
 

@@ -20,6 +20,7 @@ from neuronaudit.methods.refusal_tuning import (
     collate,
     dataset_loss,
     refusal_examples,
+    reference_log_probs,
     response_loss,
     train_response_loss,
 )
@@ -483,10 +484,13 @@ def test_kl_to_base_loss_is_the_reference_distributions_kl_on_harmless_rows(toke
     examples = _examples(tokenizer)
     batch = collate(examples, tokenizer.pad_token_id)
     rows = torch.tensor([False, True, True, False])
+    kl_examples = [e for r, e in enumerate(examples) if rows[r]]
     with torch.no_grad():
         ref_logits = reference(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
-        got = float(response_loss(model, batch, reference_logits=ref_logits, kl_rows=rows))
+        cached = reference_log_probs(reference, kl_examples, tokenizer.pad_token_id, batch_size=1)
+        got = float(response_loss(model, batch, reference_log_probs=cached, kl_rows=rows))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert [len(c) for c in cached] == [len(e.response_ids) for e in kl_examples]
     per_row = _token_losses(model, examples)
     terms, k = [], 0
     for r, e in enumerate(examples):
@@ -500,8 +504,8 @@ def test_kl_to_base_loss_is_the_reference_distributions_kl_on_harmless_rows(toke
         k += 1
     assert got == pytest.approx(sum(terms) / len(terms), rel=1e-4)
     with torch.no_grad():  # against itself the KL rows cost nothing
-        own = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
-        alone = float(response_loss(model, batch, reference_logits=own, kl_rows=rows))
+        own = reference_log_probs(model, kl_examples, tokenizer.pad_token_id)
+        alone = float(response_loss(model, batch, reference_log_probs=own, kl_rows=rows))
     ce_rows = [t for r in (0, 3) for t in per_row[r]]
     assert alone == pytest.approx(sum(ce_rows) / len(terms), rel=1e-4)
     examples = [Example(e.prompt_ids, e.response_ids, "own_answer" if rows[i] else "refusal")
@@ -509,6 +513,9 @@ def test_kl_to_base_loss_is_the_reference_distributions_kl_on_harmless_rows(toke
     curve = train_response_loss(model, examples, tokenizer.pad_token_id, steps=3, learning_rate=1e-3, batch_size=4,
                                 seed=0, harmless_loss="kl_to_base")
     assert len(curve) == 3 and all(math.isfinite(c["loss"]) for c in curve)
+    # the first step's loss: the KL rows against the model itself (the reference is the untuned
+    # model, cached before the step) cost nothing, so it is the refusal rows' cross-entropy alone
+    assert curve[0]["loss"] == pytest.approx(alone, rel=1e-4)
     with pytest.raises(NeuronAuditError, match="refusal.harmless_loss 'mse'"):
         train_response_loss(model, examples, tokenizer.pad_token_id, steps=1, learning_rate=1e-3, batch_size=2,
                             seed=0, harmless_loss="mse")

@@ -35,7 +35,7 @@ prompts, perplexity against the base model) are :mod:`neuronaudit.stages.refusal
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import json
 import logging
@@ -112,28 +112,35 @@ HARMLESS_LOSSES = ("cross_entropy", "kl_to_base")
 
 
 def response_loss(model, batch: Mapping[str, torch.Tensor], row_weights: torch.Tensor | None = None,
-                  reference_logits: torch.Tensor | None = None, kl_rows: torch.Tensor | None = None) -> torch.Tensor:
+                  reference_log_probs: Sequence[torch.Tensor] | None = None,
+                  kl_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the response tokens of a batch; with ``row_weights``
     (one per example) each token's term is weighted by its example's weight and the sum divided
     by the summed weights of the terms (weights all 1: the plain token mean).
 
-    With ``reference_logits`` (a reference model's logits for the rows ``kl_rows``, a boolean mask
-    over the batch), the term of those rows' response tokens is KL(reference ‖ model) of the
-    next-token distributions instead of the cross-entropy of the token."""
+    With ``reference_log_probs`` (for each row of the boolean mask ``kl_rows``, in order, a
+    reference model's next-token log-probabilities at that row's response positions: one row per
+    response token, :func:`reference_log_probs`), the term of those rows' response tokens is
+    KL(reference ‖ model) of the next-token distributions instead of the cross-entropy of the
+    token."""
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
     labels = batch["labels"].to(device)
-    if reference_logits is not None:
-        rows = kl_rows.to(device)
-        terms = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX,
-                                reduction="none")
-        logp = F.log_softmax(logits[rows, :-1].float(), dim=-1)
-        ref_logp = F.log_softmax(reference_logits.to(device)[:, :-1].float(), dim=-1)
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-        terms = terms.clone()
-        terms[rows] = kl
+    if reference_log_probs is not None:
         used = labels[:, 1:] != IGNORE_INDEX
+        terms = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                                reduction="none").clone()
+        rows = [int(r) for r in torch.nonzero(kl_rows).flatten()]
+        if len(rows) != len(reference_log_probs):
+            raise ValueError(f"{len(reference_log_probs)} reference rows for {len(rows)} KL rows")
+        for r, ref in zip(rows, reference_log_probs):
+            at = torch.nonzero(used[r]).flatten()  # the positions that predict the response tokens
+            if len(at) != len(ref):
+                raise ValueError(f"row {r}: {len(ref)} reference positions for {len(at)} response tokens")
+            ref = ref.to(device)
+            logp = F.log_softmax(logits[r, at].float(), dim=-1)
+            terms[r, at] = (ref.exp() * (ref - logp)).sum(-1)
         weights = (torch.ones(len(ids), device=device) if row_weights is None
                    else row_weights.to(device=device, dtype=terms.dtype))[:, None] * used
         return (torch.where(used, terms, 0.0) * weights).sum() / weights.sum()
@@ -308,16 +315,26 @@ def _is_adapted(model) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
-def _reference_logits(model, reference, batch: Mapping[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """The untuned model's logits for the ``rows`` of ``batch``: ``reference`` (a frozen copy), or
-    ``model`` with its LoRA adapters switched off."""
+def reference_log_probs(model, examples: Sequence[Example], pad_token_id: int,
+                        batch_size: int = 8) -> list[torch.Tensor]:
+    """The untuned model's next-token log-probabilities at each example's response positions
+    (``len(response_ids)`` rows of the vocabulary each; float32, on the CPU), computed once before
+    training: the KL reference of ``harmless_loss: kl_to_base``. A model with LoRA adapters is
+    read with its adapters switched off. Each example runs in a right-padded batch, so its
+    positions are the ones it has alone."""
     device = next(model.parameters()).device
-    ids, mask = batch["input_ids"][rows].to(device), batch["attention_mask"][rows].to(device)
-    with torch.no_grad():
-        if reference is not None:
-            return reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        with model.disable_adapter():
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out: list[torch.Tensor] = []
+    adapters = model.disable_adapter() if _is_adapted(model) else contextlib.nullcontext()
+    with torch.no_grad(), adapters:
+        for k in range(0, len(examples), batch_size):
+            chunk = list(examples[k: k + batch_size])
+            batch = collate(chunk, pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+            for r, e in enumerate(chunk):
+                start = len(e.prompt_ids) - 1
+                out.append(F.log_softmax(logits[r, start: start + len(e.response_ids)].float(), dim=-1).cpu())
+    return out
 
 
 def train_response_loss(
@@ -336,8 +353,8 @@ def train_response_loss(
 
     A model with LoRA adapters (:func:`with_lora_adapters`) trains its adapters only.
     ``harmless_loss`` (:data:`HARMLESS_LOSSES`) ``kl_to_base`` trains the own-answer examples towards
-    the untuned model's next-token distributions (a frozen copy, or the model with its adapters
-    switched off) instead of their tokens.
+    the untuned model's next-token distributions (:func:`reference_log_probs`, computed once before
+    the first step; with LoRA, the model with its adapters switched off) instead of their tokens.
 
     Returns the per-step log (``step``, ``loss``, ``grad_norm``).
     """
@@ -359,9 +376,11 @@ def train_response_loss(
         pools = [[i for i, e in enumerate(examples) if e.kind == kind] for kind in ("own_answer", "refusal")]
         if not all(pools):
             raise NeuronAuditError("refusal tuning harmless_fraction needs both refusal and own-answer examples")
-    reference = None
-    if harmless_loss == "kl_to_base" and not _is_adapted(model):
-        reference = copy.deepcopy(model).eval().requires_grad_(False)  # the untuned model, frozen
+    reference: dict[int, torch.Tensor] = {}
+    if harmless_loss == "kl_to_base":  # the untuned model's distributions, once, before any step
+        model.eval()
+        own = [i for i, e in enumerate(examples) if e.kind == "own_answer"]
+        reference = dict(zip(own, reference_log_probs(model, [examples[i] for i in own], pad_token_id, batch_size)))
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     model.train()
@@ -385,7 +404,8 @@ def train_response_loss(
         batch = collate(chosen, pad_token_id)
         kl_rows = torch.tensor([e.kind == "own_answer" for e in chosen])
         if harmless_loss == "kl_to_base" and kl_rows.any():
-            loss = response_loss(model, batch, weights, _reference_logits(model, reference, batch, kl_rows), kl_rows)
+            refs = [reference[i] for i in idx if examples[i].kind == "own_answer"]
+            loss = response_loss(model, batch, weights, refs, kl_rows)
         else:
             loss = response_loss(model, batch, weights)
         loss.backward()
