@@ -5,7 +5,8 @@ The figures are estimates with headroom, not measurements: a job that needs more
 retried (``restart-times`` in the profiles) with its memory and run time scaled by the attempt.
 Memory counts the weights in the run dtype once for inference, 16 bytes per parameter for the
 full fine-tune (float32 weights, gradients, two AdamW moments; its KL term's reference
-distributions are in the fixed part), and a fixed part for Python, torch and the tables. Run times are minutes per billion parameters on a GPU, times
+distributions are in the fixed part), and a fixed part for Python, torch and the tables. Run
+times are minutes per billion parameters on a GPU, times
 :data:`CPU_SLOWDOWN` on a CPU, never below the rule's floor.
 """
 

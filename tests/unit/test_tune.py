@@ -19,8 +19,8 @@ from neuronaudit.methods.refusal_tuning import (
     Example,
     collate,
     dataset_loss,
-    refusal_examples,
     reference_log_probs,
+    refusal_examples,
     response_loss,
     train_response_loss,
 )
