@@ -21,6 +21,9 @@ Sections (``--only``, comma-separated):
 ``search``    the window's adaptive dose search vs the full grid on the tiny model (always the tiny
               model, whatever ``--model``): ratios of rollouts and of wall time, and whether the
               ceilings, triggers and rows at the visited points agree
+``dtype``     bfloat16 weights against float32: a forward and a greedy ``generate`` of the same batch
+              (ratios of wall time, below 1 is faster), and how far bfloat16's last-position
+              log-probabilities and greedy tokens are from float32's
 ``rules``     wall time and peak memory per Snakemake rule from the workflow's benchmark files
 """
 
@@ -51,7 +54,7 @@ from neuronaudit.testing import _CORPUS, save_tiny_model, tiny_model, tiny_token
 
 EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
-SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "rules")
+SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "dtype", "rules")
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +554,40 @@ def section_rollouts(model, adapter, tokenizer, batch, length, new_tokens, repea
     ))
 
 
+def section_dtype(model, tokenizer, batch, length, new_tokens, repeats):
+    """bfloat16 weights against float32 on the same batch: forward and greedy generate timings,
+    and the agreement of their outputs (statistics of the study accumulate in float32 either way)."""
+    import copy
+
+    ids, mask = make_batch(tokenizer, batch, length)
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else tokenizer.pad_token_id
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, pad_token_id=pad)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+
+    def forward(m):
+        with torch.inference_mode():
+            return m(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1].float()
+
+    def generate(m):
+        with torch.inference_mode():
+            return m.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+    for label, fn in (("forward", forward), (f"greedy generate, {new_tokens} new tokens", generate)):
+        res = compare(lambda fn=fn: fn(half), lambda fn=fn: fn(model), repeats)
+        out(report_line(f"dtype/{label}, bfloat16 vs float32 weights ({batch} rows × {length} tokens)",
+                        res["ratios"], "<=", 1.0,
+                        extra=f"{_fmt_s(statistics.median(res['fn']))} vs {_fmt_s(statistics.median(res['base']))}"))
+    lp32, lp16 = (torch.log_softmax(forward(m), -1) for m in (model, half))
+    top32, top16 = lp32.argmax(-1), lp16.argmax(-1)
+    g32, g16 = (generate(m)[:, ids.shape[1]:] for m in (model, half))
+    same_rows = int((g32 == g16).all(-1).sum())
+    gap = float((lp32.gather(1, top32[:, None]) - lp16.gather(1, top32[:, None])).abs().max())
+    out(f"dtype/agreement: last-position top-1 token {int((top32 == top16).sum())}/{batch} rows; largest "
+        f"|Δ log-prob| of the float32 top token {gap:.3f}; greedy continuations identical {same_rows}/{batch} rows")
+
+
 def section_search(repeats: int) -> None:
     """Lever 1 of the performance issue: the window's adaptive dose search against the full grid,
     the same candidates, prompts, judge and grid (the study's default ``x_grid``), on the tiny
@@ -725,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{torch.get_num_threads()} torch threads OpenMP waits at barriers for descheduled "
                 "threads and timings swing wildly; --threads 1 gives steadier ratios")
     spec = resolve_model(args.model)
-    needs_model = any(s in args.only for s in ("collect", "sweeps", "rollouts"))
+    needs_model = any(s in args.only for s in ("collect", "sweeps", "rollouts", "dtype"))
     if needs_model:
         model, tokenizer, adapter, label = load(spec)
         out(f"model: {label} ({adapter.family}, {adapter.n_layers} layers, d_model {adapter.d_model}, "
@@ -749,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         section_rollouts(model, adapter, tokenizer, args.batch, args.tokens, args.new_tokens, args.repeats)
     if "search" in args.only:
         section_search(args.sweep_repeats)
+    if "dtype" in args.only:
+        section_dtype(model, tokenizer, args.batch, args.tokens, args.new_tokens, args.repeats)
     if "rules" in args.only:
         section_rules(repo_root())
     out(machine_line().replace("machine:", "machine at end:"))

@@ -193,7 +193,8 @@ def test_model_is_left_as_found(llama, enc):
 def test_bench_script_runs_on_a_tiny_model(capsys):
     from neuronaudit import bench
 
-    assert bench.main(["--model", "tiny", "--quick", "--only", "sweeps,rollouts,rules"]) == 0
+    assert bench.main(["--model", "tiny", "--quick", "--only", "sweeps,rollouts,dtype,rules"]) == 0
     text = capsys.readouterr().out
     assert "machine:" in text and "sweeps/last-prompt-token" in text and "rollouts/" in text
     assert "repeats) target" in text
+    assert "dtype/forward, bfloat16 vs float32" in text and "greedy continuations identical" in text
