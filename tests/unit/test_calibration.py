@@ -200,3 +200,9 @@ def test_the_fresh_batch_is_frozen_and_complete():
         "78ba78dcdb418e1b03e94a055e9438af3ba06dd46814162d51ad80f08c88dbd3")
     cal = read_calibration(path)
     assert len(cal) == 220 and cal["calibration_id"].is_unique and set(cal["label"]) <= set(ROLLOUT_TYPES)
+    second = next(p for p in fresh_paths() if p.name == "SmolLM2-135M-Instruct.batch2.jsonl")
+    assert hashlib.sha256(second.read_bytes()).hexdigest() == (
+        "e30db36f151cc7d675709474065c7755fe2ca3dba804b47b7a22b0d18101f523")
+    cal2 = read_calibration(second)
+    assert len(cal2) == 60 and set(cal2["label"]) <= set(ROLLOUT_TYPES)
+    assert not set(cal2["calibration_id"]) & set(cal["calibration_id"])  # ids unique across the fresh files
