@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -205,4 +206,13 @@ def test_the_fresh_batch_is_frozen_and_complete():
         "e30db36f151cc7d675709474065c7755fe2ca3dba804b47b7a22b0d18101f523")
     cal2 = read_calibration(second)
     assert len(cal2) == 60 and set(cal2["label"]) <= set(ROLLOUT_TYPES)
-    assert not set(cal2["calibration_id"]) & set(cal["calibration_id"])  # ids unique across the fresh files
+    third = next(p for p in fresh_paths() if p.name == "SmolLM2-135M-Instruct.batch3.jsonl")
+    assert hashlib.sha256(third.read_bytes()).hexdigest() == (
+        "62f09109929a1f5aba09c749fe1be70a3b99ec2929a04454ded3f2761912f0a7")
+    cal3 = read_calibration(third)
+    assert len(cal3) == 42 and set(cal3["label"]) <= set(ROLLOUT_TYPES)
+    ids = [*cal["calibration_id"], *cal2["calibration_id"], *cal3["calibration_id"]]
+    assert len(set(ids)) == len(ids)  # ids unique across the fresh files
+    # the floor: at least 30 hand-labelled rollouts of every type over the fresh batches
+    counts = pd.concat([cal["label"], cal2["label"], cal3["label"]]).value_counts()
+    assert len(ids) >= 160 and all(counts[t] >= 30 for t in ROLLOUT_TYPES), counts.to_dict()
