@@ -81,7 +81,12 @@ def local_roots(study_dir: Path) -> list[tuple[str, str]]:
     return sorted(out, key=lambda pr: -len(pr[0]))
 
 
-def scrub_text(text: str, roots: Sequence[tuple[str, str]], sweep: bool = True) -> str:
+#: The same in a page, where a path may follow a tag's ``>`` (but not ``<local>``'s).
+_ABSOLUTE_HTML = re.compile(r"(?<![\w.~<-])(?<!<local>)/(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+def scrub_text(text: str, roots: Sequence[tuple[str, str]], sweep: bool = True,
+               pattern: re.Pattern = _ABSOLUTE) -> str:
     """``text`` with every local absolute path rewritten (see the module docstring)."""
     for prefix, repl in roots:
         text = text.replace(prefix + "/", repl)
@@ -91,8 +96,29 @@ def scrub_text(text: str, roots: Sequence[tuple[str, str]], sweep: bool = True) 
             top = m.group(0).split("/")[1]
             return f"{LOCAL}/{Path(m.group(0)).name}" if top and Path("/", top).exists() else m.group(0)
 
-        text = _ABSOLUTE.sub(local, text)
+        text = pattern.sub(local, text)
     return text
+
+
+#: A ``data:`` URI of the page (its embedded figures): base64 holds ``/``, so the last pass of
+#: :func:`scrub_text` skips it.
+_DATA_URI = re.compile(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+")
+
+
+def scrub_html(text: str, roots: Sequence[tuple[str, str]]) -> str:
+    """:func:`scrub_text` for the page: every part but its base64 ``data:`` URIs gets the last pass
+    too, so a path outside the known roots (a model cache elsewhere) does not stay on the page."""
+    text = scrub_text(text, roots, sweep=False)
+
+    def part(chunk: str) -> str:  # ``<local>`` written as text, not as a tag the browser hides
+        return scrub_text(chunk, (), pattern=_ABSOLUTE_HTML).replace(f"{LOCAL}/", "&lt;local&gt;/")
+
+    out, last = [], 0
+    for m in _DATA_URI.finditer(text):
+        out += [part(text[last:m.start()]), m.group(0)]
+        last = m.end()
+    out.append(part(text[last:]))
+    return "".join(out)
 
 
 def _scrub_parquet(src: Path, dst: Path, roots: Sequence[tuple[str, str]]) -> pa.Table:
@@ -129,8 +155,9 @@ def _copy_study(study_dir: Path, out_dir: Path, roots: Sequence[tuple[str, str]]
             tables.append({"path": rel.as_posix(), "rows": table.num_rows, "columns": table.column_names})
         elif src.suffix == ".png":
             shutil.copyfile(src, dst)
-        else:  # text; the page's embedded images are base64, so only the exact roots are rewritten there
-            text = scrub_text(src.read_text(encoding="utf-8"), roots, sweep=src.suffix != ".html")
+        else:  # text; the page's embedded images are base64 and are left as they are
+            raw = src.read_text(encoding="utf-8")
+            text = scrub_html(raw, roots) if src.suffix == ".html" else scrub_text(raw, roots)
             with naio.atomic_path(dst) as tmp:
                 tmp.write_text(text, encoding="utf-8")
     return tables

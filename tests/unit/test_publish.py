@@ -19,6 +19,7 @@ from neuronaudit.publish import (
     config_name,
     publish,
     read_audit,
+    scrub_html,
     scrub_text,
     validate_audit,
 )
@@ -65,6 +66,16 @@ def test_scrub_rewrites_paths_relative_to_the_study_or_the_workflow_and_hides_th
     assert scrub_text(text, roots, sweep=False) == ("window/x.parquet and results/models/m/manifest.json and "
                                                     "<local>/cache/w.bin")
     assert scrub_text("weights at /usr/share/foo/model.bin; ratio 3/4", []) == "weights at <local>/model.bin; ratio 3/4"
+
+
+def test_the_page_loses_paths_outside_the_known_roots_and_keeps_its_images():
+    # a prepared model in a cache outside the study, the workflow, home and tmp (e.g. shared scratch)
+    image = "data:image/png;base64,iVBORw0KGgo/usr/lib/AAAA+/bin/x=="
+    page = f'<dd>/usr/lib/models/cache/weights</dd><img src="{image}"><p>3/4 of /opt</p>'
+    got = scrub_html(page, [])
+    assert "/usr/lib/models" not in got and "<dd>&lt;local&gt;/weights</dd>" in got  # shown as text
+    assert f'src="{image}"' in got  # base64 is left alone
+    assert "3/4 of" in got
 
 
 def test_audit_json_follows_its_schema_and_carries_every_headline(bundle):
