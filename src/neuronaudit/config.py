@@ -422,37 +422,36 @@ def check_model_size(config: dict, arch: dict) -> None:
             )
 
 
-def collect_shard_count(config: dict, prompt_set: str, root: Path) -> int:
-    """Collection shards of a prompt set: its collected split (as prepare_prompts splits and
-    limits it) in shards of ``collect.shard_size`` prompts; a hub prompt set cannot be sharded."""
+def _split_size(config: dict, prompt_set: str, split: str, root: Path, setting: str) -> int:
+    """Prompts of a set's ``split`` as prepare_prompts splits and limits it, read from its local
+    file (``setting`` names the shard size that needs it: a hub prompt set cannot be sharded)."""
     from neuronaudit.prompts import load_prompt_set
+
+    p = config["prompts"]
+    source = p["sets"][prompt_set]
+    if str(source).startswith("hf:"):
+        raise NeuronAuditError(f"{setting} needs local prompt files; prompt set {prompt_set!r} is {source!r}")
+    df = load_prompt_set(prompt_set, resolve_path(source, root), p["heldout_fraction"], p["split_seed"], p["limit"])
+    return len(df) if split == "all" else int((df["split"] == split).sum())
+
+
+def collect_shard_count(config: dict, prompt_set: str, root: Path) -> int:
+    """Collection shards of a prompt set: its collected split in shards of ``collect.shard_size``
+    prompts."""
     from neuronaudit.shards import n_shards
 
-    source = config["prompts"]["sets"][prompt_set]
-    if str(source).startswith("hf:"):
-        raise NeuronAuditError(f"collect.shard_size needs local prompt files; prompt set {prompt_set!r} is {source!r}")
-    p = config["prompts"]
-    df = load_prompt_set(prompt_set, resolve_path(source, root), p["heldout_fraction"], p["split_seed"], p["limit"])
-    split = config["collect"]["split"]
-    return n_shards(len(df) if split == "all" else int((df["split"] == split).sum()), config["collect"]["shard_size"])
+    n = _split_size(config, prompt_set, config["collect"]["split"], root, "collect.shard_size")
+    return n_shards(n, config["collect"]["shard_size"])
 
 
 def rollout_shard_count(config: dict, prompt_sets, split: str, root: Path) -> int:
     """Rollout shards of ``rollouts.shard_size`` prompts over ``prompt_sets`` (each set's ``split``
     prompts, the first ``rollouts.prompts_per_set`` of them, one set after another)."""
-    from neuronaudit.prompts import load_prompt_set
     from neuronaudit.shards import n_shards
 
-    p, limit = config["prompts"], config["rollouts"]["prompts_per_set"]
-    total = 0
-    for name in prompt_sets:
-        source = p["sets"][name]
-        if str(source).startswith("hf:"):
-            raise NeuronAuditError(f"rollouts.shard_size needs local prompt files; prompt set {name!r} is {source!r}")
-        df = load_prompt_set(name, resolve_path(source, root), p["heldout_fraction"], p["split_seed"], p["limit"])
-        n = len(df) if split == "all" else int((df["split"] == split).sum())
-        total += n if limit is None else min(n, int(limit))
-    return n_shards(total, config["rollouts"]["shard_size"])
+    limit = config["rollouts"]["prompts_per_set"]
+    sizes = [_split_size(config, name, split, root, "rollouts.shard_size") for name in prompt_sets]
+    return n_shards(sum(n if limit is None else min(n, int(limit)) for n in sizes), config["rollouts"]["shard_size"])
 
 
 def model_source(config: dict, root: Path):

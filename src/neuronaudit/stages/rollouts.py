@@ -114,7 +114,8 @@ def run_rollouts(
         judge=getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
         seed=o.seed, n_boot=N_BOOT, generation_seconds=round(seconds, 2), harmless_sets=list(harmless_sets),
         shard=shard, shard_size=o.shard_size if shard is not None else None,
-        shard_prompts=[str(x) for x in prompts["prompt_id"]] if shard is not None else None, n_prompts=n_all,
+        shard_prompts=[f"{a}/{b}" for a, b in zip(prompts["prompt_set"], prompts["prompt_id"])]
+        if shard is not None else None, n_prompts=n_all,
     )
     write_table(rollouts_table(typed), out_rollouts, prov)
     if shard is None:
@@ -160,7 +161,7 @@ def run_merge_rollouts(shard_paths: Sequence[str | Path], out_rollouts, out_frac
         if differs:
             raise NeuronAuditError(f"rollout shard {path} is not from the same run as {shard_paths[0]}: "
                                    f"{', '.join(differs)} differ")
-    prompts = [pid for p in provs for pid in p["shard_prompts"]]
+    prompts = [key for p in provs for key in p["shard_prompts"]]  # "<prompt set>/<prompt id>"
     if len(prompts) != first["n_prompts"] or len(set(prompts)) != len(prompts):
         raise NeuronAuditError(f"the rollout shards hold {len(prompts)} prompts ({len(set(prompts))} distinct); "
                                f"the run has {first['n_prompts']}")
