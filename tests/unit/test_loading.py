@@ -114,3 +114,27 @@ def test_gguf_header_keys_are_read_without_decoding_the_vocabulary(tmp_path):
         fh.truncate(200)
     with pytest.raises(NeuronAuditError, match=r"is truncated or malformed \(its header ends early\)"):
         gguf_metadata(cut, lambda found: {"no.such.key"})
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_native_bfloat16(tiny_model_dir, monkeypatch, native, expected):
+    import neuronaudit.models.loading as loading
+    from neuronaudit.stages.common import weights_dtype
+
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: native)
+    model, _, _ = load_model(tiny_model_dir, dtype="auto")
+    assert next(model.parameters()).dtype == expected
+    assert weights_dtype(model) == str(expected).removeprefix("torch.")  # what provenance records
+    assert loading.resolve_dtype("float16", "cpu") == "float16"
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    import neuronaudit.models.loading as loading
+
+    for flags, native in (("fpu sse avx512f amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", True),
+                          ("fpu sse avx2 avx512f", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        real_path = loading.Path
+        monkeypatch.setattr(loading, "Path", lambda p, _c=cpuinfo: _c if p == "/proc/cpuinfo" else real_path(p))
+        assert loading.cpu_has_bf16() is native, flags

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -154,16 +155,39 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """Load a prepared model directory: returns ``(model, tokenizer, adapter)`` in eval mode."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AMX-BF16 or AVX512-BF16, as
+    Linux's ``/proc/cpuinfo`` flags them); elsewhere bfloat16 is emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``model.dtype`` as the weights are loaded: ``auto`` is bfloat16 on a CUDA device that supports
+    it and on a CPU with native bfloat16 (:func:`cpu_has_bf16`), float32 elsewhere (``device`` as
+    :func:`resolve_device` returns it). Any other value is checked and returned."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
     if dtype not in DTYPES:
-        raise NeuronAuditError(f"model.dtype {dtype!r} is not one of {DTYPES}")
+        raise NeuronAuditError(f"model.dtype {dtype!r} is not one of {(*DTYPES, 'auto')}")
+    return dtype
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a prepared model directory: returns ``(model, tokenizer, adapter)`` in eval mode, its
+    weights in ``dtype`` (``auto``: :func:`resolve_dtype`)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise NeuronAuditError(f"model.dtype {dtype!r} is not one of {(*DTYPES, 'auto')}")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise NeuronAuditError(f"model path {str(path)!r} is not a Hugging Face model directory")
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.to(device).eval()
     model.requires_grad_(False)

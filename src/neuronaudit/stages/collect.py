@@ -45,7 +45,7 @@ def run_collect(
         "model_path": manifest["path"],
         "model_type": manifest.get("model_type"),
         "weight_sha256": manifest["weight_sha256"],
-        "dtype": m.dtype,
+        "dtype": opened.dtype,
         "device": opened.device,
         "prompt_set": prompts.attrs.get("prompt_set"),
         "prompt_set_hash": prompts.attrs.get("prompt_set_hash"),

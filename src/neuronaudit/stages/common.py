@@ -33,6 +33,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def weights_dtype(model) -> str:
+    """A loaded model's weights dtype by name (``bfloat16``): what ``model.dtype: auto`` resolved to,
+    for the provenance of every table."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 @dataclass
 class OpenedModel:
     """A prepared model loaded for a stage, with its manifest."""
@@ -47,6 +53,11 @@ class OpenedModel:
     def device(self) -> str:
         return str(next(self.model.parameters()).device)
 
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype as loaded (``model.dtype: auto`` resolved)."""
+        return weights_dtype(self.model)
+
     def provenance(self) -> dict:
         """The fields every model-running stage records about the audited model."""
         m = self.manifest
@@ -55,7 +66,7 @@ class OpenedModel:
             "weight_sha256": m.get("weight_sha256"),
             "tuned_from": m.get("tuned_from"),
             "hook_site": m.get("hook_site"),
-            "dtype": self.options.dtype,
+            "dtype": self.dtype,
             "device": self.device,
             "chat_template": self.options.chat_template,
             "system_prompt": self.options.system_prompt,

@@ -44,6 +44,7 @@ from neuronaudit.stages.common import (
     read_table,
     resolve_batch_sizes,
     same_model,
+    weights_dtype,
 )
 
 log = logging.getLogger("neuronaudit")
@@ -121,7 +122,7 @@ def run_keystone(
     prov = provenance(
         stage="keystone", method="keystone neurons (arXiv 2605.24846)", model_id=man.get("source"),
         weight_sha256=weight_hash, hook_site=first_prov.get("hook_site", man.get("hook_site")),
-        dtype=o.model.dtype, groups=list(stats_by_group),
+        dtype=weights_dtype(model), groups=list(stats_by_group),
         group_hashes={g: read_provenance(p).get("prompt_set_hash") for g, p in stats_by_group.items()},
         stats_positions=first_prov.get("positions"), outlier_multiple=o.outlier_multiple, seed=o.seed,
         k_values=ks, n_random=o.n_random, iou_k=list(o.iou_k), n_splits=o.n_splits,

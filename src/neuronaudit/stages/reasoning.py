@@ -78,6 +78,7 @@ from neuronaudit.stages.common import (
     resolve_batch_sizes,
     rollout_load,
     same_model,
+    weights_dtype,
 )
 
 log = logging.getLogger("neuronaudit")
@@ -381,7 +382,7 @@ def run_reasoning(
     log.info("reasoning: discovery %d/%d solutions correct (%d problems × %d), %.0f s, %d positions",
              int(correct.sum()), correct.size, len(split["discovery"]), samples, seconds["discovery"],
              disc.token_positions)
-    prov = _provenance(o, src.manifest, kinds, layers, samples)
+    prov = _provenance(o, src.manifest, kinds, layers, samples, weights_dtype(src.model))
     outputs = {"problems": out_problems, "solutions": out_solutions, "neurons": out_neurons,
                "ablation": out_ablation, "steering": out_steering, "gate": out_gate, "transfer": out_transfer}
     if correct.all() or not correct.any():
@@ -573,12 +574,12 @@ def run_reasoning(
     return summary
 
 
-def _provenance(o: ReasoningOptions, man: dict, kinds, layers, samples) -> dict:
+def _provenance(o: ReasoningOptions, man: dict, kinds, layers, samples, dtype: str) -> dict:
     positions = R.SCORE_POSITIONS if o.ablation_positions == "solution" else R.ABLATION_POSITIONS
     return provenance(
         stage="reasoning", method="reasoning-critical neurons (AdaRAS, arXiv 2601.19847; SCIENCE.md §6)",
         model_id=man.get("source"), weight_sha256=man.get("weight_sha256"), tuned_from=man.get("tuned_from"),
-        hook_site=man.get("hook_site"), dtype=o.model.dtype, chat_template=o.model.chat_template,
+        hook_site=man.get("hook_site"), dtype=dtype, chat_template=o.model.chat_template,
         problem_set=o.problem_set, kinds=kinds, difficulty=dict(o.difficulty) if o.problem_set is None else None,
         splits=split_sizes(o), score_positions=list(R.SCORE_POSITIONS), ablation_positions=list(positions),
         steering_positions=list(R.SCORE_POSITIONS), n_samples=samples, temperature=o.temperature, top_p=o.top_p,

@@ -57,7 +57,7 @@ from neuronaudit.methods.window import flips
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import SufficientOptions
 from neuronaudit.prompts import extras
-from neuronaudit.stages.common import PROMPT_TOKENS, open_model, read_prompts, resolve_batch_sizes
+from neuronaudit.stages.common import PROMPT_TOKENS, open_model, read_prompts, resolve_batch_sizes, weights_dtype
 
 log = logging.getLogger("neuronaudit")
 
@@ -456,7 +456,8 @@ def run_sufficient(
                                **task_summary(name, prompts, skipped, precision, control, o)}
     prov = provenance(
         stage="sufficient", method="sufficient neuron sets (WASD, arXiv 2603.18474)", model_id=man.get("source"),
-        weight_sha256=man.get("weight_sha256"), dtype=o.model.dtype, tasks={n: dict(s) for n, s in o.tasks.items()},
+        weight_sha256=man.get("weight_sha256"), dtype=weights_dtype(model),
+        tasks={n: dict(s) for n, s in o.tasks.items()},
         n_explained=o.n_explained, n_search=o.n_search, n_fresh=o.n_fresh, n_candidates=o.n_candidates,
         fraction=o.fraction, delta=o.delta, confidence=o.confidence, max_size=o.max_size, beam_width=o.beam_width,
         n_random=o.n_random, n_control=o.n_control, max_new_tokens=o.max_new_tokens, seed=o.seed,

@@ -177,9 +177,9 @@ def run_window_sweep(
     else:
         frame, searched = _sweep(setup, behaviour, behaviours[behaviour], block)
     searched["baseline_rollouts"] = 0 if block.empty else n_prompts
-    m = options.model
     prov = provenance(model_id=setup.opened.manifest.get("source"),
-                      weight_sha256=setup.opened.manifest.get("weight_sha256"), dtype=m.dtype, seed=options.seed,
+                      weight_sha256=setup.opened.manifest.get("weight_sha256"), dtype=setup.opened.dtype,
+                      seed=options.seed,
                       behaviour=behaviour, shard=int(shard), shard_size=int(options.shard_size),
                       candidates=[[int(r.layer), int(r.neuron)] for r in block.itertuples()],
                       search_record=searched)
@@ -235,7 +235,7 @@ def run_window(
     merged instead of rolled out here."""
     setup = _setup(manifest_path, screen_scores, behaviour_prompts, generic_table, behaviours, options, threads,
                    list(behaviours))
-    o, m, opened = setup.options, setup.options.model, setup.opened
+    o, opened = setup.options, setup.opened
     model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
     neurons, geometry, swept, generic = setup.neurons, setup.geometry, setup.swept, setup.generic
     if sweep_shards:
@@ -264,7 +264,7 @@ def run_window(
                        "horizons_by_behaviour": {b: behaviour_horizons(s, o) for b, s in behaviours.items()},
                        "prompts_per_behaviour": o.n_prompts}
     prov = provenance(model_id=opened.manifest.get("source"), weight_sha256=opened.manifest.get("weight_sha256"),
-                      dtype=m.dtype, hook_site=opened.manifest.get("hook_site"), seed=o.seed,
+                      dtype=opened.dtype, hook_site=opened.manifest.get("hook_site"), seed=o.seed,
                       horizons=list(o.horizons), x_grid=list(o.x_grid), search=o.search,
                       positions=["last_prompt", "generated"],
                       behaviours=dict(behaviours))
