@@ -15,7 +15,7 @@ from snakemake.utils import validate
 
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
-from neuronaudit.config import collect_shard_count, model_source, rollout_shard_count
+from neuronaudit.config import collect_shard_count, evaluation_shard_count, model_source, rollout_shard_count
 from neuronaudit.shards import sweep_shard_count
 from neuronaudit.config import precheck_config, transfer_source, validate_config
 from neuronaudit.errors import NeuronAuditError
@@ -64,6 +64,7 @@ PROMPT_SETS = list(config["prompts"]["sets"])
 wildcard_constraints:
     prompt_set="|".join(PROMPT_SETS),
     shard=r"\d+",
+    which="tuned|base",
     behaviour="|".join(config["behaviours"]) or "NONE",
 
 
@@ -124,6 +125,13 @@ def refusal_rollout_shards(wildcards):
     from the harmful and harmless prompt files)."""
     n = rollout_shard_count(config, ["harmful", "harmless"], "heldout", ROOT)
     return [stage_file("refusal", f"shards/rollouts.{k}.parquet") for k in range(n)]
+
+
+def refusal_evaluation_shards(which):
+    """The evaluate_refusal_part tables of one model (rollouts.shard_size > 0), in shard order (their
+    count read from the prompt files and, when the study tunes, the tuning's validation split)."""
+    n = evaluation_shard_count(config, ROOT)
+    return [stage_file("refusal", f"shards/evaluation.{which}.{k}.parquet") for k in range(n)]
 
 
 def window_sweep_tables():

@@ -9,7 +9,11 @@ prompts, on the tuning's validation prompts and on the prompt sets written in ot
 against the base model), and results/<study>/refusal/
 {rollouts, fractions, first_horizon}.parquet: typed rollouts of the unintervened audited model.
 With rollouts.shard_size > 0, one refusal_rollouts job per shard of that many prompts (temporary
-tables under refusal/shards/) and a merge_refusal_rollouts job that writes the same three tables.
+tables under refusal/shards/) and a merge_refusal_rollouts job that writes the same three tables;
+and the evaluation runs as evaluate_refusal_part jobs (each model's rollouts of a range of that
+many evaluation prompts), an evaluate_refusal_perplexity job per model, and a
+merge_refusal_evaluation job that joins them into the same evaluation.json and
+evaluation_rollouts.parquet (a model judge scores its calibration sets there, on the CPU).
 """
 
 
@@ -44,37 +48,143 @@ rule tune_refusal:
         "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
 
 
-rule evaluate_refusal:
-    input:
-        manifest=audited_manifest(),
-        base=model_manifest(),
-        harmful=prompt_table("harmful"),
-        harmless=prompt_table("harmless"),
-        generic=prompt_table("generic"),
-        styled=list(styled_refusal_tables().values()),
-    output:
-        summary=stage_file("refusal", "evaluation.json"),
-        rollouts=stage_file("refusal", "evaluation_rollouts.parquet"),
-    params:
-        cli=NEURONAUDIT,
-        options=stage_options("evaluate_refusal"),
-        styled=styled_refusal_args(),
-    threads: config["threads"]
-    resources:
-        mem_mb=job_resource("evaluate_refusal", "mem_mb"),
-        runtime=job_resource("evaluate_refusal", "runtime"),
-        gpu=job_resource("evaluate_refusal", "gpu"),
-    conda:
-        "../workflow/envs/neuronaudit.yaml"
-    log:
-        log_file("refusal", "evaluate"),
-    benchmark:
-        benchmark_file("refusal", "evaluate")
-    shell:
-        "{params.cli} evaluate-refusal --manifest {input.manifest:q} --base-manifest {input.base:q} "
-        "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
-        "--styled {params.styled} --out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
-        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+if config["rollouts"]["shard_size"]:
+
+    rule evaluate_refusal_part:
+        input:
+            manifest=audited_manifest(),
+            base=model_manifest(),
+            harmful=prompt_table("harmful"),
+            harmless=prompt_table("harmless"),
+            generic=prompt_table("generic"),
+            styled=list(styled_refusal_tables().values()),
+        output:
+            table=temp(stage_file("refusal", "shards/evaluation.{which}.{shard}.parquet")),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("evaluate_refusal"),
+            styled=styled_refusal_args(),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("evaluate_refusal_part", "mem_mb"),
+            runtime=job_resource("evaluate_refusal_part", "runtime"),
+            gpu=job_resource("evaluate_refusal_part", "gpu"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "evaluate.{which}.{shard}"),
+        benchmark:
+            benchmark_file("refusal", "evaluate.{which}.{shard}")
+        shell:
+            "{params.cli} evaluate-refusal-part --which {wildcards.which} --shard {wildcards.shard} "
+            "--manifest {input.manifest:q} --base-manifest {input.base:q} "
+            "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
+            "--styled {params.styled} --out-table {output.table:q} "
+            "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+
+    rule evaluate_refusal_perplexity:
+        input:
+            manifest=audited_manifest(),
+            base=model_manifest(),
+            harmful=prompt_table("harmful"),
+            harmless=prompt_table("harmless"),
+            generic=prompt_table("generic"),
+            styled=list(styled_refusal_tables().values()),
+        output:
+            table=temp(stage_file("refusal", "shards/perplexity.{which}.parquet")),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("evaluate_refusal"),
+            styled=styled_refusal_args(),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("evaluate_refusal_perplexity", "mem_mb"),
+            runtime=job_resource("evaluate_refusal_perplexity", "runtime"),
+            gpu=job_resource("evaluate_refusal_perplexity", "gpu"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "evaluate.{which}.perplexity"),
+        benchmark:
+            benchmark_file("refusal", "evaluate.{which}.perplexity")
+        shell:
+            "{params.cli} evaluate-refusal-part --which {wildcards.which} "
+            "--manifest {input.manifest:q} --base-manifest {input.base:q} "
+            "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
+            "--styled {params.styled} --out-table {output.table:q} "
+            "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+
+    rule merge_refusal_evaluation:
+        input:
+            manifest=audited_manifest(),
+            base=model_manifest(),
+            harmful=prompt_table("harmful"),
+            harmless=prompt_table("harmless"),
+            generic=prompt_table("generic"),
+            styled=list(styled_refusal_tables().values()),
+            tuned_shards=refusal_evaluation_shards("tuned"),
+            base_shards=refusal_evaluation_shards("base"),
+            tuned_nll=stage_file("refusal", "shards/perplexity.tuned.parquet"),
+            base_nll=stage_file("refusal", "shards/perplexity.base.parquet"),
+        output:
+            summary=stage_file("refusal", "evaluation.json"),
+            rollouts=stage_file("refusal", "evaluation_rollouts.parquet"),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("evaluate_refusal"),
+            styled=styled_refusal_args(),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("merge_refusal_evaluation", "mem_mb", manifest=None),
+            runtime=job_resource("merge_refusal_evaluation", "runtime", manifest=None),
+            gpu=job_resource("merge_refusal_evaluation", "gpu", manifest=None),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "evaluate"),
+        benchmark:
+            benchmark_file("refusal", "evaluate.merge")
+        shell:
+            "{params.cli} evaluate-refusal --manifest {input.manifest:q} --base-manifest {input.base:q} "
+            "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
+            "--styled {params.styled} --tuned-shards {input.tuned_shards:q} --base-shards {input.base_shards:q} "
+            "--tuned-perplexity {input.tuned_nll:q} --base-perplexity {input.base_nll:q} "
+            "--out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
+            "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+
+else:
+
+    rule evaluate_refusal:
+        input:
+            manifest=audited_manifest(),
+            base=model_manifest(),
+            harmful=prompt_table("harmful"),
+            harmless=prompt_table("harmless"),
+            generic=prompt_table("generic"),
+            styled=list(styled_refusal_tables().values()),
+        output:
+            summary=stage_file("refusal", "evaluation.json"),
+            rollouts=stage_file("refusal", "evaluation_rollouts.parquet"),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("evaluate_refusal"),
+            styled=styled_refusal_args(),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("evaluate_refusal", "mem_mb"),
+            runtime=job_resource("evaluate_refusal", "runtime"),
+            gpu=job_resource("evaluate_refusal", "gpu"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "evaluate"),
+        benchmark:
+            benchmark_file("refusal", "evaluate")
+        shell:
+            "{params.cli} evaluate-refusal --manifest {input.manifest:q} --base-manifest {input.base:q} "
+            "--harmful {input.harmful:q} --harmless {input.harmless:q} --generic {input.generic:q} "
+            "--styled {params.styled} --out-json {output.summary:q} --out-rollouts {output.rollouts:q} "
+            "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
 
 
 if config["rollouts"]["shard_size"]:

@@ -81,10 +81,25 @@ def cmd_tune_refusal(args) -> None:
 
 
 def cmd_evaluate_refusal(args) -> None:
+    parts = None
+    given = {w: (getattr(args, f"{w}_shards"), getattr(args, f"{w}_perplexity")) for w in ("tuned", "base")}
+    if any(shards or nll for shards, nll in given.values()):
+        missing = [f"--{w}-{k}" for w, (shards, nll) in given.items()
+                   for k, v in (("shards", shards), ("perplexity", nll)) if not v]
+        if missing:
+            raise NeuronAuditError(f"evaluate-refusal joins part tables only with all of them; missing {missing}")
+        parts = {w: {"shards": shards, "perplexity": nll} for w, (shards, nll) in given.items()}
     _stage("refusal").evaluate_refusal(args.manifest, args.base_manifest, args.harmful, args.harmless,
                                        args.generic, args.out_json, args.out_rollouts,
                                        _options(args, opts.RefusalEvalOptions), threads=args.threads,
-                                       styled=_named(args.styled, "--styled"))
+                                       styled=_named(args.styled, "--styled"), parts=parts)
+
+
+def cmd_evaluate_refusal_part(args) -> None:
+    _stage("refusal").run_evaluation_part(args.manifest, args.base_manifest, args.which, args.harmful, args.harmless,
+                                          args.generic, args.out_table, _options(args, opts.RefusalEvalOptions),
+                                          threads=args.threads, styled=_named(args.styled, "--styled"),
+                                          shard=args.shard)
 
 
 def cmd_rollouts(args) -> None:
@@ -333,12 +348,17 @@ _SIMPLE_INPUTS = {
     "collect": ["--prompts"],
     "tune-refusal": ["--base-manifest", "--harmful", "--harmless", "--out-dir"],
     "evaluate-refusal": ["--base-manifest", "--harmful", "--harmless", "--generic"],
+    "evaluate-refusal-part": ["--base-manifest", "--harmful", "--harmless", "--generic"],
     "screen": ["--behaviour", "--pos-last-token", "--neg-last-token", "--pos-prompts", "--neg-prompts"],
     "cna": ["--circuit", "--harmful", "--negative", "--generic"],
     "window": ["--generic"],
     "window-sweep": ["--generic", "--behaviour"],
     "attribution": ["--window", "--sweeps"],
 }
+
+_STYLED = dict(nargs="*", default=[], metavar="KIND=TABLE",
+               help="prompt sets in other styles, never trained on: harmful=TABLE and/or harmless=TABLE "
+                    "(refusal.styled_harmful/_harmless)")
 
 #: The inputs of a stage subcommand that take several paths.
 _LIST_INPUTS = {
@@ -350,9 +370,21 @@ _LIST_INPUTS = {
     "window-sweep": [("--shard", dict(type=int, required=True, help="block of window.shard_size candidates"))],
     "tune-refusal": [("--extra-harmless", dict(nargs="*", default=[], metavar="SET=TABLE",
                                                help="prepared tables of refusal.extra_harmless_sets"))],
-    "evaluate-refusal": [("--styled", dict(nargs="*", default=[], metavar="KIND=TABLE",
-                                           help="prompt sets in other styles, never trained on: harmful=TABLE "
-                                                "and/or harmless=TABLE (refusal.styled_harmful/_harmless)"))],
+    "evaluate-refusal": [
+        ("--styled", _STYLED),
+        *[(f"--{w}-shards", dict(nargs="*", default=[], metavar="TABLE",
+                                 help=f"the {w} model's rollout shards (evaluate-refusal-part), joined"))
+          for w in ("tuned", "base")],
+        *[(f"--{w}-perplexity", dict(default=None, metavar="TABLE",
+                                     help=f"the {w} model's perplexity part (evaluate-refusal-part without --shard)"))
+          for w in ("tuned", "base")],
+    ],
+    "evaluate-refusal-part": [
+        ("--styled", _STYLED),
+        ("--which", dict(required=True, choices=["tuned", "base"], help="the model this job evaluates")),
+        ("--shard", dict(type=int, default=None, help="roll out this shard of rollouts.shard_size evaluation "
+                                                      "prompts; without it, the generic texts' NLLs")),
+    ],
     "collect": [("--shard", dict(type=int, default=None, help="collect only this shard of collect.shard_size "
                                                              "prompts (joined by merge-collect)"))],
     "sufficient": [("--tables", dict(nargs="+", required=True, metavar="TASK:ROLE=PATH",
@@ -382,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                          cmd_tune_refusal),
         "evaluate-refusal": ("refusal and over-refusal rates, perplexity vs base", ["manifest", "threads", "options"],
                              ["json", "rollouts"], cmd_evaluate_refusal),
+        "evaluate-refusal-part": ("one job of a sharded refusal evaluation (rollouts.shard_size): a model's "
+                                  "rollouts of a prompt range, or its generic perplexity", ["manifest", "threads",
+                                                                                            "options"],
+                                  ["table"], cmd_evaluate_refusal_part),
         "screen": ("contrastive neuron screen of one behaviour and its circuit", ["options", "gate"],
                    ["scores", "circuit"],
                    cmd_screen),

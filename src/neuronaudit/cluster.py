@@ -44,6 +44,9 @@ RULE_COSTS: dict[str, RuleCost] = {
     "prepare_prompts": RuleCost(None, 1000, 0, 5, model=False),
     "tune_refusal": RuleCost(16.0, 6000, 60, 30),
     "evaluate_refusal": RuleCost(None, 2500, 20, 15),
+    "evaluate_refusal_part": RuleCost(None, 2500, 10, 10),  # one model's rollouts of one shard
+    "evaluate_refusal_perplexity": RuleCost(None, 2500, 2, 10),  # one model's generic-text NLLs
+    "merge_refusal_evaluation": RuleCost(None, 2000, 0, 10, model=False),  # joins the parts
     "refusal_rollouts": RuleCost(None, 2500, 15, 15),  # or one shard of rollouts.shard_size prompts
     "merge_refusal_rollouts": RuleCost(None, 2000, 0, 10, model=False),
     "collect_activations": RuleCost(None, 2500, 5, 10),

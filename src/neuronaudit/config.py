@@ -454,6 +454,30 @@ def rollout_shard_count(config: dict, prompt_sets, split: str, root: Path) -> in
     return n_shards(sum(n if limit is None else min(n, int(limit)) for n in sizes), config["rollouts"]["shard_size"])
 
 
+def evaluation_shard_count(config: dict, root: Path) -> int:
+    """Rollout shards per model of a sharded refusal evaluation (``rollouts.shard_size`` prompts
+    each) over what it rolls out, set after set: the held-out harmful and harmless prompts, the
+    styled sets (every prompt) and, when the study tunes its reference model, the tuning's
+    validation prompts (the pairs :func:`~neuronaudit.prompts.validation_mask` draws from the
+    discovery split, as the tuning does)."""
+    from neuronaudit.prompts import load_prompt_set, validation_mask
+    from neuronaudit.shards import n_shards
+
+    setting = "rollouts.shard_size"
+    n = sum(_split_size(config, name, "heldout", root, setting) for name in ("harmful", "harmless"))
+    r = config["refusal"]
+    n += sum(_split_size(config, r[f"styled_{kind}"], "all", root, setting)
+             for kind in ("harmful", "harmless") if r[f"styled_{kind}"] is not None)
+    if r["tune"]:
+        p = config["prompts"]
+        for name in ("harmful", "harmless"):
+            df = load_prompt_set(name, resolve_path(p["sets"][name], root), p["heldout_fraction"], p["split_seed"],
+                                 p["limit"])
+            discovery = df[df["split"] == "discovery"]
+            n += int(validation_mask(discovery, r["validation_fraction"], config["seed"]).sum())
+    return n_shards(n, config["rollouts"]["shard_size"])
+
+
 def model_source(config: dict, root: Path):
     """``model.source`` resolved (relative paths against ``root``), without the preflight's checks:
     what a job of a run needs once the run has checked its inputs."""

@@ -63,7 +63,8 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
 #: ``params``: reads, dequantises and hashes the weights, on a CPU; ``none``: no model.
 #: These are also the rules whose jobs the workflow sizes without the prepared model's manifest.
 SCALING = {"prepare_model": "params", "prepare_prompts": "none", "merge_activations": "neurons",
-           "merge_refusal_rollouts": "none", "screen": "neurons", "report": "neurons"}
+           "merge_refusal_rollouts": "none", "merge_refusal_evaluation": "none", "screen": "neurons",
+           "report": "neurons"}
 
 #: The rules that ask the scheduler for disk (``disk_mb``) beside memory, time and GPUs.
 DISK_RULES = frozenset({"tune_refusal"})
@@ -210,6 +211,12 @@ def rule_of(stage: str, name: str) -> str:
     rule = STAGE_RULES.get(stage)
     if stage == "refusal" and name == "rollouts.merge":
         rule = "merge_refusal_rollouts"
+    elif stage == "refusal" and name == "evaluate.merge":
+        rule = "merge_refusal_evaluation"
+    elif stage == "refusal" and re.fullmatch(r"evaluate\.(tuned|base)\.perplexity", name):
+        rule = "evaluate_refusal_perplexity"
+    elif stage == "refusal" and re.fullmatch(r"evaluate\.(tuned|base)\.\d+", name):
+        rule = "evaluate_refusal_part"  # one model's rollouts of one shard of rollouts.shard_size prompts
     elif stage == "refusal" and re.fullmatch(r"rollouts\.\d+", name):
         rule = "refusal_rollouts"  # one shard of rollouts.shard_size prompts
     elif isinstance(rule, dict):

@@ -223,6 +223,8 @@ class RefusalEvalOptions(StageOptions):
     eval_max_new_tokens: int
     styled_harmful: str | None
     styled_harmless: str | None
+    #: prompts per evaluation job (0: one job evaluates both models)
+    shard_size: int = key("rollouts.shard_size")
     seed: int = key("seed")
 
 

@@ -18,6 +18,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -153,6 +154,30 @@ def content_hash(prompt_ids, texts) -> str:
 def is_heldout(key: str, seed: int, heldout_fraction: float) -> bool:
     h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < heldout_fraction
+
+
+#: Salt of the validation split's hash, so that it is drawn independently of the held-out split.
+VALIDATION_SALT = "refusal-validation"
+
+
+def pair_keys(df) -> list[str]:
+    """The key that keeps a style-matched pair together: ``pair_id`` when the prompt set has one
+    (stored in the ``extra`` JSON column of a prepared table), else the ``prompt_id``."""
+    keys = []
+    for pid, extra in zip(df["prompt_id"], df["extra"] if "extra" in df.columns else [None] * len(df)):
+        pair = json.loads(extra).get("pair_id") if isinstance(extra, str) else None
+        keys.append(str(pair) if pair is not None else str(pid))
+    return keys
+
+
+def validation_mask(df, fraction: float, seed: int) -> np.ndarray:
+    """Rows of a discovery table kept out of tuning to choose the recipe on: whole pairs
+    (:func:`pair_keys`), each in the validation part with probability ``fraction`` by a seeded hash
+    (the same pairs for the harmful and the harmless table). ``fraction`` 0 keeps every row for
+    training."""
+    if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+        raise NeuronAuditError(f"refusal.validation_fraction {fraction!r} must lie in [0, 1)")
+    return np.array([is_heldout(k, f"{VALIDATION_SALT}:{seed}", fraction) for k in pair_keys(df)], dtype=bool)
 
 
 def load_prompt_set(

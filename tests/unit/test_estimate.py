@@ -93,7 +93,7 @@ def test_every_benchmark_file_of_the_workflow_maps_to_the_rule_that_writes_it():
     assert len(found) >= 15 and {r for r, _, _ in found} >= {"collect_activations", "merge_activations",
                                                                "tune_refusal", "report"}
     for rule, stage, pattern in found:
-        name = pattern.format(prompt_set="harmless", shard="3", behaviour="refusal")
+        name = pattern.format(prompt_set="harmless", shard="3", behaviour="refusal", which="base")
         assert E.rule_of(stage, name) == rule, (stage, name)
     with pytest.raises(NeuronAuditError, match="newstage/x.tsv"):
         E.rule_of("newstage", "x")

@@ -519,3 +519,58 @@ def test_kl_to_base_loss_is_the_reference_distributions_kl_on_harmless_rows(toke
     with pytest.raises(NeuronAuditError, match="refusal.harmless_loss 'mse'"):
         train_response_loss(model, examples, tokenizer.pad_token_id, steps=1, learning_rate=1e-3, batch_size=2,
                             seed=0, harmless_loss="mse")
+
+
+def test_sharded_evaluation_joins_into_the_one_job_figures_and_rejects_foreign_shards(tuning_inputs, tmp_path):
+    from neuronaudit.stages.refusal import run_evaluation_part
+
+    d, _, _, generic = tuning_inputs
+    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
+    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
+    for path, name in ((harmful, "harmful"), (harmless, "harmless")):
+        df = pq.read_table(path).to_pandas()
+        df.loc[df.index[-2:], "split"] = "heldout"
+        write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), path,
+                    provenance(prompt_set=name, prompt_set_hash=f"hash-{name}"))
+    styled = {"harmful": _paired_table(tmp_path / "sh.parquet", "harmful_styles", 3, split="heldout")}
+    tuned = tmp_path / "tuned" / "manifest.json"
+    run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tuned.parent,
+                       tune(steps=1, learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3,
+                            validation_fraction=0.4), progress=False)
+    base = d / "base" / "manifest.json"
+    o = stage_options(RefusalEvalOptions, eval_max_new_tokens=4, styled_harmful="harmful_styles", shard_size=3)
+    args = (harmful, harmless, generic)
+    one = evaluate_refusal(tuned, base, *args, tmp_path / "one.json", tmp_path / "one.parquet", o, progress=False,
+                           styled=styled)
+    n_prompts = sum(v["n"] for v in one["tuned"]["sets"].values())
+    n_shards = -(-n_prompts // 3)
+    parts = {}
+    for which in ("tuned", "base"):
+        shards = [tmp_path / f"{which}.{k}.parquet" for k in range(n_shards)]
+        for k, path in enumerate(shards):
+            run_evaluation_part(tuned, base, which, *args, path, o, progress=False, styled=styled, shard=k)
+        run_evaluation_part(tuned, base, which, *args, tmp_path / f"{which}.nll.parquet", o, progress=False,
+                            styled=styled)
+        parts[which] = {"shards": shards, "perplexity": tmp_path / f"{which}.nll.parquet"}
+    joined = evaluate_refusal(tuned, base, *args, tmp_path / "j.json", tmp_path / "j.parquet", o, progress=False,
+                              styled=styled, parts=parts)
+    for which in ("tuned", "base"):
+        assert joined[which]["sets"] == one[which]["sets"]
+        assert joined[which]["perplexity_generic"] == pytest.approx(one[which]["perplexity_generic"])
+    assert joined["perplexity_ratio_tuned_over_base"] == pytest.approx(one["perplexity_ratio_tuned_over_base"])
+    assert joined["targets"] == one["targets"] and joined["shards"] == {"tuned": n_shards, "base": n_shards}
+    cols = ["prompt_set", "prompt_id", "intervention", "response", "rollout_type"]
+    assert pq.read_table(tmp_path / "j.parquet").to_pandas()[cols].equals(
+        pq.read_table(tmp_path / "one.parquet").to_pandas()[cols])
+    # the base model's shards are not the tuned model's; a missing shard leaves prompts out
+    with pytest.raises(NeuronAuditError, match="another model"):
+        evaluate_refusal(tuned, base, *args, tmp_path / "x.json", tmp_path / "x.parquet", o, progress=False,
+                         styled=styled, parts={"tuned": parts["base"], "base": parts["base"]})
+    assert not (tmp_path / "x.json").exists()
+    with pytest.raises(NeuronAuditError, match="hold .* prompts; the evaluation has"):
+        evaluate_refusal(tuned, base, *args, tmp_path / "x.json", tmp_path / "x.parquet", o, progress=False,
+                         styled=styled, parts={**parts, "base": {**parts["base"],
+                                                                  "shards": parts["base"]["shards"][:-1]}})
+    with pytest.raises(NeuronAuditError, match="shard 9 out of range"):
+        run_evaluation_part(tuned, base, "tuned", *args, tmp_path / "y.parquet", o, progress=False, styled=styled,
+                            shard=9)

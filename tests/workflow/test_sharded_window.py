@@ -1,6 +1,6 @@
-"""The window's dose sweeps split into jobs (window.shard_size), and the refusal rollouts split by
-prompt range (rollouts.shard_size), write the same tables as one job each: same rows, values within
-float tolerance; the shard tables are temporary."""
+"""The window's dose sweeps split into jobs (window.shard_size), and the refusal rollouts and the
+refusal evaluation split by prompt range (rollouts.shard_size), write the same tables as one job
+each: same rows, values within float tolerance; the shard tables are temporary."""
 
 import json
 import shutil
@@ -17,7 +17,7 @@ from test_family_dags import prepare_study
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 TABLES = ("window/sweeps.parquet", "window/window.parquet", "refusal/rollouts.parquet", "refusal/fractions.parquet",
-          "refusal/first_horizon.parquet")
+          "refusal/first_horizon.parquet", "refusal/evaluation_rollouts.parquet")
 
 
 def _window(work: Path, config: Path, shard_size: int) -> subprocess.CompletedProcess:
@@ -27,10 +27,10 @@ def _window(work: Path, config: Path, shard_size: int) -> subprocess.CompletedPr
     study["rollouts"]["shard_size"] = shard_size
     study["rollouts"]["sampling"] = ["greedy", "sample:3"]  # sampled rows too: one stream per row
     (work / f"shard{shard_size}.yaml").write_text(yaml.safe_dump(study))
-    target = [f"results/{study['study']}/{t}" for t in (*TABLES, "window/summary.json")]
+    target = [f"results/{study['study']}/{t}" for t in (*TABLES, "window/summary.json", "refusal/evaluation.json")]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work / f"run{shard_size}"),
            "--cores", "1", *target, "--configfile", str(work / f"shard{shard_size}.yaml"),
-           *(["--forcerun", "merge_refusal_rollouts"] if shard_size else [])]
+           *(["--forcerun", "merge_refusal_rollouts", "merge_refusal_evaluation"] if shard_size else [])]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
 
 
@@ -47,6 +47,9 @@ def test_sharded_sweeps_and_rollouts_equal_one_job_each(tmp_path):
     assert "window_sweep" not in log_one and log_sharded.count("rule window_sweep") == 3
     assert "rule collect_activations" not in log_sharded and "rule window:" in log_sharded
     assert log_sharded.count("rule refusal_rollouts:") >= 2 and "rule merge_refusal_rollouts:" in log_sharded
+    assert log_sharded.count("rule evaluate_refusal_part:") >= 4  # two models, two shards or more each
+    assert log_sharded.count("rule evaluate_refusal_perplexity:") == 2
+    assert "rule merge_refusal_evaluation:" in log_sharded
     for stage in ("window", "refusal"):  # temporary, removed once merged
         assert not list((sharded / stage).glob("shards/*.parquet"))
     for table in TABLES:
@@ -60,3 +63,8 @@ def test_sharded_sweeps_and_rollouts_equal_one_job_each(tmp_path):
     s1, s2 = (json.loads((d / "window/summary.json").read_text()) for d in (one, sharded))
     assert s1["n_rollouts"] == s2["n_rollouts"] == s1["n_rollouts_full_grid"]
     assert s2["dose_search"]["by_behaviour"]["next_word"]["n_jobs"] == 3
+    e1, e2 = (json.loads((d / "refusal/evaluation.json").read_text()) for d in (one, sharded))
+    for which in ("tuned", "base"):
+        assert e1[which]["sets"] == e2[which]["sets"]
+        assert e2[which]["perplexity_generic"] == pytest.approx(e1[which]["perplexity_generic"])
+    assert e1["shards"] is None and e2["shards"]["tuned"] == e2["shards"]["base"] >= 2

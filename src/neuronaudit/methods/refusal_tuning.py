@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import random
@@ -52,7 +51,7 @@ from tqdm.auto import tqdm
 from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.generation import eos_ids, generate_tokens, pad_id
 from neuronaudit.interventions.memory import split_on_oom
-from neuronaudit.prompts import is_heldout
+from neuronaudit.prompts import VALIDATION_SALT, pair_keys, validation_mask  # noqa: F401 (re-exported)
 
 log = logging.getLogger("neuronaudit")
 
@@ -261,30 +260,6 @@ def choose_recipe(candidates: Sequence[Mapping]) -> dict:
                 "within the perplexity target (all candidates when none is)")
     return {"index": index, "recipe": dict(candidates[index]["recipe"]), "meets_targets": bool(checks[index]["all"]),
             "rule": rule}
-
-
-#: Salt of the validation split's hash, so that it is drawn independently of the held-out split.
-VALIDATION_SALT = "refusal-validation"
-
-
-def pair_keys(df) -> list[str]:
-    """The key that keeps a style-matched pair together: ``pair_id`` when the prompt set has one
-    (stored in the ``extra`` JSON column of a prepared table), else the ``prompt_id``."""
-    keys = []
-    for pid, extra in zip(df["prompt_id"], df["extra"] if "extra" in df.columns else [None] * len(df)):
-        pair = json.loads(extra).get("pair_id") if isinstance(extra, str) else None
-        keys.append(str(pair) if pair is not None else str(pid))
-    return keys
-
-
-def validation_mask(df, fraction: float, seed: int) -> np.ndarray:
-    """Rows of a discovery table kept out of tuning to choose the recipe on: whole pairs
-    (:func:`pair_keys`), each in the validation part with probability ``fraction`` by a seeded hash
-    (the same pairs for the harmful and the harmless table). ``fraction`` 0 keeps every row for
-    training."""
-    if isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
-        raise NeuronAuditError(f"refusal.validation_fraction {fraction!r} must lie in [0, 1)")
-    return np.array([is_heldout(k, f"{VALIDATION_SALT}:{seed}", fraction) for k in pair_keys(df)], dtype=bool)
 
 
 def batch_composition(batch_size: int, harmless_fraction: float) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from neuronaudit.errors import NeuronAuditError
@@ -35,7 +36,7 @@ from neuronaudit.evaluation.rollouts import (
 from neuronaudit.evaluation.stats import paired_ratio_ci, wilson_interval
 from neuronaudit.interventions.generation import encode_prompts, pad_id
 from neuronaudit.interventions.scoring import score_tokens
-from neuronaudit.io import atomic_path, provenance, write_json, write_table
+from neuronaudit.io import atomic_path, provenance, read_provenance, write_json, write_table
 from neuronaudit.methods.refusal_tuning import (
     GEN_BATCH_SIZE,
     GRAD_CLIP,
@@ -57,6 +58,7 @@ from neuronaudit.methods.refusal_tuning import (
 from neuronaudit.models.loading import architecture_shape, read_manifest, weights_sha256
 from neuronaudit.options import ModelOptions, RefusalEvalOptions, TuneOptions
 from neuronaudit.prompts import extras
+from neuronaudit.shards import shard_rows
 from neuronaudit.stages.common import open_model, read_prompts
 
 log = logging.getLogger("neuronaudit")
@@ -290,40 +292,57 @@ def _set_rates(df: pd.DataFrame, kind: str) -> dict:
     return out
 
 
-def evaluate_model(manifest_path, prompt_sets: dict[str, tuple[pd.DataFrame, str]], generic_texts, judge,
-                   options: RefusalEvalOptions, threads=None, progress=True) -> tuple[dict, np.ndarray, pd.DataFrame]:
-    """Greedy typed rollouts of one model on named prompt sets (``name -> (table, "harmful" |
-    "harmless")``) and its per-text generic NLL. Each set's rate is under ``sets``; the study's
-    own held-out sets (``harmful``, ``harmless``) also keep their headline keys."""
-    m = options.model
-    opened = open_model(manifest_path, m, threads)
-    model, tokenizer, adapter, manifest = opened.model, opened.tokenizer, opened.adapter, opened.manifest
+def evaluation_prompts(prompt_sets: dict[str, tuple[pd.DataFrame, str]]) -> pd.DataFrame:
+    """The prompts an evaluation rolls out, set after set in ``prompt_sets`` order (``prompt_set``,
+    ``prompt_id``, ``text``, ``category``): the rows its shards split by position."""
     frames = []
     for name, (df, _kind) in prompt_sets.items():
         f = df.assign(prompt_set=name)
         f["category"] = extras(df).get("category") if len(df) else None
-        frames.append(f)
-    prompts = pd.concat(frames, ignore_index=True)
-    category = dict(zip(zip(prompts["prompt_set"], prompts["prompt_id"]), prompts["category"]))
-    t0 = time.perf_counter()
+        frames.append(f[["prompt_set", "prompt_id", "text", "category"]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def harmless_set_names(prompt_sets: dict[str, tuple[pd.DataFrame, str]]) -> tuple[str, ...]:
+    return tuple(name for name, (_, kind) in prompt_sets.items() if kind == "harmless")
+
+
+def evaluation_rollouts(opened, prompts: pd.DataFrame, judge, options: RefusalEvalOptions, harmless_sets,
+                        progress=True) -> pd.DataFrame:
+    """Greedy rollouts of ``prompts`` (:func:`evaluation_prompts` rows) to
+    ``refusal.eval_max_new_tokens``, typed by ``judge``."""
+    m = options.model
     rollouts = generate_rollouts(
-        model, tokenizer, adapter, prompts[["prompt_set", "prompt_id", "text"]], {"none": []},
+        opened.model, opened.tokenizer, opened.adapter, prompts[["prompt_set", "prompt_id", "text"]], {"none": []},
         horizons=(options.eval_max_new_tokens,), batch_size=EVAL_BATCH_SIZE, chat_template=m.chat_template,
         system_prompt=m.system_prompt, progress=progress,
     )
-    harmless_sets = tuple(name for name, (_, kind) in prompt_sets.items() if kind == "harmless")
-    typed = type_rollouts(rollouts, judge, harmless_sets=harmless_sets)
-    gen_seconds = time.perf_counter() - t0
+    return type_rollouts(rollouts, judge, harmless_sets=harmless_sets)
+
+
+def generic_nll(opened, generic_texts) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text mean negative log-likelihood of the generic texts (first 256 tokens) and their
+    scored token counts."""
+    tokenizer = opened.tokenizer
+    enc = tokenizer(list(generic_texts), truncation=True, max_length=256)["input_ids"]
+    scores = score_tokens(opened.model, opened.adapter, enc, [1] * len(enc), batch_size=EVAL_BATCH_SIZE,
+                          pad_token_id=tokenizer.pad_token_id or 0)
+    return scores.mean_nll(), np.array([len(lp) for lp in scores.logprob])
+
+
+def model_evaluation(manifest_path, manifest: dict, prompt_sets: dict[str, tuple[pd.DataFrame, str]],
+                     prompts: pd.DataFrame, typed: pd.DataFrame, nll: np.ndarray, n_tok: np.ndarray,
+                     gen_seconds: float) -> dict:
+    """One model's figures from its typed rollouts of ``prompts`` (same rows, same order) and its
+    generic NLLs: each set's rate with its Wilson interval under ``sets``; the study's own held-out
+    sets (``harmful``, ``harmless``) also keep their headline keys."""
+    typed = typed.copy()
+    category = dict(zip(zip(prompts["prompt_set"], prompts["prompt_id"]), prompts["category"]))
     typed["category"] = [category.get(k) for k in zip(typed["prompt_set"], typed["prompt_id"])]
     sets = {name: _set_rates(typed[typed["prompt_set"] == name], kind) for name, (_, kind) in prompt_sets.items()}
-    enc = tokenizer(list(generic_texts), truncation=True, max_length=256)["input_ids"]
-    scores = score_tokens(model, adapter, enc, [1] * len(enc), batch_size=EVAL_BATCH_SIZE,
-                          pad_token_id=tokenizer.pad_token_id or 0)
-    nll = scores.mean_nll()
-    n_tok = np.array([len(lp) for lp in scores.logprob])
     h = typed[typed["prompt_set"] == "harmful"]
     b = typed[typed["prompt_set"] == "harmless"]
-    out = {
+    return {
         "manifest": str(manifest_path),
         "source": manifest.get("source"),
         "weight_sha256": manifest.get("weight_sha256"),
@@ -335,7 +354,7 @@ def evaluate_model(manifest_path, prompt_sets: dict[str, tuple[pd.DataFrame, str
         "perplexity_generic": {
             "mean_of_texts": float(np.mean(np.exp(nll))),
             "token_weighted": float(np.exp(np.sum(nll * n_tok) / np.sum(n_tok))),
-            "n_texts": len(enc),
+            "n_texts": len(nll),
         },
         "generation_seconds": gen_seconds,
         "examples": {
@@ -343,7 +362,20 @@ def evaluate_model(manifest_path, prompt_sets: dict[str, tuple[pd.DataFrame, str
             "harmless": b[["prompt_id", "prompt", "response", "rollout_type"]].head(5).to_dict(orient="records"),
         },
     }
-    return out, nll, typed.drop(columns=["category"])
+
+
+def evaluate_model(manifest_path, prompt_sets: dict[str, tuple[pd.DataFrame, str]], generic_texts, judge,
+                   options: RefusalEvalOptions, threads=None, progress=True) -> tuple[dict, np.ndarray, pd.DataFrame]:
+    """Greedy typed rollouts of one model on named prompt sets (``name -> (table, "harmful" |
+    "harmless")``) and its per-text generic NLL (:func:`model_evaluation`)."""
+    opened = open_model(manifest_path, options.model, threads)
+    prompts = evaluation_prompts(prompt_sets)
+    t0 = time.perf_counter()
+    typed = evaluation_rollouts(opened, prompts, judge, options, harmless_set_names(prompt_sets), progress)
+    gen_seconds = time.perf_counter() - t0
+    nll, n_tok = generic_nll(opened, generic_texts)
+    out = model_evaluation(manifest_path, opened.manifest, prompt_sets, prompts, typed, nll, n_tok, gen_seconds)
+    return out, nll, typed
 
 
 def validation_tables(manifest: dict, manifest_path, tables: dict[str, str | Path]) -> dict[str, pd.DataFrame]:
@@ -372,30 +404,11 @@ def validation_tables(manifest: dict, manifest_path, tables: dict[str, str | Pat
 _RATE_KEYS = ("count", "n", "rate", "ci_low", "ci_high", "ci")
 
 
-def evaluate_refusal(
-    manifest_path: str | Path,
-    base_manifest_path: str | Path,
-    harmful_table: str | Path,
-    harmless_table: str | Path,
-    generic_table: str | Path,
-    out_json: str | Path,
-    out_rollouts: str | Path,
-    options: RefusalEvalOptions,
-    threads: int | None = None,
-    progress: bool = True,
-    styled: dict[str, str | Path] | None = None,
-) -> dict:
-    """Refusal on held-out harmful, over-refusal on held-out harmless, generic perplexity:
-    tuned model (``manifest_path``) vs base model; written to ``out_json``, the typed rollouts of
-    both models to ``out_rollouts``.
-
-    Also measured, each set on its own: the tuning's validation prompts (the recipe is chosen on
-    them, so they are reported, never pooled with the held-out ones) and the prompt sets written
-    in other styles (``styled``: ``harmful`` and/or ``harmless`` -> table, every prompt; never
-    trained on). The tuned model's figures are checked against
-    :data:`~neuronaudit.methods.refusal_tuning.REFUSAL_TARGETS` per set."""
+def evaluation_sets(manifest_path, harmful_table, harmless_table, generic_table, options: RefusalEvalOptions,
+                    styled: dict[str, str | Path] | None = None):
+    """The evaluation's tables (``name -> table``) and prompt sets (``name -> (table, kind)``): the
+    held-out harmful and harmless prompts, the styled sets, the tuning's validation prompts."""
     o = options
-    judge = make_judge(o.judge.judge_config())
     tables = {
         "harmful": read_prompts(harmful_table, "heldout", role="harmful prompt table"),
         "harmless": read_prompts(harmless_table, "heldout", role="harmless prompt table"),
@@ -409,15 +422,65 @@ def evaluate_refusal(
         name = f"styled_{kind}"
         tables[name] = read_prompts(path, "all", role=f"{styled_names.get(kind) or name} prompt table")
         prompt_sets[name] = (tables[name], kind)
-    tuned_manifest = read_manifest(manifest_path)
-    for kind, df in validation_tables(tuned_manifest, manifest_path,
+    for kind, df in validation_tables(read_manifest(manifest_path), manifest_path,
                                       {"harmful": harmful_table, "harmless": harmless_table}).items():
         tables[f"validation_{kind}"] = df
         prompt_sets[f"validation_{kind}"] = (df, kind)
-    args = (prompt_sets, list(tables["generic"]["text"]), judge, o, threads, progress)
-    tuned, nll_tuned, typed_tuned = evaluate_model(manifest_path, *args)
-    base, nll_base, typed_base = evaluate_model(base_manifest_path, *args)
+    return tables, prompt_sets
+
+
+#: The models an evaluation compares: the audited (tuned) model and the base model.
+EVALUATED_MODELS = ("tuned", "base")
+
+
+def evaluate_refusal(
+    manifest_path: str | Path,
+    base_manifest_path: str | Path,
+    harmful_table: str | Path,
+    harmless_table: str | Path,
+    generic_table: str | Path,
+    out_json: str | Path,
+    out_rollouts: str | Path,
+    options: RefusalEvalOptions,
+    threads: int | None = None,
+    progress: bool = True,
+    styled: dict[str, str | Path] | None = None,
+    parts: dict[str, dict] | None = None,
+) -> dict:
+    """Refusal on held-out harmful, over-refusal on held-out harmless, generic perplexity:
+    tuned model (``manifest_path``) vs base model; written to ``out_json``, the typed rollouts of
+    both models to ``out_rollouts``.
+
+    Also measured, each set on its own: the tuning's validation prompts (the recipe is chosen on
+    them, so they are reported, never pooled with the held-out ones) and the prompt sets written
+    in other styles (``styled``: ``harmful`` and/or ``harmless`` -> table, every prompt; never
+    trained on). The tuned model's figures are checked against
+    :data:`~neuronaudit.methods.refusal_tuning.REFUSAL_TARGETS` per set.
+
+    ``parts`` (``tuned`` and ``base`` -> ``{"shards": [tables], "perplexity": table}``) joins the
+    tables of :func:`run_evaluation_part` jobs (``rollouts.shard_size``) instead of loading the
+    models: the same figures and tables as one job."""
+    o = options
+    judge = make_judge(o.judge.judge_config())
+    tables, prompt_sets = evaluation_sets(manifest_path, harmful_table, harmless_table, generic_table, o, styled)
+    paths = {"tuned": manifest_path, "base": base_manifest_path}
+    evaluated = {}
+    if parts is None:
+        args = (prompt_sets, list(tables["generic"]["text"]), judge, o, threads, progress)
+        for which in EVALUATED_MODELS:
+            evaluated[which] = evaluate_model(paths[which], *args)
+    else:
+        prompts = evaluation_prompts(prompt_sets)
+        for which in EVALUATED_MODELS:
+            if which not in parts:
+                raise NeuronAuditError(f"the evaluation's {which} model has no part tables to join")
+            typed, seconds, manifest = join_evaluation_parts(parts[which]["shards"], prompts, which)
+            nll, n_tok = read_generic_nll(parts[which]["perplexity"], len(tables["generic"]), manifest)
+            evaluated[which] = (model_evaluation(paths[which], read_manifest(paths[which]), prompt_sets, prompts,
+                                                 typed, nll, n_tok, seconds), nll, typed)
+    (tuned, nll_tuned, typed_tuned), (base, nll_base, typed_base) = evaluated["tuned"], evaluated["base"]
     ratio = paired_ratio_ci(np.exp(nll_tuned), np.exp(nll_base), n_boot=N_BOOT, seed=o.seed)
+    styled_names = {"harmful": o.styled_harmful, "harmless": o.styled_harmless}
     result = {
         "tuned": tuned,
         "base": base,
@@ -436,6 +499,7 @@ def evaluate_refusal(
                         for k, v in tables.items()},
         "chat_template": o.model.chat_template,
         "system_prompt": o.model.system_prompt,
+        "shards": None if parts is None else {k: len(v["shards"]) for k, v in parts.items()},
         "provenance": provenance(seed=o.seed),
     }
     write_json(result, out_json)
@@ -452,6 +516,90 @@ def evaluate_refusal(
         log.info("refusal eval %s (%s): tuned %d/%d, base %d/%d", name, rates["measure"], rates["count"],
                  rates["n"], base["sets"][name]["count"], base["sets"][name]["n"])
     return result
+
+
+def run_evaluation_part(
+    manifest_path: str | Path,
+    base_manifest_path: str | Path,
+    which: str,
+    harmful_table: str | Path,
+    harmless_table: str | Path,
+    generic_table: str | Path,
+    out_table: str | Path,
+    options: RefusalEvalOptions,
+    threads: int | None = None,
+    progress: bool = True,
+    styled: dict[str, str | Path] | None = None,
+    shard: int | None = None,
+) -> dict:
+    """One job of a sharded evaluation (``rollouts.shard_size: n``), of the ``which`` model
+    (``tuned``: ``manifest_path``; ``base``: ``base_manifest_path``): with ``shard=k`` the typed
+    greedy rollouts of rows ``k·n … (k+1)·n − 1`` of :func:`evaluation_prompts`; with ``shard``
+    None the per-text generic NLLs (the perplexity part). :func:`evaluate_refusal` with ``parts``
+    joins them."""
+    o = options
+    if which not in EVALUATED_MODELS:
+        raise NeuronAuditError(f"evaluated model {which!r} must be one of {EVALUATED_MODELS}")
+    judge = make_judge(o.judge.judge_config())
+    tables, prompt_sets = evaluation_sets(manifest_path, harmful_table, harmless_table, generic_table, o, styled)
+    path = manifest_path if which == "tuned" else base_manifest_path
+    if shard is None:
+        opened = open_model(path, o.model, threads)
+        nll, n_tok = generic_nll(opened, list(tables["generic"]["text"]))
+        table = pa.table({"text_index": pa.array(np.arange(len(nll)), pa.int32()), "nll": pa.array(nll, pa.float64()),
+                          "n_tokens": pa.array(n_tok, pa.int32())})
+        write_table(table, out_table, provenance(**opened.provenance(), which=which, part="perplexity",
+                                                 n_texts=len(nll)))
+        log.info("refusal eval %s: generic NLL of %d texts -> %s", which, len(nll), out_table)
+        return {"n_texts": len(nll)}
+    prompts = evaluation_prompts(prompt_sets)
+    n_all = len(prompts)
+    prompts = prompts.iloc[list(shard_rows(n_all, o.shard_size, shard))].reset_index(drop=True)
+    opened = open_model(path, o.model, threads)
+    t0 = time.perf_counter()
+    typed = evaluation_rollouts(opened, prompts, judge, o, harmless_set_names(prompt_sets), progress)
+    seconds = time.perf_counter() - t0
+    write_table(rollouts_table(typed), out_table, provenance(
+        **opened.provenance(), which=which, part="rollouts", shard=shard, shard_size=o.shard_size,
+        shard_prompts=[f"{a}/{b}" for a, b in zip(prompts["prompt_set"], prompts["prompt_id"])], n_prompts=n_all,
+        max_new_tokens=o.eval_max_new_tokens, generation_seconds=round(seconds, 2),
+        judge=getattr(judge, "describe", lambda: {"kind": type(judge).__name__})(),
+    ))
+    log.info("refusal eval %s shard %d: %d rollouts in %.1f s -> %s", which, shard, len(typed), seconds, out_table)
+    return {"n_rollouts": len(typed), "seconds": seconds}
+
+
+def join_evaluation_parts(shard_paths, prompts: pd.DataFrame, which: str) -> tuple[pd.DataFrame, float, dict]:
+    """One model's typed evaluation rollouts from its shard tables (:func:`run_evaluation_part`):
+    shards 0 … n − 1 of one run, in order, whose prompts are ``prompts`` once each, in their order.
+    Returns the rows, the summed generation seconds and the shards' common provenance."""
+    from neuronaudit.stages.rollouts import read_rollout_shards
+
+    typed, provs, same = read_rollout_shards(shard_paths, f"{which} evaluation")
+    if any(p.get("which") != which for p in provs):
+        raise NeuronAuditError(f"the {which} model's evaluation shards include another model's "
+                               f"({sorted({str(p.get('which')) for p in provs})})")
+    expected = [f"{a}/{b}" for a, b in zip(prompts["prompt_set"], prompts["prompt_id"])]
+    held = [key for p in provs for key in p["shard_prompts"]]
+    if held != expected:
+        first = next((i for i, (a, b) in enumerate(zip(held, expected)) if a != b), min(len(held), len(expected)))
+        raise NeuronAuditError(f"the {which} model's evaluation shards hold {len(held)} prompts; the evaluation has "
+                               f"{len(expected)} (first difference at row {first}): rerun the shards of this study")
+    return typed, float(sum(p.get("generation_seconds") or 0.0 for p in provs)), same
+
+
+def read_generic_nll(path, n_texts: int, shard_provenance: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The perplexity part of a model (:func:`run_evaluation_part`), checked against the generic
+    set's size and the rollout shards' model."""
+    import pyarrow.parquet as pq
+
+    prov = read_provenance(path)
+    if prov.get("weight_sha256") != shard_provenance.get("weight_sha256"):
+        raise NeuronAuditError(f"perplexity table {str(path)!r} is of another model than its rollout shards")
+    t = pq.read_table(path).to_pandas().sort_values("text_index")
+    if len(t) != n_texts:
+        raise NeuronAuditError(f"perplexity table {str(path)!r} holds {len(t)} texts; the generic set has {n_texts}")
+    return t["nll"].to_numpy(np.float64), t["n_tokens"].to_numpy(np.int64)
 
 
 def target_checks_by_set(sets: dict, perplexity_ratio: float | None) -> dict:

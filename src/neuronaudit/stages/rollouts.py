@@ -139,32 +139,25 @@ def write_summaries(typed: pd.DataFrame, out_fractions, out_first_horizon, prov:
 _PER_SHARD = ("shard", "shard_prompts", "generation_seconds")
 
 
-def run_merge_rollouts(shard_paths: Sequence[str | Path], out_rollouts, out_fractions, out_first_horizon) -> dict:
-    """Join the rollout shards of one run (``run_rollouts(..., shard=k)``, in shard order) into the
-    tables one job writes: rollouts in the one-job row order, type fractions and first horizons.
-
-    The shards must be one run's: shards 0 … n − 1 of the same shard size, whose prompts together
-    are the run's prompts once each, and whose provenance agrees on everything else (model,
-    prompt sets, interventions, decoding, judge, seed)."""
+def read_rollout_shards(shard_paths: Sequence[str | Path], what: str = "rollout") -> tuple[pd.DataFrame, list, dict]:
+    """The typed rows of one run's rollout shards, shard after shard, their provenances, and the
+    provenance they share. The shards must be shards 0 … n − 1 in order, of one run: their
+    provenance agrees on everything but the shard, its prompts and its generation time."""
     if not shard_paths:
-        raise NeuronAuditError("no rollout shards to merge")
+        raise NeuronAuditError(f"no {what} shards to merge")
     provs = [read_provenance(p) for p in shard_paths]
     first = provs[0]
     if first.get("shard") is None:
-        raise NeuronAuditError(f"{shard_paths[0]} is not a rollout shard (its provenance has no shard)")
+        raise NeuronAuditError(f"{shard_paths[0]} is not a {what} shard (its provenance has no shard)")
     shards = [p.get("shard") for p in provs]
     if shards != list(range(len(shard_paths))):
-        raise NeuronAuditError(f"rollout shards {shards} given; expected 0 … {len(shard_paths) - 1} in order")
+        raise NeuronAuditError(f"{what} shards {shards} given; expected 0 … {len(shard_paths) - 1} in order")
     same = {k: v for k, v in first.items() if k not in _PER_SHARD}
     for path, prov in zip(shard_paths, provs):
         differs = sorted(k for k in set(same) | set(prov) if k not in _PER_SHARD and prov.get(k) != same.get(k))
         if differs:
-            raise NeuronAuditError(f"rollout shard {path} is not from the same run as {shard_paths[0]}: "
+            raise NeuronAuditError(f"{what} shard {path} is not from the same run as {shard_paths[0]}: "
                                    f"{', '.join(differs)} differ")
-    prompts = [key for p in provs for key in p["shard_prompts"]]  # "<prompt set>/<prompt id>"
-    if len(prompts) != first["n_prompts"] or len(set(prompts)) != len(prompts):
-        raise NeuronAuditError(f"the rollout shards hold {len(prompts)} prompts ({len(set(prompts))} distinct); "
-                               f"the run has {first['n_prompts']}")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -172,6 +165,22 @@ def run_merge_rollouts(shard_paths: Sequence[str | Path], out_rollouts, out_frac
     typed = table.to_pandas()
     typed["sample_seed"] = typed["sample_seed"].astype("Int64")
     typed["over_refusal"] = typed["over_refusal"].astype("boolean")
+    return typed, provs, same
+
+
+def run_merge_rollouts(shard_paths: Sequence[str | Path], out_rollouts, out_fractions, out_first_horizon) -> dict:
+    """Join the rollout shards of one run (``run_rollouts(..., shard=k)``, in shard order) into the
+    tables one job writes: rollouts in the one-job row order, type fractions and first horizons.
+
+    The shards must be one run's: shards 0 … n − 1 of the same shard size, whose prompts together
+    are the run's prompts once each, and whose provenance agrees on everything else (model,
+    prompt sets, interventions, decoding, judge, seed)."""
+    typed, provs, same = read_rollout_shards(shard_paths)
+    first = provs[0]
+    prompts = [key for p in provs for key in p["shard_prompts"]]  # "<prompt set>/<prompt id>"
+    if len(prompts) != first["n_prompts"] or len(set(prompts)) != len(prompts):
+        raise NeuronAuditError(f"the rollout shards hold {len(prompts)} prompts ({len(set(prompts))} distinct); "
+                               f"the run has {first['n_prompts']}")
     # the one-job order: by sample, then the prompts' order (shard after shard), intervention, horizon
     typed = typed.sort_values("sample", kind="stable").reset_index(drop=True)
     prov = {**same, "shard": None, "shard_prompts": None, "shards": len(shard_paths),
