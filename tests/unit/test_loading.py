@@ -131,10 +131,10 @@ def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_native_bfloat16(tiny_model_di
 def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     import neuronaudit.models.loading as loading
 
+    real_path = loading.Path
     for flags, native in (("fpu sse avx512f amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", True),
                           ("fpu sse avx2 avx512f", False)):
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        real_path = loading.Path
         monkeypatch.setattr(loading, "Path", lambda p, _c=cpuinfo: _c if p == "/proc/cpuinfo" else real_path(p))
         assert loading.cpu_has_bf16() is native, flags
