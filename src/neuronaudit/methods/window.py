@@ -7,9 +7,10 @@ alignment between the steered residual and the write follows the saturation curv
     cosθ(x) = (c0 + x) / sqrt(1 + 2·x·c0 + x²),     c0 = cos(r, v) unsteered,
 
 exactly at the write layer (it is the geometry of ``r + d·v``), and only approximately at the
-readout, where depth and normalisation intervene. Coherent control exists iff the behaviour
-trigger (smallest ``|x|`` flipping an oracle on ≥50% of prompts at horizon τ) lies below the
-collapse ceiling (smallest ``|x|`` at which rollouts stop being coherent on ≥50% of prompts).
+readout (the final norm's output), where depth and normalisation intervene. Coherent control
+exists iff the behaviour trigger (smallest ``|x|`` flipping an oracle on ≥50% of prompts at
+horizon τ) lies below the collapse ceiling (smallest ``|x|`` at which rollouts stop being
+coherent on ≥50% of prompts).
 
 This module holds the law and its measurement, with no file I/O: the curve and its inverse,
 ceilings and triggers from sweep tables, the two ceiling predictors fitted on training neurons
@@ -212,12 +213,15 @@ def classify_failure(
     """Failure mode of a closed (neuron, sign), by the rules stated in the report:
 
     * ``neither_within_grid`` — no trigger and no collapse anywhere on the dose grid;
-    * ``normalisation_cap`` — the alignment with the write at the readout (after the final norm)
-      never exceeds ``cap_level`` over the dose grid, although the write-layer alignment follows
-      the saturation curve to 1: a norm rescales the write before it is read;
+    * ``normalisation_cap`` — ``max_readout_alignment``, the largest ``|cosθ|`` over the
+      single-pass dose grid between the write ``v`` and the readout (the final norm's OUTPUT at
+      the last prompt token, i.e. after the final normalisation, what the unembedding reads; the
+      mean over the generic prompts), stays below ``cap_level``, although the write-layer
+      alignment follows the saturation curve to 1: unequal norm gains rescale the write before it
+      is read, so no dose aligns the readout with it;
     * ``too_little_depth`` — a late layer (last ``late_fraction`` of the stack) whose readout
-      alignment never reaches ``trigger_readout_alignment``, the readout alignment at which open
-      training neurons triggered;
+      alignment (after the final norm, as above) never reaches ``trigger_readout_alignment``, the
+      median readout alignment at which open training neurons triggered;
     * ``collapse_before_trigger`` — otherwise: the model collapses before the behaviour flips.
     Open neurons have no failure mode (``None``).
     """
