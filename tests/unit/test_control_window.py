@@ -197,6 +197,42 @@ def test_heldout_summary_counts_every_case_against_baselines():
     assert v["majority_class_from_training"] == fitted["majority_verdict"]
 
 
+def test_heldout_ceiling_statistics_resample_neurons_and_state_the_bands():
+    """ρ and every MAE, per band too, resample neurons (both signs together), with their n; the
+    band definition and the layers of each band are recorded."""
+    windows = [(1.0, 4.0), (4.0, 2.0), (2.0, 99.0), (8.0, 1.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0), (4.0, 1.0)]
+    sweeps, single, neurons, geometry = synthetic_sweeps(windows)
+    table, fitted = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=6, seed=0)
+    summary = heldout_summary(table, fitted, n_boot=1000, seed=0, n_layers=30)
+    bands = summary["layer_bands"]
+    assert bands["bulk"] == list(range(6, 24)) and bands["early"] == list(range(6)) and bands["n_layers"] == 30
+    assert "0.2·n_layers ≤ layer < 0.8·n_layers" in bands["definition"]
+    held = table[table["split"] == "heldout"]
+    for name in ("alignment", "kl", "constant", "raw_dose"):
+        entry = summary[f"predictor_{name}"]
+        assert entry["band_definition"] == bands["definition"]
+        assert entry["spearman_resampling_unit"] == entry["resampling_unit"] == law.NEURON_CLUSTERS
+        assert entry["spearman_n_neurons"] <= entry["n_neurons"] == 6 and entry["spearman_n_pairs"] <= 12
+        for band in ("bulk", "early", "late"):
+            rows = held[held["band"] == band]
+            assert entry[f"n_pairs_{band}"] == len(rows) and entry[f"n_neurons_{band}"] == rows["neuron"].nunique()
+            if len(rows):
+                lo, hi = entry[f"mae_alignment_{band}_ci95"]
+                assert lo <= entry[f"mae_alignment_{band}"] <= hi
+            else:
+                assert entry[f"mae_x_{band}"] is None and entry[f"mae_x_{band}_ci95"] == [None, None]
+        assert entry["n_pairs_bulk"] + entry["n_pairs_early"] == 12 and entry["n_pairs_late"] == 0
+    # the Spearman CI is the neuron-cluster bootstrap's, not one over (neuron, sign) rows
+    from neuronaudit.evaluation.stats import cluster_bootstrap_spearman
+
+    a = summary["predictor_kl"]
+    pred = np.minimum(held["predicted_ceiling_x_kl"].to_numpy(float), held["grid_max_x"].to_numpy(float))
+    ref = cluster_bootstrap_spearman(pred, held["ceiling_x_or_edge"], [f"b/{l}/{n}" for l, n in
+                                     zip(held["layer"], held["neuron"])], n_boot=1000, seed=0)
+    assert a["spearman_rho_ci95"] == pytest.approx([ref.ci_low, ref.ci_high])
+    assert a["spearman_n_degenerate_resamples"] == ref.n_degenerate_resamples
+
+
 def test_each_behaviour_is_read_at_its_own_horizons():
     sweeps, single, neurons, geometry = synthetic_sweeps([(1.0, 8.0)])
     one_token = sweeps.assign(behaviour="short", horizon=1)  # a behaviour answered in one token

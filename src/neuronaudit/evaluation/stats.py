@@ -6,7 +6,8 @@
   (:func:`paired_bootstrap_ci`, e.g. Spearman ρ over neurons, a per-text ratio), and of the mean of
   per-unit vectors resampled by unit (:func:`unit_bootstrap_means`, e.g. rollout-type fractions
   with the prompt as the unit), of a mean with whole clusters resampled
-  (:func:`cluster_bootstrap_mean`, e.g. both dose signs of a neuron together);
+  (:func:`cluster_bootstrap_mean`, e.g. both dose signs of a neuron together), and of Spearman ρ
+  with whole clusters resampled (:func:`cluster_bootstrap_spearman`);
 * Spearman ρ with a permutation p-value and a paired BCa CI (:func:`spearman_permutation_bca`),
   degenerate resamples counted;
 * exact McNemar test of two classifiers judged on the same items (:func:`mcnemar_exact`),
@@ -205,6 +206,67 @@ def cluster_bootstrap_mean(values: Sequence[float], clusters: Sequence, n_boot: 
 
     ci = _percentile((np.arange(len(labels)),), mean_of_clusters, n_boot, seed, level, vectorized=True)
     return point, float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class ClusterSpearman:
+    """Spearman ρ of ``n_pairs`` pairs in ``n_clusters`` clusters with a percentile bootstrap CI that
+    resamples whole clusters; ``n_degenerate_resamples`` counts the resamples on which ρ is
+    undefined (a side constant), left out of the percentiles, never out of this count."""
+
+    rho: float
+    ci_low: float
+    ci_high: float
+    n_pairs: int
+    n_clusters: int
+    n_degenerate_resamples: int
+
+
+def _spearman_or_nan(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def cluster_bootstrap_spearman(x: Sequence[float], y: Sequence[float], clusters: Sequence,
+                               n_boot: int = MIN_RESAMPLES, seed: int = 0, level: float = 0.95) -> ClusterSpearman:
+    """Spearman ρ of paired values with a percentile bootstrap CI that resamples whole clusters
+    (``scipy.stats.bootstrap`` over the cluster labels: each resample draws clusters with
+    replacement and takes every pair of each drawn cluster, e.g. both dose signs of a neuron).
+    Non-finite pairs are dropped first. ρ and the CI are NaN with fewer than 3 pairs or a constant
+    side; the CI is NaN with fewer than 2 clusters or when no resample defines ρ."""
+    _check_resamples(n_boot)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    labels = np.asarray([str(c) for c in clusters])
+    if not (len(x) == len(y) == len(labels)):
+        raise NeuronAuditError(f"paired samples and clusters have different lengths ({len(x)}, {len(y)}, "
+                               f"{len(labels)})")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, labels = x[ok], y[ok], labels[ok]
+    names, inverse = np.unique(labels, return_inverse=True)
+    n, k = int(len(x)), int(len(names))
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return ClusterSpearman(math.nan, math.nan, math.nan, n, k, 0)
+    rho = _spearman_or_nan(x, y)
+    if k < 2:
+        return ClusterSpearman(rho, math.nan, math.nan, n, k, 0)
+    members = [np.flatnonzero(inverse == c) for c in range(k)]
+
+    def statistic(drawn):
+        rows = np.concatenate([members[int(c)] for c in drawn])
+        return _spearman_or_nan(x[rows], y[rows])
+
+    with warnings.catch_warnings():  # undefined resamples are counted and dropped below
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((np.arange(k),), statistic, n_resamples=n_boot, method="percentile",
+                              vectorized=False, random_state=np.random.default_rng(seed))
+    dist = np.asarray(res.bootstrap_distribution, float)
+    defined = dist[np.isfinite(dist)]
+    if defined.size == 0:
+        return ClusterSpearman(rho, math.nan, math.nan, n, k, int(dist.size))
+    alpha = (1 - level) / 2
+    return ClusterSpearman(rho, float(np.quantile(defined, alpha)), float(np.quantile(defined, 1 - alpha)), n, k,
+                           int(dist.size - defined.size))
 
 
 def crossing_bootstrap(hits: np.ndarray, x: Sequence[float], level: float = 0.5, n_boot: int = MIN_RESAMPLES,

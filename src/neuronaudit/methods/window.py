@@ -39,9 +39,9 @@ from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repe
 from neuronaudit.evaluation.oracles import LOGIT_ORACLES, logit_pair_margin, oracle_for
 from neuronaudit.evaluation.stats import (
     cluster_bootstrap_mean,
+    cluster_bootstrap_spearman,
     crossing_bootstrap_bounds,
     mcnemar_exact,
-    spearman_ci,
     wilson_interval,
 )
 from neuronaudit.interventions.hooks import NeuronHooks
@@ -301,13 +301,29 @@ def generic_geometry(model, tokenizer, adapter, texts: Sequence[str], batch_size
     return pd.concat(frames, ignore_index=True)
 
 
+#: The layer bands by fraction of depth: ``early`` the first 20%, ``late`` the last 20%, ``bulk``
+#: the middle 60% (:func:`layer_band`).
+EARLY_FRACTION, LATE_FRACTION = 0.2, 0.2
+BAND_DEFINITION = (f"layers counted from 0 of n_layers: early = layer < {EARLY_FRACTION:g}·n_layers (the first "
+                   f"{EARLY_FRACTION:.0%} of depth); late = layer ≥ {1 - LATE_FRACTION:g}·n_layers (the last "
+                   f"{LATE_FRACTION:.0%}); bulk = the rest, {EARLY_FRACTION:g}·n_layers ≤ layer < "
+                   f"{1 - LATE_FRACTION:g}·n_layers (the middle {1 - EARLY_FRACTION - LATE_FRACTION:.0%} of depth)")
+
+
 def layer_band(layer: int, n_layers: int) -> str:
-    """``early`` (first 20%), ``late`` (last 20%) or ``bulk``."""
-    if layer < 0.2 * n_layers:
+    """``early`` (first 20% of depth), ``late`` (last 20%) or ``bulk`` (:data:`BAND_DEFINITION`)."""
+    if layer < EARLY_FRACTION * n_layers:
         return "early"
-    if layer >= 0.8 * n_layers:
+    if layer >= (1.0 - LATE_FRACTION) * n_layers:
         return "late"
     return "bulk"
+
+
+def layer_bands(n_layers: int) -> dict:
+    """The band definition and the layers of each band of an ``n_layers`` model (JSON-ready)."""
+    return {"definition": BAND_DEFINITION, "n_layers": int(n_layers),
+            **{band: [l for l in range(n_layers) if layer_band(l, n_layers) == band]
+               for band in ("early", "bulk", "late")}}
 
 
 def pick_candidates(
@@ -951,45 +967,68 @@ def predictor_columns(table: pd.DataFrame, fitted: dict) -> dict[str, pd.Series]
     }
 
 
+#: The resampling unit of every held-out interval of the window.
+NEURON_CLUSTERS = "neuron (both dose signs together: a cluster bootstrap)"
+
+
 def predictor_summary(held: pd.DataFrame, predicted: pd.Series, n_boot: int, seed: int) -> dict:
     """Held-out ceiling error of one predictor, every (neuron, sign) counted: MAE in both units with a
-    cluster bootstrap over neurons (both signs of a neuron resampled together), per layer band, and
-    Spearman ρ between predicted and measured ceilings."""
+    cluster bootstrap over neurons (both signs of a neuron resampled together), the same per layer
+    band (:data:`BAND_DEFINITION`) with its n, and Spearman ρ between predicted and measured ceilings
+    with a CI from the same cluster bootstrap over neurons (predictions cut at the grid edge, a
+    missing prediction left out of ρ and counted)."""
     err_x, err_a, n_missing = ceiling_errors(held, predicted)
-    clusters = [f"{b}/{l}/{n}" for b, l, n in zip(held["behaviour"], held["layer"], held["neuron"])]
+    clusters = np.asarray([f"{b}/{l}/{n}" for b, l, n in zip(held["behaviour"], held["layer"], held["neuron"])])
     entry = {"n_pairs": int(len(held)), "n_neurons": int(len(set(clusters))),
              "n_measured_ceiling_censored_at_grid_edge": int(held["ceiling_censored"].sum()),
              "n_prediction_missing_counted_as_grid_span": n_missing,
-             "resampling_unit": "neuron (both dose signs together)", "n_boot": n_boot}
+             "resampling_unit": NEURON_CLUSTERS, "n_boot": n_boot, "band_definition": BAND_DEFINITION}
+    bands = held["band"].to_numpy()
     for unit, err in (("x", err_x), ("alignment", err_a)):
         mean, lo, hi = cluster_bootstrap_mean(err, clusters, n_boot=n_boot, seed=seed)
         entry[f"mae_{unit}"] = mean
         entry[f"mae_{unit}_ci95"] = [lo, hi]
         for band in ("bulk", "early", "late"):
-            mask = (held["band"] == band).to_numpy()
-            entry[f"mae_{unit}_{band}"] = float(err[mask].mean()) if mask.any() else None
+            mask = bands == band
             entry[f"n_pairs_{band}"] = int(mask.sum())
+            entry[f"n_neurons_{band}"] = int(len(set(clusters[mask])))
+            if mask.any():
+                mean, lo, hi = cluster_bootstrap_mean(err[mask], clusters[mask], n_boot=n_boot, seed=seed)
+                entry[f"mae_{unit}_{band}"], entry[f"mae_{unit}_{band}_ci95"] = mean, [lo, hi]
+            else:
+                entry[f"mae_{unit}_{band}"], entry[f"mae_{unit}_{band}_ci95"] = None, [None, None]
     pred = np.minimum(np.asarray(predicted, float), held["grid_max_x"].to_numpy(float))
-    rho, (rlo, rhi) = spearman_ci(pred, held["ceiling_x_or_edge"].to_numpy(float), n_boot=n_boot, seed=seed)
-    entry["spearman_rho_predicted_vs_measured"] = rho
-    entry["spearman_rho_ci95"] = [rlo, rhi]
-    entry["spearman_resampling_unit"] = "neuron × sign pair"
+    rho = cluster_bootstrap_spearman(pred, held["ceiling_x_or_edge"].to_numpy(float), clusters, n_boot=n_boot,
+                                     seed=seed)
+    entry["spearman_rho_predicted_vs_measured"] = rho.rho
+    entry["spearman_rho_ci95"] = [rho.ci_low, rho.ci_high]
+    entry["spearman_resampling_unit"] = NEURON_CLUSTERS
+    entry["spearman_n_pairs"], entry["spearman_n_neurons"] = rho.n_pairs, rho.n_clusters
+    entry["spearman_n_degenerate_resamples"] = rho.n_degenerate_resamples
     null_for_reason(entry, ("spearman_rho_predicted_vs_measured", "spearman_rho_ci95"),
                     "Spearman ρ is undefined: fewer than 3 held-out pairs, or the predicted or the measured "
                     "ceilings are all equal")
+    null_for_reason(entry, "spearman_rho_ci95", "fewer than 2 held-out neurons, or no resample of the neurons "
+                                                "defines ρ")
     null_for_reason(entry, ("mae_x", "mae_x_ci95", "mae_alignment", "mae_alignment_ci95"), "no held-out pair")
+    for unit in ("x", "alignment"):
+        for band in ("bulk", "early", "late"):
+            null_for_reason(entry, (f"mae_{unit}_{band}", f"mae_{unit}_{band}_ci95"),
+                            f"no held-out pair in the {band} layers")
     return entry
 
 
-def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int) -> dict:
+def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int, n_layers: int | None = None) -> dict:
     """Every held-out figure of the window: ceiling errors of each predictor against the baselines,
-    verdicts against the training majority (exact McNemar), failure modes."""
+    verdicts against the training majority (exact McNemar), failure modes; with ``n_layers``, the
+    layers of each band (:func:`layer_bands`)."""
     held = table[table["split"] == "heldout"]
     shown = dict(fitted)  # as written: a parameter that could not be fitted is null, with the reason
     null_for_reason(shown, ("c_star", "kl_threshold"), "no training neuron has a measured ceiling in the grid")
     null_for_reason(shown, "trigger_readout_alignment", "no open training neuron (none triggers below its ceiling)")
     null_for_reason(shown, ("train_mean_ceiling_x", "train_median_ceiling_dose"), "no training neuron")
-    out: dict = {"fitted_on_training_neurons": shown}
+    out: dict = {"fitted_on_training_neurons": shown,
+                 "layer_bands": layer_bands(n_layers) if n_layers is not None else {"definition": BAND_DEFINITION}}
     columns = predictor_columns(table, fitted)
     for name in PREDICTORS:
         out[f"predictor_{name}"] = predictor_summary(held, columns[name][held.index], n_boot, seed)

@@ -251,7 +251,7 @@ def run_window(
     single = single_pass_sweep(model, adapter, enc, neurons, geometry, o.single_pass_grid)
     table, fitted = window_table(sweeps, single, neurons, geometry, o.horizons, adapter.n_layers, o.n_heldout,
                                  o.seed, n_boot=o.n_boot, x_grid=o.x_grid)
-    summary = heldout_summary(table, fitted, o.n_boot, o.seed)
+    summary = heldout_summary(table, fitted, o.n_boot, o.seed, n_layers=adapter.n_layers)
     summary["refusal_pivots"] = refusal_pivots(sweeps, table)
     # how the measured ceilings and verdicts move with the collapse thresholds x0.75 / x1.25
     summary["ceiling_threshold_sensitivity"] = ceiling_threshold_sensitivity(
