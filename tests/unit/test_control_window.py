@@ -159,6 +159,35 @@ def test_a_trigger_must_beat_the_unintervened_rate():
     assert trigger_crossing([1.0], [9], [12], 0.2) == 1.0 and np.isnan(trigger_crossing([1.0], [9], [12], 0.5))
 
 
+def test_the_prompt_bootstrap_of_a_trigger_uses_the_trigger_rule():
+    """7 of 12 prompts flip from x = 1 (a 50% crossing) but 10 of 12 flip without a dose: no trigger,
+    and no resample of the prompts finds one either (each recomputes its own x = 0 share); the naive
+    50% crossing would put the CI at x = 1."""
+    from neuronaudit.evaluation.stats import crossing_bootstrap
+
+    sweeps, single, neurons, geometry = synthetic_sweeps([(1.0, 99.0)], n_prompts=12, baseline_flip=10)
+    dosed = sweeps["kind"] != "baseline"
+    sweeps.loc[dosed, "flip"] &= sweeps.loc[dosed, "prompt_id"].isin([f"p{p}" for p in range(7)])
+    table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)
+    pos = table[table.sign == 1].iloc[0]
+    assert np.isnan(pos["trigger_x"]) and pos["flip_x_ci_rule"] == "trigger"
+    assert pos["flip_x_share_crossing"] == 0 and pos["flip_x_ci_low"] == pos["flip_x_ci_high"] == np.inf
+    ids = sorted(f"p{p}" for p in range(12))  # the bootstrap's prompt order
+    hits = np.array([[0.0] + [float(int(p[1:]) < 7)] * 4 for p in ids])  # x = 0.5, 1, 2, 4, 8
+    naive = crossing_bootstrap(hits, [0.5, 1, 2, 4, 8], n_boot=1000, seed=0)
+    assert naive[0] > 0.5 and naive[1] <= 1.0  # what a plain 50% crossing would have reported
+    # without the x = 0 flips the same dose response is a trigger at 1, and its CI says so
+    sweeps.loc[~dosed, "flip"] = False
+    table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)
+    pos = table[table.sign == 1].iloc[0]
+    assert pos["trigger_x"] == 1.0 and pos["flip_x_ci_low"] == 1.0 and 0 < pos["flip_x_share_crossing"] < 1
+    rule = crossing_bootstrap(hits, [0.5, 1, 2, 4, 8], n_boot=1000, seed=0, baseline=np.zeros(12))
+    assert rule == (pos["flip_x_share_crossing"], pos["flip_x_ci_low"], pos["flip_x_ci_high"])
+    high = crossing_bootstrap(hits, [0.5, 1, 2, 4, 8], n_boot=1000, seed=0,
+                              baseline=[float(int(p[1:]) < 10) for p in ids])
+    assert high == (0.0, np.inf, np.inf)
+
+
 def test_neither_trigger_nor_collapse_and_the_readout_cap_are_their_own_failure_modes():
     sweeps, single, neurons, geometry = synthetic_sweeps([(99.0, 99.0), (99.0, 2.0)])
     table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)

@@ -759,25 +759,40 @@ def triggers(dosed: pd.DataFrame, baseline: pd.DataFrame, horizon: int, keys: Se
 
 
 def prompt_bootstrap(dosed: pd.DataFrame, value: str, keys: Sequence[str], n_boot: int, seed: int,
-                     grid: Sequence[float] | None = None) -> pd.DataFrame:
-    """Per (behaviour, neuron, sign): a bootstrap over prompts of the 50% crossing of ``value``
-    (``collapse`` or ``flip``): the share of resamples that cross inside the grid and the 95% CI
-    (``inf`` above: beyond the grid).
+                     grid: Sequence[float] | None = None, baseline: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (behaviour, neuron, sign): a bootstrap over prompts of the crossing of ``value``: for
+    ``collapse`` the ceiling's rule (≥ :data:`CEILING_LEVEL` of the prompts), for ``flip`` with the
+    x = 0 rows ``baseline`` the trigger's rule (:func:`trigger_holds`: ≥ :data:`TRIGGER_LEVEL` of
+    the prompts flipped and the Wilson lower bound of that share above the x = 0 share, which each
+    resample recomputes from its own prompts), so the CI is the CI of ``trigger_x``. Columns: the
+    share of resamples that cross inside the grid and the 95% CI (``inf`` above: beyond the grid).
 
     ``grid`` is the full dose grid (``|x|``); where some of its points were not rolled out (the
     adaptive search), a resample could cross at one of them, so the CI is the interval of
     :func:`~neuronaudit.evaluation.stats.crossing_bootstrap_bounds`, which contains the full grid's,
     ``<value>_x_ci_exact`` says whether it is the full grid's, and the share is missing (``nan``)
-    unless it is decided by the rolled-out points."""
+    unless it is decided by the rolled-out points. A prompt without an x = 0 rollout counts at the
+    x = 0 share of the others (none at all: 0, as :func:`triggers` reads it)."""
+    rule = "trigger" if value == "flip" and baseline is not None else "crossing"
+    level = TRIGGER_LEVEL if rule == "trigger" else CEILING_LEVEL
     rows = []
     for key, g in dosed.assign(x=dosed["x"].abs()).groupby(list(keys)):
         hits = g.pivot_table(index="prompt_id", columns="x", values=value, aggfunc="mean").sort_index(axis=1)
         x = hits.columns.to_numpy(float)
         missing = unvisited_points(grid, x)
-        b = crossing_bootstrap_bounds(hits.to_numpy(float), x, missing, n_boot=n_boot, seed=seed)
+        base = None
+        if rule == "trigger":
+            at = baseline[baseline["horizon"].isin(g["horizon"].unique())]
+            if "behaviour" in keys:
+                at = at[at["behaviour"] == dict(zip(keys, key))["behaviour"]]
+            per_prompt = at.groupby("prompt_id")["flip"].mean()
+            fill = float(per_prompt.mean()) if len(per_prompt) else 0.0
+            base = per_prompt.reindex(hits.index).fillna(fill).to_numpy(float)
+        b = crossing_bootstrap_bounds(hits.to_numpy(float), x, missing, level=level, n_boot=n_boot, seed=seed,
+                                      baseline=base, baseline_confidence=TRIGGER_CONFIDENCE)
         rows.append({**dict(zip(keys, key)), f"{value}_x_ci_low": b.ci_low, f"{value}_x_ci_high": b.ci_high,
                      f"{value}_x_share_crossing": b.share_low if b.share_low == b.share_high else float("nan"),
-                     f"{value}_x_ci_exact": b.exact})
+                     f"{value}_x_ci_exact": b.exact, f"{value}_x_ci_rule": rule})
     return pd.DataFrame(rows)
 
 
@@ -832,7 +847,9 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
                  horizons: Sequence[int], n_layers: int, n_heldout: int, seed: int,
                  n_boot: int = 1000, x_grid: Sequence[float] | None = None) -> tuple[pd.DataFrame, dict]:
     """Per (behaviour, neuron, sign): budget, c0, measured ceiling and triggers with prompt-bootstrap
-    CIs, predictions, verdicts, failure mode, split; and the fitted predictor parameters.
+    CIs (``collapse_x_ci_*`` of the ceiling; ``flip_x_ci_*`` of ``trigger_x``, by the trigger rule
+    against the x = 0 share), predictions, verdicts, failure mode, split; and the fitted predictor
+    parameters.
 
     ``x_grid`` is the dose grid (required for an adaptive sweep, whose table holds the visited
     points only); every ceiling and trigger is the first rolled-out grid point where it holds, and
@@ -854,7 +871,8 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
     table["trigger_x"] = [getattr(r, f"trigger_x_{r.final_horizon}") for r in table.itertuples()]
     table = table.merge(search_coverage(at_final, table, grid, keys), on=keys, how="left")
     table = table.merge(prompt_bootstrap(at_final, "collapse", keys, n_boot, seed, grid), on=keys, how="left")
-    table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed, grid), on=keys, how="left")
+    table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed, grid,
+                                         baseline=sweeps[sweeps["kind"] == "baseline"]), on=keys, how="left")
     at_own_final = baseline[baseline["horizon"] == baseline["behaviour"].map(finals)]
     table = table.merge(at_own_final[["behaviour", "baseline_flip", "baseline_collapse"]], on="behaviour", how="left")
     table["grid_min_x"], table["grid_max_x"] = float(grid[0]), float(grid[-1])

@@ -12,7 +12,8 @@ generated_dose_sweep`: the clean prefix is computed once and shared by all rows)
 * coherence: the judge's collapse rule (repetition, perplexity under the unsteered model,
   entropy); the measured ceiling is the smallest ``|x|`` collapsing ≥50% of prompts;
 * trigger: the smallest ``|x|`` at which the oracle flips ≥50% of prompts at the behaviour's
-  horizon τ and the Wilson lower bound of that share exceeds the unintervened (x = 0) share; a
+  horizon τ and the Wilson lower bound of that share exceeds the unintervened (x = 0) share (its
+  bootstrap over prompts resamples the same rule, the x = 0 share recomputed per resample); a
   collapsed rollout never flips — refusal: a harmful prompt no longer refused (coherent bypass or
   actionable); operator: the answer becomes the product on an addition prompt; format: a prose
   request answered as a list; regex / exact: a user's pattern or answer appears; logit_pair: the
