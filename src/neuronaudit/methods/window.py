@@ -1086,6 +1086,8 @@ def verdict_summary(table: pd.DataFrame, majority: str) -> dict:
         "measured_open": int((hv["verdict"] == "open").sum()),
         "n_with_trigger": t_score.n, "correct_with_trigger": t_score.correct,
         "majority_correct_with_trigger": t_score.majority_correct,
+        "only_predictor_right_with_trigger": t_score.only_predictor_right,
+        "only_majority_right_with_trigger": t_score.only_majority_right,
         "mcnemar_exact_p_value_with_trigger": t_score.p_value,
     }
     null_for_reason(out, ("accuracy", "mcnemar_exact_p_value"), "no held-out neuron")
