@@ -296,3 +296,94 @@ def test_a_summary_without_triggers_says_why_its_statistics_are_null(tmp_path):
     assert v["mcnemar_exact_p_value_with_trigger"] is None
     assert v["null_reasons"]["mcnemar_exact_p_value_with_trigger"] == "no held-out neuron has a trigger"
     write_json(summary, tmp_path / "summary.json")
+
+
+def test_the_window_job_reruns_from_recorded_sweeps_without_rolling_out(tmp_path, monkeypatch, tokenizer, capsys):
+    """``neuronaudit window --sweeps-from <sweeps.parquet>`` reads a finished window's rollouts back
+    and computes the single pass, tables and summary again: the same summary, no dose rolled out;
+    a recording swept on another grid is refused."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from neuronaudit.cli import main
+    from neuronaudit.io import write_table
+    from neuronaudit.models.adapters import adapter_for
+    from neuronaudit.options import WindowOptions
+    from neuronaudit.prompts import prompt_table
+    from neuronaudit.stages import window as stage
+    from neuronaudit.stages.common import OpenedModel
+    from neuronaudit.testing import stage_options
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    adapter = adapter_for(model)
+    o = stage_options(WindowOptions, n_candidates=1, n_top=1, n_random=1, x_grid=[1.0, 4.0],
+                      single_pass_grid=[1.0, 4.0], horizons=[2, 4], n_prompts=2, n_generic=2, n_heldout=1,
+                      row_batch_size=8, max_length=32, model={"chat_template": "none"})
+    monkeypatch.setattr(stage, "open_model", lambda *a, **k: OpenedModel(model, tokenizer, adapter, {}, o.model))
+
+    def prompts(name, texts):
+        df = pd.DataFrame({"prompt_id": [f"{name}{k}" for k in range(len(texts))], "text": texts,
+                           "split": "heldout", "extra": "{}"})
+        write_table(prompt_table(df), tmp_path / f"{name}.parquet", {"prompt_set": name})
+        return f"{name}={tmp_path / f'{name}.parquet'}"
+
+    swept = prompts("prose", ["Tell me about bread.", "Describe the sea."])
+    generic = prompts("generic", ["The sun rises in the east.", "Water boils at a high heat."]).split("=", 1)[1]
+    pd.DataFrame({"layer": [1, 2, 3], "neuron": [4, 5, 6], "delta": [1.0, 0.5, 0.2], "std_delta": [3.0, 2.0, 1.0],
+                  "screened": True, "universal": False}).to_parquet(tmp_path / "screen.parquet")
+    behaviours = {"format": {"positive": "list", "negative": "prose", "oracle": "format"}}
+
+    def run(out, options=o, *extra):
+        out.mkdir(exist_ok=True)
+        return main(["window", "--manifest", str(tmp_path / "manifest.json"),
+                     "--screens", f"format={tmp_path / 'screen.parquet'}", "--prompts", "format" + swept[5:],
+                     "--generic", generic, "--behaviours", json.dumps(behaviours), "--options", options.to_json(),
+                     *(f"--out-{k}={out / f'{k}.{ext}'}" for k, ext in (("sweeps", "parquet"),
+                                                                         ("single-pass", "parquet"),
+                                                                         ("window", "parquet"),
+                                                                         ("summary", "json"))), *extra])
+
+    assert run(tmp_path / "first") == 0
+    first = json.loads((tmp_path / "first" / "summary.json").read_text())
+
+    def no_rollouts(*a, **k):
+        raise AssertionError("a recorded sweep must not be rolled out again")
+
+    monkeypatch.setattr(stage, "_sweep", no_rollouts)
+    recorded = tmp_path / "first" / "sweeps.parquet"
+    assert run(tmp_path / "again", o, "--sweeps-from", str(recorded)) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again.pop("sweeps_source").startswith("recorded") and first.pop("sweeps_source").startswith("rolled")
+    assert again == first
+    pd.testing.assert_frame_equal(pq.read_table(tmp_path / "again" / "window.parquet").to_pandas(),
+                                  pq.read_table(tmp_path / "first" / "window.parquet").to_pandas())
+    # a recording from before tables kept their search record: the summary beside it has it, else it is counted
+    import shutil
+
+    from neuronaudit.io import read_provenance
+
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = read_provenance(recorded)
+    del meta["search_records"]
+    write_table(pq.read_table(recorded), old / "sweeps.parquet", meta)
+    shutil.copy(tmp_path / "first" / "summary.json", old / "summary.json")
+    assert run(tmp_path / "from_old", o, "--sweeps-from", str(old / "sweeps.parquet")) == 0
+    from_old = json.loads((tmp_path / "from_old" / "summary.json").read_text())
+    assert from_old["dose_search"] == first["dose_search"]
+    (old / "summary.json").unlink()
+    assert run(tmp_path / "from_old", o, "--sweeps-from", str(old / "sweeps.parquet")) == 0
+    counted = json.loads((tmp_path / "from_old" / "summary.json").read_text())
+    assert (counted["n_rollouts"], counted["n_rollouts_full_grid"]) == (first["n_rollouts"],
+                                                                        first["n_rollouts_full_grid"])
+    assert "counted from the recorded sweep table" in counted["dose_search"]["by_behaviour"]["format"]["note"]
+    # in place: the recorded table is also the output (read before anything is written)
+    assert run(tmp_path / "first", o, "--sweeps-from", str(recorded)) == 0
+    assert json.loads((tmp_path / "first" / "summary.json").read_text())["n_rollouts"] == first["n_rollouts"]
+    other = stage_options(WindowOptions, **{**{k: getattr(o, k) for k in ("n_candidates", "n_top", "n_random",
+                          "single_pass_grid", "horizons", "n_prompts", "n_generic", "n_heldout", "row_batch_size",
+                          "max_length", "model")}, "x_grid": [1.0, 2.0]})
+    capsys.readouterr()
+    assert run(tmp_path / "other", other, "--sweeps-from", str(recorded)) == 2
+    assert "was swept with window.x_grid [1.0, 4.0], this run has [1.0, 2.0]" in capsys.readouterr().err
