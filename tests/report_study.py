@@ -33,9 +33,15 @@ TYPES = ("refusal", "collapse", "coherent_bypass", "actionable")
 def _predictor(mae: float, bulk: float) -> dict:
     """A held-out predictor entry of window/summary.json."""
     return {"mae_alignment": mae, "mae_alignment_ci95": [mae - 0.05, mae + 0.07], "mae_alignment_bulk": bulk,
-            "n_pairs_bulk": 8, "mae_x": 0.3, "mae_x_ci95": [0.2, 0.4], "n_pairs": 8, "n_neurons": 4,
+            "mae_alignment_bulk_ci95": [bulk - 0.04, bulk + 0.06], "n_pairs_bulk": 6, "n_neurons_bulk": 3,
+            "mae_x": 0.3, "mae_x_ci95": [0.2, 0.4], "n_pairs": 8, "n_neurons": 4,
             "n_measured_ceiling_censored_at_grid_edge": 1, "n_prediction_missing_counted_as_grid_span": 0,
             "spearman_rho_predicted_vs_measured": 0.4, "spearman_rho_ci95": [-0.2, 0.8],
+            "spearman_resampling_unit": "neuron (both dose signs together: a cluster bootstrap)",
+            "spearman_n_pairs": 8, "spearman_n_neurons": 4,
+            "band_definition": "layers counted from 0 of n_layers: early = layer < 0.2·n_layers (the first 20% of "
+                               "depth); late = layer ≥ 0.8·n_layers (the last 20%); bulk = the rest, 0.2·n_layers ≤ "
+                               "layer < 0.8·n_layers (the middle 60% of depth)",
             "skill_vs_constant_alignment": 1 - mae / 0.2}
 
 
@@ -205,7 +211,10 @@ def write_study(root: Path, name: str = "fixture", seed: int = 0, evil: bool = F
         "verdicts": {"n_heldout_neurons": 4, "correct": 3, "majority_class_from_training": "closed",
                      "majority_correct": 2, "only_predictor_right": 2, "only_majority_right": 1,
                      "mcnemar_exact_p_value": 1.0, "n_with_trigger": 2, "correct_with_trigger": 2,
-                     "majority_correct_with_trigger": 1, "mcnemar_exact_p_value_with_trigger": 1.0},
+                     "majority_correct_with_trigger": 1, "mcnemar_exact_p_value_with_trigger": 1.0,
+                     "only_predictor_right_with_trigger": 1, "only_majority_right_with_trigger": 0},
+        "layer_bands": {"n_layers": N_LAYERS, "early": [0], "bulk": [1, 2], "late": [3],
+                        "definition": _predictor(0, 0)["band_definition"]},
         "predictor_alignment": _predictor(mae, mae - 0.02),
         "predictor_kl": _predictor(0.08, 0.07),
         "predictor_constant": _predictor(0.2, 0.2),

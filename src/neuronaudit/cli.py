@@ -141,7 +141,7 @@ def cmd_window(args) -> None:
                                 args.generic, _json_arg(args.behaviours, "--behaviours"), args.out_sweeps,
                                 args.out_single_pass, args.out_window, args.out_summary,
                                 _options(args, opts.WindowOptions), threads=args.threads,
-                                sweep_shards=args.sweep_shards or None)
+                                sweep_shards=args.sweep_shards or None, sweeps_from=args.sweeps_from)
 
 
 def cmd_window_sweep(args) -> None:
@@ -366,7 +366,11 @@ _LIST_INPUTS = {
     "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
     "preconditions": [("--prompts", dict(nargs="+", required=True, metavar="SET=TABLE"))],
     "window": [("--sweep-shards", dict(nargs="*", default=[], metavar="TABLE",
-                                       help="tables of window-sweep jobs: merged instead of sweeping here"))],
+                                       help="tables of window-sweep jobs: merged instead of sweeping here")),
+               ("--sweeps-from", dict(default=None, metavar="TABLE",
+                                      help="a finished window's sweeps.parquet (may be --out-sweeps itself): its "
+                                           "rollouts are read back, not rolled out again; the single pass, tables "
+                                           "and summary are computed anew"))],
     "window-sweep": [("--shard", dict(type=int, required=True, help="block of window.shard_size candidates"))],
     "tune-refusal": [("--extra-harmless", dict(nargs="*", default=[], metavar="SET=TABLE",
                                                help="prepared tables of refusal.extra_harmless_sets"))],

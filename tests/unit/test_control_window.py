@@ -159,6 +159,35 @@ def test_a_trigger_must_beat_the_unintervened_rate():
     assert trigger_crossing([1.0], [9], [12], 0.2) == 1.0 and np.isnan(trigger_crossing([1.0], [9], [12], 0.5))
 
 
+def test_the_prompt_bootstrap_of_a_trigger_uses_the_trigger_rule():
+    """7 of 12 prompts flip from x = 1 (a 50% crossing) but 10 of 12 flip without a dose: no trigger,
+    and no resample of the prompts finds one either (each recomputes its own x = 0 share); the naive
+    50% crossing would put the CI at x = 1."""
+    from neuronaudit.evaluation.stats import crossing_bootstrap
+
+    sweeps, single, neurons, geometry = synthetic_sweeps([(1.0, 99.0)], n_prompts=12, baseline_flip=10)
+    dosed = sweeps["kind"] != "baseline"
+    sweeps.loc[dosed, "flip"] &= sweeps.loc[dosed, "prompt_id"].isin([f"p{p}" for p in range(7)])
+    table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)
+    pos = table[table.sign == 1].iloc[0]
+    assert np.isnan(pos["trigger_x"]) and pos["flip_x_ci_rule"] == "trigger"
+    assert pos["flip_x_share_crossing"] == 0 and pos["flip_x_ci_low"] == pos["flip_x_ci_high"] == np.inf
+    ids = sorted(f"p{p}" for p in range(12))  # the bootstrap's prompt order
+    hits = np.array([[0.0] + [float(int(p[1:]) < 7)] * 4 for p in ids])  # x = 0.5, 1, 2, 4, 8
+    naive = crossing_bootstrap(hits, [0.5, 1, 2, 4, 8], n_boot=1000, seed=0)
+    assert naive[0] > 0.5 and naive[1] <= 1.0  # what a plain 50% crossing would have reported
+    # without the x = 0 flips the same dose response is a trigger at 1, and its CI says so
+    sweeps.loc[~dosed, "flip"] = False
+    table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)
+    pos = table[table.sign == 1].iloc[0]
+    assert pos["trigger_x"] == 1.0 and pos["flip_x_ci_low"] == 1.0 and 0 < pos["flip_x_share_crossing"] < 1
+    rule = crossing_bootstrap(hits, [0.5, 1, 2, 4, 8], n_boot=1000, seed=0, baseline=np.zeros(12))
+    assert rule == (pos["flip_x_share_crossing"], pos["flip_x_ci_low"], pos["flip_x_ci_high"])
+    high = crossing_bootstrap(hits, [0.5, 1, 2, 4, 8], n_boot=1000, seed=0,
+                              baseline=[float(int(p[1:]) < 10) for p in ids])
+    assert high == (0.0, np.inf, np.inf)
+
+
 def test_neither_trigger_nor_collapse_and_the_readout_cap_are_their_own_failure_modes():
     sweeps, single, neurons, geometry = synthetic_sweeps([(99.0, 99.0), (99.0, 2.0)])
     table, _ = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=0, seed=0)
@@ -197,6 +226,42 @@ def test_heldout_summary_counts_every_case_against_baselines():
     assert v["majority_class_from_training"] == fitted["majority_verdict"]
 
 
+def test_heldout_ceiling_statistics_resample_neurons_and_state_the_bands():
+    """ρ and every MAE, per band too, resample neurons (both signs together), with their n; the
+    band definition and the layers of each band are recorded."""
+    windows = [(1.0, 4.0), (4.0, 2.0), (2.0, 99.0), (8.0, 1.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0), (4.0, 1.0)]
+    sweeps, single, neurons, geometry = synthetic_sweeps(windows)
+    table, fitted = window_table(sweeps, single, neurons, geometry, [8], n_layers=30, n_heldout=6, seed=0)
+    summary = heldout_summary(table, fitted, n_boot=1000, seed=0, n_layers=30)
+    bands = summary["layer_bands"]
+    assert bands["bulk"] == list(range(6, 24)) and bands["early"] == list(range(6)) and bands["n_layers"] == 30
+    assert "0.2·n_layers ≤ layer < 0.8·n_layers" in bands["definition"]
+    held = table[table["split"] == "heldout"]
+    for name in ("alignment", "kl", "constant", "raw_dose"):
+        entry = summary[f"predictor_{name}"]
+        assert entry["band_definition"] == bands["definition"]
+        assert entry["spearman_resampling_unit"] == entry["resampling_unit"] == law.NEURON_CLUSTERS
+        assert entry["spearman_n_neurons"] <= entry["n_neurons"] == 6 and entry["spearman_n_pairs"] <= 12
+        for band in ("bulk", "early", "late"):
+            rows = held[held["band"] == band]
+            assert entry[f"n_pairs_{band}"] == len(rows) and entry[f"n_neurons_{band}"] == rows["neuron"].nunique()
+            if len(rows):
+                lo, hi = entry[f"mae_alignment_{band}_ci95"]
+                assert lo <= entry[f"mae_alignment_{band}"] <= hi
+            else:
+                assert entry[f"mae_x_{band}"] is None and entry[f"mae_x_{band}_ci95"] == [None, None]
+        assert entry["n_pairs_bulk"] + entry["n_pairs_early"] == 12 and entry["n_pairs_late"] == 0
+    # the Spearman CI is the neuron-cluster bootstrap's, not one over (neuron, sign) rows
+    from neuronaudit.evaluation.stats import cluster_bootstrap_spearman
+
+    a = summary["predictor_kl"]
+    pred = np.minimum(held["predicted_ceiling_x_kl"].to_numpy(float), held["grid_max_x"].to_numpy(float))
+    ref = cluster_bootstrap_spearman(pred, held["ceiling_x_or_edge"], [f"b/{l}/{n}" for l, n in
+                                     zip(held["layer"], held["neuron"])], n_boot=1000, seed=0)
+    assert a["spearman_rho_ci95"] == pytest.approx([ref.ci_low, ref.ci_high])
+    assert a["spearman_n_degenerate_resamples"] == ref.n_degenerate_resamples
+
+
 def test_each_behaviour_is_read_at_its_own_horizons():
     sweeps, single, neurons, geometry = synthetic_sweeps([(1.0, 8.0)])
     one_token = sweeps.assign(behaviour="short", horizon=1)  # a behaviour answered in one token
@@ -231,3 +296,94 @@ def test_a_summary_without_triggers_says_why_its_statistics_are_null(tmp_path):
     assert v["mcnemar_exact_p_value_with_trigger"] is None
     assert v["null_reasons"]["mcnemar_exact_p_value_with_trigger"] == "no held-out neuron has a trigger"
     write_json(summary, tmp_path / "summary.json")
+
+
+def test_the_window_job_reruns_from_recorded_sweeps_without_rolling_out(tmp_path, monkeypatch, tokenizer, capsys):
+    """``neuronaudit window --sweeps-from <sweeps.parquet>`` reads a finished window's rollouts back
+    and computes the single pass, tables and summary again: the same summary, no dose rolled out;
+    a recording swept on another grid is refused."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from neuronaudit.cli import main
+    from neuronaudit.io import write_table
+    from neuronaudit.models.adapters import adapter_for
+    from neuronaudit.options import WindowOptions
+    from neuronaudit.prompts import prompt_table
+    from neuronaudit.stages import window as stage
+    from neuronaudit.stages.common import OpenedModel
+    from neuronaudit.testing import stage_options
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    adapter = adapter_for(model)
+    o = stage_options(WindowOptions, n_candidates=1, n_top=1, n_random=1, x_grid=[1.0, 4.0],
+                      single_pass_grid=[1.0, 4.0], horizons=[2, 4], n_prompts=2, n_generic=2, n_heldout=1,
+                      row_batch_size=8, max_length=32, model={"chat_template": "none"})
+    monkeypatch.setattr(stage, "open_model", lambda *a, **k: OpenedModel(model, tokenizer, adapter, {}, o.model))
+
+    def prompts(name, texts):
+        df = pd.DataFrame({"prompt_id": [f"{name}{k}" for k in range(len(texts))], "text": texts,
+                           "split": "heldout", "extra": "{}"})
+        write_table(prompt_table(df), tmp_path / f"{name}.parquet", {"prompt_set": name})
+        return f"{name}={tmp_path / f'{name}.parquet'}"
+
+    swept = prompts("prose", ["Tell me about bread.", "Describe the sea."])
+    generic = prompts("generic", ["The sun rises in the east.", "Water boils at a high heat."]).split("=", 1)[1]
+    pd.DataFrame({"layer": [1, 2, 3], "neuron": [4, 5, 6], "delta": [1.0, 0.5, 0.2], "std_delta": [3.0, 2.0, 1.0],
+                  "screened": True, "universal": False}).to_parquet(tmp_path / "screen.parquet")
+    behaviours = {"format": {"positive": "list", "negative": "prose", "oracle": "format"}}
+
+    def run(out, options=o, *extra):
+        out.mkdir(exist_ok=True)
+        return main(["window", "--manifest", str(tmp_path / "manifest.json"),
+                     "--screens", f"format={tmp_path / 'screen.parquet'}", "--prompts", "format" + swept[5:],
+                     "--generic", generic, "--behaviours", json.dumps(behaviours), "--options", options.to_json(),
+                     *(f"--out-{k}={out / f'{k}.{ext}'}" for k, ext in (("sweeps", "parquet"),
+                                                                         ("single-pass", "parquet"),
+                                                                         ("window", "parquet"),
+                                                                         ("summary", "json"))), *extra])
+
+    assert run(tmp_path / "first") == 0
+    first = json.loads((tmp_path / "first" / "summary.json").read_text())
+
+    def no_rollouts(*a, **k):
+        raise AssertionError("a recorded sweep must not be rolled out again")
+
+    monkeypatch.setattr(stage, "_sweep", no_rollouts)
+    recorded = tmp_path / "first" / "sweeps.parquet"
+    assert run(tmp_path / "again", o, "--sweeps-from", str(recorded)) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again.pop("sweeps_source").startswith("recorded") and first.pop("sweeps_source").startswith("rolled")
+    assert again == first
+    pd.testing.assert_frame_equal(pq.read_table(tmp_path / "again" / "window.parquet").to_pandas(),
+                                  pq.read_table(tmp_path / "first" / "window.parquet").to_pandas())
+    # a recording from before tables kept their search record: the summary beside it has it, else it is counted
+    import shutil
+
+    from neuronaudit.io import read_provenance
+
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = read_provenance(recorded)
+    del meta["search_records"]
+    write_table(pq.read_table(recorded), old / "sweeps.parquet", meta)
+    shutil.copy(tmp_path / "first" / "summary.json", old / "summary.json")
+    assert run(tmp_path / "from_old", o, "--sweeps-from", str(old / "sweeps.parquet")) == 0
+    from_old = json.loads((tmp_path / "from_old" / "summary.json").read_text())
+    assert from_old["dose_search"] == first["dose_search"]
+    (old / "summary.json").unlink()
+    assert run(tmp_path / "from_old", o, "--sweeps-from", str(old / "sweeps.parquet")) == 0
+    counted = json.loads((tmp_path / "from_old" / "summary.json").read_text())
+    assert (counted["n_rollouts"], counted["n_rollouts_full_grid"]) == (first["n_rollouts"],
+                                                                        first["n_rollouts_full_grid"])
+    assert "counted from the recorded sweep table" in counted["dose_search"]["by_behaviour"]["format"]["note"]
+    # in place: the recorded table is also the output (read before anything is written)
+    assert run(tmp_path / "first", o, "--sweeps-from", str(recorded)) == 0
+    assert json.loads((tmp_path / "first" / "summary.json").read_text())["n_rollouts"] == first["n_rollouts"]
+    other = stage_options(WindowOptions, **{**{k: getattr(o, k) for k in ("n_candidates", "n_top", "n_random",
+                          "single_pass_grid", "horizons", "n_prompts", "n_generic", "n_heldout", "row_batch_size",
+                          "max_length", "model")}, "x_grid": [1.0, 2.0]})
+    capsys.readouterr()
+    assert run(tmp_path / "other", other, "--sweeps-from", str(recorded)) == 2
+    assert "was swept with window.x_grid [1.0, 4.0], this run has [1.0, 2.0]" in capsys.readouterr().err

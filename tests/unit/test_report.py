@@ -382,6 +382,44 @@ def test_headline_attributes_equal_the_json_summaries(full):
             assert (full["page"].parent / h).resolve().is_file(), (key, h)
 
 
+def test_window_headlines_state_their_ci_test_n_and_units(full):
+    """Every window headline row (the report's summary, ``neuronaudit headlines`` for README) carries
+    its n and units; MAEs, ρ, verdicts and the pivot count carry a CI read from the summary."""
+    from neuronaudit.report.compare import headlines_markdown
+
+    cells = headline_cells(full["html"])
+    w = json.loads((full["study"] / "window" / "summary.json").read_text())
+    a, v = w["predictor_alignment"], w["verdicts"]
+    expected = {  # key: (summary entry, value key, CI key)
+        "window.ceiling_mae_alignment": (a, "mae_alignment", "mae_alignment_ci95"),
+        "window.ceiling_mae_alignment_bulk": (a, "mae_alignment_bulk", "mae_alignment_bulk_ci95"),
+        "window.ceiling_mae_x": (a, "mae_x", "mae_x_ci95"),
+        "window.ceiling_mae_alignment_kl": (w["predictor_kl"], "mae_alignment", "mae_alignment_ci95"),
+        "window.ceiling_mae_alignment_raw_dose": (w["predictor_raw_dose"], "mae_alignment", "mae_alignment_ci95"),
+        "window.ceiling_spearman_alignment": (a, "spearman_rho_predicted_vs_measured", "spearman_rho_ci95"),
+    }
+    for key, (entry, value, ci) in expected.items():
+        c = cells[key]
+        assert float(c["data-value"]) == entry[value], key
+        assert [float(c["data-ci-low"]), float(c["data-ci-high"])] == entry[ci], key
+        assert "n = " in c["text"] and "cluster bootstrap over neurons" in c["text"], key
+    bulk = cells["window.ceiling_mae_alignment_bulk"]["text"]
+    assert f"n = {a['n_pairs_bulk']} neuron × sign pairs of {a['n_neurons_bulk']} neurons" in bulk
+    assert "spearman" not in cells["window.ceiling_spearman_alignment"]["text"].lower()
+    t = cells["window.verdict_accuracy_with_trigger"]
+    assert float(t["data-value"]) == v["correct_with_trigger"] / v["n_with_trigger"] and "data-ci-low" in t
+    assert f"n = {v['n_with_trigger']} neurons" in t["text"] and "McNemar p = 1" in t["text"]
+    p = cells["window.pivots_actionable"]
+    assert float(p["data-value"]) == 0.5 and "Wilson 95% CI" in p["text"] and "n = 2 refusal neurons" in p["text"]
+    assert "data-ci-low" in p and "data-ci-low" in cells["window.verdict_accuracy"]
+    table = html.unescape(headlines_markdown(full["study"]))
+    assert "(the middle 60% of depth)" in table and "bulk = layers 1–2 of 4" in table
+    assert "budget units |x| = |d| / B" in table.replace("\\|", "|")
+    for label in ("single-pass KL threshold (alignment cosθ", "raw-dose baseline", "Spearman ρ, predicted (a)",
+                  "with a trigger in the grid"):
+        assert label in table, label
+
+
 def test_headlines_sit_next_to_the_published_numbers(full):
     from neuronaudit.report.sections import PUBLISHED
 

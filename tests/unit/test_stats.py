@@ -12,6 +12,7 @@ from neuronaudit.evaluation.stats import (
     bootstrap_ci,
     bootstrap_count_matrices,
     bootstrap_indices,
+    cluster_bootstrap_spearman,
     mcnemar_exact,
     mean_difference_ci,
     paired_bootstrap_ci,
@@ -106,3 +107,23 @@ def test_vectorised_mean_difference_ci_equals_a_per_neuron_loop():
     for j in range(7):
         boot = [pos[idx_pos[b], j].mean() - neg[idx_neg[b], j].mean() for b in range(n_boot)]
         np.testing.assert_allclose([lo[j], hi[j]], np.percentile(boot, [2.5, 97.5]), rtol=1e-10)
+
+
+def test_cluster_spearman_resamples_whole_clusters():
+    """Each neuron contributes two identical (sign) rows: resampling neurons gives the interval of the
+    neurons alone (ranks of a duplicated sample are a linear map of the sample's); resampling rows
+    treats the copies as independent and gives a narrower, overconfident interval."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=10)
+    y = x + rng.normal(scale=1.0, size=10)
+    one = cluster_bootstrap_spearman(x, y, [f"n{k}" for k in range(10)], n_boot=2000, seed=0)
+    two = cluster_bootstrap_spearman(np.repeat(x, 2), np.repeat(y, 2), [f"n{k}" for k in np.repeat(range(10), 2)],
+                                     n_boot=2000, seed=0)
+    assert (two.n_pairs, two.n_clusters, one.n_clusters) == (20, 10, 10)
+    assert two.rho == pytest.approx(one.rho)
+    assert (two.ci_low, two.ci_high) == pytest.approx((one.ci_low, one.ci_high))
+    rows = spearman_ci(np.repeat(x, 2), np.repeat(y, 2), n_boot=2000, seed=0)[1]
+    assert rows[1] - rows[0] < 0.85 * (two.ci_high - two.ci_low)
+    assert two.ci_low <= two.rho <= two.ci_high
+    flat = cluster_bootstrap_spearman([1, 1, 1, 1], [1, 2, 3, 4], ["a", "b", "c", "d"])
+    assert math.isnan(flat.rho) and math.isnan(flat.ci_low)

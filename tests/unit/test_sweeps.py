@@ -143,6 +143,46 @@ def test_alignment_follows_the_saturation_curve_at_the_write_layer(llama, enc):
     assert sweeps.alignment(v, v).item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_the_readout_is_the_final_norms_output_where_unequal_gains_cap_the_alignment(tokenizer, enc):
+    """The readout alignment is cos(norm(h), v), h the final norm's input: with unequal norm gains g
+    a huge dose saturates it at cos(g ⊙ v, v) < 1 while the pre-norm alignment goes to 1, so the
+    normalisation cap can fire."""
+    from neuronaudit.methods.window import classify_failure
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        gains = torch.exp(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0)))
+        adapter.final_norm.weight.copy_(gains)
+    rows = [(2, 11, d) for d in (0.0, 3.0, 30.0, 3000.0)]
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pre = []  # the final norm's input of every (prompt, row) of the naive loop, in its order
+    handle = adapter.final_norm.register_forward_pre_hook(lambda m, args: pre.append(args[0][0, -1].detach()))
+    try:
+        ref = sweeps.naive_dose_loop(model, adapter, ids, mask, rows, positions=("last_prompt",))
+    finally:
+        handle.remove()
+    h = torch.stack(pre).reshape(2, len(rows), -1)
+    with torch.no_grad():
+        normed = adapter.final_norm(h)
+    fast = sweeps.last_token_dose_sweep(model, adapter, ids, mask, rows)
+    _close(ref.resid_final, normed)
+    _close(fast.resid_final, normed)
+    v = adapter.write_vector(2, 11).detach().float()
+    readout = fast.alignment_at_readout(adapter)
+    _close(readout, normed @ v / (normed.norm(dim=-1) * v.norm()))
+    before_norm = sweeps.alignment(h, v)
+    cap = float(sweeps.alignment(gains * v, v))
+    assert cap < 0.9 and before_norm[:, -1].min() > 0.99  # the pre-norm alignment goes to 1 ...
+    assert readout[:, -1].max() < 0.9 and float(readout[:, -1].mean()) == pytest.approx(cap, abs=1e-3)  # ... capped
+    resp = sweeps.single_pass_dose_response(model, adapter, ids, mask, rows, positions="last_prompt")
+    _close(resp.alignment_readout, readout)
+    max_readout = float(resp.alignment_readout.mean(0).abs().max())
+    assert float(resp.alignment_write.mean(0).abs().max()) > 0.99 and max_readout < 0.9
+    assert classify_failure("closed", 2, 4, max_readout, float("nan"), float("nan"), 1.0) == "normalisation_cap"
+    assert not adapter.final_norm._forward_hooks and not adapter.final_norm._forward_pre_hooks
+
+
 @pytest.mark.parametrize("positions", ["prompt", "last_prompt"])
 def test_single_pass_dose_response_matches_naive_kl(llama, enc, positions):
     model, adapter = llama
@@ -186,7 +226,7 @@ def test_model_is_left_as_found(llama, enc):
     sweeps.prompt_dose_sweep(model, adapter, ids, mask, ROWS)
     assert all("forward" not in block.__dict__ for block in adapter.blocks)
     assert not any(b._forward_hooks or b._forward_pre_hooks for b in adapter.blocks)
-    assert not adapter.final_norm._forward_pre_hooks
+    assert not adapter.final_norm._forward_pre_hooks and not adapter.final_norm._forward_hooks
     torch.testing.assert_close(model(**enc).logits, before)
 
 

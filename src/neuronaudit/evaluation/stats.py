@@ -6,7 +6,8 @@
   (:func:`paired_bootstrap_ci`, e.g. Spearman ρ over neurons, a per-text ratio), and of the mean of
   per-unit vectors resampled by unit (:func:`unit_bootstrap_means`, e.g. rollout-type fractions
   with the prompt as the unit), of a mean with whole clusters resampled
-  (:func:`cluster_bootstrap_mean`, e.g. both dose signs of a neuron together);
+  (:func:`cluster_bootstrap_mean`, e.g. both dose signs of a neuron together), and of Spearman ρ
+  with whole clusters resampled (:func:`cluster_bootstrap_spearman`);
 * Spearman ρ with a permutation p-value and a paired BCa CI (:func:`spearman_permutation_bca`),
   degenerate resamples counted;
 * exact McNemar test of two classifiers judged on the same items (:func:`mcnemar_exact`),
@@ -18,9 +19,10 @@
   would draw each neuron's resamples separately and cost ``n_neurons`` times more).
 * the bootstrap over prompts of a first crossing on a dose grid (:func:`crossing_bootstrap`), also
   hand-vectorised: a resample without a crossing counts as beyond the grid, which scipy's
-  percentile bounds cannot represent; on a grid where some points were not rolled out (the
-  adaptive dose search), :func:`crossing_bootstrap_bounds` gives an interval that contains the
-  full grid's.
+  percentile bounds cannot represent; with each prompt's x = 0 outcome it resamples the window's
+  trigger rule (the share must reach the level and its Wilson lower bound beat the resample's own
+  x = 0 share); on a grid where some points were not rolled out (the adaptive dose search),
+  :func:`crossing_bootstrap_bounds` gives an interval that contains the full grid's.
 
 Every resampling function takes ``n_boot`` and ``seed`` and refuses fewer than
 :data:`MIN_RESAMPLES` resamples where a figure is reported.
@@ -207,27 +209,107 @@ def cluster_bootstrap_mean(values: Sequence[float], clusters: Sequence, n_boot: 
     return point, float(ci.low), float(ci.high)
 
 
+@dataclass(frozen=True)
+class ClusterSpearman:
+    """Spearman ρ of ``n_pairs`` pairs in ``n_clusters`` clusters with a percentile bootstrap CI that
+    resamples whole clusters; ``n_degenerate_resamples`` counts the resamples on which ρ is
+    undefined (a side constant), left out of the percentiles, never out of this count."""
+
+    rho: float
+    ci_low: float
+    ci_high: float
+    n_pairs: int
+    n_clusters: int
+    n_degenerate_resamples: int
+
+
+def _spearman_or_nan(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def cluster_bootstrap_spearman(x: Sequence[float], y: Sequence[float], clusters: Sequence,
+                               n_boot: int = MIN_RESAMPLES, seed: int = 0, level: float = 0.95) -> ClusterSpearman:
+    """Spearman ρ of paired values with a percentile bootstrap CI that resamples whole clusters
+    (``scipy.stats.bootstrap`` over the cluster labels: each resample draws clusters with
+    replacement and takes every pair of each drawn cluster, e.g. both dose signs of a neuron).
+    Non-finite pairs are dropped first. ρ and the CI are NaN with fewer than 3 pairs or a constant
+    side; the CI is NaN with fewer than 2 clusters or when no resample defines ρ."""
+    _check_resamples(n_boot)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    labels = np.asarray([str(c) for c in clusters])
+    if not (len(x) == len(y) == len(labels)):
+        raise NeuronAuditError(f"paired samples and clusters have different lengths ({len(x)}, {len(y)}, "
+                               f"{len(labels)})")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, labels = x[ok], y[ok], labels[ok]
+    names, inverse = np.unique(labels, return_inverse=True)
+    n, k = int(len(x)), int(len(names))
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return ClusterSpearman(math.nan, math.nan, math.nan, n, k, 0)
+    rho = _spearman_or_nan(x, y)
+    if k < 2:
+        return ClusterSpearman(rho, math.nan, math.nan, n, k, 0)
+    members = [np.flatnonzero(inverse == c) for c in range(k)]
+
+    def statistic(drawn):
+        rows = np.concatenate([members[int(c)] for c in drawn])
+        return _spearman_or_nan(x[rows], y[rows])
+
+    with warnings.catch_warnings():  # undefined resamples are counted and dropped below
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((np.arange(k),), statistic, n_resamples=n_boot, method="percentile",
+                              vectorized=False, random_state=np.random.default_rng(seed))
+    dist = np.asarray(res.bootstrap_distribution, float)
+    defined = dist[np.isfinite(dist)]
+    if defined.size == 0:
+        return ClusterSpearman(rho, math.nan, math.nan, n, k, int(dist.size))
+    alpha = (1 - level) / 2
+    return ClusterSpearman(rho, float(np.quantile(defined, alpha)), float(np.quantile(defined, 1 - alpha)), n, k,
+                           int(dist.size - defined.size))
+
+
+def _resampled_crossings(hits: np.ndarray, x: np.ndarray, level: float, n_boot: int, seed: int,
+                         baseline: Sequence[float] | None, baseline_confidence: float) -> np.ndarray:
+    """Each resample's first crossing (``inf`` if none): the prompts (rows of ``hits``, and the
+    same rows of ``baseline``) drawn with replacement, ``[n_boot]``."""
+    n = hits.shape[0]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    drawn = hits[idx]  # [n_boot, n, n_x]
+    reached = drawn.mean(axis=1) >= level
+    if baseline is not None:
+        base = np.asarray(baseline, float)
+        if base.shape != (n,):
+            raise NeuronAuditError(f"the baseline has {base.shape} outcomes for {n} prompts")
+        # the trigger rule: the Wilson lower bound of the count must beat the resample's own x = 0 share
+        lower = np.array([wilson_interval(k, n, baseline_confidence)[0] for k in range(n + 1)])
+        counts = np.rint(drawn.sum(axis=1)).astype(int)
+        reached &= lower[counts] > base[idx].mean(axis=1)[:, None]
+    return np.where(reached.any(axis=1), x[np.argmax(reached, axis=1)], np.inf)
+
+
 def crossing_bootstrap(hits: np.ndarray, x: Sequence[float], level: float = 0.5, n_boot: int = MIN_RESAMPLES,
-                       seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
+                       seed: int = 0, confidence: float = 0.95, baseline: Sequence[float] | None = None,
+                       baseline_confidence: float = 0.95) -> tuple[float, float, float]:
     """Percentile CI of a first crossing over prompts.
 
     ``hits [n_prompts, n_x]`` holds 0/1 outcomes of every prompt at every grid point ``x``
     (ascending |x|). The crossing is the smallest ``x`` whose fraction of prompts reaches
-    ``level``. Prompts are resampled with replacement; a resample without a crossing counts as
-    beyond the grid (``inf``), so the upper bound is ``inf`` when more than ``(1 − confidence)/2``
-    of the resamples never cross. Returns ``(share of resamples that cross, ci_low, ci_high)``.
+    ``level``; with ``baseline`` (each prompt's 0/1 outcome at x = 0, same rows) it must also have
+    the lower bound of its Wilson interval (at ``baseline_confidence``) above the x = 0 share of the
+    same resample: the window's trigger rule. Prompts are resampled with replacement; a resample
+    without a crossing counts as beyond the grid (``inf``), so the upper bound is ``inf`` when more
+    than ``(1 − confidence)/2`` of the resamples never cross. Returns ``(share of resamples that
+    cross, ci_low, ci_high)``.
     """
     hits = np.asarray(hits, float)
     x = np.asarray(x, float)
-    n = hits.shape[0]
-    if n == 0:
+    if hits.shape[0] == 0:
         return math.nan, math.nan, math.nan
     _check_resamples(n_boot)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    frac = hits[idx].mean(axis=1)  # [n_boot, n_x]
-    reached = frac >= level
-    first = np.where(reached.any(axis=1), x[np.argmax(reached, axis=1)], np.inf)
+    first = _resampled_crossings(hits, x, level, n_boot, seed, baseline, baseline_confidence)
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(first, [alpha, 1 - alpha], method="inverted_cdf")
     return float(np.isfinite(first).mean()), float(lo), float(hi)
@@ -251,9 +333,11 @@ class CrossingBounds:
 
 def crossing_bootstrap_bounds(hits: np.ndarray, x: Sequence[float], unvisited: Sequence[float] = (),
                               level: float = 0.5, n_boot: int = MIN_RESAMPLES, seed: int = 0,
-                              confidence: float = 0.95) -> CrossingBounds:
+                              confidence: float = 0.95, baseline: Sequence[float] | None = None,
+                              baseline_confidence: float = 0.95) -> CrossingBounds:
     """:func:`crossing_bootstrap` on the rolled-out grid points ``x`` (columns of ``hits``, ascending)
-    when the grid points ``unvisited`` were not rolled out.
+    when the grid points ``unvisited`` were not rolled out (``baseline``: the trigger rule, as
+    there).
 
     The same resamples as :func:`crossing_bootstrap` (same seed, same draws). A resample's full-grid
     crossing lies between a lower bound (its first rolled-out crossing, or the smallest unrolled
@@ -263,15 +347,10 @@ def crossing_bootstrap_bounds(hits: np.ndarray, x: Sequence[float], unvisited: S
     unvisited the result equals :func:`crossing_bootstrap`'s, ``exact=True``."""
     hits = np.asarray(hits, float)
     x = np.asarray(x, float)
-    n = hits.shape[0]
-    if n == 0:
+    if hits.shape[0] == 0:
         return CrossingBounds(math.nan, math.nan, math.nan, math.nan, False)
     _check_resamples(n_boot)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    frac = hits[idx].mean(axis=1)  # [n_boot, n_x]
-    reached = frac >= level
-    upper = np.where(reached.any(axis=1), x[np.argmax(reached, axis=1)], np.inf)
+    upper = _resampled_crossings(hits, x, level, n_boot, seed, baseline, baseline_confidence)
     gap = float(np.min(unvisited)) if len(unvisited) else np.inf
     lower = np.minimum(upper, gap)
     alpha = (1 - confidence) / 2

@@ -6,9 +6,11 @@ prompt. The control-window measurements need, per ``(prompt, row)``:
 
 * the next-token distribution at the last prompt position (single-pass KL/entropy collapse,
   the predictor (b) of the collapse ceiling),
-* the steered residual ``r'`` at the last prompt position after the dosed layer and after the
-  final block (the final-norm input), giving the alignment ``cosθ = <r', v> / (|r'| |v|)`` at the
-  write layer and at the readout (their gap is what depth and normalisation do),
+* the steered residual ``r'`` at the last prompt position after the dosed layer, and the readout
+  (the final norm's output, what the unembedding reads), giving the alignment
+  ``cosθ = <r', v> / (|r'| |v|)`` at the write layer and at the readout (their gap is what depth
+  and the final normalisation do: a norm with unequal gains caps the readout alignment below 1
+  however large the dose),
 * greedy rollouts with the dose on every generated token (coherence, triggers).
 
 The naive way runs one forward (or one ``generate``) per ``(prompt, row)``. Everything that does
@@ -117,10 +119,12 @@ class SweepResult:
     Last-position sweeps (``last_token``, ``prompt``; naive with ``max_new_tokens=0``):
       ``logits``       ``[P, R, V]`` next-token logits at the last prompt position
       ``resid_write``  ``[P, R, D]`` residual after the row's dosed layer, last prompt position
-      ``resid_final``  ``[P, R, D]`` final-norm input (residual after the last block), same position
+      ``resid_final``  ``[P, R, D]`` the readout: the final norm's output (after the last block and
+                       the final norm), same position
       ``resid_read``   ``[P, R, K, D]`` residual after each of ``read_layers``
       ``clean_logits`` ``[P, V]``, ``clean_resid`` ``[P, L, D]`` (after every layer),
-      ``clean_final``  ``[P, D]``: the unsteered pass (shortcuts only; ``None`` for the naive loop)
+      ``clean_final``  ``[P, D]`` (the final norm's output): the unsteered pass (shortcuts only;
+                       ``None`` for the naive loop)
     Generation sweeps (``generated``; naive with ``max_new_tokens > 0``):
       ``tokens``        ``[P, R, N]`` greedy tokens, ``pad_token_id`` after a row's EOS
       ``lengths``       ``[P, R]`` generated tokens up to and including EOS
@@ -159,12 +163,12 @@ class SweepResult:
         return alignment(self.resid_write, write_vectors(adapter, self.rows)[None])
 
     def alignment_at_readout(self, adapter: ArchitectureAdapter) -> torch.Tensor:
-        """``[P, R]`` cosθ between the final-norm input and ``v``."""
+        """``[P, R]`` cosθ between the readout (the final norm's output) and ``v``."""
         return alignment(self.resid_final, write_vectors(adapter, self.rows)[None])
 
     def clean_alignment(self, adapter: ArchitectureAdapter, at: str = "write") -> torch.Tensor:
         """``[P, R]`` unsteered alignment ``c0`` of each row's neuron: ``at="write"`` uses the
-        clean residual after the row's layer, ``at="readout"`` the clean final-norm input."""
+        clean residual after the row's layer, ``at="readout"`` the clean final norm's output."""
         if self.clean_resid is None:
             raise NeuronAuditError("this sweep kept no clean pass (naive loops do not)")
         v = write_vectors(adapter, self.rows)
@@ -182,8 +186,8 @@ class DoseResponse:
 
     ``kl`` ``[P, R]`` KL(clean || dosed) of the next-token distribution (nats); ``entropy``
     ``[P, R]`` entropy of the dosed distribution; ``clean_entropy`` ``[P]``; ``alignment_write``
-    and ``alignment_readout`` ``[P, R]`` cosθ of the steered residual at the dosed layer and at
-    the readout, at the same position.
+    and ``alignment_readout`` ``[P, R]`` cosθ with the write of the steered residual after the
+    dosed layer and of the readout (the final norm's output), at the same position.
     """
 
     rows: list[Row]
@@ -323,7 +327,8 @@ def _replay_blocks(adapter: ArchitectureAdapter, recorded: Sequence, upto: int, 
 
 @contextmanager
 def _record_blocks(adapter: ArchitectureAdapter, store: list):
-    """Record every block's output object (``store[l]``) and the final-norm input (``store[L]``)."""
+    """Record every block's output object (``store[l]``) and the readout, the final norm's output
+    (``store[L]``)."""
     handles = []
 
     def block_hook(layer):
@@ -332,13 +337,13 @@ def _record_blocks(adapter: ArchitectureAdapter, store: list):
 
         return hook
 
-    def final_hook(module, args):
-        store[adapter.n_layers] = args[0]
+    def final_hook(module, args, output):
+        store[adapter.n_layers] = _hidden(output)
 
     try:
         for layer, block in enumerate(adapter.blocks):
             handles.append(block.register_forward_hook(block_hook(layer)))
-        handles.append(adapter.final_norm.register_forward_pre_hook(final_hook))
+        handles.append(adapter.final_norm.register_forward_hook(final_hook))
         yield store
     finally:
         for h in handles:
@@ -351,10 +356,13 @@ def _hidden(output) -> torch.Tensor:
 
 @contextmanager
 def _capture_final(adapter: ArchitectureAdapter, store: dict):
-    def hook(module, args):
-        store["final"] = args[0]
+    """Keep the readout, the final norm's OUTPUT (``store["final"]``): the alignment at the readout
+    is measured after normalisation, where unequal norm gains can cap it."""
 
-    handle = adapter.final_norm.register_forward_pre_hook(hook)
+    def hook(module, args, output):
+        store["final"] = _hidden(output)
+
+    handle = adapter.final_norm.register_forward_hook(hook)
     try:
         yield store
     finally:

@@ -7,9 +7,10 @@ alignment between the steered residual and the write follows the saturation curv
     cosθ(x) = (c0 + x) / sqrt(1 + 2·x·c0 + x²),     c0 = cos(r, v) unsteered,
 
 exactly at the write layer (it is the geometry of ``r + d·v``), and only approximately at the
-readout, where depth and normalisation intervene. Coherent control exists iff the behaviour
-trigger (smallest ``|x|`` flipping an oracle on ≥50% of prompts at horizon τ) lies below the
-collapse ceiling (smallest ``|x|`` at which rollouts stop being coherent on ≥50% of prompts).
+readout (the final norm's output), where depth and normalisation intervene. Coherent control
+exists iff the behaviour trigger (smallest ``|x|`` flipping an oracle on ≥50% of prompts at
+horizon τ) lies below the collapse ceiling (smallest ``|x|`` at which rollouts stop being
+coherent on ≥50% of prompts).
 
 This module holds the law and its measurement, with no file I/O: the curve and its inverse,
 ceilings and triggers from sweep tables, the two ceiling predictors fitted on training neurons
@@ -38,9 +39,9 @@ from neuronaudit.evaluation.metrics import prefix_means, prefix_perplexity, repe
 from neuronaudit.evaluation.oracles import LOGIT_ORACLES, logit_pair_margin, oracle_for
 from neuronaudit.evaluation.stats import (
     cluster_bootstrap_mean,
+    cluster_bootstrap_spearman,
     crossing_bootstrap_bounds,
     mcnemar_exact,
-    spearman_ci,
     wilson_interval,
 )
 from neuronaudit.interventions.hooks import NeuronHooks
@@ -212,12 +213,15 @@ def classify_failure(
     """Failure mode of a closed (neuron, sign), by the rules stated in the report:
 
     * ``neither_within_grid`` — no trigger and no collapse anywhere on the dose grid;
-    * ``normalisation_cap`` — the alignment with the write at the readout (after the final norm)
-      never exceeds ``cap_level`` over the dose grid, although the write-layer alignment follows
-      the saturation curve to 1: a norm rescales the write before it is read;
+    * ``normalisation_cap`` — ``max_readout_alignment``, the largest ``|cosθ|`` over the
+      single-pass dose grid between the write ``v`` and the readout (the final norm's OUTPUT at
+      the last prompt token, i.e. after the final normalisation, what the unembedding reads; the
+      mean over the generic prompts), stays below ``cap_level``, although the write-layer
+      alignment follows the saturation curve to 1: unequal norm gains rescale the write before it
+      is read, so no dose aligns the readout with it;
     * ``too_little_depth`` — a late layer (last ``late_fraction`` of the stack) whose readout
-      alignment never reaches ``trigger_readout_alignment``, the readout alignment at which open
-      training neurons triggered;
+      alignment (after the final norm, as above) never reaches ``trigger_readout_alignment``, the
+      median readout alignment at which open training neurons triggered;
     * ``collapse_before_trigger`` — otherwise: the model collapses before the behaviour flips.
     Open neurons have no failure mode (``None``).
     """
@@ -297,13 +301,29 @@ def generic_geometry(model, tokenizer, adapter, texts: Sequence[str], batch_size
     return pd.concat(frames, ignore_index=True)
 
 
+#: The layer bands by fraction of depth: ``early`` the first 20%, ``late`` the last 20%, ``bulk``
+#: the middle 60% (:func:`layer_band`).
+EARLY_FRACTION, LATE_FRACTION = 0.2, 0.2
+BAND_DEFINITION = (f"layers counted from 0 of n_layers: early = layer < {EARLY_FRACTION:g}·n_layers (the first "
+                   f"{EARLY_FRACTION:.0%} of depth); late = layer ≥ {1 - LATE_FRACTION:g}·n_layers (the last "
+                   f"{LATE_FRACTION:.0%}); bulk = the rest, {EARLY_FRACTION:g}·n_layers ≤ layer < "
+                   f"{1 - LATE_FRACTION:g}·n_layers (the middle {1 - EARLY_FRACTION - LATE_FRACTION:.0%} of depth)")
+
+
 def layer_band(layer: int, n_layers: int) -> str:
-    """``early`` (first 20%), ``late`` (last 20%) or ``bulk``."""
-    if layer < 0.2 * n_layers:
+    """``early`` (first 20% of depth), ``late`` (last 20%) or ``bulk`` (:data:`BAND_DEFINITION`)."""
+    if layer < EARLY_FRACTION * n_layers:
         return "early"
-    if layer >= 0.8 * n_layers:
+    if layer >= (1.0 - LATE_FRACTION) * n_layers:
         return "late"
     return "bulk"
+
+
+def layer_bands(n_layers: int) -> dict:
+    """The band definition and the layers of each band of an ``n_layers`` model (JSON-ready)."""
+    return {"definition": BAND_DEFINITION, "n_layers": int(n_layers),
+            **{band: [l for l in range(n_layers) if layer_band(l, n_layers) == band]
+               for band in ("early", "bulk", "late")}}
 
 
 def pick_candidates(
@@ -739,25 +759,40 @@ def triggers(dosed: pd.DataFrame, baseline: pd.DataFrame, horizon: int, keys: Se
 
 
 def prompt_bootstrap(dosed: pd.DataFrame, value: str, keys: Sequence[str], n_boot: int, seed: int,
-                     grid: Sequence[float] | None = None) -> pd.DataFrame:
-    """Per (behaviour, neuron, sign): a bootstrap over prompts of the 50% crossing of ``value``
-    (``collapse`` or ``flip``): the share of resamples that cross inside the grid and the 95% CI
-    (``inf`` above: beyond the grid).
+                     grid: Sequence[float] | None = None, baseline: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (behaviour, neuron, sign): a bootstrap over prompts of the crossing of ``value``: for
+    ``collapse`` the ceiling's rule (≥ :data:`CEILING_LEVEL` of the prompts), for ``flip`` with the
+    x = 0 rows ``baseline`` the trigger's rule (:func:`trigger_holds`: ≥ :data:`TRIGGER_LEVEL` of
+    the prompts flipped and the Wilson lower bound of that share above the x = 0 share, which each
+    resample recomputes from its own prompts), so the CI is the CI of ``trigger_x``. Columns: the
+    share of resamples that cross inside the grid and the 95% CI (``inf`` above: beyond the grid).
 
     ``grid`` is the full dose grid (``|x|``); where some of its points were not rolled out (the
     adaptive search), a resample could cross at one of them, so the CI is the interval of
     :func:`~neuronaudit.evaluation.stats.crossing_bootstrap_bounds`, which contains the full grid's,
     ``<value>_x_ci_exact`` says whether it is the full grid's, and the share is missing (``nan``)
-    unless it is decided by the rolled-out points."""
+    unless it is decided by the rolled-out points. A prompt without an x = 0 rollout counts at the
+    x = 0 share of the others (none at all: 0, as :func:`triggers` reads it)."""
+    rule = "trigger" if value == "flip" and baseline is not None else "crossing"
+    level = TRIGGER_LEVEL if rule == "trigger" else CEILING_LEVEL
     rows = []
     for key, g in dosed.assign(x=dosed["x"].abs()).groupby(list(keys)):
         hits = g.pivot_table(index="prompt_id", columns="x", values=value, aggfunc="mean").sort_index(axis=1)
         x = hits.columns.to_numpy(float)
         missing = unvisited_points(grid, x)
-        b = crossing_bootstrap_bounds(hits.to_numpy(float), x, missing, n_boot=n_boot, seed=seed)
+        base = None
+        if rule == "trigger":
+            at = baseline[baseline["horizon"].isin(g["horizon"].unique())]
+            if "behaviour" in keys:
+                at = at[at["behaviour"] == dict(zip(keys, key))["behaviour"]]
+            per_prompt = at.groupby("prompt_id")["flip"].mean()
+            fill = float(per_prompt.mean()) if len(per_prompt) else 0.0
+            base = per_prompt.reindex(hits.index).fillna(fill).to_numpy(float)
+        b = crossing_bootstrap_bounds(hits.to_numpy(float), x, missing, level=level, n_boot=n_boot, seed=seed,
+                                      baseline=base, baseline_confidence=TRIGGER_CONFIDENCE)
         rows.append({**dict(zip(keys, key)), f"{value}_x_ci_low": b.ci_low, f"{value}_x_ci_high": b.ci_high,
                      f"{value}_x_share_crossing": b.share_low if b.share_low == b.share_high else float("nan"),
-                     f"{value}_x_ci_exact": b.exact})
+                     f"{value}_x_ci_exact": b.exact, f"{value}_x_ci_rule": rule})
     return pd.DataFrame(rows)
 
 
@@ -812,7 +847,9 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
                  horizons: Sequence[int], n_layers: int, n_heldout: int, seed: int,
                  n_boot: int = 1000, x_grid: Sequence[float] | None = None) -> tuple[pd.DataFrame, dict]:
     """Per (behaviour, neuron, sign): budget, c0, measured ceiling and triggers with prompt-bootstrap
-    CIs, predictions, verdicts, failure mode, split; and the fitted predictor parameters.
+    CIs (``collapse_x_ci_*`` of the ceiling; ``flip_x_ci_*`` of ``trigger_x``, by the trigger rule
+    against the x = 0 share), predictions, verdicts, failure mode, split; and the fitted predictor
+    parameters.
 
     ``x_grid`` is the dose grid (required for an adaptive sweep, whose table holds the visited
     points only); every ceiling and trigger is the first rolled-out grid point where it holds, and
@@ -834,7 +871,8 @@ def window_table(sweeps: pd.DataFrame, single: pd.DataFrame, neurons: pd.DataFra
     table["trigger_x"] = [getattr(r, f"trigger_x_{r.final_horizon}") for r in table.itertuples()]
     table = table.merge(search_coverage(at_final, table, grid, keys), on=keys, how="left")
     table = table.merge(prompt_bootstrap(at_final, "collapse", keys, n_boot, seed, grid), on=keys, how="left")
-    table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed, grid), on=keys, how="left")
+    table = table.merge(prompt_bootstrap(at_final, "flip", keys, n_boot, seed, grid,
+                                         baseline=sweeps[sweeps["kind"] == "baseline"]), on=keys, how="left")
     at_own_final = baseline[baseline["horizon"] == baseline["behaviour"].map(finals)]
     table = table.merge(at_own_final[["behaviour", "baseline_flip", "baseline_collapse"]], on="behaviour", how="left")
     table["grid_min_x"], table["grid_max_x"] = float(grid[0]), float(grid[-1])
@@ -947,45 +985,68 @@ def predictor_columns(table: pd.DataFrame, fitted: dict) -> dict[str, pd.Series]
     }
 
 
+#: The resampling unit of every held-out interval of the window.
+NEURON_CLUSTERS = "neuron (both dose signs together: a cluster bootstrap)"
+
+
 def predictor_summary(held: pd.DataFrame, predicted: pd.Series, n_boot: int, seed: int) -> dict:
     """Held-out ceiling error of one predictor, every (neuron, sign) counted: MAE in both units with a
-    cluster bootstrap over neurons (both signs of a neuron resampled together), per layer band, and
-    Spearman ρ between predicted and measured ceilings."""
+    cluster bootstrap over neurons (both signs of a neuron resampled together), the same per layer
+    band (:data:`BAND_DEFINITION`) with its n, and Spearman ρ between predicted and measured ceilings
+    with a CI from the same cluster bootstrap over neurons (predictions cut at the grid edge, a
+    missing prediction left out of ρ and counted)."""
     err_x, err_a, n_missing = ceiling_errors(held, predicted)
-    clusters = [f"{b}/{l}/{n}" for b, l, n in zip(held["behaviour"], held["layer"], held["neuron"])]
+    clusters = np.asarray([f"{b}/{l}/{n}" for b, l, n in zip(held["behaviour"], held["layer"], held["neuron"])])
     entry = {"n_pairs": int(len(held)), "n_neurons": int(len(set(clusters))),
              "n_measured_ceiling_censored_at_grid_edge": int(held["ceiling_censored"].sum()),
              "n_prediction_missing_counted_as_grid_span": n_missing,
-             "resampling_unit": "neuron (both dose signs together)", "n_boot": n_boot}
+             "resampling_unit": NEURON_CLUSTERS, "n_boot": n_boot, "band_definition": BAND_DEFINITION}
+    bands = held["band"].to_numpy()
     for unit, err in (("x", err_x), ("alignment", err_a)):
         mean, lo, hi = cluster_bootstrap_mean(err, clusters, n_boot=n_boot, seed=seed)
         entry[f"mae_{unit}"] = mean
         entry[f"mae_{unit}_ci95"] = [lo, hi]
         for band in ("bulk", "early", "late"):
-            mask = (held["band"] == band).to_numpy()
-            entry[f"mae_{unit}_{band}"] = float(err[mask].mean()) if mask.any() else None
+            mask = bands == band
             entry[f"n_pairs_{band}"] = int(mask.sum())
+            entry[f"n_neurons_{band}"] = int(len(set(clusters[mask])))
+            if mask.any():
+                mean, lo, hi = cluster_bootstrap_mean(err[mask], clusters[mask], n_boot=n_boot, seed=seed)
+                entry[f"mae_{unit}_{band}"], entry[f"mae_{unit}_{band}_ci95"] = mean, [lo, hi]
+            else:
+                entry[f"mae_{unit}_{band}"], entry[f"mae_{unit}_{band}_ci95"] = None, [None, None]
     pred = np.minimum(np.asarray(predicted, float), held["grid_max_x"].to_numpy(float))
-    rho, (rlo, rhi) = spearman_ci(pred, held["ceiling_x_or_edge"].to_numpy(float), n_boot=n_boot, seed=seed)
-    entry["spearman_rho_predicted_vs_measured"] = rho
-    entry["spearman_rho_ci95"] = [rlo, rhi]
-    entry["spearman_resampling_unit"] = "neuron × sign pair"
+    rho = cluster_bootstrap_spearman(pred, held["ceiling_x_or_edge"].to_numpy(float), clusters, n_boot=n_boot,
+                                     seed=seed)
+    entry["spearman_rho_predicted_vs_measured"] = rho.rho
+    entry["spearman_rho_ci95"] = [rho.ci_low, rho.ci_high]
+    entry["spearman_resampling_unit"] = NEURON_CLUSTERS
+    entry["spearman_n_pairs"], entry["spearman_n_neurons"] = rho.n_pairs, rho.n_clusters
+    entry["spearman_n_degenerate_resamples"] = rho.n_degenerate_resamples
     null_for_reason(entry, ("spearman_rho_predicted_vs_measured", "spearman_rho_ci95"),
                     "Spearman ρ is undefined: fewer than 3 held-out pairs, or the predicted or the measured "
                     "ceilings are all equal")
+    null_for_reason(entry, "spearman_rho_ci95", "fewer than 2 held-out neurons, or no resample of the neurons "
+                                                "defines ρ")
     null_for_reason(entry, ("mae_x", "mae_x_ci95", "mae_alignment", "mae_alignment_ci95"), "no held-out pair")
+    for unit in ("x", "alignment"):
+        for band in ("bulk", "early", "late"):
+            null_for_reason(entry, (f"mae_{unit}_{band}", f"mae_{unit}_{band}_ci95"),
+                            f"no held-out pair in the {band} layers")
     return entry
 
 
-def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int) -> dict:
+def heldout_summary(table: pd.DataFrame, fitted: dict, n_boot: int, seed: int, n_layers: int | None = None) -> dict:
     """Every held-out figure of the window: ceiling errors of each predictor against the baselines,
-    verdicts against the training majority (exact McNemar), failure modes."""
+    verdicts against the training majority (exact McNemar), failure modes; with ``n_layers``, the
+    layers of each band (:func:`layer_bands`)."""
     held = table[table["split"] == "heldout"]
     shown = dict(fitted)  # as written: a parameter that could not be fitted is null, with the reason
     null_for_reason(shown, ("c_star", "kl_threshold"), "no training neuron has a measured ceiling in the grid")
     null_for_reason(shown, "trigger_readout_alignment", "no open training neuron (none triggers below its ceiling)")
     null_for_reason(shown, ("train_mean_ceiling_x", "train_median_ceiling_dose"), "no training neuron")
-    out: dict = {"fitted_on_training_neurons": shown}
+    out: dict = {"fitted_on_training_neurons": shown,
+                 "layer_bands": layer_bands(n_layers) if n_layers is not None else {"definition": BAND_DEFINITION}}
     columns = predictor_columns(table, fitted)
     for name in PREDICTORS:
         out[f"predictor_{name}"] = predictor_summary(held, columns[name][held.index], n_boot, seed)
@@ -1025,6 +1086,8 @@ def verdict_summary(table: pd.DataFrame, majority: str) -> dict:
         "measured_open": int((hv["verdict"] == "open").sum()),
         "n_with_trigger": t_score.n, "correct_with_trigger": t_score.correct,
         "majority_correct_with_trigger": t_score.majority_correct,
+        "only_predictor_right_with_trigger": t_score.only_predictor_right,
+        "only_majority_right_with_trigger": t_score.only_majority_right,
         "mcnemar_exact_p_value_with_trigger": t_score.p_value,
     }
     null_for_reason(out, ("accuracy", "mcnemar_exact_p_value"), "no held-out neuron")

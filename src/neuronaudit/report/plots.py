@@ -479,7 +479,8 @@ def saturation_plot(single: pd.DataFrame, geometry: pd.DataFrame) -> Figure:
     magnitudes = [m for m in (0.25, 1.0, 4.0, 16.0, 64.0) if m <= reach * 1.01] or [reach]
     ticks = [-m for m in reversed(magnitudes)] + magnitudes
     sc = None
-    for ax, col, title in zip(axes, ["alignment_write", "alignment_readout"], ["write layer", "readout (final layer)"]):
+    titles = ["write layer", "readout (after the final norm)"]
+    for ax, col, title in zip(axes, ["alignment_write", "alignment_readout"], titles):
         for _, g in df.groupby(["layer", "neuron"]):
             ax.plot(xs, saturation_curve(xs, g["c0"].iloc[0]), color="#cccccc", lw=0.6, zorder=1)
         sc = ax.scatter(df["x"], df[col], c=df["layer"], cmap="viridis", s=12, zorder=2)

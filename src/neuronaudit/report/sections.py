@@ -512,23 +512,54 @@ STABILITY_BASIS_LABELS = {
 _BASIS_ORDER = {label: i for i, label in enumerate(STABILITY_BASIS_LABELS.values())}
 
 
+#: The layer bands as the window defines them (methods.window.BAND_DEFINITION), for summaries
+#: written before it recorded them.
+_BAND_FALLBACK = ("early = the first 20% of layers, late = the last 20%, bulk = the middle 60% "
+                  "(0.2·n_layers ≤ layer < 0.8·n_layers)")
+
+
 def _window_mae(entry: dict, unit: str, band: str | None = None) -> str:
+    """A held-out MAE with its cluster-bootstrap CI and n (``band``: the layers of one band)."""
+    suffix = f"_{band}" if band else ""
+    value, ci = entry.get(f"mae_{unit}{suffix}"), entry.get(f"mae_{unit}{suffix}_ci95") or [None, None]
     if band is not None:
-        value = entry.get(f"mae_{unit}_{band}")
-        return "missing" if value is None else f"{value:.3f} (n = {entry.get(f'n_pairs_{band}')} pairs)"
-    value, ci = entry.get(f"mae_{unit}"), entry.get(f"mae_{unit}_ci95", [None, None])
+        if value is None:
+            return f"missing (no held-out pair in the {band} layers)"
+        lo, hi = ci
+        ci_text = f"95% CI {lo:.3f}–{hi:.3f}, cluster bootstrap over neurons" if _finite(lo) and _finite(hi) \
+            else "CI missing"
+        neurons = entry.get(f"n_neurons_{band}")
+        return (f"{value:.3f} ({ci_text}; n = {entry.get(f'n_pairs_{band}')} neuron × sign pairs"
+                + (f" of {neurons} neurons" if neurons is not None else "") + ")")
     if value is None:
         return "missing (no held-out neuron)"
     lo, hi = ci
     ci_text = f"95% CI {lo:.3f}–{hi:.3f}" if _finite(lo) and _finite(hi) else "CI missing"
-    return (f"{value:.3f} ({ci_text}, cluster bootstrap over neurons; n = {entry['n_pairs']} neuron × sign "
-            f"pairs of {entry['n_neurons']} neurons, {entry['n_measured_ceiling_censored_at_grid_edge']} "
-            f"ceilings censored at the grid edge, {entry['n_prediction_missing_counted_as_grid_span']} "
-            "missing predictions counted as the grid span)")
+    return (f"{value:.3f} ({ci_text}, cluster bootstrap over neurons; n = {entry['n_pairs']} "
+            f"neuron × sign pairs of {entry['n_neurons']} neurons, "
+            f"{entry['n_measured_ceiling_censored_at_grid_edge']} ceilings censored at the grid edge, "
+            f"{entry['n_prediction_missing_counted_as_grid_span']} missing predictions counted as the grid span)")
+
 
 def _window_rho(entry: dict) -> str:
-    r, ci = entry.get("spearman_rho_predicted_vs_measured"), entry.get("spearman_rho_ci95", [None, None])
-    return "missing" if not _finite(r) else f"{r:.2f} (95% CI {_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})"
+    """Spearman ρ of predicted vs measured ceilings with its CI, resampling unit and n."""
+    r, ci = entry.get("spearman_rho_predicted_vs_measured"), entry.get("spearman_rho_ci95") or [None, None]
+    if not _finite(r):
+        return "missing"
+    pairs, neurons = entry.get("spearman_n_pairs"), entry.get("spearman_n_neurons")
+    unit = ("cluster bootstrap over neurons" if entry.get("spearman_resampling_unit", "").startswith("neuron")
+            else "bootstrap over neuron × sign pairs")
+    n_text = f"; n = {pairs} neuron × sign pairs of {neurons} neurons" if pairs is not None else ""
+    return f"{r:.2f} (95% CI {_f(ci[0], '.2f')}–{_f(ci[1], '.2f')}, {unit}{n_text})"
+
+
+def _band_text(summary: dict) -> str:
+    """The bulk band as the summary defines it, with its layers where recorded."""
+    bands = summary.get("layer_bands") or {}
+    text = bands.get("definition") or summary.get("predictor_alignment", {}).get("band_definition") or _BAND_FALLBACK
+    if bands.get("bulk"):
+        text += f"; bulk = layers {bands['bulk'][0]}–{bands['bulk'][-1]} of {bands['n_layers']}"
+    return text
 
 
 def _baseline_text(baseline: dict) -> str:
@@ -556,8 +587,9 @@ def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
          "this study": _baseline_text(summary.get("baseline_unintervened") or {}), "published": "—"},
         {"figure": "ceiling MAE, alignment units, predictor (a) c* (reconstruction)", "this study":
             mae(a, "alignment"), "published": PUBLISHED["window_mae"]},
-        {"figure": "ceiling MAE, alignment units, predictor (a), bulk layers (reconstruction)", "this study":
-            mae(a, "alignment", "bulk"), "published": PUBLISHED["window_mae_bulk"]},
+        {"figure": f"ceiling MAE, alignment units, predictor (a), bulk layers ({_band_text(summary)}; "
+                   "reconstruction)", "this study": mae(a, "alignment", "bulk"),
+         "published": PUBLISHED["window_mae_bulk"]},
         {"figure": "ceiling MAE, alignment units, constant baseline (training mean ceiling)",
          "this study": mae(const, "alignment") if const else "missing", "published": "—"},
         {"figure": "ceiling MAE, alignment units, raw-dose baseline", "this study":
@@ -570,6 +602,8 @@ def _window_rows(summary: dict, n: int, verdict_text: str) -> list[dict]:
             _f(a.get("skill_vs_constant_alignment"), ".2f"), "published": "—"},
         {"figure": "Spearman ρ, predicted vs measured ceiling: (a) / (b)", "this study": f"{rho(a)} / {rho(k)}",
          "published": "—"},
+        {"figure": "Spearman ρ, predicted vs measured ceiling: constant / raw-dose baseline", "this study":
+            f"{rho(const)} / {rho(raw)}", "published": "—"},
         {"figure": "verdicts (predicted ceiling: reconstruction)", "this study": verdict_text,
          "published": PUBLISHED["window_verdicts"]},
         {"figure": "verdicts on neurons with a trigger", "this study":
@@ -610,6 +644,88 @@ def _sensitivity_rows(sensitivity: dict) -> list[dict]:
     return rows
 
 
+def _mae_headline(key: str, label: str, entry: dict, unit: str, link: str, published: str = "",
+                  band: str | None = None) -> Headline:
+    """A held-out ceiling MAE: value, cluster-bootstrap CI over neurons and n neurons."""
+    suffix = f"_{band}" if band else ""
+    ci = entry.get(f"mae_{unit}{suffix}_ci95") or [None, None]
+    n = entry.get(f"n_neurons{suffix}")
+    text = _window_mae(entry, unit, band) if entry else "missing"
+    return Headline(key, label, text, entry.get(f"mae_{unit}{suffix}"), _ci(*ci), published, link, n=n,
+                    unit="held-out neurons", test="cluster bootstrap over neurons (both dose signs of a neuron "
+                    "resampled together), percentile 95% CI")
+
+
+def _window_headlines(summary: dict, verdict_text: str, pivots: list, link: str) -> list[Headline]:
+    """The window's headline rows (the report's summary and ``neuronaudit headlines``): each with
+    its CI, its test, its n and its units."""
+    v, a, k = summary["verdicts"], summary["predictor_alignment"], summary.get("predictor_kl", {})
+    const, raw = summary.get("predictor_constant", {}), summary.get("predictor_raw_dose", {})
+    n = v["n_heldout_neurons"]
+    verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
+    heads = [
+        Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link, n=n,
+                 unit="neurons"),
+        _mae_headline("window.ceiling_mae_alignment",
+                      "ceiling MAE on held-out neurons (alignment cosθ, predictor a; reconstruction)", a,
+                      "alignment", link, PUBLISHED["window_mae"]),
+        _mae_headline("window.ceiling_mae_alignment_bulk",
+                      f"ceiling MAE, bulk layers (alignment cosθ, predictor a; reconstruction; {_band_text(summary)})",
+                      a, "alignment", link, PUBLISHED["window_mae_bulk"], band="bulk"),
+        _mae_headline("window.ceiling_mae_x", "ceiling MAE in budget units |x| = |d| / B (predictor a; "
+                      "reconstruction)", a, "x", link),
+        _mae_headline("window.ceiling_mae_alignment_kl", "ceiling MAE of predictor b, the single-pass KL threshold "
+                      "(alignment cosθ; reconstruction)", k, "alignment", link),
+        _mae_headline("window.ceiling_mae_alignment_constant",
+                      "ceiling MAE of the constant baseline (training mean ceiling), alignment cosθ", const,
+                      "alignment", link),
+        _mae_headline("window.ceiling_mae_alignment_raw_dose", "ceiling MAE of the raw-dose baseline (training "
+                      "median ceiling dose / each neuron's budget), alignment cosθ", raw, "alignment", link),
+    ]
+    rho_ci = a.get("spearman_rho_ci95") or [None, None]
+    heads.append(Headline(
+        "window.ceiling_spearman_alignment", "Spearman ρ, predicted (a) vs measured ceilings on held-out neurons "
+        "(budget units |x|, predictions cut at the grid edge)", _window_rho(a),
+        a.get("spearman_rho_predicted_vs_measured"), _ci(*rho_ci), "", link,
+        n=a.get("spearman_n_neurons"), unit="held-out neurons",
+        test=("cluster bootstrap over neurons (both dose signs together), percentile 95% CI"
+              if str(a.get("spearman_resampling_unit", "")).startswith("neuron")
+              else "bootstrap over neuron × sign pairs, percentile 95% CI")))
+    heads.append(Headline(
+        "window.verdict_accuracy", "open/closed verdicts on held-out neurons",
+        verdict_text + (f"; accuracy {v['correct'] / n:.1%} "
+                        f"(Wilson 95% CI {verdict_ci[0]:.1%}–{verdict_ci[1]:.1%}; n = {n} neurons)" if n else ""),
+        v["correct"] / n if n else None, _ci(*verdict_ci) if n else None, PUBLISHED["window_verdicts"], link,
+        n=n, unit="neurons", test="Wilson score interval; exact McNemar test against the training majority"))
+    nt = v.get("n_with_trigger")
+    if nt is not None:
+        t_ci = wilson_interval(v["correct_with_trigger"], nt) if nt else (None, None)
+        majority = v.get("majority_class_from_training", v.get("majority_class"))
+        discordant = (f"; discordant {v['only_predictor_right_with_trigger']} vs "
+                      f"{v['only_majority_right_with_trigger']}" if "only_predictor_right_with_trigger" in v else "")
+        text = (f"{v.get('correct_with_trigger')}/{nt} correct vs always '{majority}' (training majority) "
+                f"{v.get('majority_correct_with_trigger')}/{nt}{discordant}, exact McNemar p = "
+                f"{_f(v.get('mcnemar_exact_p_value_with_trigger'), '.3g')}"
+                + (f"; accuracy {v['correct_with_trigger'] / nt:.1%} (Wilson 95% CI {t_ci[0]:.1%}–{t_ci[1]:.1%}; "
+                   f"n = {nt} neurons)" if nt else " (no held-out neuron has a trigger)"))
+        heads.append(Headline(
+            "window.verdict_accuracy_with_trigger", "open/closed verdicts on held-out neurons with a trigger in "
+            "the grid (without one a neuron is closed under both)", text,
+            v["correct_with_trigger"] / nt if nt else None, _ci(*t_ci) if nt else None, "", link, n=nt,
+            unit="held-out neurons with a trigger",
+            test="Wilson score interval; exact McNemar test against the training majority"))
+    if pivots:
+        reach = sum(p["reach"] == "actionable" for p in pivots)
+        lo, hi = wilson_interval(reach, len(pivots))
+        heads.append(Headline("window.pivots_actionable",
+                              "refusal pivot neurons with actionable reach (≥ 50% of rollouts actionable)",
+                              f"{reach} of {len(pivots)} neurons = {reach / len(pivots):.0%} (Wilson 95% CI "
+                              f"{lo:.0%}–{hi:.0%}; n = {len(pivots)} refusal neurons open in either sign)",
+                              reach / len(pivots), (lo, hi), PUBLISHED["window_pivots"], link, n=len(pivots),
+                              unit="refusal pivot neurons", test="Wilson score interval"))
+    return heads
+
+
 def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, list[Headline]]:
     folder = study_dir / "window"
     if not (folder / "summary.json").is_file():
@@ -619,13 +735,11 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
     single = pq.read_table(folder / "single_pass.parquet").to_pandas()
     horizon = max(summary["grid"]["horizons"])
     geometry = window[["layer", "neuron", "c0"]].drop_duplicates(["layer", "neuron"])
-    v, a = summary["verdicts"], summary["predictor_alignment"]
-    const = summary.get("predictor_constant", {})
+    v = summary["verdicts"]
     link = _rel(folder / "summary.json", report_dir)
     trigger_columns = ([c for c in ("final_horizon", "trigger_x") if c in window.columns]
                        or [f"trigger_x_{horizon}"])  # tables written before triggers had one horizon each
     n = v["n_heldout_neurons"]
-    verdict_ci = wilson_interval(v["correct"], n) if n else (None, None)
     majority = v.get("majority_class_from_training", v.get("majority_class"))
     verdict_text = (f"{v['correct']}/{n} correct vs always '{majority}' (training majority) "
                     f"{v['majority_correct']}/{n}; discordant {v.get('only_predictor_right')} vs "
@@ -662,43 +776,15 @@ def window_section(study_dir: Path, report_dir: Path) -> tuple[Section | None, l
              "the smallest |x| at which at least half the prompts flip and the Wilson lower bound of that share "
              "exceeds the unintervened share; a collapsed rollout never counts as a flip. "
              "Failure-mode rules for closed neurons: neither trigger nor collapse within the grid; normalisation "
-             "cap if the readout alignment (after the final norm) never exceeds 0.9 over the single-pass grid; "
-             "too little depth if a late-layer (last 20%) neuron's readout alignment never reaches the median "
-             "readout alignment at which open training neurons triggered; otherwise collapse before trigger. "
+             "cap if the readout alignment |cosθ| between the write vector and the final norm's output (after "
+             "the final norm, at the last prompt token, mean over the generic prompts) never exceeds 0.9 over the "
+             "single-pass grid; too little depth if a late-layer (last 20%) neuron's readout alignment never "
+             "reaches the median readout alignment at which open training neurons triggered; otherwise collapse "
+             "before trigger. "
              "Predicted ceilings use only the weights and one generic forward pass; nothing fitted sees a "
              "held-out neuron, and the majority verdict is taken from the training neurons. "
              + RECONSTRUCTION[0].upper() + RECONSTRUCTION[1:] + "." + study_judge_text(study_dir))
-    ci = a.get("mae_alignment_ci95") or [None, None]
-    heads = [
-        Headline("window.n_heldout", "held-out neurons", str(n), n, None, PUBLISHED["window_n"], link, n=n,
-                 unit="neurons"),
-        Headline("window.ceiling_mae_alignment",
-                 "ceiling MAE on held-out neurons (alignment cosθ, predictor a; reconstruction)",
-                 _window_mae(a, "alignment"), a.get("mae_alignment"), _ci(*ci), PUBLISHED["window_mae"], link,
-                 n=a.get("n_neurons"), unit="neurons", test="cluster bootstrap over neurons"),
-        Headline("window.ceiling_mae_alignment_constant",
-                 "ceiling MAE of the constant baseline (training mean ceiling), alignment cosθ",
-                 _window_mae(const, "alignment") if const else "missing", const.get("mae_alignment"),
-                 _ci(*(const.get("mae_alignment_ci95") or [None, None])), None, link, n=const.get("n_neurons"),
-                 unit="neurons", test="cluster bootstrap over neurons"),
-    ]
-    if _finite(a.get("mae_alignment_bulk")):
-        heads.append(Headline("window.ceiling_mae_alignment_bulk",
-                              "ceiling MAE, bulk layers (alignment cosθ, predictor a)",
-                              f"{a['mae_alignment_bulk']:.3f}", a["mae_alignment_bulk"], None,
-                              PUBLISHED["window_mae_bulk"], link))
-    heads.append(Headline(
-        "window.verdict_accuracy", "open/closed verdicts on held-out neurons",
-        verdict_text + (f"; accuracy {v['correct'] / n:.1%} "
-                        f"(Wilson 95% CI {verdict_ci[0]:.1%}–{verdict_ci[1]:.1%})" if n else ""),
-        v["correct"] / n if n else None, _ci(*verdict_ci) if n else None, PUBLISHED["window_verdicts"], link,
-        n=n, unit="neurons", test="Wilson score interval; exact McNemar test against the training majority"))
-    if pivots:
-        reach = sum(p["reach"] == "actionable" for p in pivots)
-        heads.append(Headline("window.pivots_actionable",
-                              "refusal pivot neurons with actionable reach (≥ 50% of rollouts actionable)",
-                              f"{reach} of {len(pivots)} neurons", reach / len(pivots), None,
-                              PUBLISHED["window_pivots"], link))
+    heads = _window_headlines(summary, verdict_text, pivots, link)
     return Section("window", STAGE_TITLES["window"], intro, items), heads
 
 

@@ -12,7 +12,8 @@ generated_dose_sweep`: the clean prefix is computed once and shared by all rows)
 * coherence: the judge's collapse rule (repetition, perplexity under the unsteered model,
   entropy); the measured ceiling is the smallest ``|x|`` collapsing ≥50% of prompts;
 * trigger: the smallest ``|x|`` at which the oracle flips ≥50% of prompts at the behaviour's
-  horizon τ and the Wilson lower bound of that share exceeds the unintervened (x = 0) share; a
+  horizon τ and the Wilson lower bound of that share exceeds the unintervened (x = 0) share (its
+  bootstrap over prompts resamples the same rule, the x = 0 share recomputed per resample); a
   collapsed rollout never flips — refusal: a harmful prompt no longer refused (coherent bypass or
   actionable); operator: the answer becomes the product on an addition prompt; format: a prose
   request answered as a list; regex / exact: a user's pattern or answer appears; logit_pair: the
@@ -30,6 +31,9 @@ generated_dose_sweep`: the clean prefix is computed once and shared by all rows)
   point. The summary counts the rollouts (``n_rollouts``, ``n_rollouts_full_grid``); the window
   table records the visited points of each (neuron, sign) and how many grid points below its
   ceiling and trigger were not rolled out (:mod:`neuronaudit.methods.dose_search`);
+* rerun from recorded sweeps (``neuronaudit window ... --sweeps-from <window/sweeps.parquet>``): a
+  finished window's rollouts are read back (same candidates, prompts, grid, horizons and search, or
+  a one-line error) and everything after them (single pass, tables, summary) is computed again;
 * threshold sensitivity: the stored rollouts re-typed with the judge's collapse thresholds
   ×0.75 and ×1.25, and how many ceilings, triggers and verdicts move
   (:func:`neuronaudit.methods.window.ceiling_threshold_sensitivity`; summary key
@@ -216,6 +220,56 @@ def _read_sweep_shards(paths, behaviours: Mapping, neurons: pd.DataFrame, shard_
     return frames, searched
 
 
+def _recorded_search(rows: pd.DataFrame, n_candidates: int, n_grid: int, search: str) -> dict:
+    """A behaviour's search record (:func:`search_record` form) counted from its recorded sweep rows,
+    where the recording kept none: rollouts done and on the full grid; rounds and time unknown."""
+    first = rows[rows["horizon"] == rows["horizon"].min()]
+    n_prompts = int(first["prompt_id"].nunique())
+    done = int(len(first))
+    full = (1 + 2 * n_grid * n_candidates) * n_prompts
+    return {"search": search, "n_rollouts": done, "n_rollouts_full_grid": full,
+            "rollout_ratio": done / full if full else None, "n_rounds": None, "rows_per_round": None,
+            "seconds": None, "visited_grid_indices": None,
+            "note": "counted from the recorded sweep table (its recording kept no search record)"}
+
+
+def _read_recorded_sweeps(path, behaviours: Mapping, neurons: pd.DataFrame, swept: Mapping, o: WindowOptions):
+    """A finished window's sweep table (``window/sweeps.parquet``) read back instead of rolled out:
+    every behaviour's rows, each swept over the candidates this run picks, on its prompts, with this
+    run's dose grid, horizons and search; the search records from the table's provenance, else from
+    the ``summary.json`` beside it, else counted from the rows."""
+    meta = read_provenance(path)
+    sweeps = read_table(path, "recorded sweep table")
+    where = f"recorded sweep table {str(path)!r}"
+    settings = {"x_grid": (float, list(o.x_grid)), "horizons": (int, list(o.horizons)), "search": (str, o.search)}
+    for name, (kind, mine) in settings.items():
+        theirs = meta.get(name)
+        same = theirs == mine if kind is str else [kind(t) for t in theirs or []] == [kind(m) for m in mine]
+        if theirs is not None and not same:
+            raise NeuronAuditError(f"{where} was swept with window.{name} {theirs!r}, this run has {mine!r}")
+    records = meta.get("search_records") or {}
+    summary_path = Path(path).with_name("summary.json")
+    if not records and summary_path.is_file():
+        records = (json.loads(summary_path.read_text()).get("dose_search") or {}).get("by_behaviour") or {}
+    frames, searched = [], {}
+    for b in behaviours:
+        rows = sweeps[sweeps["behaviour"] == b]
+        own = neurons[neurons["behaviour"] == b]
+        if rows.empty:
+            raise NeuronAuditError(f"{where} has no rows of behaviour {b!r}")
+        dosed = rows[rows["kind"] != "baseline"]
+        recorded = set(zip(dosed["layer"].astype(int), dosed["neuron"].astype(int)))
+        picked = set(zip(own["layer"].astype(int), own["neuron"].astype(int)))
+        if recorded != picked:
+            raise NeuronAuditError(f"{where} swept other candidates than this run picks for {b!r} "
+                                   f"({len(recorded ^ picked)} differ): roll the sweeps out again")
+        if set(rows["prompt_id"]) != set(swept[b]["prompt_id"]):
+            raise NeuronAuditError(f"{where} swept other prompts than this run's {len(swept[b])} for {b!r}")
+        frames.append(rows.reset_index(drop=True))
+        searched[b] = records.get(b) or _recorded_search(rows, len(own), len({float(x) for x in o.x_grid}), o.search)
+    return frames, searched
+
+
 def run_window(
     manifest_path: str | Path,
     screen_scores: Mapping[str, str | Path],
@@ -229,16 +283,26 @@ def run_window(
     options: WindowOptions,
     threads: int | None = None,
     sweep_shards: list[str | Path] | None = None,
+    sweeps_from: str | Path | None = None,
 ) -> dict:
     """The whole control-window audit; writes sweeps, single-pass, window tables and summary.
     With ``sweep_shards`` (the tables of :func:`run_window_sweep` jobs) the sweeps are read and
-    merged instead of rolled out here."""
+    merged instead of rolled out here; with ``sweeps_from`` (a finished window's
+    ``sweeps.parquet``, which may be ``out_sweeps`` itself) they are read back
+    (:func:`_read_recorded_sweeps`): everything after the rollouts (the single pass, the tables, the
+    summary) is computed again without rolling a dose out."""
+    if sweep_shards and sweeps_from:
+        raise NeuronAuditError("window: give sweep shards or a recorded sweep table (--sweeps-from), not both")
+    if sweeps_from is not None and not Path(sweeps_from).is_file():
+        raise NeuronAuditError(f"recorded sweep table {str(sweeps_from)!r} not found")
     setup = _setup(manifest_path, screen_scores, behaviour_prompts, generic_table, behaviours, options, threads,
                    list(behaviours))
     o, opened = setup.options, setup.opened
     model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
     neurons, geometry, swept, generic = setup.neurons, setup.geometry, setup.swept, setup.generic
-    if sweep_shards:
+    if sweeps_from is not None:
+        frames, searched = _read_recorded_sweeps(sweeps_from, behaviours, neurons, swept, o)
+    elif sweep_shards:
         frames, searched = _read_sweep_shards(sweep_shards, behaviours, neurons, o.shard_size)
     else:
         frames, searched = [], {}
@@ -251,13 +315,15 @@ def run_window(
     single = single_pass_sweep(model, adapter, enc, neurons, geometry, o.single_pass_grid)
     table, fitted = window_table(sweeps, single, neurons, geometry, o.horizons, adapter.n_layers, o.n_heldout,
                                  o.seed, n_boot=o.n_boot, x_grid=o.x_grid)
-    summary = heldout_summary(table, fitted, o.n_boot, o.seed)
+    summary = heldout_summary(table, fitted, o.n_boot, o.seed, n_layers=adapter.n_layers)
     summary["refusal_pivots"] = refusal_pivots(sweeps, table)
     # how the measured ceilings and verdicts move with the collapse thresholds x0.75 / x1.25
     summary["ceiling_threshold_sensitivity"] = ceiling_threshold_sensitivity(
         sweeps, RuleThresholds.from_dict(o.judge.thresholds), behaviours, swept, x_grid=o.x_grid)
     summary["n_neurons"] = int(len(neurons))
     summary.update(search_summary(o.search, searched, table))
+    summary["sweeps_source"] = ("recorded sweep table (not rolled out again)" if sweeps_from is not None
+                                else "sweep shards" if sweep_shards else "rolled out by this job")
     summary["seeds"] = {"split": o.seed, "bootstrap": o.seed, "random_controls": o.seed}
     summary["grid"] = {"x": list(o.x_grid), "single_pass_x": list(o.single_pass_grid),
                        "horizons": sorted({h for s in behaviours.values() for h in behaviour_horizons(s, o)}),
@@ -267,7 +333,8 @@ def run_window(
                       dtype=opened.dtype, hook_site=opened.manifest.get("hook_site"), seed=o.seed,
                       horizons=list(o.horizons), x_grid=list(o.x_grid), search=o.search,
                       positions=["last_prompt", "generated"],
-                      behaviours=dict(behaviours))
+                      behaviours=dict(behaviours), search_records=searched,
+                      sweeps_from=None if sweeps_from is None else str(sweeps_from))
     write_table(pa.Table.from_pandas(sweeps, preserve_index=False), out_sweeps, prov)
     write_table(pa.Table.from_pandas(single, preserve_index=False), out_single_pass, prov)
     write_table(pa.Table.from_pandas(table, preserve_index=False), out_window, prov)
