@@ -133,7 +133,14 @@ def cmd_keystone(args) -> None:
     _stage("keystone").run_keystone(_named(args.stats, "--stats"), _named(args.last_token, "--last-token"),
                                     _named(args.prompts, "--prompts"), args.manifest, args.out_scores,
                                     args.out_curve, args.out_summary, args.out_stability,
-                                    _options(args, opts.KeystoneOptions), threads=args.threads)
+                                    _options(args, opts.KeystoneOptions), threads=args.threads,
+                                    parts=args.parts or None)
+
+
+def cmd_keystone_part(args) -> None:
+    _stage("keystone").run_keystone_part(_named(args.stats, "--stats"), _named(args.prompts, "--prompts"),
+                                         args.manifest, args.shard, args.out_table,
+                                         _options(args, opts.KeystoneOptions), threads=args.threads)
 
 
 def cmd_window(args) -> None:
@@ -497,8 +504,19 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--stats", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--last-token", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--prompts", nargs="+", required=True, metavar="SET=PATH")
+    p.add_argument("--parts", nargs="*", default=[], metavar="TABLE",
+                   help="tables of keystone-part jobs: their curve rows joined instead of measured here (no model)")
     _outputs(p, "scores", "curve", "stability", "summary")
     p.set_defaults(func=cmd_keystone)
+
+    p = sub.add_parser("keystone-part", help="one job of a sharded keystone ablation curve (keystone.shard_size): "
+                                             "a block of its conditions",
+                       parents=[par["manifest"], par["threads"], par["options"], par["gate"]])
+    p.add_argument("--stats", nargs="+", required=True, metavar="GROUP=PATH")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="SET=PATH")
+    p.add_argument("--shard", type=int, required=True, help="block of keystone.shard_size ablation conditions")
+    _outputs(p, "table")
+    p.set_defaults(func=cmd_keystone_part)
 
     p = sub.add_parser("report", help="build the self-contained HTML audit report from the tables",
                        parents=[par["manifest"]])

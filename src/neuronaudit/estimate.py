@@ -49,7 +49,7 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
     "preconditions": "preconditions",
     "screen": "screen",
     "cna": "cna",
-    "keystone": "keystone",
+    "keystone": "keystone",  # keystone/part.<shard> is keystone_part, keystone/merge merge_keystone
     "window": "window",
     "attribution": "attribution",
     "sufficient": "sufficient",
@@ -63,8 +63,8 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
 #: ``params``: reads, dequantises and hashes the weights, on a CPU; ``none``: no model.
 #: These are also the rules whose jobs the workflow sizes without the prepared model's manifest.
 SCALING = {"prepare_model": "params", "prepare_prompts": "none", "merge_activations": "neurons",
-           "merge_refusal_rollouts": "none", "merge_refusal_evaluation": "none", "screen": "neurons",
-           "report": "neurons"}
+           "merge_refusal_rollouts": "none", "merge_refusal_evaluation": "none",
+           "merge_keystone": "neurons", "screen": "neurons", "report": "neurons"}
 
 #: The rules that ask the scheduler for disk (``disk_mb``) beside memory, time and GPUs.
 DISK_RULES = frozenset({"tune_refusal"})
@@ -219,6 +219,10 @@ def rule_of(stage: str, name: str) -> str:
         rule = "evaluate_refusal_part"  # one model's rollouts of one shard of rollouts.shard_size prompts
     elif stage == "refusal" and re.fullmatch(r"rollouts\.\d+", name):
         rule = "refusal_rollouts"  # one shard of rollouts.shard_size prompts
+    elif stage == "keystone" and re.fullmatch(r"part\.\d+", name):
+        rule = "keystone_part"  # one block of keystone.shard_size ablation conditions
+    elif stage == "keystone" and name == "merge":
+        rule = "merge_keystone"
     elif isinstance(rule, dict):
         rule = rule.get(name)
     elif stage == "collect" and name.endswith(".merge"):

@@ -290,6 +290,8 @@ class KeystoneOptions(StageOptions):
     outlier_multiple: float
     iou_k: list
     n_splits: int
+    #: ablation conditions per keystone_part job (0: the keystone job measures every condition)
+    shard_size: int
     seed: int = key("seed")
 
 
