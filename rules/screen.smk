@@ -8,9 +8,11 @@ results/<study>/cna/{rollouts,fractions,summary}.parquet (circuit scaling vs ran
 CAA at each swept residual layer and strength: refusal, quality, capability; the best CNA and
 CAA rows at matched quality marked) and results/<study>/keystone/{scores,curve,stability}.parquet
 with summary.json.
-With keystone.shard_size > 0, keystone_part jobs each measure a block of that many ablation
-conditions (temporary tables under keystone/shards/), and a merge_keystone job computes the
-scores and stability and writes the same tables and summary.
+With cna.shard_size > 0, cna_part jobs each roll out the held-out prompts under a block of that many
+interventions and measure capability under each (temporary tables under cna/shards/), and a
+merge_cna job writes the same three tables; with keystone.shard_size > 0, keystone_part jobs each
+measure a block of that many ablation conditions (temporary tables under keystone/shards/), and a
+merge_keystone job computes the scores and stability and writes the same tables and summary.
 """
 
 
@@ -44,43 +46,120 @@ rule screen:
         "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
 
 
-rule cna:
-    input:
-        preconditions=preconditions_json(),
-        manifest=audited_manifest(),
-        circuit=screen_table("circuit", config["cna"]["behaviour"]),
-        harmful=prompt_table(behaviour_sets(config["cna"]["behaviour"])[0]),
-        negative=prompt_table(behaviour_sets(config["cna"]["behaviour"])[1]),
-        generic=prompt_table("generic"),
-        knowledge=prompt_table("task_knowledge"),
-        arithmetic=prompt_table("task_arithmetic"),
-    output:
-        rollouts=stage_file("cna", "rollouts.parquet"),
-        fractions=stage_file("cna", "fractions.parquet"),
-        summary=stage_file("cna", "summary.parquet"),
-    params:
-        cli=NEURONAUDIT,
-        options=stage_options("cna"),
-        requires=precondition_scopes("cna"),
-    threads: config["threads"]
-    resources:
-        mem_mb=job_resource("cna", "mem_mb"),
-        runtime=job_resource("cna", "runtime"),
-        gpu=job_resource("cna", "gpu"),
-    conda:
-        "../workflow/envs/neuronaudit.yaml"
-    log:
-        log_file("cna", "cna"),
-    benchmark:
-        benchmark_file("cna", "cna")
-    shell:
-        "{params.cli} cna --manifest {input.manifest:q} --circuit {input.circuit:q} "
-        "--harmful {input.harmful:q} --negative {input.negative:q} --generic {input.generic:q} "
-        "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
-        "--out-rollouts {output.rollouts:q} "
-        "--out-fractions {output.fractions:q} --out-summary {output.summary:q} "
-        "--threads {threads} --options {params.options:q} "
-        "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
+if config["cna"]["shard_size"]:
+
+    rule cna_part:
+        input:
+            preconditions=preconditions_json(),
+            manifest=audited_manifest(),
+            circuit=screen_table("circuit", config["cna"]["behaviour"]),
+            harmful=prompt_table(behaviour_sets(config["cna"]["behaviour"])[0]),
+            negative=prompt_table(behaviour_sets(config["cna"]["behaviour"])[1]),
+            generic=prompt_table("generic"),
+            knowledge=prompt_table("task_knowledge"),
+            arithmetic=prompt_table("task_arithmetic"),
+        output:
+            table=temp(stage_file("cna", "shards/part.{shard}.parquet")),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("cna"),
+            requires=precondition_scopes("cna"),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("cna_part", "mem_mb"),
+            runtime=job_resource("cna_part", "runtime"),
+            gpu=job_resource("cna_part", "gpu"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("cna", "part.{shard}"),
+        benchmark:
+            benchmark_file("cna", "part.{shard}")
+        shell:
+            "{params.cli} cna-part --shard {wildcards.shard} --manifest {input.manifest:q} "
+            "--circuit {input.circuit:q} --harmful {input.harmful:q} --negative {input.negative:q} "
+            "--generic {input.generic:q} "
+            "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
+            "--out-table {output.table:q} --threads {threads} --options {params.options:q} "
+            "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
+
+    rule merge_cna:
+        input:
+            preconditions=preconditions_json(),
+            manifest=audited_manifest(),
+            circuit=screen_table("circuit", config["cna"]["behaviour"]),
+            harmful=prompt_table(behaviour_sets(config["cna"]["behaviour"])[0]),
+            negative=prompt_table(behaviour_sets(config["cna"]["behaviour"])[1]),
+            generic=prompt_table("generic"),
+            knowledge=prompt_table("task_knowledge"),
+            arithmetic=prompt_table("task_arithmetic"),
+            parts=cna_part_tables(),
+        output:
+            rollouts=stage_file("cna", "rollouts.parquet"),
+            fractions=stage_file("cna", "fractions.parquet"),
+            summary=stage_file("cna", "summary.parquet"),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("cna"),
+            requires=precondition_scopes("cna"),
+        resources:
+            mem_mb=job_resource("merge_cna", "mem_mb", manifest=None),
+            runtime=job_resource("merge_cna", "runtime", manifest=None),
+            gpu=job_resource("merge_cna", "gpu", manifest=None),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("cna", "merge"),
+        benchmark:
+            benchmark_file("cna", "merge")
+        shell:
+            "{params.cli} cna --manifest {input.manifest:q} --circuit {input.circuit:q} "
+            "--harmful {input.harmful:q} --negative {input.negative:q} --generic {input.generic:q} "
+            "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
+            "--parts {input.parts:q} --out-rollouts {output.rollouts:q} "
+            "--out-fractions {output.fractions:q} --out-summary {output.summary:q} "
+            "--options {params.options:q} "
+            "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
+
+else:
+
+    rule cna:
+        input:
+            preconditions=preconditions_json(),
+            manifest=audited_manifest(),
+            circuit=screen_table("circuit", config["cna"]["behaviour"]),
+            harmful=prompt_table(behaviour_sets(config["cna"]["behaviour"])[0]),
+            negative=prompt_table(behaviour_sets(config["cna"]["behaviour"])[1]),
+            generic=prompt_table("generic"),
+            knowledge=prompt_table("task_knowledge"),
+            arithmetic=prompt_table("task_arithmetic"),
+        output:
+            rollouts=stage_file("cna", "rollouts.parquet"),
+            fractions=stage_file("cna", "fractions.parquet"),
+            summary=stage_file("cna", "summary.parquet"),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("cna"),
+            requires=precondition_scopes("cna"),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("cna", "mem_mb"),
+            runtime=job_resource("cna", "runtime"),
+            gpu=job_resource("cna", "gpu"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("cna", "cna"),
+        benchmark:
+            benchmark_file("cna", "cna")
+        shell:
+            "{params.cli} cna --manifest {input.manifest:q} --circuit {input.circuit:q} "
+            "--harmful {input.harmful:q} --negative {input.negative:q} --generic {input.generic:q} "
+            "--tasks task_knowledge={input.knowledge:q} task_arithmetic={input.arithmetic:q} "
+            "--out-rollouts {output.rollouts:q} "
+            "--out-fractions {output.fractions:q} --out-summary {output.summary:q} "
+            "--threads {threads} --options {params.options:q} "
+            "--preconditions {input.preconditions:q} --requires {params.requires:q} > {log:q} 2>&1"
 
 
 if config["keystone"]["shard_size"]:

@@ -1,6 +1,7 @@
 """Collection split into shards of prompts, and the shards joined into the tables one job writes;
-the counts of the control window's sweep jobs (:func:`sweep_shard_count`) and of the keystone
-stage's part jobs (:func:`keystone_shard_count`), which the workflow reads from the config alone.
+the counts of the control window's sweep jobs (:func:`sweep_shard_count`), of the CNA stage's
+part jobs (:func:`cna_shard_count`) and of the keystone stage's (:func:`keystone_shard_count`),
+which the workflow reads from the config alone.
 
 ``collect.shard_size: n`` makes collection one job per ``n`` prompts of a set (shard ``k`` takes
 rows ``k·n … (k+1)·n − 1`` of the set's collected split, in table order); :func:`merge_stats`
@@ -41,6 +42,23 @@ def sweep_shard_count(n_candidates: int, n_random: int, n_behaviours: int, shard
         return 0
     most = n_candidates + math.ceil(n_random / max(n_behaviours, 1))
     return max(1, math.ceil(most / shard_size))
+
+
+def cna_shard_count(factors: Sequence[float], caa_layers: Sequence[float], caa_alphas: Sequence[float],
+                    shard_size: int) -> int:
+    """cna_part jobs of ``cna.shard_size`` interventions each (0: none, the cna job measures every
+    intervention): enough for the most interventions the settings can make (none; the circuit,
+    each sign half of it and the random circuit at every factor; CAA at every entry of
+    ``caa_layers`` and non-zero α). Whether the circuit has both signs is known once the screen has
+    run, and two entries of ``caa_layers`` may name one layer of the model, so this is an upper
+    bound: the jobs past the last intervention write empty tables."""
+    if shard_size < 0 or isinstance(shard_size, bool):
+        raise NeuronAuditError(f"cna.shard_size {shard_size!r} must be 0 (one job) or a positive number of "
+                               f"interventions per job")
+    if shard_size == 0:
+        return 0
+    most = 1 + 4 * len(factors) + len(caa_layers) * sum(1 for a in caa_alphas if float(a) != 0.0)
+    return math.ceil(most / shard_size)
 
 
 def k_values(k_max: int) -> list[int]:
