@@ -16,7 +16,7 @@ from snakemake.utils import validate
 from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import collect_shard_count, evaluation_shard_count, model_source, rollout_shard_count
-from neuronaudit.shards import sweep_shard_count
+from neuronaudit.shards import cna_shard_count, keystone_shard_count, sweep_shard_count
 from neuronaudit.config import precheck_config, transfer_source, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
@@ -140,6 +140,23 @@ def window_sweep_tables():
     w = config["window"]
     n = sweep_shard_count(w["n_candidates"], w["n_random"], len(config["behaviours"]), w["shard_size"])
     return [f"{RESULTS}/window/shards/{b}.{k}.parquet" for b in config["behaviours"] for k in range(n)]
+
+
+def cna_part_tables():
+    """The cna_part jobs' tables (cna.shard_size > 0), in part order; their count, read from the
+    config, is an upper bound on the interventions' blocks (parts past the last one are empty)."""
+    c = config["cna"]
+    n = cna_shard_count(c["factors"], c["caa_layers"], c["caa_alphas"], c["shard_size"])
+    return [stage_file("cna", f"shards/part.{k}.parquet") for k in range(n)]
+
+
+def keystone_part_tables():
+    """The keystone_part jobs' tables (keystone.shard_size > 0), in part order; their count, read
+    from the config, is an upper bound on the blocks of ablation conditions (parts past the last one
+    are empty)."""
+    k = config["keystone"]
+    n = keystone_shard_count(k["k_max"], k["n_random"], k["shard_size"])
+    return [stage_file("keystone", f"shards/part.{p}.parquet") for p in range(n)]
 
 
 def preconditions_json():

@@ -124,16 +124,33 @@ def cmd_screen(args) -> None:
 
 
 def cmd_cna(args) -> None:
-    _stage("cna").run_cna(args.manifest, args.circuit, args.harmful, args.negative, args.generic,
-                          _named(args.tasks, "--tasks"), args.out_rollouts, args.out_fractions, args.out_summary,
+    inputs = (args.manifest, args.circuit, args.harmful, args.negative, args.generic, _named(args.tasks, "--tasks"))
+    if args.parts:
+        _stage("cna").run_merge_cna(*inputs, args.parts, args.out_rollouts, args.out_fractions, args.out_summary,
+                                    _options(args, opts.CnaOptions))
+        return
+    _stage("cna").run_cna(*inputs, args.out_rollouts, args.out_fractions, args.out_summary,
                           _options(args, opts.CnaOptions), threads=args.threads)
+
+
+def cmd_cna_part(args) -> None:
+    _stage("cna").run_cna_part(args.manifest, args.circuit, args.harmful, args.negative, args.generic,
+                               _named(args.tasks, "--tasks"), args.shard, args.out_table,
+                               _options(args, opts.CnaOptions), threads=args.threads)
 
 
 def cmd_keystone(args) -> None:
     _stage("keystone").run_keystone(_named(args.stats, "--stats"), _named(args.last_token, "--last-token"),
                                     _named(args.prompts, "--prompts"), args.manifest, args.out_scores,
                                     args.out_curve, args.out_summary, args.out_stability,
-                                    _options(args, opts.KeystoneOptions), threads=args.threads)
+                                    _options(args, opts.KeystoneOptions), threads=args.threads,
+                                    parts=args.parts or None)
+
+
+def cmd_keystone_part(args) -> None:
+    _stage("keystone").run_keystone_part(_named(args.stats, "--stats"), _named(args.prompts, "--prompts"),
+                                         args.manifest, args.shard, args.out_table,
+                                         _options(args, opts.KeystoneOptions), threads=args.threads)
 
 
 def cmd_window(args) -> None:
@@ -351,6 +368,7 @@ _SIMPLE_INPUTS = {
     "evaluate-refusal-part": ["--base-manifest", "--harmful", "--harmless", "--generic"],
     "screen": ["--behaviour", "--pos-last-token", "--neg-last-token", "--pos-prompts", "--neg-prompts"],
     "cna": ["--circuit", "--harmful", "--negative", "--generic"],
+    "cna-part": ["--circuit", "--harmful", "--negative", "--generic"],
     "window": ["--generic"],
     "window-sweep": ["--generic", "--behaviour"],
     "attribution": ["--window", "--sweeps"],
@@ -363,7 +381,11 @@ _STYLED = dict(nargs="*", default=[], metavar="KIND=TABLE",
 #: The inputs of a stage subcommand that take several paths.
 _LIST_INPUTS = {
     "screen": [("--diverse", dict(nargs="*", default=[], help="last-token tables of diverse prompt sets"))],
-    "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH"))],
+    "cna": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH")),
+            ("--parts", dict(nargs="*", default=[], metavar="TABLE",
+                             help="tables of cna-part jobs: joined instead of measuring here (no model)"))],
+    "cna-part": [("--tasks", dict(nargs="+", required=True, metavar="GROUP=PATH")),
+                 ("--shard", dict(type=int, required=True, help="block of cna.shard_size interventions"))],
     "preconditions": [("--prompts", dict(nargs="+", required=True, metavar="SET=TABLE"))],
     "window": [("--sweep-shards", dict(nargs="*", default=[], metavar="TABLE",
                                        help="tables of window-sweep jobs: merged instead of sweeping here")),
@@ -428,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cna": ("CNA circuit scaling vs random circuit and CAA baseline",
                 ["manifest", "threads", "options", "gate"],
                 ["rollouts", "fractions", "summary"], cmd_cna),
+        "cna-part": ("one job of a sharded CNA run (cna.shard_size): a block of interventions' rollouts and "
+                     "capability", ["manifest", "threads", "options", "gate"], ["table"], cmd_cna_part),
         "window": ("control-window dose sweeps, ceilings, triggers and verdicts",
                    ["manifest", "threads", "options", "behaviours", "gate"],
                    ["sweeps", "single-pass", "window", "summary"], cmd_window),
@@ -501,8 +525,19 @@ def _other_subcommands(sub, par) -> None:
     p.add_argument("--stats", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--last-token", nargs="+", required=True, metavar="GROUP=PATH")
     p.add_argument("--prompts", nargs="+", required=True, metavar="SET=PATH")
+    p.add_argument("--parts", nargs="*", default=[], metavar="TABLE",
+                   help="tables of keystone-part jobs: their curve rows joined instead of measured here (no model)")
     _outputs(p, "scores", "curve", "stability", "summary")
     p.set_defaults(func=cmd_keystone)
+
+    p = sub.add_parser("keystone-part", help="one job of a sharded keystone ablation curve (keystone.shard_size): "
+                                             "a block of its conditions",
+                       parents=[par["manifest"], par["threads"], par["options"], par["gate"]])
+    p.add_argument("--stats", nargs="+", required=True, metavar="GROUP=PATH")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="SET=PATH")
+    p.add_argument("--shard", type=int, required=True, help="block of keystone.shard_size ablation conditions")
+    _outputs(p, "table")
+    p.set_defaults(func=cmd_keystone_part)
 
     p = sub.add_parser("report", help="build the self-contained HTML audit report from the tables",
                        parents=[par["manifest"]])

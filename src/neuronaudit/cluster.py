@@ -54,7 +54,11 @@ RULE_COSTS: dict[str, RuleCost] = {
     "preconditions": RuleCost(None, 2500, 5, 10),
     "screen": RuleCost(None, 2000, 0, 10, model=False),
     "cna": RuleCost(None, 2500, 30, 20),
+    "cna_part": RuleCost(None, 2500, 10, 10),  # one block of cna.shard_size interventions
+    "merge_cna": RuleCost(None, 2000, 0, 10, model=False),  # joins the parts' rollouts and capability
     "keystone": RuleCost(None, 2500, 20, 15),
+    "keystone_part": RuleCost(None, 2500, 8, 10),  # one block of keystone.shard_size ablation conditions
+    "merge_keystone": RuleCost(None, 3000, 0, 10, model=False),  # scores and stability (every group's tables)
     "window": RuleCost(None, 3000, 60, 30),
     "window_sweep": RuleCost(None, 3000, 50, 20),  # one behaviour's block of candidates (window.shard_size)
     "attribution": RuleCost(None, 3000, 20, 15),

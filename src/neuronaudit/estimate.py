@@ -48,8 +48,8 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
     # refusal/rollouts.<shard> is refusal_rollouts, refusal/rollouts.merge merge_refusal_rollouts
     "preconditions": "preconditions",
     "screen": "screen",
-    "cna": "cna",
-    "keystone": "keystone",
+    "cna": "cna",  # cna/part.<shard> is cna_part, cna/merge merge_cna
+    "keystone": "keystone",  # keystone/part.<shard> is keystone_part, keystone/merge merge_keystone
     "window": "window",
     "attribution": "attribution",
     "sufficient": "sufficient",
@@ -63,8 +63,8 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
 #: ``params``: reads, dequantises and hashes the weights, on a CPU; ``none``: no model.
 #: These are also the rules whose jobs the workflow sizes without the prepared model's manifest.
 SCALING = {"prepare_model": "params", "prepare_prompts": "none", "merge_activations": "neurons",
-           "merge_refusal_rollouts": "none", "merge_refusal_evaluation": "none", "screen": "neurons",
-           "report": "neurons"}
+           "merge_refusal_rollouts": "none", "merge_refusal_evaluation": "none", "merge_cna": "none",
+           "merge_keystone": "neurons", "screen": "neurons", "report": "neurons"}
 
 #: The rules that ask the scheduler for disk (``disk_mb``) beside memory, time and GPUs.
 DISK_RULES = frozenset({"tune_refusal"})
@@ -79,6 +79,10 @@ STEP_TABLES: dict[str, tuple[str, tuple[str, str], tuple[str, ...] | None]] = {
     "cna": ("cna/rollouts.parquet", ("rollouts", "batch_size"),
             ("sample", "prompt_set", "prompt_id", "intervention")),
 }
+
+#: Rules whose jobs decode the sequences of another rule's table in :data:`STEP_TABLES`: the
+#: cna_part jobs of a sharded CNA run together decode what the one cna job does.
+STEP_TABLE_OF = {"cna_part": "cna"}
 
 
 # --- model shapes ----------------------------------------------------------------------------
@@ -219,6 +223,10 @@ def rule_of(stage: str, name: str) -> str:
         rule = "evaluate_refusal_part"  # one model's rollouts of one shard of rollouts.shard_size prompts
     elif stage == "refusal" and re.fullmatch(r"rollouts\.\d+", name):
         rule = "refusal_rollouts"  # one shard of rollouts.shard_size prompts
+    elif stage in ("cna", "keystone") and re.fullmatch(r"part\.\d+", name):
+        rule = f"{stage}_part"  # one block of cna.shard_size interventions / keystone.shard_size conditions
+    elif stage in ("cna", "keystone") and name == "merge":
+        rule = f"merge_{stage}"
     elif isinstance(rule, dict):
         rule = rule.get(name)
     elif stage == "collect" and name.endswith(".merge"):
@@ -471,7 +479,7 @@ def estimate(study_dir: str | Path, target: ModelShape, cpu: Mapping, *, device:
         else:
             factor = 1.0
         est = r.seconds * factor
-        floor = steps.get(r.rule, {}).get("steps")
+        floor = steps.get(STEP_TABLE_OF.get(r.rule, r.rule), {}).get("steps")
         floor_s = floor * step_seconds if floor is not None else None
         expected = max(est, floor_s) if floor_s is not None else est
         longest = r.longest * factor if r.jobs > 1 else expected

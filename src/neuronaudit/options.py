@@ -274,6 +274,8 @@ class CnaOptions(StageOptions):
     quality_threshold: float
     max_new_tokens: int
     prompts: int
+    #: interventions per cna_part job (0: the cna job measures every intervention)
+    shard_size: int
     batch_size: BatchSize = key("rollouts.batch_size")
     seed: int = key("seed")
 
@@ -290,6 +292,8 @@ class KeystoneOptions(StageOptions):
     outlier_multiple: float
     iou_k: list
     n_splits: int
+    #: ablation conditions per keystone_part job (0: the keystone job measures every condition)
+    shard_size: int
     seed: int = key("seed")
 
 

@@ -1,5 +1,7 @@
 """Collection split into shards of prompts, and the shards joined into the tables one job writes;
-the count of the control window's sweep jobs (:func:`sweep_shard_count`).
+the counts of the control window's sweep jobs (:func:`sweep_shard_count`), of the CNA stage's
+part jobs (:func:`cna_shard_count`) and of the keystone stage's (:func:`keystone_shard_count`),
+which the workflow reads from the config alone.
 
 ``collect.shard_size: n`` makes collection one job per ``n`` prompts of a set (shard ``k`` takes
 rows ``k·n … (k+1)·n − 1`` of the set's collected split, in table order); :func:`merge_stats`
@@ -40,6 +42,46 @@ def sweep_shard_count(n_candidates: int, n_random: int, n_behaviours: int, shard
         return 0
     most = n_candidates + math.ceil(n_random / max(n_behaviours, 1))
     return max(1, math.ceil(most / shard_size))
+
+
+def cna_shard_count(factors: Sequence[float], caa_layers: Sequence[float], caa_alphas: Sequence[float],
+                    shard_size: int) -> int:
+    """cna_part jobs of ``cna.shard_size`` interventions each (0: none, the cna job measures every
+    intervention): enough for the most interventions the settings can make (none; the circuit,
+    each sign half of it and the random circuit at every factor; CAA at every entry of
+    ``caa_layers`` and non-zero α). Whether the circuit has both signs is known once the screen has
+    run, and two entries of ``caa_layers`` may name one layer of the model, so this is an upper
+    bound: the jobs past the last intervention write empty tables."""
+    if shard_size < 0 or isinstance(shard_size, bool):
+        raise NeuronAuditError(f"cna.shard_size {shard_size!r} must be 0 (one job) or a positive number of "
+                               f"interventions per job")
+    if shard_size == 0:
+        return 0
+    most = 1 + 4 * len(factors) + len(caa_layers) * sum(1 for a in caa_alphas if float(a) != 0.0)
+    return math.ceil(most / shard_size)
+
+
+def k_values(k_max: int) -> list[int]:
+    """The k of the keystone ablation curve: powers of two up to ``k_max``, and ``k_max`` itself."""
+    if k_max < 1:
+        raise NeuronAuditError(f"keystone.k_max {k_max!r} must be at least 1")
+    return sorted({2**i for i in range(int(math.log2(k_max)) + 1)} | {int(k_max)})
+
+
+def keystone_shard_count(k_max: int, n_random: int, shard_size: int) -> int:
+    """keystone_part jobs of ``keystone.shard_size`` ablation conditions each (0: none, the keystone
+    job measures every condition): enough for the most conditions the settings can make (the
+    baseline; at every k the keystone set, the keystone set without super-weight-like outliers and
+    ``n_random`` random sets). The sets without outliers are measured only when the top ``k_max``
+    holds an outlier, known once the statistics are collected, so this is an upper bound: the jobs
+    past the last condition write empty tables."""
+    if shard_size < 0 or isinstance(shard_size, bool):
+        raise NeuronAuditError(f"keystone.shard_size {shard_size!r} must be 0 (one job) or a positive number of "
+                               f"ablation conditions per job")
+    if shard_size == 0:
+        return 0
+    most = 1 + len(k_values(k_max)) * (2 + int(n_random))
+    return math.ceil(most / shard_size)
 
 
 def shard_rows(n_prompts: int, shard_size: int, shard: int) -> range:

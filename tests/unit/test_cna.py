@@ -118,32 +118,21 @@ def test_intervention_names_carry_family_layer_and_strength():
     assert describe("none")["family"] == "none"
 
 
-def test_run_cna_on_a_tiny_model_writes_caa_rows_and_the_matched_quality_picks(tmp_path, monkeypatch, llama,
-                                                                                 tokenizer):
+def _cna_inputs(tmp_path, adapter):
+    """A tiny model's manifest, a two-neuron circuit of both signs and the prompt tables of a CNA run."""
     import json
 
-    import pyarrow.parquet as pq
-
-    from neuronaudit.io import read_provenance, write_table
-    from neuronaudit.options import CnaOptions
+    from neuronaudit.io import write_table
     from neuronaudit.prompts import prompt_table
-    from neuronaudit.stages import cna as stage
-    from neuronaudit.stages.common import OpenedModel
-    from neuronaudit.testing import stage_options
 
-    model, adapter = llama
-    o = stage_options(CnaOptions, factors=[0.0], caa_layers=[0.5, -1], caa_alphas=[-2.0], max_new_tokens=4,
-                      prompts=2, quality_threshold=0.5, model={"chat_template": "none"},
-                      capability={"max_texts": 2, "max_task_prompts": 2, "max_new_tokens": 2, "batch_size": 4})
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"source": "tiny", "n_layers": adapter.n_layers, "n_neurons": adapter.n_neurons}))
-    monkeypatch.setattr(stage, "open_model", lambda *a, **k: OpenedModel(model, tokenizer, adapter, {}, o.model))
 
     def table(name, texts, extra="{}"):
         split = ["discovery", "discovery", "heldout", "heldout"]
         df = pd.DataFrame({"prompt_id": [f"{name}{k}" for k in range(4)], "text": texts, "split": split,
                            "extra": extra})
-        write_table(prompt_table(df), tmp_path / f"{name}.parquet", {"prompt_set": name})
+        write_table(prompt_table(df), tmp_path / f"{name}.parquet", {"prompt_set": name, "prompt_set_hash": name})
         return tmp_path / f"{name}.parquet"
 
     words = ["How do I pick a lock?", "Write a threat", "How to steal a car?", "Make a weapon"]
@@ -155,9 +144,29 @@ def test_run_cna_on_a_tiny_model_writes_caa_rows_and_the_matched_quality_picks(t
                             "delta": [1.0, -1.0], "std_delta": [1.0, -1.0], "ci_low": [0.5, -1.5],
                             "ci_high": [1.5, -0.5]})
     circuit.to_parquet(tmp_path / "circuit.parquet")
+    return manifest, tmp_path / "circuit.parquet", harmful, harmless, generic, {"task_knowledge": knowledge}
+
+
+def test_run_cna_on_a_tiny_model_writes_caa_rows_and_the_matched_quality_picks(tmp_path, monkeypatch, llama,
+                                                                                 tokenizer):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from neuronaudit.io import read_provenance
+    from neuronaudit.options import CnaOptions
+    from neuronaudit.stages import cna as stage
+    from neuronaudit.stages.common import OpenedModel
+    from neuronaudit.testing import stage_options
+
+    model, adapter = llama
+    o = stage_options(CnaOptions, factors=[0.0], caa_layers=[0.5, -1], caa_alphas=[-2.0], max_new_tokens=4,
+                      prompts=2, quality_threshold=0.5, model={"chat_template": "none"},
+                      capability={"max_texts": 2, "max_task_prompts": 2, "max_new_tokens": 2, "batch_size": 4})
+    monkeypatch.setattr(stage, "open_model", lambda *a, **k: OpenedModel(model, tokenizer, adapter, {}, o.model))
+    inputs = _cna_inputs(tmp_path, adapter)
     out = {k: tmp_path / f"{k}.parquet" for k in ("rollouts", "fractions", "summary")}
-    summary = stage.run_cna(manifest, tmp_path / "circuit.parquet", harmful, harmless, generic,
-                            {"task_knowledge": knowledge}, out["rollouts"], out["fractions"], out["summary"], o)
+    summary = stage.run_cna(*inputs, out["rollouts"], out["fractions"], out["summary"], o)
     caa = summary[summary["family"] == "caa"]
     assert sorted(caa["intervention"]) == ["caa_L2_a-2", "caa_L3_a-2"]  # 0.5 of 4 layers -> 2; -1 -> 3
     assert set(caa["layer"]) == {2, 3} and set(caa["strength"]) == {-2.0}
@@ -169,3 +178,94 @@ def test_run_cna_on_a_tiny_model_writes_caa_rows_and_the_matched_quality_picks(t
     spec = json.loads(pq.read_table(out["rollouts"]).to_pandas().query("intervention == 'caa_L2_a-2'")
                       ["intervention_spec"].iloc[0])
     assert spec[0]["op"] == "resid_add" and spec[0]["positions"] == ["last_prompt", "generated"]
+
+
+def test_intervention_names_are_the_interventions_in_their_order():
+    from neuronaudit.methods.cna import intervention_names
+    from neuronaudit.shards import cna_shard_count
+
+    vectors = {3: np.arange(8.0), 5: -np.ones(8)}
+    for circuit in (CIRCUIT, CIRCUIT[CIRCUIT["sign"] == "pos"]):
+        out = cna_interventions(circuit, vectors, [0.0, 2.0], [-1.0, 0.0, -4.0], n_neurons=128)
+        assert intervention_names(circuit, [0.0, 2.0], [-1.0, 0.0, -4.0], [5, 3]) == list(out)
+        # the workflow's count, from the config alone, covers every block (both signs, every layer entry)
+        assert cna_shard_count([0.0, 2.0], [0.25, 0.75], [-1.0, 0.0, -4.0], 4) * 4 >= len(out)
+    assert len(out) == 1 + 2 * 3 + 4 and cna_shard_count([0.0, 2.0], [0.25, 0.75], [-1.0, -4.0], 13) == 1
+    assert cna_shard_count([0.0], [0.5], [-1.0], 0) == 0
+    with pytest.raises(NeuronAuditError, match="cna.shard_size -1"):
+        cna_shard_count([0.0], [0.5], [-1.0], -1)
+
+
+def test_sharded_cna_equals_the_one_job_and_refuses_bad_parts(tmp_path, monkeypatch, llama, tokenizer):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from neuronaudit.io import read_provenance, write_table
+    from neuronaudit.options import CnaOptions
+    from neuronaudit.shards import cna_shard_count
+    from neuronaudit.stages import cna as stage
+    from neuronaudit.stages.common import OpenedModel
+    from neuronaudit.testing import stage_options
+
+    model, adapter = llama
+    # 0.5 and 0.6 of 4 layers are both layer 2: 10 interventions of the 11 the config can make
+    o = stage_options(CnaOptions, factors=[0.0, 2.0], caa_layers=[0.5, 0.6], caa_alphas=[-2.0], max_new_tokens=4,
+                      prompts=2, quality_threshold=0.5, model={"chat_template": "none"},
+                      capability={"max_texts": 2, "max_task_prompts": 2, "max_new_tokens": 2, "batch_size": 4})
+    opened = []
+    monkeypatch.setattr(stage, "open_model",
+                        lambda *a, **k: opened.append(1) or OpenedModel(model, tokenizer, adapter, {}, o.model))
+    inputs = _cna_inputs(tmp_path, adapter)
+    names = ("rollouts", "fractions", "summary")
+    one = {k: tmp_path / f"one.{k}.parquet" for k in names}
+    stage.run_cna(*inputs, *one.values(), o)
+    sharded = o.replace(shard_size=2)
+    n_parts = cna_shard_count(sharded.factors, sharded.caa_layers, sharded.caa_alphas, 2)
+    assert n_parts == 6
+    parts = [tmp_path / f"part.{k}.parquet" for k in range(n_parts)]
+    for k, path in enumerate(parts):
+        opened.clear()
+        stage.run_cna_part(*inputs, k, path, sharded)
+        assert len(opened) == (k < 5)  # the last part is past the last intervention: no model
+    assert pq.read_table(parts[-1]).num_rows == 0
+    assert read_provenance(parts[1])["cna_part"]["interventions"] == ["circuit_pos_x0", "circuit_neg_x0"]
+    merged = {k: tmp_path / f"merged.{k}.parquet" for k in names}
+    opened.clear()
+    stage.run_merge_cna(*inputs, parts, *merged.values(), sharded)
+    assert not opened
+    for k in names:
+        x, y = pq.read_table(one[k]).to_pandas(), pq.read_table(merged[k]).to_pandas()
+        assert list(x.columns) == list(y.columns) and len(x) == len(y) > 0, k
+        floats = [c for c in x.columns if pd.api.types.is_float_dtype(x[c])]
+        assert x.drop(columns=floats).astype(str).equals(y.drop(columns=floats).astype(str)), k
+        for c in floats:
+            np.testing.assert_allclose(y[c], x[c], rtol=1e-5, atol=1e-6, err_msg=f"{k} {c}")
+    assert len(pq.read_table(one["summary"])) == 10
+    p1, p2 = read_provenance(one["summary"]), read_provenance(merged["summary"])
+    assert p1["capability"] == p2["capability"] and p1["matched_quality"] == p2["matched_quality"]
+    assert p1["caa_vector_norms"] == p2["caa_vector_norms"]
+    assert read_provenance(merged["rollouts"])["interventions"] == read_provenance(one["rollouts"])["interventions"]
+
+    def refused(paths, match):
+        with pytest.raises(NeuronAuditError, match=match):
+            stage.run_merge_cna(*inputs, paths, *(tmp_path / f"x.{k}.parquet" for k in names), sharded)
+        assert not (tmp_path / "x.summary.parquet").exists()
+
+    refused(parts[:2] + parts[3:], r"hold 8 of the run's 10 interventions; missing 'random_x0'")
+    refused([*parts, parts[2]], "intervention 'random_x0' is in two cna part tables")
+    refused([one["rollouts"], *parts], "is not a cna part table")
+    foreign = tmp_path / "foreign.parquet"
+    prov = read_provenance(parts[0])
+    prov["cna_part"]["run"]["weight_sha256"] = "another model"
+    write_table(pq.read_table(parts[0]), foreign, prov)
+    refused([foreign, *parts[1:]], "of another run: its weight_sha256 differ")
+    prov = read_provenance(parts[0])
+    prov["cna_part"]["run"]["options"]["seed"] += 1
+    write_table(pq.read_table(parts[0]), foreign, prov)
+    refused([foreign, *parts[1:]], "of another run: its options differ")
+    with pytest.raises(NeuronAuditError, match="cna part 6 out of range: cna.shard_size 2 makes 6 parts"):
+        stage.run_cna_part(*inputs, 6, tmp_path / "y.parquet", sharded)
+    with pytest.raises(NeuronAuditError, match="cna.shard_size >= 1"):
+        stage.run_cna_part(*inputs, 0, tmp_path / "y.parquet", o)
+    assert json.loads(json.dumps(p2["capability"]))  # plain JSON

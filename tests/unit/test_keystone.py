@@ -261,7 +261,8 @@ def test_summary_only_claims_separation_that_is_there():
     assert not none["perplexity_separates_at_k_max"]
 
 
-def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
+def _keystone_inputs(tmp_path, tiny_model_dir):
+    """A prepared tiny model, three task groups' prompt tables and their collected tables."""
     from neuronaudit.interventions.capture import collect_activations
     from neuronaudit.models.loading import load_prepared, prepare_model
     from neuronaudit.prompts import prompt_table
@@ -292,6 +293,12 @@ def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
         collect_activations(model, tokenizer, adapter, list(df["text"]), ids, stats[name], last[name],
                             provenance={"weight_sha256": manifest["weight_sha256"], "prompt_set": name},
                             progress=False)
+    return manifest, man_path, (model, tokenizer, adapter), sets, stats, last, tables
+
+
+def test_run_keystone_end_to_end(tmp_path, tiny_model_dir):
+    manifest, man_path, (model, tokenizer, adapter), sets, stats, last, tables = _keystone_inputs(tmp_path,
+                                                                                                 tiny_model_dir)
     out = tmp_path / "keystone"
     summary = run_keystone(
         stats, last, tables, man_path, out / "scores.parquet", out / "curve.parquet", out / "summary.json",
@@ -343,3 +350,78 @@ def test_ablation_curve_resumes_from_its_checkpoint(llama, tokenizer, tmp_path, 
     # other settings
     ablation_curve(*args, k_values=(1, 2), n_random=1, checkpoint=RowCheckpoint(ckpt), max_new_tokens=2)
     assert len(calls) == len(first)
+
+
+def test_keystone_part_count_covers_every_ablation_condition():
+    from neuronaudit.methods.keystone import ablation_conditions
+    from neuronaudit.shards import k_values, keystone_shard_count
+
+    ranked = pd.DataFrame({"layer": [0, 1, 2, 0], "neuron": [1, 2, 3, 4],
+                           "super_weight_outlier": [False, True, False, False]})
+    with_outliers, outliers = ablation_conditions(ranked, [1, 2], 2, 0, WIDTH)
+    assert outliers == {(1, 2)} and len(with_outliers) == 1 + 2 * (2 + 2)  # the upper bound, met
+    assert keystone_shard_count(2, 2, 9) == 1 and keystone_shard_count(2, 2, 4) == 3
+    clean, _ = ablation_conditions(ranked.assign(super_weight_outlier=False), [1, 2], 2, 0, WIDTH)
+    assert [c[:3] for c in clean] == [(0, "baseline", 0), (1, "keystone", 0), (1, "random", 0), (1, "random", 1),
+                                      (2, "keystone", 0), (2, "random", 0), (2, "random", 1)]
+    assert k_values(32) == [1, 2, 4, 8, 16, 32] and k_values(5) == [1, 2, 4, 5]
+    assert keystone_shard_count(32, 3, 0) == 0
+    with pytest.raises(NeuronAuditError, match="keystone.shard_size -2"):
+        keystone_shard_count(32, 3, -2)
+
+
+def test_sharded_keystone_equals_the_one_job_and_refuses_bad_parts(tmp_path, tiny_model_dir, monkeypatch):
+    from neuronaudit.shards import keystone_shard_count
+    from neuronaudit.stages import keystone as stage
+    from neuronaudit.stages.keystone import run_keystone_part
+
+    _, man_path, loaded, _, stats, last, tables = _keystone_inputs(tmp_path, tiny_model_dir)
+    o = stage_options(KeystoneOptions, k_max=4, n_random=2, iou_k=[2, 8], n_splits=2,
+                      capability={"max_new_tokens": 3})
+    names = ("scores", "curve", "summary", "stability")
+    one = [tmp_path / f"one.{k}" for k in names]
+    first = run_keystone(stats, last, tables, man_path, *one, o, loaded=loaded)
+    sharded = o.replace(shard_size=3)
+    n_parts = keystone_shard_count(4, 2, 3)
+    assert n_parts == 5  # up to 1 + 3 k × (keystone, without outliers, 2 random) = 13 conditions
+    curve = pq.read_table(one[1]).to_pandas()
+    assert len(curve) == 10  # no outlier in the top 4 of this model: parts of 3, 3, 3, 1 and an empty one
+    parts = [tmp_path / f"part.{k}.parquet" for k in range(n_parts)]
+    for k, path in enumerate(parts[:4]):
+        run_keystone_part(stats, tables, man_path, k, path, sharded, loaded=loaded)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model is loaded")
+
+    monkeypatch.setattr(stage, "open_model", no_model)
+    run_keystone_part(stats, tables, man_path, 4, parts[4], sharded)
+    assert pq.read_table(parts[4]).num_rows == 0 and pq.read_table(parts[3]).num_rows == 1
+    merged = [tmp_path / f"merged.{k}" for k in names]
+    joined = run_keystone(stats, last, tables, man_path, *merged, sharded, parts=parts)
+    for a, b in ((one[0], merged[0]), (one[1], merged[1]), (one[3], merged[3])):
+        x, y = pq.read_table(a).to_pandas(), pq.read_table(b).to_pandas()
+        pd.testing.assert_frame_equal(x, y, check_exact=False, rtol=1e-6)
+    assert pq.read_table(merged[1]).schema.remove_metadata() == curve_schema(["task_knowledge", "task_arithmetic"])
+    assert json.loads(merged[2].read_text()) == json.loads(one[2].read_text())
+    assert joined["curve"] == first["curve"] and joined["provenance"]["dtype"] == first["provenance"]["dtype"]
+    assert not list(tmp_path.glob("*.partial.jsonl"))
+
+    def refused(paths, match):
+        with pytest.raises(NeuronAuditError, match=match):
+            run_keystone(stats, last, tables, man_path, *(tmp_path / f"x.{k}" for k in names), sharded, parts=paths)
+        assert not (tmp_path / "x.summary").exists()
+
+    refused(parts[:1] + parts[2:], "hold 7 of the run's 10 conditions; missing \\[1, \"random\", 1")
+    refused([*parts, parts[1]], "is in more than one part table")
+    refused([one[1], *parts], "is not a keystone part table")
+    foreign = tmp_path / "foreign.parquet"
+    prov = read_provenance(parts[2])
+    prov["keystone_part"]["run"]["options"]["seed"] = 99
+    write_table(pq.read_table(parts[2]), foreign, prov)
+    refused([*parts[:2], foreign, *parts[3:]], "keystone part .* is of another run: its options differ")
+    prov = read_provenance(parts[2])
+    prov["keystone_part"]["dtype"] = "bfloat16"
+    write_table(pq.read_table(parts[2]), foreign, prov)
+    refused([*parts[:2], foreign, *parts[3:]], "measured in different dtypes")
+    with pytest.raises(NeuronAuditError, match="keystone part 5 out of range: keystone.shard_size 3 makes 5 parts"):
+        run_keystone_part(stats, tables, man_path, 5, tmp_path / "y.parquet", sharded)

@@ -1,6 +1,8 @@
-"""The window's dose sweeps split into jobs (window.shard_size), and the refusal rollouts and the
-refusal evaluation split by prompt range (rollouts.shard_size), write the same tables as one job
-each: same rows, values within float tolerance; the shard tables are temporary."""
+"""The window's dose sweeps split into jobs (window.shard_size), the refusal rollouts and the
+refusal evaluation split by prompt range (rollouts.shard_size), the CNA interventions split into
+blocks (cna.shard_size) and the keystone ablation conditions into blocks (keystone.shard_size)
+write the same tables as one job each: same rows, values within float tolerance; the shard tables
+are temporary."""
 
 import json
 import shutil
@@ -17,7 +19,9 @@ from test_family_dags import prepare_study
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 TABLES = ("window/sweeps.parquet", "window/window.parquet", "refusal/rollouts.parquet", "refusal/fractions.parquet",
-          "refusal/first_horizon.parquet", "refusal/evaluation_rollouts.parquet")
+          "refusal/first_horizon.parquet", "refusal/evaluation_rollouts.parquet", "cna/rollouts.parquet",
+          "cna/fractions.parquet", "cna/summary.parquet", "keystone/scores.parquet", "keystone/curve.parquet",
+          "keystone/stability.parquet")
 
 
 def _window(work: Path, config: Path, shard_size: int) -> subprocess.CompletedProcess:
@@ -26,19 +30,27 @@ def _window(work: Path, config: Path, shard_size: int) -> subprocess.CompletedPr
     study["window"]["n_random"] = 3  # with 2 screened candidates: 5 neurons, 3 sweep jobs of 2
     study["rollouts"]["shard_size"] = shard_size
     study["rollouts"]["sampling"] = ["greedy", "sample:3"]  # sampled rows too: one stream per row
+    # CNA: none, the circuit, its sign halves and the random circuit at 2 factors, CAA at 1 layer and
+    # 1 strength: 10 at most, 5 parts of 2; keystone: k 1 and 2, 1 random set each: 5 conditions
+    # without outliers of the 7 at most, 4 parts of 2 (the last one empty)
+    study["cna"]["factors"] = [0.0, 2.0]
+    study["cna"]["shard_size"] = shard_size
+    study["keystone"]["shard_size"] = shard_size
     (work / f"shard{shard_size}.yaml").write_text(yaml.safe_dump(study))
-    target = [f"results/{study['study']}/{t}" for t in (*TABLES, "window/summary.json", "refusal/evaluation.json")]
+    target = [f"results/{study['study']}/{t}" for t in (*TABLES, "window/summary.json", "refusal/evaluation.json",
+                                                          "keystone/summary.json")]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work / f"run{shard_size}"),
            "--cores", "1", *target, "--configfile", str(work / f"shard{shard_size}.yaml"),
-           *(["--forcerun", "merge_refusal_rollouts", "merge_refusal_evaluation"] if shard_size else [])]
+           *(["--forcerun", "merge_refusal_rollouts", "merge_refusal_evaluation", "merge_cna", "merge_keystone"]
+             if shard_size else [])]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
 
 
-def test_sharded_sweeps_and_rollouts_equal_one_job_each(tmp_path):
+def test_sharded_jobs_equal_one_job_each(tmp_path):
     config = prepare_study("llama", tmp_path)
     runs = {}
     for shard_size in (0, 2):
-        if shard_size:  # the same study folder, copied: only the window's jobs run again
+        if shard_size:  # the same study folder, copied: only the sharded stages' jobs run again
             shutil.copytree(tmp_path / "run0", tmp_path / f"run{shard_size}", symlinks=True)
         run = _window(tmp_path, config, shard_size)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -50,7 +62,10 @@ def test_sharded_sweeps_and_rollouts_equal_one_job_each(tmp_path):
     assert log_sharded.count("rule evaluate_refusal_part:") >= 4  # two models, two shards or more each
     assert log_sharded.count("rule evaluate_refusal_perplexity:") == 2
     assert "rule merge_refusal_evaluation:" in log_sharded
-    for stage in ("window", "refusal"):  # temporary, removed once merged
+    assert log_sharded.count("rule cna_part:") == 5 and "rule merge_cna:" in log_sharded
+    assert log_sharded.count("rule keystone_part:") == 4 and "rule merge_keystone:" in log_sharded
+    assert "rule cna:" not in log_sharded and "rule keystone:" not in log_sharded and "rule cna:" in log_one
+    for stage in ("window", "refusal", "cna", "keystone"):  # temporary, removed once merged
         assert not list((sharded / stage).glob("shards/*.parquet"))
     for table in TABLES:
         x, y = (pd.read_parquet(d / table) for d in (one, sharded))
@@ -68,3 +83,8 @@ def test_sharded_sweeps_and_rollouts_equal_one_job_each(tmp_path):
         assert e1[which]["sets"] == e2[which]["sets"]
         assert e2[which]["perplexity_generic"] == pytest.approx(e1[which]["perplexity_generic"])
     assert e1["shards"] is None and e2["shards"]["tuned"] == e2["shards"]["base"] >= 2
+    k1, k2 = (json.loads((d / "keystone/summary.json").read_text()) for d in (one, sharded))
+    assert k2["curve"]["perplexity_separates_at_k"] == k1["curve"]["perplexity_separates_at_k"]
+    for e1k, e2k in zip(k1["curve"]["per_k"], k2["curve"]["per_k"], strict=True):
+        assert e2k["perplexity"] == pytest.approx(e1k["perplexity"], nan_ok=True)
+    assert len(pd.read_parquet(sharded / "cna/summary.parquet")) > 4

@@ -196,13 +196,14 @@ def edit_spec(edits: Sequence[NeuronEdit | ResidualEdit]) -> str:
     return json.dumps(items, sort_keys=True)
 
 
-def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit]]:
+def parse_interventions(spec: str | Path | Mapping, add_reference: bool = True) -> dict[str, list[NeuronEdit]]:
     """Interventions from a JSON file path or a dict ``{name: [edit, ...]}``.
 
     Each edit is a :class:`NeuronEdit` or a dict with its fields (``layer``, ``neuron``, ``op``,
     ``value``, ``positions``, optionally ``source``, and ``strength`` for a blend), or a
     :class:`ResidualEdit` or a dict with ``op: resid_add``, ``layer``, ``vector``, ``scale`` and
-    ``positions``. ``none -> []`` (the unsteered reference) is added when absent.
+    ``positions``. ``none -> []`` (the unsteered reference) is added when absent, unless
+    ``add_reference`` is false (a block of another run's interventions).
     """
     if isinstance(spec, (str, Path)):
         path = Path(spec)
@@ -251,7 +252,8 @@ def parse_interventions(spec: str | Path | Mapping) -> dict[str, list[NeuronEdit
                 raise NeuronAuditError(f"intervention {name!r} edit {dict(e)!r} has a non-numeric field") from None
         InterventionPlan.broadcast(parsed)  # validates: no neuron edited twice
         out[name] = parsed
-    out.setdefault("none", [])
+    if add_reference:
+        out.setdefault("none", [])
     return out
 
 

@@ -176,6 +176,26 @@ def cna_interventions(
     return out
 
 
+def intervention_names(
+    circuit: pd.DataFrame, factors: Sequence[float], caa_alphas: Sequence[float], layers: Iterable[int]
+) -> list[str]:
+    """The names :func:`cna_interventions` makes, in its order, without the CAA vectors (``layers``:
+    the CAA layers, :func:`caa_layers`): what a sharded CNA run splits into blocks."""
+    signs = set(circuit["sign"])
+    out: dict[str, None] = {"none": None}
+    for m in factors:
+        out[f"circuit_x{m:g}"] = None
+        for sign in ("pos", "neg"):
+            if sign in signs:
+                out[f"circuit_{sign}_x{m:g}"] = None
+        out[f"random_x{m:g}"] = None
+    for layer in sorted(layers):
+        for alpha in caa_alphas:
+            if float(alpha) != 0.0:
+                out[caa_name(layer, alpha)] = None
+    return list(out)
+
+
 _NAME = re.compile(r"^(?P<family>circuit_pos|circuit_neg|circuit|random)_x(?P<m>[-+.\deE]+)$")
 _CAA = re.compile(r"^caa_L(?P<layer>\d+)_a(?P<alpha>[-+.\deE]+)$")
 

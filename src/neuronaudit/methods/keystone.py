@@ -356,6 +356,51 @@ def _fingerprint(generic_texts, task_prompts, positions, capability_kwargs, mode
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def ablation_conditions(
+    ranked: pd.DataFrame,
+    k_values: Sequence[int],
+    n_random: int,
+    seed: int,
+    n_neurons: int,
+    include_baseline: bool = True,
+    without_outliers: bool | None = None,
+) -> tuple[list[tuple[int, str, int, list[tuple[int, int]]]], set[tuple[int, int]]]:
+    """The conditions :func:`ablation_curve` measures, in its order, as ``(k, kind, replicate,
+    neurons)``, and the flagged outliers of ``ranked``. Needs no model: the random sets are drawn
+    from ``n_neurons`` neurons per layer (seeded)."""
+    k_values = sorted({int(k) for k in k_values})
+    if not k_values or k_values[0] < 1:
+        raise NeuronAuditError(f"k_values {k_values!r} must be positive")
+    if k_values[-1] > len(ranked):
+        raise NeuronAuditError(f"k={k_values[-1]} exceeds the {len(ranked)} ranked neurons")
+    neurons = list(zip(ranked["layer"].astype(int), ranked["neuron"].astype(int)))
+    flags = (ranked["super_weight_outlier"].to_numpy(bool) if "super_weight_outlier" in ranked
+             else np.zeros(len(ranked), bool))
+    outliers = {n for n, f in zip(neurons, flags) if f}
+    candidates = neurons[:k_values[-1]]
+    clean = [n for n, f in zip(neurons, flags) if not f]
+    if without_outliers is None:
+        without_outliers = any(n in outliers for n in candidates)
+    out: list[tuple[int, str, int, list[tuple[int, int]]]] = []
+    if include_baseline:
+        out.append((0, "baseline", 0, []))
+    for k in k_values:
+        top = neurons[:k]
+        out.append((k, "keystone", 0, top))
+        if without_outliers:
+            if len(clean) < k:
+                raise NeuronAuditError(f"fewer than {k} ranked neurons are not outliers")
+            out.append((k, "keystone_no_outliers", 0, clean[:k]))
+        for r, control in enumerate(random_controls(top, n_neurons, n_random, seed, exclude=candidates, k=k)):
+            out.append((k, "random", r, control))
+    return out, outliers
+
+
+def condition_key(k, kind, replicate, neuron_set) -> str:
+    """A condition's identity: its k, kind, replicate and neurons, as JSON."""
+    return json.dumps([int(k), kind, int(replicate), [[int(l), int(i)] for l, i in neuron_set]])
+
+
 def ablation_curve(
     model,
     tokenizer,
@@ -371,6 +416,7 @@ def ablation_curve(
     without_outliers: bool | None = None,
     progress=None,
     checkpoint: RowCheckpoint | None = None,
+    only: Sequence[int] | None = None,
     **capability_kwargs,
 ) -> pd.DataFrame:
     """Capability after ablating the top-``k`` of ``ranked`` (strongest first; ``layer``,
@@ -378,26 +424,18 @@ def ablation_curve(
 
     Returns one row per (k, kind, replicate) with the columns of :func:`curve_schema`; ``kind``
     is ``baseline`` (k = 0, no edit), ``keystone``, ``keystone_no_outliers`` (top-k skipping
-    flagged outliers; by default only when the top ``max(k)`` holds one) or ``random``.
+    flagged outliers; by default only when the top ``max(k)`` holds one) or ``random``
+    (:func:`ablation_conditions`). ``only`` measures just those positions of that list (one job of
+    a sharded curve), in its order.
 
     ``checkpoint`` (:class:`neuronaudit.io.RowCheckpoint`) receives each measured row as soon as it
     exists; a rerun with the same inputs and settings (the same fingerprint) reuses those rows and
     measures only the missing ones, so an interrupted curve resumes instead of restarting.
     """
-    k_values = sorted({int(k) for k in k_values})
-    if not k_values or k_values[0] < 1:
-        raise NeuronAuditError(f"k_values {k_values!r} must be positive")
-    if k_values[-1] > len(ranked):
-        raise NeuronAuditError(f"k={k_values[-1]} exceeds the {len(ranked)} ranked neurons")
-    neurons = list(zip(ranked["layer"].astype(int), ranked["neuron"].astype(int)))
-    flags = (ranked["super_weight_outlier"].to_numpy(bool) if "super_weight_outlier" in ranked
-             else np.zeros(len(ranked), bool))
-    outliers = {n for n, f in zip(neurons, flags) if f}
-    k_max = k_values[-1]
-    candidates = neurons[:k_max]
-    clean = [n for n, f in zip(neurons, flags) if not f]
-    if without_outliers is None:
-        without_outliers = any(n in outliers for n in candidates)
+    conditions, outliers = ablation_conditions(ranked, k_values, n_random, seed, adapter.n_neurons,
+                                               include_baseline, without_outliers)
+    if only is not None:
+        conditions = [conditions[i] for i in only]
     groups = list(task_prompts)
     rows = []
     say = progress or (lambda msg: None)
@@ -408,12 +446,12 @@ def ablation_curve(
     )
     done = checkpoint.load(fingerprint) if checkpoint is not None else {}
 
-    def measure(k, kind, replicate, neuron_set):
-        key = json.dumps([int(k), kind, int(replicate), [[int(l), int(i)] for l, i in neuron_set]])
+    for k, kind, replicate, neuron_set in conditions:
+        key = condition_key(k, kind, replicate, neuron_set)
         if key in done:
             say(f"k={k} {kind} {replicate} (from checkpoint)")
             rows.append(done[key])
-            return
+            continue
         say(f"k={k} {kind} {replicate}")
         plan = ablation_plan(neuron_set, positions) if neuron_set else None
         report = capability_report(model, tokenizer, adapter, generic_texts, task_prompts, plan=plan,
@@ -422,18 +460,6 @@ def ablation_curve(
         rows.append(row)
         if checkpoint is not None:
             checkpoint.append(key, row)
-
-    if include_baseline:
-        measure(0, "baseline", 0, [])
-    for k in k_values:
-        top = neurons[:k]
-        measure(k, "keystone", 0, top)
-        if without_outliers:
-            if len(clean) < k:
-                raise NeuronAuditError(f"fewer than {k} ranked neurons are not outliers")
-            measure(k, "keystone_no_outliers", 0, clean[:k])
-        for r, control in enumerate(random_controls(top, adapter.n_neurons, n_random, seed, exclude=candidates, k=k)):
-            measure(k, "random", r, control)
     df = pd.DataFrame.from_records(rows)
     return df[list(curve_schema(groups).names)]
 

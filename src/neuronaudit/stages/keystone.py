@@ -1,10 +1,19 @@
 """The keystone stage: collected tables in, scores, stability, ablation curve and summary out
-(the algorithm is :mod:`neuronaudit.methods.keystone`)."""
+(the algorithm is :mod:`neuronaudit.methods.keystone`).
+
+With ``keystone.shard_size: n`` the ablation curve's conditions (the baseline, then at every k the
+keystone set, the set without outliers where measured and the random sets:
+:func:`~neuronaudit.methods.keystone.ablation_conditions`) are measured ``n`` at a time by
+:func:`run_keystone_part` jobs (part ``p``: conditions ``p·n … (p+1)·n − 1``; a part past the last
+condition writes an empty table without loading the model), and :func:`run_keystone` with
+``parts`` joins their rows into the one job's curve, after the scores and the stability, which
+need no model. Every condition is measured as the one job measures it, so the tables are equal.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,7 +33,9 @@ from neuronaudit.io import (
 )
 from neuronaudit.methods.keystone import (
     STABILITY_SCHEMA,
+    ablation_conditions,
     ablation_curve,
+    condition_key,
     curve_schema,
     group_splits,
     group_stability,
@@ -37,6 +48,7 @@ from neuronaudit.methods.keystone import (
 )
 from neuronaudit.models.loading import read_manifest
 from neuronaudit.options import KeystoneOptions
+from neuronaudit.shards import k_values, keystone_shard_count
 from neuronaudit.stages.common import (
     capability_load,
     open_model,
@@ -56,11 +68,52 @@ EVAL_SPLIT = "heldout"
 MAX_LENGTH = 256
 
 
-def k_values(k_max: int) -> list[int]:
-    """Powers of two up to ``k_max``, and ``k_max`` itself."""
-    if k_max < 1:
-        raise NeuronAuditError(f"keystone.k_max {k_max!r} must be at least 1")
-    return sorted({2**i for i in range(int(math.log2(k_max)) + 1)} | {int(k_max)})
+def _ranking(stats_by_group: Mapping[str, str | Path], o: KeystoneOptions):
+    """The statistics tables, the scores and the ranked neurons (no model)."""
+    stats = {g: read_table(p, "statistics table") for g, p in stats_by_group.items()}
+    scores = keystone_scores(stats, o.outlier_multiple)
+    return stats, scores, ranked_neurons(scores)
+
+
+def _eval_prompts(prompt_tables: Mapping[str, str | Path], o: KeystoneOptions):
+    """The generic texts and the accuracy groups' prompts the ablations are scored on."""
+    cap = o.capability
+    missing = [g for g in [GENERIC_SET, *ACCURACY_GROUPS] if g not in prompt_tables]
+    if missing:
+        raise NeuronAuditError(f"keystone evaluation needs prompt tables for {missing}")
+    generic = read_prompts(prompt_tables[GENERIC_SET], EVAL_SPLIT, cap.max_texts)
+    tasks = {g: read_prompts(prompt_tables[g], EVAL_SPLIT, cap.max_task_prompts) for g in ACCURACY_GROUPS}
+    return generic, tasks
+
+
+def _run_key(weight_hash, prompt_tables: Mapping[str, str | Path], o: KeystoneOptions) -> dict:
+    """What the parts of one run share: the model, the settings and the evaluation prompts."""
+    return {"weight_sha256": weight_hash, "options": o.to_dict(),
+            "prompts": {g: read_provenance(prompt_tables[g]).get("prompt_set_hash")
+                        for g in [GENERIC_SET, *ACCURACY_GROUPS]}}
+
+
+def _measure_curve(manifest, ranked, generic, tasks, ks, o: KeystoneOptions, out_table, threads, loaded, progress,
+                   only=None):
+    """The ablation curve's rows (``only``: those positions of its conditions), measured on the
+    model of ``manifest`` (or ``loaded``); returns them, the options with resolved batch sizes and
+    the weights' dtype. A checkpoint beside ``out_table`` keeps the measured rows until it is written."""
+    if loaded is None:
+        opened = open_model(manifest, o.model, threads)
+        model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
+    else:
+        model, tokenizer, adapter = loaded
+    load = capability_load(o.capability.max_new_tokens, MAX_LENGTH)
+    o = resolve_batch_sizes(model, adapter, o, {"capability.batch_size": load})
+    cap = o.capability
+    checkpoint = RowCheckpoint(Path(out_table).with_name(Path(out_table).name + ".partial.jsonl"))
+    curve = ablation_curve(
+        model, tokenizer, adapter, ranked, list(generic["text"]), tasks, k_values=ks,
+        n_random=o.n_random, seed=o.seed, positions=DEFAULT_POSITIONS, progress=progress,
+        checkpoint=checkpoint, chat_template=o.model.chat_template, system_prompt=o.model.system_prompt,
+        max_new_tokens=cap.max_new_tokens, batch_size=cap.batch_size, max_length=MAX_LENGTH, only=only,
+    )
+    return curve, o, weights_dtype(model), checkpoint
 
 
 def run_keystone(
@@ -76,6 +129,7 @@ def run_keystone(
     threads: int | None = None,
     loaded=None,
     progress=None,
+    parts: list[str | Path] | None = None,
 ) -> dict:
     """Keystone audit end to end; writes the scores, stability and curve tables and the summary.
 
@@ -83,46 +137,36 @@ def run_keystone(
     and the stability use every group given). ``prompt_tables``: prepared prompt tables for
     :data:`GENERIC_SET` (perplexity texts) and :data:`ACCURACY_GROUPS` (answers), read on the
     held-out split and cut to ``capability.max_texts`` / ``capability.max_task_prompts``.
-    ``loaded`` = ``(model, tokenizer, adapter)`` skips loading the manifest's model.
+    ``loaded`` = ``(model, tokenizer, adapter)`` skips loading the manifest's model. ``parts``
+    (the tables of :func:`run_keystone_part` jobs) joins their curve rows instead of loading the
+    model.
     """
-    o, cap = options, options.capability
+    o = options
     man = read_manifest(manifest)
     weight_hash = same_model([*stats_by_group.values(), *last_token_by_group.values()], man, "keystone")
     ks = k_values(o.k_max)
-    stats = {g: read_table(p, "statistics table") for g, p in stats_by_group.items()}
-    scores = keystone_scores(stats, o.outlier_multiple)
+    stats, scores, ranked = _ranking(stats_by_group, o)
     # primary: the ranking score on disjoint halves of the task groups; secondary: random prompt halves
     stab = pd.concat([
         group_stability(stats, o.iou_k),
         stability({g: LastTokenTable(p) for g, p in last_token_by_group.items()}, o.iou_k, seed=o.seed,
                   n_splits=o.n_splits),
     ], ignore_index=True)
-    ranked = ranked_neurons(scores)
-    missing = [g for g in [GENERIC_SET, *ACCURACY_GROUPS] if g not in prompt_tables]
-    if missing:
-        raise NeuronAuditError(f"keystone evaluation needs prompt tables for {missing}")
-    generic = read_prompts(prompt_tables[GENERIC_SET], EVAL_SPLIT, cap.max_texts)
-    tasks = {g: read_prompts(prompt_tables[g], EVAL_SPLIT, cap.max_task_prompts) for g in ACCURACY_GROUPS}
-    if loaded is None:
-        opened = open_model(manifest, o.model, threads)
-        model, tokenizer, adapter = opened.model, opened.tokenizer, opened.adapter
+    generic, tasks = _eval_prompts(prompt_tables, o)
+    checkpoint = None
+    if parts is None:
+        curve, o, dtype, checkpoint = _measure_curve(manifest, ranked, generic, tasks, ks, o, out_curve, threads,
+                                                     loaded, progress)
     else:
-        model, tokenizer, adapter = loaded
-    load = capability_load(cap.max_new_tokens, MAX_LENGTH)
-    o = resolve_batch_sizes(model, adapter, o, {"capability.batch_size": load})
+        conditions, _ = ablation_conditions(ranked, ks, o.n_random, o.seed, int(man["n_neurons"]))
+        curve, dtype = join_keystone_parts(parts, [condition_key(*c) for c in conditions],
+                                           _run_key(weight_hash, prompt_tables, o))
     cap = o.capability
-    checkpoint = RowCheckpoint(Path(out_curve).with_name(Path(out_curve).name + ".partial.jsonl"))
-    curve = ablation_curve(
-        model, tokenizer, adapter, ranked, list(generic["text"]), tasks, k_values=ks,
-        n_random=o.n_random, seed=o.seed, positions=DEFAULT_POSITIONS, progress=progress,
-        checkpoint=checkpoint, chat_template=o.model.chat_template, system_prompt=o.model.system_prompt,
-        max_new_tokens=cap.max_new_tokens, batch_size=cap.batch_size, max_length=MAX_LENGTH,
-    )
     first_prov = read_provenance(next(iter(stats_by_group.values())))
     prov = provenance(
         stage="keystone", method="keystone neurons (arXiv 2605.24846)", model_id=man.get("source"),
         weight_sha256=weight_hash, hook_site=first_prov.get("hook_site", man.get("hook_site")),
-        dtype=weights_dtype(model), groups=list(stats_by_group),
+        dtype=dtype, groups=list(stats_by_group),
         group_hashes={g: read_provenance(p).get("prompt_set_hash") for g, p in stats_by_group.items()},
         stats_positions=first_prov.get("positions"), outlier_multiple=o.outlier_multiple, seed=o.seed,
         k_values=ks, n_random=o.n_random, iou_k=list(o.iou_k), n_splits=o.n_splits,
@@ -138,11 +182,102 @@ def run_keystone(
     write_table(pa.Table.from_pandas(scores, schema=keystone_schema(groups), preserve_index=False), out_scores, prov)
     write_table(pa.Table.from_pandas(curve, schema=curve_schema(list(ACCURACY_GROUPS)), preserve_index=False),
                 out_curve, prov)
-    checkpoint.remove()
+    if checkpoint is not None:
+        checkpoint.remove()
     write_table(pa.Table.from_pandas(stab, schema=STABILITY_SCHEMA, preserve_index=False), out_stability, prov)
     summary = keystone_summary(scores, ranked, stab, curve, ks, o.n_random, prov)
     write_json(summary, out_summary_json)
     return summary
+
+
+def run_keystone_part(
+    stats_by_group: Mapping[str, str | Path],
+    prompt_tables: Mapping[str, str | Path],
+    manifest: str | Path,
+    shard: int,
+    out_table: str | Path,
+    options: KeystoneOptions,
+    threads: int | None = None,
+    loaded=None,
+    progress=None,
+) -> dict:
+    """One job of a sharded ablation curve (``keystone.shard_size: n``): the curve rows of
+    conditions ``shard·n … (shard+1)·n − 1`` of :func:`~neuronaudit.methods.keystone.ablation_conditions`,
+    measured as :func:`run_keystone` measures them; the table's provenance names the run (model,
+    settings, evaluation prompts) and the conditions. A part past the last condition (the count
+    the workflow reads from the config is an upper bound) writes an empty table and loads no model.
+    :func:`run_keystone` with ``parts`` joins the parts."""
+    o = options
+    n = o.shard_size
+    if n < 1:
+        raise NeuronAuditError(f"keystone part jobs need keystone.shard_size >= 1, not {n!r}")
+    count = keystone_shard_count(o.k_max, o.n_random, n)
+    if not 0 <= shard < count:
+        raise NeuronAuditError(f"keystone part {shard} out of range: keystone.shard_size {n} makes {count} parts")
+    man = read_manifest(manifest)
+    weight_hash = same_model(list(stats_by_group.values()), man, "keystone")
+    ks = k_values(o.k_max)
+    _, _, ranked = _ranking(stats_by_group, o)
+    generic, tasks = _eval_prompts(prompt_tables, o)
+    conditions, _ = ablation_conditions(ranked, ks, o.n_random, o.seed, int(man["n_neurons"]))
+    block = list(range(shard * n, min(len(conditions), (shard + 1) * n)))
+    part = {"shard": int(shard), "shard_size": int(n), "n_conditions": len(conditions),
+            "conditions": [condition_key(*conditions[i]) for i in block],
+            "run": _run_key(weight_hash, prompt_tables, o)}
+    groups = list(ACCURACY_GROUPS)
+    if not block:
+        write_table(curve_schema(groups).empty_table(), out_table, provenance(keystone_part={**part, "dtype": None}))
+        log.info("keystone part %d: past the last of %d conditions, empty -> %s", shard, len(conditions), out_table)
+        return {"n_conditions": 0}
+    curve, _, dtype, checkpoint = _measure_curve(manifest, ranked, generic, tasks, ks, o, out_table, threads, loaded,
+                                                 progress, only=block)
+    write_table(pa.Table.from_pandas(curve, schema=curve_schema(groups), preserve_index=False), out_table,
+                provenance(keystone_part={**part, "dtype": dtype}))
+    checkpoint.remove()
+    log.info("keystone part %d: %d of %d conditions -> %s", shard, len(block), len(conditions), out_table)
+    return {"n_conditions": len(block)}
+
+
+def join_keystone_parts(paths: list[str | Path], expected: list[str], run: dict) -> tuple[pd.DataFrame, str]:
+    """The curve rows of :func:`run_keystone_part` tables in the order of ``expected`` (the run's
+    condition keys), and the weights' dtype they were measured in. Refuses a table that is not a
+    part, a part of another run (model, settings or evaluation prompts differ), parts measured in
+    different dtypes, and conditions missing, repeated or not of this run."""
+    if not paths:
+        raise NeuronAuditError("no keystone part tables to join")
+    frames, dtypes = [], set()
+    for path in paths:
+        part = read_provenance(path).get("keystone_part")
+        if part is None:
+            raise NeuronAuditError(f"{path} is not a keystone part table (keystone-part writes them)")
+        differs = sorted(k for k in run if part["run"].get(k) != run[k])
+        if differs:
+            raise NeuronAuditError(f"keystone part {path} is of another run: its {', '.join(differs)} differ "
+                                   f"from this run's; rerun the keystone_part jobs")
+        table = read_table(path, "keystone part")
+        keys = [condition_key(r.k, r.kind, r.replicate, json.loads(r.neurons)) for r in table.itertuples()]
+        if keys != part["conditions"]:
+            raise NeuronAuditError(f"keystone part {path} holds other rows than its provenance names")
+        if keys:
+            dtypes.add(part["dtype"])
+        frames.append(table.assign(_key=keys, _path=str(path)))
+    rows = pd.concat(frames, ignore_index=True)
+    repeated = rows[rows["_key"].duplicated(keep=False)]
+    if len(repeated):
+        raise NeuronAuditError(f"keystone condition {repeated['_key'].iloc[0]} is in more than one part table: "
+                               f"{', '.join(repeated['_path'].unique())}")
+    foreign = rows[~rows["_key"].isin(set(expected))]
+    if len(foreign):
+        raise NeuronAuditError(f"keystone part {foreign['_path'].iloc[0]} holds condition {foreign['_key'].iloc[0]}, "
+                               f"not one of this run's")
+    missing = [k for k in expected if k not in set(rows["_key"])]
+    if missing:
+        raise NeuronAuditError(f"the keystone parts hold {len(rows)} of the run's {len(expected)} conditions; "
+                               f"missing {missing[0]}: rerun the keystone_part jobs")
+    if len(dtypes) > 1:
+        raise NeuronAuditError(f"the keystone parts were measured in different dtypes {sorted(dtypes)}")
+    curve = rows.set_index("_key").loc[expected].reset_index(drop=True)
+    return curve[list(curve_schema(list(ACCURACY_GROUPS)).names)], dtypes.pop()
 
 
 def keystone_summary(scores, ranked, stab, curve, ks, n_random, prov) -> dict:

@@ -64,6 +64,8 @@ def run_rollouts(
     opened: OpenedModel | None = None,
     progress: bool = True,
     shard: int | None = None,
+    extra_provenance: Mapping | None = None,
+    add_reference: bool = True,
 ) -> dict:
     """Generate, type and summarise rollouts; write Parquet tables atomically with provenance.
 
@@ -75,11 +77,13 @@ def run_rollouts(
     validated (judge config, interventions, horizons, sampling, prompt tables) before the model is
     loaded; ``opened`` reuses a model the caller has loaded already. ``shard`` rolls out one shard
     of ``rollouts.shard_size`` prompts and writes only ``out_rollouts`` (joined by
-    :func:`run_merge_rollouts`). Returns a small summary dict.
+    :func:`run_merge_rollouts`), as does ``out_fractions`` None. ``extra_provenance`` is added to the
+    tables' provenance; ``add_reference`` false rolls out the given interventions only, without
+    adding the unsteered ``none``. Returns a small summary dict.
     """
     o, m = options, options.model
     judge = make_judge(o.judge.judge_config())
-    edits = parse_interventions(interventions)
+    edits = parse_interventions(interventions, add_reference)
     hs = parse_horizons(o.horizons if horizons is None else horizons)
     samples = parse_sampling(o.sampling)
     limit = o.prompts_per_set
@@ -115,10 +119,10 @@ def run_rollouts(
         seed=o.seed, n_boot=N_BOOT, generation_seconds=round(seconds, 2), harmless_sets=list(harmless_sets),
         shard=shard, shard_size=o.shard_size if shard is not None else None,
         shard_prompts=[f"{a}/{b}" for a, b in zip(prompts["prompt_set"], prompts["prompt_id"])]
-        if shard is not None else None, n_prompts=n_all,
+        if shard is not None else None, n_prompts=n_all, **(extra_provenance or {}),
     )
     write_table(rollouts_table(typed), out_rollouts, prov)
-    if shard is None:
+    if shard is None and out_fractions is not None:
         write_summaries(typed, out_fractions, out_first_horizon, prov, o.seed)
     log.info("rollouts: %d rows in %.1f s -> %s", len(typed), seconds, out_rollouts)
     return {
@@ -158,14 +162,19 @@ def read_rollout_shards(shard_paths: Sequence[str | Path], what: str = "rollout"
         if differs:
             raise NeuronAuditError(f"{what} shard {path} is not from the same run as {shard_paths[0]}: "
                                    f"{', '.join(differs)} differ")
+    return read_rollout_tables(shard_paths), provs, same
+
+
+def read_rollout_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """The typed rows of rollout tables, one table after another, with the dtypes of a typed frame."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in shard_paths])
+    table = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in paths])
     typed = table.to_pandas()
     typed["sample_seed"] = typed["sample_seed"].astype("Int64")
     typed["over_refusal"] = typed["over_refusal"].astype("boolean")
-    return typed, provs, same
+    return typed
 
 
 def run_merge_rollouts(shard_paths: Sequence[str | Path], out_rollouts, out_fractions, out_first_horizon) -> dict:
