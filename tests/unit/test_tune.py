@@ -266,16 +266,21 @@ def test_tuning_leaves_the_validation_pairs_out_and_records_them(tuning_inputs, 
                            harmless, tmp_path / "x", tune(validation_fraction=0.99, seed=0))
 
 
-def test_evaluation_reports_validation_and_styled_sets_separately_with_target_checks(tuning_inputs, tmp_path):
-    d, _, _, generic = tuning_inputs
+def _paired_tables_with_heldout(tmp_path):
+    """Harmful and harmless tables of 8 style-matched pairs: 6 discovery, then two held-out pairs."""
     harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
     harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
-    # two held-out pairs beside the discovery ones
     for path, name in ((harmful, "harmful"), (harmless, "harmless")):
         df = pq.read_table(path).to_pandas()
         df.loc[df.index[-2:], "split"] = "heldout"
         write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), path,
                     provenance(prompt_set=name, prompt_set_hash=f"hash-{name}"))
+    return harmful, harmless
+
+
+def test_evaluation_reports_validation_and_styled_sets_separately_with_target_checks(tuning_inputs, tmp_path):
+    d, _, _, generic = tuning_inputs
+    harmful, harmless = _paired_tables_with_heldout(tmp_path)
     styled_h = _paired_table(tmp_path / "sh.parquet", "harmful_styles", 3, split="heldout")
     styled_b = _paired_table(tmp_path / "sb.parquet", "harmless_styles", 4)
     recipe = run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tmp_path / "tuned",
@@ -525,13 +530,7 @@ def test_sharded_evaluation_joins_into_the_one_job_figures_and_rejects_foreign_s
     from neuronaudit.stages.refusal import run_evaluation_part
 
     d, _, _, generic = tuning_inputs
-    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
-    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
-    for path, name in ((harmful, "harmful"), (harmless, "harmless")):
-        df = pq.read_table(path).to_pandas()
-        df.loc[df.index[-2:], "split"] = "heldout"
-        write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), path,
-                    provenance(prompt_set=name, prompt_set_hash=f"hash-{name}"))
+    harmful, harmless = _paired_tables_with_heldout(tmp_path)
     styled = {"harmful": _paired_table(tmp_path / "sh.parquet", "harmful_styles", 3, split="heldout")}
     tuned = tmp_path / "tuned" / "manifest.json"
     run_refusal_tuning(d / "base" / "manifest.json", harmful, harmless, tuned.parent,

@@ -48,6 +48,7 @@ from neuronaudit.shards import cna_shard_count
 from neuronaudit.stages.common import (
     capability_load,
     open_model,
+    part_of_run,
     read_circuit,
     read_prompts,
     read_table,
@@ -278,14 +279,8 @@ def run_merge_cna(
         raise NeuronAuditError("no cna part tables to merge")
     parts, held = [], {}
     for path in part_paths:
+        part = part_of_run(path, "cna_part", run, "cna")
         prov = read_provenance(path)
-        part = prov.get("cna_part")
-        if part is None:
-            raise NeuronAuditError(f"{path} is not a cna part table (cna-part writes them)")
-        differs = sorted(k for k in run if part["run"].get(k) != run[k])
-        if differs:
-            raise NeuronAuditError(f"cna part {path} is of another run: its {', '.join(differs)} differ from this "
-                                   f"run's; rerun the cna_part jobs")
         for name in part["interventions"]:
             if name in held:
                 raise NeuronAuditError(f"intervention {name!r} is in two cna part tables: {held[name]} and {path}")

@@ -152,6 +152,19 @@ def read_prompts(path: str | Path, split: str, limit: int | None = None, role: s
     return df
 
 
+def part_of_run(path: str | Path, key: str, run: Mapping, what: str) -> dict:
+    """The ``key`` entry of a part table's provenance (what a ``<what>_part`` job recorded), checked to
+    belong to ``run`` (its ``run`` entry equals ``run`` at every key): a one-line error otherwise."""
+    part = read_provenance(path).get(key)
+    if part is None:
+        raise NeuronAuditError(f"{path} is not a {what} part table ({what}-part writes them)")
+    differs = sorted(k for k in run if part["run"].get(k) != run[k])
+    if differs:
+        raise NeuronAuditError(f"{what} part {path} is of another run: its {', '.join(differs)} differ from this "
+                               f"run's; rerun the {what}_part jobs")
+    return part
+
+
 def read_table(path: str | Path, role: str = "table") -> pd.DataFrame:
     """A Parquet table as a DataFrame (its provenance stays in the file: :func:`read_provenance`)."""
     if not Path(path).is_file():

@@ -52,6 +52,7 @@ from neuronaudit.shards import k_values, keystone_shard_count
 from neuronaudit.stages.common import (
     capability_load,
     open_model,
+    part_of_run,
     read_prompts,
     read_table,
     resolve_batch_sizes,
@@ -247,13 +248,7 @@ def join_keystone_parts(paths: list[str | Path], expected: list[str], run: dict)
         raise NeuronAuditError("no keystone part tables to join")
     frames, dtypes = [], set()
     for path in paths:
-        part = read_provenance(path).get("keystone_part")
-        if part is None:
-            raise NeuronAuditError(f"{path} is not a keystone part table (keystone-part writes them)")
-        differs = sorted(k for k in run if part["run"].get(k) != run[k])
-        if differs:
-            raise NeuronAuditError(f"keystone part {path} is of another run: its {', '.join(differs)} differ "
-                                   f"from this run's; rerun the keystone_part jobs")
+        part = part_of_run(path, "keystone_part", run, "keystone")
         table = read_table(path, "keystone part")
         keys = [condition_key(r.k, r.kind, r.replicate, json.loads(r.neurons)) for r in table.itertuples()]
         if keys != part["conditions"]:

@@ -540,7 +540,6 @@ def run_evaluation_part(
     o = options
     if which not in EVALUATED_MODELS:
         raise NeuronAuditError(f"evaluated model {which!r} must be one of {EVALUATED_MODELS}")
-    judge = make_judge(o.judge.judge_config())
     tables, prompt_sets = evaluation_sets(manifest_path, harmful_table, harmless_table, generic_table, o, styled)
     path = manifest_path if which == "tuned" else base_manifest_path
     if shard is None:
@@ -552,6 +551,7 @@ def run_evaluation_part(
                                                  n_texts=len(nll)))
         log.info("refusal eval %s: generic NLL of %d texts -> %s", which, len(nll), out_table)
         return {"n_texts": len(nll)}
+    judge = make_judge(o.judge.judge_config())
     prompts = evaluation_prompts(prompt_sets)
     n_all = len(prompts)
     prompts = prompts.iloc[list(shard_rows(n_all, o.shard_size, shard))].reset_index(drop=True)
@@ -576,9 +576,8 @@ def join_evaluation_parts(shard_paths, prompts: pd.DataFrame, which: str) -> tup
     from neuronaudit.stages.rollouts import read_rollout_shards
 
     typed, provs, same = read_rollout_shards(shard_paths, f"{which} evaluation")
-    if any(p.get("which") != which for p in provs):
-        raise NeuronAuditError(f"the {which} model's evaluation shards include another model's "
-                               f"({sorted({str(p.get('which')) for p in provs})})")
+    if same.get("which") != which:  # the shards agree on it (read_rollout_shards)
+        raise NeuronAuditError(f"the {which} model's evaluation shards are another model's ({same.get('which')!r})")
     expected = [f"{a}/{b}" for a, b in zip(prompts["prompt_set"], prompts["prompt_id"])]
     held = [key for p in provs for key in p["shard_prompts"]]
     if held != expected:
