@@ -24,6 +24,10 @@ Sections (``--only``, comma-separated):
 ``dtype``     bfloat16 weights against float32: a forward and a greedy ``generate`` of the same batch
               (ratios of wall time, below 1 is faster), and how far bfloat16's last-position
               log-probabilities and greedy tokens are from float32's
+``scaling``   how cost grows: wall time and peak memory of a collection, one window sweep and one
+              rollout batch at 1x, 4x and 16x the prompts on the model, and at 1x on random models
+              of its larger siblings' shapes (SmolLM2-360M and -1.7B for the embedded model), each
+              in a fresh process; the growth is fitted as a power law (exponent 1 = linear)
 ``rules``     wall time and peak memory per Snakemake rule from the workflow's benchmark files
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -54,7 +59,7 @@ from neuronaudit.testing import _CORPUS, save_tiny_model, tiny_model, tiny_token
 
 EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
-SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "dtype", "rules")
+SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "dtype", "scaling", "rules")
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,7 +562,6 @@ def section_rollouts(model, adapter, tokenizer, batch, length, new_tokens, repea
 def section_dtype(model, tokenizer, batch, length, new_tokens, repeats):
     """bfloat16 weights against float32 on the same batch: forward and greedy generate timings,
     and the agreement of their outputs (statistics of the study accumulate in float32 either way)."""
-    import copy
 
     ids, mask = make_batch(tokenizer, batch, length)
     pad = model.generation_config.pad_token_id
@@ -653,6 +657,159 @@ def section_search(repeats: int) -> None:
                               f"indices {at} of 0-{len(x_grid) - 1}"))
 
 
+#: Larger siblings' shapes for the scaling section: config overrides of the embedded SmolLM2-135M
+#: (the published SmolLM2-360M and SmolLM2-1.7B configs; random weights, timing only). For any
+#: other model, widths and depth are scaled by these factors instead.
+SIBLING_SHAPES = {
+    "SmolLM2-360M shape": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                           "num_attention_heads": 15, "num_key_value_heads": 5},
+    "SmolLM2-1.7B shape": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                           "num_attention_heads": 32, "num_key_value_heads": 32},
+}
+SCALED_SHAPES = {"2x width": {"hidden_size": 2.0, "intermediate_size": 2.0},
+                 "4x width, 2x depth": {"hidden_size": 4.0, "intermediate_size": 4.0, "num_hidden_layers": 2.0}}
+#: The study's shapes at 1x: collect.batch_size prompts of 64 tokens; one window sweep of one neuron
+#: over window.n_prompts prompts and x_grid in both signs plus x = 0 (19 rows), longest horizon 32;
+#: one rollout batch of rollouts.batch_size rows, longest horizon 64.
+SCALING_UNIT = {"collect": {"prompts": 16, "tokens": 64, "batch": 16},
+                "sweep": {"prompts": 12, "tokens": 48, "rows": 19, "new_tokens": 32, "row_batch": 64},
+                "rollout": {"rows": 32, "tokens": 48, "new_tokens": 64}}
+
+
+def shape_overrides(model_config, shape: str) -> dict:
+    """Config overrides making ``model_config`` into ``shape`` (a sibling shape for SmolLM2-135M,
+    else a scale factor per field); ``native`` keeps the model."""
+    if shape == "native":
+        return {}
+    if shape in SIBLING_SHAPES:
+        return dict(SIBLING_SHAPES[shape])
+    if shape in SCALED_SHAPES:
+        out_ = {k: int(round(getattr(model_config, k) * f)) for k, f in SCALED_SHAPES[shape].items()}
+        heads = model_config.num_attention_heads
+        if out_.get("hidden_size", 0) % heads:
+            raise ValueError(f"shape {shape!r}: hidden size {out_['hidden_size']} not divisible by {heads} heads")
+        return out_
+    raise ValueError(f"unknown shape {shape!r}; choose native, {list(SIBLING_SHAPES)} or {list(SCALED_SHAPES)}")
+
+
+def scaling_shapes(model_config) -> list[str]:
+    """The shapes the scaling section times: the model itself, then two larger ones."""
+    siblings = getattr(model_config, "hidden_size", None) == 576 and getattr(model_config, "vocab_size", None) == 49152
+    return ["native", *(SIBLING_SHAPES if siblings else SCALED_SHAPES)]
+
+
+def growth_exponent(sizes, values) -> tuple[float, float]:
+    """``(b, r^2)`` of the least-squares fit ``value = a * size^b`` on log-log axes (b = 1: linear)."""
+    import numpy as np
+    from scipy.stats import linregress
+
+    x, y = np.log(np.asarray(sizes, dtype=float)), np.log(np.asarray(values, dtype=float))
+    if len(x) < 2 or np.ptp(x) == 0:
+        raise ValueError("a growth fit needs at least two distinct sizes")
+    fit = linregress(x, y)
+    return float(fit.slope), float(fit.rvalue**2)
+
+
+def child_scaling(model_spec: str, shape: str, mode: str, scale: int) -> dict:
+    """In a fresh process: one ``mode`` job (``collect``, ``sweep``, ``rollout``) at ``scale`` times
+    the study's shape on ``model_spec`` made into ``shape``; wall time and peak RSS after loading."""
+    from transformers import AutoModelForCausalLM
+
+    from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
+
+    model, tokenizer, adapter, _ = load(model_spec)
+    overrides = shape_overrides(model.config, shape)
+    if overrides:
+        config = copy.deepcopy(model.config)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config.head_dim = config.hidden_size // config.num_attention_heads
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+        model.requires_grad_(False)
+        adapter = adapter_for(model)
+    params = sum(p.numel() for p in model.parameters())
+    unit = SCALING_UNIT[mode]
+    layer, neuron = adapter.n_layers // 2, 7
+    if mode == "collect":
+        ids, mask = make_batch(tokenizer, unit["prompts"] * scale, unit["tokens"])
+        def job():
+            for start in range(0, ids.shape[0], unit["batch"]):
+                part = slice(start, start + unit["batch"])
+                streaming_collect(model, adapter, ids[part], mask[part])
+        work = f"{ids.shape[0]} prompts × {unit['tokens']} tokens in batches of {unit['batch']}"
+    elif mode == "sweep":
+        ids, mask = make_batch(tokenizer, unit["prompts"] * scale, unit["tokens"], offset=3)
+        doses = [0.0] + [s * x for x in (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0) for s in (1.0, -1.0)]
+        rows = [(layer, neuron, d) for d in doses]
+        def job():
+            sweeps.generated_dose_sweep(model, adapter, ids, mask, rows, unit["new_tokens"], eos_token_id=None,
+                                        row_batch_size=unit["row_batch"])
+        work = f"{len(rows)} dose rows × {ids.shape[0]} prompts × {unit['new_tokens']} new tokens"
+    elif mode == "rollout":
+        n = unit["rows"] * scale
+        ids, mask = make_batch(tokenizer, n, unit["tokens"], offset=5)
+        plan = InterventionPlan.per_row([[NeuronEdit.dose(layer, neuron, float(d % 5) - 2.0, ("prompt", "generated"))]
+                                         for d in range(n)])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=unit["new_tokens"],
+                                  min_new_tokens=unit["new_tokens"], pad_token_id=pad)
+        def job():
+            with torch.inference_mode(), NeuronHooks(adapter, plan):
+                model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        work = f"{n} rows × {unit['tokens']} prompt tokens + {unit['new_tokens']} new, one generate call"
+    else:
+        raise ValueError(mode)
+    plain_forward(model, ids[:2], mask[:2])  # warm up kernels outside the timing
+    base = _rss_mb()
+    reset = _reset_peak()
+    start = time.perf_counter()
+    job()
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "peak_mb": _peak_mb(), "base_mb": base, "peak_reset": reset, "params": params,
+            "work": work}
+
+
+def section_scaling(model_spec: str, quick: bool) -> None:
+    """How cost grows with the prompts (1x, 4x, 16x the study's shapes) and the parameters (the
+    model and two larger random models at 1x); every measurement one job in a fresh process."""
+    import numpy as np
+
+    config = transformers.AutoConfig.from_pretrained(model_spec) if model_spec != "tiny" else tiny_model("llama").config
+    shapes = scaling_shapes(config)
+    scales = (1, 4) if quick else (1, 4, 16)
+    out(f"scaling: one job per fresh process, wall time and peak RSS (model loaded, kernels warmed, "
+        f"then the peak mark reset; extra = peak - RSS after loading); prompts at {list(scales)}× the "
+        f"study's shapes {SCALING_UNIT}; parameters over {shapes} at 1×")
+    for mode in ("collect", "sweep", "rollout"):
+        grid = [("native", k) for k in scales] + [(s, 1) for s in shapes[1:]]
+        res = {}
+        for shape, k in grid:
+            r = _child(["--_child", "scaling", "--model", model_spec, "--shape", shape, "--mode", mode,
+                        "--prompts", str(k)])
+            if "error" in r:
+                out(f"scaling/{mode}, {shape}, {k}×: skipped ({r['error']})")
+                continue
+            res[(shape, k)] = r
+            label = "the model" if shape == "native" else shape
+            out(f"scaling/{mode}: {label} ({r['params'] / 1e6:.0f}M params), {k}× ({r['work']}): "
+                f"{r['wall_s']:.2f} s, peak RSS {r['peak_mb']:.0f} MB (extra {r['peak_mb'] - r['base_mb']:.0f} MB)")
+        by_k = [(k, res[("native", k)]) for k in scales if ("native", k) in res]
+        if len(by_k) >= 2:
+            b, r2 = growth_exponent([k for k, _ in by_k], [r["wall_s"] for _, r in by_k])
+            extra = [max(r["peak_mb"] - r["base_mb"], 1.0) for _, r in by_k]
+            bm, _ = growth_exponent([k for k, _ in by_k], extra)
+            per = np.median([r["wall_s"] / k for k, r in by_k])
+            out(f"scaling/{mode} fit over prompts: wall ∝ prompts^{b:.2f} (r² {r2:.3f}), {per:.2f} s per 1× unit; "
+                f"extra memory ∝ prompts^{bm:.2f}")
+        by_p = [r for (s, k), r in res.items() if k == 1]
+        if len(by_p) >= 2:
+            b, r2 = growth_exponent([r["params"] for r in by_p], [r["wall_s"] for r in by_p])
+            per = np.median([r["wall_s"] / (r["params"] / 1e9) for r in by_p])
+            out(f"scaling/{mode} fit over parameters: wall ∝ params^{b:.2f} (r² {r2:.3f}), "
+                f"{per:.1f} s per billion parameters at 1×")
+
+
 #: Wall-time targets of whole studies on the 2-core reference machine, seconds.
 STUDY_TARGETS_S = {"study": 30 * 60, "quick": 5 * 60}
 
@@ -725,6 +882,7 @@ def parse(argv):
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompts", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="native", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
     args.repeats = args.repeats or (2 if q else 5)
@@ -751,6 +909,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args._child == "memory":
         print(json.dumps(child_memory(args.model, args.mode, args.prompts, args.batch, args.tokens)))
+        return 0
+    if args._child == "scaling":
+        print(json.dumps(child_scaling(args.model, args.shape, args.mode, args.prompts)))
         return 0
 
     out(machine_line())
@@ -788,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
         section_search(args.sweep_repeats)
     if "dtype" in args.only:
         section_dtype(model, tokenizer, args.batch, args.tokens, args.new_tokens, args.repeats)
+    if "scaling" in args.only:
+        section_scaling(spec, args.quick)
     if "rules" in args.only:
         section_rules(repo_root())
     out(machine_line().replace("machine:", "machine at end:"))

@@ -1,0 +1,65 @@
+"""The benchmark's scaling section: its growth fit, the larger shapes it times, one job per mode."""
+
+import math
+
+import pytest
+from transformers import LlamaConfig
+
+from neuronaudit import bench
+
+
+def test_growth_exponent_recovers_the_power_of_exact_power_laws():
+    sizes = [1, 4, 16]
+    b, r2 = bench.growth_exponent(sizes, [3.0 * s for s in sizes])
+    assert b == pytest.approx(1.0) and r2 == pytest.approx(1.0)
+    b, _ = bench.growth_exponent(sizes, [0.5 * s**2 for s in sizes])
+    assert b == pytest.approx(2.0)
+    b, r2 = bench.growth_exponent(sizes, [2.0 + 0.0 * s for s in sizes])  # constant: no growth
+    assert b == pytest.approx(0.0, abs=1e-12)
+
+
+def test_growth_exponent_needs_two_distinct_sizes():
+    with pytest.raises(ValueError, match="two distinct sizes"):
+        bench.growth_exponent([4, 4], [1.0, 2.0])
+
+
+def _smollm2_135m_config():
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+
+
+def test_the_embedded_model_scales_to_its_published_siblings_shapes():
+    config = _smollm2_135m_config()
+    shapes = bench.scaling_shapes(config)
+    assert shapes == ["native", "SmolLM2-360M shape", "SmolLM2-1.7B shape"]
+    big = bench.shape_overrides(config, "SmolLM2-1.7B shape")
+    assert (big["hidden_size"], big["intermediate_size"], big["num_hidden_layers"]) == (2048, 8192, 24)
+    assert bench.shape_overrides(config, "native") == {}
+    # the 1.7B shape has ~1.7B parameters (tied embeddings), the class the scaling table names
+    d, f, n, v = 2048, 8192, 24, 49152
+    params = v * d + n * (4 * d * d + 3 * d * f + 2 * d) + d
+    assert 1.6e9 < params < 1.8e9
+
+
+def test_other_models_scale_by_factors_and_unknown_shapes_are_refused():
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    assert bench.scaling_shapes(config) == ["native", *bench.SCALED_SHAPES]
+    assert bench.shape_overrides(config, "4x width, 2x depth") == {
+        "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8}
+    with pytest.raises(ValueError, match="unknown shape 'huge'"):
+        bench.shape_overrides(config, "huge")
+
+
+@pytest.mark.parametrize("mode", ["collect", "sweep", "rollout"])
+def test_one_scaling_job_per_mode_runs_and_reports_its_size(mode):
+    native = bench.child_scaling("tiny", "native", mode, 1)
+    wider = bench.child_scaling("tiny", "2x width", mode, 1)
+    assert wider["params"] > 2 * native["params"] * 0.9  # wider MLPs and embeddings
+    for res in (native, wider):
+        assert res["wall_s"] > 0 and math.isfinite(res["peak_mb"]) and res["peak_mb"] >= res["base_mb"] * 0.5
+    unit = bench.SCALING_UNIT[mode]
+    first = {"collect": unit.get("prompts"), "sweep": unit.get("rows"), "rollout": unit.get("rows")}[mode]
+    assert native["work"].startswith(str(first))
+    four = bench.child_scaling("tiny", "native", mode, 4)
+    assert four["work"] != native["work"]  # 4x the prompts (or rows) of the study's shape
