@@ -276,11 +276,17 @@ def cmd_tune_search(args) -> None:
         if not path.is_file():
             raise NeuronAuditError(f"{str(path)!r} not found: prepare the model and prompts first "
                                    f"(snakemake --configfile ... {path.relative_to(root)})")
+    sounding = config["refusal"].get("validation_sounding")
+    if sounding is not None:
+        sounding = (sounding, study / "prompts" / f"{sounding}.parquet")
+        if not sounding[1].is_file():
+            raise NeuronAuditError(f"{str(sounding[1])!r} (refusal.validation_sounding) not found: prepare the "
+                                   f"prompts first (snakemake --configfile ... {sounding[1].relative_to(root)})")
     out = Path(args.out_dir) if args.out_dir else study / "tune_search"
     result = _stage("refusal").run_tune_search(
         base, tables["harmful"], tables["harmless"], tables["generic"], out, opts.TuneOptions.from_config(config),
         opts.RefusalEvalOptions.from_config(config), tune_search_grid(args.grid), threads=config["threads"],
-        keep_weights=args.keep_weights, extra_harmless=extra)
+        keep_weights=args.keep_weights, extra_harmless=extra, sounding=sounding)
     choice = result["choice"]
     print(f"chosen on validation: candidate {choice['index']} {choice['recipe']} "
           f"({'meets' if choice['meets_targets'] else 'does NOT meet'} the targets): {out / 'search.json'}")

@@ -311,6 +311,12 @@ def check_references(config: dict) -> None:
     for key in ("styled_harmful", "styled_harmless"):
         if config["refusal"].get(key) is not None:
             need_set(f"refusal.{key}", config["refusal"][key])
+    sounding = config["refusal"].get("validation_sounding")
+    if sounding is not None:
+        need_set("refusal.validation_sounding", sounding)
+        if sounding in evaluated:
+            raise NeuronAuditError(f"config key refusal.validation_sounding names {sounding!r}, the refusal "
+                                   f"stage's {evaluated[sounding]} set: recipe choice cannot read an evaluated set")
     problem_set = (config.get("reasoning") or {}).get("problem_set")
     if problem_set is not None:
         need_set("reasoning.problem_set", problem_set)

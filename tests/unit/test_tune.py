@@ -376,6 +376,56 @@ def test_tune_search_scores_candidates_on_validation_only(tuning_inputs, tmp_pat
         tune_search_grid(["steps"])
 
 
+def test_the_worse_over_refusal_rate_decides_the_recipe_where_two_are_measured():
+    from neuronaudit.methods.refusal_tuning import choose_recipe, worst_over_refusal
+
+    def cand(refusal, over, sounding, cost, **recipe):
+        return {"recipe": recipe, "refusal": refusal, "over_refusal": over, "over_refusal_sounding": sounding,
+                "perplexity_ratio": 1.0, "cost": cost}
+
+    # the cheap recipe over-refuses the dangerous-sounding prompts: it no longer meets the targets
+    choice = choose_recipe([cand(0.95, 0.0, 0.30, 400, steps=50), cand(0.92, 0.04, 0.02, 800, steps=100)])
+    assert choice["index"] == 1 and choice["meets_targets"] and "worse over-refusal" in choice["rule"]
+    # none meets them: the margin is refusal minus the worse rate (0.95 - 0.30 < 0.80 - 0.10)
+    choice = choose_recipe([cand(0.95, 0.0, 0.30, 400, steps=50), cand(0.80, 0.10, 0.05, 800, steps=100)])
+    assert choice["index"] == 1 and not choice["meets_targets"]
+    assert worst_over_refusal(cand(0.9, 0.1, None, 1)) == 0.1  # not measured: the one rate there is
+    assert worst_over_refusal({"over_refusal": 0.1, "over_refusal_sounding": float("nan")}) == 0.1
+
+
+def test_tune_search_scores_the_dangerous_sounding_set_on_its_heldout_split(tuning_inputs, tmp_path, monkeypatch):
+    import neuronaudit.stages.refusal as stage
+
+    d, _, _, generic = tuning_inputs
+    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
+    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
+    sounding = _paired_table(tmp_path / "sounding.parquet", "harmless_sounding", 9)
+    df = pq.read_table(sounding).to_pandas()
+    df.loc[df.index[-5:], "split"] = "heldout"
+    write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), sounding,
+                provenance(prompt_set="harmless_sounding", prompt_set_hash="hash-s"))
+    args = (d / "base" / "manifest.json", harmful, harmless, generic, tmp_path / "search",
+            tune(learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3, validation_fraction=0.4),
+            stage_options(RefusalEvalOptions, eval_max_new_tokens=3), {"steps": [1]})
+    plain = stage.run_tune_search(*args, progress=False)
+    assert plain["sounding_validation"] is None and plain["candidates"][0]["sounding_over_refusal"] is None
+    tuned = []
+    real_tune = stage.run_refusal_tuning
+    monkeypatch.setattr(stage, "run_refusal_tuning", lambda *a, **k: tuned.append(1) or real_tune(*a, **k))
+    res = stage.run_tune_search(*args, progress=False, sounding=("harmless_sounding", sounding))
+    assert tuned == [1]  # scored without the second rate before: tuned and scored again
+    row = res["candidates"][0]
+    assert row["sounding_over_refusal"]["n"] == 5 == res["sounding_validation"]["n"]  # the held-out split only
+    assert res["base"]["validation_sounding"]["n"] == 5
+    assert row["targets"]["over_refusal"] == (max(row["validation_over_refusal"]["rate"],
+                                                  row["sounding_over_refusal"]["rate"]) <= 0.05)
+    df["split"] = "discovery"
+    write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), sounding,
+                provenance(prompt_set="harmless_sounding", prompt_set_hash="hash-s"))
+    with pytest.raises(NeuronAuditError, match="harmless_sounding prompt table .* has no prompts in split 'heldout'"):
+        stage.run_tune_search(*args, progress=False, sounding=("harmless_sounding", sounding))
+
+
 def test_weighted_response_loss_weights_each_examples_tokens(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     examples = _examples(tokenizer)
@@ -429,6 +479,23 @@ def test_extra_harmless_sets_cannot_be_evaluated_sets(extra, message):
     config = load_config(root / "config" / "config.yaml", [f"refusal={{extra_harmless_sets: {json.dumps(extra)}}}"])
     with pytest.raises(NeuronAuditError, match=message):
         check_references(config)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("harmless_styles", "validation_sounding names 'harmless_styles', the refusal stage's styled_harmless set"),
+    ("harmless", "refusal stage's harmless set"),
+    ("nope", "refusal.validation_sounding names unknown prompt set 'nope'"),
+])
+def test_the_dangerous_sounding_validation_set_cannot_be_an_evaluated_set(name, message):
+    from pathlib import Path
+
+    from neuronaudit.config import check_references, load_config
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "config" / "config.yaml", [f"refusal={{validation_sounding: {name}}}"])
+    with pytest.raises(NeuronAuditError, match=message):
+        check_references(config)
+    check_references(load_config(root / "config" / "config.yaml"))  # the default set is none of them
 
 
 def test_tune_search_grid_reads_lists_of_list_values():

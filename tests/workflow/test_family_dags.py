@@ -105,6 +105,7 @@ def family_config(family: str, model_dir: Path) -> dict:
     config["prompts"]["sets"] = {name: str(ROOT / f"config/prompts/{name}.jsonl") for name in SETS}
     config["behaviours"] = {BEHAVIOUR: {"positive": "next_on", "negative": "next_off", **SPEC}}
     config["refusal"]["tune"] = False
+    config["refusal"]["validation_sounding"] = None  # only the recipe search reads it
     config["collect"]["sets"] = ["next_on", "next_off", *GROUPS]
     config["screen"]["universal_sets"] = ["generic"]
     config["keystone"]["groups"] = GROUPS

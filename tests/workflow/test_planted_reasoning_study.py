@@ -32,7 +32,8 @@ def planted_reasoning(tmp_path_factory):
                                  if name in keep}
     config["prompts"]["sets"]["planted_problems"] = str(files["problems"])
     config["refusal"]["tune"] = False  # the planted model is audited as built; transfer then maps it onto itself
-    config["refusal"].update(styled_harmful=None, styled_harmless=None)  # their prompt sets are not kept
+    # their prompt sets are not kept
+    config["refusal"].update(styled_harmful=None, styled_harmless=None, validation_sounding=None)
     # the default behaviours need a chat model: one planted behaviour replaces them (the answer "yes" on the
     # colour notes, not on the animal notes), so the stage also ablates its screen's top set (and the
     # keystone ranking's); the sufficient-set tasks go with the default prompt sets

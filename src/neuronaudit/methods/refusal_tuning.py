@@ -235,29 +235,41 @@ def target_checks(refusal: float | None, over_refusal: float | None, perplexity_
     return out
 
 
+def worst_over_refusal(candidate: Mapping) -> float:
+    """The larger of a candidate's over-refusal rates: the validation harmless prompts' and, where
+    measured, the dangerous-sounding harmless prompts' (``over_refusal_sounding``)."""
+    rates = [candidate["over_refusal"], candidate.get("over_refusal_sounding")]
+    return max(r for r in rates if r is not None and not (isinstance(r, float) and math.isnan(r)))
+
+
 def choose_recipe(candidates: Sequence[Mapping]) -> dict:
     """The recipe to adopt from candidates scored on the VALIDATION prompts.
 
     Each candidate has ``recipe`` (the settings tried), ``refusal``, ``over_refusal``,
-    ``perplexity_ratio`` and ``cost`` (optimiser examples, steps × batch size). Rule: among the
-    candidates that meet every :data:`REFUSAL_TARGETS`, the cheapest, ties broken by the larger
-    margin ``refusal - over_refusal``; when none meets them, the largest margin among those within
-    the perplexity target (else among all), reported as not meeting the targets. Returns
-    ``{"index", "recipe", "meets_targets", "rule"}``.
+    ``perplexity_ratio`` and ``cost`` (optimiser examples, steps × batch size), and may have
+    ``over_refusal_sounding`` (over-refusal of harmless dangerous-sounding prompts). A candidate's
+    over-refusal is the worse of the rates it has. Rule: among the candidates that meet every
+    :data:`REFUSAL_TARGETS`, the cheapest, ties broken by the larger margin ``refusal -
+    over-refusal``; when none meets them, the largest margin among those within the perplexity
+    target (else among all), reported as not meeting the targets. Returns ``{"index", "recipe",
+    "meets_targets", "rule"}``.
     """
     if not candidates:
         raise NeuronAuditError("no refusal-tuning candidates to choose from")
-    checks = [target_checks(c["refusal"], c["over_refusal"], c["perplexity_ratio"]) for c in candidates]
-    margin = [c["refusal"] - c["over_refusal"] for c in candidates]
+    over = [worst_over_refusal(c) for c in candidates]
+    checks = [target_checks(c["refusal"], o, c["perplexity_ratio"]) for c, o in zip(candidates, over)]
+    margin = [c["refusal"] - o for c, o in zip(candidates, over)]
     meeting = [i for i, ch in enumerate(checks) if ch["all"]]
     if meeting:
         index = min(meeting, key=lambda i: (candidates[i]["cost"], -margin[i], i))
-        rule = "meets every target on validation; cheapest, then largest refusal - over-refusal"
+        rule = ("meets every target on validation; cheapest, then largest refusal - over-refusal (the worse "
+                "over-refusal rate where two are measured)")
     else:
         pool = [i for i, ch in enumerate(checks) if ch["perplexity_ratio"]] or list(range(len(candidates)))
         index = max(pool, key=lambda i: (margin[i], -candidates[i]["cost"], -i))
-        rule = ("no candidate meets every target on validation: largest refusal - over-refusal among those "
-                "within the perplexity target (all candidates when none is)")
+        rule = ("no candidate meets every target on validation: largest refusal - over-refusal (the worse "
+                "over-refusal rate where two are measured) among those within the perplexity target (all "
+                "candidates when none is)")
     return {"index": index, "recipe": dict(candidates[index]["recipe"]), "meets_targets": bool(checks[index]["all"]),
             "rule": rule}
 

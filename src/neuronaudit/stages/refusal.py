@@ -54,6 +54,7 @@ from neuronaudit.methods.refusal_tuning import (
     train_response_loss,
     validation_mask,
     with_lora_adapters,
+    worst_over_refusal,
 )
 from neuronaudit.models.loading import architecture_shape, read_manifest, weights_sha256
 from neuronaudit.options import ModelOptions, RefusalEvalOptions, TuneOptions
@@ -631,14 +632,17 @@ def recipe_grid(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
-def _finished_candidate(cand_dir: Path, combo: dict, options: TuneOptions) -> tuple[dict, dict] | None:
+def _finished_candidate(cand_dir: Path, combo: dict, options: TuneOptions,
+                        sounding: bool = False) -> tuple[dict, dict] | None:
     """The row and choice entry of a candidate that an earlier run of the same search scored with the
-    same options, else None."""
+    same options and validation sets (``sounding``: the dangerous-sounding rate too), else None."""
     try:
         done = json.loads((cand_dir / "score.json").read_text())
     except (OSError, ValueError):
         return None
     if done.get("options") != json.loads(json.dumps(options.to_dict())) or done["row"]["recipe"] != combo:
+        return None
+    if (done["candidate"].get("over_refusal_sounding") is not None) != sounding:
         return None
     return done["row"], done["candidate"]
 
@@ -672,14 +676,22 @@ def run_tune_search(
     progress: bool = True,
     keep_weights: bool = False,
     extra_harmless: dict[str, str | Path] | None = None,
+    sounding: tuple[str, str | Path] | None = None,
 ) -> dict:
     """Tune one candidate per grid point and score each on the VALIDATION prompts only (refusal,
     over-refusal, generic perplexity against the base model); choose with
     :func:`~neuronaudit.methods.refusal_tuning.choose_recipe`. Writes ``out_dir/search.json`` (every
     candidate's recipe, validation rates with Wilson CIs, target checks, wall time; the choice and
     its rule) and each candidate's ``recipe.json`` under ``out_dir/candidate-<i>/`` (its weights only
-    with ``keep_weights``). Held-out prompts are never read."""
+    with ``keep_weights``). Held-out prompts of the evaluated sets are never read.
+
+    ``sounding`` (``refusal.validation_sounding``: set name, prepared table) adds a second
+    over-refusal rate, on the held-out split of a set of harmless dangerous-sounding prompts that
+    no tuning reads (tuning reads discovery splits only) and no evaluation reports."""
     combos = recipe_grid(grid)
+    sounding_df = None
+    if sounding is not None:
+        sounding_df = read_prompts(sounding[1], "heldout", role=f"{sounding[0]} prompt table")
     for combo in combos:
         o = tune_options.replace(**combo)
         check_tune_options(o)
@@ -695,10 +707,12 @@ def run_tune_search(
     def result(choice) -> dict:
         return {
             "split": "validation part of the discovery split (held-out prompts never read)",
+            "sounding_validation": None if sounding is None else {
+                "set": sounding[0], "split": "heldout (no tuning reads it; no evaluation reports the set)",
+                "n": len(sounding_df)},
             "targets": REFUSAL_TARGETS,
             "complete": choice is not None,
-            "base": None if base is None else {"validation_harmful": base["sets"]["validation_harmful"],
-                                               "validation_harmless": base["sets"]["validation_harmless"]},
+            "base": None if base is None else {k: v for k, v in base["sets"].items() if k.startswith("validation_")},
             "candidates": rows,
             "choice": choice,
             "config_lines": [] if choice is None else [f"refusal.{k}: {json.dumps(v)}"
@@ -709,7 +723,7 @@ def run_tune_search(
     for i, combo in enumerate(combos):
         o = tune_options.replace(**combo)
         cand_dir = out_dir / f"candidate-{i}"
-        done = _finished_candidate(cand_dir, combo, o)
+        done = _finished_candidate(cand_dir, combo, o, sounding_df is not None)
         if done is not None:  # a resumed search keeps the candidates it already scored
             row, cand = done
             rows.append({**row, "candidate": i})
@@ -726,17 +740,22 @@ def run_tune_search(
             raise NeuronAuditError(f"refusal.validation_fraction {o.validation_fraction!r} leaves no validation "
                                    f"prompts of both kinds; a search needs them")
         sets = {f"validation_{k}": (df, k) for k, df in val.items()}
+        if sounding_df is not None:
+            sets["validation_sounding"] = (sounding_df, "harmless")
         tuned, nll, _ = evaluate_model(manifest_path, sets, generic, judge, eval_options, threads, progress)
         if base is None:
             base, base_nll = _base_scores(out_dir / "base.json", base_manifest_path, sets, generic, judge,
                                           eval_options, threads, progress)
         ratio = paired_ratio_ci(np.exp(nll), np.exp(base_nll), n_boot=N_BOOT, seed=o.seed)
         refusal, over = tuned["sets"]["validation_harmful"], tuned["sets"]["validation_harmless"]
+        sounded = tuned["sets"].get("validation_sounding")
         cand = {"recipe": combo, "refusal": refusal["rate"], "over_refusal": over["rate"],
+                "over_refusal_sounding": None if sounded is None else sounded["rate"],
                 "perplexity_ratio": ratio["mean"], "cost": o.steps * o.batch_size}
         row = {
             "candidate": i, "recipe": combo, "validation_refusal": refusal, "validation_over_refusal": over,
-            "perplexity_ratio": ratio, "targets": target_checks(refusal["rate"], over["rate"], ratio["mean"]),
+            "sounding_over_refusal": sounded, "perplexity_ratio": ratio,
+            "targets": target_checks(refusal["rate"], worst_over_refusal(cand), ratio["mean"]),
             "loss_after": recipe["loss_after"], "seconds": time.perf_counter() - t0,
         }
         candidates.append(cand)
@@ -745,8 +764,9 @@ def run_tune_search(
         if not keep_weights:
             shutil.rmtree(cand_dir / "weights", ignore_errors=True)
         write_json(result(None), out_dir / "search.json")  # every scored candidate is on disk at once
-        log.info("tune-search candidate %d %s: validation refusal %d/%d, over-refusal %d/%d, perplexity x%.2f",
-                 i, combo, refusal["count"], refusal["n"], over["count"], over["n"], ratio["mean"])
+        log.info("tune-search candidate %d %s: validation refusal %d/%d, over-refusal %d/%d%s, perplexity x%.2f",
+                 i, combo, refusal["count"], refusal["n"], over["count"], over["n"],
+                 "" if sounded is None else f" (dangerous-sounding {sounded['count']}/{sounded['n']})", ratio["mean"])
     final = result(choose_recipe(candidates))
     write_json(final, out_dir / "search.json")
     return final
