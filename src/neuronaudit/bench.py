@@ -24,6 +24,10 @@ Sections (``--only``, comma-separated):
 ``dtype``     bfloat16 weights against float32: a forward and a greedy ``generate`` of the same batch
               (ratios of wall time, below 1 is faster), and how far bfloat16's last-position
               log-probabilities and greedy tokens are from float32's
+``profile``   where the time of one window rollout call goes (the study's shapes: 3 neurons × the
+              default x_grid in both signs, 12 prompts, horizons 8/16/32, rule judge): greedy dosed
+              generation, the unsteered model's scoring of the rollouts, decoding, the judge and
+              the oracle, as shares of the call (cProfile, cumulative)
 ``scaling``   how cost grows: wall time and peak memory of a collection, one window sweep and one
               rollout batch at 1x, 4x and 16x the prompts on the model, and at 1x on random models
               of its larger siblings' shapes (SmolLM2-360M and -1.7B for the embedded model), each
@@ -59,7 +63,7 @@ from neuronaudit.testing import _CORPUS, save_tiny_model, tiny_model, tiny_token
 
 EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
-SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "dtype", "scaling", "rules")
+SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "dtype", "profile", "scaling", "rules")
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,6 +661,75 @@ def section_search(repeats: int) -> None:
                               f"indices {at} of 0-{len(x_grid) - 1}"))
 
 
+#: What one window rollout call spends its time on: (label, (file path ending, function name) pairs
+#: whose cProfile cumulative time is that phase's).
+PROFILE_PHASES = (
+    ("greedy dosed generation (generated_dose_sweep)", (("interventions/sweeps.py", "generated_dose_sweep"),)),
+    ("unsteered scoring of the rollouts (shared_prompt_scores)",
+     (("interventions/scoring.py", "shared_prompt_scores"),)),
+    ("decoding token ids to text", (("transformers/tokenization_utils_base.py", "decode"),)),
+    ("judge (classify)", (("evaluation/judge.py", "classify"), ("evaluation/model_judge.py", "classify"))),
+    ("oracle (flips)", (("methods/window.py", "flips"),)),
+)
+#: Every module forward, generation and scoring together (nested calls counted once).
+MODEL_FORWARDS = (("torch/nn/modules/module.py", "_call_impl"),)
+
+
+def profile_phases(stats, phases=PROFILE_PHASES) -> dict[str, float]:
+    """Cumulative seconds per phase from a :class:`pstats.Stats`: the largest cumulative time among
+    the phase's functions (several entries of one function, e.g. two paths to it, are not summed)."""
+    out_: dict[str, float] = {}
+    for label, names in phases:
+        out_[label] = max([ct for (path, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items()
+                           if any(func == f and path.replace("\\", "/").endswith(end) for end, f in names)],
+                          default=0.0)
+    return out_
+
+
+def section_profile(model, tokenizer, adapter) -> None:
+    """One window rollout call at the study's shapes, profiled: the share of each phase."""
+    import cProfile
+    import pstats
+
+    import pandas as pd
+
+    from neuronaudit.evaluation.judge import RuleJudge
+    from neuronaudit.methods import window as law
+
+    pool = texts()
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(12)],
+                            "text": [pool[i % len(pool)][:300] for i in range(12)], "extra": "{}"})
+    geometry = law.generic_geometry(model, tokenizer, adapter, pool[:8])
+    layers = [adapter.n_layers // 4, adapter.n_layers // 2, (3 * adapter.n_layers) // 4]
+    neurons = pd.DataFrame({"layer": layers, "neuron": [7] * 3, "kind": "screened"})
+    x_grid = [0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
+    points = law.dose_points(neurons, geometry, x_grid)
+    spec = {"oracle": "regex", "pattern": r"\bthe\b", "positive": "p", "negative": "n"}
+    template = "auto" if getattr(tokenizer, "chat_template", None) else "none"
+    ro = law.BehaviourRollouts(model, tokenizer, adapter, RuleJudge(), "b", spec, prompts, [8, 16, 32],
+                               template, None, 64)
+    ro(points[:2])  # warm up kernels and caches outside the profile
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    frame = ro(points)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    stats = pstats.Stats(profiler)
+    phases = profile_phases(stats)
+    forwards = profile_phases(stats, (("forwards", MODEL_FORWARDS),))["forwards"]
+    n = len(points) * len(prompts)
+    out(f"profile: one window rollout call, {len(points)} dose rows × {len(prompts)} prompts = {n} rollouts of "
+        f"32 tokens read at 8/16/32 ({len(frame)} typed rows): {wall:.1f} s under cProfile, "
+        f"{n / wall:.1f} rollouts/s")
+    for label, seconds in phases.items():
+        out(f"profile/{label}: {seconds:.1f} s ({seconds / wall:.0%})")
+    rest = max(wall - sum(phases.values()), 0.0)
+    out(f"profile/the rest (tables, Python between phases): {rest:.1f} s ({rest / wall:.0%})")
+    out(f"profile/model forwards inside those phases (generation and scoring): {forwards:.1f} s "
+        f"({forwards / wall:.0%})")
+
+
 #: Larger siblings' shapes for the scaling section: config overrides of the embedded SmolLM2-135M
 #: (the published SmolLM2-360M and SmolLM2-1.7B configs; random weights, timing only). For any
 #: other model, widths and depth are scaled by these factors instead.
@@ -923,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{torch.get_num_threads()} torch threads OpenMP waits at barriers for descheduled "
                 "threads and timings swing wildly; --threads 1 gives steadier ratios")
     spec = resolve_model(args.model)
-    needs_model = any(s in args.only for s in ("collect", "sweeps", "rollouts", "dtype"))
+    needs_model = any(s in args.only for s in ("collect", "sweeps", "rollouts", "dtype", "profile"))
     if needs_model:
         model, tokenizer, adapter, label = load(spec)
         out(f"model: {label} ({adapter.family}, {adapter.n_layers} layers, d_model {adapter.d_model}, "
@@ -949,6 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
         section_search(args.sweep_repeats)
     if "dtype" in args.only:
         section_dtype(model, tokenizer, args.batch, args.tokens, args.new_tokens, args.repeats)
+    if "profile" in args.only:
+        section_profile(model, tokenizer, adapter)
     if "scaling" in args.only:
         section_scaling(spec, args.quick)
     if "rules" in args.only:

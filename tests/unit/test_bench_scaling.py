@@ -63,3 +63,31 @@ def test_one_scaling_job_per_mode_runs_and_reports_its_size(mode):
     assert native["work"].startswith(str(first))
     four = bench.child_scaling("tiny", "native", mode, 4)
     assert four["work"] != native["work"]  # 4x the prompts (or rows) of the study's shape
+
+
+def test_profile_phases_reads_each_phase_from_its_own_file_and_function():
+    class Stats:  # the shape of pstats.Stats.stats: (file, line, function) -> (cc, nc, tt, ct, callers)
+        stats = {
+            ("/x/neuronaudit/interventions/sweeps.py", 721, "generated_dose_sweep"): (1, 1, 0.1, 6.0, {}),
+            ("/x/neuronaudit/interventions/sweeps.py", 680, "decode"): (1, 1, 0.1, 5.5, {}),  # not tokenizer decoding
+            ("/x/transformers/tokenization_utils_base.py", 2894, "decode"): (9, 9, 0.2, 0.4, {}),
+            ("/x/neuronaudit/evaluation/judge.py", 102, "classify"): (3, 3, 0.3, 0.9, {}),
+            ("/x/neuronaudit/evaluation/judge.py", 610, "classify"): (3, 3, 0.3, 0.2, {}),
+        }
+
+    phases = bench.profile_phases(Stats())
+    assert phases["greedy dosed generation (generated_dose_sweep)"] == 6.0
+    assert phases["decoding token ids to text"] == 0.4
+    assert phases["judge (classify)"] == 0.9  # the larger entry, not the sum of two paths
+    assert phases["oracle (flips)"] == 0.0 and phases["unsteered scoring of the rollouts (shared_prompt_scores)"] == 0.0
+
+
+def test_profile_section_splits_one_window_call_on_a_tiny_model(capsys):
+    model, tokenizer, adapter, _ = bench.load("tiny")
+    bench.section_profile(model, tokenizer, adapter)
+    text = capsys.readouterr().out
+    assert "54 dose rows × 12 prompts = 648 rollouts" in text
+    shares = [line for line in text.splitlines() if line.startswith("profile/")]
+    assert len(shares) == len(bench.PROFILE_PHASES) + 2
+    generation = next(line for line in shares if "generated_dose_sweep" in line)
+    assert float(generation.split(": ")[1].split(" s")[0]) > 0  # the phase was found in the profile
