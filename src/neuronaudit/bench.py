@@ -56,6 +56,7 @@ import transformers
 import yaml
 from transformers import GenerationConfig
 
+from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions import sweeps
 from neuronaudit.models.adapters import adapter_for
 from neuronaudit.models.loading import load_model, load_prepared, prepare_model
@@ -931,6 +932,26 @@ def section_rules(root: Path) -> None:
         met = "[met]" if total <= target else f"[missed by {(total - target) / 60:.1f} min, {total / target:.2f}×]"
         out(f"study {study!r}: {total / 60:.1f} min, the sum of its rules' wall times (one job at a time), "
             f"peak RSS {peaks[study]:.0f} MB; target ≤ {target / 60:.0f} min  {met}")
+        try:
+            out(rules_markdown(root / "results" / study))
+        except NeuronAuditError as err:
+            out(f"study {study!r}: no per-rule table ({err})")
+
+
+def rules_markdown(study_dir: Path) -> str:
+    """A study's benchmark files summed per rule (its jobs: prompt sets, shards, behaviours), the
+    longest first, as a Markdown table with the total: what the README's per-rule table shows."""
+    from neuronaudit.estimate import by_rule, study_jobs
+
+    rules = sorted(by_rule(study_jobs(study_dir)), key=lambda r: -r.seconds)
+    lines = ["| rule | jobs | wall time | peak RSS | CPU time |", "|---|---|---|---|---|"]
+    for r in rules:
+        rss = "—" if r.max_rss_mb is None else f"{r.max_rss_mb / 1024:.1f} GB"
+        cpu = "—" if r.cpu_seconds is None else f"{r.cpu_seconds / 60:.1f} min"
+        lines.append(f"| `{r.rule}` | {r.jobs} | {r.seconds / 60:.1f} min | {rss} | {cpu} |")
+    total = sum(r.seconds for r in rules)
+    lines.append(f"| **all** | {sum(r.jobs for r in rules)} | **{total / 60:.1f} min** | | |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

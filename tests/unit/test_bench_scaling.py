@@ -91,3 +91,17 @@ def test_profile_section_splits_one_window_call_on_a_tiny_model(capsys):
     assert len(shares) == len(bench.PROFILE_PHASES) + 2
     generation = next(line for line in shares if "generated_dose_sweep" in line)
     assert float(generation.split(": ")[1].split(" s")[0]) > 0  # the phase was found in the profile
+
+
+def test_the_per_rule_table_sums_each_rules_jobs_longest_first(tmp_path):
+    study = tmp_path / "results" / "s"
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for rel, (wall, rss, cpu) in {"collect/harmful.tsv": (10.0, 900, 8.0), "collect/harmless.tsv": (20.0, 1200, 15.0),
+                                  "window/window.tsv": (600.0, 2048, 1100.0)}.items():
+        path = study / "benchmarks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(head + f"{wall}\t0:00:00\t{rss}\t0\t0\t0\t0\t0\t0\t{cpu}\n")
+    table = bench.rules_markdown(study).splitlines()
+    assert table[2] == "| `window` | 1 | 10.0 min | 2.0 GB | 18.3 min |"
+    assert table[3] == "| `collect_activations` | 2 | 0.5 min | 1.2 GB | 0.4 min |"
+    assert table[-1] == "| **all** | 3 | **10.5 min** | | |"
