@@ -844,18 +844,18 @@ def child_scaling(model_spec: str, shape: str, mode: str, scale: int) -> dict:
             "work": work}
 
 
-def section_scaling(model_spec: str, quick: bool) -> None:
+def section_scaling(model_spec: str, quick: bool, modes=("collect", "sweep", "rollout"), scales=None) -> None:
     """How cost grows with the prompts (1x, 4x, 16x the study's shapes) and the parameters (the
     model and two larger random models at 1x); every measurement one job in a fresh process."""
     import numpy as np
 
     config = transformers.AutoConfig.from_pretrained(model_spec) if model_spec != "tiny" else tiny_model("llama").config
     shapes = scaling_shapes(config)
-    scales = (1, 4) if quick else (1, 4, 16)
+    scales = tuple(scales) if scales else (1, 4) if quick else (1, 4, 16)
     out(f"scaling: one job per fresh process, wall time and peak RSS (model loaded, kernels warmed, "
         f"then the peak mark reset; extra = peak - RSS after loading); prompts at {list(scales)}× the "
         f"study's shapes {SCALING_UNIT}; parameters over {shapes} at 1×")
-    for mode in ("collect", "sweep", "rollout"):
+    for mode in modes:
         grid = [("native", k) for k in scales] + [(s, 1) for s in shapes[1:]]
         res = {}
         for shape, k in grid:
@@ -973,6 +973,10 @@ def parse(argv):
     p.add_argument("--sweep-prompts", type=int, default=1, help="prompts per sweep (default 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per rollout (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--scaling-modes", default="collect,sweep,rollout",
+                   help="scaling section: which jobs to time (comma-separated: collect, sweep, rollout)")
+    p.add_argument("--scaling-scales", default=None,
+                   help="scaling section: multiples of the study's prompts (default 1,4,16; quick 1,4)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompts", type=int, default=None, help=argparse.SUPPRESS)
@@ -990,6 +994,14 @@ def parse(argv):
     if bad:
         p.error(f"unknown --only sections {bad}; choose from {list(SECTIONS)}")
     args.only = only
+    args.scaling_modes = [m.strip() for m in args.scaling_modes.split(",") if m.strip()]
+    bad = [m for m in args.scaling_modes if m not in SCALING_UNIT]
+    if bad:
+        p.error(f"unknown --scaling-modes {bad}; choose from {list(SCALING_UNIT)}")
+    try:
+        args.scaling_scales = ([int(k) for k in args.scaling_scales.split(",")] if args.scaling_scales else None)
+    except ValueError:
+        p.error(f"--scaling-scales {args.scaling_scales!r} must be comma-separated integers")
     return args
 
 
@@ -1046,7 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in args.only:
         section_profile(model, tokenizer, adapter)
     if "scaling" in args.only:
-        section_scaling(spec, args.quick)
+        section_scaling(spec, args.quick, args.scaling_modes, args.scaling_scales)
     if "rules" in args.only:
         section_rules(repo_root())
     out(machine_line().replace("machine:", "machine at end:"))
