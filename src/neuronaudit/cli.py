@@ -276,7 +276,7 @@ def cmd_tune_search(args) -> None:
         if not path.is_file():
             raise NeuronAuditError(f"{str(path)!r} not found: prepare the model and prompts first "
                                    f"(snakemake --configfile ... {path.relative_to(root)})")
-    sounding = config["refusal"].get("validation_sounding")
+    sounding = config["refusal"]["validation_sounding"]
     if sounding is not None:
         sounding = (sounding, study / "prompts" / f"{sounding}.parquet")
         if not sounding[1].is_file():

@@ -311,7 +311,7 @@ def check_references(config: dict) -> None:
     for key in ("styled_harmful", "styled_harmless"):
         if config["refusal"].get(key) is not None:
             need_set(f"refusal.{key}", config["refusal"][key])
-    sounding = config["refusal"].get("validation_sounding")
+    sounding = config["refusal"]["validation_sounding"]
     if sounding is not None:
         need_set("refusal.validation_sounding", sounding)
         if sounding in evaluated:

@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 
 from neuronaudit.errors import NeuronAuditError
 
-#: Schema keys read by the workflow (rules/*.smk) rather than by a stage.
+#: Schema keys read by the workflow (rules/*.smk) or by the config's checks and the commands
+#: around it (``neuronaudit tune-search``) rather than by a stage.
 WORKFLOW_KEYS: tuple[str, ...] = (
     "study",
     "threads",
@@ -31,6 +32,7 @@ WORKFLOW_KEYS: tuple[str, ...] = (
     "prompts.sets",
     "collect.sets",
     "refusal.tune",
+    "refusal.validation_sounding",
     "behaviours",
     "screen.universal_sets",
     "cna.behaviour",
