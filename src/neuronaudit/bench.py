@@ -60,7 +60,7 @@ from neuronaudit.errors import NeuronAuditError
 from neuronaudit.interventions import sweeps
 from neuronaudit.models.adapters import adapter_for
 from neuronaudit.models.loading import load_model, load_prepared, prepare_model
-from neuronaudit.testing import _CORPUS, save_tiny_model, tiny_model, tiny_tokenizer
+from neuronaudit.testing import _CORPUS, default_config, save_tiny_model, tiny_model, tiny_tokenizer
 
 EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
@@ -687,6 +687,12 @@ def profile_phases(stats, phases=PROFILE_PHASES) -> dict[str, float]:
     return out_
 
 
+def study_window() -> dict:
+    """The study's window settings at their defaults (x_grid, horizons, n_prompts, row_batch_size):
+    the shapes the profile and scaling sections time."""
+    return default_config()["window"]
+
+
 def section_profile(model, tokenizer, adapter) -> None:
     """One window rollout call at the study's shapes, profiled: the share of each phase."""
     import cProfile
@@ -697,18 +703,18 @@ def section_profile(model, tokenizer, adapter) -> None:
     from neuronaudit.evaluation.judge import RuleJudge
     from neuronaudit.methods import window as law
 
-    pool = texts()
-    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(12)],
-                            "text": [pool[i % len(pool)][:300] for i in range(12)], "extra": "{}"})
+    window = study_window()
+    pool, n_prompts = texts(), window["n_prompts"]
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(n_prompts)],
+                            "text": [pool[i % len(pool)][:300] for i in range(n_prompts)], "extra": "{}"})
     geometry = law.generic_geometry(model, tokenizer, adapter, pool[:8])
     layers = [adapter.n_layers // 4, adapter.n_layers // 2, (3 * adapter.n_layers) // 4]
     neurons = pd.DataFrame({"layer": layers, "neuron": [7] * 3, "kind": "screened"})
-    x_grid = [0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
-    points = law.dose_points(neurons, geometry, x_grid)
+    points = law.dose_points(neurons, geometry, window["x_grid"])
     spec = {"oracle": "regex", "pattern": r"\bthe\b", "positive": "p", "negative": "n"}
     template = "auto" if getattr(tokenizer, "chat_template", None) else "none"
-    ro = law.BehaviourRollouts(model, tokenizer, adapter, RuleJudge(), "b", spec, prompts, [8, 16, 32],
-                               template, None, 64)
+    ro = law.BehaviourRollouts(model, tokenizer, adapter, RuleJudge(), "b", spec, prompts, window["horizons"],
+                               template, None, window["row_batch_size"])
     ro(points[:2])  # warm up kernels and caches outside the profile
     profiler = cProfile.Profile()
     start = time.perf_counter()
@@ -720,9 +726,10 @@ def section_profile(model, tokenizer, adapter) -> None:
     phases = profile_phases(stats)
     forwards = profile_phases(stats, (("forwards", MODEL_FORWARDS),))["forwards"]
     n = len(points) * len(prompts)
+    horizons = window["horizons"]
     out(f"profile: one window rollout call, {len(points)} dose rows × {len(prompts)} prompts = {n} rollouts of "
-        f"32 tokens read at 8/16/32 ({len(frame)} typed rows): {wall:.1f} s under cProfile, "
-        f"{n / wall:.1f} rollouts/s")
+        f"{max(horizons)} tokens read at {'/'.join(map(str, horizons))} ({len(frame)} typed rows): {wall:.1f} s "
+        f"under cProfile, {n / wall:.1f} rollouts/s")
     for label, seconds in phases.items():
         out(f"profile/{label}: {seconds:.1f} s ({seconds / wall:.0%})")
     rest = max(wall - sum(phases.values()), 0.0)
@@ -814,7 +821,7 @@ def child_scaling(model_spec: str, shape: str, mode: str, scale: int) -> dict:
         work = f"{ids.shape[0]} prompts × {unit['tokens']} tokens in batches of {unit['batch']}"
     elif mode == "sweep":
         ids, mask = make_batch(tokenizer, unit["prompts"] * scale, unit["tokens"], offset=3)
-        doses = [0.0] + [s * x for x in (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0) for s in (1.0, -1.0)]
+        doses = [0.0] + [s * x for x in study_window()["x_grid"] for s in (1.0, -1.0)]
         rows = [(layer, neuron, d) for d in doses]
         def job():
             sweeps.generated_dose_sweep(model, adapter, ids, mask, rows, unit["new_tokens"], eos_token_id=None,
