@@ -17,7 +17,7 @@ from neuronaudit.cluster import job_resources, manifest_of, source_mb
 from neuronaudit.config import SCHEMA_PATH, collected_sets, config_json, preflight, resolve_path, study_name, swept_set
 from neuronaudit.config import collect_shard_count, evaluation_shard_count, model_source, rollout_shard_count
 from neuronaudit.shards import cna_shard_count, keystone_shard_count, sweep_shard_count
-from neuronaudit.config import precheck_config, transfer_source, validate_config
+from neuronaudit.config import precheck_config, transfer_source, tuned_model_key, validate_config
 from neuronaudit.errors import NeuronAuditError
 from neuronaudit.options import STAGE_OPTIONS
 
@@ -54,6 +54,9 @@ except NeuronAuditError as err:
 
 STUDY = study_name(config)
 RESULTS = f"results/{STUDY}"
+# The refusal-tuned model, shared by every study that tunes the same base on the same data with the
+# same recipe (its content key), as the prepared model is: results/models/<base>/tuned-<key>/.
+TUNED = f"results/models/{MODEL.slug}/tuned-{tuned_model_key(config, ROOT)}" if config["refusal"]["tune"] else None
 # Jobs run the package with the interpreter that runs snakemake (a checkout's .venv on a shared
 # filesystem); with --sdm conda, with the python of each rule's environment (workflow/envs/).
 USES_CONDA = "CONDA" in {m.name for m in workflow.deployment_settings.deployment_method}
@@ -178,8 +181,15 @@ def benchmark_file(stage, name="{prompt_set}"):
 
 
 
+def tuning_prompt_table(prompt_set="{prompt_set}"):
+    """A training prompt set of the shared tuned model, prepared beside it (the same table as the
+    study's own: same source, same split settings, both part of the tuned model's key)."""
+    return f"{TUNED}/prompts/{prompt_set}.parquet"
+
+
 def audited_manifest():
-    """The model the study audits: the refusal-tuned copy when refusal.tune, else the prepared model."""
+    """The model the study audits: the refusal-tuned copy when refusal.tune (the study's own
+    tune/manifest.json, a copy of the shared tuned model's), else the prepared model."""
     return f"{RESULTS}/tune/manifest.json" if config["refusal"]["tune"] else model_manifest()
 
 

@@ -2,8 +2,10 @@
 
 Needs: the prepared model, the harmful / harmless / generic prompt tables, refusal.*, judge.*,
 rollouts.*.
-Writes: results/<study>/tune/{manifest.json, recipe.json, weights/} (skipped when refusal.tune is
-false), results/<study>/refusal/evaluation.json (refusal and over-refusal rates on held-out
+Writes: results/models/<base>/tuned-<key>/{manifest.json, recipe.json, weights/}, the refusal-tuned
+model, shared by every study with the same content key (config.tuned_model_key: base model,
+training data, split settings, recipe), and results/<study>/tune/{manifest.json, recipe.json}, the
+study's copies of its manifest and recipe (both skipped when refusal.tune is false), results/<study>/refusal/evaluation.json (refusal and over-refusal rates on held-out
 prompts, on the tuning's validation prompts and on the prompt sets written in other styles
 (refusal.styled_harmful / styled_harmless), each set on its own, perplexity on general text
 against the base model), and results/<study>/refusal/
@@ -17,35 +19,83 @@ evaluation_rollouts.parquet (a model judge scores its calibration sets there, on
 """
 
 
-rule tune_refusal:
-    input:
-        base=model_manifest(),
-        harmful=prompt_table("harmful"),
-        harmless=prompt_table("harmless"),
-        extra=[prompt_table(s) for s in config["refusal"]["extra_harmless_sets"]],
-    output:
-        manifest=f"{RESULTS}/tune/manifest.json",
-        recipe=f"{RESULTS}/tune/recipe.json",
-    params:
-        cli=NEURONAUDIT,
-        options=stage_options("tune_refusal"),
-        extra=named_paths({s: prompt_table(s) for s in config["refusal"]["extra_harmless_sets"]}),
-    threads: config["threads"]
-    resources:
-        mem_mb=job_resource("tune_refusal", "mem_mb", manifest="base"),
-        runtime=job_resource("tune_refusal", "runtime", manifest="base"),
-        gpu=job_resource("tune_refusal", "gpu", manifest="base"),
-        disk_mb=job_resource("tune_refusal", "disk_mb", manifest="base"),
-    conda:
-        "../workflow/envs/neuronaudit.yaml"
-    log:
-        log_file("refusal", "tune"),
-    benchmark:
-        benchmark_file("refusal", "tune")
-    shell:
-        "{params.cli} tune-refusal --base-manifest {input.base:q} --harmful {input.harmful:q} "
-        "--harmless {input.harmless:q} --extra-harmless {params.extra} --out-dir $(dirname {output.manifest:q}) "
-        "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+if TUNED is not None:
+
+    rule prepare_tuning_prompts:
+        input:
+            source=prompt_source,
+        output:
+            table=tuning_prompt_table(),
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("prepare_prompts"),
+        resources:
+            mem_mb=job_resource("prepare_prompts", "mem_mb", manifest=None),
+            runtime=job_resource("prepare_prompts", "runtime", manifest=None),
+            gpu=job_resource("prepare_prompts", "gpu", manifest=None),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            f"{TUNED}/logs/prompts/{{prompt_set}}.log",
+        shell:
+            "{params.cli} prepare-prompts --name {wildcards.prompt_set} --source {input.source:q} "
+            "--out {output.table:q} --options {params.options:q} > {log:q} 2>&1"
+
+
+    rule tune_refusal:
+        input:
+            base=model_manifest(),
+            harmful=tuning_prompt_table("harmful"),
+            harmless=tuning_prompt_table("harmless"),
+            extra=[tuning_prompt_table(s) for s in config["refusal"]["extra_harmless_sets"]],
+        output:
+            manifest=f"{TUNED}/manifest.json",
+            recipe=f"{TUNED}/recipe.json",
+        params:
+            cli=NEURONAUDIT,
+            options=stage_options("tune_refusal"),
+            extra=named_paths({s: tuning_prompt_table(s) for s in config["refusal"]["extra_harmless_sets"]}),
+        threads: config["threads"]
+        resources:
+            mem_mb=job_resource("tune_refusal", "mem_mb", manifest="base"),
+            runtime=job_resource("tune_refusal", "runtime", manifest="base"),
+            gpu=job_resource("tune_refusal", "gpu", manifest="base"),
+            disk_mb=job_resource("tune_refusal", "disk_mb", manifest="base"),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "tune"),
+        benchmark:
+            benchmark_file("refusal", "tune")
+        shell:
+            "{params.cli} tune-refusal --base-manifest {input.base:q} --harmful {input.harmful:q} "
+            "--harmless {input.harmless:q} --extra-harmless {params.extra} --out-dir $(dirname {output.manifest:q}) "
+            "--threads {threads} --options {params.options:q} > {log:q} 2>&1"
+
+
+    rule use_tuned_model:
+        input:
+            manifest=f"{TUNED}/manifest.json",
+            recipe=f"{TUNED}/recipe.json",
+        output:
+            manifest=f"{RESULTS}/tune/manifest.json",
+            recipe=f"{RESULTS}/tune/recipe.json",
+        resources:
+            mem_mb=job_resource("use_tuned_model", "mem_mb", manifest=None),
+            runtime=job_resource("use_tuned_model", "runtime", manifest=None),
+            gpu=job_resource("use_tuned_model", "gpu", manifest=None),
+        conda:
+            "../workflow/envs/neuronaudit.yaml"
+        log:
+            log_file("refusal", "use_tuned_model"),
+        shell:
+            "(cp {input.manifest:q} {output.manifest:q} && cp {input.recipe:q} {output.recipe:q}) > {log:q} 2>&1"
+
+
+    # cheap steps where the workflow runs, not cluster jobs
+    localrules:
+        prepare_tuning_prompts,
+        use_tuned_model,
 
 
 if config["rollouts"]["shard_size"]:

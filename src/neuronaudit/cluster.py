@@ -43,6 +43,7 @@ RULE_COSTS: dict[str, RuleCost] = {
     "prepare_model": RuleCost(8.0, 2000, 5, 10),  # GGUF dequantised in float32, then saved
     "prepare_prompts": RuleCost(None, 1000, 0, 5, model=False),
     "tune_refusal": RuleCost(16.0, 6000, 60, 30),
+    "use_tuned_model": RuleCost(None, 500, 0, 5, model=False),  # copies the shared tuned model's manifest
     "evaluate_refusal": RuleCost(None, 2500, 20, 15),
     "evaluate_refusal_part": RuleCost(None, 2500, 10, 10),  # one model's rollouts of one shard
     "evaluate_refusal_perplexity": RuleCost(None, 2500, 2, 10),  # one model's generic-text NLLs

@@ -493,6 +493,34 @@ def model_source(config: dict, root: Path):
     return resolve_source(source)
 
 
+def tuned_model_key(config: dict, root: Path) -> str:
+    """The content key of the refusal-tuned model, what it is made of: the base model (its
+    ``model.source`` resolved, as prepared, and ``model.revision``), the bytes of each training prompt
+    set's source file (harmful, harmless, ``refusal.extra_harmless_sets``; an ``hf:`` source by its
+    name), the split settings (``prompts.heldout_fraction``, ``split_seed``, ``limit``) and the recipe
+    (the tuning's options: every training setting, the model options and the seed). The first 16 hex
+    digits of the SHA-256 of those; two studies with the same key share one tuned model under
+    ``results/models/<base>/tuned-<key>/``, as they share the prepared base model. Settings that only
+    read the tuned model (its evaluation, the window, ...) are not part of it."""
+    import hashlib
+
+    from neuronaudit.options import PromptOptions, TuneOptions
+
+    data = {}
+    for name in ["harmful", "harmless", *config["refusal"]["extra_harmless_sets"]]:
+        source = resolve_path(config["prompts"]["sets"][name], root)
+        path = Path(source)
+        data[name] = (hashlib.sha256(path.read_bytes()).hexdigest()
+                      if not source.startswith("hf:") and path.is_file() else source)
+    payload = {
+        "base": {"slug": model_source(config, root).slug, "revision": config["model"].get("revision")},
+        "data": data,
+        "split": PromptOptions.from_config(config).to_dict(),
+        "recipe": TuneOptions.from_config(config).to_dict(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def preflight(config: dict, root: Path):
     """Check inputs before any job runs: model source, prompt files, layer indices, neuron counts,
     device, settings that depend on each other.

@@ -62,9 +62,9 @@ STAGE_RULES: dict[str, str | dict[str, str]] = {
 #: ``neurons``: reads tables with a column per neuron, on the CPU where snakemake runs;
 #: ``params``: reads, dequantises and hashes the weights, on a CPU; ``none``: no model.
 #: These are also the rules whose jobs the workflow sizes without the prepared model's manifest.
-SCALING = {"prepare_model": "params", "prepare_prompts": "none", "merge_activations": "neurons",
-           "merge_refusal_rollouts": "none", "merge_refusal_evaluation": "none", "merge_cna": "none",
-           "merge_keystone": "neurons", "screen": "neurons", "report": "neurons"}
+SCALING = {"prepare_model": "params", "prepare_prompts": "none", "use_tuned_model": "none",
+           "merge_activations": "neurons", "merge_refusal_rollouts": "none", "merge_refusal_evaluation": "none",
+           "merge_cna": "none", "merge_keystone": "neurons", "screen": "neurons", "report": "neurons"}
 
 #: The rules that ask the scheduler for disk (``disk_mb``) beside memory, time and GPUs.
 DISK_RULES = frozenset({"tune_refusal"})

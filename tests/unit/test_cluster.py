@@ -22,7 +22,8 @@ def test_every_rule_of_the_workflow_declares_the_resources_of_its_cost_entry():
     rules = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
     names = set(re.findall(r"^\s*rule (\w+):", rules, re.M))  # the rules inside an if / else too
     assert {"cna_part", "merge_cna", "keystone_part", "merge_keystone", "evaluate_refusal"} <= names
-    sized_as = {"prepare_transfer_model": "prepare_model"}  # the second model is prepared as the first
+    # the second model is prepared as the first; the tuning's prompt tables as the study's
+    sized_as = {"prepare_transfer_model": "prepare_model", "prepare_tuning_prompts": "prepare_prompts"}
     assert {sized_as.get(n, n) for n in names} <= set(RULE_COSTS), names - set(RULE_COSTS) - set(sized_as)
     for name in names:
         body = re.split(r"\n\s*rule \w+:", rules.split(f"rule {name}:")[1])[0]

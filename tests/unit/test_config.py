@@ -199,3 +199,31 @@ def test_the_cli_help_prints():
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
+
+
+def test_the_tuned_models_key_follows_base_data_split_and_recipe_only(tmp_path):
+    import shutil
+
+    from neuronaudit.config import load_config, tuned_model_key
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "config" / "config.yaml")
+    key = tuned_model_key(config, root)
+    assert len(key) == 16 and key == tuned_model_key(config, root)
+
+    def changed(*overrides):
+        return tuned_model_key(load_config(root / "config" / "config.yaml", list(overrides)), root)
+
+    # what only reads the tuned model is not part of it
+    assert changed("study=other", "window={n_prompts: 24}", "refusal={eval_max_new_tokens: 96}") == key
+    # the recipe, the split and the base are
+    assert changed("refusal={steps: 401}") != key
+    assert changed("refusal={extra_harmless_sets: [harmless_sounding]}") != key
+    assert changed("prompts={split_seed: 1}") != key
+    assert changed("model={revision: other}") != key
+    # and the training data's bytes, wherever the file lives
+    copy = tmp_path / "harmful.jsonl"
+    shutil.copy(root / "config" / "prompts" / "harmful.jsonl", copy)
+    assert changed(f"prompts={{sets: {{harmful: {copy}}}}}") == key
+    copy.write_text(copy.read_text() + '{"text": "One more harmful request?"}\n')
+    assert changed(f"prompts={{sets: {{harmful: {copy}}}}}") != key

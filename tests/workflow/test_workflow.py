@@ -154,6 +154,30 @@ def test_resumed_run_did_not_redo_finished_steps(tiny_study):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_studies_of_the_same_base_data_and_recipe_share_one_tuned_model(tiny_study):
+    work, overrides, _, _ = tiny_study
+    tuned = list((work / "results/models").glob("*/tuned-*/manifest.json"))
+    assert len(tuned) == 1
+    weights = Path(json.loads(tuned[0].read_text())["path"])
+    assert weights.parent == tuned[0].parent.resolve() and (weights / "config.json").is_file()
+    # the study audits that model: its tune/manifest.json is a copy of the shared one
+    assert json.loads((work / "results/tiny/tune/manifest.json").read_text()) == json.loads(tuned[0].read_text())
+    base = yaml.safe_load(overrides.read_text())
+
+    def plan(**changes):
+        other = work / "other.yaml"
+        other.write_text(yaml.safe_dump({**base, "study": "tiny-other", **changes}))
+        run = snakemake(work, "-n", overrides=other)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return set(re.findall(r"^(?:local)?rule (\w+):", run.stdout + run.stderr, re.M))
+
+    # another study that only reads the tuned model differently: no tuning, a copy of the manifest
+    jobs = plan(window={**base["window"], "n_prompts": 3})
+    assert "use_tuned_model" in jobs and "screen" in jobs and "tune_refusal" not in jobs
+    # another recipe is another tuned model
+    assert "tune_refusal" in plan(refusal={**base["refusal"], "steps": 3})
+
+
 def test_a_rerun_in_another_folder_gives_the_same_tables(tiny_study, tmp_path):
     """Determinism: the tiny study run from scratch into a second folder (and without the kill the
     first went through) equals the first value for value: `neuronaudit diff-study` with zero
