@@ -14,7 +14,7 @@ from tiny_study import TINY_STUDY
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.workflow, pytest.mark.slow, pytest.mark.slurm]
-LOCALRULES = {"all", "prepare_prompts", "screen", "report"}
+LOCALRULES = {"all", "prepare_prompts", "prepare_tuning_prompts", "use_tuned_model", "screen", "report"}
 
 
 def _snakemake(work: Path, overrides: Path, *args: str, env=None) -> subprocess.CompletedProcess:
