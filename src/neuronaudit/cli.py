@@ -282,12 +282,22 @@ def cmd_tune_search(args) -> None:
         if not sounding[1].is_file():
             raise NeuronAuditError(f"{str(sounding[1])!r} (refusal.validation_sounding) not found: prepare the "
                                    f"prompts first (snakemake --configfile ... {sounding[1].relative_to(root)})")
+    behaviour_sets = {spec[side] for spec in config["behaviours"].values() for side in ("positive", "negative")}
+    behaviours = (opts.PreconditionOptions.from_config(config),
+                  {n: study / "prompts" / f"{n}.parquet" for n in sorted(behaviour_sets)})
+    missing = [p for p in behaviours[1].values() if not p.is_file()]
+    if missing:
+        raise NeuronAuditError(f"{str(missing[0])!r} (a behaviour's prompt set) not found: prepare the prompts first "
+                               f"(snakemake --configfile ... {missing[0].relative_to(root)})")
     out = Path(args.out_dir) if args.out_dir else study / "tune_search"
     result = _stage("refusal").run_tune_search(
         base, tables["harmful"], tables["harmless"], tables["generic"], out, opts.TuneOptions.from_config(config),
         opts.RefusalEvalOptions.from_config(config), tune_search_grid(args.grid), threads=config["threads"],
-        keep_weights=args.keep_weights, extra_harmless=extra, sounding=sounding)
+        keep_weights=args.keep_weights, extra_harmless=extra, sounding=sounding, behaviours=behaviours)
     choice = result["choice"]
+    if choice["index"] is None:
+        print(f"no candidate chosen: {choice['rule']} ({out / 'search.json'})")
+        return
     print(f"chosen on validation: candidate {choice['index']} {choice['recipe']} "
           f"({'meets' if choice['meets_targets'] else 'does NOT meet'} the targets): {out / 'search.json'}")
     print("\n".join(result["config_lines"]))

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -640,3 +641,74 @@ def test_sharded_evaluation_joins_into_the_one_job_figures_and_rejects_foreign_s
     with pytest.raises(NeuronAuditError, match="shard 9 out of range"):
         run_evaluation_part(tuned, base, "tuned", *args, tmp_path / "y.parquet", o, progress=False, styled=styled,
                             shard=9)
+
+
+def test_a_candidate_that_breaks_a_behaviour_precondition_is_never_chosen():
+    from neuronaudit.methods.refusal_tuning import choose_recipe
+
+    def cand(refusal, over, kept, cost, **recipe):
+        return {"recipe": recipe, "refusal": refusal, "over_refusal": over, "perplexity_ratio": 1.0, "cost": cost,
+                "preconditions_passed": kept}
+
+    # the cheapest candidate meets every target but breaks a behaviour: the other one wins
+    choice = choose_recipe([cand(0.95, 0.0, False, 400, steps=50), cand(0.92, 0.04, True, 800, steps=100)])
+    assert choice["index"] == 1 and choice["meets_targets"] and "behaviour preconditions excluded" in choice["rule"]
+    choice = choose_recipe([cand(0.99, 0.0, False, 400, steps=50), cand(0.60, 0.20, None, 800, steps=100)])
+    assert choice["index"] == 1 and not choice["meets_targets"]  # None: not checked, so not excluded
+    choice = choose_recipe([cand(0.99, 0.0, False, 400, steps=50)])
+    assert choice["index"] is None and choice["recipe"] is None and "none can be chosen" in choice["rule"]
+
+
+def test_tune_search_checks_the_behaviour_preconditions_on_discovery_prompts(tuning_inputs, tmp_path, monkeypatch):
+    import neuronaudit.stages.preconditions as pre_stage
+    import neuronaudit.stages.refusal as stage
+    from neuronaudit.options import PreconditionOptions
+
+    d, _, _, generic = tuning_inputs
+    harmful = _paired_table(tmp_path / "harmful.parquet", "harmful", 8)
+    harmless = _paired_table(tmp_path / "harmless.parquet", "harmless", 8)
+    tables = {}
+    for name in ("operator_add", "operator_mul"):
+        df = pd.DataFrame({"prompt_id": [f"{name}-{k}" for k in range(5)],
+                           "text": [f"What is {k + 2} and 3?" for k in range(5)],
+                           "split": ["discovery"] * 3 + ["heldout"] * 2,  # the study's precondition prompts
+                           "extra": [json.dumps({"a": k + 2, "b": 3}) for k in range(5)]})
+        tables[name] = tmp_path / f"{name}.parquet"
+        write_table(pa.Table.from_pandas(df, schema=PROMPT_SET_SCHEMA, preserve_index=False), tables[name],
+                    provenance(prompt_set=name, prompt_set_hash=f"hash-{name}"))
+    spec = {"refusal": {"positive": "harmful", "negative": "harmless", "oracle": "refusal"},
+            "operator": {"positive": "operator_mul", "negative": "operator_add", "oracle": "operator",
+                         "horizons": [4]}}
+    splits = []
+    real_read = pre_stage.read_prompts
+    monkeypatch.setattr(pre_stage, "read_prompts",
+                        lambda path, split, *a, **k: splits.append((Path(path).stem, split)) or real_read(
+                            path, split, *a, **k))
+
+    def search(min_readability, keep_weights=False):
+        options = stage_options(PreconditionOptions, behaviours=spec, min_oracle_readability=min_readability,
+                                min_behaviour_positive=0.0, max_behaviour_negative=1.0)
+        return stage.run_tune_search(
+            d / "base" / "manifest.json", harmful, harmless, generic, tmp_path / "search",
+            tune(learning_rate=1e-3, batch_size=2, answer_max_new_tokens=3, seed=3, validation_fraction=0.4),
+            stage_options(RefusalEvalOptions, eval_max_new_tokens=3), {"steps": [1]}, progress=False,
+            keep_weights=keep_weights, behaviours=(options, tables))
+
+    res = search(0.0, keep_weights=True)
+    row = res["candidates"][0]
+    assert row["preconditions"]["passed"] and res["choice"]["index"] == 0
+    assert row["preconditions"]["behaviours"] == ["operator"]  # refusal: the validation rates measure it
+    assert {c["name"] for c in row["preconditions"]["checks"]} == {
+        "behaviour_on_positive", "behaviour_on_negative", "oracle_readability"}
+    assert all(c["n"] == 6 for c in row["preconditions"]["checks"] if c["name"] == "oracle_readability")
+    assert set(splits) == {("operator_mul", "discovery"), ("operator_add", "discovery")}  # candidate and base
+    assert res["base_preconditions"]["passed"] and res["base_preconditions"]["split"] == "discovery"
+    # stricter preconditions: the kept weights are checked again, not tuned again, and the candidate loses
+    tuned = []
+    real_tune = stage.run_refusal_tuning
+    monkeypatch.setattr(stage, "run_refusal_tuning", lambda *a, **k: tuned.append(1) or real_tune(*a, **k))
+    strict = search(1.01)
+    assert tuned == [] and not strict["candidates"][0]["preconditions"]["passed"]
+    assert "oracle of 'operator' could read" in strict["candidates"][0]["preconditions"]["failed"][0]
+    assert strict["choice"]["index"] is None and strict["config_lines"] == []
+    assert not strict["base_preconditions"]["passed"]

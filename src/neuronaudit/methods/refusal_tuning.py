@@ -247,8 +247,11 @@ def choose_recipe(candidates: Sequence[Mapping]) -> dict:
 
     Each candidate has ``recipe`` (the settings tried), ``refusal``, ``over_refusal``,
     ``perplexity_ratio`` and ``cost`` (optimiser examples, steps × batch size), and may have
-    ``over_refusal_sounding`` (over-refusal of harmless dangerous-sounding prompts). A candidate's
-    over-refusal is the worse of the rates it has. Rule: among the candidates that meet every
+    ``over_refusal_sounding`` (over-refusal of harmless dangerous-sounding prompts) and
+    ``preconditions_passed`` (whether the tuned model keeps the audit's behaviour preconditions).
+    A candidate's over-refusal is the worse of the rates it has. A candidate that fails the
+    preconditions is never chosen; when every candidate fails them, none is (``index`` None).
+    Rule, among the others: among the candidates that meet every
     :data:`REFUSAL_TARGETS`, the cheapest, ties broken by the larger margin ``refusal -
     over-refusal``; when none meets them, the largest margin among those within the perplexity
     target (else among all), reported as not meeting the targets. Returns ``{"index", "recipe",
@@ -259,17 +262,23 @@ def choose_recipe(candidates: Sequence[Mapping]) -> dict:
     over = [worst_over_refusal(c) for c in candidates]
     checks = [target_checks(c["refusal"], o, c["perplexity_ratio"]) for c, o in zip(candidates, over)]
     margin = [c["refusal"] - o for c, o in zip(candidates, over)]
-    meeting = [i for i, ch in enumerate(checks) if ch["all"]]
+    keeping = [i for i, c in enumerate(candidates) if c.get("preconditions_passed") is not False]
+    if not keeping:
+        return {"index": None, "recipe": None, "meets_targets": False,
+                "rule": "every candidate breaks one of the audit's behaviour preconditions: none can be chosen"}
+    meeting = [i for i in keeping if checks[i]["all"]]
     if meeting:
         index = min(meeting, key=lambda i: (candidates[i]["cost"], -margin[i], i))
         rule = ("meets every target on validation; cheapest, then largest refusal - over-refusal (the worse "
                 "over-refusal rate where two are measured)")
     else:
-        pool = [i for i, ch in enumerate(checks) if ch["perplexity_ratio"]] or list(range(len(candidates)))
+        pool = [i for i in keeping if checks[i]["perplexity_ratio"]] or keeping
         index = max(pool, key=lambda i: (margin[i], -candidates[i]["cost"], -i))
         rule = ("no candidate meets every target on validation: largest refusal - over-refusal (the worse "
                 "over-refusal rate where two are measured) among those within the perplexity target (all "
                 "candidates when none is)")
+    if len(keeping) < len(candidates):
+        rule += "; candidates that break one of the audit's behaviour preconditions excluded"
     return {"index": index, "recipe": dict(candidates[index]["recipe"]), "meets_targets": bool(checks[index]["all"]),
             "rule": rule}
 

@@ -9,7 +9,7 @@ run), with ``mark`` the report marks every dependent figure."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,23 +47,23 @@ def _shown(spec: Mapping, texts, types, rows, margins) -> tuple[np.ndarray, np.n
     return np.array([lab == oracle.behaviour for lab in labels]), np.array(readable)
 
 
-def run_preconditions(manifest: str | Path, prompt_tables: Mapping[str, str | Path], out_json: str | Path,
-                      options: PreconditionOptions, threads: int | None = None) -> dict:
+def behaviour_preconditions(opened, judge, prompt_tables: Mapping[str, str | Path], options: PreconditionOptions,
+                            split: str, n_prompts: int | None, behaviours: Sequence[str] | None = None,
+                            ) -> tuple[list, dict]:
+    """Each behaviour's rate without intervention on its positive and negative prompts (the first
+    ``n_prompts`` of ``split``; all of them with None) and its oracle's readability, as
+    :func:`~neuronaudit.preconditions.behaviour_rates` checks; ``behaviours`` limits them to those
+    names. Returns the checks and ``{behaviour: {"horizon", "positive", "negative"}}``."""
     o = options
-    opened = open_model(manifest, o.model, threads)
     model, tokenizer = opened.model, opened.tokenizer
-    checks = []
-    for name, path in prompt_tables.items():
-        prompts = read_prompts(path, "all", role=f"prompt set {name!r}")
-        checks.append(coverage(name, tokenizer, list(prompts["text"]), o.max_unknown_rate))
-    judge = make_judge(o.judge.judge_config())
-    rates = {}
+    checks, rates = [], {}
     for name, spec in o.behaviours.items():
+        if behaviours is not None and name not in behaviours:
+            continue
         horizon = max(spec.get("horizons") or o.horizons)
         shown, readable = {}, []
         for side in ("positive", "negative"):
-            prompts = read_prompts(prompt_tables[spec[side]], "heldout", o.n_prompts,
-                                   role=f"prompt set {spec[side]!r}")
+            prompts = read_prompts(prompt_tables[spec[side]], split, n_prompts, role=f"prompt set {spec[side]!r}")
             ids = encode_prompts(tokenizer, list(prompts["text"]), o.model.chat_template, o.model.system_prompt)
             margins = np.full(len(ids), np.nan)
             if spec["oracle"] in LOGIT_ORACLES:
@@ -85,6 +85,21 @@ def run_preconditions(manifest: str | Path, prompt_tables: Mapping[str, str | Pa
                                   o.max_behaviour_negative, o.min_oracle_readability)
         rates[name] = {"horizon": horizon, "positive": float(shown["positive"].mean()),
                        "negative": float(shown["negative"].mean())}
+    return checks, rates
+
+
+def run_preconditions(manifest: str | Path, prompt_tables: Mapping[str, str | Path], out_json: str | Path,
+                      options: PreconditionOptions, threads: int | None = None) -> dict:
+    o = options
+    opened = open_model(manifest, o.model, threads)
+    tokenizer = opened.tokenizer
+    checks = []
+    for name, path in prompt_tables.items():
+        prompts = read_prompts(path, "all", role=f"prompt set {name!r}")
+        checks.append(coverage(name, tokenizer, list(prompts["text"]), o.max_unknown_rate))
+    judge = make_judge(o.judge.judge_config())
+    behaviour_checks, rates = behaviour_preconditions(opened, judge, prompt_tables, o, "heldout", o.n_prompts)
+    checks += behaviour_checks
     fresh = calibrate_sets(judge).get("fresh") or {}
     n = sum(v["n"] for v in fresh.values())
     correct = sum(v["correct"] for v in fresh.values())

@@ -57,7 +57,7 @@ from neuronaudit.methods.refusal_tuning import (
     worst_over_refusal,
 )
 from neuronaudit.models.loading import architecture_shape, read_manifest, weights_sha256
-from neuronaudit.options import ModelOptions, RefusalEvalOptions, TuneOptions
+from neuronaudit.options import ModelOptions, PreconditionOptions, RefusalEvalOptions, TuneOptions
 from neuronaudit.prompts import extras
 from neuronaudit.shards import shard_rows
 from neuronaudit.stages.common import open_model, read_prompts
@@ -647,6 +647,48 @@ def _finished_candidate(cand_dir: Path, combo: dict, options: TuneOptions,
     return done["row"], done["candidate"]
 
 
+def behaviour_scores(manifest_path, behaviours, threads=None) -> dict:
+    """The audit's behaviour preconditions (:func:`~neuronaudit.stages.preconditions.behaviour_preconditions`:
+    each behaviour's rates without intervention and its oracle's readability) of a tuning candidate,
+    on every DISCOVERY prompt of the behaviours' sets, so that a recipe that breaks a behaviour the
+    study audits cannot be chosen. ``behaviours`` is (:class:`PreconditionOptions`, prepared tables
+    by set name). The refusal behaviour is left out: the search's validation rates measure it."""
+    from neuronaudit.stages.preconditions import behaviour_preconditions
+
+    options, tables = behaviours
+    names = [n for n, spec in options.behaviours.items() if spec["oracle"] != "refusal"]
+    opened = open_model(manifest_path, options.model, threads)
+    judge = make_judge(options.judge.judge_config())
+    checks, rates = behaviour_preconditions(opened, judge, tables, options, TUNE_SPLIT, None, names)
+    return {"key": behaviour_key(behaviours), "split": TUNE_SPLIT, "behaviours": names,
+            "checks": [c.as_dict() for c in checks], "rates": rates, "passed": all(c.passed for c in checks),
+            "failed": [c.line() for c in checks if not c.passed]}
+
+
+def behaviour_key(behaviours) -> dict:
+    """What a candidate's behaviour preconditions were scored with (the options and the set tables)."""
+    options, tables = behaviours
+    return json.loads(json.dumps({"options": options.to_dict(), "tables": {k: str(v) for k, v in tables.items()}}))
+
+
+def _with_behaviour_scores(row: dict, cand: dict, scores: dict) -> tuple[dict, dict]:
+    return {**row, "preconditions": scores}, {**cand, "preconditions_passed": scores["passed"]}
+
+
+def _cached(path: Path, key, compute) -> dict:
+    """The ``value`` that ``path`` holds for ``key`` (JSON-comparable), else ``compute()``, written there."""
+    key = json.loads(json.dumps(key))
+    try:
+        done = json.loads(path.read_text())
+        if done["key"] == key:
+            return done["value"]
+    except (OSError, ValueError, KeyError):
+        pass
+    value = compute()
+    write_json({"key": key, "value": value}, path)
+    return value
+
+
 def _base_scores(path: Path, base_manifest_path, sets, generic, judge, eval_options, threads, progress):
     """The base model's validation rates and generic-text NLLs, evaluated once per search directory
     (a resumed search reads them back; the file records the validation prompts it was scored on)."""
@@ -677,6 +719,7 @@ def run_tune_search(
     keep_weights: bool = False,
     extra_harmless: dict[str, str | Path] | None = None,
     sounding: tuple[str, str | Path] | None = None,
+    behaviours: tuple[PreconditionOptions, dict[str, str | Path]] | None = None,
 ) -> dict:
     """Tune one candidate per grid point and score each on the VALIDATION prompts only (refusal,
     over-refusal, generic perplexity against the base model); choose with
@@ -687,7 +730,13 @@ def run_tune_search(
 
     ``sounding`` (``refusal.validation_sounding``: set name, prepared table) adds a second
     over-refusal rate, on the held-out split of a set of harmless dangerous-sounding prompts that
-    no tuning reads (tuning reads discovery splits only) and no evaluation reports."""
+    no tuning reads (tuning reads discovery splits only) and no evaluation reports.
+
+    ``behaviours`` (:class:`PreconditionOptions`, prepared tables by set name) checks each
+    candidate, and the base model once, against the audit's behaviour preconditions on the
+    behaviours' discovery prompts (:func:`behaviour_scores`); a candidate that fails one cannot be
+    chosen. A resumed search scores a kept candidate's preconditions from its kept weights
+    (``keep_weights``) instead of tuning it again."""
     combos = recipe_grid(grid)
     sounding_df = None
     if sounding is not None:
@@ -703,6 +752,10 @@ def run_tune_search(
     generic = list(read_prompts(generic_table, "all", role="generic prompt table")["text"])
     candidates, rows = [], []
     base, base_nll = None, None
+    base_behaviours = None
+    if behaviours is not None:
+        base_behaviours = _cached(out_dir / "base_preconditions.json", behaviour_key(behaviours),
+                                  lambda: behaviour_scores(base_manifest_path, behaviours, threads))
 
     def result(choice) -> dict:
         return {
@@ -713,10 +766,11 @@ def run_tune_search(
             "targets": REFUSAL_TARGETS,
             "complete": choice is not None,
             "base": None if base is None else {k: v for k, v in base["sets"].items() if k.startswith("validation_")},
+            "base_preconditions": base_behaviours,
             "candidates": rows,
             "choice": choice,
-            "config_lines": [] if choice is None else [f"refusal.{k}: {json.dumps(v)}"
-                                                       for k, v in choice["recipe"].items()],
+            "config_lines": [] if choice is None or choice["recipe"] is None else [
+                f"refusal.{k}: {json.dumps(v)}" for k, v in choice["recipe"].items()],
             "provenance": provenance(seed=tune_options.seed),
         }
 
@@ -724,6 +778,13 @@ def run_tune_search(
         o = tune_options.replace(**combo)
         cand_dir = out_dir / f"candidate-{i}"
         done = _finished_candidate(cand_dir, combo, o, sounding_df is not None)
+        if (done is not None and behaviours is not None
+                and (done[0].get("preconditions") or {}).get("key") != behaviour_key(behaviours)):
+            if (cand_dir / "weights").is_dir():  # preconditions not scored, or scored otherwise: the kept weights
+                done = _with_behaviour_scores(*done, behaviour_scores(cand_dir / "manifest.json", behaviours, threads))
+                write_json({"options": o.to_dict(), "row": done[0], "candidate": done[1]}, cand_dir / "score.json")
+            else:
+                done = None
         if done is not None:  # a resumed search keeps the candidates it already scored
             row, cand = done
             rows.append({**row, "candidate": i})
@@ -758,15 +819,20 @@ def run_tune_search(
             "targets": target_checks(refusal["rate"], worst_over_refusal(cand), ratio["mean"]),
             "loss_after": recipe["loss_after"], "seconds": time.perf_counter() - t0,
         }
+        if behaviours is not None:
+            row, cand = _with_behaviour_scores(row, cand, behaviour_scores(manifest_path, behaviours, threads))
+        row["seconds"] = time.perf_counter() - t0
         candidates.append(cand)
         rows.append(row)
         write_json({"options": o.to_dict(), "row": row, "candidate": cand}, cand_dir / "score.json")
         if not keep_weights:
             shutil.rmtree(cand_dir / "weights", ignore_errors=True)
         write_json(result(None), out_dir / "search.json")  # every scored candidate is on disk at once
-        log.info("tune-search candidate %d %s: validation refusal %d/%d, over-refusal %d/%d%s, perplexity x%.2f",
+        log.info("tune-search candidate %d %s: validation refusal %d/%d, over-refusal %d/%d%s, perplexity x%.2f%s",
                  i, combo, refusal["count"], refusal["n"], over["count"], over["n"],
-                 "" if sounded is None else f" (dangerous-sounding {sounded['count']}/{sounded['n']})", ratio["mean"])
+                 "" if sounded is None else f" (dangerous-sounding {sounded['count']}/{sounded['n']})", ratio["mean"],
+                 "" if behaviours is None else ("; behaviour preconditions kept" if cand["preconditions_passed"]
+                                                else "; FAILS " + "; ".join(row["preconditions"]["failed"])))
     final = result(choose_recipe(candidates))
     write_json(final, out_dir / "search.json")
     return final
