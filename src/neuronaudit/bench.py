@@ -28,6 +28,9 @@ Sections (``--only``, comma-separated):
               default x_grid in both signs, 12 prompts, horizons 8/16/32, rule judge): greedy dosed
               generation, the unsteered model's scoring of the rollouts, decoding, the judge and
               the oracle, as shares of the call (cProfile, cumulative)
+``lower``     the window's unsteered scoring with the blocks below each row's dose stood in for
+              by the layer inputs recorded while decoding, against running every block: one window
+              rollout call each way (wall time ratio; typed rows and perplexities compared)
 ``scaling``   how cost grows: wall time and peak memory of a collection, one window sweep and one
               rollout batch at 1x, 4x and 16x the prompts on the model, and at 1x on random models
               of its larger siblings' shapes (SmolLM2-360M and -1.7B for the embedded model), each
@@ -64,7 +67,8 @@ from neuronaudit.testing import _CORPUS, default_config, save_tiny_model, tiny_m
 
 EMBEDDED_SPEC = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIR = "results/models/gguf-SmolLM2-135M-Instruct.Q4_1"
-SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "dtype", "profile", "scaling", "rules")
+SECTIONS = ("collect", "peers", "memory", "sweeps", "rollouts", "search", "dtype", "profile", "lower", "scaling",
+            "rules")
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,11 +697,10 @@ def study_window() -> dict:
     return default_config()["window"]
 
 
-def section_profile(model, tokenizer, adapter) -> None:
-    """One window rollout call at the study's shapes, profiled: the share of each phase."""
-    import cProfile
-    import pstats
-
+def window_call(model, tokenizer, adapter, reuse_lower_layers: bool = True, n_neurons: int = 3):
+    """One window rollout call at the study's shapes: ``n_neurons`` neurons spread over the depth
+    (a quarter, half and three quarters down for three) × the default x_grid in both signs × the
+    study's prompts and horizons, rule judge. Returns the rollouts object and its dose points."""
     import pandas as pd
 
     from neuronaudit.evaluation.judge import RuleJudge
@@ -708,13 +711,48 @@ def section_profile(model, tokenizer, adapter) -> None:
     prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(n_prompts)],
                             "text": [pool[i % len(pool)][:300] for i in range(n_prompts)], "extra": "{}"})
     geometry = law.generic_geometry(model, tokenizer, adapter, pool[:8])
-    layers = [adapter.n_layers // 4, adapter.n_layers // 2, (3 * adapter.n_layers) // 4]
-    neurons = pd.DataFrame({"layer": layers, "neuron": [7] * 3, "kind": "screened"})
+    layers = [(k + 1) * adapter.n_layers // (n_neurons + 1) for k in range(n_neurons)]
+    neurons = pd.DataFrame({"layer": layers, "neuron": [7] * n_neurons, "kind": "screened"})
     points = law.dose_points(neurons, geometry, window["x_grid"])
     spec = {"oracle": "regex", "pattern": r"\bthe\b", "positive": "p", "negative": "n"}
     template = "auto" if getattr(tokenizer, "chat_template", None) else "none"
     ro = law.BehaviourRollouts(model, tokenizer, adapter, RuleJudge(), "b", spec, prompts, window["horizons"],
-                               template, None, window["row_batch_size"])
+                               template, None, window["row_batch_size"], reuse_lower_layers=reuse_lower_layers)
+    return ro, points
+
+
+def section_lower(model, tokenizer, adapter, quick: bool) -> None:
+    """The window's unsteered scoring with the blocks below each dose stood in for by the layer
+    inputs recorded while decoding, against running every block: wall time of one window rollout
+    call each way (the study's shapes), and whether the typed rows agree."""
+    import numpy as np
+
+    n_neurons = 1 if quick else 3
+    frames, walls = {}, {}
+    for reuse in (False, True):
+        ro, points = window_call(model, tokenizer, adapter, reuse, n_neurons)
+        ro(points[:2])  # warm up kernels and caches outside the timing
+        start = time.perf_counter()
+        frames[reuse] = ro(points)
+        walls[reuse] = time.perf_counter() - start
+    a, b = frames[False], frames[True]
+    same_types = float((a["rollout_type"].to_numpy() == b["rollout_type"].to_numpy()).mean())
+    same_text = float((a["response"].to_numpy() == b["response"].to_numpy()).mean())
+    rel = np.nanmax(np.abs(a["perplexity"].to_numpy() / b["perplexity"].to_numpy() - 1.0))
+    out(f"lower: one window rollout call ({len(points)} dose rows × {len(ro.prompts)} prompts, neurons at layers "
+        f"{sorted({p['layer'] for p in points})} of {adapter.n_layers}): every block {walls[False]:.1f} s, "
+        f"blocks below the dose stood in for {walls[True]:.1f} s: {walls[True] / walls[False]:.2f}x")
+    out(f"lower: responses equal on {same_text:.1%}, judge types on {same_types:.1%} of {len(a)} typed rows; "
+        f"largest relative perplexity difference {rel:.1e}")
+
+
+def section_profile(model, tokenizer, adapter) -> None:
+    """One window rollout call at the study's shapes, profiled: the share of each phase."""
+    import cProfile
+    import pstats
+
+    ro, points = window_call(model, tokenizer, adapter)
+    prompts, window = ro.prompts, study_window()
     ro(points[:2])  # warm up kernels and caches outside the profile
     profiler = cProfile.Profile()
     start = time.perf_counter()
@@ -1036,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{torch.get_num_threads()} torch threads OpenMP waits at barriers for descheduled "
                 "threads and timings swing wildly; --threads 1 gives steadier ratios")
     spec = resolve_model(args.model)
-    needs_model = any(s in args.only for s in ("collect", "sweeps", "rollouts", "dtype", "profile"))
+    needs_model = any(s in args.only for s in ("collect", "sweeps", "rollouts", "dtype", "profile", "lower"))
     if needs_model:
         model, tokenizer, adapter, label = load(spec)
         out(f"model: {label} ({adapter.family}, {adapter.n_layers} layers, d_model {adapter.d_model}, "
@@ -1064,6 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
         section_dtype(model, tokenizer, args.batch, args.tokens, args.new_tokens, args.repeats)
     if "profile" in args.only:
         section_profile(model, tokenizer, adapter)
+    if "lower" in args.only:
+        section_lower(model, tokenizer, adapter, args.quick)
     if "scaling" in args.only:
         section_scaling(spec, args.quick, args.scaling_modes, args.scaling_scales)
     if "rules" in args.only:

@@ -93,6 +93,16 @@ def test_profile_section_splits_one_window_call_on_a_tiny_model(capsys):
     assert float(generation.split(": ")[1].split(" s")[0]) > 0  # the phase was found in the profile
 
 
+def test_lower_section_times_the_window_call_both_ways_and_compares_the_typed_rows(capsys):
+    model, tokenizer, adapter, _ = bench.load("tiny")
+    bench.section_lower(model, tokenizer, adapter, quick=True)
+    text = capsys.readouterr().out
+    timing, agreement = [line for line in text.splitlines() if line.startswith("lower: ")]
+    assert "18 dose rows × 12 prompts" in timing and "neurons at layers [2] of 4" in timing
+    assert "responses equal on 100.0%, judge types on 100.0% of 648 typed rows" in agreement
+    assert float(agreement.rsplit(" ", 1)[1]) < 1e-4  # the perplexities agree to float rounding
+
+
 def test_the_per_rule_table_sums_each_rules_jobs_longest_first(tmp_path):
     study = tmp_path / "results" / "s"
     head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"

@@ -11,10 +11,12 @@ the sequence (:mod:`neuronaudit.interventions.finite`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,18 +118,77 @@ def score_tokens(
     return TokenScores(logprobs, entropies)
 
 
+@dataclass
+class LowerLayers:
+    """What the unintervened model's blocks below each response's layer give, already known: the
+    input of block ``layers[i]`` (the residual stream entering it) at every position of response
+    ``i``, ``inputs[i] [len_i, D]`` (position 0: the last prompt token; position t: response token
+    t - 1). An intervention at a row's layer leaves everything below it as the unintervened model
+    computes it, so the rollouts of a dose sweep record it while they decode
+    (:func:`~neuronaudit.interventions.sweeps.generated_dose_sweep` with ``keep_layer_inputs``)
+    and their scoring need not run those blocks again."""
+
+    adapter: object
+    layers: Sequence[int]
+    inputs: Sequence[torch.Tensor]
+
+
+def _block_output_kind(model, adapter) -> str | None:
+    """How this model's decoder blocks return their output (``"tensor"`` or ``"tuple"`` of one
+    tensor), found once by a one-token forward; None when a block returns anything else (a cache
+    or attention weights beside it), so its output cannot be stood in for."""
+    if hasattr(adapter, "_block_output_kind"):
+        return adapter._block_output_kind
+    seen = []
+    handle = adapter.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.inference_mode():
+            one = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+            model(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False)
+    finally:
+        handle.remove()
+    out = seen[0] if seen else None
+    kind = ("tensor" if isinstance(out, torch.Tensor)
+            else "tuple" if isinstance(out, tuple) and len(out) == 1 and isinstance(out[0], torch.Tensor) else None)
+    adapter._block_output_kind = kind
+    return kind
+
+
+@contextmanager
+def _stand_in_below(adapter, upto: int, hidden: torch.Tensor, kind: str):
+    """Blocks ``[0, upto)`` do not run: each returns ``hidden``, so block ``upto`` receives it."""
+    out = hidden if kind == "tensor" else (hidden,)
+    saved = []
+    try:
+        for layer in range(upto):
+            block = adapter.blocks[layer]
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = lambda *args, _out=out, **kwargs: _out
+        yield
+    finally:
+        for block, previous in saved:
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
+
+
 def shared_prompt_scores(
     model,
     prompt_ids: Sequence[int],
     response_ids: Sequence[Sequence[int]],
     batch_size: int = 32,
     pad_token_id: int = 0,
+    lower: LowerLayers | None = None,
 ) -> TokenScores:
     """Score many ``response_ids`` that continue one prompt, under the unintervened model.
 
     Equals :func:`score_tokens` of ``prompt + response`` scored from ``len(prompt)`` for each
     response, but the prompt runs once: its KV cache (all but the last prompt token) is shared by
-    every row, and each row runs only its last prompt token and its response.
+    every row, and each row runs only its last prompt token and its response. With ``lower``
+    (:class:`LowerLayers`), responses are batched by their layer and the blocks below it do not run:
+    block ``layer`` starts from the recorded inputs (equal up to float rounding; used where the
+    model's blocks return a plain tensor, else every block runs).
     """
 
     prompt = list(prompt_ids)
@@ -139,7 +200,10 @@ def shared_prompt_scores(
     head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     logprobs: list[np.ndarray] = [np.empty(0)] * len(response_ids)
     entropies: list[np.ndarray] = [np.empty(0)] * len(response_ids)
-    order = [i for i in sorted(range(len(response_ids)), key=lambda i: -len(response_ids[i])) if len(response_ids[i])]
+    kind = None if lower is None else _block_output_kind(model, lower.adapter)
+    layer_of = (lambda i: 0) if kind is None else (lambda i: int(lower.layers[i]))
+    order = [i for i in sorted(range(len(response_ids)), key=lambda i: (-layer_of(i), -len(response_ids[i])))
+             if len(response_ids[i])]
     with torch.inference_mode(), finite_checks(model):
         prefix = None
         if len(prompt) > 1:
@@ -161,8 +225,17 @@ def shared_prompt_scores(
                 targets[r, : len(response)] = torch.tensor(response)
             ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
             kwargs = {name: broadcast_cache(prefix, len(idx))} if prefix is not None else {}
+            upto = layer_of(idx[0])
+            stand_in = contextlib.nullcontext()
+            if upto > 0:
+                hidden = torch.zeros((len(idx), width, lower.inputs[idx[0]].shape[-1]),
+                                     dtype=lower.inputs[idx[0]].dtype, device=device)
+                for r, i in enumerate(idx):
+                    hidden[r, : len(response_ids[i])] = lower.inputs[i][: len(response_ids[i])].to(device)
+                stand_in = _stand_in_below(lower.adapter, upto, hidden, kind)
             try:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs).logits
+                with stand_in:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs).logits
             except NonFiniteError as err:
                 err.at(context=f"response {idx[err.row]}" if err.row is not None else "")
                 raise
@@ -172,8 +245,14 @@ def shared_prompt_scores(
             lengths = [len(response_ids[i]) for i in idx]
             return [(token_lp[r, :n].cpu().numpy(), entropy[r, :n].cpu().numpy()) for r, n in enumerate(lengths)]
 
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        batches, current = [], []
+        for i in order:  # at most batch_size responses, all of one layer where the blocks below are skipped
+            if current and (len(current) == batch_size or layer_of(i) != layer_of(current[0])):
+                batches.append(current)
+                current = []
+            current.append(i)
+        batches += [current] if current else []
+        for idx in batches:
             width = len(response_ids[idx[0]])
             scored = split_on_oom(functools.partial(run, width=width), idx, "response scoring")
             for i, (lp, ent) in zip(idx, scored):

@@ -54,7 +54,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +132,10 @@ class SweepResult:
       ``entropy``       ``[P, R, N]`` entropy (nats) of each step's distribution (nan after EOS)
       ``logits``        ``[P, R, N, V]`` every step's logits when ``return_logits=True`` (nan after EOS)
       ``token_logits``  ``[P, R, N, K]`` every step's logits of the ``keep_token_ids`` only
+      ``layer_inputs``  ``[P, R, N, D]`` the residual stream entering row ``r``'s layer at each
+                        decode step, where ``keep_layer_inputs=True`` (zeros for a row at layer 0
+                        and after a row's EOS): below its dose, what the unintervened model
+                        computes (:class:`~neuronaudit.interventions.scoring.LowerLayers`)
     """
 
     rows: list[Row]
@@ -151,6 +155,7 @@ class SweepResult:
     token_logprob: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     token_logits: torch.Tensor | None = None
+    layer_inputs: torch.Tensor | None = None
 
     def log_probs(self) -> torch.Tensor:
         """``log_softmax`` of ``logits`` over the vocabulary (same shape)."""
@@ -344,6 +349,31 @@ def _record_blocks(adapter: ArchitectureAdapter, store: list):
         for layer, block in enumerate(adapter.blocks):
             handles.append(block.register_forward_hook(block_hook(layer)))
         handles.append(adapter.final_norm.register_forward_hook(final_hook))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _record_layer_inputs(adapter: ArchitectureAdapter, layers: Sequence[int]):
+    """While decoding rows at ``layers``: per distinct layer ``l >= 1``, the residual entering
+    block ``l`` at the last position of each step, for the rows at ``l``
+    (``{(l, row indices): [step tensors [n_l, D]]}``); a row at layer 0 records nothing."""
+    store: dict = {}
+    handles = []
+
+    def hook(key):
+        def record(module, args, output):
+            store[key].append(_hidden(output)[list(key[1]), -1].detach().clone())
+
+        return record
+
+    try:
+        for layer in sorted({int(x) for x in layers} - {0}):
+            key = (layer, tuple(k for k, x in enumerate(layers) if int(x) == layer))
+            store[key] = []
+            handles.append(adapter.blocks[layer - 1].register_forward_hook(hook(key)))
         yield store
     finally:
         for h in handles:
@@ -731,6 +761,7 @@ def generated_dose_sweep(
     return_logits: bool = False,
     row_batch_size: int = 32,
     keep_token_ids: Sequence[int] = (),
+    keep_layer_inputs: bool = False,
 ) -> SweepResult:
     """Greedy rollouts with every row's dose on every generated token (and on the last prompt
     token when ``include_last_prompt``), ``max_new_tokens`` per row.
@@ -739,7 +770,9 @@ def generated_dose_sweep(
     after a row's EOS), ``lengths [P, R]``, ``token_logprob`` and ``entropy [P, R, N]``, and
     ``logits [P, R, N, V]`` if ``return_logits`` (nan after EOS), and ``token_logits [P, R, N, K]``, the logits of
     the ``K`` ``keep_token_ids`` at every step (nan after EOS; what a logit-pair oracle reads, at a
-    fraction of the memory of full logits). ``eos_token_id="default"`` takes the model's
+    fraction of the memory of full logits), and ``layer_inputs [P, R, N, D]`` if
+    ``keep_layer_inputs`` (the residual entering each row's layer at each step, for scoring the
+    rollouts without rerunning the blocks below it). ``eos_token_id="default"`` takes the model's
     generation config; ``None`` never stops. Equals one ``model.generate(do_sample=False)`` per
     row token for token (:func:`naive_dose_loop`): greedy argmax, no logits processors.
     """
@@ -761,6 +794,8 @@ def generated_dose_sweep(
         token_logprob=torch.full((P, R, N), math.nan),
         entropy=torch.full((P, R, N), math.nan),
         token_logits=torch.full((P, R, N, len(keep_token_ids)), math.nan),
+        layer_inputs=torch.zeros((P, R, N, adapter.d_model), dtype=next(model.parameters()).dtype)
+        if keep_layer_inputs else None,
     )
     chunks = _order_by_layer(rows, row_batch_size)
     step = _DecodeStep(model, head, ck, device, eos, pad, return_logits, keep_token_ids)
@@ -780,8 +815,14 @@ def generated_dose_sweep(
 
                 def run(part_rows, part, p=p, ids=ids, prefix=prefix, T=T):
                     hooks = NeuronHooks(adapter, _plan([rows[r] for r in part_rows], positions), cached_prompt_length=T)
-                    with _named(p, rows, part_rows), hooks:
+                    recorded = _record_layer_inputs(adapter, [rows[r][0] for r in part_rows]) if keep_layer_inputs \
+                        else nullcontext({})
+                    with _named(p, rows, part_rows), hooks, recorded as inputs:
                         tokens, logprob, entropy, length, logits, kept = step.decode(ids, prefix, len(part_rows), N)
+                    if keep_layer_inputs:
+                        for (_layer, sel), steps_ in inputs.items():
+                            res.layer_inputs[p, [part_rows[k] for k in sel], : len(steps_)] = torch.stack(
+                                steps_, dim=1).to(res.layer_inputs.dtype).cpu()
                     steps = torch.stack(logits, dim=1) if logits else None  # [n, steps run, V]
                     # a row's logits up to and including its EOS (the rows after it are no part of it)
                     return [(tokens[r], logprob[r], entropy[r], length[r], kept[r],

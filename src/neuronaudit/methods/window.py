@@ -46,7 +46,7 @@ from neuronaudit.evaluation.stats import (
 )
 from neuronaudit.interventions.hooks import NeuronHooks
 from neuronaudit.interventions.memory import split_on_oom
-from neuronaudit.interventions.scoring import shared_prompt_scores
+from neuronaudit.interventions.scoring import LowerLayers, shared_prompt_scores
 from neuronaudit.interventions.sweeps import generated_dose_sweep, single_pass_dose_response
 from neuronaudit.io import null_for_reason
 from neuronaudit.methods.attribution import opening_token_ids
@@ -438,16 +438,21 @@ class BehaviourRollouts:
     :func:`~neuronaudit.interventions.sweeps.generated_dose_sweep` per call (all rows of all
     points together), the unsteered model's perplexity of each rollout, the judge's types, the
     oracle's flips (a collapsed rollout never flips). ``n_rollouts`` counts rows × prompts so far.
+    The unsteered scoring does not rerun the blocks below each row's dose: what enters the row's
+    layer, recorded while the rollouts decode, stands in for them (``reuse_lower_layers``;
+    :class:`~neuronaudit.interventions.scoring.LowerLayers`), the same scores up to float rounding.
 
     A row's greedy tokens depend on its own dose only; which rows share its batch changes its
     floats at the rounding level (batch-shape dependent matrix kernels), which can only change a
     token at an exact argmax tie."""
 
     def __init__(self, model, tokenizer, adapter, judge, behaviour: str, spec: Mapping, prompts: pd.DataFrame,
-                 horizons: Sequence[int], chat_template: str, system_prompt: str | None, row_batch_size: int):
+                 horizons: Sequence[int], chat_template: str, system_prompt: str | None, row_batch_size: int,
+                 reuse_lower_layers: bool = True):
         self.model, self.tokenizer, self.adapter, self.judge = model, tokenizer, adapter, judge
         self.behaviour, self.spec, self.prompts = behaviour, spec, prompts
         self.horizons, self.row_batch_size = list(horizons), row_batch_size
+        self.reuse_lower_layers = reuse_lower_layers
         texts = render_prompts(tokenizer, prompts["text"], chat_template, system_prompt)
         tokenizer.padding_side = "left"
         self.enc = tokenizer(texts, return_tensors="pt", padding=True,
@@ -463,22 +468,30 @@ class BehaviourRollouts:
         rows = [(int(m["layer"]), int(m["neuron"]), float(m["dose"])) for m in points]
         device = next(model.parameters()).device
         t0 = time.perf_counter()
-        result = generated_dose_sweep(model, self.adapter, self.enc["input_ids"].to(device),
-                                      self.enc["attention_mask"].to(device), rows, max_new_tokens=max(self.horizons),
-                                      row_batch_size=self.row_batch_size, keep_token_ids=pair[0] if pair else ())
-        tokens = result.tokens.cpu().numpy()
-        lengths = result.lengths.cpu().numpy()
-        entropy = result.entropy.cpu().numpy()
-        P, R = tokens.shape[:2]
+        P, R = len(prompts), len(rows)
+        tokens, lengths, entropy, first_logits, logprob = [], [], [], [], []
+        for p in range(P):  # one prompt at a time: its rows' recorded layer inputs are freed once scored
+            result = generated_dose_sweep(model, self.adapter, self.enc["input_ids"][p : p + 1].to(device),
+                                          self.enc["attention_mask"][p : p + 1].to(device), rows,
+                                          max_new_tokens=max(self.horizons), row_batch_size=self.row_batch_size,
+                                          keep_token_ids=pair[0] if pair else (),
+                                          keep_layer_inputs=self.reuse_lower_layers)
+            tokens.append(result.tokens[0].cpu().numpy())
+            lengths.append(result.lengths[0].cpu().numpy())
+            entropy.append(result.entropy[0].cpu().numpy())
+            first_logits.append(result.token_logits[0, :, 0].numpy())
+            responses = [tokens[p][r, : lengths[p][r]].tolist() for r in range(R)]
+            # every row of a prompt continues the same prompt: its KV cache is computed once, and the
+            # blocks below each row's dose are not run again (the sweep recorded what enters its layer)
+            lower = (LowerLayers(self.adapter, [row[0] for row in rows], list(result.layer_inputs[0]))
+                     if self.reuse_lower_layers else None)
+            logprob += shared_prompt_scores(model, self.prompt_tokens[p], responses, batch_size=32,
+                                            pad_token_id=tokenizer.pad_token_id or 0, lower=lower).logprob
+        tokens, lengths, entropy = np.stack(tokens), np.stack(lengths), np.stack(entropy)
         # the first generated token's behaviour-vs-default log-odds of every rollout (logit_pair only)
-        margin = (logit_pair_margin(result.token_logits[:, :, 0].numpy(), pair[1], pair[2]).reshape(-1)
+        margin = (logit_pair_margin(np.stack(first_logits), pair[1], pair[2]).reshape(-1)
                   if pair else np.full(P * R, np.nan))
         responses_ids = [tokens[p, r, : lengths[p, r]].tolist() for p in range(P) for r in range(R)]
-        # every row of a prompt continues the same prompt: its KV cache is computed once per prompt
-        logprob = []
-        for p in range(P):
-            logprob += shared_prompt_scores(model, self.prompt_tokens[p], responses_ids[p * R : (p + 1) * R],
-                                            batch_size=32, pad_token_id=tokenizer.pad_token_id or 0).logprob
         frames = []
         for h in self.horizons:
             lens = [min(len(r), h) for r in responses_ids]
