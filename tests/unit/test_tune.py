@@ -712,3 +712,24 @@ def test_tune_search_checks_the_behaviour_preconditions_on_discovery_prompts(tun
     assert "oracle of 'operator' could read" in strict["candidates"][0]["preconditions"]["failed"][0]
     assert strict["choice"]["index"] is None and strict["config_lines"] == []
     assert not strict["base_preconditions"]["passed"]
+
+
+def test_tune_search_names_a_missing_behaviour_prompt_table_before_any_tuning(tmp_path, capsys):
+    from neuronaudit.cli import main
+    from neuronaudit.config import load_config, model_source, study_name
+
+    root = Path(__file__).resolve().parents[2]
+    config_file = root / "config" / "config.yaml"
+    config = load_config([str(config_file)], [])
+    study = tmp_path / "results" / study_name(config)
+    base = tmp_path / "results" / "models" / model_source(config, tmp_path).slug / "manifest.json"
+    for path in [base, *(study / "prompts" / f"{n}.parquet" for n in
+                         ("harmful", "harmless", "generic", "harmless_sounding", "operator_mul", "format_list",
+                          "format_prose"))]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    code = main(["tune-search", "--configfile", str(config_file), "--root", str(tmp_path), "--grid", "steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "operator_add.parquet' (a behaviour's prompt set) not found: prepare the prompts first" in err[0]
+    assert not (study / "tune_search").exists()
