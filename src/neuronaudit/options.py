@@ -212,6 +212,8 @@ class TuneOptions(StageOptions):
     extra_harmless_sets: list
     lora_rank: int | None
     harmless_loss: str
+    decision_tokens: int
+    decision_weight: float
     seed: int = key("seed")
 
 

@@ -65,7 +65,7 @@ def _token_losses(model, examples) -> list[list[float]]:
         seq = torch.tensor([list(e.prompt_ids) + list(e.response_ids)])
         logp = F.log_softmax(model(seq).logits[0], -1)
         p = len(e.prompt_ids)
-        out.append([-float(logp[p + k - 1, tok]) for k, tok in enumerate(e.response_ids)])
+        out.append([-float(logp[p + k - 1, tok].detach()) for k, tok in enumerate(e.response_ids)])
     return out
 
 
@@ -440,7 +440,7 @@ def test_weighted_response_loss_weights_each_examples_tokens(tokenizer):
     assert ones == pytest.approx(plain, rel=1e-5)
     expected = sum(w * sum(r) for w, r in zip(weights.tolist(), per_row)) / sum(
         w * len(r) for w, r in zip(weights.tolist(), per_row))
-    assert weighted == pytest.approx(expected, rel=1e-4) and weighted != pytest.approx(plain, rel=1e-3)
+    assert weighted == pytest.approx(expected, rel=1e-4) and weighted != pytest.approx(plain, rel=1e-4)
     with pytest.raises(NeuronAuditError, match="harmless_loss_weight 0"):
         train_response_loss(model, examples, tokenizer.pad_token_id, steps=1, learning_rate=1e-3, batch_size=2,
                             seed=0, harmless_loss_weight=0)
@@ -733,3 +733,58 @@ def test_tune_search_names_a_missing_behaviour_prompt_table_before_any_tuning(tm
     assert code == 2 and len(err) == 1
     assert "operator_add.parquet' (a behaviour's prompt set) not found: prepare the prompts first" in err[0]
     assert not (study / "tune_search").exists()
+
+
+def test_the_first_response_tokens_weigh_decision_weight_times_more(tokenizer):
+    from neuronaudit.methods.refusal_tuning import decision_token_weights, reference_log_probs
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    examples = _examples(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    w = decision_token_weights(batch["labels"], 2, 5.0)
+    for r, e in enumerate(examples):
+        row = w[r][w[r] > 0].tolist()
+        assert row == [5.0, 5.0] + [1.0] * (len(e.response_ids) - 2)  # on the response only, its first two
+    per_row = _token_losses(model, examples)
+    with torch.no_grad():
+        weighted = float(response_loss(model, batch, decision_tokens=2, decision_weight=5.0))
+        row_and_decision = float(response_loss(model, batch, torch.tensor([2.0, 1.0, 1.0, 1.0]), decision_tokens=2,
+                                               decision_weight=5.0))
+        plain = float(response_loss(model, batch))
+        assert float(response_loss(model, batch, decision_tokens=2, decision_weight=1.0)) == pytest.approx(plain)
+
+    def expected(row_w):
+        num = den = 0.0
+        for rw, losses in zip(row_w, per_row):
+            for k, x in enumerate(losses):
+                tw = rw * (5.0 if k < 2 else 1.0)
+                num, den = num + tw * x, den + tw
+        return num / den
+
+    assert weighted == pytest.approx(expected([1, 1, 1, 1]), rel=1e-4) and weighted != pytest.approx(plain, rel=1e-4)
+    assert row_and_decision == pytest.approx(expected([2, 1, 1, 1]), rel=1e-4)
+    # the KL branch weighs its terms the same way: at the reference model itself every KL term is 0,
+    # so only the cross-entropy rows remain, each weighted by position
+    kl_rows = torch.tensor([False, True, True, False])
+    refs = reference_log_probs(model, [examples[1], examples[2]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        kl = float(response_loss(model, batch, None, refs, kl_rows, decision_tokens=2, decision_weight=5.0))
+    num = sum((5.0 if k < 2 else 1.0) * x for r in (0, 3) for k, x in enumerate(per_row[r]))
+    den = sum(5.0 if k < 2 else 1.0 for r in range(4) for k in range(len(per_row[r])))
+    assert kl == pytest.approx(num / den, rel=1e-3, abs=1e-5)
+
+
+def test_decision_settings_are_checked_and_a_search_scored_before_them_is_kept(tmp_path):
+    from neuronaudit.stages.refusal import _finished_candidate, check_tune_options
+
+    with pytest.raises(NeuronAuditError, match="refusal.decision_tokens -1"):
+        check_tune_options(tune(decision_tokens=-1))
+    with pytest.raises(NeuronAuditError, match="refusal.decision_weight 0"):
+        check_tune_options(tune(decision_weight=0))
+    o = tune(steps=3)
+    stored = {k: v for k, v in json.loads(json.dumps(o.to_dict())).items()
+              if k not in ("decision_tokens", "decision_weight")}
+    (tmp_path / "score.json").write_text(json.dumps({"options": stored, "row": {"recipe": {"steps": 3}},
+                                                     "candidate": {"over_refusal_sounding": None}}))
+    assert _finished_candidate(tmp_path, {"steps": 3}, o) is not None  # scored before they existed: defaults
+    assert _finished_candidate(tmp_path, {"steps": 3}, o.replace(decision_tokens=4)) is None

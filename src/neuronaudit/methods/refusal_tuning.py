@@ -110,12 +110,25 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
 HARMLESS_LOSSES = ("cross_entropy", "kl_to_base")
 
 
+def decision_token_weights(labels: torch.Tensor, decision_tokens: int, decision_weight: float) -> torch.Tensor:
+    """Per next-token term of a batch (``labels[:, 1:]``'s shape): ``decision_weight`` for the
+    first ``decision_tokens`` response tokens of each row (where an answer turns into a refusal or
+    not), 1 for the rest and 0 off the response."""
+    used = labels[:, 1:] != IGNORE_INDEX
+    rank = torch.cumsum(used.long(), dim=1) - 1  # each term's position within its response
+    first = used & (rank < int(decision_tokens))
+    return torch.where(first, float(decision_weight), 1.0) * used
+
+
 def response_loss(model, batch: Mapping[str, torch.Tensor], row_weights: torch.Tensor | None = None,
                   reference_log_probs: Sequence[torch.Tensor] | None = None,
-                  kl_rows: torch.Tensor | None = None) -> torch.Tensor:
+                  kl_rows: torch.Tensor | None = None, decision_tokens: int = 0,
+                  decision_weight: float = 1.0) -> torch.Tensor:
     """Mean next-token cross-entropy over the response tokens of a batch; with ``row_weights``
     (one per example) each token's term is weighted by its example's weight and the sum divided
-    by the summed weights of the terms (weights all 1: the plain token mean).
+    by the summed weights of the terms (weights all 1: the plain token mean). The first
+    ``decision_tokens`` response tokens of every row weigh ``decision_weight`` times more
+    (:func:`decision_token_weights`).
 
     With ``reference_log_probs`` (for each row of the boolean mask ``kl_rows``, in order, a
     reference model's next-token log-probabilities at that row's response positions: one row per
@@ -142,15 +155,20 @@ def response_loss(model, batch: Mapping[str, torch.Tensor], row_weights: torch.T
             terms[r, at] = (ref.exp() * (ref - logp)).sum(-1)
         weights = (torch.ones(len(ids), device=device) if row_weights is None
                    else row_weights.to(device=device, dtype=terms.dtype))[:, None] * used
+        if decision_tokens:
+            weights = weights * decision_token_weights(labels, decision_tokens, decision_weight)
         return (torch.where(used, terms, 0.0) * weights).sum() / weights.sum()
-    if row_weights is None:
+    if row_weights is None and not decision_tokens:
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
             ignore_index=IGNORE_INDEX,
         )
     terms = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX,
                             reduction="none")
-    weights = row_weights.to(device=device, dtype=terms.dtype)[:, None] * (labels[:, 1:] != IGNORE_INDEX)
+    weights = (torch.ones(len(ids), device=device) if row_weights is None
+               else row_weights.to(device=device, dtype=terms.dtype))[:, None] * (labels[:, 1:] != IGNORE_INDEX)
+    if decision_tokens:
+        weights = weights * decision_token_weights(labels, decision_tokens, decision_weight)
     return (terms * weights).sum() / weights.sum()
 
 
@@ -337,7 +355,7 @@ def train_response_loss(
     model, examples: Sequence[Example], pad_token_id: int, steps: int, learning_rate: float, batch_size: int,
     seed: int, grad_clip: float = 1.0, weight_decay: float = 0.0, progress: bool = False,
     harmless_fraction: float | None = None, harmless_loss_weight: float = 1.0,
-    harmless_loss: str = "cross_entropy",
+    harmless_loss: str = "cross_entropy", decision_tokens: int = 0, decision_weight: float = 1.0,
 ) -> list[dict]:
     """AdamW on the response loss; batches drawn epoch by epoch from a seeded permutation.
 
@@ -351,6 +369,8 @@ def train_response_loss(
     ``harmless_loss`` (:data:`HARMLESS_LOSSES`) ``kl_to_base`` trains the own-answer examples towards
     the untuned model's next-token distributions (:func:`reference_log_probs`, computed once before
     the first step; with LoRA, the model with its adapters switched off) instead of their tokens.
+    The first ``decision_tokens`` response tokens of every example weigh ``decision_weight`` times
+    more (0: every token alike): whether an answer is a refusal is decided in its first tokens.
 
     Returns the per-step log (``step``, ``loss``, ``grad_norm``).
     """
@@ -401,9 +421,10 @@ def train_response_loss(
         kl_rows = torch.tensor([e.kind == "own_answer" for e in chosen])
         if harmless_loss == "kl_to_base" and kl_rows.any():
             refs = [reference[i] for i in idx if examples[i].kind == "own_answer"]
-            loss = response_loss(model, batch, weights, refs, kl_rows)
+            loss = response_loss(model, batch, weights, refs, kl_rows, decision_tokens, decision_weight)
         else:
-            loss = response_loss(model, batch, weights)
+            loss = response_loss(model, batch, weights, decision_tokens=decision_tokens,
+                                 decision_weight=decision_weight)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         for site, v in (("training loss", float(loss.detach())), ("gradient norm", grad_norm)):

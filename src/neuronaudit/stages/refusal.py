@@ -95,6 +95,11 @@ def check_tune_options(o: TuneOptions) -> None:
         raise NeuronAuditError(f"refusal.harmless_loss_weight {o.harmless_loss_weight!r} must be a positive number")
     if o.harmless_loss not in HARMLESS_LOSSES:
         raise NeuronAuditError(f"refusal.harmless_loss {o.harmless_loss!r} must be one of {list(HARMLESS_LOSSES)}")
+    if isinstance(o.decision_tokens, bool) or int(o.decision_tokens) != o.decision_tokens or o.decision_tokens < 0:
+        raise NeuronAuditError(f"refusal.decision_tokens {o.decision_tokens!r} must be a whole number >= 0")
+    if isinstance(o.decision_weight, bool) or not (isinstance(o.decision_weight, (int, float))
+                                                   and math.isfinite(o.decision_weight) and o.decision_weight > 0):
+        raise NeuronAuditError(f"refusal.decision_weight {o.decision_weight!r} must be a positive number")
     if o.lora_rank is not None and (isinstance(o.lora_rank, bool) or int(o.lora_rank) != o.lora_rank
                                     or o.lora_rank < 1):
         raise NeuronAuditError(f"refusal.lora_rank {o.lora_rank!r} must be a positive integer or null")
@@ -157,7 +162,7 @@ def run_refusal_tuning(
         model = with_lora_adapters(model, o.lora_rank)
     curve = train_response_loss(model, examples, pad, o.steps, o.learning_rate, o.batch_size, o.seed, GRAD_CLIP,
                                 WEIGHT_DECAY, progress, o.harmless_fraction, o.harmless_loss_weight,
-                                o.harmless_loss)
+                                o.harmless_loss, int(o.decision_tokens), float(o.decision_weight))
     if o.lora_rank is not None:
         model = model.merge_and_unload()
     train_seconds = time.perf_counter() - t_train
@@ -210,6 +215,8 @@ def tuning_recipe(o: TuneOptions, base: dict, base_manifest_path, device: str, r
         "harmless_fraction": o.harmless_fraction,
         "harmless_loss_weight": o.harmless_loss_weight,
         "harmless_loss": o.harmless_loss,
+        "decision_tokens": o.decision_tokens,
+        "decision_weight": o.decision_weight,
         "extra_harmless_sets": list(o.extra_harmless_sets),
         "grad_clip": GRAD_CLIP,
         "dtype": "float32",
@@ -615,9 +622,13 @@ def target_checks_by_set(sets: dict, perplexity_ratio: float | None) -> dict:
     return out
 
 
+#: Tuning settings added after searches were scored, at the value that means "not used": a candidate
+#: scored without them was tuned at these values.
+SETTINGS_ADDED = {"decision_tokens": 0, "decision_weight": 1.0}
+
 #: Recipe settings a tuning search may vary (the validation part itself stays fixed).
 SEARCHABLE = ("steps", "learning_rate", "batch_size", "harmless_fraction", "answer_max_new_tokens", "lora_rank",
-              "harmless_loss", "harmless_loss_weight", "extra_harmless_sets")
+              "harmless_loss", "harmless_loss_weight", "extra_harmless_sets", "decision_tokens", "decision_weight")
 
 
 def recipe_grid(grid: dict[str, list]) -> list[dict]:
@@ -640,7 +651,8 @@ def _finished_candidate(cand_dir: Path, combo: dict, options: TuneOptions,
         done = json.loads((cand_dir / "score.json").read_text())
     except (OSError, ValueError):
         return None
-    if done.get("options") != json.loads(json.dumps(options.to_dict())) or done["row"]["recipe"] != combo:
+    stored = {**SETTINGS_ADDED, **(done.get("options") or {})}  # scored before a setting existed: at its default
+    if stored != json.loads(json.dumps(options.to_dict())) or done["row"]["recipe"] != combo:
         return None
     if (done["candidate"].get("over_refusal_sounding") is not None) != sounding:
         return None
