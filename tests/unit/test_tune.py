@@ -710,8 +710,23 @@ def test_tune_search_checks_the_behaviour_preconditions_on_discovery_prompts(tun
     strict = search(1.01)
     assert tuned == [] and not strict["candidates"][0]["preconditions"]["passed"]
     assert "oracle of 'operator' could read" in strict["candidates"][0]["preconditions"]["failed"][0]
-    assert strict["choice"]["index"] is None and strict["config_lines"] == []
+    # ... and so does the base model: the model's own limit, not the recipe's doing
     assert not strict["base_preconditions"]["passed"]
+    assert strict["candidates"][0]["preconditions"]["broken"] == [] and strict["choice"]["index"] == 0
+
+
+def test_a_precondition_is_broken_by_a_recipe_only_where_the_base_model_passes_it():
+    from neuronaudit.stages.refusal import broken_preconditions
+
+    def check(name, scope, passed):
+        return {"name": name, "scope": scope, "passed": passed, "detail": f"{name} {scope}"}
+
+    base = [check("oracle_readability", "behaviour:operator", False), check("behaviour_on_positive",
+                                                                           "behaviour:format", True)]
+    cand = [check("oracle_readability", "behaviour:operator", False), check("behaviour_on_positive",
+                                                                           "behaviour:format", False)]
+    assert [c["scope"] for c in broken_preconditions(cand, base)] == ["behaviour:format"]
+    assert len(broken_preconditions(cand, None)) == 2  # no base checks: every failure counts
 
 
 def test_tune_search_names_a_missing_behaviour_prompt_table_before_any_tuning(tmp_path, capsys):

@@ -266,7 +266,8 @@ def choose_recipe(candidates: Sequence[Mapping]) -> dict:
     Each candidate has ``recipe`` (the settings tried), ``refusal``, ``over_refusal``,
     ``perplexity_ratio`` and ``cost`` (optimiser examples, steps × batch size), and may have
     ``over_refusal_sounding`` (over-refusal of harmless dangerous-sounding prompts) and
-    ``preconditions_passed`` (whether the tuned model keeps the audit's behaviour preconditions).
+    ``preconditions_passed`` (False when the tuned model fails one of the audit's behaviour
+    preconditions that the base model passes).
     A candidate's over-refusal is the worse of the rates it has. A candidate that fails the
     preconditions is never chosen; when every candidate fails them, none is (``index`` None).
     Rule, among the others: among the candidates that meet every

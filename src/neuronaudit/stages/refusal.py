@@ -683,8 +683,19 @@ def behaviour_key(behaviours) -> dict:
     return json.loads(json.dumps({"options": options.to_dict(), "tables": {k: str(v) for k, v in tables.items()}}))
 
 
-def _with_behaviour_scores(row: dict, cand: dict, scores: dict) -> tuple[dict, dict]:
-    return {**row, "preconditions": scores}, {**cand, "preconditions_passed": scores["passed"]}
+def broken_preconditions(checks: list[dict], base_checks: list[dict] | None) -> list[dict]:
+    """The checks a tuned candidate fails that the base model passes on the same prompts (every
+    failed check when the base model was not checked): what the recipe broke. A check the base
+    model fails too is the model's own limit, not the recipe's doing."""
+    passed_by_base = None if base_checks is None else {(c["name"], c["scope"]) for c in base_checks if c["passed"]}
+    return [c for c in checks if not c["passed"] and (passed_by_base is None or (c["name"], c["scope"])
+                                                       in passed_by_base)]
+
+
+def _with_behaviour_scores(row: dict, cand: dict, scores: dict, base: dict | None) -> tuple[dict, dict]:
+    broken = broken_preconditions(scores["checks"], None if base is None else base["checks"])
+    scores = {**scores, "broken": [c["detail"] for c in broken]}
+    return {**row, "preconditions": scores}, {**cand, "preconditions_passed": not broken}
 
 
 def _cached(path: Path, key, compute) -> dict:
@@ -746,9 +757,9 @@ def run_tune_search(
 
     ``behaviours`` (:class:`PreconditionOptions`, prepared tables by set name) checks each
     candidate, and the base model once, against the audit's behaviour preconditions on the
-    behaviours' discovery prompts (:func:`behaviour_scores`); a candidate that fails one cannot be
-    chosen. A resumed search scores a kept candidate's preconditions from its kept weights
-    (``keep_weights``) instead of tuning it again."""
+    behaviours' discovery prompts (:func:`behaviour_scores`); a candidate that fails one the base
+    model passes (:func:`broken_preconditions`) cannot be chosen. A resumed search scores a kept
+    candidate's preconditions from its kept weights (``keep_weights``) instead of tuning it again."""
     combos = recipe_grid(grid)
     sounding_df = None
     if sounding is not None:
@@ -793,7 +804,8 @@ def run_tune_search(
         if (done is not None and behaviours is not None
                 and (done[0].get("preconditions") or {}).get("key") != behaviour_key(behaviours)):
             if (cand_dir / "weights").is_dir():  # preconditions not scored, or scored otherwise: the kept weights
-                done = _with_behaviour_scores(*done, behaviour_scores(cand_dir / "manifest.json", behaviours, threads))
+                done = _with_behaviour_scores(*done, behaviour_scores(cand_dir / "manifest.json", behaviours, threads),
+                                              base_behaviours)
                 write_json({"options": o.to_dict(), "row": done[0], "candidate": done[1]}, cand_dir / "score.json")
             else:
                 done = None
@@ -832,7 +844,8 @@ def run_tune_search(
             "loss_after": recipe["loss_after"], "seconds": time.perf_counter() - t0,
         }
         if behaviours is not None:
-            row, cand = _with_behaviour_scores(row, cand, behaviour_scores(manifest_path, behaviours, threads))
+            row, cand = _with_behaviour_scores(row, cand, behaviour_scores(manifest_path, behaviours, threads),
+                                               base_behaviours)
         row["seconds"] = time.perf_counter() - t0
         candidates.append(cand)
         rows.append(row)
@@ -844,7 +857,7 @@ def run_tune_search(
                  i, combo, refusal["count"], refusal["n"], over["count"], over["n"],
                  "" if sounded is None else f" (dangerous-sounding {sounded['count']}/{sounded['n']})", ratio["mean"],
                  "" if behaviours is None else ("; behaviour preconditions kept" if cand["preconditions_passed"]
-                                                else "; FAILS " + "; ".join(row["preconditions"]["failed"])))
+                                                else "; BREAKS " + "; ".join(row["preconditions"]["broken"])))
     final = result(choose_recipe(candidates))
     write_json(final, out_dir / "search.json")
     return final
