@@ -809,6 +809,8 @@ def run_tune_search(
                 write_json({"options": o.to_dict(), "row": done[0], "candidate": done[1]}, cand_dir / "score.json")
             else:
                 done = None
+        elif done is not None and behaviours is not None:  # scored alike: what counts as broken, read again
+            done = _with_behaviour_scores(*done, done[0]["preconditions"], base_behaviours)
         if done is not None:  # a resumed search keeps the candidates it already scored
             row, cand = done
             rows.append({**row, "candidate": i})
