@@ -155,12 +155,12 @@ def _block_output_kind(model, adapter) -> str | None:
 
 
 @contextmanager
-def _stand_in_below(adapter, upto: int, hidden: torch.Tensor, kind: str):
-    """Blocks ``[0, upto)`` do not run: each returns ``hidden``, so block ``upto`` receives it."""
-    out = hidden if kind == "tensor" else (hidden,)
+def blocks_return(adapter, outputs: Sequence):
+    """Blocks ``[0, len(outputs))`` do not run: block ``l`` returns ``outputs[l]`` (forward hooks
+    on them still fire with it). Their KV cache layers are not updated: for a single forward."""
     saved = []
     try:
-        for layer in range(upto):
+        for layer, out in enumerate(outputs):
             block = adapter.blocks[layer]
             saved.append((block, block.__dict__.get("forward")))
             block.forward = lambda *args, _out=out, **kwargs: _out
@@ -232,7 +232,8 @@ def shared_prompt_scores(
                                      dtype=lower.inputs[idx[0]].dtype, device=device)
                 for r, i in enumerate(idx):
                     hidden[r, : len(response_ids[i])] = lower.inputs[i][: len(response_ids[i])].to(device)
-                stand_in = _stand_in_below(lower.adapter, upto, hidden, kind)
+                # blocks [0, upto) return the recorded input of block upto, so that block receives it
+                stand_in = blocks_return(lower.adapter, [hidden if kind == "tensor" else (hidden,)] * upto)
             try:
                 with stand_in:
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=prefix is not None, **kwargs).logits

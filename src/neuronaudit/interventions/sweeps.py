@@ -65,7 +65,7 @@ from neuronaudit.errors import NeuronAuditError, NonFiniteError
 from neuronaudit.interventions.finite import finite_checks
 from neuronaudit.interventions.hooks import InterventionPlan, NeuronEdit, NeuronHooks
 from neuronaudit.interventions.memory import split_on_oom
-from neuronaudit.interventions.scoring import entropy_from_logp, kl_from_logp
+from neuronaudit.interventions.scoring import blocks_return, entropy_from_logp, kl_from_logp
 from neuronaudit.models.adapters import ArchitectureAdapter
 from neuronaudit.models.kv_cache import broadcast_cache, cache_from_output, cache_kwarg
 
@@ -314,20 +314,9 @@ def _replay_blocks(adapter: ArchitectureAdapter, recorded: Sequence, upto: int, 
     """Blocks ``[0, upto)`` return their recorded clean (batch-1) output broadcast to ``batch``
     rows instead of running. Forward hooks on those blocks still fire with the replayed output.
     Their KV cache layers are not updated: use only for a single forward."""
-    saved = []
-    try:
-        for layer in range(upto):
-            block = adapter.blocks[layer]
-            out = _expand_output(recorded[layer], batch, contiguous=layer == upto - 1)
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = lambda *args, _out=out, **kwargs: _out
+    with blocks_return(adapter, [_expand_output(recorded[layer], batch, contiguous=layer == upto - 1)
+                                 for layer in range(upto)]):
         yield
-    finally:
-        for block, previous in saved:
-            if previous is None:
-                del block.forward
-            else:
-                block.forward = previous
 
 
 @contextmanager

@@ -843,7 +843,7 @@ def run_tune_search(
             "candidate": i, "recipe": combo, "validation_refusal": refusal, "validation_over_refusal": over,
             "sounding_over_refusal": sounded, "perplexity_ratio": ratio,
             "targets": target_checks(refusal["rate"], worst_over_refusal(cand), ratio["mean"]),
-            "loss_after": recipe["loss_after"], "seconds": time.perf_counter() - t0,
+            "loss_after": recipe["loss_after"],
         }
         if behaviours is not None:
             row, cand = _with_behaviour_scores(row, cand, behaviour_scores(manifest_path, behaviours, threads),
